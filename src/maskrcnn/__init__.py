@@ -1,4 +1,22 @@
-"""Mask R-CNN instance segmentation in pure PyTorch."""
+"""Mask R-CNN instance segmentation in pure PyTorch.
+
+    import maskrcnn
+    model = maskrcnn.load("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")   # or our own checkpoint
+    result = model.predict("photo.jpg")
+    result.boxes, result.scores, result.labels, result.masks, result.class_names
+    result.save("overlay.png")
+"""
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .checkpoint import CheckpointError, load, save_checkpoint
+from .config import ModelConfig
+from .model.build import build_model
+from .model.mask_rcnn import MaskRCNN
+from .structures import Detections, ImageBatch, ModelOutput, Targets
+
+__all__ = [
+    "CheckpointError", "Detections", "ImageBatch", "MaskRCNN", "ModelConfig", "ModelOutput", "Targets",
+    "build_model", "load", "save_checkpoint",
+]

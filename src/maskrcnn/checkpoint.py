@@ -1,0 +1,125 @@
+"""Checkpoints: our own format and torchvision's Mask R-CNN files.
+
+Our format is a ``torch.save`` of a dict of tensors and plain values only, read back with
+``weights_only=True``, so loading a checkpoint never executes pickled code:
+
+    {"format": "maskrcnn-checkpoint/1", "config": {...resolved ModelConfig...},
+     "model": state_dict, "train_state": {...optional: optimizer, epoch, step...}}
+
+Files are written to a temporary name beside the target and renamed over it, so a crash or a
+full disk never leaves a half-written checkpoint where a good one was.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .model.build import build_model
+from .model.mask_rcnn import MaskRCNN
+from .torchvision_compat import convert_keys, infer_config, is_torchvision_state_dict
+
+FORMAT = "maskrcnn-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: MaskRCNN, train_state: dict[str, Any] | None = None) -> None:
+    """Write weights, the resolved config and optional training state atomically."""
+    obj = {"format": FORMAT, "config": to_dict(model.config), "model": model.state_dict()}
+    if train_state is not None:
+        obj["train_state"] = train_state
+    atomic_save(obj, path)
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file safely (no code execution) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt zip, pickle with code, truncated file...
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(obj).__name__}")
+    return obj
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: bool = True) -> None:
+    """``load_state_dict`` with an error that names missing and unexpected keys and bad shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    if shapes or (strict and (missing or unexpected)):
+        parts = [f"checkpoint {source} does not fit the model"]
+        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if keys:
+                shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
+                parts.append(f"{title}: {shown}")
+        raise CheckpointError("; ".join(parts))
+    model.load_state_dict(state, strict=False)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any) -> MaskRCNN:
+    """Load a model from our checkpoint or a torchvision Mask R-CNN file, in eval mode.
+
+    Args:
+        path: checkpoint file.
+        device: where to put the model.
+        bn_eps: BatchNorm epsilon for torchvision files (default 0.0, as torchvision loads its
+            published COCO weights).
+        **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``.
+    """
+    obj = read_file(path)
+    if obj.get("format") == FORMAT:
+        try:
+            config = from_dict(ModelConfig, obj["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: bad config in checkpoint: {e}") from None
+        state = obj["model"]
+    else:
+        state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
+        if not is_torchvision_state_dict(state):
+            raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision Mask R-CNN state dict")
+        state = convert_keys(state)
+        config = infer_config(state, 0.0 if bn_eps is None else bn_eps)
+    for key, value in overrides.items():
+        if not hasattr(config.roi_heads, key):
+            raise CheckpointError(f"unknown inference setting '{key}'")
+        setattr(config.roi_heads, key, value)
+    model = build_model(config)
+    load_state(model, state, str(path))
+    return model.to(device).eval()
+
+
+def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
+    """Load an ImageNet classifier state dict (torchvision ResNet names) into a body; ``fc`` is dropped."""
+    obj = read_file(path)
+    state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
+    state = {k.removeprefix("backbone.body."): v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    load_state(body, state, str(path))

@@ -1,0 +1,208 @@
+"""Command line: ``maskrcnn predict | evaluate | train | demo | download``."""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import sys
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+log = logging.getLogger("maskrcnn")
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, unique."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists():
+            paths.append(p)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                log.error("no such file, folder or pattern: %s", item)
+            paths.extend(Path(m) for m in matches if Path(m).is_file())
+    seen: set[Path] = set()
+    return [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+
+
+def overlay_names(paths: list[Path]) -> list[str]:
+    """One output name per input: its stem, with a suffix where two inputs share a stem."""
+    names, used = [], set()
+    for p in paths:
+        name, k = p.stem, 1
+        while name in used:
+            k += 1
+            name = f"{p.stem}_{k}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from .checkpoint import load
+    from .data.images import load_rgb
+    from .engine.inference import label_to_category
+    from .results import write_coco_results
+
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        log.error("no images found in %s", " ".join(args.inputs))
+        return 2
+    model = load(args.weights, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ids_by_name = {}
+    if args.coco:
+        from pycocotools.coco import COCO
+
+        coco = COCO(args.coco)
+        ids_by_name = {Path(im["file_name"]).name: im["id"] for im in coco.imgs.values()}
+    table = label_to_category(model)
+    entries, images, failed = [], [], 0
+    names = overlay_names(paths)
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
+    for start in range(0, len(paths), args.batch_size):
+        chunk = []
+        for i in range(start, min(start + args.batch_size, len(paths))):
+            try:
+                chunk.append((i, load_rgb(paths[i])))
+            except Exception as e:  # a bad file is reported and skipped; the rest go on
+                failed += 1
+                log.error("%s: %s", paths[i], e)
+                bar.update(1)
+        if not chunk:
+            continue
+        with torch.inference_mode():
+            results = model.predict([a for _, a in chunk], batch_size=len(chunk), score_thresh=args.score_thresh)
+        for (i, _), result in zip(chunk, results):
+            result.path = str(paths[i])
+            image_id = ids_by_name.get(paths[i].name, i + 1)
+            result.save(out / f"{names[i]}.png")
+            entries.extend(result.to_coco(image_id, table))
+            images.append({"id": image_id, "file_name": str(paths[i]), "height": result.image_size[0], "width": result.image_size[1], "detections": len(result)})
+            bar.update(1)
+    bar.close()
+    write_coco_results(entries, out / "predictions.json")
+    (out / "images.json").write_text(json.dumps(images, indent=1))
+    print(f"{len(images)} images, {len(entries)} detections -> {out}/ (overlays, predictions.json, images.json)")
+    if failed:
+        print(f"{failed} image(s) could not be read; see the errors above", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pycocotools.coco import COCO
+
+    from .checkpoint import load
+    from .engine.evaluate import coco_evaluate, format_metrics
+    from .engine.inference import coco_results
+    from .results import write_coco_results
+
+    model = load(args.weights, device=args.device)
+    gt = COCO(args.data)
+    entries = coco_results(model, gt, args.images, batch_size=args.batch_size, progress=not args.quiet)
+    iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
+    metrics = coco_evaluate(gt, entries, iou_types=iou_types)
+    print(format_metrics(metrics))
+    if args.out:
+        out = Path(args.out)
+        write_coco_results(entries, out / "results.json")
+        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()}, indent=1, default=str))
+        print(f"results.json and metrics.json -> {out}/")
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import download, published_url
+
+    url = args.name if "://" in args.name else published_url(args.name)
+    path = download(url, args.dir, sha256=args.sha256, progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.train import main as train_main
+
+    return train_main(args.config, args.overrides, resume=args.resume)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .engine.demo import run_demo
+
+    return run_demo(args.out, args.overrides, minutes=args.minutes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN instance segmentation in pure PyTorch")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("predict", help="detect objects in images; write overlays and COCO results JSON")
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
+    q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
+    q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    q.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    q.add_argument("--coco", default=None, help="COCO JSON whose image ids to use in predictions.json")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="COCO box and mask AP of a model on an annotated image set")
+    e.add_argument("--weights", required=True)
+    e.add_argument("--data", required=True, help="COCO instances JSON")
+    e.add_argument("--images", required=True, help="folder with the JSON's images")
+    e.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
+    t.add_argument("config", help="YAML training config (see configs/)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.epochs=12")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="generate the built-in synthetic dataset, train, evaluate, predict")
+    d.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    d.add_argument("--minutes", type=float, default=None, help="training time budget (default from the demo config)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
+    d.set_defaults(func=cmd_demo)
+
+    w = sub.add_parser("download", help="fetch published torchvision weights into the cache, sha256-checked")
+    w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")
+    w.add_argument("--dir", default=None, help="cache folder (default $MASKRCNN_HOME or ~/.cache/maskrcnn)")
+    w.add_argument("--sha256", default=None, help="expected digest (default: the hash prefix in the file name)")
+    w.add_argument("--quiet", action="store_true")
+    w.set_defaults(func=cmd_download)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as e:  # our errors (config, checkpoint, data, download) are ValueErrors
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""COCO box and mask AP with pycocotools, returned as numbers instead of printed.
+
+The numbers are pycocotools' own (``COCOeval.stats`` and ``eval["precision"]``), so they
+match published COCO results computed the same way.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+logger = logging.getLogger(__name__)
+
+# Names of the 12 entries of COCOeval.stats, in order.
+STAT_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl",
+    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)
+
+
+def coco_evaluate(
+    gt: str | Path | COCO,
+    results: list[dict] | str | Path,
+    iou_types: Sequence[str] = ("bbox", "segm"),
+    image_ids: Iterable[int] | None = None,
+) -> dict[str, Any]:
+    """Run COCOeval for each IoU type and collect its numbers.
+
+    Args:
+        gt: COCO annotation json path or a loaded ``COCO``. pycocotools converts the
+            ground-truth polygons of a loaded ``COCO`` to RLE in place during "segm" eval.
+        results: COCO results entries (``Result.to_coco``) or a json file holding them.
+            Not modified. An empty list evaluates to zero AP.
+        iou_types: any of "bbox", "segm".
+        image_ids: images to evaluate; all images of ``gt`` when None.
+
+    Returns:
+        ``{iou_type: {"AP", "AP50", ..., "ARl": float, "per_class": {name: AP}}, ...,
+        "summary": str}``. The 12 stats are ``COCOeval.stats`` unchanged: in [0, 1], and
+        -1 where no ground truth falls in that area range. ``per_class`` holds AP at
+        IoU .50:.95, area "all", 100 detections per image, NaN for a class with no
+        ground truth among ``image_ids``. ``summary`` is pycocotools' printed table.
+    """
+    coco_gt = _load_gt(gt)
+    entries = _load_results(results)
+    img_ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
+    unknown = {int(e["image_id"]) for e in entries} - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(
+            f"results name {len(unknown)} image ids absent from the ground truth, e.g. {sorted(unknown)[:5]}"
+        )
+
+    iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
+    for iou_type in iou_types:
+        if iou_type not in ("bbox", "segm"):
+            raise ValueError(f"unknown iou type {iou_type!r}; expected 'bbox' or 'segm'")
+    if "segm" in iou_types and any("segmentation" not in e for e in entries):
+        raise ValueError("segm evaluation needs a 'segmentation' in every result; use iou_types=('bbox',)")
+
+    metrics: dict[str, Any] = {}
+    summaries: list[str] = []
+    for iou_type in iou_types:
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            # loadRes writes id/area/iscrowd (and a box polygon) into each entry: give it copies
+            coco_dt = _load_dt(coco_gt, [dict(e) for e in entries])
+            evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
+            evaluator.params.imgIds = img_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            print(f"IoU metric: {iou_type}")
+            evaluator.summarize()
+        summary = text.getvalue()
+        summaries.append(summary[summary.index(f"IoU metric: {iou_type}"):])
+        stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
+        stats["per_class"] = _per_class_ap(evaluator, coco_gt)
+        metrics[iou_type] = stats
+        logger.info("%s AP %.4f AP50 %.4f", iou_type, stats["AP"], stats["AP50"])
+    metrics["summary"] = "".join(summaries)
+    return metrics
+
+
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """``{"bbox_AP": .., "bbox_AP50": .., "segm_AP": ..}`` for logging; drops per-class and summary."""
+    flat = {}
+    for iou_type, stats in metrics.items():
+        if isinstance(stats, dict):
+            flat.update({f"{iou_type}_{k}": v for k, v in stats.items() if k in STAT_NAMES})
+    return flat
+
+
+def format_metrics(metrics: dict[str, Any], per_class: bool = False) -> str:
+    """A fixed-width table of the 12 stats per IoU type, in percent; optionally per-class AP."""
+    types = [t for t, v in metrics.items() if isinstance(v, dict)]
+    lines = [f"{'':6}" + "".join(f"{name:>7}" for name in STAT_NAMES)]
+    for t in types:
+        lines.append(f"{t:6}" + "".join(_pct(metrics[t][name]) for name in STAT_NAMES))
+    if per_class and types:
+        names = list(metrics[types[0]]["per_class"])
+        width = max([len(n) for n in names] + [5])
+        lines += ["", f"{'class':{width}}" + "".join(f"{t + ' AP':>9}" for t in types)]
+        for n in names:
+            row = "".join(f"{_pct(metrics[t]['per_class'].get(n, math.nan)):>9}" for t in types)
+            lines.append(f"{n:{width}}" + row)
+    return "\n".join(lines)
+
+
+def _pct(value: float) -> str:
+    if value is None or math.isnan(value) or value < 0:
+        return f"{'-':>7}"
+    return f"{100.0 * value:7.1f}"
+
+
+def _load_gt(gt: str | Path | COCO) -> COCO:
+    if isinstance(gt, COCO):
+        return gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(gt))
+
+
+def _load_results(results: list[dict] | str | Path) -> list[dict]:
+    if isinstance(results, (str, Path)):
+        with open(results) as f:
+            results = json.load(f)
+    if not isinstance(results, list):
+        raise ValueError(f"COCO results must be a list of dicts, got {type(results).__name__}")
+    return results
+
+
+def _load_dt(coco_gt: COCO, entries: list[dict]) -> COCO:
+    if entries:
+        return coco_gt.loadRes(entries)
+    # loadRes indexes entries[0]; an empty result set is a valid (all-zero) submission
+    coco_dt = COCO()
+    coco_dt.dataset = {
+        "images": list(coco_gt.dataset["images"]),
+        "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+        "annotations": [],
+    }
+    coco_dt.createIndex()
+    return coco_dt
+
+
+def _per_class_ap(evaluator: COCOeval, coco_gt: COCO) -> dict[str, float]:
+    """AP at IoU .50:.95, area "all", maxDets 100 per category, as summarize() averages it."""
+    precision = evaluator.eval["precision"]  # (T iou, R recall, K class, A area, M maxDets)
+    area = evaluator.params.areaRngLbl.index("all")
+    max_dets = evaluator.params.maxDets.index(100)
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, area, max_dets]  # (T, R)
+        p = p[p > -1]
+        out[coco_gt.cats[cat_id]["name"]] = float(np.mean(p)) if p.size else math.nan
+    return out

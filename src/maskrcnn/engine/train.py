@@ -1,0 +1,613 @@
+"""Training: ``maskrcnn train CONFIG.yaml key=value ... [--resume]`` or ``train(TrainConfig)``.
+
+One epoch = the training images once, in aspect-ratio grouped batches, each image flipped with
+probability ``data.hflip``. Per step: forward with targets, the stage's loss terms summed
+(``schedules.Stage``), backward, gradient clipping, SGD with momentum. The learning rate warms
+up linearly, then follows a step or cosine curve, set every iteration.
+
+After every epoch (or every ``eval.every``): one pass over the validation set in eval mode
+with targets gives both the validation losses and the detections, which give COCO box and mask
+AP. The run folder ``out_dir`` receives:
+
+    config.yaml           the resolved configuration (classes filled in from the data)
+    last.pth              weights + training state, every epoch and every checkpoint_every_iters
+    best.pth              weights of the epoch with the best ``eval.metric``
+    metrics.jsonl         one line per ``log_every`` iterations (mean losses, lr, s/iter) and
+                          one per epoch (train loss, validation losses and AP)
+    metrics.png           loss and AP curves (``visualize.plot_metrics``)
+    val_predictions.png   detections on the first validation images
+    pretrain_body.pth     the pretrained body, when ``pretrain.epochs > 0``
+
+Checkpoints are written atomically and only with finite weights; a non-finite loss stops the
+run with ``NonFiniteLossError`` and leaves the last good ``last.pth`` in place. ``resume=True``
+continues from ``last.pth``: weights, optimizer, iteration, position in the epoch (the epoch's
+batch order is regenerated from ``seed + epoch`` and the batches already done are skipped),
+RNG states, best metric and metrics.jsonl (truncated to the checkpoint). With ``data.workers=0``
+(or any number: augmentation draws from a per-image seed) a resumed run ends with the same
+weights as an uninterrupted one on the CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..checkpoint import FORMAT, CheckpointError, load_state, read_file, save_checkpoint
+from ..config import ConfigError, to_dict
+from ..data import CocoDataset, GroupedBatchSampler, RandomHorizontalFlip, aspect_ratio_groups, collate, ensure_dataset
+from ..model.build import build_model
+from ..model.mask_rcnn import MaskRCNN
+from ..results import Result
+from ..torchvision_compat import convert_keys, is_torchvision_state_dict
+from .evaluate import coco_evaluate, flatten_metrics
+from .inference import label_to_category
+from .pretrain import pretrain_body
+from .schedules import LRSchedule, ProposalNet, Stage, apply_stage, build_schedule, forward_with_proposals, set_train_mode, stage_loss
+from .train_config import TrainConfig, check, load_training_config
+
+log = logging.getLogger(__name__)
+
+# Layers whose shape depends on the number of classes: re-initialised when a checkpoint to
+# start from was trained on another class count ("new class heads").
+CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss, the gradient or the weights became NaN or infinite; training stopped."""
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+
+class FlipAugmented(Dataset):
+    """``dataset`` with each image flipped left-right with probability ``p``.
+
+    The coin for image ``i`` in epoch ``epoch`` is drawn from its own generator seeded with
+    (seed, epoch, i), so augmentation is the same whichever worker loads the image and
+    wherever a resumed run restarts.
+    """
+
+    def __init__(self, dataset: Dataset, p: float, seed: int) -> None:
+        self.dataset, self.p, self.seed, self.epoch = dataset, p, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        image, targets, info = self.dataset[i]
+        if self.p > 0:
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
+            image, targets = RandomHorizontalFlip(self.p, generator=g)(image, targets)
+        return image, targets, info
+
+
+def _first(dataset: CocoDataset, n: int) -> Dataset:
+    return Subset(dataset, range(n)) if 0 < n < len(dataset) else dataset
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[CocoDataset, Dataset, Dataset | None]:
+    """(full training CocoDataset, training subset used, validation subset or None)."""
+    d = cfg.data
+    train_ann, train_images, val_ann, val_images = d.train_ann, d.train_images, d.val_ann, d.val_images
+    if d.synthetic:
+        paths = ensure_dataset(d.synthetic, d.synthetic_dir, num_train=d.synthetic_train, num_val=d.synthetic_val,
+                               image_size=tuple(d.synthetic_size))
+        train_ann, train_images = str(paths["train"].ann_file), str(paths["train"].image_dir)
+        val_ann, val_images = str(paths["val"].ann_file), str(paths["val"].image_dir)
+    train = CocoDataset(train_ann, train_images)
+    val = CocoDataset(val_ann, val_images, category_ids=train.category_ids) if val_ann else None
+    log.info("training data: %r", train)
+    if val is not None:
+        log.info("validation data: %r", val)
+    return train, _first(train, d.max_train_images), (_first(val, cfg.eval.max_images) if val is not None else None)
+
+
+def _base(dataset: Dataset) -> tuple[CocoDataset, list[int]]:
+    """The CocoDataset under a Subset and the indices used."""
+    if isinstance(dataset, Subset):
+        return dataset.dataset, list(dataset.indices)  # type: ignore[return-value]
+    return dataset, list(range(len(dataset)))  # type: ignore[arg-type, return-value]
+
+
+def epoch_batches(num_images: int, groups: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation drawn from ``seed`` and ``epoch`` only, grouped
+    by aspect ratio. Regenerating it is how a resumed run finds its place in the epoch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_images, generator=g).tolist()
+    return list(GroupedBatchSampler(order, groups, batch_size))  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------
+# Model, optimizer, RNG
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> list[str]:
+    """Load our or a torchvision checkpoint into ``model`` to start training from it.
+
+    Class-specific layers (``CLASS_HEADS``) whose shape differs (another class count) keep
+    their fresh initialisation. Returns the names of those re-initialised tensors.
+    """
+    obj = read_file(path)
+    if obj.get("format") == FORMAT:
+        state = dict(obj["model"])
+    else:
+        state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+        if not is_torchvision_state_dict(state):
+            raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision Mask R-CNN state dict")
+        state = convert_keys(state)
+        if bn_eps != 0.0:
+            log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps 0 "
+                        "(model.backbone.bn_eps=0.0 reproduces its features exactly)", path)
+    own = model.state_dict()
+    heads = [k for k in own if k.startswith(CLASS_HEADS)]
+    reinit = []
+    if any(k in state and state[k].shape != own[k].shape for k in heads):
+        reinit = heads
+        state.update({k: own[k] for k in heads})
+        log.info("new class heads: %s re-initialised for %d classes", ", ".join(sorted({k.rsplit(".", 1)[0] for k in heads})), model.config.num_classes)
+    for k in own:  # trainable BatchNorm counts steps; checkpoints of a frozen one have no counter
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = own[k]
+    load_state(model, state, str(path))
+    log.info("initialised from %s", path)
+    return reinit
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
+    """SGD with momentum; without ``decay_norm_and_bias`` the 1-D tensors get no weight decay."""
+    s = cfg.solver
+    if s.decay_norm_and_bias:
+        groups = [{"params": params, "weight_decay": s.weight_decay}]
+    else:  # biases and norm weights are 1-D
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": s.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
+        ]
+    return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training step draws from (the model's sampling: torch; the random
+    training scale: Python), as plain values and tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Validation samples anchors and RoIs for its losses; keep that off the training streams."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def _finite_weights(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: NaN and infinities become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ----------------------------------------------------------------------------------------
+# Metrics file
+
+
+class MetricsLog:
+    """Append-only JSON-lines file; ``size`` is recorded in checkpoints so a resumed run can
+    drop the lines written after its checkpoint."""
+
+    def __init__(self, path: Path, truncate_to: int | None) -> None:
+        self.path = path
+        if truncate_to is None:
+            path.write_text("")
+        else:
+            with open(path, "a+b") as f:
+                f.truncate(min(truncate_to, f.seek(0, 2)))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+
+# ----------------------------------------------------------------------------------------
+# Validation
+
+
+@torch.no_grad()
+def validate(
+    model: MaskRCNN, stage: Stage, dataset: Dataset, cfg: TrainConfig, device: torch.device
+) -> tuple[dict[str, float], list[Result]]:
+    """Validation losses and COCO AP in one pass: eval mode with targets gives both the losses
+    and the detections (``coco_results`` would run the images a second time for the latter).
+
+    Returns:
+        ``{"val_loss": sum of the stage's terms, "val_loss_<term>": ..., "bbox_AP": ...,
+        "segm_AP": ...}`` and ``Result``s (with pixels) of the first ``eval.num_visualize`` images.
+    """
+    coco_ds, indices = _base(dataset)
+    loader = DataLoader(dataset, batch_size=cfg.data.batch_size, collate_fn=collate, num_workers=cfg.data.workers)
+    table = label_to_category(model)
+    names = ["", *model.config.class_names]
+    mask_thresh = model.config.roi_heads.mask_thresh
+    sums: dict[str, float] = {}
+    batches, entries, pictures = 0, [], []
+    model.eval()
+    with preserved_rng():
+        for images, targets, infos in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not cfg.progress):
+            with autocast(device, cfg.solver.amp):
+                out = model([im.to(device) for im in images], [t.to(device) for t in targets], mask_threshold=mask_thresh)
+            losses = {k: float(v) for k, v in out.losses.items()}
+            losses["loss"] = float(stage_loss(stage, out.losses))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            batches += 1
+            for image, info, det in zip(images, infos, out.detections or []):
+                result = Result.from_detections(det, info["orig_size"], class_names=names)
+                entries.extend(result.to_coco(info["image_id"], table))
+                if len(pictures) < cfg.eval.num_visualize:
+                    result.image = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
+                    pictures.append(result[result.scores >= cfg.eval.visualize_score])
+    metrics = {"val_" + k: v / max(batches, 1) for k, v in sums.items()}
+    iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
+    image_ids = [coco_ds.image_ids[i] for i in indices]
+    metrics.update(flatten_metrics(coco_evaluate(coco_ds.coco, entries, iou_types=iou_types, image_ids=image_ids)))
+    return metrics, pictures
+
+
+def _draw_outputs(out: Path, metrics_path: Path, pictures: list[Result]) -> None:
+    """Plots are a convenience: a failure is logged, never fatal."""
+    from ..visualize import draw_grid, plot_metrics
+
+    try:
+        plot_metrics(metrics_path, out / "metrics.png")
+        if pictures:
+            draw_grid(pictures, out / "val_predictions.png")
+    except Exception as e:  # noqa: BLE001
+        log.warning("could not draw the training plots: %s: %s", type(e).__name__, e)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint's ``train_state``."""
+
+    epoch: int = 0  # next epoch to run (0-based, over all stages)
+    batch: int = 0  # batches of that epoch already done
+    iteration: int = 0  # optimizer steps done in all
+    best_metric: float | None = None  # best value of eval.metric so far
+    best_epoch: int = 0  # 1-based epoch of best_metric
+    bad_evals: int = 0  # validations since the last improvement, in the current stage
+    history: list = dataclasses.field(default_factory=list)  # epoch summaries
+
+
+def _state_dict(progress: Progress, stage_index: int, optimizer: torch.optim.Optimizer, scaler: Any,
+                proposal_net: ProposalNet | None, metrics: MetricsLog, cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        **dataclasses.asdict(progress),
+        "stage": stage_index,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "proposal_net": proposal_net.state_dict() if proposal_net is not None else None,
+        "rng": rng_state(),
+        "metrics_bytes": metrics.size,
+        "config": to_dict(cfg),
+    }
+
+
+def _improved(value: float, best: float | None, metric: str) -> bool:
+    if math.isnan(value):
+        return False
+    return best is None or (value < best if metric == "val_loss" else value > best)
+
+
+def _loss_report(losses: dict[str, Tensor]) -> str:
+    return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train a Mask R-CNN as ``cfg`` says; see the module docstring.
+
+    Args:
+        cfg: the training configuration.
+        resume: continue the run in ``cfg.out_dir`` from its ``last.pth``.
+
+    Returns:
+        ``{"out_dir", "last", "best" (path or None), "metric", "best_metric", "best_epoch",
+        "epochs", "iterations", "stopped" ("completed" | "early_stopping" | "max_iters" |
+        "max_minutes"), "history" (epoch summaries)}``.
+
+    Raises:
+        NonFiniteLossError: the loss or gradient became NaN/inf (last.pth is left as it was).
+        ConfigError, DatasetError, CheckpointError: bad configuration, data or checkpoint.
+    """
+    cfg = check(cfg)
+    started = time.monotonic()
+    out = Path(cfg.out_dir)
+    last_path, best_path = out / "last.pth", out / "best.pth"
+    saved = None
+    if resume:
+        saved = read_file(last_path) if last_path.is_file() else None
+        if saved is None or "train_state" not in saved:
+            raise ConfigError(f"nothing to resume: {last_path} is missing or holds no training state")
+    elif last_path.exists() and not cfg.exist_ok:
+        raise ConfigError(f"{out} already holds a run (last.pth); use --resume to continue it, "
+                          f"exist_ok=true to start it afresh, or another out_dir=...")
+    device = resolve_device(cfg.device)
+    if cfg.solver.amp == "fp16" and device.type != "cuda":
+        raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on the CPU")
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+
+    # Data first: its categories size the class heads.
+    train_full, train_set, val_set = build_datasets(cfg)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, num_classes=train_full.num_classes, class_names=tuple(train_full.class_names),
+        category_ids=tuple(train_full.category_ids)))
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if val_set is None:
+        log.warning("no validation data (data.val_ann): no AP, no best.pth, no early stopping")
+
+    model = build_model(cfg.model)
+    base_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if saved is None and cfg.init.weights:
+        init_from_checkpoint(model, cfg.init.weights, cfg.model.backbone.bn_eps)
+    if saved is not None:
+        load_state(model, saved["model"], str(last_path))
+    model.to(device)
+    state = saved["train_state"] if saved is not None else None
+    metrics = MetricsLog(out / "metrics.jsonl", state["metrics_bytes"] if state else None)
+
+    if state is None and cfg.pretrain.epochs > 0:
+        t = cfg.model.transform
+        pretrain_body(model.backbone.body, cfg.model.backbone.name, cfg.model.backbone.bn_eps, train_set,
+                      cfg.model.num_classes, cfg.pretrain, t.image_mean, t.image_std, device, cfg.seed, cfg.progress, metrics.write)
+        model.backbone.body.freeze(cfg.model.backbone.trainable_layers)
+        save_checkpoint(out / "pretrain_body.pth", model)
+
+    stages = build_schedule(cfg.schedule.kind, cfg.solver.epochs, cfg.schedule.stage_epochs)
+    num_epochs = sum(s.epochs for s in stages)
+    groups = aspect_ratio_groups(train_set)
+    iters_per_epoch = len(GroupedBatchSampler(range(len(train_set)), groups, cfg.data.batch_size))  # type: ignore[arg-type]
+    augmented = FlipAugmented(train_set, cfg.data.hflip, cfg.seed)
+    progress = Progress()
+    if state is not None:
+        progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+        set_rng_state(state["rng"])
+        log.info("resuming %s at epoch %d, batch %d (iteration %d)", out, progress.epoch + 1, progress.batch, progress.iteration)
+    log.info("training %s: %d stage(s), %d epochs of %d iterations, device %s", out, len(stages), num_epochs, iters_per_epoch, device)
+
+    stopped = "completed"
+    stage_start = 0
+    with logging_redirect_tqdm():
+        for stage_index, stage in enumerate(stages):
+            stage_end = stage_start + stage.epochs
+            if progress.epoch >= stage_end:
+                stage_start = stage_end
+                continue
+            params = apply_stage(model, stage, base_trainable)
+            optimizer = make_optimizer(params, cfg)
+            scaler = torch.amp.GradScaler("cuda") if cfg.solver.amp == "fp16" else None
+            proposal_net = ProposalNet(model) if stage.separate_proposals else None
+            if state is not None and state["stage"] == stage_index:
+                optimizer.load_state_dict(state["optimizer"])
+                if scaler is not None and state["scaler"]:
+                    scaler.load_state_dict(state["scaler"])
+                if proposal_net is not None and state["proposal_net"] is not None:
+                    proposal_net.load_state_dict(state["proposal_net"])
+            else:
+                progress.bad_evals = 0
+            state = None
+            if len(stages) > 1:
+                log.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", stage_index + 1, len(stages),
+                         stage.name, stage.epochs, len(params), ", ".join(stage.losses))
+            lr_at = LRSchedule(iters_per_epoch, stage.epochs, cfg.solver.schedule, cfg.solver.milestones, cfg.solver.gamma,
+                               cfg.solver.warmup_iters, cfg.solver.warmup_factor)
+
+            def save_last() -> None:
+                if not _finite_weights(model):
+                    raise NonFiniteLossError(f"the weights are no longer finite after iteration {progress.iteration}; "
+                                             f"{last_path} was not overwritten. Lower solver.lr or set solver.grad_clip")
+                save_checkpoint(last_path, model, _state_dict(progress, stage_index, optimizer, scaler, proposal_net, metrics, cfg))
+
+            while progress.epoch < stage_end:
+                epoch = progress.epoch
+                batches = epoch_batches(len(train_set), groups, cfg.data.batch_size, cfg.seed, epoch)
+                augmented.epoch = epoch
+                loader = DataLoader(augmented, batch_sampler=batches[progress.batch:], collate_fn=collate,
+                                    num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                                    pin_memory=device.type == "cuda")
+                bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch + 1}/{num_epochs} {stage.name}",
+                           unit="it", disable=not cfg.progress, dynamic_ncols=True)
+                window: dict[str, float] = {}
+                window_n, window_t, epoch_loss, epoch_n = 0, time.monotonic(), 0.0, 0
+                set_train_mode(model)
+                for images, targets, _ in loader:
+                    it_in_stage = (epoch - stage_start) * iters_per_epoch + progress.batch
+                    lr = cfg.solver.lr * lr_at(it_in_stage)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    images = [im.to(device, non_blocking=True) for im in images]
+                    targets = [t.to(device) for t in targets]
+                    with autocast(device, cfg.solver.amp):
+                        output = forward_with_proposals(model, proposal_net, images, targets) if proposal_net else model(images, targets)
+                    losses = {k: v.float() for k, v in output.losses.items() if k in stage.losses}
+                    loss = stage_loss(stage, losses)
+                    where = f"iteration {progress.iteration + 1} (epoch {epoch + 1}, batch {progress.batch + 1}, stage '{stage.name}')"
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(
+                            f"non-finite loss at {where}: {_loss_report(losses)}. Training stopped; "
+                            + (f"{last_path} holds the last good checkpoint" if last_path.exists() else "no checkpoint was written yet")
+                            + ". Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                        scaler.unscale_(optimizer)
+                    else:
+                        loss.backward()
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.solver.grad_clip or math.inf))
+                    if scaler is not None:  # skips the step itself when the fp16 gradients overflowed
+                        scaler.step(optimizer)
+                        scaler.update()
+                    elif not math.isfinite(grad_norm):
+                        raise NonFiniteLossError(f"non-finite gradient norm at {where} (losses: {_loss_report(losses)}); "
+                                                 f"no step taken, {last_path} left as it was. Set solver.grad_clip or lower solver.lr")
+                    else:
+                        optimizer.step()
+                    progress.iteration += 1
+                    progress.batch += 1
+
+                    values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+                    for k, v in values.items():
+                        window[k] = window.get(k, 0.0) + v
+                    window["grad_norm"] = window.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
+                    window_n += 1
+                    epoch_loss += values["loss"]
+                    epoch_n += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{window['loss'] / window_n:.3f}", lr=f"{lr:.2g}")
+                    if progress.iteration % cfg.log_every == 0:
+                        now = time.monotonic()
+                        metrics.write({"iter": progress.iteration, "epoch": epoch + 1, "stage": stage.name, "lr": lr,
+                                       **{k: v / window_n for k, v in window.items()}, "sec_per_iter": (now - window_t) / window_n})
+                        window, window_n, window_t = {}, 0, now
+                    if cfg.checkpoint_every_iters and progress.iteration % cfg.checkpoint_every_iters == 0 and progress.batch < len(batches):
+                        save_last()
+                    if cfg.solver.max_iters and progress.iteration >= cfg.solver.max_iters:
+                        stopped = "max_iters"
+                    elif cfg.solver.max_minutes and time.monotonic() - started >= 60 * cfg.solver.max_minutes:
+                        stopped = "max_minutes"
+                    if stopped != "completed":
+                        break
+                bar.close()
+                if progress.batch < len(batches):  # stopped inside the epoch
+                    save_last()
+                    log.info("stopped (%s) at iteration %d; --resume continues from %s", stopped, progress.iteration, last_path)
+                    return _summary(out, cfg, progress, stopped, best_path)
+
+                # End of epoch: validate, keep the best, log, checkpoint.
+                summary: dict[str, Any] = {"epoch": epoch + 1, "iter": progress.iteration, "stage": stage.name,
+                                           "train_loss": epoch_loss / max(epoch_n, 1)}
+                validate_now = val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == stage_end)
+                pictures: list[Result] = []
+                early_stop = False
+                if validate_now:
+                    values, pictures = validate(model, stage, val_set, cfg, device)
+                    summary.update(values)
+                    value = values.get(cfg.eval.metric, math.nan)
+                    if _improved(value, progress.best_metric, cfg.eval.metric):
+                        progress.best_metric, progress.best_epoch, progress.bad_evals = value, epoch + 1, 0
+                        save_checkpoint(best_path, model, {"epoch": epoch + 1, "iteration": progress.iteration, "metrics": summary})
+                    else:
+                        progress.bad_evals += 1
+                        early_stop = 0 < cfg.eval.patience <= progress.bad_evals
+                summary["time"] = time.monotonic() - started
+                progress.history.append({k: _plain(v) for k, v in summary.items()})
+                metrics.write(summary)
+                log.info("epoch %d/%d %s: %s", epoch + 1, num_epochs, stage.name, ", ".join(
+                    f"{k} {v:.4f}" for k, v in summary.items() if k in ("train_loss", "val_loss", "bbox_AP", "segm_AP")))
+                progress.epoch, progress.batch = (stage_end if early_stop else epoch + 1), 0
+                save_last()
+                _draw_outputs(out, metrics.path, pictures)
+                if early_stop:
+                    log.info("early stopping: %s did not improve for %d validations (best %.4f at epoch %d)",
+                             cfg.eval.metric, progress.bad_evals, progress.best_metric, progress.best_epoch)
+                    if stage_index == len(stages) - 1:
+                        stopped = "early_stopping"
+                if stopped != "completed":
+                    log.info("stopped (%s) at iteration %d; --resume continues from %s", stopped, progress.iteration, last_path)
+                    return _summary(out, cfg, progress, stopped, best_path)
+            stage_start = stage_end
+    return _summary(out, cfg, progress, stopped, best_path)
+
+
+def _summary(out: Path, cfg: TrainConfig, progress: Progress, stopped: str, best_path: Path) -> dict[str, Any]:
+    return {
+        "out_dir": str(out),
+        "last": str(out / "last.pth"),
+        "best": str(best_path) if best_path.exists() else None,
+        "metric": cfg.eval.metric,
+        "best_metric": progress.best_metric,
+        "best_epoch": progress.best_epoch,
+        "epochs": progress.epoch,
+        "iterations": progress.iteration,
+        "stopped": stopped,
+        "history": progress.history,
+    }
+
+
+def main(config_path: str, overrides: list[str], resume: bool = False) -> int:
+    """``maskrcnn train CONFIG.yaml key=value ... [--resume]``; returns the exit code."""
+    cfg = load_training_config(config_path, overrides)
+    try:
+        result = train(cfg, resume=resume)
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return 3
+    best = f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}" if result["best_metric"] is not None else "no validation"
+    print(f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
+          f"checkpoints in {result['out_dir']}/ (last.pth{', best.pth' if result['best'] else ''})")
+    return 0

@@ -1,0 +1,63 @@
+"""Anchor boxes (seed section 3.3.3, figure 13): a fixed set of shapes at every feature-map cell.
+
+Each FPN level gets one anchor size and several aspect ratios. Anchor coordinates are in the
+padded input frame; the same anchors serve every image of a batch.
+
+Shape shorthand: A anchors per cell, H_l x W_l cells on level l.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def cell_anchors(size: float, aspect_ratios: tuple[float, ...]) -> Tensor:
+    """Anchors centred on (0, 0) for one size and several ratios h/w, rounded to integers.
+
+    Returns (A, 4) float32 x1 y1 x2 y2; area ~ size^2, h / w = ratio.
+    """
+    ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
+    h_ratios = torch.sqrt(ratios)
+    w_ratios = 1 / h_ratios
+    ws = w_ratios * size
+    hs = h_ratios * size
+    # Rounding keeps the torchvision/Detectron anchor set (and so its trained weights) exact.
+    return (torch.stack([-ws, -hs, ws, hs], dim=1) / 2).round()
+
+
+class AnchorGenerator(nn.Module):
+    """Args:
+    sizes: anchor size (sqrt of area, input pixels) of each level.
+    aspect_ratios: h / w ratios used on every level.
+    """
+
+    def __init__(self, sizes: tuple[int, ...] = (32, 64, 128, 256, 512), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> None:
+        super().__init__()
+        self.cells = [cell_anchors(s, aspect_ratios) for s in sizes]
+        self._cache: dict[tuple, list[Tensor]] = {}
+
+    @property
+    def num_anchors_per_cell(self) -> int:
+        return self.cells[0].shape[0]
+
+    def forward(self, padded_hw: tuple[int, int], feature_hws: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        """Anchors of every level for a padded input of size ``padded_hw``.
+
+        Returns: one (H_l * W_l * A, 4) float32 tensor per level, ordered by row, column, then
+        anchor shape, which is the order the RPN head's outputs are flattened in.
+        """
+        key = (tuple(padded_hw), tuple(map(tuple, feature_hws)), str(device))
+        if key not in self._cache:
+            self._cache[key] = [self._grid(padded_hw, hw, cell.to(device)) for hw, cell in zip(feature_hws, self.cells)]
+            if len(self._cache) > 32:  # multi-scale training sees many sizes; keep memory bounded
+                self._cache.pop(next(iter(self._cache)))
+        return self._cache[key]
+
+    @staticmethod
+    def _grid(padded_hw: tuple[int, int], hw: tuple[int, int], cell: Tensor) -> Tensor:
+        stride_y, stride_x = padded_hw[0] // hw[0], padded_hw[1] // hw[1]
+        ys = torch.arange(hw[0], device=cell.device, dtype=torch.float32) * stride_y
+        xs = torch.arange(hw[1], device=cell.device, dtype=torch.float32) * stride_x
+        sy, sx = torch.meshgrid(ys, xs, indexing="ij")
+        shifts = torch.stack([sx, sy, sx, sy], dim=-1).reshape(-1, 1, 4)  # (H*W, 1, 4)
+        return (shifts + cell[None]).reshape(-1, 4)  # (H*W*A, 4)

@@ -1,0 +1,75 @@
+"""The one place that reads a ``ModelConfig`` and assembles the modules."""
+from __future__ import annotations
+
+from ..config import ModelConfig
+from .anchors import AnchorGenerator
+from .backbone import ResNetBody
+from .fpn import FPN
+from .mask_head import MaskHead, MaskPredictor
+from .mask_rcnn import Backbone, MaskRCNN
+from .roi_heads import BoxHead, BoxPredictor, RoIHeads
+from .rpn import RegionProposalNetwork, RPNHead
+from .transform import Preprocessor
+
+
+def build_model(config: ModelConfig | None = None) -> MaskRCNN:
+    """Mask R-CNN with randomly initialised heads (and body, unless ``backbone.weights``)."""
+    cfg = config or ModelConfig()
+    b = cfg.backbone
+    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=5)
+    if b.weights:
+        from ..checkpoint import load_backbone_weights
+
+        load_backbone_weights(body, b.weights)
+    body.freeze(b.trainable_layers)
+    backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
+
+    a, r = cfg.anchors, cfg.rpn
+    anchors = AnchorGenerator(a.sizes, a.aspect_ratios)
+    head = RPNHead(b.fpn_channels, anchors.num_anchors_per_cell, 1 if r.objectness == "sigmoid" else 2)
+    rpn = RegionProposalNetwork(
+        anchors,
+        head,
+        pre_nms_top_n={"train": r.pre_nms_top_n_train, "test": r.pre_nms_top_n_test},
+        post_nms_top_n={"train": r.post_nms_top_n_train, "test": r.post_nms_top_n_test},
+        nms_thresh=r.nms_thresh,
+        score_thresh=r.score_thresh,
+        min_size=r.min_size,
+        fg_iou_thresh=r.fg_iou_thresh,
+        bg_iou_thresh=r.bg_iou_thresh,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        objectness=r.objectness,
+        exclude_border_anchors=r.exclude_border_anchors,
+        smooth_l1_beta=r.smooth_l1_beta,
+    )
+
+    h = cfg.roi_heads
+    slots = cfg.num_classes + 1  # slot 0 is background
+    box_head = BoxHead(b.fpn_channels * h.box_roi_size**2, h.representation_size)
+    mask_head = mask_predictor = None
+    if cfg.masks:
+        mask_head = MaskHead(b.fpn_channels, h.mask_channels)
+        mask_predictor = MaskPredictor(mask_head.out_channels, mask_head.out_channels, slots)
+    roi_heads = RoIHeads(
+        box_head,
+        BoxPredictor(h.representation_size, slots),
+        mask_head,
+        mask_predictor,
+        box_roi_size=h.box_roi_size,
+        mask_roi_size=h.mask_roi_size,
+        sampling_ratio=h.sampling_ratio,
+        aligned=h.aligned,
+        pooler=h.pooler,
+        fg_iou_thresh=h.fg_iou_thresh,
+        bg_iou_thresh=h.bg_iou_thresh,
+        batch_size_per_image=h.batch_size_per_image,
+        positive_fraction=h.positive_fraction,
+        box_coder_weights=h.box_coder_weights,
+        score_thresh=h.score_thresh,
+        nms_thresh=h.nms_thresh,
+        detections_per_img=h.detections_per_img,
+    )
+    t = cfg.transform
+    preprocess = Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible)
+    return MaskRCNN(preprocess, backbone, rpn, roi_heads, cfg)

@@ -1,0 +1,62 @@
+"""Mask branch of the frontend (seed section 3.5.2): a small FCN on 14x14 RoI features that
+predicts one 28x28 sigmoid mask per class, decoupled from classification.
+
+Shape shorthand: R RoIs, F feature channels, K+1 class slots (0 = background), M = 28.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MaskHead(nn.Module):
+    """Stack of 3x3 conv + ReLU layers (four of 256 channels in the paper).
+
+    Attribute names ``mask_fcn1..`` follow torchvision's 2019 checkpoints.
+    """
+
+    def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256), dilation: int = 1) -> None:
+        super().__init__()
+        self.num_layers = len(layers)
+        for i, out in enumerate(layers, 1):
+            conv = nn.Conv2d(in_channels, out, 3, padding=dilation, dilation=dilation)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            self.add_module(f"mask_fcn{i}", conv)
+            in_channels = out
+        self.out_channels = in_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(R, F, 14, 14) -> (R, F', 14, 14)."""
+        for i in range(1, self.num_layers + 1):
+            x = F.relu(getattr(self, f"mask_fcn{i}")(x))
+        return x
+
+
+class MaskPredictor(nn.Module):
+    """2x transposed conv + ReLU, then a 1x1 conv with one mask logit map per class slot."""
+
+    def __init__(self, in_channels: int, hidden: int, num_slots: int) -> None:
+        super().__init__()
+        self.conv5_mask = nn.ConvTranspose2d(in_channels, hidden, 2, 2, 0)
+        self.mask_fcn_logits = nn.Conv2d(hidden, num_slots, 1)
+        for layer in (self.conv5_mask, self.mask_fcn_logits):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(R, F', 14, 14) -> (R, K+1, 28, 28) logits."""
+        return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
+
+
+def select_class_masks(mask_logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-class sigmoid masks: pick each RoI's own class channel.
+
+    Args:
+        mask_logits: (R, K+1, M, M) logits.
+        labels: (R,) int64 class of each RoI.
+    Returns:
+        (R, M, M) logits of the RoI's class.
+    """
+    return mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]

@@ -1,0 +1,93 @@
+"""Mask R-CNN (seed section 3.1.2): backbone + FPN, region proposals, frontend heads.
+
+The contract of ``MaskRCNN.forward``:
+
+    images:  list of B tensors (3, H_i, W_i), float, RGB values in 0..1, any sizes.
+    targets: optional list of B ``Targets`` in each image's pixel frame (boxes x1 y1 x2 y2,
+             labels 1..num_classes, masks (N, H_i, W_i) uint8).
+    returns: ``ModelOutput`` with
+             .losses      {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
+                           loss_mask} whenever targets are given (training or eval mode), and
+             .detections  in eval mode: per image ``Detections`` in the original frame,
+                          boxes (N, 4), scores (N,), labels (N,) int64, masks (N, H_i, W_i)
+                          float32 probabilities (threshold at 0.5 for binary masks).
+
+The return type never depends on ``self.training``; only which fields are filled does.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..structures import ModelOutput, Targets
+from .backbone import ResNetBody
+from .fpn import FPN
+from .roi_heads import RoIHeads
+from .rpn import RegionProposalNetwork
+from .transform import Preprocessor, to_original_frame
+
+
+class Backbone(nn.Module):
+    """ResNet body + FPN: image batch (B, 3, Hp, Wp) -> [P2, P3, P4, P5, P6]."""
+
+    def __init__(self, body: ResNetBody, fpn: FPN) -> None:
+        super().__init__()
+        self.body = body
+        self.fpn = fpn
+        self.out_channels = fpn.out_channels
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.fpn(self.body(x))
+
+
+class MaskRCNN(nn.Module):
+    def __init__(
+        self,
+        preprocess: Preprocessor,
+        backbone: Backbone,
+        rpn: RegionProposalNetwork,
+        roi_heads: RoIHeads,
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        self.preprocess = preprocess
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+        self.config = config or ModelConfig()
+
+    def forward(
+        self, images: list[Tensor], targets: list[Targets] | None = None, mask_threshold: float | None = None
+    ) -> ModelOutput:
+        """See the module docstring. ``mask_threshold``: return pasted masks as bool (prob >
+        threshold) instead of float probabilities, which is 4x less memory on large images."""
+        if targets is not None and len(targets) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        if self.training and targets is None:
+            raise ValueError("training mode needs targets; call model.eval() for detections")
+        batch, targets = self.preprocess(images, targets)
+        features = self.backbone(batch.tensors)
+        proposals, rpn_losses = self.rpn(batch, features, targets)
+        # P6 only serves the RPN's largest anchors; the heads pool from P2..P5.
+        detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
+        if detections is not None:
+            detections = to_original_frame(detections, batch, mask_threshold)
+        return ModelOutput(losses={**rpn_losses, **head_losses}, detections=detections)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.inference_mode()
+    def predict(self, images: Any, **kwargs: Any) -> Any:
+        """Detect objects in one image or a list: paths, PIL images or HxWx3 uint8 arrays.
+
+        Returns one ``maskrcnn.results.Result`` per image (a single one for a single input),
+        in original pixels. Keyword arguments go to ``maskrcnn.predictor.predict``.
+        """
+        from ..predictor import predict
+
+        return predict(self, images, **kwargs)

@@ -1,0 +1,112 @@
+"""Preprocessing (normalise, resize, pad into a batch) and the way back to the original frame.
+
+Images enter as (3, H, W) float tensors with values in 0..1. Resizing follows torchvision
+exactly (bilinear, scale = min(min_size / short side, max_size / long side), output size
+floor(side * scale)), because the parity with its checkpoints depends on it.
+
+Shape shorthand: B images, Hp x Wp padded batch size.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.paste import paste_masks
+from ..structures import Detections, ImageBatch, Targets
+
+
+def resize_scale(h: int, w: int, min_size: float, max_size: float) -> float:
+    """Scale that brings the short side to ``min_size`` unless the long side exceeds ``max_size``."""
+    return min(min_size / min(h, w), max_size / max(h, w))
+
+
+def resize_boxes(boxes: Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Tensor:
+    """Rescale (N, 4) x1 y1 x2 y2 boxes from one image size to another."""
+    ry = torch.tensor(to_hw[0], dtype=torch.float32) / torch.tensor(from_hw[0], dtype=torch.float32)
+    rx = torch.tensor(to_hw[1], dtype=torch.float32) / torch.tensor(from_hw[1], dtype=torch.float32)
+    scale = torch.stack([rx, ry, rx, ry]).to(boxes.device)
+    return boxes * scale
+
+
+class Preprocessor(nn.Module):
+    """Args:
+    min_size: short-side sizes; training picks one at random per image (multi-scale
+        augmentation), inference uses the last.
+    max_size: cap on the long side.
+    image_mean, image_std: per-channel normalisation of 0..1 RGB inputs.
+    size_divisible: the padded batch is a multiple of this.
+    """
+
+    def __init__(
+        self,
+        min_size: tuple[int, ...] = (800,),
+        max_size: int = 1333,
+        image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+        image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+        size_divisible: int = 32,
+    ) -> None:
+        super().__init__()
+        self.min_size = tuple(min_size)
+        self.max_size = max_size
+        self.register_buffer("mean", torch.tensor(image_mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(3, 1, 1), persistent=False)
+        self.size_divisible = size_divisible
+
+    def forward(self, images: list[Tensor], targets: list[Targets] | None = None) -> tuple[ImageBatch, list[Targets] | None]:
+        """Normalise, resize and batch ``images``; bring ``targets`` into the resized frame."""
+        resized, out_targets = [], []
+        for i, image in enumerate(images):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(image.shape)}")
+            min_size = random.choice(self.min_size) if self.training else self.min_size[-1]
+            h, w = image.shape[-2:]
+            scale = resize_scale(h, w, float(min_size), float(self.max_size))
+            x = (image - self.mean) / self.std
+            x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False)[0]
+            resized.append(x)
+            if targets is not None:
+                out_targets.append(self._resize_targets(targets[i], (h, w), tuple(x.shape[-2:])))
+        batch = self.batch(resized)
+        batch.original_sizes = [tuple(im.shape[-2:]) for im in images]
+        return batch, (out_targets if targets is not None else None)
+
+    @staticmethod
+    def _resize_targets(t: Targets, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Targets:
+        masks = t.masks
+        if masks is not None and masks.shape[0] > 0:
+            # Nearest keeps masks binary; they are cropped and resampled again to 28x28 anyway.
+            masks = F.interpolate(masks[:, None].float(), size=to_hw, mode="nearest")[:, 0].to(torch.uint8)
+        elif masks is not None:
+            masks = masks.new_zeros((0, *to_hw))
+        return Targets(boxes=resize_boxes(t.boxes, from_hw, to_hw), labels=t.labels, masks=masks)
+
+    def batch(self, images: list[Tensor]) -> ImageBatch:
+        """Zero-pad (3, h, w) images to one (B, 3, Hp, Wp) tensor, Hp and Wp multiples of the divisor."""
+        d = self.size_divisible
+        hp = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
+        wp = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        tensors = images[0].new_zeros((len(images), 3, hp, wp))
+        for b, im in enumerate(images):
+            tensors[b, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        return ImageBatch(tensors=tensors, image_sizes=sizes, original_sizes=sizes)
+
+
+def to_original_frame(detections: list[Detections], batch: ImageBatch, mask_threshold: float | None = None) -> list[Detections]:
+    """Boxes back to each original image's pixels; 28x28 mask probabilities pasted into it.
+
+    Returned masks are (N, H, W) in the original frame: float32 probabilities, or bool
+    (probability > ``mask_threshold``) when a threshold is given.
+    """
+    out = []
+    for det, resized_hw, orig_hw in zip(detections, batch.image_sizes, batch.original_sizes):
+        boxes = resize_boxes(det.boxes, resized_hw, orig_hw)
+        masks = det.masks
+        if masks is not None:
+            masks = paste_masks(masks, boxes, orig_hw, threshold=mask_threshold)
+        out.append(Detections(boxes=boxes, scores=det.scores, labels=det.labels, masks=masks))
+    return out

@@ -1,0 +1,120 @@
+"""RoI feature extraction from a feature pyramid (FPN paper, eq. 1), as torchvision's
+``MultiScaleRoIAlign``.
+
+Each RoI is pooled from one level: ``k = floor(4 + log2(sqrt(area) / 224))`` clamped to the
+pyramid, so a 224 x 224 RoI reads the stride-16 map. The stride of each map is inferred from
+its size relative to the (padded) batch size, rounded to a power of two.
+
+Shape shorthand: B images, C channels, L levels, K RoIs over the batch, PH x PW output bins.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .boxes import box_area
+from .roi_align import _pair, roi_align, rois_from_boxes
+from .roi_pool import roi_pool
+
+__all__ = ["assign_fpn_levels", "infer_scale", "multiscale_roi_align"]
+
+
+def assign_fpn_levels(
+    boxes: Tensor,
+    k_min: int,
+    k_max: int,
+    canonical_scale: int = 224,
+    canonical_level: int = 4,
+    eps: float = 1e-6,
+) -> Tensor:
+    """Pyramid level of each box, counted from ``k_min``.
+
+    ``clamp(floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps), k_min, k_max)
+    - k_min``, evaluated in the boxes' dtype as torchvision's ``LevelMapper``.
+
+    Args:
+        boxes: ``Tensor[K, 4]`` ``(x1, y1, x2, y2)`` in input-image pixels.
+        k_min, k_max: levels (log2 of the stride) of the finest and coarsest maps.
+        canonical_scale, canonical_level: a box of side ``canonical_scale`` maps to
+            ``canonical_level``.
+        eps: guards ``floor`` against ``log2`` rounding just below an integer.
+
+    Returns:
+        ``Tensor[K]`` int64 in ``[0, k_max - k_min]``.
+    """
+    s = torch.sqrt(box_area(boxes))
+    levels = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    levels = torch.clamp(levels, min=k_min, max=k_max)
+    return levels.to(torch.int64) - k_min
+
+
+def infer_scale(feature_hw: tuple[int, int], image_hw: tuple[int, int]) -> float:
+    """Feature pixels per image pixel, ``2 ** round(log2(feature_h / image_h))``.
+
+    The heights decide (torchvision ``_infer_scale``); the log is taken in float32 as there.
+
+    Args:
+        feature_hw: ``(h, w)`` of the feature map.
+        image_hw: ``(h, w)`` of the padded input batch.
+
+    Returns:
+        A power of two, e.g. ``0.25`` for a stride-4 map.
+    """
+    approx = float(feature_hw[0]) / float(image_hw[0])
+    return 2 ** float(torch.tensor(approx).log2().round())
+
+
+def multiscale_roi_align(
+    features: list[Tensor],
+    boxes: list[Tensor],
+    image_sizes: list[tuple[int, int]],
+    output_size: int | tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool = False,
+    pool: str = "align",
+) -> Tensor:
+    """Pool every RoI from its FPN level.
+
+    Args:
+        features: L maps ``Tensor[B, C, Hl, Wl]``, finest first, strides powers of two.
+        boxes: one ``Tensor[Ki, 4]`` ``(x1, y1, x2, y2)`` per image, in pixels of the
+            (resized, unpadded) input image.
+        image_sizes: ``(h, w)`` of each image before padding; their maxima give the padded
+            size from which the strides are inferred.
+        output_size: ``PH`` or ``(PH, PW)``.
+        sampling_ratio: as :func:`roi_align` (ignored by ``pool="pool"``).
+        aligned: as :func:`roi_align`.
+        pool: ``"align"`` (RoIAlign, seed 3.4.2) or ``"pool"`` (quantised max RoIPool, seed 3.4.1).
+
+    Returns:
+        ``Tensor[sum Ki, C, PH, PW]`` in the features' dtype, RoIs in input order (image 0
+        first). Differentiable with respect to the features.
+    """
+    if pool not in ("align", "pool"):
+        raise ValueError(f"pool must be 'align' or 'pool', got {pool!r}")
+    pooled = _pair(output_size)
+    padded_hw = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
+    scales = [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
+    rois = rois_from_boxes(boxes)  # (K, 5)
+
+    def run(feature: Tensor, level_rois: Tensor, scale: float) -> Tensor:
+        if pool == "pool":
+            return roi_pool(feature, level_rois, pooled, scale)
+        return roi_align(feature, level_rois, pooled, scale, sampling_ratio, aligned)
+
+    if len(features) == 1:
+        return run(features[0], rois, scales[0])
+
+    k_min = int(-math.log2(scales[0]))
+    k_max = int(-math.log2(scales[-1]))
+    levels = assign_fpn_levels(rois[:, 1:], k_min, k_max)  # (K,)
+    first = features[0]
+    result = first.new_zeros((rois.shape[0], first.shape[1]) + pooled)  # (K, C, PH, PW)
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        idx = torch.where(levels == level)[0]
+        if idx.numel() == 0:
+            continue
+        result[idx] = run(feature, rois[idx], scale).to(result.dtype)
+    return result

@@ -1,0 +1,144 @@
+"""RoIPool (seed paper section 3.4.1): max pooling over quantised RoI bins.
+
+Semantics are those of torchvision's CPU kernel; for one RoI ``(x1, y1, x2, y2)`` on an
+``H x W`` feature map::
+
+    start_w = round(x1 * spatial_scale)          end_w = round(x2 * spatial_scale)
+    roi_w = max(end_w - start_w + 1, 1)          bin_w = roi_w / PW
+    wstart = clamp(floor(pw * bin_w) + start_w, 0, W)
+    wend = clamp(ceil((pw + 1) * bin_w) + start_w, 0, W)
+
+(``round`` is C's, half away from zero; the same for ``h``). A bin is the maximum of the
+feature map over ``[hstart, hend) x [wstart, wend)``, or 0 when that window is empty. The
+gradient goes to the first maximum in raster order, as the kernel's argmax does.
+
+Implementation: each bin's window is gathered, padded to the largest window of the chunk
+and masked with ``-inf``; chunks of RoIs bound the memory.
+
+Shape shorthand: B images, C channels, H x W feature map, K RoIs, PH x PW output bins,
+WH x WW the largest bin window.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .roi_align import _pair, rois_from_boxes
+
+__all__ = ["roi_pool"]
+
+# Gathered feature values (window cells x channels) per chunk of RoIs.
+_MAX_VALUES_PER_CHUNK = 1 << 24
+
+
+def _round_half_away(v: Tensor) -> Tensor:
+    """C ``round``: halves away from zero (``torch.round`` rounds them to even)."""
+    t = torch.trunc(v)
+    return t + torch.sign(v) * ((v - t).abs() >= 0.5).to(v.dtype)
+
+
+def _bin_edges(rois: Tensor, pooled: tuple[int, int], hw: tuple[int, int], scale: float) -> tuple[Tensor, ...]:
+    """Integer ``[lo, hi)`` window of every bin, clamped to the map.
+
+    Returns:
+        ``h_lo, h_hi`` as ``Tensor[K, PH]`` and ``w_lo, w_hi`` as ``Tensor[K, PW]``, int64.
+    """
+    edges = []
+    for axis, (n_bins, size) in enumerate(zip(pooled, hw)):  # axis 0: y (rows), 1: x (columns)
+        start = _round_half_away(rois[:, 2 - axis] * scale)  # (K,) integral values, float dtype
+        end = _round_half_away(rois[:, 4 - axis] * scale)
+        length = (end - start + 1).clamp(min=1)
+        bin_size = length / n_bins  # the kernel's float(int length) / bins, in the input dtype
+        p = torch.arange(n_bins, device=rois.device, dtype=rois.dtype)
+        lo = torch.floor(p * bin_size[:, None]).to(torch.int64) + start[:, None].to(torch.int64)
+        hi = torch.ceil((p + 1) * bin_size[:, None]).to(torch.int64) + start[:, None].to(torch.int64)
+        edges += [lo.clamp(0, size), hi.clamp(0, size)]
+    return tuple(edges)
+
+
+def _roi_pool_rois(table: Tensor, batch: Tensor, edges: tuple[Tensor, ...], hw: tuple[int, int]) -> Tensor:
+    """Max over the bin windows of a chunk of RoIs; returns ``Tensor[K, PH, PW, C]``.
+
+    Args:
+        table: ``Tensor[B*H*W, C]`` channels-last feature maps.
+        batch: ``Tensor[K]`` int64 image of each RoI.
+        edges: :func:`_bin_edges` of these RoIs.
+        hw: ``(H, W)``.
+    """
+    height, width = hw
+    h_lo, h_hi, w_lo, w_hi = edges
+    k, ph_n = h_lo.shape
+    pw_n = w_lo.shape[1]
+    win_h = max(int((h_hi - h_lo).max()), 1)
+    win_w = max(int((w_hi - w_lo).max()), 1)
+    rows = h_lo[:, :, None] + torch.arange(win_h, device=batch.device)  # (K, PH, WH)
+    cols = w_lo[:, :, None] + torch.arange(win_w, device=batch.device)  # (K, PW, WW)
+    ok = (rows < h_hi[:, :, None])[:, :, None, :, None] & (cols < w_hi[:, :, None])[:, None, :, None, :]
+    ok = ok.reshape(k, ph_n, pw_n, win_h * win_w)  # (K, PH, PW, WH*WW) cell inside its bin
+    # Cells past a bin's end are clamped to a valid address and masked below.
+    rows, cols = rows.clamp(max=height - 1), cols.clamp(max=width - 1)
+    # Window cells in raster order (row-major), so argmax picks the kernel's first maximum.
+    index = (
+        batch[:, None, None, None, None] * (height * width)
+        + rows[:, :, None, :, None] * width
+        + cols[:, None, :, None, :]
+    )  # (K, PH, PW, WH, WW)
+    values = table[index.reshape(-1)].reshape(k, ph_n, pw_n, win_h * win_w, -1)  # (K, PH, PW, WH*WW, C)
+    values = values.masked_fill(~ok[..., None], float("-inf"))
+    arg = values.argmax(dim=3, keepdim=True)  # (K, PH, PW, 1, C) first maximum
+    out = values.gather(3, arg).squeeze(3)  # (K, PH, PW, C)
+    return out.masked_fill(~ok.any(dim=3)[..., None], 0.0)  # empty bins are 0
+
+
+def roi_pool(
+    input: Tensor,
+    rois: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float = 1.0,
+) -> Tensor:
+    """Max over each quantised bin of each RoI.
+
+    Args:
+        input: ``Tensor[B, C, H, W]`` feature maps, float.
+        rois: ``Tensor[K, 5]`` rows ``(batch_index, x1, y1, x2, y2)``, or a list of B
+            ``Tensor[Ki, 4]`` ``(x1, y1, x2, y2)`` (one per image). Input-image pixels.
+        output_size: ``PH`` or ``(PH, PW)`` bins.
+        spatial_scale: feature pixels per image pixel.
+
+    Returns:
+        ``Tensor[K, C, PH, PW]`` in ``input``'s dtype, contiguous; 0 in bins whose window is
+        empty (e.g. outside the feature map); ``(0, C, PH, PW)`` when ``K = 0``.
+        Differentiable with respect to ``input``: a bin's gradient goes to its first maximum.
+    """
+    pooled = _pair(output_size)
+    if not isinstance(rois, Tensor):
+        rois = rois_from_boxes(list(rois))
+    rois = rois.detach().to(input.dtype)
+    b, c, h, w = input.shape
+    k = rois.shape[0]
+    if k == 0:
+        return input.new_zeros((0, c) + pooled)
+    table = input.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)  # (B*H*W, C)
+    batch = rois[:, 0].to(torch.int64)
+    edges = _bin_edges(rois, pooled, (h, w), spatial_scale)
+
+    # Every RoI of a chunk is padded to the chunk's largest window. If all RoIs at once would
+    # gather too much, chunk them sorted by window size, each chunk holding at most
+    # _MAX_VALUES_PER_CHUNK gathered values (or a single RoI).
+    win = (edges[1] - edges[0]).amax(1).clamp(min=1) * (edges[3] - edges[2]).amax(1).clamp(min=1)  # (K,)
+    per_cell = pooled[0] * pooled[1] * c
+    if k * int(win.max()) * per_cell <= _MAX_VALUES_PER_CHUNK:
+        out = _roi_pool_rois(table, batch, edges, (h, w))  # (K, PH, PW, C)
+    else:
+        order = torch.sort(win, stable=True)[1]
+        sorted_win = win[order].tolist()
+        outs, start = [], 0
+        while start < k:
+            end = start + 1
+            while end < k and (end + 1 - start) * sorted_win[end] * per_cell <= _MAX_VALUES_PER_CHUNK:
+                end += 1
+            idx = order[start:end]
+            outs.append(_roi_pool_rois(table, batch[idx], tuple(e[idx] for e in edges), (h, w)))
+            start = end
+        out = torch.cat(outs, dim=0)[torch.argsort(order)]  # (K, PH, PW, C), input order
+    return out.permute(0, 3, 1, 2).contiguous()  # (K, C, PH, PW)

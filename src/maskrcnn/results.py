@@ -1,0 +1,297 @@
+"""What ``model.predict`` returns for one image, and how to draw and export it.
+
+Everything here is in the *original* image frame (the pixels the caller passed in), as
+numpy arrays, so a ``Result`` outlives the model and the device it ran on.
+
+Shape shorthand: N detections, H x W original image.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Union
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image, ImageDraw, ImageFont
+
+from maskrcnn.structures import Detections
+
+# label -> COCO category id: a function, a table indexed by label, or a dict.
+CategoryMap = Union[Callable[[int], int], Sequence[int], Mapping[int, int]]
+
+MASK_ALPHA = 0.45  # opacity of the mask overlay: the image stays readable underneath
+
+# 20 well-separated colours (RGB); label k is drawn in _PALETTE[k % 20], the same in every run.
+_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207, 210, 49),
+    (72, 249, 10), (146, 204, 23), (61, 219, 134), (26, 147, 52), (0, 212, 187),
+    (44, 153, 168), (0, 194, 255), (52, 69, 147), (100, 115, 255), (0, 24, 236),
+    (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199),
+)
+
+
+def label_color(label: int) -> tuple[int, int, int]:
+    """Deterministic RGB colour of a class label."""
+    return _PALETTE[int(label) % len(_PALETTE)]
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write(file)`` on a temp file next to ``path``, then rename it into place.
+
+    A reader never sees a half-written file, and a crash leaves at most a stray
+    ``.<name>.*.tmp`` file behind, never a truncated ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@dataclass
+class Result:
+    """Detections for one image in the original image frame.
+
+    Attributes:
+        boxes: (N, 4) float32 x1 y1 x2 y2 pixels, sorted by decreasing score.
+        scores: (N,) float32 class probabilities in [0, 1].
+        labels: (N,) int64 class indices 1..num_classes (COCO category ids for a
+            torchvision COCO checkpoint).
+        image_size: (h, w) of the original image.
+        masks: (N, H, W) bool instance masks, or None for a box-only model.
+        class_names: (N,) name of each detection's class, "" when unknown.
+        path: the image file the detections came from, if any.
+        image: (H, W, 3) uint8 RGB pixels kept for drawing, or None.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    image_size: tuple[int, int]
+    masks: np.ndarray | None = None
+    class_names: list[str] = field(default_factory=list)
+    path: str | None = None
+    image: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+        self.scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
+        n = len(self.boxes)
+        if len(self.scores) != n or len(self.labels) != n:
+            raise ValueError(f"boxes, scores, labels lengths differ: {n}, {len(self.scores)}, {len(self.labels)}")
+        if self.masks is not None:
+            self.masks = np.asarray(self.masks).astype(bool, copy=False)
+            if self.masks.shape != (n, *self.image_size):
+                raise ValueError(f"masks must be (N, H, W) = {(n, *self.image_size)}, got {self.masks.shape}")
+        self.class_names = list(self.class_names) if self.class_names else [""] * n
+        if len(self.class_names) != n:
+            raise ValueError(f"class_names has {len(self.class_names)} entries for {n} detections")
+        if self.image is not None:
+            self.image = _as_rgb_array(self.image)
+            if self.image.shape[:2] != self.image_size:
+                raise ValueError(f"image is {self.image.shape[:2]}, image_size is {self.image_size}")
+
+    @classmethod
+    def from_detections(
+        cls,
+        detections: Detections,
+        image_size: tuple[int, int],
+        class_names: Sequence[str] | Mapping[int, str] | None = None,
+        mask_thresh: float = 0.5,
+        path: str | None = None,
+        image: np.ndarray | Image.Image | None = None,
+    ) -> "Result":
+        """Convert model ``Detections`` (original frame, pasted masks) to a ``Result``.
+
+        Args:
+            detections: boxes/scores/labels and (N, H, W) mask probabilities, any device.
+            image_size: (h, w) of the original image.
+            class_names: label -> name, as a list indexed by label (index 0 background)
+                or a dict; labels it does not cover get "".
+            mask_thresh: mask probabilities >= this are foreground.
+        """
+        labels = detections.labels.detach().cpu().numpy()
+        masks = None
+        if detections.masks is not None:
+            masks = (detections.masks.detach().float().cpu() >= mask_thresh).numpy()
+        if image is not None:
+            image = _as_rgb_array(image)
+        return cls(
+            boxes=detections.boxes.detach().float().cpu().numpy(),
+            scores=detections.scores.detach().float().cpu().numpy(),
+            labels=labels,
+            image_size=image_size,
+            masks=masks,
+            class_names=[_lookup_name(class_names, int(k)) for k in labels],
+            path=path,
+            image=image,
+        )
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, index: Any) -> "Result":
+        """Select detections with an int, slice, bool mask or index array."""
+        if isinstance(index, (int, np.integer)):
+            index = [int(index)]
+        index = np.arange(len(self))[index]  # normalise to an index array
+        return Result(
+            boxes=self.boxes[index],
+            scores=self.scores[index],
+            labels=self.labels[index],
+            image_size=self.image_size,
+            masks=None if self.masks is None else self.masks[index],
+            class_names=[self.class_names[i] for i in index],
+            path=self.path,
+            image=self.image,
+        )
+
+    # ---- drawing -------------------------------------------------------------------------
+
+    def plot(self, image: np.ndarray | Image.Image | None = None, score_thresh: float = 0.0) -> Image.Image:
+        """Draw masks, boxes and "name score" labels over the image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB array or PIL image of size ``image_size``;
+                defaults to ``self.image``.
+            score_thresh: detections scoring below this are not drawn.
+
+        Returns:
+            A new RGB PIL image; the input is not modified.
+        """
+        base = self.image if image is None else _as_rgb_array(image)
+        if base is None:
+            raise ValueError("no image to draw on: pass image= or keep the pixels in Result.image")
+        if base.shape[:2] != self.image_size:
+            raise ValueError(f"image is {base.shape[:2]}, detections are for {self.image_size}")
+
+        keep = np.flatnonzero(self.scores >= score_thresh)
+        keep = keep[np.argsort(self.scores[keep], kind="stable")]  # best drawn last, on top
+        canvas = base.astype(np.float32)
+        if self.masks is not None:
+            for i in keep:
+                m = self.masks[i]
+                color = np.asarray(label_color(self.labels[i]), dtype=np.float32)
+                canvas[m] = (1.0 - MASK_ALPHA) * canvas[m] + MASK_ALPHA * color
+        out = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
+
+        draw = ImageDraw.Draw(out)
+        font = ImageFont.load_default()
+        h, w = self.image_size
+        line = max(1, round(0.002 * (h + w)))
+        for i in keep:
+            color = label_color(self.labels[i])
+            x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+            draw.rectangle((x1, y1, x2, y2), outline=color, width=line)
+            text = f"{self.class_names[i] or self.labels[i]} {self.scores[i]:.2f}"
+            left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+            tw, th = right - left + 4, bottom - top + 4
+            ty = y1 - th if y1 - th >= 0 else y1  # above the box, or inside when at the top edge
+            draw.rectangle((x1, ty, x1 + tw, ty + th), fill=color)
+            dark_text = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2] > 150
+            draw.text((x1 + 2 - left, ty + 2 - top), text, fill=(0, 0, 0) if dark_text else (255, 255, 255), font=font)
+        return out
+
+    def save(self, path: str | Path, image: np.ndarray | Image.Image | None = None, score_thresh: float = 0.0) -> Path:
+        """Write ``plot(image, score_thresh)`` atomically; PNG unless the suffix names another format."""
+        overlay = self.plot(image, score_thresh)
+        fmt = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+        return atomic_write(path, lambda f: overlay.save(f, format=fmt))
+
+    # ---- export --------------------------------------------------------------------------
+
+    def to_coco(self, image_id: int, category_ids: CategoryMap | None = None) -> list[dict]:
+        """COCO results entries, one per detection.
+
+        Args:
+            image_id: the COCO image id these detections belong to.
+            category_ids: label -> COCO category id (function, table indexed by label,
+                or dict); identity when None (torchvision COCO checkpoints predict ids).
+
+        Returns:
+            ``{"image_id", "category_id", "bbox": [x, y, w, h], "score",
+            "segmentation": {"size": [H, W], "counts": str}}`` dicts; no
+            "segmentation" key when there are no masks.
+        """
+        rles: list[dict] | None = None
+        if self.masks is not None and len(self):
+            # pycocotools wants (H, W, N) Fortran-ordered uint8
+            stack = np.asfortranarray(self.masks.transpose(1, 2, 0).astype(np.uint8))  # (H, W, N)
+            rles = mask_util.encode(stack)
+        entries = []
+        for i in range(len(self)):
+            x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+            entry: dict[str, Any] = {
+                "image_id": int(image_id),
+                "category_id": _map_category(category_ids, int(self.labels[i])),
+                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "score": float(self.scores[i]),
+            }
+            if rles is not None:
+                entry["segmentation"] = {"size": list(rles[i]["size"]), "counts": rles[i]["counts"].decode("ascii")}
+            entries.append(entry)
+        return entries
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary: plain lists, masks as COCO RLE (counts as str), no pixels."""
+        masks = None
+        if self.masks is not None:
+            masks = [e["segmentation"] for e in self.to_coco(0)]
+        return {
+            "path": self.path,
+            "image_size": list(self.image_size),
+            "boxes": self.boxes.tolist(),
+            "scores": self.scores.tolist(),
+            "labels": self.labels.tolist(),
+            "class_names": list(self.class_names),
+            "masks": masks,
+        }
+
+
+def write_coco_results(entries: list[dict], path: str | Path) -> Path:
+    """Write COCO results entries (e.g. from ``Result.to_coco``) as a JSON array, atomically."""
+    data = json.dumps(entries).encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 RGB from a PIL image or an (H, W), (H, W, 3) or (H, W, 4) uint8 array."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"image array must be uint8, got {array.dtype}")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image array must be (H, W, 3), got {array.shape}")
+    return array[:, :, :3]
+
+
+def _lookup_name(names: Sequence[str] | Mapping[int, str] | None, label: int) -> str:
+    if names is None:
+        return ""
+    if isinstance(names, Mapping):
+        return str(names.get(label, ""))
+    return str(names[label]) if 0 <= label < len(names) else ""
+
+
+def _map_category(category_ids: CategoryMap | None, label: int) -> int:
+    if category_ids is None:
+        return label
+    if callable(category_ids):
+        return int(category_ids(label))
+    return int(category_ids[label])

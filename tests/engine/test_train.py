@@ -1,0 +1,321 @@
+"""The trainer on a tiny model and a tiny synthetic dataset: one step, outputs, resume, NaN,
+pretraining, checkpoint initialisation, configuration."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskrcnn
+from maskrcnn.checkpoint import read_file, save_checkpoint
+from maskrcnn.config import ConfigError, ModelConfig, apply_overrides, from_dict
+from maskrcnn.data import CocoDataset, generate_shapes
+from maskrcnn.engine import train as train_mod
+from maskrcnn.engine.pretrain import extract_crops, pretrain_body
+from maskrcnn.engine.train import NonFiniteLossError, init_from_checkpoint, main, train
+from maskrcnn.engine.train_config import PretrainConfig, TrainConfig, check, load_training_config
+from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.structures import Targets
+
+REPO = Path(__file__).resolve().parents[2]
+
+# pycocotools.mask trips numpy 2's __array__(copy=) deprecation; not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+TINY_MODEL = {
+    "backbone": {"name": "resnet18", "frozen_bn": False, "trainable_layers": 5, "fpn_channels": 32},
+    "anchors": {"sizes": [16, 32, 64, 128, 256]},
+    "rpn": {"pre_nms_top_n_train": 200, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 100,
+            "post_nms_top_n_test": 50, "batch_size_per_image": 64},
+    "roi_heads": {"batch_size_per_image": 32, "representation_size": 32, "mask_channels": [8, 8]},
+    "transform": {"min_size": [64], "max_size": 96},
+}
+
+
+def tiny_model_config(num_classes: int = 3) -> ModelConfig:
+    return from_dict(ModelConfig, {**TINY_MODEL, "num_classes": num_classes})
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """6 training and 2 validation images of 64..96 px with 1-2 large shapes each."""
+    root = tmp_path_factory.mktemp("shapes")
+    return generate_shapes(root, num_train=6, num_val=2, image_size=(64, 96), objects_per_image=(1, 2),
+                           object_size=(24, 40), seed=0)
+
+
+def tiny_train_config(shapes: dict, out_dir: Path, **sections: dict) -> TrainConfig:
+    """3 iterations per epoch (6 images, batch 2), workers 0, no progress bar."""
+    data = {
+        "model": TINY_MODEL,
+        "data": {"train_ann": str(shapes["train"].ann_file), "train_images": str(shapes["train"].image_dir),
+                 "val_ann": str(shapes["val"].ann_file), "val_images": str(shapes["val"].image_dir),
+                 "batch_size": 2, "workers": 0},
+        "solver": {"lr": 0.01, "epochs": 1, "warmup_iters": 2},
+        "eval": {"num_visualize": 2},
+        "out_dir": str(out_dir),
+        "log_every": 1,
+        "progress": False,
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
+    return check(from_dict(TrainConfig, data))
+
+
+def _square_targets(h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[int]) -> Targets:
+    masks = torch.zeros((len(boxes), h, w), dtype=torch.uint8)
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        masks[k, y1:y2, x1:x2] = 1
+    return Targets(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                   labels=torch.tensor(labels, dtype=torch.int64), masks=masks)
+
+
+# ---------------------------------------------------------------------------------------
+# One training step
+
+
+def test_one_step_reaches_every_trainable_parameter():
+    torch.manual_seed(0)
+    model = maskrcnn.build_model(tiny_model_config()).train()
+    images = [torch.rand(3, 80, 96), torch.rand(3, 64, 64)]
+    targets = [_square_targets(80, 96, [(10, 10, 50, 60), (50, 20, 90, 70)], [1, 2]),
+               _square_targets(64, 64, [(8, 8, 40, 48)], [3])]
+    out = model(images, targets)
+    assert set(out.losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    loss = out.total_loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(list(model.parameters()))  # trainable_layers 5, trainable BatchNorm
+    no_grad = [n for n, p in trainable if p.grad is None]
+    assert not no_grad, f"no gradient reaches {no_grad}"
+    bad = [n for n, p in trainable if not torch.isfinite(p.grad).all()]
+    assert not bad, f"non-finite gradients in {bad}"
+    assert sum(float(p.grad.abs().sum()) for _, p in trainable if p.ndim > 1) > 0
+
+
+def test_images_without_objects_train():
+    torch.manual_seed(0)
+    model = maskrcnn.build_model(tiny_model_config()).train()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 64, 64)]
+    for targets in ([Targets.empty(64, 80), Targets.empty(64, 64)],  # no object in the batch
+                    [Targets.empty(64, 80), _square_targets(64, 64, [(8, 8, 40, 48)], [1])]):  # half empty
+        model.zero_grad()
+        out = model(images, targets)
+        loss = out.total_loss
+        assert torch.isfinite(loss), out.losses
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole runs
+
+
+def test_run_writes_checkpoints_metrics_and_pictures(shapes, tmp_path):
+    cfg = tiny_train_config(shapes, tmp_path / "run", pretrain={"epochs": 1, "crop_size": 32, "batch_size": 8})
+    result = train(cfg)
+    out = tmp_path / "run"
+    for name in ("last.pth", "best.pth", "config.yaml", "metrics.jsonl", "metrics.png", "val_predictions.png", "pretrain_body.pth"):
+        assert (out / name).is_file(), name
+    assert result["stopped"] == "completed" and result["iterations"] == 3 and result["epochs"] == 1
+    assert result["best"] == str(out / "best.pth") and result["best_epoch"] == 1
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "iter" in r and "loss" in r]
+    assert [r["iter"] for r in steps] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["sec_per_iter"] > 0 for r in steps)
+    assert [r["pretrain_epoch"] for r in records if "pretrain_epoch" in r] == [1]
+    (epoch,) = [r for r in records if "train_loss" in r]
+    assert epoch["epoch"] == 1 and math.isfinite(epoch["val_loss"]) and 0.0 <= epoch["segm_AP"] <= 1.0 and "bbox_AP" in epoch
+
+    # the resolved config names the data's classes; the checkpoints load as models
+    resolved = load_training_config(out / "config.yaml")
+    assert resolved.model.num_classes == 3 and resolved.model.class_names == ("circle", "square", "triangle")
+    assert resolved.model.category_ids == (1, 2, 3)
+    model = maskrcnn.load(out / "best.pth")
+    assert model.config.class_names == ("circle", "square", "triangle")
+    maskrcnn.load(out / "pretrain_body.pth")
+    state = read_file(out / "last.pth")["train_state"]
+    assert state["epoch"] == 1 and state["iteration"] == 3 and state["optimizer"]["state"]
+
+    # a second run into the same folder must not clobber it by accident
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_file(path)["model"]
+
+
+def test_resume_continues_exactly(shapes, tmp_path):
+    """Stop inside epoch 2 after a mid-epoch checkpoint, resume, and end where an
+    uninterrupted run ends: same iteration count, optimizer state and weights."""
+    common = {"solver": {"lr": 0.01, "epochs": 2, "warmup_iters": 2}, "eval": {"every": 2, "num_visualize": 0}}
+    full = train(tiny_train_config(shapes, tmp_path / "full", **common))
+
+    cut = tiny_train_config(shapes, tmp_path / "cut", checkpoint_every_iters=1,
+                            solver={**common["solver"], "max_iters": 4}, eval=common["eval"])
+    first = train(cut)
+    assert first["stopped"] == "max_iters" and first["iterations"] == 4
+    state = read_file(tmp_path / "cut" / "last.pth")["train_state"]
+    assert (state["epoch"], state["batch"], state["iteration"]) == (1, 1, 4)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(tiny_train_config(shapes, tmp_path / "nothing"), resume=True)
+
+    resumed = train(dataclasses.replace(cut, solver=dataclasses.replace(cut.solver, max_iters=0)), resume=True)
+    assert resumed["stopped"] == "completed" and resumed["iterations"] == full["iterations"] == 6
+
+    a, b = read_file(tmp_path / "full" / "last.pth"), read_file(tmp_path / "cut" / "last.pth")
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), rtol=1e-4, atol=1e-6), key
+    momenta_a = [s["momentum_buffer"] for s in a["train_state"]["optimizer"]["state"].values()]
+    momenta_b = [s["momentum_buffer"] for s in b["train_state"]["optimizer"]["state"].values()]
+    assert len(momenta_a) == len(momenta_b) > 0
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in zip(momenta_a, momenta_b))
+    # metrics.jsonl lost the lines written after the checkpoint: no iteration logged twice
+    iters = [json.loads(line).get("iter") for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    steps = [i for i in iters if i is not None]
+    assert steps == sorted(steps) and steps[-1] == 6
+    assert a["train_state"]["history"][-1]["val_loss"] == pytest.approx(b["train_state"]["history"][-1]["val_loss"], rel=1e-3)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path, monkeypatch):
+    forward = MaskRCNN.forward
+    calls = {"train": 0}
+
+    def poisoned(self, images, targets=None, **kwargs):
+        out = forward(self, images, targets, **kwargs)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 3:
+                out.losses["loss_box_reg"] = out.losses["loss_box_reg"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MaskRCNN, "forward", poisoned)
+    cfg = tiny_train_config(shapes, tmp_path / "run", checkpoint_every_iters=1, solver={"epochs": 2})
+    with pytest.raises(NonFiniteLossError, match=r"iteration 3 .*loss_box_reg=nan") as err:
+        train(cfg)
+    assert "last.pth holds the last good checkpoint" in str(err.value)
+    last = tmp_path / "run" / "last.pth"
+    assert read_file(last)["train_state"]["iteration"] == 2
+    model = maskrcnn.load(last)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_divergence_exits_non_zero_from_the_command_line(shapes, tmp_path):
+    cfg = tiny_train_config(shapes, tmp_path / "run", checkpoint_every_iters=1, solver={"lr": 1e30, "warmup_iters": 0})
+    path = tmp_path / "diverge.yaml"
+    import yaml
+
+    from maskrcnn.config import to_dict
+
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(str(path), []) != 0
+    last = tmp_path / "run" / "last.pth"
+    if last.exists():  # written only while the weights were still finite
+        assert all(torch.isfinite(v).all() for v in read_file(last)["model"].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------
+# Pretraining and initialisation
+
+
+def test_pretrain_gives_body_weights_that_load_into_the_detector(shapes):
+    dataset = CocoDataset(shapes["train"].ann_file, shapes["train"].image_dir)
+    cfg = PretrainConfig(epochs=1, crop_size=32, batch_size=8, lr=0.01)
+    crops, labels = extract_crops(dataset, cfg, torch.Generator().manual_seed(0))
+    assert crops.shape[1:] == (3, 32, 32) and crops.dtype == torch.uint8
+    assert set(labels.tolist()) >= {0} and labels.max() <= 3 and (labels > 0).sum() > 0
+
+    model_cfg = tiny_model_config()
+    detector = maskrcnn.build_model(model_cfg)
+    before = {k: v.clone() for k, v in detector.backbone.body.state_dict().items()}
+    history = pretrain_body(detector.backbone.body, "resnet18", 1e-5, dataset, 3, cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
+                            torch.device("cpu"), progress=False)
+    assert len(history) == 1 and math.isfinite(history[0]["pretrain_loss"])
+    after = detector.backbone.body.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
+
+    # the body's weights (BatchNorm statistics included) load into a detector with frozen BatchNorm too
+    frozen = maskrcnn.build_model(dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, frozen_bn=True)))
+    frozen.backbone.body.load_state_dict(after)
+    assert torch.equal(frozen.backbone.body.layer1[0].bn1.running_var, after["layer1.0.bn1.running_var"])
+
+
+def test_init_from_a_checkpoint_with_other_classes_renews_the_class_heads(tmp_path):
+    torch.manual_seed(0)
+    source = maskrcnn.build_model(tiny_model_config(num_classes=5))
+    save_checkpoint(tmp_path / "five.pth", source)
+    target = maskrcnn.build_model(tiny_model_config(num_classes=3))
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    reinit = init_from_checkpoint(target, tmp_path / "five.pth", 1e-5)
+    assert sorted({k.rsplit(".", 1)[0] for k in reinit}) == [
+        "roi_heads.box_predictor.bbox_pred", "roi_heads.box_predictor.cls_score", "roi_heads.mask_predictor.mask_fcn_logits"]
+    src = source.state_dict()
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, fresh[key] if key in reinit else src[key]), key
+
+    same = maskrcnn.build_model(tiny_model_config(num_classes=5))
+    assert init_from_checkpoint(same, tmp_path / "five.pth", 1e-5) == []
+    assert torch.equal(same.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_config_unknown_key_fails_with_a_suggestion(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data: {synthetic: shapes}\nsolver: {lrr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"solver\.lrr.*did you mean solver\.lr"):
+        load_training_config(path)
+    path.write_text("data: {synthetic: shapes}\n")
+    with pytest.raises(ConfigError, match=r"eval\.metrc.*did you mean eval\.metric"):
+        load_training_config(path, ["eval.metrc=bbox_AP"])
+
+
+def test_config_overrides_apply_and_values_are_checked(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("data: {synthetic: shapes}\nsolver: {lr: 0.01}\n")
+    cfg = load_training_config(path, ["solver.lr=0.5", "model.backbone.name=resnet18", "solver.milestones=[3, 4]",
+                                      "schedule.kind=alternating", "solver.amp=bf16"])
+    assert cfg.solver.lr == 0.5 and cfg.model.backbone.name == "resnet18" and cfg.solver.milestones == (3, 4)
+    assert cfg.schedule.kind == "alternating" and cfg.solver.amp == "bf16"
+    for override, message in (("solver.amp=fp32", "solver.amp"), ("schedule.kind=staged", "schedule.kind"),
+                              ("eval.metric=mAP", "eval.metric"), ("data.synthetic=", "no training data"),
+                              ("data.train_ann=x.json", "either data.synthetic")):
+        with pytest.raises(ConfigError, match=message):
+            load_training_config(path, [override])
+
+
+@pytest.mark.parametrize("name", ["demo_shapes.yaml", "kudzu.yaml", "coco_r50.yaml"])
+def test_shipped_configs_load(name):
+    cfg = load_training_config(REPO / "configs" / name)
+    assert cfg.solver.lr > 0
+    maskrcnn.build_model(dataclasses.replace(cfg.model, num_classes=2))  # the model section builds
+
+
+# ---------------------------------------------------------------------------------------
+# Overfitting (slow; run with -m slow)
+
+
+@pytest.mark.slow
+def test_overfits_two_images(shapes, tmp_path):
+    cfg = tiny_train_config(
+        shapes, tmp_path / "run",
+        data={"train_ann": str(shapes["val"].ann_file), "train_images": str(shapes["val"].image_dir), "hflip": 0.0},
+        solver={"lr": 0.02, "epochs": 150, "warmup_iters": 20, "milestones": [120]},
+        eval={"every": 50, "metric": "bbox_AP50"},
+        model={**TINY_MODEL, "roi_heads": {**TINY_MODEL["roi_heads"], "representation_size": 128, "mask_channels": [32, 32]}},
+        log_every=10,
+    )
+    result = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.3 * losses[0], losses
+    assert result["best_metric"] > 0.8, result["history"][-1]

@@ -1,0 +1,169 @@
+"""Stage-by-stage parity with torchvision's Mask R-CNN on the shared fixture.
+
+The fixture holds what torchvision 0.28 computed for a checkpoint in its published COCO
+layout; tolerances are the ones its README gives. Each stage is fed our own previous stage,
+except the box head, which is also checked on torchvision's proposals.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+
+import maskrcnn
+from maskrcnn.model.transform import to_original_frame
+from maskrcnn.ops.boxes import box_iou
+
+from ..conftest import TV_PARITY, need
+
+CASES = ["single_a", "single_b", "batch_ab"]
+
+
+@pytest.fixture(scope="module")
+def model(tv_checkpoint):
+    torch.set_grad_enabled(False)
+    m = maskrcnn.load(tv_checkpoint)
+    yield m
+    torch.set_grad_enabled(True)
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    """Run every case once, keeping each stage's output."""
+    need(TV_PARITY / "cases.json")
+    cases = json.loads((TV_PARITY / "cases.json").read_text())
+    out = {}
+    with torch.no_grad():
+        for name in CASES:
+            images = [
+                torch.from_numpy(np.array(Image.open(TV_PARITY / f).convert("RGB"))).permute(2, 0, 1).float() / 255
+                for f in cases[name]["images"]
+            ]
+            batch, _ = model.preprocess(images)
+            feats = model.backbone(batch.tensors)
+            proposals, _ = model.rpn(batch, feats)
+            ref = dict(np.load(TV_PARITY / f"{name}.npz"))
+            tv_props = [torch.from_numpy(ref[f"proposals_{i}"]) for i in range(len(images))]
+            head_on_tv = [
+                model.roi_heads.box_outputs(feats[:-1], [p[:300]], [size])
+                for p, size in zip(tv_props, batch.image_sizes)
+            ] if len(images) == 1 else None
+            dets = model.roi_heads.detect(feats[:-1], proposals, batch.image_sizes)
+            mask_logits = model.roi_heads.mask_logits(feats[:-1], [d.boxes for d in dets], batch.image_sizes)
+            labels = torch.cat([d.labels for d in dets])
+            own_logits = mask_logits[torch.arange(len(labels)), labels].split([len(d) for d in dets])
+            final = to_original_frame(dets, batch)  # the same last step as model(images)
+            masks_json = json.loads((TV_PARITY / f"{name}_masks.json").read_text())
+            out[name] = dict(
+                ref=ref, batch=batch, feats=feats, proposals=proposals, head_on_tv=head_on_tv,
+                dets=dets, own_logits=own_logits, final=final, masks_json=masks_json, n=len(images),
+            )
+    return out
+
+
+def rms_of(ref: dict, level: str) -> float:
+    shape = ref[f"feature_{level}_shape"]
+    count = shape[0] * shape[2] * shape[3]
+    return float(np.sqrt(ref[f"feature_{level}_channel_sumsq"].sum() / (count * shape[1])))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_preprocessing(runs, case):
+    r = runs[case]
+    ref, batch = r["ref"], r["batch"]
+    assert list(batch.tensors.shape) == list(ref["batch_shape"])
+    assert [list(s) for s in batch.image_sizes] == ref["image_sizes"].tolist()
+    crop = batch.tensors[:, :, 96:160, 96:160].numpy()
+    assert np.abs(crop - ref["input_crop"]).max() <= 1e-5
+    sums = batch.tensors.double().sum(dim=(2, 3)).numpy()
+    np.testing.assert_allclose(sums, ref["input_channel_sum"], rtol=1e-5, atol=1.0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fpn_features(runs, case):
+    r = runs[case]
+    ref = r["ref"]
+    for i, level in enumerate(["0", "1", "2", "3", "pool"]):
+        f = r["feats"][i]
+        assert list(f.shape) == list(ref[f"feature_{level}_shape"]), level
+        rms = rms_of(ref, level)
+        count = f.shape[0] * f.shape[2] * f.shape[3]
+        fd = f.double()
+        sums = fd.sum(dim=(0, 2, 3)).numpy()
+        sumsq = (fd**2).sum(dim=(0, 2, 3)).numpy()
+        assert np.abs(sums - ref[f"feature_{level}_channel_sum"]).max() <= 1e-3 * rms * count, level
+        assert np.abs(sumsq - ref[f"feature_{level}_channel_sumsq"]).max() <= 1e-3 * rms**2 * count, level
+        h, w = f.shape[-2:]
+        corner = f[:, :, :8, :8].numpy()
+        centre = f[:, :, h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].numpy()
+        assert np.abs(corner - ref[f"feature_{level}_crop_corner"]).max() <= 1e-3 * rms, level
+        assert np.abs(centre - ref[f"feature_{level}_crop_center"]).max() <= 1e-3 * rms, level
+
+
+def matched_fraction(ours: torch.Tensor, theirs: torch.Tensor, thresh: float = 0.99) -> float:
+    if len(theirs) == 0:
+        return 1.0
+    if len(ours) == 0:
+        return 0.0
+    return float((box_iou(theirs, ours).max(dim=1).values >= thresh).float().mean())
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_proposals(runs, case):
+    r = runs[case]
+    for i in range(r["n"]):
+        theirs = torch.from_numpy(r["ref"][f"proposals_{i}"])
+        ours = r["proposals"][i]
+        assert ours.shape == theirs.shape
+        assert matched_fraction(ours, theirs) >= 0.99
+
+
+@pytest.mark.parametrize("case", ["single_a", "single_b"])
+def test_box_head_on_torchvision_proposals(runs, case):
+    r = runs[case]
+    logits, deltas = r["head_on_tv"][0]
+    np.testing.assert_allclose(logits.numpy(), r["ref"]["class_logits_0"], atol=1e-3, rtol=0)
+    np.testing.assert_allclose(deltas.numpy(), r["ref"]["box_regression_0"], atol=1e-3, rtol=0)
+
+
+def match_detections(boxes, labels, ref_boxes, ref_labels):
+    """For each reference detection, the index of our same-label detection with IoU >= 0.99, or -1."""
+    if len(boxes) == 0 or len(ref_boxes) == 0:
+        return np.full(len(ref_boxes), -1)
+    iou = box_iou(ref_boxes, boxes)
+    iou[ref_labels[:, None] != labels[None, :]] = 0
+    best, idx = iou.max(dim=1)
+    return np.where(best.numpy() >= 0.99, idx.numpy(), -1)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("stage", ["dets", "final"])
+def test_detections(runs, case, stage):
+    r = runs[case]
+    for i in range(r["n"]):
+        ref = {k: torch.from_numpy(r["ref"][f"{stage}_{k}_{i}"]) for k in ("boxes", "scores", "labels")}
+        ours = r[stage][i]
+        fwd = match_detections(ours.boxes, ours.labels, ref["boxes"], ref["labels"])
+        back = match_detections(ref["boxes"], ref["labels"], ours.boxes, ours.labels)
+        assert (fwd >= 0).mean() >= 0.98 and (back >= 0).mean() >= 0.98
+        m = fwd >= 0
+        assert np.abs(ours.boxes[fwd[m]].numpy() - ref["boxes"][m].numpy()).max() <= 0.05
+        assert np.abs(ours.scores[fwd[m]].numpy() - ref["scores"][m].numpy()).max() <= 1e-3
+        if stage == "dets":
+            ref_logits = r["ref"][f"dets_mask_logits_{i}"]
+            assert np.abs(r["own_logits"][i][fwd[m]].numpy() - ref_logits[m]).max() <= 1e-2
+        else:
+            soft = ours.masks.double().sum(dim=(1, 2)).numpy()
+            ref_soft = r["ref"][f"final_mask_soft_sum_{i}"]
+            np.testing.assert_allclose(soft[fwd[m]], ref_soft[m], rtol=1e-3, atol=0.5)
+            ref_masks = mask_util.decode(r["masks_json"][i]).transpose(2, 0, 1).astype(bool)
+            our_masks = (ours.masks > 0.5).numpy()
+            for j, k in zip(np.where(m)[0], fwd[m]):
+                a, b = ref_masks[j], our_masks[k]
+                union = np.logical_or(a, b).sum()
+                iou = 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+                assert iou >= 0.98, (j, iou)

@@ -1,0 +1,59 @@
+"""Mask pasting against a per-pixel reference of the torchvision recipe."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from maskrcnn.ops import paste_masks
+
+from . import reference
+
+
+def test_reference_resize_matches_known_values() -> None:
+    # 2 -> 4 upsampling with half-pixel centres: sources -0.25 (clamped 0), 0.25, 0.75, 1.25 (clamped).
+    out = reference.resize_bilinear(np.array([[0.0, 1.0]]), 1, 4)
+    assert np.allclose(out, [[0.0, 0.25, 0.75, 1.0]])
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2])
+def test_matches_reference(padding: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(6, 7, 7, generator=g, dtype=torch.float64)
+    boxes = torch.tensor(
+        [
+            [3.2, 4.7, 20.1, 15.3],  # inside
+            [-6.3, -2.5, 8.0, 9.9],  # over the top-left corner (negative coordinates truncate toward 0)
+            [25.0, 18.0, 44.0, 33.0],  # over the bottom-right corner
+            [10.0, 10.0, 10.4, 10.2],  # tiny
+            [50.0, 50.0, 60.0, 60.0],  # outside
+            [-0.4, 0.0, 31.9, 23.9],  # whole image
+        ],
+        dtype=torch.float64,
+    )
+    out = paste_masks(masks, boxes, (24, 32), padding=padding)
+    assert out.shape == (6, 24, 32) and out.dtype == torch.float64
+    for i in range(6):
+        expected = reference.paste_mask(masks[i].numpy(), boxes[i].tolist(), (24, 32), padding)
+        np.testing.assert_allclose(out[i].numpy(), expected, rtol=0, atol=1e-12)
+    assert out[4].abs().sum() == 0
+
+
+def test_float32_and_threshold() -> None:
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(3, 28, 28, generator=g)
+    boxes = torch.tensor([[5.0, 6.0, 40.0, 30.0], [0.0, 0.0, 63.0, 47.0], [30.0, 20.0, 70.0, 60.0]])
+    probs = paste_masks(masks, boxes, (48, 64))
+    assert probs.dtype == torch.float32
+    for i in range(3):
+        expected = reference.paste_mask(masks[i].double().numpy(), boxes[i].tolist(), (48, 64))
+        np.testing.assert_allclose(probs[i].numpy(), expected, rtol=0, atol=1e-5)  # float32 source indices
+    binary = paste_masks(masks, boxes, (48, 64), threshold=0.5)
+    assert binary.dtype == torch.bool
+    assert torch.equal(binary, probs > 0.5)
+
+
+def test_empty() -> None:
+    out = paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12))
+    assert out.shape == (0, 10, 12)
+    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12), threshold=0.5).dtype == torch.bool

@@ -1,0 +1,90 @@
+"""FPN level assignment and multi-level pooling against per-RoI references."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from maskrcnn.ops import assign_fpn_levels, infer_scale, multiscale_roi_align
+
+from . import reference
+
+
+def level_reference(box: list[float], k_min: int, k_max: int) -> int:
+    s = math.sqrt((box[2] - box[0]) * (box[3] - box[1]))
+    return min(max(math.floor(4 + math.log2(s / 224) + 1e-6), k_min), k_max) - k_min
+
+
+def test_assign_levels_hand() -> None:
+    sides = [10.0, 111.9, 112.0, 224.0, 447.0, 448.0, 2000.0]
+    boxes = torch.tensor([[0.0, 0.0, s, s] for s in sides])
+    assert assign_fpn_levels(boxes, 2, 5).tolist() == [0, 0, 1, 2, 2, 3, 3]
+    assert assign_fpn_levels(boxes, 2, 5).dtype == torch.int64
+    assert assign_fpn_levels(torch.zeros(0, 4), 2, 5).shape == (0,)
+
+
+def test_assign_levels_random() -> None:
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(200, 2, generator=g) * 500
+    boxes = torch.cat([xy, xy + torch.rand(200, 2, generator=g) * 700 + 1], dim=1)
+    expected = [level_reference(b, 2, 5) for b in boxes.tolist()]
+    assert assign_fpn_levels(boxes, 2, 5).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "feature_hw, image_hw, scale",
+    [((200, 272), (800, 1088), 0.25), ((25, 34), (800, 1088), 1 / 32), ((13, 17), (800, 1088), 1 / 64), ((7, 9), (100, 100), 1 / 16)],
+)
+def test_infer_scale(feature_hw, image_hw, scale) -> None:
+    assert infer_scale(feature_hw, image_hw) == scale
+
+
+@pytest.mark.parametrize("pool", ["align", "pool"])
+def test_multiscale_matches_per_roi_reference(pool: str) -> None:
+    g = torch.Generator().manual_seed(1)
+    image_sizes = [(60, 64), (64, 50)]  # padded batch: 64 x 64
+    features = [torch.randn(2, 3, 64 // s, 64 // s, generator=g, dtype=torch.float64) for s in (4, 8, 16, 32)]
+    # Sides from 4 to 700 pixels spread the RoIs over all four levels (k = 2..5).
+    boxes = []
+    for n in (9, 7):
+        xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 50
+        side = torch.exp(torch.rand(n, 1, generator=g, dtype=torch.float64) * math.log(700 / 4)) * 4
+        boxes.append(torch.cat([xy, xy + side * torch.tensor([1.0, 0.7], dtype=torch.float64)], dim=1))
+    out = multiscale_roi_align(features, boxes, image_sizes, (3, 2), 2, pool=pool)
+    assert out.shape == (16, 3, 3, 2) and out.dtype == torch.float64
+
+    rows = [[float(i)] + b for i, bs in enumerate(boxes) for b in bs.tolist()]
+    levels = {level_reference(r[1:], 2, 5) for r in rows}
+    assert levels == {0, 1, 2, 3}
+    for n, row in enumerate(rows):
+        level = level_reference(row[1:], 2, 5)
+        feats = features[level].numpy()
+        if pool == "align":
+            ref = reference.roi_align(feats, [row], (3, 2), 1 / 2 ** (level + 2), 2, False)
+        else:
+            ref = reference.roi_pool(feats, [row], (3, 2), 1 / 2 ** (level + 2))
+        torch.testing.assert_close(out[n], torch.from_numpy(ref[0]), rtol=0, atol=1e-12)
+
+
+def test_multiscale_single_level_and_empty() -> None:
+    features = [torch.randn(1, 2, 8, 8, dtype=torch.float64)]
+    boxes = [torch.tensor([[1.0, 1.0, 20.0, 30.0]], dtype=torch.float64)]
+    out = multiscale_roi_align(features, boxes, [(32, 32)], 2, -1, aligned=True)
+    ref = reference.roi_align(features[0].numpy(), [[0.0, 1.0, 1.0, 20.0, 30.0]], (2, 2), 0.25, -1, True)
+    torch.testing.assert_close(out, torch.from_numpy(ref), rtol=0, atol=1e-12)
+    empty = multiscale_roi_align(features * 2, [torch.zeros(0, 4, dtype=torch.float64)], [(32, 32)], 2, 2)
+    assert empty.shape == (0, 2, 2, 2)
+
+
+def test_multiscale_gradient_reaches_every_level() -> None:
+    features = [torch.randn(1, 1, 256 // s, 256 // s, requires_grad=True) for s in (4, 8)]
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 200.0, 200.0]])]  # levels k = 2 and 3
+    assert assign_fpn_levels(boxes[0], 2, 3).tolist() == [0, 1]
+    multiscale_roi_align(features, boxes, [(256, 256)], 2, 2).sum().backward()
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
+
+
+def test_multiscale_rejects_unknown_pool() -> None:
+    with pytest.raises(ValueError, match="pool"):
+        multiscale_roi_align([torch.zeros(1, 1, 4, 4)], [torch.zeros(1, 4)], [(16, 16)], 2, 2, pool="max")

@@ -1,0 +1,81 @@
+"""RoIPool against the loop reference; gradients to the first maximum."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from maskrcnn.ops import roi_pool
+
+from . import reference
+
+roi_pool_module = importlib.import_module("maskrcnn.ops.roi_pool")
+
+
+def random_rois(k: int, batch: int, generator: torch.Generator, extent: float) -> torch.Tensor:
+    xy = torch.rand(k, 2, generator=generator, dtype=torch.float64) * extent * 1.4 - extent * 0.3
+    wh = torch.rand(k, 2, generator=generator, dtype=torch.float64) * extent * 0.8 - 1.0
+    ids = torch.randint(0, batch, (k, 1), generator=generator).double()
+    return torch.cat([ids, xy, xy + wh], dim=1)
+
+
+def expected(features: torch.Tensor, rois: torch.Tensor, pooled, scale) -> torch.Tensor:
+    return torch.from_numpy(reference.roi_pool(features.double().numpy(), rois.tolist(), pooled, scale))
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5, 0.25])
+def test_matches_reference(scale: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(2, 3, 9, 11, generator=g, dtype=torch.float64)
+    rois = random_rois(40, 2, g, 11 / scale)
+    out = roi_pool(features, rois, (3, 4), scale)
+    assert out.shape == (40, 3, 3, 4) and out.is_contiguous()
+    torch.testing.assert_close(out, expected(features, rois, (3, 4), scale), rtol=0, atol=0)
+
+
+def test_round_half_away_from_zero() -> None:
+    # x1 * scale = 2.5 rounds to 3 (C round), not 2 (round half to even); -0.5 rounds to -1.
+    features = torch.arange(10.0).reshape(1, 1, 1, 10)
+    out = roi_pool(features, torch.tensor([[0.0, 5.0, 0.0, 5.0, 0.0]]), 1, 0.5)
+    assert out.item() == 3.0
+    rois = torch.tensor([[0.0, 2.5, 0.0, 2.5, 0.0], [0.0, -0.5, 0.0, 0.4, 0.0]])
+    torch.testing.assert_close(roi_pool(features, rois, 1, 1.0), expected(features, rois, (1, 1), 1.0).float())
+
+
+def test_empty_bins_and_outside() -> None:
+    features = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    rois = torch.tensor([[0.0, 10.0, 10.0, 20.0, 20.0], [0.0, 0.0, 0.0, 1.0, 1.0]], dtype=torch.float64)
+    out = roi_pool(features, rois, 3, 1.0)
+    assert torch.equal(out[0], torch.zeros(2, 3, 3, dtype=torch.float64))
+    torch.testing.assert_close(out, expected(features, rois, (3, 3), 1.0), rtol=0, atol=0)
+
+
+def test_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 2, 12, 12, generator=g, dtype=torch.float64)
+    rois = random_rois(30, 2, g, 12.0)
+    monkeypatch.setattr(roi_pool_module, "_MAX_VALUES_PER_CHUNK", 300)
+    torch.testing.assert_close(roi_pool(features, rois, 2, 1.0), expected(features, rois, (2, 2), 1.0), rtol=0, atol=0)
+
+
+def test_list_form_and_empty() -> None:
+    features = torch.randn(2, 3, 5, 5)
+    boxes = [torch.tensor([[0.0, 0.0, 3.0, 3.0]]), torch.tensor([[1.0, 1.0, 4.0, 2.0]])]
+    rois = torch.tensor([[0.0, 0.0, 0.0, 3.0, 3.0], [1.0, 1.0, 1.0, 4.0, 2.0]])
+    assert torch.equal(roi_pool(features, boxes, 2), roi_pool(features, rois, 2))
+    assert roi_pool(features, torch.zeros(0, 5), (2, 3)).shape == (0, 3, 2, 3)
+
+
+def test_gradcheck() -> None:
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64)  # distinct values: no ties
+    features.requires_grad_(True)
+    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, 2.0, 7.0, 4.0], [1, -2.0, -1.0, 1.0, 9.0]], dtype=torch.float64)
+    torch.autograd.gradcheck(lambda x: roi_pool(x, rois, (2, 3), 1.0), (features,))
+
+
+def test_gradient_goes_to_first_maximum() -> None:
+    features = torch.tensor([[[[1.0, 5.0], [5.0, 2.0]]]], requires_grad=True)
+    roi_pool(features, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]]), 1).sum().backward()
+    assert features.grad.tolist() == [[[[0.0, 1.0], [0.0, 0.0]]]]
