@@ -55,7 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     paths = expand_inputs(args.inputs)
     if not paths:
-        log.error("no images found in %s", " ".join(args.inputs))
+        print(f"error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
         return 2
     model = load(args.weights, device=args.device)
     out = Path(args.out)
@@ -67,7 +67,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         coco = COCO(args.coco)
         ids_by_name = {Path(im["file_name"]).name: im["id"] for im in coco.imgs.values()}
     table = label_to_category(model)
-    entries, images, failed = [], [], 0
+    entries, images, failed = [], [], []
     names = overlay_names(paths)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     for start in range(0, len(paths), args.batch_size):
@@ -76,8 +76,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             try:
                 chunk.append((i, load_rgb(paths[i])))
             except Exception as e:  # a bad file is reported and skipped; the rest go on
-                failed += 1
-                log.error("%s: %s", paths[i], e)
+                failed.append(str(paths[i]))
+                log.error("%s", e)
                 bar.update(1)
         if not chunk:
             continue
@@ -95,7 +95,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     (out / "images.json").write_text(json.dumps(images, indent=1))
     print(f"{len(images)} images, {len(entries)} detections -> {out}/ (overlays, predictions.json, images.json)")
     if failed:
-        print(f"{failed} image(s) could not be read; see the errors above", file=sys.stderr)
+        print(f"{len(failed)} image(s) could not be read: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
 

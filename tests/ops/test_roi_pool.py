@@ -79,3 +79,11 @@ def test_gradient_goes_to_first_maximum() -> None:
     features = torch.tensor([[[[1.0, 5.0], [5.0, 2.0]]]], requires_grad=True)
     roi_pool(features, torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0]]), 1).sum().backward()
     assert features.grad.tolist() == [[[[0.0, 1.0], [0.0, 0.0]]]]
+
+
+def test_gradient_with_ties_goes_to_each_bins_first_cell() -> None:
+    features = torch.zeros(1, 1, 6, 6, requires_grad=True)  # every cell ties
+    roi_pool(features, torch.tensor([[0.0, 0.0, 0.0, 5.0, 5.0]]), 3).sum().backward()
+    expected = torch.zeros(6, 6)
+    expected[0::2, 0::2] = 1.0  # 2 x 2 bins starting at even rows and columns
+    assert torch.equal(features.grad[0, 0], expected)

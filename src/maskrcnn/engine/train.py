@@ -235,7 +235,7 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
 
 
 def _finite_weights(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one sync
 
 
 def _plain(value: Any) -> Any:

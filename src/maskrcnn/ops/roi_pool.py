@@ -71,23 +71,21 @@ def _roi_pool_rois(table: Tensor, batch: Tensor, edges: tuple[Tensor, ...], hw: 
     pw_n = w_lo.shape[1]
     win_h = max(int((h_hi - h_lo).max()), 1)
     win_w = max(int((w_hi - w_lo).max()), 1)
-    rows = h_lo[:, :, None] + torch.arange(win_h, device=batch.device)  # (K, PH, WH)
-    cols = w_lo[:, :, None] + torch.arange(win_w, device=batch.device)  # (K, PW, WW)
-    ok = (rows < h_hi[:, :, None])[:, :, None, :, None] & (cols < w_hi[:, :, None])[:, None, :, None, :]
-    ok = ok.reshape(k, ph_n, pw_n, win_h * win_w)  # (K, PH, PW, WH*WW) cell inside its bin
-    # Cells past a bin's end are clamped to a valid address and masked below.
-    rows, cols = rows.clamp(max=height - 1), cols.clamp(max=width - 1)
-    # Window cells in raster order (row-major), so argmax picks the kernel's first maximum.
+    # Cells past a bin's end repeat the bin's last row / column: duplicates change neither the
+    # maximum nor which cell is first in raster order, and need no masking pass.
+    rows = torch.minimum(h_lo[:, :, None] + torch.arange(win_h, device=batch.device), (h_hi - 1)[:, :, None])
+    cols = torch.minimum(w_lo[:, :, None] + torch.arange(win_w, device=batch.device), (w_hi - 1)[:, :, None])
+    rows, cols = rows.clamp(0, height - 1), cols.clamp(0, width - 1)  # (K, PH, WH), (K, PW, WW); for empty bins
+    # Window cells in raster order (row-major), so the first maximum is the kernel's argmax.
     index = (
         batch[:, None, None, None, None] * (height * width)
         + rows[:, :, None, :, None] * width
         + cols[:, None, :, None, :]
     )  # (K, PH, PW, WH, WW)
     values = table[index.reshape(-1)].reshape(k, ph_n, pw_n, win_h * win_w, -1)  # (K, PH, PW, WH*WW, C)
-    values = values.masked_fill(~ok[..., None], float("-inf"))
-    arg = values.argmax(dim=3, keepdim=True)  # (K, PH, PW, 1, C) first maximum
-    out = values.gather(3, arg).squeeze(3)  # (K, PH, PW, C)
-    return out.masked_fill(~ok.any(dim=3)[..., None], 0.0)  # empty bins are 0
+    out = values.max(dim=3)[0]  # (K, PH, PW, C); max(dim) returns, and differentiates, the first maximum
+    empty = (h_hi <= h_lo)[:, :, None] | (w_hi <= w_lo)[:, None, :]  # (K, PH, PW)
+    return out.masked_fill(empty[..., None], 0.0)
 
 
 def roi_pool(
@@ -122,23 +120,23 @@ def roi_pool(
     batch = rois[:, 0].to(torch.int64)
     edges = _bin_edges(rois, pooled, (h, w), spatial_scale)
 
-    # Every RoI of a chunk is padded to the chunk's largest window. If all RoIs at once would
-    # gather too much, chunk them sorted by window size, each chunk holding at most
-    # _MAX_VALUES_PER_CHUNK gathered values (or a single RoI).
-    win = (edges[1] - edges[0]).amax(1).clamp(min=1) * (edges[3] - edges[2]).amax(1).clamp(min=1)  # (K,)
-    per_cell = pooled[0] * pooled[1] * c
-    if k * int(win.max()) * per_cell <= _MAX_VALUES_PER_CHUNK:
-        out = _roi_pool_rois(table, batch, edges, (h, w))  # (K, PH, PW, C)
-    else:
-        order = torch.sort(win, stable=True)[1]
-        sorted_win = win[order].tolist()
-        outs, start = [], 0
-        while start < k:
-            end = start + 1
-            while end < k and (end + 1 - start) * sorted_win[end] * per_cell <= _MAX_VALUES_PER_CHUNK:
-                end += 1
-            idx = order[start:end]
+    # Every RoI of a chunk is padded to the chunk's largest bin window, so RoIs are grouped by
+    # their window shape (tall and wide windows padded to each other's size would multiply the
+    # work), and groups are split to gather at most _MAX_VALUES_PER_CHUNK values at once.
+    win_h = (edges[1] - edges[0]).amax(1).clamp(min=1)  # (K,)
+    win_w = (edges[3] - edges[2]).amax(1).clamp(min=1)
+    per_roi = pooled[0] * pooled[1] * c
+    key = win_h * (w + 1) + win_w
+    order = torch.sort(key, stable=True)[1]
+    runs = torch.unique_consecutive(key[order], return_counts=True)[1].tolist()
+    cells = (win_h * win_w)[order].tolist()
+    outs, start = [], 0
+    for run in runs:
+        step = max(_MAX_VALUES_PER_CHUNK // (cells[start] * per_roi), 1)
+        for s in range(start, start + run, step):
+            idx = order[s : min(s + step, start + run)]
             outs.append(_roi_pool_rois(table, batch[idx], tuple(e[idx] for e in edges), (h, w)))
-            start = end
-        out = torch.cat(outs, dim=0)[torch.argsort(order)]  # (K, PH, PW, C), input order
+        start += run
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)  # (K, PH, PW, C), sorted by key
+    out = out[torch.argsort(order)]  # input order
     return out.permute(0, 3, 1, 2).contiguous()  # (K, C, PH, PW)

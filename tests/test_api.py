@@ -1,0 +1,141 @@
+"""The Python API: load, predict on every kind of input, checkpoints round trip and errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import maskrcnn
+from maskrcnn.checkpoint import CheckpointError, load, save_checkpoint
+from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.results import Result
+from maskrcnn.torchvision_compat import convert_keys
+
+TINY = [
+    "num_classes=3", "class_names=[circle,square,triangle]", "backbone.name=resnet18", "backbone.fpn_channels=32",
+    "transform.min_size=[96]", "transform.max_size=128", "roi_heads.representation_size=64",
+    "roi_heads.mask_channels=[16,16]", "rpn.pre_nms_top_n_test=200", "rpn.post_nms_top_n_test=50",
+    # an untrained tiny model scores ~1/4 for every class: keep them so there is something to check
+    "roi_heads.score_thresh=0.0",
+]
+
+
+def tiny_model(seed: int = 0) -> maskrcnn.MaskRCNN:
+    torch.manual_seed(seed)
+    return maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, tiny_model())
+    return path
+
+
+def test_checkpoint_round_trip_gives_the_same_detections(tiny_ckpt):
+    a, b = tiny_model(), load(tiny_ckpt)
+    assert not b.training and b.config.class_names == ("circle", "square", "triangle")
+    img = torch.rand(3, 80, 100)
+    with torch.no_grad():
+        da, db = a([img]).detections[0], b([img]).detections[0]
+    assert len(da) > 0
+    torch.testing.assert_close(da.boxes, db.boxes)
+    torch.testing.assert_close(da.masks, db.masks)
+
+
+def test_predict_accepts_paths_pil_arrays_and_tensors(tiny_ckpt, tmp_path):
+    model = load(tiny_ckpt)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "x.png")
+    inputs = [tmp_path / "x.png", str(tmp_path / "x.png"), Image.fromarray(rgb), rgb, torch.from_numpy(rgb).permute(2, 0, 1) / 255.0]
+    results = model.predict(inputs)
+    assert len(results) == 5 and all(isinstance(r, Result) for r in results)
+    ref = results[0]
+    assert ref.path == str(tmp_path / "x.png")
+    for r in results:
+        assert r.image_size == (70, 90)
+        assert r.masks.shape == (len(r), 70, 90) and r.masks.dtype == bool
+        np.testing.assert_allclose(r.boxes, ref.boxes, atol=1e-4)
+        assert set(r.class_names) <= {"circle", "square", "triangle"}
+    single = model.predict(rgb)
+    assert isinstance(single, Result)
+
+
+def test_predict_handles_gray_rgba_and_16_bit(tiny_ckpt, tmp_path):
+    model = load(tiny_ckpt)
+    gray = (np.arange(60 * 80) % 251).astype(np.uint8).reshape(60, 80)
+    Image.fromarray(gray, "L").save(tmp_path / "g.png")
+    Image.fromarray(np.dstack([gray] * 3 + [np.full_like(gray, 128)]), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "w.png")
+    results = model.predict([tmp_path / "g.png", tmp_path / "a.png", tmp_path / "w.png"])
+    # The same picture in three encodings gives the same pixels and so the same detections.
+    for r in results:
+        assert r.image_size == (60, 80)
+        np.testing.assert_array_equal(r.image, results[0].image)
+        np.testing.assert_allclose(r.boxes, results[0].boxes, atol=1e-4)
+
+
+def test_score_threshold_filters(tiny_ckpt):
+    model = load(tiny_ckpt)
+    img = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    all_dets = model.predict(img)
+    cut = float(np.median(all_dets.scores))
+    kept = model.predict(img, score_thresh=cut)
+    assert len(kept) == int((all_dets.scores >= cut).sum())
+    assert model.roi_heads.score_thresh == 0.0  # restored after the call
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_ckpt):
+    with pytest.raises(CheckpointError, match="not found"):
+        load(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load(tmp_path / "junk.pth")
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    del obj["model"]["roi_heads.box_head.fc6.weight"]
+    obj["model"]["extra.weight"] = torch.zeros(1)
+    torch.save(obj, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys: roi_heads\.box_head\.fc6\.weight.*unexpected keys: extra\.weight"):
+        load(tmp_path / "partial.pth")
+
+
+def test_pickled_code_is_never_executed(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('%s', 'w').write('pwned')" % (tmp_path / "flag"),))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError):
+        load(tmp_path / "evil.pth")
+    assert not (tmp_path / "flag").exists()
+
+
+def test_current_torchvision_key_names_convert_to_2019_names():
+    current = {
+        "backbone.fpn.inner_blocks.2.0.weight": 1, "backbone.fpn.layer_blocks.0.0.bias": 2,
+        "rpn.head.conv.0.0.weight": 3, "roi_heads.mask_head.0.0.weight": 4, "roi_heads.mask_head.3.0.bias": 5,
+        "backbone.body.layer1.0.bn1.num_batches_tracked": 6, "backbone.body.conv1.weight": 7,
+    }
+    assert convert_keys(current) == {
+        "backbone.fpn.inner_blocks.2.weight": 1, "backbone.fpn.layer_blocks.0.bias": 2,
+        "rpn.head.conv.weight": 3, "roi_heads.mask_head.mask_fcn1.weight": 4, "roi_heads.mask_head.mask_fcn4.bias": 5,
+        "backbone.body.conv1.weight": 7,
+    }
+
+
+def test_torchvision_file_with_current_names_loads_like_the_2019_file(tv_checkpoint, tmp_path):
+    state = torch.load(tv_checkpoint, weights_only=True)
+    renamed = {}
+    for k, v in state.items():
+        k = k.replace("rpn.head.conv.", "rpn.head.conv.0.0.")
+        for i in range(4):
+            k = k.replace(f"fpn.inner_blocks.{i}.", f"fpn.inner_blocks.{i}.0.").replace(f"fpn.layer_blocks.{i}.", f"fpn.layer_blocks.{i}.0.")
+            k = k.replace(f"mask_head.mask_fcn{i + 1}.", f"mask_head.{i}.0.")
+        renamed[k] = v
+    torch.save(renamed, tmp_path / "current.pth")
+    a, b = load(tv_checkpoint), load(tmp_path / "current.pth")
+    assert a.config.num_classes == 90 and a.config.backbone.bn_eps == 0.0 and a.config.class_names[0] == "person"
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
