@@ -2,6 +2,7 @@
 alternating run end to end."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 import maskrcnn
+from maskrcnn.checkpoint import read_file
 from maskrcnn.config import ModelConfig, from_dict
 from maskrcnn.engine.schedules import (
     ALL_LOSSES, FRONTEND_LOSSES, RPN_LOSSES, LRSchedule, ProposalNet, alternating_schedule, apply_stage,
@@ -17,7 +19,7 @@ from maskrcnn.engine.schedules import (
 from maskrcnn.engine.train import train
 from maskrcnn.structures import Targets
 
-from .test_train import TINY_MODEL, shapes, tiny_train_config  # noqa: F401  (shapes is a fixture)
+from .test_train import TINY_MODEL, one_thread, shapes, tiny_train_config  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -122,10 +124,21 @@ def test_lr_schedule():
         LRSchedule(10, 1, kind="poly")(0)
 
 
-def test_alternating_training_runs_every_stage(shapes, tmp_path):  # noqa: F811
-    cfg = tiny_train_config(shapes, tmp_path / "run", schedule={"kind": "alternating", "stage_epochs": [1, 1, 1, 1]},
-                            data={"max_train_images": 2, "val_ann": ""})
-    result = train(cfg)
-    assert result["stopped"] == "completed" and result["epochs"] == 4 and result["iterations"] == 4
+def test_alternating_training_runs_every_stage_and_resumes_inside_stage_2(shapes, tmp_path):  # noqa: F811
+    sections = {"schedule": {"kind": "alternating", "stage_epochs": [1, 1, 1, 1]},
+                "data": {"max_train_images": 4}, "eval": {"every": 1, "num_visualize": 0}}  # 2 iterations per epoch
+    result = train(tiny_train_config(shapes, tmp_path / "full", **sections))
+    assert result["stopped"] == "completed" and result["epochs"] == 4 and result["iterations"] == 8
     assert [h["stage"] for h in result["history"]] == ["rpn", "frontend", "rpn_finetune", "frontend_finetune"]
-    assert all(math.isfinite(h["train_loss"]) for h in result["history"])
+    assert all(math.isfinite(h["train_loss"]) and math.isfinite(h["val_loss"]) for h in result["history"])
+
+    # stop in the middle of stage 2: the frozen proposal network must come back with the optimizer
+    cut = tiny_train_config(shapes, tmp_path / "cut", checkpoint_every_iters=1, solver={"max_iters": 3}, **sections)
+    train(cut)
+    state = read_file(tmp_path / "cut" / "last.pth")["train_state"]
+    assert (state["stage"], state["epoch"], state["batch"]) == (1, 1, 1) and state["proposal_net"] is not None
+    resumed = train(dataclasses.replace(cut, solver=dataclasses.replace(cut.solver, max_iters=0)), resume=True)
+    assert resumed["iterations"] == 8
+    a, b = read_file(tmp_path / "full" / "last.pth")["model"], read_file(tmp_path / "cut" / "last.pth")["model"]
+    for key, value in a.items():
+        assert torch.allclose(value.float(), b[key].float(), rtol=1e-4, atol=1e-6), key

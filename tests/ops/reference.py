@@ -54,30 +54,33 @@ def batched_greedy_nms(boxes, scores, groups, thresh) -> list[int]:
     return sorted(kept, key=lambda i: (-scores[i], i))
 
 
-def _bilinear(fmap: np.ndarray, y: float, x: float) -> np.ndarray | None:
-    """RoIAlign's bilinear read of ``fmap[C, H, W]`` at (y, x); None for an ignored sample."""
+def _bilinear(fmap: np.ndarray, y, x, f=float) -> np.ndarray | None:
+    """RoIAlign's bilinear read of ``fmap[C, H, W]`` at (y, x); None for an ignored sample.
+
+    ``f`` is the scalar type the weights are computed in (``float`` or ``np.float32``).
+    """
     _, height, width = fmap.shape
     if y < -1.0 or y > height or x < -1.0 or x > width:
         return None
-    y, x = max(y, 0.0), max(x, 0.0)
+    y, x = max(y, f(0.0)), max(x, f(0.0))
     y_low, x_low = int(math.floor(y)), int(math.floor(x))
     if y_low >= height - 1:
         y_low = y_high = height - 1
-        y = float(y_low)
+        y = f(y_low)
     else:
         y_high = y_low + 1
     if x_low >= width - 1:
         x_low = x_high = width - 1
-        x = float(x_low)
+        x = f(x_low)
     else:
         x_high = x_low + 1
-    ly, lx = y - y_low, x - x_low
-    hy, hx = 1.0 - ly, 1.0 - lx
+    ly, lx = y - f(y_low), x - f(x_low)
+    hy, hx = f(1.0) - ly, f(1.0) - lx
     return (
-        hy * hx * fmap[:, y_low, x_low]
-        + hy * lx * fmap[:, y_low, x_high]
-        + ly * hx * fmap[:, y_high, x_low]
-        + ly * lx * fmap[:, y_high, x_high]
+        float(hy * hx) * fmap[:, y_low, x_low]
+        + float(hy * lx) * fmap[:, y_low, x_high]
+        + float(ly * hx) * fmap[:, y_high, x_low]
+        + float(ly * lx) * fmap[:, y_high, x_high]
     )
 
 
@@ -88,30 +91,37 @@ def roi_align(
     scale: float,
     sampling_ratio: int,
     aligned: bool,
+    f=float,
 ) -> np.ndarray:
-    """RoIAlign of ``features[B, C, H, W]`` for rows ``(batch, x1, y1, x2, y2)`` -> ``[K, C, PH, PW]``."""
+    """RoIAlign of ``features[B, C, H, W]`` for rows ``(batch, x1, y1, x2, y2)`` -> ``[K, C, PH, PW]``.
+
+    Coordinates and bilinear weights are computed with scalar type ``f``: ``float`` (double) or
+    ``np.float32`` to follow a float32 kernel step by step; the sums are always float64.
+    """
     ph_n, pw_n = pooled
     c = features.shape[1]
     out = np.zeros((len(rois), c, ph_n, pw_n))
+    scale, one = f(scale), f(1.0)
     for n, (b, x1, y1, x2, y2) in enumerate(rois):
         fmap = features[int(b)]
-        offset = 0.5 if aligned else 0.0
+        offset = f(0.5) if aligned else f(0.0)
+        x1, y1, x2, y2 = f(x1), f(y1), f(x2), f(y2)
         start_w, start_h = x1 * scale - offset, y1 * scale - offset
-        roi_w, roi_h = x2 * scale - offset - start_w, y2 * scale - offset - start_h
+        roi_w, roi_h = (x2 * scale - offset) - start_w, (y2 * scale - offset) - start_h
         if not aligned:
-            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
-        bin_h, bin_w = roi_h / ph_n, roi_w / pw_n
-        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / ph_n)
-        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / pw_n)
+            roi_w, roi_h = max(roi_w, one), max(roi_h, one)
+        bin_h, bin_w = roi_h / f(ph_n), roi_w / f(pw_n)
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / f(ph_n))
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / f(pw_n))
         count = max(grid_h * grid_w, 1)
         for ph in range(ph_n):
             for pw in range(pw_n):
                 total = np.zeros(c)
                 for iy in range(grid_h):
-                    y = start_h + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    y = start_h + f(ph) * bin_h + f(iy + 0.5) * bin_h / f(grid_h)
                     for ix in range(grid_w):
-                        x = start_w + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        v = _bilinear(fmap, y, x)
+                        x = start_w + f(pw) * bin_w + f(ix + 0.5) * bin_w / f(grid_w)
+                        v = _bilinear(fmap, y, x, f)
                         if v is not None:
                             total += v
                 out[n, :, ph, pw] = total / count

@@ -60,8 +60,8 @@ def rois_from_boxes(boxes: list[Tensor]) -> Tensor:
 
 def _axis_samples(
     start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Sample positions along one axis for every (RoI, bin, sample), ragged over RoIs.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Bilinear taps along one axis for every (RoI, bin, sample), ragged over RoIs.
 
     Args:
         start, bin_size: ``Tensor[K]`` RoI start and bin size in feature pixels.
@@ -70,10 +70,10 @@ def _axis_samples(
         size: feature map extent along this axis.
 
     Returns:
-        ``roi, p, low, high, w_low, w_high, valid`` flattened over all RoIs' ``pooled * grid``
-        positions (RoI-major, then bin, then sample): the RoI and bin of each position, the two
-        integer neighbours, their interpolation weights, and whether the sample is inside
-        ``[-1, size]``.
+        ``low, high, w_low, w_high, valid``, each ``Tensor[S]`` over all RoIs' ``pooled * grid``
+        positions (RoI-major, then bin, then sample): the two integer neighbours, their
+        interpolation weights (``h = 1 - l`` and ``l``), and whether the sample is inside
+        ``[-1, size]`` (samples outside contribute 0).
     """
     counts = grid * pooled  # (K,)
     roi = torch.repeat_interleave(torch.arange(start.numel(), device=start.device), counts)  # (S,)
@@ -94,7 +94,7 @@ def _axis_samples(
     coord = torch.where(at_end, low.to(dtype), coord)
     w_high = coord - low.to(dtype)  # l
     w_low = 1.0 - w_high  # h = 1 - l
-    return roi, p, low, high, w_low, w_high, valid
+    return low, high, w_low, w_high, valid
 
 
 def _roi_align_rois(
@@ -140,8 +140,8 @@ def _roi_align_rois(
     grid_h, grid_w = grid_h.clamp(min=0), grid_w.clamp(min=0)
 
     # Per-axis samples, ragged: RoI r has PH * grid_h[r] rows and PW * grid_w[r] columns.
-    ry, py, y_lo, y_hi, hy, ly, vy = _axis_samples(start_h, bin_h, grid_h, ph_n, height)
-    rx, px, x_lo, x_hi, hx, lx, vx = _axis_samples(start_w, bin_w, grid_w, pw_n, width)
+    y_lo, y_hi, hy, ly, vy = _axis_samples(start_h, bin_h, grid_h, ph_n, height)
+    x_lo, x_hi, hx, lx, vx = _axis_samples(start_w, bin_w, grid_w, pw_n, width)
     rows_per_roi = ph_n * grid_h  # (K,)
     cols_per_roi = pw_n * grid_w
     row_first = torch.cumsum(rows_per_roi, 0) - rows_per_roi

@@ -12,8 +12,13 @@ Semantics are those of torchvision's CPU kernel; for one RoI ``(x1, y1, x2, y2)`
 feature map over ``[hstart, hend) x [wstart, wend)``, or 0 when that window is empty. The
 gradient goes to the first maximum in raster order, as the kernel's argmax does.
 
-Implementation: each bin's window is gathered, padded to the largest window of the chunk
-and masked with ``-inf``; chunks of RoIs bound the memory.
+Implementation: the cells of every bin's window are gathered from a channels-last view of
+the maps and reduced with ``max(dim)``. RoIs are processed in chunks of equal window shape
+(windows are padded to the chunk's largest by repeating their last row/column), which bounds
+memory; the work is about ``sum of RoI areas x C``, like the C++ kernel's, but it is
+materialised, so large RoIs on a fine map are slow (seconds for 1000 RoIs of ~50 x 50 cells
+at C = 256). Within an FPN, where RoIs are ~7-14 cells on their level, it costs about as much
+as RoIAlign.
 
 Shape shorthand: B images, C channels, H x W feature map, K RoIs, PH x PW output bins,
 WH x WW the largest bin window.

@@ -1,0 +1,90 @@
+"""Backbone bodies, FPN and anchors on tiny shapes, against hand-computed facts."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from maskrcnn.model.anchors import AnchorGenerator, cell_anchors
+from maskrcnn.model.backbone import RESNETS, FrozenBatchNorm2d, ResNetBody, conv_norm
+from maskrcnn.model.fpn import FPN
+
+# Parameter counts of the ImageNet classifiers without their fc layer (published figures:
+# resnet18 11.69M, resnet50 25.56M, resnext50_32x4d 25.03M, minus fc = 512*1000+1000 or 2048*1000+1000).
+BODY_PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet50": 25_557_032 - 2_049_000, "resnext50_32x4d": 25_028_904 - 2_049_000}
+
+
+@pytest.mark.parametrize("name", sorted(RESNETS))
+def test_body_strides_and_channels(name):
+    body = ResNetBody(name, trainable_layers=5).eval()
+    with torch.no_grad():
+        feats = body(torch.zeros(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+    assert [f.shape[1] for f in feats] == body.out_channels
+    expected = [64, 128, 256, 512] if name in ("resnet18", "resnet34") else [256, 512, 1024, 2048]
+    assert body.out_channels == expected
+
+
+@pytest.mark.parametrize("name", sorted(BODY_PARAMS))
+def test_body_parameter_counts_match_the_published_architectures(name):
+    body = ResNetBody(name, frozen_bn=False, trainable_layers=5)
+    assert sum(p.numel() for p in body.parameters()) == BODY_PARAMS[name]
+
+
+def test_trainable_layers_freeze_from_the_bottom():
+    body = ResNetBody("resnet18", trainable_layers=2)
+    trainable = {n.split(".")[0] for n, p in body.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    with pytest.raises(ValueError, match="trainable_layers"):
+        ResNetBody("resnet18", trainable_layers=6)
+    with pytest.raises(ValueError, match="unknown backbone 'resnet5'"):
+        ResNetBody("resnet5")
+
+
+def test_frozen_batchnorm_equals_batchnorm_in_eval_and_folds_into_the_conv():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(8, eps=1e-3).double().eval()
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.weight.data.uniform_(0.5, 2)
+    bn.bias.data.uniform_(-1, 1)
+    frozen = FrozenBatchNorm2d(8, eps=1e-3).double()
+    frozen.load_state_dict({**bn.state_dict()})  # num_batches_tracked is dropped
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=False).double()
+    x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
+    ref = bn(conv(x))
+    torch.testing.assert_close(frozen(conv(x)), ref)
+    torch.testing.assert_close(conv_norm(conv, frozen, x), ref)
+    # Gradients of the folded form reach the conv weights like the unfolded one.
+    conv_norm(conv, frozen, x).sum().backward()
+    g_folded = conv.weight.grad.clone()
+    conv.weight.grad = None
+    frozen(conv(x)).sum().backward()
+    torch.testing.assert_close(g_folded, conv.weight.grad)
+
+
+def test_fpn_levels_and_top_down_sum():
+    fpn = FPN([4, 8], out_channels=6)
+    c2, c3 = torch.randn(1, 4, 8, 8), torch.randn(1, 8, 4, 4)
+    p2, p3, p6 = fpn([c2, c3])
+    assert p2.shape == (1, 6, 8, 8) and p3.shape == (1, 6, 4, 4) and p6.shape == (1, 6, 2, 2)
+    # P6 is P3 subsampled by 2; P2 sees C3 through nearest upsampling of its lateral.
+    torch.testing.assert_close(p6, p3[:, :, ::2, ::2])
+    inner3 = fpn.inner_blocks[1](c3)
+    inner2 = fpn.inner_blocks[0](c2) + inner3.repeat_interleave(2, 2).repeat_interleave(2, 3)
+    torch.testing.assert_close(p2, fpn.layer_blocks[0](inner2))
+
+
+def test_cell_anchors_by_hand():
+    # size 32, ratio h/w = 1: a 32x32 square; ratio 0.5: w = 32*sqrt(2) = 45.25, h = 22.63 -> rounded halves.
+    a = cell_anchors(32, (0.5, 1.0))
+    assert a.tolist() == [[-23.0, -11.0, 23.0, 11.0], [-16.0, -16.0, 16.0, 16.0]]
+
+
+def test_anchor_grid_order_and_strides():
+    gen = AnchorGenerator(sizes=(8, 16), aspect_ratios=(1.0,))
+    lvl0, lvl1 = gen((16, 24), [(4, 6), (2, 3)], torch.device("cpu"))
+    assert lvl0.shape == (24, 4) and lvl1.shape == (6, 4)
+    # Row-major cells, stride 4 on level 0: cell (row 1, col 2) is index 8, centred at (8, 4).
+    assert lvl0[8].tolist() == [4.0, 0.0, 12.0, 8.0]
+    assert lvl1[4].tolist() == [0.0, 0.0, 16.0, 16.0]  # (row 1, col 1), stride 8, size 16
