@@ -1,20 +1,28 @@
 """The command line as a user runs it: predict on files/folders/globs, bad images, evaluate."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from maskrcnn.checkpoint import save_checkpoint
 from maskrcnn.cli import main
+from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.data.synthetic import generate_shapes
+from maskrcnn.model.build import build_model
 
 from .conftest import KUDZU, need
-from .test_api import tiny_model
+from .test_api import TINY, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +89,25 @@ def test_predict_with_the_torchvision_checkpoint_on_kudzu_photos(tv_checkpoint, 
     ids = {im["id"] for im in gt["images"] if im["file_name"].endswith(("val_27.jpg", "val_29.jpg"))}
     assert entries and {e["image_id"] for e in entries} == ids
     assert {e["category_id"] for e in entries} <= set(range(1, 91))
+
+
+def test_evaluate_matches_pycocotools_on_the_written_results(tmp_path, capsys):
+    """`maskrcnn evaluate` on a generated dataset: its numbers are COCOeval's on results.json."""
+    split = generate_shapes(tmp_path / "shapes", num_train=1, num_val=3, image_size=(64, 96), seed=3)["val"]
+    ids = [c["id"] for c in json.loads(split.ann_file.read_text())["categories"]]
+    torch.manual_seed(0)
+    cfg = apply_overrides(ModelConfig(), TINY + [f"category_ids={ids}"])
+    save_checkpoint(tmp_path / "m.pth", build_model(cfg))
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--weights", str(tmp_path / "m.pth"), "--data", str(split.ann_file), "--images", str(split.image_dir), "--out", str(out), "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    gt = COCO(str(split.ann_file))
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes(str(out / "results.json"))
+        for iou_type in ("bbox", "segm"):
+            ev = COCOeval(gt, dt, iou_type)
+            ev.evaluate(), ev.accumulate(), ev.summarize()
+            assert metrics[iou_type]["AP"] == pytest.approx(ev.stats[0], abs=1e-12)
+            assert metrics[iou_type]["AP50"] == pytest.approx(ev.stats[1], abs=1e-12)
+    assert "AP" in capsys.readouterr().out

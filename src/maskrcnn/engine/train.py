@@ -399,6 +399,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     if cfg.solver.amp == "fp16" and device.type != "cuda":
         raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on the CPU")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
 

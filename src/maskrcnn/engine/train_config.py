@@ -99,6 +99,7 @@ class TrainConfig:
     exist_ok: bool = False  # start afresh in an out_dir that already holds a run (its files are replaced)
     seed: int = 0  # seeds weights, data order, augmentation and sampling
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch CPU threads (0 = torch's default); 1 avoids OpenMP slowdowns on a busy machine
     checkpoint_every_iters: int = 0  # also write last.pth every N iterations (0 = only at epoch ends)
     log_every: int = 20  # iterations averaged into one metrics.jsonl line
     progress: bool = True  # show a progress bar

@@ -58,126 +58,91 @@ def rois_from_boxes(boxes: list[Tensor]) -> Tensor:
     return torch.cat([ids, concat], dim=1)
 
 
-def _axis_samples(
-    start: Tensor, bin_size: Tensor, grid: Tensor, pooled: int, size: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Bilinear taps along one axis for every (RoI, bin, sample), ragged over RoIs.
+def _axis_taps(
+    start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int
+) -> tuple[Tensor, Tensor]:
+    """Bilinear taps along one axis for RoIs that share a grid size.
 
     Args:
         start, bin_size: ``Tensor[K]`` RoI start and bin size in feature pixels.
-        grid: ``Tensor[K]`` int64 samples per bin along this axis (``>= 0``).
+        grid: samples per bin along this axis (``>= 1``).
         pooled: bins along this axis.
         size: feature map extent along this axis.
 
     Returns:
-        ``low, high, w_low, w_high, valid``, each ``Tensor[S]`` over all RoIs' ``pooled * grid``
-        positions (RoI-major, then bin, then sample): the two integer neighbours, their
-        interpolation weights (``h = 1 - l`` and ``l``), and whether the sample is inside
-        ``[-1, size]`` (samples outside contribute 0).
+        ``index`` int64 and ``weight``, each ``Tensor[K, pooled, grid, 2]``: the lower and upper
+        neighbour of every sample and their weights ``(1 - l, l)``; samples outside
+        ``[-1, size]`` get weight 0.
     """
-    counts = grid * pooled  # (K,)
-    roi = torch.repeat_interleave(torch.arange(start.numel(), device=start.device), counts)  # (S,)
-    first = torch.cumsum(counts, 0) - counts  # (K,) offset of each RoI's first position
-    local = torch.arange(roi.numel(), device=start.device) - first[roi]  # (S,) index within the RoI
-    g = grid[roi]
-    p, i = local // g, local % g
     dtype = start.dtype
-    b = bin_size[roi]
+    p = torch.arange(pooled, device=start.device, dtype=dtype)[None, :, None]  # (1, P, 1)
+    i = torch.arange(grid, device=start.device, dtype=dtype)[None, None, :]  # (1, 1, G)
+    start, bin_size = start[:, None, None], bin_size[:, None, None]  # (K, 1, 1)
     # The kernel's expression and evaluation order: start + p * bin + (i + .5) * bin / grid.
-    coord = start[roi] + p.to(dtype) * b + (i.to(dtype) + 0.5) * b / g.to(dtype)
+    coord = start + p * bin_size + (i + 0.5) * bin_size / grid  # (K, P, G)
     valid = (coord >= -1.0) & (coord <= size)
-    coord = torch.where(valid, coord, 0.0).clamp(min=0)  # invalid (also inf/nan) samples get weight 0
+    coord = torch.where(valid, coord, 0.0).clamp(min=0)  # invalid (also inf/nan) samples: weight 0
     low = coord.to(torch.int64)  # truncation == floor for coord >= 0
     at_end = low >= size - 1
     low = torch.where(at_end, size - 1, low)
     high = torch.where(at_end, low, low + 1)
     coord = torch.where(at_end, low.to(dtype), coord)
-    w_high = coord - low.to(dtype)  # l
-    w_low = 1.0 - w_high  # h = 1 - l
-    return low, high, w_low, w_high, valid
+    lw = coord - low.to(dtype)  # l
+    hw = 1.0 - lw  # h = 1 - l
+    valid = valid.to(dtype)  # multiplying by 1 or 0 leaves the kernel's weights exact
+    return torch.stack((low, high), dim=-1), torch.stack((hw * valid, lw * valid), dim=-1)
 
 
-def _roi_align_rois(
+def _roi_align_group(
     table: Tensor,
     rois: Tensor,
     hw: tuple[int, int],
     pooled: tuple[int, int],
+    grid: tuple[int, int],
     spatial_scale: float,
-    sampling_ratio: int,
     aligned: bool,
-) -> tuple[Tensor, Tensor]:
-    """RoIAlign sums of a chunk of RoIs against the channels-last table.
+) -> Tensor:
+    """Sums over the samples of each bin, for RoIs that share the grid ``(grid_h, grid_w)``.
+
+    Args:
+        table: ``Tensor[B*H*W, C]`` channels-last feature maps.
+        rois: ``Tensor[K, 5]`` in the table's dtype.
 
     Returns:
-        ``Tensor[K, PH, PW, C]`` sums over each bin's samples and ``Tensor[K]`` the kernel's
-        divisor ``max(grid_h * grid_w, 1)``; the caller divides after its layout copy.
+        ``Tensor[K, PH, PW, C]`` (not yet divided by the sample count).
     """
     height, width = hw
     ph_n, pw_n = pooled
+    grid_h, grid_w = grid
     k = rois.shape[0]
-    dtype = table.dtype
+    if grid_h <= 0 or grid_w <= 0:  # no samples (aligned RoIs with x2 < x1): the kernel gives 0
+        return table.new_zeros((k, ph_n, pw_n, table.shape[1]))
+    start_w, start_h, roi_w, roi_h = _roi_geometry(rois, spatial_scale, aligned)
+    y_index, y_weight = _axis_taps(start_h, roi_h / ph_n, grid_h, ph_n, height)  # (K, PH, GH, 2)
+    x_index, x_weight = _axis_taps(start_w, roi_w / pw_n, grid_w, pw_n, width)  # (K, PW, GW, 2)
+    row_offset = (rois[:, 0].to(torch.int64)[:, None, None, None] * height + y_index) * width  # (K, PH, GH, 2)
+    # Every (bin, sample, corner) by broadcasting: corners in the kernel's order
+    # (y_low, x_low), (y_low, x_high), (y_high, x_low), (y_high, x_high).
+    index = row_offset[:, :, None, :, None, :, None] + x_index[:, None, :, None, :, None, :]  # (K, PH, PW, GH, GW, 2, 2)
+    weight = y_weight[:, :, None, :, None, :, None] * x_weight[:, None, :, None, :, None, :]  # same shape
+    entries = grid_h * grid_w * 4
+    out = F.embedding_bag(
+        index.reshape(-1, entries), table, mode="sum", per_sample_weights=weight.reshape(-1, entries)
+    )  # (K * PH * PW, C), one bag per bin
+    return out.reshape(k, ph_n, pw_n, -1)  # (K, PH, PW, C)
+
+
+def _roi_geometry(rois: Tensor, spatial_scale: float, aligned: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``start_w, start_h, roi_w, roi_h`` of each RoI on the feature map, ``Tensor[K]`` each."""
     offset = 0.5 if aligned else 0.0
-    batch = rois[:, 0].to(torch.int64)
     start_w = rois[:, 1] * spatial_scale - offset
     start_h = rois[:, 2] * spatial_scale - offset
-    end_w = rois[:, 3] * spatial_scale - offset
-    end_h = rois[:, 4] * spatial_scale - offset
-    roi_w = end_w - start_w
-    roi_h = end_h - start_h
+    roi_w = (rois[:, 3] * spatial_scale - offset) - start_w
+    roi_h = (rois[:, 4] * spatial_scale - offset) - start_h
     if not aligned:  # malformed RoIs are forced to 1 x 1
         roi_w = roi_w.clamp(min=1.0)
         roi_h = roi_h.clamp(min=1.0)
-    bin_h = roi_h / ph_n
-    bin_w = roi_w / pw_n
-    if sampling_ratio > 0:
-        grid_h = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
-        grid_w = grid_h
-    else:
-        grid_h = torch.ceil(roi_h / ph_n).to(torch.int64)
-        grid_w = torch.ceil(roi_w / pw_n).to(torch.int64)
-    count = (grid_h * grid_w).clamp(min=1).to(dtype)  # (K,) the kernel's divisor
-    # A negative grid (aligned, x2 < x1) samples nothing, like the kernel's empty loops.
-    grid_h, grid_w = grid_h.clamp(min=0), grid_w.clamp(min=0)
-
-    # Per-axis samples, ragged: RoI r has PH * grid_h[r] rows and PW * grid_w[r] columns.
-    y_lo, y_hi, hy, ly, vy = _axis_samples(start_h, bin_h, grid_h, ph_n, height)
-    x_lo, x_hi, hx, lx, vx = _axis_samples(start_w, bin_w, grid_w, pw_n, width)
-    rows_per_roi = ph_n * grid_h  # (K,)
-    cols_per_roi = pw_n * grid_w
-    row_first = torch.cumsum(rows_per_roi, 0) - rows_per_roi
-    col_first = torch.cumsum(cols_per_roi, 0) - cols_per_roi
-
-    # Every (RoI, ph, pw, iy, ix) sample, ordered so that each bin's samples are contiguous.
-    per_roi = rows_per_roi * cols_per_roi  # (K,) samples of one RoI
-    roi = torch.repeat_interleave(torch.arange(k, device=rois.device), per_roi)  # (S,)
-    local = torch.arange(roi.numel(), device=rois.device) - (torch.cumsum(per_roi, 0) - per_roi)[roi]
-    gh, gw = grid_h[roi], grid_w[roi]
-    ix = local % gw
-    rest = local // gw
-    iy = rest % gh
-    rest = rest // gh
-    pw = rest % pw_n
-    ph = rest // pw_n
-    row = row_first[roi] + ph * gh + iy  # (S,) index into the y-axis samples
-    col = col_first[roi] + pw * gw + ix  # (S,) index into the x-axis samples
-
-    valid = (vy[row] & vx[col]).to(dtype)
-    yl, yh, xl, xh = y_lo[row], y_hi[row], x_lo[col], x_hi[col]
-    wy_h, wy_l, wx_h, wx_l = hy[row], ly[row], hx[col], lx[col]
-    base = batch[roi] * (height * width)
-    index = torch.stack(
-        (base + yl * width + xl, base + yl * width + xh, base + yh * width + xl, base + yh * width + xh), dim=1
-    )  # (S, 4) corners in the kernel's order
-    weight = torch.stack((wy_h * wx_h, wy_h * wx_l, wy_l * wx_h, wy_l * wx_l), dim=1) * valid[:, None]  # (S, 4)
-
-    # One bag per (RoI, ph, pw), holding its 4 * grid_h * grid_w corner rows.
-    bag_sizes = (4 * grid_h * grid_w).repeat_interleave(ph_n * pw_n)  # (K * PH * PW,)
-    offsets = torch.cumsum(bag_sizes, 0) - bag_sizes
-    out = F.embedding_bag(
-        index.reshape(-1), table, offsets, mode="sum", per_sample_weights=weight.reshape(-1)
-    )  # (K * PH * PW, C)
-    out = out.reshape(k, ph_n, pw_n, -1)  # (K, PH, PW, C)
-    return out, count
+    return start_w, start_h, roi_w, roi_h
 
 
 def roi_align(
@@ -218,23 +183,36 @@ def roi_align(
     # and gathering rows from that is ~10x slower than this copy.
     table = input.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
 
-    # Chunk RoIs so that the gathered corner rows stay bounded (matters for large adaptive grids).
+    # RoIs are processed in groups of equal grid (one group for a fixed sampling ratio), so
+    # that each group's samples are a dense broadcast, and in chunks that bound the memory of
+    # the gathered indices and weights.
     with torch.no_grad():
         if sampling_ratio > 0:
-            grid = torch.full((k,), sampling_ratio * sampling_ratio, dtype=torch.int64, device=rois.device)
-        else:  # an upper bound of each RoI's grid_h * grid_w
-            rw = ((rois[:, 3] - rois[:, 1]) * spatial_scale).abs().clamp(min=1.0)
-            rh = ((rois[:, 4] - rois[:, 2]) * spatial_scale).abs().clamp(min=1.0)
-            grid = (torch.ceil(rh / pooled[0]) * torch.ceil(rw / pooled[1])).to(torch.int64)
-        entries = 4 * pooled[0] * pooled[1] * grid  # (K,) table rows gathered per RoI
-        chunk = (torch.cumsum(entries, 0) - entries) // _MAX_ENTRIES_PER_CHUNK  # (K,) non-decreasing
-        sizes = torch.unique_consecutive(chunk, return_counts=True)[1].tolist()
-    parts = [
-        _roi_align_rois(table, part, (h, w), pooled, spatial_scale, sampling_ratio, aligned)
-        for part in torch.split(rois, sizes)
-    ]
-    sums = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=0)  # (K, PH, PW, C)
-    count = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=0)  # (K,)
+            grid_h = grid_w = torch.full((k,), sampling_ratio, dtype=torch.int64, device=rois.device)
+        else:
+            _, _, roi_w, roi_h = _roi_geometry(rois, spatial_scale, aligned)
+            grid_h = torch.ceil(roi_h / pooled[0]).to(torch.int64)
+            grid_w = torch.ceil(roi_w / pooled[1]).to(torch.int64)
+        count = (grid_h * grid_w).clamp(min=1).to(input.dtype)  # (K,) the kernel's divisor
+        key = grid_h * (int(grid_w.max()) + 1) + grid_w  # (K,) one value per distinct grid
+        single = sampling_ratio > 0 or bool((key == key[0]).all())
+        order = None if single else torch.sort(key, stable=True)[1]
+        keys = key[:1] if single else key[order]
+        group_sizes = [k] if single else torch.unique_consecutive(keys, return_counts=True)[1].tolist()
+        group_grids = torch.stack((grid_h, grid_w), 1)[:1 if single else k][[0] if single else order]
+    parts, first = [], 0
+    for size in group_sizes:
+        gh, gw = (int(v) for v in group_grids[first])
+        idx = None if single else order[first : first + size]
+        group = rois if single else rois[idx]
+        per_roi = max(gh * gw, 1) * 4 * pooled[0] * pooled[1]  # gathered entries per RoI
+        step = max(_MAX_ENTRIES_PER_CHUNK // per_roi, 1)
+        for s in range(0, size, step):
+            parts.append(_roi_align_group(table, group[s : s + step], (h, w), pooled, (gh, gw), spatial_scale, aligned))
+        first += size
+    sums = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # (K, PH, PW, C), grouped order
+    if order is not None:
+        sums = sums[torch.argsort(order)]  # back to input order
     # Sum, then divide, as the kernel does; in place on the contiguous copy saves a pass.
     return sums.permute(0, 3, 1, 2).contiguous().div_(count[:, None, None, None])  # (K, C, PH, PW)
 
