@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import maskrcnn
 from maskrcnn.checkpoint import read_file, save_checkpoint
-from maskrcnn.config import ConfigError, ModelConfig, apply_overrides, from_dict
+from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
 from maskrcnn.data import CocoDataset, generate_shapes
-from maskrcnn.engine import train as train_mod
 from maskrcnn.engine.pretrain import extract_crops, pretrain_body
 from maskrcnn.engine.train import NonFiniteLossError, init_from_checkpoint, main, train
 from maskrcnn.engine.train_config import PretrainConfig, TrainConfig, check, load_training_config
@@ -222,15 +222,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path, mon
 def test_divergence_exits_non_zero_from_the_command_line(shapes, tmp_path):
     cfg = tiny_train_config(shapes, tmp_path / "run", checkpoint_every_iters=1, solver={"lr": 1e30, "warmup_iters": 0})
     path = tmp_path / "diverge.yaml"
-    import yaml
-
-    from maskrcnn.config import to_dict
-
     path.write_text(yaml.safe_dump(to_dict(cfg)))
     assert main(str(path), []) != 0
     last = tmp_path / "run" / "last.pth"
     if last.exists():  # written only while the weights were still finite
         assert all(torch.isfinite(v).all() for v in read_file(last)["model"].values() if v.is_floating_point())
+
+
+def test_early_stopping_ends_the_run_for_good(shapes, tmp_path):
+    # APl is -1 on every validation (no large objects), so it never improves after the first
+    cfg = tiny_train_config(shapes, tmp_path / "run", data={"max_train_images": 2}, solver={"epochs": 4},
+                            eval={"metric": "bbox_APl", "patience": 1, "num_visualize": 0})
+    result = train(cfg)
+    assert result["stopped"] == "early_stopping" and result["epochs"] == 2 and result["best_epoch"] == 1
+    again = train(cfg, resume=True)  # nothing left to do
+    assert again["iterations"] == 2 and again["epochs"] == 2
+
+
+def test_bf16_autocast_on_the_cpu(shapes, tmp_path):
+    cfg = tiny_train_config(shapes, tmp_path / "bf16", solver={"amp": "bf16"}, data={"max_train_images": 2},
+                            eval={"max_images": 1, "num_visualize": 0})
+    result = train(cfg)
+    assert result["iterations"] == 1 and math.isfinite(result["history"][0]["val_loss"])
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        train(dataclasses.replace(cfg, device="cpu", out_dir=str(tmp_path / "fp16"), solver=dataclasses.replace(cfg.solver, amp="fp16")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -321,7 +336,7 @@ def test_overfits_two_images(shapes, tmp_path):
     cfg = tiny_train_config(
         shapes, tmp_path / "run",
         data={"train_ann": str(shapes["val"].ann_file), "train_images": str(shapes["val"].image_dir), "hflip": 0.0},
-        solver={"lr": 0.02, "epochs": 150, "warmup_iters": 20, "milestones": [120]},
+        solver={"lr": 0.01, "epochs": 150, "warmup_iters": 20, "milestones": [120], "grad_clip": 5.0},
         eval={"every": 50, "metric": "bbox_AP50"},
         model={**TINY_MODEL, "roi_heads": {**TINY_MODEL["roi_heads"], "representation_size": 128, "mask_channels": [32, 32]}},
         log_every=10,

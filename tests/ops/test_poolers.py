@@ -34,7 +34,12 @@ def test_assign_levels_random() -> None:
 
 @pytest.mark.parametrize(
     "feature_hw, image_hw, scale",
-    [((200, 272), (800, 1088), 0.25), ((25, 34), (800, 1088), 1 / 32), ((13, 17), (800, 1088), 1 / 64), ((7, 9), (100, 100), 1 / 16)],
+    [
+        ((200, 272), (800, 1088), 0.25),
+        ((25, 34), (800, 1088), 1 / 32),
+        ((13, 17), (800, 1088), 1 / 64),  # 800 / 64 = 12.5: log2 rounds to -6
+        ((7, 9), (100, 100), 1 / 16),
+    ],
 )
 def test_infer_scale(feature_hw, image_hw, scale) -> None:
     assert infer_scale(feature_hw, image_hw) == scale

@@ -36,7 +36,8 @@ def test_matches_reference(aligned: bool, sampling_ratio: int, scale: float) -> 
     rois = random_rois(25, 2, g, extent=11 / scale)
     out = roi_align(features, rois, (3, 4), scale, sampling_ratio, aligned)
     assert out.shape == (25, 3, 3, 4) and out.dtype == torch.float64 and out.is_contiguous()
-    torch.testing.assert_close(out, expected(features, rois, (3, 4), scale, sampling_ratio, aligned), rtol=0, atol=1e-12)
+    ref = expected(features, rois, (3, 4), scale, sampling_ratio, aligned)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
 def test_float32_follows_kernel_arithmetic() -> None:
@@ -77,9 +78,11 @@ def test_list_of_boxes_equals_rois_tensor() -> None:
     g = torch.Generator().manual_seed(2)
     features = torch.randn(3, 2, 8, 8, generator=g, dtype=torch.float64)
     boxes = [random_rois(n, 1, g, 8.0)[:, 1:] for n in (4, 0, 3)]
-    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=torch.float64), b], 1) for i, b in enumerate(boxes)])
-    torch.testing.assert_close(roi_align(features, boxes, (2, 3), 1.0, 2), roi_align(features, rois, (2, 3), 1.0, 2))
-    torch.testing.assert_close(roi_align(features, boxes, (2, 3), 1.0, 2), expected(features, rois, (2, 3), 1.0, 2, False))
+    ids = [torch.full((len(b), 1), float(i), dtype=torch.float64) for i, b in enumerate(boxes)]
+    rois = torch.cat([torch.cat([i, b], 1) for i, b in zip(ids, boxes)])  # (7, 5)
+    from_list = roi_align(features, boxes, (2, 3), 1.0, 2)
+    torch.testing.assert_close(from_list, roi_align(features, rois, (2, 3), 1.0, 2))
+    torch.testing.assert_close(from_list, expected(features, rois, (2, 3), 1.0, 2, False))
 
 
 def test_empty() -> None:

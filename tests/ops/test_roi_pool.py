@@ -55,7 +55,7 @@ def test_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
     g = torch.Generator().manual_seed(1)
     features = torch.randn(2, 2, 12, 12, generator=g, dtype=torch.float64)
     rois = random_rois(30, 2, g, 12.0)
-    monkeypatch.setattr(roi_pool_module, "_MAX_VALUES_PER_CHUNK", 300)
+    monkeypatch.setattr(roi_pool_module, "_MAX_CELLS_PER_CHUNK", 20)
     torch.testing.assert_close(roi_pool(features, rois, 2, 1.0), expected(features, rois, (2, 2), 1.0), rtol=0, atol=0)
 
 
@@ -71,7 +71,9 @@ def test_gradcheck() -> None:
     g = torch.Generator().manual_seed(2)
     features = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64)  # distinct values: no ties
     features.requires_grad_(True)
-    rois = torch.tensor([[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, 2.0, 7.0, 4.0], [1, -2.0, -1.0, 1.0, 9.0]], dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, 2.0, 7.0, 4.0], [1, -2.0, -1.0, 1.0, 9.0]], dtype=torch.float64
+    )
     torch.autograd.gradcheck(lambda x: roi_pool(x, rois, (2, 3), 1.0), (features,))
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..model.mask_rcnn import MaskRCNN
 from ..model.transform import to_original_frame
-from ..structures import ModelOutput, Targets
+from ..structures import ImageBatch, ModelOutput, Targets
 
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 FRONTEND_LOSSES = ("loss_classifier", "loss_box_reg", "loss_mask")
@@ -146,7 +146,7 @@ class ProposalNet(nn.Module):
         self.eval()
 
     @torch.no_grad()
-    def propose(self, model: MaskRCNN, batch, training: bool) -> list[Tensor]:  # type: ignore[no-untyped-def]
+    def propose(self, batch: ImageBatch, training: bool) -> list[Tensor]:
         """One (P_i, 4) proposal tensor per image of ``batch`` (resized frame)."""
         self.rpn.train(training)
         proposals, _ = self.rpn(batch, self.backbone(batch.tensors))
@@ -159,7 +159,7 @@ def forward_with_proposals(
     """``model(images, targets)`` with the RPN replaced by ``proposal_net``: frontend losses only
     (and detections in eval mode). Mirrors ``MaskRCNN.forward``."""
     batch, targets = model.preprocess(images, targets)
-    proposals = proposal_net.propose(model, batch, model.training)
+    proposals = proposal_net.propose(batch, model.training)
     features = model.backbone(batch.tensors)
     detections, losses = model.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
     if detections is not None:

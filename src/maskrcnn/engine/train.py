@@ -22,9 +22,9 @@ Checkpoints are written atomically and only with finite weights; a non-finite lo
 run with ``NonFiniteLossError`` and leaves the last good ``last.pth`` in place. ``resume=True``
 continues from ``last.pth``: weights, optimizer, iteration, position in the epoch (the epoch's
 batch order is regenerated from ``seed + epoch`` and the batches already done are skipped),
-RNG states, best metric and metrics.jsonl (truncated to the checkpoint). With ``data.workers=0``
-(or any number: augmentation draws from a per-image seed) a resumed run ends with the same
-weights as an uninterrupted one on the CPU.
+RNG states, best metric and metrics.jsonl (truncated to the checkpoint). On the CPU a resumed
+run ends with the same weights as an uninterrupted one, whatever ``data.workers``: flips draw
+from per-image seeds, and validation restores the RNG states it consumed.
 """
 from __future__ import annotations
 
@@ -344,18 +344,26 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)  # epoch summaries
 
 
-def _state_dict(progress: Progress, stage_index: int, optimizer: torch.optim.Optimizer, scaler: Any,
-                proposal_net: ProposalNet | None, metrics: MetricsLog, cfg: TrainConfig) -> dict[str, Any]:
-    return {
-        **dataclasses.asdict(progress),
-        "stage": stage_index,
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "proposal_net": proposal_net.state_dict() if proposal_net is not None else None,
-        "rng": rng_state(),
-        "metrics_bytes": metrics.size,
-        "config": to_dict(cfg),
-    }
+class _Stop(Exception):
+    """Raised inside the loop when max_iters / max_minutes is reached."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+_SHORT = {"loss_objectness": "obj", "loss_rpn_box_reg": "rpn_box", "loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask"}
+
+
+def _postfix(window: dict[str, float], n: int, lr: float, eta_s: float) -> str:
+    """Progress-bar text: mean losses of the logging window, learning rate, time left in the run."""
+    terms = " ".join(f"{_SHORT.get(k, k)} {v / n:.3f}" for k, v in window.items() if k.startswith("loss_"))
+    eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
+    return f"loss {window['loss'] / n:.3f} ({terms}) lr {lr:.2g} run eta {eta}"
+
+
+def _loss_report(losses: dict[str, Tensor]) -> str:
+    return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
 
 
 def _improved(value: float, best: float | None, metric: str) -> bool:
@@ -364,8 +372,279 @@ def _improved(value: float, best: float | None, metric: str) -> bool:
     return best is None or (value < best if metric == "val_loss" else value > best)
 
 
-def _loss_report(losses: dict[str, Tensor]) -> str:
-    return ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
+class Trainer:
+    """The state of one training run; ``train()`` builds it and calls ``run()``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool) -> None:
+        self.started = time.monotonic()
+        self.out = Path(cfg.out_dir)
+        self.last_path, self.best_path = self.out / "last.pth", self.out / "best.pth"
+        saved = None
+        if resume:
+            saved = read_file(self.last_path) if self.last_path.is_file() else None
+            if saved is None or "train_state" not in saved:
+                raise ConfigError(f"nothing to resume: {self.last_path} is missing or holds no training state")
+        elif self.last_path.exists() and not cfg.exist_ok:
+            raise ConfigError(f"{self.out} already holds a run (last.pth); use --resume to continue it, "
+                              f"exist_ok=true to start it afresh, or another out_dir=...")
+        self.device = resolve_device(cfg.device)
+        if cfg.solver.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on the CPU")
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+
+        # Data first: its categories size the class heads.
+        train_full, self.train_set, self.val_set = build_datasets(cfg)
+        self.cfg = cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, num_classes=train_full.num_classes, class_names=tuple(train_full.class_names),
+            category_ids=tuple(train_full.category_ids)))
+        (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        if self.val_set is None:
+            log.warning("no validation data (data.val_ann): no AP, no best.pth, no early stopping")
+
+        self.model = build_model(cfg.model)
+        self.base_trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if saved is None and cfg.init.weights:
+            init_from_checkpoint(self.model, cfg.init.weights, cfg.model.backbone.bn_eps)
+        if saved is not None:
+            load_state(self.model, saved["model"], str(self.last_path))
+        self.model.to(self.device)
+        self.state = saved["train_state"] if saved is not None else None  # consumed when its stage starts
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", self.state["metrics_bytes"] if self.state else None)
+
+        self.stages = build_schedule(cfg.schedule.kind, cfg.solver.epochs, cfg.schedule.stage_epochs)
+        self.num_epochs = sum(s.epochs for s in self.stages)
+        self.groups = aspect_ratio_groups(self.train_set)
+        self.iters_per_epoch = len(GroupedBatchSampler(range(len(self.train_set)), self.groups, cfg.data.batch_size))  # type: ignore[arg-type]
+        self.augmented = FlipAugmented(self.train_set, cfg.data.hflip, cfg.seed)
+        self.progress = Progress()
+        self.stop_after_epoch = ""  # a limit reached in an epoch's last batch
+
+    # ---- the run --------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        if state is None and cfg.pretrain.epochs > 0:
+            t = cfg.model.transform
+            pretrain_body(self.model.backbone.body, cfg.model.backbone.name, cfg.model.backbone.bn_eps, self.train_set,
+                          cfg.model.num_classes, cfg.pretrain, t.image_mean, t.image_std, self.device, cfg.seed,
+                          cfg.progress, self.metrics.write)
+            save_checkpoint(self.out / "pretrain_body.pth", self.model)
+        if state is not None:
+            self.progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
+            set_rng_state(state["rng"])
+            if state["iters_per_epoch"] != self.iters_per_epoch:
+                log.warning("an epoch had %d iterations at the checkpoint and has %d now (data or batch size changed): "
+                            "the position within the epoch is approximate", state["iters_per_epoch"], self.iters_per_epoch)
+            log.info("resuming %s at epoch %d, batch %d (iteration %d)", self.out, self.progress.epoch + 1,
+                     self.progress.batch, self.progress.iteration)
+        log.info("training %s: %d stage(s), %d epochs of %d iterations, device %s", self.out, len(self.stages),
+                 self.num_epochs, self.iters_per_epoch, self.device)
+        self.first_iteration, self.loop_started = self.progress.iteration, time.monotonic()
+        stopped = "completed"
+        with logging_redirect_tqdm():
+            stage_start = 0
+            for index, stage in enumerate(self.stages):
+                stage_end = stage_start + stage.epochs
+                if self.progress.epoch < stage_end:
+                    try:
+                        stopped = self.run_stage(index, stage, stage_start)
+                    except _Stop as stop:
+                        stopped = stop.reason
+                        log.info("stopped (%s) at iteration %d; --resume continues from %s",
+                                 stopped, self.progress.iteration, self.last_path)
+                        break
+                stage_start = stage_end
+        return self.summary(stopped)
+
+    def run_stage(self, index: int, stage: Stage, stage_start: int) -> str:
+        """Train ``stage`` from ``progress.epoch`` to its end; returns "completed" or "early_stopping"."""
+        cfg, state = self.cfg, self.state
+        self.stage_index, self.stage, self.stage_start = index, stage, stage_start
+        self.params = apply_stage(self.model, stage, self.base_trainable)
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.solver.amp == "fp16" else None
+        self.proposal_net = ProposalNet(self.model) if stage.separate_proposals else None
+        if state is not None and state["stage"] == index:  # resuming inside this stage
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            if self.proposal_net is not None and state["proposal_net"] is not None:
+                self.proposal_net.load_state_dict(state["proposal_net"])
+        else:
+            self.progress.bad_evals = 0
+        self.state = None
+        if len(self.stages) > 1:
+            log.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", index + 1, len(self.stages),
+                     stage.name, stage.epochs, len(self.params), ", ".join(stage.losses))
+        s = cfg.solver
+        self.lr_at = LRSchedule(self.iters_per_epoch, stage.epochs, s.schedule, s.milestones, s.gamma, s.warmup_iters, s.warmup_factor)
+        while self.progress.epoch < stage_start + stage.epochs:
+            self.train_epoch()
+            if self.end_epoch():
+                return "early_stopping" if index == len(self.stages) - 1 else "completed"
+        return "completed"
+
+    def train_epoch(self) -> None:
+        """The rest of epoch ``progress.epoch`` from batch ``progress.batch``; raises ``_Stop``."""
+        cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
+        batches = epoch_batches(len(self.train_set), self.groups, cfg.data.batch_size, cfg.seed, epoch)
+        self.augmented.epoch = epoch
+        loader = DataLoader(self.augmented, batch_sampler=batches[progress.batch:], collate_fn=collate,
+                            num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                            pin_memory=self.device.type == "cuda")
+        bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch + 1}/{self.num_epochs} {self.stage.name}",
+                   unit="it", disable=not cfg.progress, dynamic_ncols=True)
+        window: dict[str, float] = {}
+        window_n, window_t = 0, time.monotonic()
+        self.epoch_loss, self.epoch_n = 0.0, 0
+        set_train_mode(self.model)
+        for images, targets, _ in loader:
+            it_in_stage = (epoch - self.stage_start) * self.iters_per_epoch + progress.batch
+            lr = cfg.solver.lr * self.lr_at(it_in_stage)
+            values = self.step(images, targets, lr)
+            progress.iteration += 1
+            progress.batch += 1
+            self.epoch_loss += values["loss"]
+            self.epoch_n += 1
+            for k, v in values.items():
+                window[k] = window.get(k, 0.0) + v
+            window_n += 1
+            done = progress.iteration - self.first_iteration
+            left = self.num_epochs * self.iters_per_epoch - progress.iteration
+            bar.update(1)
+            bar.set_postfix_str(_postfix(window, window_n, lr, (time.monotonic() - self.loop_started) / done * left), refresh=False)
+            if progress.iteration % cfg.log_every == 0:
+                now = time.monotonic()
+                self.metrics.write({"iter": progress.iteration, "epoch": epoch + 1, "stage": self.stage.name, "lr": lr,
+                                    **{k: v / window_n for k, v in window.items()}, "sec_per_iter": (now - window_t) / window_n})
+                window, window_n, window_t = {}, 0, now
+            inside = progress.batch < len(batches)
+            if cfg.checkpoint_every_iters and progress.iteration % cfg.checkpoint_every_iters == 0 and inside:
+                self.save_last()
+            reason = ""
+            if cfg.solver.max_iters and progress.iteration >= cfg.solver.max_iters:
+                reason = "max_iters"
+            elif cfg.solver.max_minutes and time.monotonic() - self.started >= 60 * cfg.solver.max_minutes:
+                reason = "max_minutes"
+            if reason and inside:
+                bar.close()
+                self.save_last()
+                raise _Stop(reason)
+            if reason:  # at the last batch: finish the epoch (validation, checkpoint) first
+                self.stop_after_epoch = reason
+                break
+        bar.close()
+
+    def step(self, images: list[Tensor], targets: list[Any], lr: float) -> dict[str, float]:
+        """One optimizer step; returns the loss values and gradient norm. Raises on NaN/inf."""
+        cfg, stage, progress = self.cfg, self.stage, self.progress
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = [im.to(self.device, non_blocking=True) for im in images]
+        targets = [t.to(self.device) for t in targets]
+        with autocast(self.device, cfg.solver.amp):
+            if self.proposal_net is not None:
+                output = forward_with_proposals(self.model, self.proposal_net, images, targets)
+            else:
+                output = self.model(images, targets)
+        losses = {k: v.float() for k, v in output.losses.items() if k in stage.losses}
+        loss = stage_loss(stage, losses)
+        where = f"iteration {progress.iteration + 1} (epoch {progress.epoch + 1}, batch {progress.batch + 1}, stage '{stage.name}')"
+        if not torch.isfinite(loss):
+            kept = f"{self.last_path} holds the last good checkpoint" if self.last_path.exists() else "no checkpoint was written yet"
+            raise NonFiniteLossError(f"non-finite loss at {where}: {_loss_report(losses)}. Training stopped; {kept}. "
+                                     "Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.solver.grad_clip or math.inf))
+        if self.scaler is not None:  # skips the step itself when the fp16 gradients overflowed
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm at {where} (losses: {_loss_report(losses)}); no step taken, "
+                                     f"{self.last_path} left as it was. Set solver.grad_clip or lower solver.lr")
+        else:
+            self.optimizer.step()
+        values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+        values["grad_norm"] = grad_norm if math.isfinite(grad_norm) else 0.0
+        return values
+
+    def end_epoch(self) -> bool:
+        """Validate, keep the best, log, checkpoint, draw; True when early stopping ends the stage.
+        Raises ``_Stop`` when a limit was reached in the epoch's last batch."""
+        cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
+        stage_end = self.stage_start + self.stage.epochs
+        summary: dict[str, Any] = {"epoch": epoch + 1, "iter": progress.iteration, "stage": self.stage.name,
+                                   "train_loss": self.epoch_loss / max(self.epoch_n, 1)}
+        pictures: list[Result] = []
+        early_stop = False
+        if self.val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == stage_end):
+            values, pictures = validate(self.model, self.stage, self.val_set, cfg, self.device)
+            summary.update(values)
+            value = values.get(cfg.eval.metric, math.nan)
+            if _improved(value, progress.best_metric, cfg.eval.metric):
+                progress.best_metric, progress.best_epoch, progress.bad_evals = value, epoch + 1, 0
+                save_checkpoint(self.best_path, self.model, {"epoch": epoch + 1, "iteration": progress.iteration, "metrics": summary})
+            else:
+                progress.bad_evals += 1
+                early_stop = 0 < cfg.eval.patience <= progress.bad_evals
+        summary["time"] = time.monotonic() - self.started
+        progress.history.append({k: _plain(v) for k, v in summary.items()})
+        self.metrics.write(summary)
+        log.info("epoch %d/%d %s: %s", epoch + 1, self.num_epochs, self.stage.name, ", ".join(
+            f"{k} {v:.4f}" for k, v in summary.items() if k in ("train_loss", "val_loss", "bbox_AP", "segm_AP")))
+        if early_stop:
+            log.info("early stopping: %s did not improve for %d validations (best %.4f at epoch %d)",
+                     cfg.eval.metric, progress.bad_evals, progress.best_metric, progress.best_epoch)
+        progress.epoch, progress.batch = (stage_end if early_stop else epoch + 1), 0  # early stopping ends the stage
+        self.save_last()
+        _draw_outputs(self.out, self.metrics.path, pictures)
+        reason, self.stop_after_epoch = self.stop_after_epoch, ""
+        if reason:
+            raise _Stop(reason)
+        return early_stop
+
+    # ---- checkpoints and results ------------------------------------------------------------
+
+    def save_last(self) -> None:
+        """Write last.pth with the training state, only from finite weights."""
+        if not _finite_weights(self.model):
+            raise NonFiniteLossError(f"the weights are no longer finite after iteration {self.progress.iteration}; "
+                                     f"{self.last_path} was not overwritten. Lower solver.lr or set solver.grad_clip")
+        state = {
+            **dataclasses.asdict(self.progress),
+            "stage": self.stage_index,
+            "iters_per_epoch": self.iters_per_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "proposal_net": self.proposal_net.state_dict() if self.proposal_net is not None else None,
+            "rng": rng_state(),
+            "metrics_bytes": self.metrics.size,
+            "config": to_dict(self.cfg),
+        }
+        save_checkpoint(self.last_path, self.model, state)
+
+    def summary(self, stopped: str) -> dict[str, Any]:
+        p = self.progress
+        return {
+            "out_dir": str(self.out),
+            "last": str(self.last_path),
+            "best": str(self.best_path) if self.best_path.exists() else None,
+            "metric": self.cfg.eval.metric,
+            "best_metric": p.best_metric,
+            "best_epoch": p.best_epoch,
+            "epochs": len(p.history),
+            "iterations": p.iteration,
+            "stopped": stopped,
+            "history": p.history,
+        }
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
@@ -377,239 +656,27 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
     Returns:
         ``{"out_dir", "last", "best" (path or None), "metric", "best_metric", "best_epoch",
-        "epochs", "iterations", "stopped" ("completed" | "early_stopping" | "max_iters" |
-        "max_minutes"), "history" (epoch summaries)}``.
+        "epochs" (completed), "iterations", "stopped" ("completed" | "early_stopping" |
+        "max_iters" | "max_minutes"), "history" (epoch summaries)}``.
 
     Raises:
-        NonFiniteLossError: the loss or gradient became NaN/inf (last.pth is left as it was).
+        NonFiniteLossError: the loss, gradient or weights became NaN/inf (last.pth is left as
+            it was).
         ConfigError, DatasetError, CheckpointError: bad configuration, data or checkpoint.
     """
-    cfg = check(cfg)
-    started = time.monotonic()
-    out = Path(cfg.out_dir)
-    last_path, best_path = out / "last.pth", out / "best.pth"
-    saved = None
-    if resume:
-        saved = read_file(last_path) if last_path.is_file() else None
-        if saved is None or "train_state" not in saved:
-            raise ConfigError(f"nothing to resume: {last_path} is missing or holds no training state")
-    elif last_path.exists() and not cfg.exist_ok:
-        raise ConfigError(f"{out} already holds a run (last.pth); use --resume to continue it, "
-                          f"exist_ok=true to start it afresh, or another out_dir=...")
-    device = resolve_device(cfg.device)
-    if cfg.solver.amp == "fp16" and device.type != "cuda":
-        raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on the CPU")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-
-    # Data first: its categories size the class heads.
-    train_full, train_set, val_set = build_datasets(cfg)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, num_classes=train_full.num_classes, class_names=tuple(train_full.class_names),
-        category_ids=tuple(train_full.category_ids)))
-    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    if val_set is None:
-        log.warning("no validation data (data.val_ann): no AP, no best.pth, no early stopping")
-
-    model = build_model(cfg.model)
-    base_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if saved is None and cfg.init.weights:
-        init_from_checkpoint(model, cfg.init.weights, cfg.model.backbone.bn_eps)
-    if saved is not None:
-        load_state(model, saved["model"], str(last_path))
-    model.to(device)
-    state = saved["train_state"] if saved is not None else None
-    metrics = MetricsLog(out / "metrics.jsonl", state["metrics_bytes"] if state else None)
-
-    if state is None and cfg.pretrain.epochs > 0:
-        t = cfg.model.transform
-        pretrain_body(model.backbone.body, cfg.model.backbone.name, cfg.model.backbone.bn_eps, train_set,
-                      cfg.model.num_classes, cfg.pretrain, t.image_mean, t.image_std, device, cfg.seed, cfg.progress, metrics.write)
-        model.backbone.body.freeze(cfg.model.backbone.trainable_layers)
-        save_checkpoint(out / "pretrain_body.pth", model)
-
-    stages = build_schedule(cfg.schedule.kind, cfg.solver.epochs, cfg.schedule.stage_epochs)
-    num_epochs = sum(s.epochs for s in stages)
-    groups = aspect_ratio_groups(train_set)
-    iters_per_epoch = len(GroupedBatchSampler(range(len(train_set)), groups, cfg.data.batch_size))  # type: ignore[arg-type]
-    augmented = FlipAugmented(train_set, cfg.data.hflip, cfg.seed)
-    progress = Progress()
-    if state is not None:
-        progress = Progress(**{f.name: state[f.name] for f in dataclasses.fields(Progress)})
-        set_rng_state(state["rng"])
-        log.info("resuming %s at epoch %d, batch %d (iteration %d)", out, progress.epoch + 1, progress.batch, progress.iteration)
-    log.info("training %s: %d stage(s), %d epochs of %d iterations, device %s", out, len(stages), num_epochs, iters_per_epoch, device)
-
-    stopped = "completed"
-    stage_start = 0
-    with logging_redirect_tqdm():
-        for stage_index, stage in enumerate(stages):
-            stage_end = stage_start + stage.epochs
-            if progress.epoch >= stage_end:
-                stage_start = stage_end
-                continue
-            params = apply_stage(model, stage, base_trainable)
-            optimizer = make_optimizer(params, cfg)
-            scaler = torch.amp.GradScaler("cuda") if cfg.solver.amp == "fp16" else None
-            proposal_net = ProposalNet(model) if stage.separate_proposals else None
-            if state is not None and state["stage"] == stage_index:
-                optimizer.load_state_dict(state["optimizer"])
-                if scaler is not None and state["scaler"]:
-                    scaler.load_state_dict(state["scaler"])
-                if proposal_net is not None and state["proposal_net"] is not None:
-                    proposal_net.load_state_dict(state["proposal_net"])
-            else:
-                progress.bad_evals = 0
-            state = None
-            if len(stages) > 1:
-                log.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", stage_index + 1, len(stages),
-                         stage.name, stage.epochs, len(params), ", ".join(stage.losses))
-            lr_at = LRSchedule(iters_per_epoch, stage.epochs, cfg.solver.schedule, cfg.solver.milestones, cfg.solver.gamma,
-                               cfg.solver.warmup_iters, cfg.solver.warmup_factor)
-
-            def save_last() -> None:
-                if not _finite_weights(model):
-                    raise NonFiniteLossError(f"the weights are no longer finite after iteration {progress.iteration}; "
-                                             f"{last_path} was not overwritten. Lower solver.lr or set solver.grad_clip")
-                save_checkpoint(last_path, model, _state_dict(progress, stage_index, optimizer, scaler, proposal_net, metrics, cfg))
-
-            while progress.epoch < stage_end:
-                epoch = progress.epoch
-                batches = epoch_batches(len(train_set), groups, cfg.data.batch_size, cfg.seed, epoch)
-                augmented.epoch = epoch
-                loader = DataLoader(augmented, batch_sampler=batches[progress.batch:], collate_fn=collate,
-                                    num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                                    pin_memory=device.type == "cuda")
-                bar = tqdm(total=len(batches), initial=progress.batch, desc=f"epoch {epoch + 1}/{num_epochs} {stage.name}",
-                           unit="it", disable=not cfg.progress, dynamic_ncols=True)
-                window: dict[str, float] = {}
-                window_n, window_t, epoch_loss, epoch_n = 0, time.monotonic(), 0.0, 0
-                set_train_mode(model)
-                for images, targets, _ in loader:
-                    it_in_stage = (epoch - stage_start) * iters_per_epoch + progress.batch
-                    lr = cfg.solver.lr * lr_at(it_in_stage)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    images = [im.to(device, non_blocking=True) for im in images]
-                    targets = [t.to(device) for t in targets]
-                    with autocast(device, cfg.solver.amp):
-                        output = forward_with_proposals(model, proposal_net, images, targets) if proposal_net else model(images, targets)
-                    losses = {k: v.float() for k, v in output.losses.items() if k in stage.losses}
-                    loss = stage_loss(stage, losses)
-                    where = f"iteration {progress.iteration + 1} (epoch {epoch + 1}, batch {progress.batch + 1}, stage '{stage.name}')"
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(
-                            f"non-finite loss at {where}: {_loss_report(losses)}. Training stopped; "
-                            + (f"{last_path} holds the last good checkpoint" if last_path.exists() else "no checkpoint was written yet")
-                            + ". Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.solver.grad_clip or math.inf))
-                    if scaler is not None:  # skips the step itself when the fp16 gradients overflowed
-                        scaler.step(optimizer)
-                        scaler.update()
-                    elif not math.isfinite(grad_norm):
-                        raise NonFiniteLossError(f"non-finite gradient norm at {where} (losses: {_loss_report(losses)}); "
-                                                 f"no step taken, {last_path} left as it was. Set solver.grad_clip or lower solver.lr")
-                    else:
-                        optimizer.step()
-                    progress.iteration += 1
-                    progress.batch += 1
-
-                    values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
-                    for k, v in values.items():
-                        window[k] = window.get(k, 0.0) + v
-                    window["grad_norm"] = window.get("grad_norm", 0.0) + (grad_norm if math.isfinite(grad_norm) else 0.0)
-                    window_n += 1
-                    epoch_loss += values["loss"]
-                    epoch_n += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{window['loss'] / window_n:.3f}", lr=f"{lr:.2g}")
-                    if progress.iteration % cfg.log_every == 0:
-                        now = time.monotonic()
-                        metrics.write({"iter": progress.iteration, "epoch": epoch + 1, "stage": stage.name, "lr": lr,
-                                       **{k: v / window_n for k, v in window.items()}, "sec_per_iter": (now - window_t) / window_n})
-                        window, window_n, window_t = {}, 0, now
-                    if cfg.checkpoint_every_iters and progress.iteration % cfg.checkpoint_every_iters == 0 and progress.batch < len(batches):
-                        save_last()
-                    if cfg.solver.max_iters and progress.iteration >= cfg.solver.max_iters:
-                        stopped = "max_iters"
-                    elif cfg.solver.max_minutes and time.monotonic() - started >= 60 * cfg.solver.max_minutes:
-                        stopped = "max_minutes"
-                    if stopped != "completed":
-                        break
-                bar.close()
-                if progress.batch < len(batches):  # stopped inside the epoch
-                    save_last()
-                    log.info("stopped (%s) at iteration %d; --resume continues from %s", stopped, progress.iteration, last_path)
-                    return _summary(out, cfg, progress, stopped, best_path)
-
-                # End of epoch: validate, keep the best, log, checkpoint.
-                summary: dict[str, Any] = {"epoch": epoch + 1, "iter": progress.iteration, "stage": stage.name,
-                                           "train_loss": epoch_loss / max(epoch_n, 1)}
-                validate_now = val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == stage_end)
-                pictures: list[Result] = []
-                early_stop = False
-                if validate_now:
-                    values, pictures = validate(model, stage, val_set, cfg, device)
-                    summary.update(values)
-                    value = values.get(cfg.eval.metric, math.nan)
-                    if _improved(value, progress.best_metric, cfg.eval.metric):
-                        progress.best_metric, progress.best_epoch, progress.bad_evals = value, epoch + 1, 0
-                        save_checkpoint(best_path, model, {"epoch": epoch + 1, "iteration": progress.iteration, "metrics": summary})
-                    else:
-                        progress.bad_evals += 1
-                        early_stop = 0 < cfg.eval.patience <= progress.bad_evals
-                summary["time"] = time.monotonic() - started
-                progress.history.append({k: _plain(v) for k, v in summary.items()})
-                metrics.write(summary)
-                log.info("epoch %d/%d %s: %s", epoch + 1, num_epochs, stage.name, ", ".join(
-                    f"{k} {v:.4f}" for k, v in summary.items() if k in ("train_loss", "val_loss", "bbox_AP", "segm_AP")))
-                progress.epoch, progress.batch = (stage_end if early_stop else epoch + 1), 0
-                save_last()
-                _draw_outputs(out, metrics.path, pictures)
-                if early_stop:
-                    log.info("early stopping: %s did not improve for %d validations (best %.4f at epoch %d)",
-                             cfg.eval.metric, progress.bad_evals, progress.best_metric, progress.best_epoch)
-                    if stage_index == len(stages) - 1:
-                        stopped = "early_stopping"
-                if stopped != "completed":
-                    log.info("stopped (%s) at iteration %d; --resume continues from %s", stopped, progress.iteration, last_path)
-                    return _summary(out, cfg, progress, stopped, best_path)
-            stage_start = stage_end
-    return _summary(out, cfg, progress, stopped, best_path)
-
-
-def _summary(out: Path, cfg: TrainConfig, progress: Progress, stopped: str, best_path: Path) -> dict[str, Any]:
-    return {
-        "out_dir": str(out),
-        "last": str(out / "last.pth"),
-        "best": str(best_path) if best_path.exists() else None,
-        "metric": cfg.eval.metric,
-        "best_metric": progress.best_metric,
-        "best_epoch": progress.best_epoch,
-        "epochs": progress.epoch,
-        "iterations": progress.iteration,
-        "stopped": stopped,
-        "history": progress.history,
-    }
+    return Trainer(check(cfg), resume).run()
 
 
 def main(config_path: str, overrides: list[str], resume: bool = False) -> int:
-    """``maskrcnn train CONFIG.yaml key=value ... [--resume]``; returns the exit code."""
+    """``maskrcnn train CONFIG.yaml key=value ... [--resume]``; returns the exit code (3 on divergence)."""
     cfg = load_training_config(config_path, overrides)
     try:
         result = train(cfg, resume=resume)
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 3
-    best = f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}" if result["best_metric"] is not None else "no validation"
+    best = (f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}"
+            if result["best_metric"] is not None else "no validation")
     print(f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
           f"checkpoints in {result['out_dir']}/ (last.pth{', best.pth' if result['best'] else ''})")
     return 0
