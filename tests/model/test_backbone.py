@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from maskrcnn.model.anchors import AnchorGenerator, cell_anchors
-from maskrcnn.model.backbone import RESNETS, FrozenBatchNorm2d, ResNetBody, conv_norm
+from maskrcnn.model.backbone import RESNETS, FrozenBatchNorm2d, ResNetBody
 from maskrcnn.model.fpn import FPN
 
 # Parameter counts of the ImageNet classifiers without their fc layer (published figures:
@@ -41,7 +41,7 @@ def test_trainable_layers_freeze_from_the_bottom():
         ResNetBody("resnet5")
 
 
-def test_frozen_batchnorm_equals_batchnorm_in_eval_and_folds_into_the_conv():
+def test_frozen_batchnorm_equals_batchnorm_in_eval():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(8, eps=1e-3).double().eval()
     bn.running_mean.uniform_(-1, 1)
@@ -54,13 +54,6 @@ def test_frozen_batchnorm_equals_batchnorm_in_eval_and_folds_into_the_conv():
     x = torch.randn(2, 4, 9, 7, dtype=torch.float64)
     ref = bn(conv(x))
     torch.testing.assert_close(frozen(conv(x)), ref)
-    torch.testing.assert_close(conv_norm(conv, frozen, x), ref)
-    # Gradients of the folded form reach the conv weights like the unfolded one.
-    conv_norm(conv, frozen, x).sum().backward()
-    g_folded = conv.weight.grad.clone()
-    conv.weight.grad = None
-    frozen(conv(x)).sum().backward()
-    torch.testing.assert_close(g_folded, conv.weight.grad)
 
 
 def test_fpn_levels_and_top_down_sum():

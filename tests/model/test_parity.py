@@ -17,6 +17,7 @@ from pycocotools import mask as mask_util
 import maskrcnn
 from maskrcnn.model.transform import to_original_frame
 from maskrcnn.ops.boxes import box_iou
+from maskrcnn.ops.paste import paste_masks
 
 from ..conftest import TV_PARITY, need
 
@@ -167,3 +168,18 @@ def test_detections(runs, case, stage):
                 union = np.logical_or(a, b).sum()
                 iou = 1.0 if union == 0 else np.logical_and(a, b).sum() / union
                 assert iou >= 0.98, (j, iou)
+
+
+@pytest.mark.parametrize("case", ["single_a", "single_b"])
+def test_pasting_torchvision_masks_at_its_boxes_gives_its_rles(case):
+    """The paste stage alone: torchvision's 28x28 logits at torchvision's final boxes."""
+    need(TV_PARITY / f"{case}.npz")
+    ref = np.load(TV_PARITY / f"{case}.npz")
+    rles = json.loads((TV_PARITY / f"{case}_masks.json").read_text())[0]
+    h, w = rles[0]["size"]
+    probs = torch.from_numpy(ref["dets_mask_logits_0"]).sigmoid()
+    pasted = paste_masks(probs, torch.from_numpy(ref["final_boxes_0"]), (h, w))
+    np.testing.assert_allclose(pasted.double().sum(dim=(1, 2)).numpy(), ref["final_mask_soft_sum_0"], rtol=1e-4, atol=1e-3)
+    ours = (pasted > 0.5).numpy()
+    theirs = mask_util.decode(rles).transpose(2, 0, 1).astype(bool)
+    assert (ours == theirs).mean(axis=(1, 2)).min() == 1.0

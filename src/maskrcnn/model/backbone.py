@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -44,19 +43,6 @@ class FrozenBatchNorm2d(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
-def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(conv(x))``, with a frozen BatchNorm folded into the convolution's weights.
-
-    Folding replaces a full pass over the activations by a rescale of the (much smaller)
-    weight tensor; gradients still reach ``conv.weight`` through the product.
-    """
-    if not isinstance(norm, FrozenBatchNorm2d):
-        return norm(conv(x))
-    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-    shift = norm.bias - norm.running_mean * scale
-    return F.conv2d(x, conv.weight * scale[:, None, None, None], shift, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
 def _norm(frozen: bool, eps: float):  # type: ignore[no-untyped-def]
     return (lambda c: FrozenBatchNorm2d(c, eps)) if frozen else (lambda c: nn.BatchNorm2d(c, eps=eps))
 
@@ -81,9 +67,9 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
-        out = self.relu(conv_norm(self.conv1, self.bn1, x))
-        out = conv_norm(self.conv2, self.bn2, out)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
         return self.relu(out + identity)
 
 
@@ -110,10 +96,10 @@ class Bottleneck(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else conv_norm(self.downsample[0], self.downsample[1], x)
-        out = self.relu(conv_norm(self.conv1, self.bn1, x))
-        out = self.relu(conv_norm(self.conv2, self.bn2, out))
-        out = conv_norm(self.conv3, self.bn3, out)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
 
 
@@ -179,7 +165,7 @@ class ResNetBody(nn.Module):
             p.requires_grad_(any(name.startswith(t) for t in trainable))
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        x = self.maxpool(self.relu(conv_norm(self.conv1, self.bn1, x)))  # (B, 64, H/4, W/4)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
         c2 = self.layer1(x)  # (B, 256, H/4, W/4) for bottleneck nets
         c3 = self.layer2(c2)  # (B, 512, H/8, W/8)
         c4 = self.layer3(c3)  # (B, 1024, H/16, W/16)

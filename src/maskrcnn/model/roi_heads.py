@@ -112,7 +112,9 @@ class RoIHeads(nn.Module):
     def mask_logits(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
         """Mask logits (R, K+1, M, M) for RoIs ``boxes``."""
         assert self.mask_head is not None and self.mask_predictor is not None
-        x = self.mask_head(self.pool(features, boxes, image_sizes, self.mask_roi_size))
+        x = self.pool(features, boxes, image_sizes, self.mask_roi_size)
+        # NHWC: ~20% faster convolutions with oneDNN on CPU, like the backbone.
+        x = self.mask_head(x.contiguous(memory_format=torch.channels_last))
         return self.mask_predictor(x)
 
     def forward(
