@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
-    t.add_argument("config", help="YAML training config (see configs/)")
+    t.add_argument("config", help="YAML training config, or a built-in one: demo_shapes, kudzu, coco_r50")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. solver.epochs=12")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     t.set_defaults(func=cmd_train)

@@ -322,7 +322,7 @@ def test_config_overrides_apply_and_values_are_checked(tmp_path):
 
 @pytest.mark.parametrize("name", ["demo_shapes.yaml", "kudzu.yaml", "coco_r50.yaml"])
 def test_shipped_configs_load(name):
-    cfg = load_training_config(REPO / "configs" / name)
+    cfg = load_training_config(REPO / "src" / "maskrcnn" / "configs" / name)
     assert cfg.solver.lr > 0
     maskrcnn.build_model(dataclasses.replace(cfg.model, num_classes=2))  # the model section builds
 

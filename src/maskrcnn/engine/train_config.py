@@ -147,6 +147,21 @@ def check(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+BUILTIN_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A YAML file, or the name of a built-in config ("demo_shapes", "kudzu", "coco_r50")."""
+    p = Path(path)
+    if p.exists():
+        return p
+    builtin = BUILTIN_CONFIGS / (p.name if p.suffix == ".yaml" else p.name + ".yaml")
+    if builtin.exists():
+        return builtin
+    names = ", ".join(sorted(q.stem for q in BUILTIN_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path} (built-in configs: {names})")
+
+
 def load_training_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """Read a training YAML file, apply ``key=value`` overrides and check the values."""
-    return check(load_yaml(TrainConfig, path, list(overrides)))
+    """Read a training YAML file (or built-in config name), apply ``key=value`` overrides, check."""
+    return check(load_yaml(TrainConfig, resolve_config_path(path), list(overrides)))
