@@ -111,3 +111,12 @@ def test_evaluate_matches_pycocotools_on_the_written_results(tmp_path, capsys):
             assert metrics[iou_type]["AP"] == pytest.approx(ev.stats[0], abs=1e-12)
             assert metrics[iou_type]["AP50"] == pytest.approx(ev.stats[1], abs=1e-12)
     assert "AP" in capsys.readouterr().out
+
+
+def test_convert_via_reproduces_the_shipped_kudzu_annotations(tmp_path):
+    via = need(KUDZU / "via" / "val" / "via_region_data.json")
+    out = tmp_path / "val.json"
+    assert main(["convert", "via", str(via), "--images", str(KUDZU / "images"), "--prefix", "val_", "--category", "kudzu", "--out", str(out)]) == 0
+    ours, shipped = json.loads(out.read_text()), json.loads((KUDZU / "annotations" / "instances_val.json").read_text())
+    assert len(ours["images"]) == len(shipped["images"]) and len(ours["annotations"]) == len(shipped["annotations"])
+    assert sorted(a["area"] for a in ours["annotations"]) == pytest.approx(sorted(a["area"] for a in shipped["annotations"]))

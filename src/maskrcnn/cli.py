@@ -130,6 +130,22 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .data import dsb_to_coco, via_to_coco
+
+    if args.format == "via":
+        if not args.images:
+            print("error: convert via needs --images (the folder of the VIA file's images)", file=sys.stderr)
+            return 2
+        coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
+                           category_attribute=args.attribute, filename_map=args.prefix)
+    else:
+        coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
+    print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
+          f"{len(coco['categories'])} categories -> {args.out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.train import main as train_main
 
@@ -179,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--minutes", type=float, default=None, help="training time budget (default from the demo config)")
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="VIA polygons or a DSB mask folder -> COCO instances JSON")
+    c.add_argument("format", choices=["via", "dsb"], help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders")
+    c.add_argument("source", help="the VIA JSON file, or the DSB root folder")
+    c.add_argument("--out", required=True, help="COCO JSON to write")
+    c.add_argument("--images", default=None, help="via: folder holding the images named in the file")
+    c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
+    c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
+    c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
+    c.set_defaults(func=cmd_convert)
 
     w = sub.add_parser("download", help="fetch published torchvision weights into the cache, sha256-checked")
     w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")
