@@ -47,6 +47,13 @@ def _norm(frozen: bool, eps: float):  # type: ignore[no-untyped-def]
     return (lambda c: FrozenBatchNorm2d(c, eps)) if frozen else (lambda c: nn.BatchNorm2d(c, eps=eps))
 
 
+def _shortcut(in_ch: int, out_ch: int, stride: int, norm) -> nn.Sequential | None:  # type: ignore[no-untyped-def]
+    """1x1 projection of the residual when the block changes shape; identity (None) otherwise."""
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity shortcut (ResNet-18/34)."""
 
@@ -60,11 +67,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
         self.bn2 = norm(width)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
-            if stride != 1 or in_ch != out_ch
-            else None
-        )
+        self.downsample = _shortcut(in_ch, out_ch, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -89,11 +92,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = norm(out_ch)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
-            if stride != 1 or in_ch != out_ch
-            else None
-        )
+        self.downsample = _shortcut(in_ch, out_ch, stride, norm)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["roi_align", "RoIAlign", "rois_from_boxes"]
+__all__ = ["roi_align", "RoIAlign", "rois_from_boxes", "roi_inputs"]
 
 # Table rows gathered per chunk of RoIs; bounds the memory of the indices and weights.
 _MAX_ENTRIES_PER_CHUNK = 1 << 22
@@ -58,6 +58,20 @@ def rois_from_boxes(boxes: list[Tensor]) -> Tensor:
     concat = torch.cat(boxes, dim=0)
     ids = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)], dim=0)
     return torch.cat([ids, concat], dim=1)
+
+
+def roi_inputs(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int]) -> tuple[tuple[int, int], Tensor, Tensor]:
+    """Common preparation of the RoI ops: ``(PH, PW)``, ``rois`` as ``Tensor[K, 5]`` in the
+    input's dtype (no gradient), and the maps as a channels-last table ``(B*H*W, C)``.
+
+    The table is a contiguous copy on purpose: ``reshape`` alone can return a strided view,
+    and gathering rows from that is ~10x slower than the copy.
+    """
+    if not isinstance(rois, Tensor):
+        rois = rois_from_boxes(list(rois))
+    b, c, h, w = input.shape
+    table = input.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
+    return _pair(output_size), rois.detach().to(input.dtype), table
 
 
 def _axis_taps(
@@ -208,17 +222,10 @@ def roi_align(
         ``Tensor[K, C, PH, PW]`` in ``input``'s dtype, contiguous; ``(0, C, PH, PW)`` when
         ``K = 0``. Differentiable with respect to ``input`` (not ``rois``).
     """
-    pooled = _pair(output_size)
-    if not isinstance(rois, Tensor):
-        rois = rois_from_boxes(list(rois))
-    rois = rois.detach().to(input.dtype)
-    b, c, h, w = input.shape
-    k = rois.shape[0]
-    if k == 0:
-        return input.new_zeros((0, c) + pooled)
-    # (B*H*W, C) channels last. Contiguous on purpose: reshape alone can return a strided view,
-    # and gathering rows from that is ~10x slower than this copy.
-    table = input.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)
+    pooled, rois, table = roi_inputs(input, rois, output_size)
+    if rois.shape[0] == 0:
+        return input.new_zeros((0, input.shape[1]) + pooled)
+    h, w = input.shape[-2:]
 
     count, groups, order = _grid_groups(rois, pooled, spatial_scale, sampling_ratio, aligned)
     parts = []

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .roi_align import _pair, rois_from_boxes
+from .roi_align import roi_inputs
 
 __all__ = ["roi_pool"]
 
@@ -115,15 +115,10 @@ def roi_pool(
         empty (e.g. outside the feature map); ``(0, C, PH, PW)`` when ``K = 0``.
         Differentiable with respect to ``input``: a bin's gradient goes to its first maximum.
     """
-    pooled = _pair(output_size)
-    if not isinstance(rois, Tensor):
-        rois = rois_from_boxes(list(rois))
-    rois = rois.detach().to(input.dtype)
-    b, c, h, w = input.shape
-    k = rois.shape[0]
-    if k == 0:
-        return input.new_zeros((0, c) + pooled)
-    table = input.permute(0, 2, 3, 1).contiguous().view(b * h * w, c)  # (B*H*W, C)
+    pooled, rois, table = roi_inputs(input, rois, output_size)  # table: (B*H*W, C)
+    if rois.shape[0] == 0:
+        return input.new_zeros((0, input.shape[1]) + pooled)
+    h, w = input.shape[-2:]
     batch = rois[:, 0].to(torch.int64)
     edges = _bin_edges(rois, pooled, (h, w), spatial_scale)
 
