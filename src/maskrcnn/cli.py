@@ -13,6 +13,19 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".g
 log = logging.getLogger("maskrcnn")
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def write_json(obj: object, path: Path) -> None:
+    from .results import atomic_write
+
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
     """Files, folders (their images, sorted) and glob patterns -> image paths, in order, unique."""
     paths: list[Path] = []
@@ -92,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             bar.update(1)
     bar.close()
     write_coco_results(entries, out / "predictions.json")
-    (out / "images.json").write_text(json.dumps(images, indent=1))
+    write_json(images, out / "images.json")
     print(f"{len(images)} images, {len(entries)} detections -> {out}/ (overlays, predictions.json, images.json)")
     if failed:
         print(f"{len(failed)} image(s) could not be read: {', '.join(failed)}", file=sys.stderr)
@@ -116,7 +129,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         write_coco_results(entries, out / "results.json")
-        (out / "metrics.json").write_text(json.dumps({k: v for k, v in metrics.items()}, indent=1, default=str))
+        write_json(metrics, out / "metrics.json")
         print(f"results.json and metrics.json -> {out}/")
     return 0
 
@@ -169,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    q.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    q.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     q.add_argument("--coco", default=None, help="COCO JSON whose image ids to use in predictions.json")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
@@ -180,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", required=True, help="folder with the JSON's images")
     e.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     e.add_argument("--device", default="cpu")
-    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--batch-size", type=positive_int, default=1)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

@@ -102,7 +102,7 @@ def predict(
                     det = det[det.scores >= score_thresh]
                 results.append(
                     Result.from_detections(
-                        det, array.shape[:2], names, mask_thresh=0.5, path=path, image=array if keep_images else None
+                        det, array.shape[:2], names, path=path, image=array if keep_images else None
                     )
                 )
     finally:

@@ -17,6 +17,7 @@ from typing import IO, Any, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from maskrcnn.structures import Detections
@@ -121,12 +122,14 @@ class Result:
             image_size: (h, w) of the original image.
             class_names: label -> name, as a list indexed by label (index 0 background)
                 or a dict; labels it does not cover get "".
-            mask_thresh: mask probabilities >= this are foreground.
+            mask_thresh: mask probabilities above this are foreground (as torchvision's
+                paste); bool masks are taken as they are.
         """
         labels = detections.labels.detach().cpu().numpy()
         masks = None
         if detections.masks is not None:
-            masks = (detections.masks.detach().float().cpu() >= mask_thresh).numpy()
+            m = detections.masks.detach().cpu()
+            masks = (m if m.dtype == torch.bool else m.float() > mask_thresh).numpy()
         if image is not None:
             image = _as_rgb_array(image)
         return cls(

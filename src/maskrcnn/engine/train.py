@@ -56,7 +56,7 @@ from ..torchvision_compat import convert_keys, is_torchvision_state_dict
 from .evaluate import coco_evaluate, flatten_metrics
 from .inference import label_to_category
 from .pretrain import pretrain_body
-from .schedules import LRSchedule, ProposalNet, Stage, apply_stage, build_schedule, forward_with_proposals, set_train_mode, stage_loss
+from .schedules import FRONTEND_LOSSES, LRSchedule, ProposalNet, Stage, apply_stage, build_schedule, forward_with_proposals, set_train_mode, stage_loss
 from .train_config import TrainConfig, check, load_training_config
 
 log = logging.getLogger(__name__)
@@ -589,10 +589,13 @@ class Trainer:
             values, pictures = validate(self.model, self.stage, self.val_set, cfg, self.device)
             summary.update(values)
             value = values.get(cfg.eval.metric, math.nan)
-            if _improved(value, progress.best_metric, cfg.eval.metric):
+            # Only a stage that trains the heads yields a detector worth keeping; an RPN stage's
+            # AP is ~0 and its val_loss sums other terms, so it neither selects nor stops.
+            judged = any(name in FRONTEND_LOSSES for name in self.stage.losses)
+            if judged and _improved(value, progress.best_metric, cfg.eval.metric):
                 progress.best_metric, progress.best_epoch, progress.bad_evals = value, epoch + 1, 0
                 save_checkpoint(self.best_path, self.model, {"epoch": epoch + 1, "iteration": progress.iteration, "metrics": summary})
-            else:
+            elif judged:
                 progress.bad_evals += 1
                 early_stop = 0 < cfg.eval.patience <= progress.bad_evals
         summary["time"] = time.monotonic() - self.started

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from maskrcnn.ops.roi_align import roi_align
 
+from .mask_head import select_class_masks
+
 
 def _cat(x: Tensor | list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return torch.cat(list(x), dim=0) if isinstance(x, (list, tuple)) else x
@@ -133,6 +135,9 @@ def fast_rcnn_losses(
     """
     labels = _cat(labels)
     regression_targets = _cat(regression_targets)
+    if labels.numel() == 0:  # no proposals and no ground truth: nothing to learn, not NaN
+        zero = 0.0 * (class_logits.sum() + box_regression.sum())
+        return zero, zero.clone()
     loss_classifier = F.cross_entropy(class_logits, labels)
 
     pos = torch.where(labels > 0)[0]
@@ -181,5 +186,5 @@ def mask_loss(mask_logits: Tensor, labels: Tensor, targets: Tensor) -> Tensor:
     """
     if targets.numel() == 0 or mask_logits.shape[0] == 0:
         return mask_logits.sum() * 0.0
-    logits = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels]  # (P, M, M)
+    logits = select_class_masks(mask_logits, labels)  # (P, M, M)
     return F.binary_cross_entropy_with_logits(logits, targets.to(logits.dtype))

@@ -67,6 +67,10 @@ class MaskRCNN(nn.Module):
         threshold) instead of float probabilities, which is 4x less memory on large images."""
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
+        if targets is not None and self.roi_heads.has_mask:
+            for i, t in enumerate(targets):
+                if t.masks is None:
+                    raise ValueError(f"targets[{i}] has no masks, but this model has a mask head (build it with masks=False)")
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for detections")
         batch, targets = self.preprocess(images, targets)

@@ -187,7 +187,8 @@ def sample_rois(
         matched_gt_idx: (S,) int64 index into ``gt_boxes`` of each RoI's box (0 for
             background RoIs, whose box is not used; 0 everywhere when G == 0).
     """
-    proposals = torch.cat([proposals, gt_boxes.to(proposals.dtype)], dim=0)  # (P + G, 4)
+    # float32: low-precision proposals (autocast) must not round the ground-truth boxes.
+    proposals = torch.cat([proposals.float(), gt_boxes.float()], dim=0)  # (P + G, 4)
     num_rois = proposals.shape[0]
     if gt_boxes.shape[0] == 0:
         matched_gt_idx = torch.zeros(num_rois, dtype=torch.int64, device=proposals.device)

@@ -154,8 +154,9 @@ class RoIHeads(nn.Module):
     ) -> list[Detections]:
         """Decode per-class boxes, drop background and low scores, per-class NMS, keep the best."""
         num_slots = class_logits.shape[-1]
-        boxes_all = self.box_coder.decode(box_deltas, torch.cat(proposals))  # (R, K+1, 4)
-        scores_all = F.softmax(class_logits, -1)  # (R, K+1)
+        # float32 whatever the autocast dtype: boxes and scores are outputs, not features.
+        boxes_all = self.box_coder.decode(box_deltas.float(), torch.cat(proposals).float())  # (R, K+1, 4)
+        scores_all = F.softmax(class_logits.float(), -1)  # (R, K+1)
         counts = [p.shape[0] for p in proposals]
         out = []
         for boxes, scores, size in zip(boxes_all.split(counts), scores_all.split(counts), image_sizes):

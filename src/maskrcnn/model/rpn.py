@@ -145,8 +145,10 @@ class RegionProposalNetwork(nn.Module):
         out = []
         for b, size in enumerate(image_sizes):
             sel = idx_all[b]
-            boxes = self.box_coder.decode(deltas[b, sel], all_anchors[sel])[:, 0]  # (K, 4)
-            prob = torch.sigmoid(scores[b, sel])
+            # float32: under bf16/fp16 autocast the deltas are low precision, and boxes rounded
+            # to bf16 are off by up to 8 px at x >= 1024.
+            boxes = self.box_coder.decode(deltas[b, sel].float(), all_anchors[sel])[:, 0]  # (K, 4)
+            prob = torch.sigmoid(scores[b, sel].float())
             boxes = clip_boxes(boxes, size)
             keep = remove_small_boxes(boxes, self.min_size)
             boxes, prob, lvl = boxes[keep], prob[keep], level_all[keep]

@@ -222,6 +222,10 @@ def roi_align(
         ``Tensor[K, C, PH, PW]`` in ``input``'s dtype, contiguous; ``(0, C, PH, PW)`` when
         ``K = 0``. Differentiable with respect to ``input`` (not ``rois``).
     """
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # Coordinates and weights in bf16 would be off by pixels; compute in float32 as
+        # torchvision's autocast does, and hand back the input's dtype.
+        return roi_align(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned).to(input.dtype)
     pooled, rois, table = roi_inputs(input, rois, output_size)
     if rois.shape[0] == 0:
         return input.new_zeros((0, input.shape[1]) + pooled)

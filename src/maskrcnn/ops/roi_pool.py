@@ -115,6 +115,10 @@ def roi_pool(
         empty (e.g. outside the feature map); ``(0, C, PH, PW)`` when ``K = 0``.
         Differentiable with respect to ``input``: a bin's gradient goes to its first maximum.
     """
+    if input.dtype in (torch.float16, torch.bfloat16):
+        # Coordinates and weights in bf16 would be off by pixels; compute in float32 as
+        # torchvision's autocast does, and hand back the input's dtype.
+        return roi_pool(input.float(), rois, output_size, spatial_scale).to(input.dtype)
     pooled, rois, table = roi_inputs(input, rois, output_size)  # table: (B*H*W, C)
     if rois.shape[0] == 0:
         return input.new_zeros((0, input.shape[1]) + pooled)

@@ -1,0 +1,72 @@
+"""The assembled model: mixed precision keeps boxes exact, input checks, degenerate batches."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskrcnn
+from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.model.losses import fast_rcnn_losses
+from maskrcnn.model.matcher import sample_rois
+from maskrcnn.ops.roi_align import roi_align
+from maskrcnn.structures import Targets
+
+from ..test_api import TINY
+
+
+def tiny_train_model() -> maskrcnn.MaskRCNN:
+    torch.manual_seed(0)
+    return maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).train()
+
+
+def targets_for(h: int, w: int) -> Targets:
+    masks = torch.zeros(1, h, w, dtype=torch.uint8)
+    masks[0, 20:60, 30:70] = 1
+    return Targets(torch.tensor([[30.3, 20.7, 70.1, 60.2]]), torch.tensor([2]), masks)
+
+
+def test_bf16_autocast_keeps_proposals_and_gt_rois_in_float32():
+    # In bf16, 661.1 would become 660.0: a ground-truth RoI must survive exactly.
+    gt = torch.tensor([[333.3, 101.7, 661.1, 301.2]])
+    proposals = torch.tensor([[300.0, 100.0, 650.0, 300.0]]).bfloat16()
+    rois, labels, matched = sample_rois(proposals, gt, torch.tensor([1]), batch_size=8)
+    assert rois.dtype == torch.float32
+    assert (rois == gt).all(dim=1).any()
+
+    model = tiny_train_model()
+    image = torch.rand(3, 80, 100)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch, t = model.preprocess([image], [targets_for(80, 100)])
+        feats = model.backbone(batch.tensors)
+        props, rpn_losses = model.rpn(batch, feats, t)
+        assert props[0].dtype == torch.float32
+        losses = model([image], [targets_for(80, 100)]).losses
+    assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_roi_align_on_bf16_features_samples_at_float32_positions():
+    torch.manual_seed(0)
+    feats = torch.randn(1, 4, 40, 40)
+    rois = torch.tensor([[0, 3.3, 5.7, 33.1, 29.9]])
+    ref = roi_align(feats, rois, 7, 1.0, 2)
+    low = roi_align(feats.bfloat16(), rois, 7, 1.0, 2)
+    assert low.dtype == torch.bfloat16
+    # Only the output's own bf16 rounding remains (about 3 significant digits).
+    torch.testing.assert_close(low.float(), ref, atol=0.02, rtol=0.01)
+
+
+def test_box_only_targets_on_a_mask_model_fail_clearly():
+    model = tiny_train_model()
+    t = targets_for(80, 100)
+    t.masks = None
+    with pytest.raises(ValueError, match=r"targets\[0\] has no masks"):
+        model([torch.rand(3, 80, 100)], [t])
+
+
+def test_fast_rcnn_loss_with_no_rois_is_zero_not_nan():
+    logits = torch.zeros(0, 4, requires_grad=True)
+    deltas = torch.zeros(0, 16, requires_grad=True)
+    cls, box = fast_rcnn_losses(logits, deltas, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4))
+    assert cls.item() == 0.0 and box.item() == 0.0
+    (cls + box).backward()
