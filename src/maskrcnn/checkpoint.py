@@ -11,8 +11,6 @@ full disk never leaves a half-written checkpoint where a good one was.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ from torch import Tensor, nn
 from .config import ConfigError, ModelConfig, from_dict, to_dict
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
+from .results import atomic_write
 from .torchvision_compat import convert_keys, infer_config, is_torchvision_state_dict
 
 FORMAT = "maskrcnn-checkpoint/1"
@@ -32,19 +31,8 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | Path, model: MaskRCNN, train_state: dict[str, Any] | None = None) -> None:

@@ -45,7 +45,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Call ``write(file)`` on a temp file next to ``path``, then rename it into place.
 
     A reader never sees a half-written file, and a crash leaves at most a stray
-    ``.<name>.*.tmp`` file behind, never a truncated ``path``.
+    ``.<name>.*.tmp`` file behind, never a truncated ``path``. The data is flushed to disk
+    before the rename, so a power cut cannot leave an empty file under the final name.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -53,6 +54,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
