@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 
 from ..model.mask_rcnn import MaskRCNN
-from ..model.transform import to_original_frame
 from ..structures import ImageBatch, ModelOutput, Targets
 
 RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
@@ -157,14 +156,8 @@ def forward_with_proposals(
     model: MaskRCNN, proposal_net: ProposalNet, images: list[Tensor], targets: list[Targets] | None
 ) -> ModelOutput:
     """``model(images, targets)`` with the RPN replaced by ``proposal_net``: frontend losses only
-    (and detections in eval mode). Mirrors ``MaskRCNN.forward``."""
-    batch, targets = model.preprocess(images, targets)
-    proposals = proposal_net.propose(batch, model.training)
-    features = model.backbone(batch.tensors)
-    detections, losses = model.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
-    if detections is not None:
-        detections = to_original_frame(detections, batch, None)
-    return ModelOutput(losses=losses, detections=detections)
+    (and detections in eval mode)."""
+    return model(images, targets, propose=lambda batch: proposal_net.propose(batch, model.training))
 
 
 @dataclass(frozen=True)

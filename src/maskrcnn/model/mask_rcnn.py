@@ -16,13 +16,13 @@ The return type never depends on ``self.training``; only which fields are filled
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..structures import ModelOutput, Targets
+from ..structures import ImageBatch, ModelOutput, Targets
 from .backbone import ResNetBody
 from .fpn import FPN
 from .roi_heads import RoIHeads
@@ -61,10 +61,16 @@ class MaskRCNN(nn.Module):
         self.config = config or ModelConfig()
 
     def forward(
-        self, images: list[Tensor], targets: list[Targets] | None = None, mask_threshold: float | None = None
+        self,
+        images: list[Tensor],
+        targets: list[Targets] | None = None,
+        mask_threshold: float | None = None,
+        propose: Callable[[ImageBatch], list[Tensor]] | None = None,
     ) -> ModelOutput:
         """See the module docstring. ``mask_threshold``: return pasted masks as bool (prob >
-        threshold) instead of float probabilities, which is 4x less memory on large images."""
+        threshold) instead of float probabilities, which is 4x less memory on large images.
+        ``propose``: an outside proposal source that replaces this model's RPN (and its losses),
+        as the alternating schedule's frontend stage uses."""
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
         if targets is not None and self.roi_heads.has_mask:
@@ -75,7 +81,10 @@ class MaskRCNN(nn.Module):
             raise ValueError("training mode needs targets; call model.eval() for detections")
         batch, targets = self.preprocess(images, targets)
         features = self.backbone(batch.tensors)
-        proposals, rpn_losses = self.rpn(batch, features, targets)
+        if propose is None:
+            proposals, rpn_losses = self.rpn(batch, features, targets)
+        else:
+            proposals, rpn_losses = propose(batch), {}
         # P6 only serves the RPN's largest anchors; the heads pool from P2..P5.
         detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
         if detections is not None:
