@@ -15,9 +15,9 @@ from maskrcnn.engine.demo import demo_config, run_demo
 # pycocotools.mask trips numpy 2's __array__(copy=) deprecation; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-# A few seconds: 6 training images of 64..96 px, a tiny model, 2 iterations.
+# A few seconds: 6 training images of 80x80 px (one aspect-ratio group), a tiny model, 2 iterations.
 TINY = [
-    "data.synthetic_train=6", "data.synthetic_val=3", "data.synthetic_size=[64,96]", "data.batch_size=2",
+    "data.synthetic_train=6", "data.synthetic_val=3", "data.synthetic_size=[80,80]", "data.batch_size=2",
     "model.backbone.fpn_channels=16", "model.roi_heads.representation_size=16", "model.roi_heads.mask_channels=[8]",
     "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=50",
     "model.rpn.post_nms_top_n_test=20", "model.roi_heads.batch_size_per_image=16",
