@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from maskrcnn.model.losses import fast_rcnn_losses, mask_loss, mask_targets, rpn_losses, smooth_l1
 
+from ..ops import reference
+
 LOG2 = math.log(2.0)
 
 
@@ -155,43 +157,8 @@ def test_mask_loss_empty_keeps_graph():
 
 def roi_align_ref(image, roi, size):
     """float64 RoIAlign of one (H, W) map: aligned=False, adaptive sampling (torchvision)."""
-    image = image.double()
-    height, width = image.shape
-
-    def bilinear(y, x):
-        if y < -1.0 or y > height or x < -1.0 or x > width:
-            return 0.0
-        y, x = max(y, 0.0), max(x, 0.0)
-        y0, x0 = int(y), int(x)
-        if y0 >= height - 1:
-            y0 = y1 = height - 1
-            y = float(y0)
-        else:
-            y1 = y0 + 1
-        if x0 >= width - 1:
-            x0 = x1 = width - 1
-            x = float(x0)
-        else:
-            x1 = x0 + 1
-        ly, lx = y - y0, x - x0
-        return ((1 - ly) * (1 - lx) * image[y0, x0] + (1 - ly) * lx * image[y0, x1]
-                + ly * (1 - lx) * image[y1, x0] + ly * lx * image[y1, x1]).item()
-
-    x1, y1, x2, y2 = (float(v) for v in roi)
-    roi_w, roi_h = max(x2 - x1, 1.0), max(y2 - y1, 1.0)
-    bin_w, bin_h = roi_w / size, roi_h / size
-    grid_w, grid_h = math.ceil(roi_w / size), math.ceil(roi_h / size)
-    out = torch.zeros(size, size, dtype=torch.float64)
-    for ph in range(size):
-        for pw in range(size):
-            total = 0.0
-            for iy in range(grid_h):
-                y = y1 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
-                for ix in range(grid_w):
-                    x = x1 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                    total += bilinear(y, x)
-            out[ph, pw] = total / (grid_h * grid_w)
-    return out
+    out = reference.roi_align(image.double().numpy()[None, None], [[0, *map(float, roi)]], (size, size), 1.0, -1, False)
+    return torch.from_numpy(out[0, 0])
 
 
 def rectangle_mask(height, width, y0, y1, x0, x1):
