@@ -139,3 +139,9 @@ def test_torchvision_file_with_current_names_loads_like_the_2019_file(tv_checkpo
     assert a.config.num_classes == 90 and a.config.backbone.bn_eps == 0.0 and a.config.class_names[0] == "person"
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+def test_inference_overrides_are_checked(tiny_ckpt):
+    assert load(tiny_ckpt, score_thresh="0.3").roi_heads.score_thresh == 0.3
+    with pytest.raises(ValueError, match="did you mean roi_heads.score_thresh"):
+        load(tiny_ckpt, score_tresh=0.3)

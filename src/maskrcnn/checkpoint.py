@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
 from .results import atomic_write
@@ -96,10 +96,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | N
             raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision Mask R-CNN state dict")
         state = convert_keys(state)
         config = infer_config(state, 0.0 if bn_eps is None else bn_eps)
-    for key, value in overrides.items():
-        if not hasattr(config.roi_heads, key):
-            raise CheckpointError(f"unknown inference setting '{key}'")
-        setattr(config.roi_heads, key, value)
+    if overrides:  # checked and typed like any config override: unknown keys get suggestions
+        config = apply_overrides(config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
     model = build_model(config)
     load_state(model, state, str(path))
     return model.to(device).eval()

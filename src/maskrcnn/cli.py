@@ -98,7 +98,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             results = model.predict([a for _, a in chunk], batch_size=len(chunk), score_thresh=args.score_thresh)
         for (i, _), result in zip(chunk, results):
             result.path = str(paths[i])
-            image_id = ids_by_name.get(paths[i].name, i + 1)
+            # Images missing from the --coco file get ids past its largest, never one of its ids.
+            image_id = ids_by_name.get(paths[i].name, max(ids_by_name.values(), default=0) + i + 1)
             result.save(out / f"{names[i]}.png")
             entries.extend(result.to_coco(image_id, table))
             images.append({"id": image_id, "file_name": str(paths[i]), "height": result.image_size[0], "width": result.image_size[1], "detections": len(result)})
