@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import logging
 import sys
 from pathlib import Path
@@ -18,12 +17,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def write_json(obj: object, path: Path) -> None:
-    from .results import atomic_write
-
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -64,7 +57,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load
     from .data.images import load_rgb
     from .engine.inference import label_to_category
-    from .results import write_coco_results
+    from .results import write_coco_results, write_json
 
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -106,7 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             bar.update(1)
     bar.close()
     write_coco_results(entries, out / "predictions.json")
-    write_json(images, out / "images.json")
+    write_json(images, out / "images.json", indent=1)
     print(f"{len(images)} images, {len(entries)} detections -> {out}/ (overlays, predictions.json, images.json)")
     if failed:
         print(f"{len(failed)} image(s) could not be read: {', '.join(failed)}", file=sys.stderr)
@@ -119,7 +112,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load
     from .engine.evaluate import coco_evaluate, format_metrics
     from .engine.inference import coco_results
-    from .results import write_coco_results
+    from .results import write_coco_results, write_json
 
     model = load(args.weights, device=args.device)
     gt = COCO(args.data)
@@ -130,7 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         write_coco_results(entries, out / "results.json")
-        write_json(metrics, out / "metrics.json")
+        write_json(metrics, out / "metrics.json", indent=1)
         print(f"results.json and metrics.json -> {out}/")
     return 0
 

@@ -95,6 +95,11 @@ class ModelConfig:
     roi_heads: RoIHeadsConfig = field(default_factory=RoIHeadsConfig)
     transform: TransformConfig = field(default_factory=TransformConfig)
 
+    def label_names(self) -> list[str]:
+        """Name of every label 0..num_classes ("__background__" for 0, "" where unknown)."""
+        names = list(self.class_names) + [""] * (self.num_classes - len(self.class_names))
+        return ["__background__", *names]
+
 
 # ----------------------------------------------------------------------------------------
 # Dict / YAML / key=value round trips, shared by every config dataclass of the package.

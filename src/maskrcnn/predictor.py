@@ -85,7 +85,7 @@ def predict(
     items = [images] if single else list(images)  # type: ignore[list-item]
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
-    names = ["__background__", *cfg.class_names] if cfg.class_names else None
+    names = cfg.label_names()
     was_training = model.training
     saved_thresh = model.roi_heads.score_thresh
     if score_thresh is not None and score_thresh < saved_thresh:

@@ -267,10 +267,15 @@ class Result:
         }
 
 
+def write_json(obj: Any, path: str | Path, indent: int | None = None) -> Path:
+    """Write ``obj`` as JSON atomically (values JSON cannot hold are written with ``str``)."""
+    data = json.dumps(obj, indent=indent, default=str).encode("utf-8")
+    return atomic_write(path, lambda f: f.write(data))
+
+
 def write_coco_results(entries: list[dict], path: str | Path) -> Path:
     """Write COCO results entries (e.g. from ``Result.to_coco``) as a JSON array, atomically."""
-    data = json.dumps(entries).encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
+    return write_json(entries, path)
 
 
 def _as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:

@@ -6,7 +6,6 @@ stages) becomes an image without annotations.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_util
 
 from .errors import DatasetError
+from ..results import write_json
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,6 @@ def dsb_to_coco(root: str | Path, out_json: str | Path, category_name: str = "nu
         "categories": [{"id": 1, "name": category_name}],
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(coco))
+    write_json(coco, out_json)
     logger.info("%s: %d images, %d instances -> %s", root, len(images), len(annotations), out_json)
     return coco

@@ -13,7 +13,6 @@ Image sizes come from the image files (after EXIF orientation, the frame ``load_
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from .coco import read_json
 from .errors import DatasetError
+from ..results import write_json
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -205,6 +205,6 @@ def via_to_coco(
         "categories": [{"id": i, "name": n} for n, i in category_ids.items()],
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(coco))
+    write_json(coco, out_json)
     logger.info("%s: %d images, %d instances -> %s", via_json, len(images), len(annotations), out_json)
     return coco

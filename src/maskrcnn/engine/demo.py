@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import shutil
 import time
@@ -38,6 +37,7 @@ from ..checkpoint import load
 from ..data import ensure_dataset
 from ..data.synthetic import SplitPaths
 from ..model.mask_rcnn import MaskRCNN
+from ..results import write_json
 from .evaluate import coco_evaluate, flatten_metrics
 from .inference import coco_results
 from .train import NonFiniteLossError, resolve_device, train
@@ -147,7 +147,7 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), m
         "total_seconds": time.monotonic() - started,
         "threads": torch.get_num_threads(),
     }
-    (out / "metrics.json").write_text(json.dumps(report, indent=1, default=str))
+    write_json(report, out / "metrics.json", indent=1)
 
     print(metrics["summary"])
     print(f"demo: mask AP {flat.get('segm_AP', float('nan')):.3f} (AP50 {flat.get('segm_AP50', float('nan')):.3f}), "

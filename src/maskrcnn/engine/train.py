@@ -288,7 +288,7 @@ def validate(
     coco_ds, indices = _base(dataset)
     loader = DataLoader(dataset, batch_size=cfg.data.batch_size, collate_fn=collate, num_workers=cfg.data.workers)
     table = label_to_category(model)
-    names = ["", *model.config.class_names]
+    names = model.config.label_names()
     mask_thresh = model.config.roi_heads.mask_thresh
     sums: dict[str, float] = {}
     batches, entries, pictures = 0, [], []
