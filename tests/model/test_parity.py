@@ -141,9 +141,20 @@ def match_detections(boxes, labels, ref_boxes, ref_labels):
     return np.where(best.numpy() >= 0.99, idx.numpy(), -1)
 
 
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("stage", ["dets", "final"])
 def test_detections(runs, case, stage):
+    """The README's detection tolerances. At the final stage a detection counts as matched only
+    if its mask matches too (IoU >= 0.98); the >= 98% allowance then covers pasting near-ties:
+    torchvision's paste truncates the expanded box to whole pixels, so a box that differs by
+    2e-4 px (well within 0.05) can move a 6 px tall mask by a row (seen on single_b, IoU 0.49).
+    Every such miss must be explained by the box alone: torchvision's own mask logits pasted at
+    our box must give our mask."""
     r = runs[case]
     for i in range(r["n"]):
         ref = {k: torch.from_numpy(r["ref"][f"{stage}_{k}_{i}"]) for k in ("boxes", "scores", "labels")}
@@ -157,17 +168,20 @@ def test_detections(runs, case, stage):
         if stage == "dets":
             ref_logits = r["ref"][f"dets_mask_logits_{i}"]
             assert np.abs(r["own_logits"][i][fwd[m]].numpy() - ref_logits[m]).max() <= 1e-2
-        else:
-            soft = ours.masks.double().sum(dim=(1, 2)).numpy()
-            ref_soft = r["ref"][f"final_mask_soft_sum_{i}"]
-            np.testing.assert_allclose(soft[fwd[m]], ref_soft[m], rtol=1e-3, atol=0.5)
-            ref_masks = mask_util.decode(r["masks_json"][i]).transpose(2, 0, 1).astype(bool)
-            our_masks = (ours.masks > 0.5).numpy()
-            for j, k in zip(np.where(m)[0], fwd[m]):
-                a, b = ref_masks[j], our_masks[k]
-                union = np.logical_or(a, b).sum()
-                iou = 1.0 if union == 0 else np.logical_and(a, b).sum() / union
-                assert iou >= 0.98, (j, iou)
+            continue
+        ref_masks = mask_util.decode(r["masks_json"][i]).transpose(2, 0, 1).astype(bool)
+        our_masks = (ours.masks > 0.5).numpy()
+        ious = np.array([mask_iou(ref_masks[j], our_masks[k]) if k >= 0 else 0.0 for j, k in enumerate(fwd)])
+        with_mask = ious >= 0.98
+        assert with_mask.mean() >= 0.98, np.sort(ious)[:5]
+        soft = ours.masks.double().sum(dim=(1, 2)).numpy()
+        ref_soft = r["ref"][f"final_mask_soft_sum_{i}"]
+        np.testing.assert_allclose(soft[fwd[with_mask]], ref_soft[with_mask], rtol=1e-3, atol=0.5)
+        ref_probs = torch.from_numpy(r["ref"][f"dets_mask_logits_{i}"]).sigmoid()
+        for j in np.where(m & ~with_mask)[0]:  # near-ties: the box decides, not the mask head
+            k = fwd[j]
+            theirs_at_our_box = paste_masks(ref_probs[j : j + 1], ours.boxes[k : k + 1], our_masks.shape[1:])[0] > 0.5
+            assert mask_iou(theirs_at_our_box.numpy(), our_masks[k]) >= 0.98, (j, ious[j])
 
 
 @pytest.mark.parametrize("case", ["single_a", "single_b"])
