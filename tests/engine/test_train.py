@@ -313,7 +313,7 @@ def test_config_overrides_apply_and_values_are_checked(tmp_path):
                                       "schedule.kind=alternating", "solver.amp=bf16"])
     assert cfg.solver.lr == 0.5 and cfg.model.backbone.name == "resnet18" and cfg.solver.milestones == (3, 4)
     assert cfg.schedule.kind == "alternating" and cfg.solver.amp == "bf16"
-    for override, message in (("solver.amp=fp32", "solver.amp"), ("schedule.kind=staged", "schedule.kind"),
+    for override, message in (("solver.amp=fp8", "solver.amp"), ("schedule.kind=staged", "schedule.kind"),
                               ("eval.metric=mAP", "eval.metric"), ("data.synthetic=", "no training data"),
                               ("data.train_ann=x.json", "either data.synthetic")):
         with pytest.raises(ConfigError, match=message):

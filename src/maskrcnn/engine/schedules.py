@@ -27,6 +27,7 @@ decay over the stage's epochs).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -164,6 +165,11 @@ def forward_with_proposals(
 class LRSchedule:
     """Learning-rate multiplier at iteration ``it`` of a stage: linear warm-up, then decay.
 
+    The decay runs over the stage's length, ``iters_per_epoch * epochs`` unless ``fitted`` gave
+    it another (a time budget, ``solver.max_minutes``): then, from the iteration of the fit on,
+    the curve's remaining part is stretched or squeezed to end at the new length, so the rate
+    is continuous and still decays to its end value (cosine to 0, step through every milestone).
+
     Attributes:
         iters_per_epoch: training steps per epoch.
         epochs: epochs of the stage.
@@ -172,6 +178,8 @@ class LRSchedule:
         gamma: drop factor for "step".
         warmup_iters: the multiplier rises linearly from ``warmup_factor`` to 1 over these.
         warmup_factor: the multiplier at iteration 0.
+        total: the fitted length in iterations (0 = ``iters_per_epoch * epochs``).
+        anchor: (iteration, position in epochs) where the fitted part of the curve starts.
     """
 
     iters_per_epoch: int
@@ -181,13 +189,37 @@ class LRSchedule:
     gamma: float = 0.1
     warmup_iters: int = 0
     warmup_factor: float = 0.001
+    total: int = 0
+    anchor: tuple[int, float] = (0, 0.0)
+
+    @property
+    def length(self) -> int:
+        """Iterations of the stage."""
+        return self.total or max(1, self.iters_per_epoch * self.epochs)
+
+    def position(self, it: int) -> float:
+        """Where iteration ``it`` lies on the curve, in epochs of the planned stage (0..epochs)."""
+        if not self.total:
+            return it / max(1, self.iters_per_epoch)  # exact at whole epochs, so milestones fall on them
+        start, pos = self.anchor
+        slope = (self.epochs - pos) / max(1, self.total - start)
+        return min(float(self.epochs), pos + (it - start) * slope)
+
+    def fitted(self, it: int, total: int) -> LRSchedule:
+        """The same curve from iteration ``it`` on, reaching its end at iteration ``total``."""
+        return dataclasses.replace(self, total=max(total, it + 1), anchor=(it, self.position(it)))
 
     def __call__(self, it: int) -> float:
-        total = max(1, self.iters_per_epoch * self.epochs)
         if self.kind == "step":
-            decay = self.gamma ** sum(it >= m * self.iters_per_epoch for m in self.milestones)
+            pos = self.position(it)
+            decay = self.gamma ** sum(pos >= m for m in self.milestones)
         elif self.kind == "cosine":
-            decay = 0.5 * (1.0 + math.cos(math.pi * min(it, total) / total))
+            if self.total:
+                frac = self.position(it) / max(1, self.epochs)
+            else:
+                total = max(1, self.iters_per_epoch * self.epochs)
+                frac = min(it, total) / total
+            decay = 0.5 * (1.0 + math.cos(math.pi * frac))
         else:
             raise ValueError(f"unknown learning-rate schedule {self.kind!r}; expected 'step' or 'cosine'")
         if it < self.warmup_iters:

@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .. import precision
 from ..checkpoint import FORMAT, CheckpointError, load_state, read_file, save_checkpoint
 from ..config import ConfigError, to_dict
 from ..data import CocoDataset, GroupedBatchSampler, RandomHorizontalFlip, aspect_ratio_groups, collate, ensure_dataset
@@ -64,6 +65,12 @@ log = logging.getLogger(__name__)
 # Layers whose shape depends on the number of classes: re-initialised when a checkpoint to
 # start from was trained on another class count ("new class heads").
 CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+
+# Fitting the schedule to solver.max_minutes: the pace of iterations FIT_FROM..FIT_AT of a run
+# (the first ones pay one-time costs), and a validation batch costing VAL_COST training steps
+# (measured on the demo: forward with losses, detection and pasting, no backward).
+FIT_FROM, FIT_AT, VAL_COST = 5, 25, 0.5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -228,12 +235,6 @@ def preserved_rng() -> Iterator[None]:
         set_rng_state(state)
 
 
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
-    if not amp:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
-
 def _finite_weights(model: nn.Module) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all())  # one sync
 
@@ -295,7 +296,7 @@ def validate(
     model.eval()
     with preserved_rng():
         for images, targets, infos in tqdm(loader, desc="validate", unit="batch", leave=False, disable=not cfg.progress):
-            with autocast(device, cfg.solver.amp):
+            with precision.autocast(device, cfg.solver.amp):
                 out = model([im.to(device) for im in images], [t.to(device) for t in targets], mask_threshold=mask_thresh)
             losses = {k: float(v) for k, v in out.losses.items()}
             losses["loss"] = float(stage_loss(stage, out.losses))
@@ -342,10 +343,14 @@ class Progress:
     best_epoch: int = 0  # 1-based epoch of best_metric
     bad_evals: int = 0  # validations since the last improvement, in the current stage
     history: list = dataclasses.field(default_factory=list)  # epoch summaries
+    epoch_loss: float = 0.0  # sum of the training loss over the batches of this epoch done so far
+    epoch_steps: int = 0  # those batches (a resumed epoch reports its loss over all of them)
+    stage_iters: list = dataclasses.field(default_factory=list)  # iterations of each stage, fitted to solver.max_minutes ([] = as planned)
+    fit_anchor: list = dataclasses.field(default_factory=list)  # [stage, iteration, position]: where the fitted learning-rate curve starts
 
 
 class _Stop(Exception):
-    """Raised inside the loop when max_iters / max_minutes is reached."""
+    """Raised at the end of the loop's last validation when max_iters / max_minutes is reached."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -388,8 +393,13 @@ class Trainer:
             raise ConfigError(f"{self.out} already holds a run (last.pth); use --resume to continue it, "
                               f"exist_ok=true to start it afresh, or another out_dir=...")
         self.device = resolve_device(cfg.device)
-        if cfg.solver.amp == "fp16" and self.device.type != "cuda":
-            raise ConfigError("solver.amp=fp16 needs a CUDA device; use solver.amp=bf16 on the CPU")
+        try:
+            amp = precision.resolve(cfg.solver.amp, self.device, training=True)
+        except ValueError as e:
+            raise ConfigError(f"solver.amp: {e}") from None
+        if amp != cfg.solver.amp:
+            log.info("solver.amp=%s -> %s on %s", cfg.solver.amp or '""', amp, precision.describe(self.device))
+        cfg = dataclasses.replace(cfg, solver=dataclasses.replace(cfg.solver, amp=amp))  # config.yaml keeps the choice
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -420,7 +430,9 @@ class Trainer:
         self.iters_per_epoch = len(GroupedBatchSampler(range(len(self.train_set)), self.groups, cfg.data.batch_size))  # type: ignore[arg-type]
         self.augmented = FlipAugmented(self.train_set, cfg.data.hflip, cfg.seed)
         self.progress = Progress()
-        self.stop_after_epoch = ""  # a limit reached in an epoch's last batch
+        self.stop_reason = ""  # max_iters / max_minutes reached: validate, save, then stop
+        self.stage_done = False  # the stage reached its fitted length inside an epoch
+        self.pace: dict[int, float] = {}  # iteration -> time, for fitting the schedule to max_minutes
 
     # ---- the run --------------------------------------------------------------------------
 
@@ -461,7 +473,7 @@ class Trainer:
 
     def run_stage(self, index: int, stage: Stage, stage_start: int) -> str:
         """Train ``stage`` from ``progress.epoch`` to its end; returns "completed" or "early_stopping"."""
-        cfg, state = self.cfg, self.state
+        cfg, state, progress = self.cfg, self.state, self.progress
         self.stage_index, self.stage, self.stage_start = index, stage, stage_start
         self.params = apply_stage(self.model, stage, self.base_trainable)
         self.optimizer = make_optimizer(self.params, cfg)
@@ -474,21 +486,65 @@ class Trainer:
             if self.proposal_net is not None and state["proposal_net"] is not None:
                 self.proposal_net.load_state_dict(state["proposal_net"])
         else:
-            self.progress.bad_evals = 0
+            progress.bad_evals = 0
         self.state = None
         if len(self.stages) > 1:
             log.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", index + 1, len(self.stages),
                      stage.name, stage.epochs, len(self.params), ", ".join(stage.losses))
         s = cfg.solver
         self.lr_at = LRSchedule(self.iters_per_epoch, stage.epochs, s.schedule, s.milestones, s.gamma, s.warmup_iters, s.warmup_factor)
-        while self.progress.epoch < stage_start + stage.epochs:
+        if progress.stage_iters:  # fitted to the time budget (also on resume)
+            at = progress.fit_anchor
+            self.lr_at = dataclasses.replace(self.lr_at, total=progress.stage_iters[index],
+                                             anchor=(at[1], at[2]) if at and at[0] == index else (0, 0.0))
+        self.stage_done = False
+        while progress.epoch < stage_start + stage.epochs and not self.stage_done:
             self.train_epoch()
             if self.end_epoch():
                 return "early_stopping" if index == len(self.stages) - 1 else "completed"
         return "completed"
 
+    def fit_to_budget(self) -> None:
+        """Shorten the schedule so that the run ends within ``solver.max_minutes``.
+
+        Called once, a few iterations into the run: the pace of iterations ``FIT_FROM`` to
+        ``FIT_AT`` (the first ones pay one-time costs) and a validation estimated at
+        ``VAL_COST`` of a training step per batch give the iterations that fit; every stage's
+        remaining iterations are scaled by the same factor, and the learning-rate curve of the
+        current stage is squeezed from here on (``LRSchedule.fitted``), so it still decays to
+        its end instead of being cut off at a high rate. A budget that fits the plan changes
+        nothing.
+        """
+        cfg, progress = self.cfg, self.progress
+        sec_per_iter = (self.pace[FIT_AT] - self.pace[FIT_FROM]) / (FIT_AT - FIT_FROM)
+        planned = [s.epochs * self.iters_per_epoch for s in self.stages]
+        it_in_stage = (progress.epoch - self.stage_start) * self.iters_per_epoch + progress.batch
+        remaining = planned[self.stage_index] - it_in_stage + sum(planned[self.stage_index + 1:])
+        validations = sum(math.ceil(s.epochs / cfg.eval.every) for s in self.stages[self.stage_index:]) if self.val_set is not None else 0
+        val_batches = math.ceil(len(self.val_set) / cfg.data.batch_size) if self.val_set is not None else 0
+        left = 60 * cfg.solver.max_minutes - (time.monotonic() - self.started) - validations * val_batches * VAL_COST * sec_per_iter
+        fits = max(0, int(left / sec_per_iter))
+        if fits >= remaining:
+            log.info("time budget: %d more iterations at %.2f s each fit in solver.max_minutes=%g", remaining, sec_per_iter, cfg.solver.max_minutes)
+            return
+        factor = fits / remaining
+        stage_iters = [
+            n if k < self.stage_index else
+            max(it_in_stage + 1, it_in_stage + round(factor * (n - it_in_stage))) if k == self.stage_index else
+            max(1, round(factor * n))
+            for k, n in enumerate(planned)
+        ]
+        progress.stage_iters = stage_iters
+        self.lr_at = self.lr_at.fitted(it_in_stage, stage_iters[self.stage_index])
+        progress.fit_anchor = [self.stage_index, *self.lr_at.anchor]
+        log.info("time budget: solver.max_minutes=%g at %.2f s per iteration fits %d of the %d remaining iterations; "
+                 "the learning-rate schedule is fitted to end at iteration %d instead of %d",
+                 cfg.solver.max_minutes, sec_per_iter, fits, remaining,
+                 progress.iteration - it_in_stage + sum(stage_iters[self.stage_index:]), progress.iteration + remaining)
+
     def train_epoch(self) -> None:
-        """The rest of epoch ``progress.epoch`` from batch ``progress.batch``; raises ``_Stop``."""
+        """The rest of epoch ``progress.epoch`` from batch ``progress.batch``; ends early at the
+        stage's fitted length or at a limit (``stop_reason``)."""
         cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
         batches = epoch_batches(len(self.train_set), self.groups, cfg.data.batch_size, cfg.seed, epoch)
         self.augmented.epoch = epoch
@@ -499,7 +555,6 @@ class Trainer:
                    unit="it", disable=not cfg.progress, dynamic_ncols=True)
         window: dict[str, float] = {}
         window_n, window_t = 0, time.monotonic()
-        self.epoch_loss, self.epoch_n = 0.0, 0
         set_train_mode(self.model)
         for images, targets, _ in loader:
             it_in_stage = (epoch - self.stage_start) * self.iters_per_epoch + progress.batch
@@ -507,13 +562,17 @@ class Trainer:
             values = self.step(images, targets, lr)
             progress.iteration += 1
             progress.batch += 1
-            self.epoch_loss += values["loss"]
-            self.epoch_n += 1
+            progress.epoch_loss += values["loss"]
+            progress.epoch_steps += 1
             for k, v in values.items():
                 window[k] = window.get(k, 0.0) + v
             window_n += 1
             done = progress.iteration - self.first_iteration
-            left = self.num_epochs * self.iters_per_epoch - progress.iteration
+            if cfg.solver.max_minutes and not progress.stage_iters and done in (FIT_FROM, FIT_AT):
+                self.pace[done] = time.monotonic()
+                if done == FIT_AT:
+                    self.fit_to_budget()
+            left = sum(self.stage_lengths()[self.stage_index:]) - it_in_stage - 1  # in this and later stages
             bar.update(1)
             bar.set_postfix_str(_postfix(window, window_n, lr, (time.monotonic() - self.loop_started) / done * left), refresh=False)
             if progress.iteration % cfg.log_every == 0:
@@ -524,19 +583,18 @@ class Trainer:
             inside = progress.batch < len(batches)
             if cfg.checkpoint_every_iters and progress.iteration % cfg.checkpoint_every_iters == 0 and inside:
                 self.save_last()
-            reason = ""
             if cfg.solver.max_iters and progress.iteration >= cfg.solver.max_iters:
-                reason = "max_iters"
+                self.stop_reason = "max_iters"
             elif cfg.solver.max_minutes and time.monotonic() - self.started >= 60 * cfg.solver.max_minutes:
-                reason = "max_minutes"
-            if reason and inside:
-                bar.close()
-                self.save_last()
-                raise _Stop(reason)
-            if reason:  # at the last batch: finish the epoch (validation, checkpoint) first
-                self.stop_after_epoch = reason
+                self.stop_reason = "max_minutes"
+            self.stage_done = it_in_stage + 1 >= self.stage_lengths()[self.stage_index]
+            if self.stop_reason or self.stage_done:
                 break
         bar.close()
+
+    def stage_lengths(self) -> list[int]:
+        """Iterations of each stage: as planned, or as fitted to the time budget."""
+        return self.progress.stage_iters or [s.epochs * self.iters_per_epoch for s in self.stages]
 
     def step(self, images: list[Tensor], targets: list[Any], lr: float) -> dict[str, float]:
         """One optimizer step; returns the loss values and gradient norm. Raises on NaN/inf."""
@@ -545,7 +603,7 @@ class Trainer:
             group["lr"] = lr
         images = [im.to(self.device, non_blocking=True) for im in images]
         targets = [t.to(self.device) for t in targets]
-        with autocast(self.device, cfg.solver.amp):
+        with precision.autocast(self.device, cfg.solver.amp):
             if self.proposal_net is not None:
                 output = forward_with_proposals(self.model, self.proposal_net, images, targets)
             else:
@@ -578,14 +636,22 @@ class Trainer:
 
     def end_epoch(self) -> bool:
         """Validate, keep the best, log, checkpoint, draw; True when early stopping ends the stage.
-        Raises ``_Stop`` when a limit was reached in the epoch's last batch."""
+
+        Also called when a limit (``stop_reason``) stopped the epoch early: the last weights are
+        validated too, so that ``best.pth`` and the summary count them, and ``_Stop`` is raised
+        after the checkpoint. Such a partial epoch is not advanced past: ``--resume`` finishes it.
+        """
         cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
         stage_end = self.stage_start + self.stage.epochs
+        last_of_stage = epoch + 1 == stage_end or self.stage_done
+        partial = progress.batch < self.iters_per_epoch and not self.stage_done
         summary: dict[str, Any] = {"epoch": epoch + 1, "iter": progress.iteration, "stage": self.stage.name,
-                                   "train_loss": self.epoch_loss / max(self.epoch_n, 1)}
+                                   "train_loss": progress.epoch_loss / max(progress.epoch_steps, 1)}
+        if partial:
+            summary["partial"] = True
         pictures: list[Result] = []
         early_stop = False
-        if self.val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == stage_end):
+        if self.val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or last_of_stage or self.stop_reason):
             values, pictures = validate(self.model, self.stage, self.val_set, cfg, self.device)
             summary.update(values)
             value = values.get(cfg.eval.metric, math.nan)
@@ -601,17 +667,18 @@ class Trainer:
         summary["time"] = time.monotonic() - self.started
         progress.history.append({k: _plain(v) for k, v in summary.items()})
         self.metrics.write(summary)
-        log.info("epoch %d/%d %s: %s", epoch + 1, self.num_epochs, self.stage.name, ", ".join(
+        log.info("epoch %d/%d %s%s: %s", epoch + 1, self.num_epochs, self.stage.name, " (partial)" if partial else "", ", ".join(
             f"{k} {v:.4f}" for k, v in summary.items() if k in ("train_loss", "val_loss", "bbox_AP", "segm_AP")))
         if early_stop:
             log.info("early stopping: %s did not improve for %d validations (best %.4f at epoch %d)",
                      cfg.eval.metric, progress.bad_evals, progress.best_metric, progress.best_epoch)
-        progress.epoch, progress.batch = (stage_end if early_stop else epoch + 1), 0  # early stopping ends the stage
+        if not partial:  # early stopping and a fitted length end the stage
+            progress.epoch, progress.batch = (stage_end if early_stop or self.stage_done else epoch + 1), 0
+            progress.epoch_loss, progress.epoch_steps = 0.0, 0
         self.save_last()
         _draw_outputs(self.out, self.metrics.path, pictures)
-        reason, self.stop_after_epoch = self.stop_after_epoch, ""
-        if reason:
-            raise _Stop(reason)
+        if self.stop_reason:
+            raise _Stop(self.stop_reason)
         return early_stop
 
     # ---- checkpoints and results ------------------------------------------------------------

@@ -48,9 +48,9 @@ class SolverConfig:
     milestones: tuple[int, ...] = (8, 11)  # "step": epochs (within a stage) after which lr *= gamma
     gamma: float = 0.1  # "step": learning-rate factor at each milestone
     grad_clip: float = 0.0  # clip the gradient norm to this (0 = off)
-    amp: str = ""  # mixed precision: "" (float32), "bf16" (CPU or CUDA), "fp16" (CUDA, with loss scaling)
+    amp: str = ""  # autocast: "auto" (bf16 where native, fp16 on older GPUs, else float32), "" or "fp32", "bf16", "fp16" (CUDA, loss scaling)
     max_iters: int = 0  # stop (with a checkpoint) after this many iterations in all; 0 = run every epoch
-    max_minutes: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
+    max_minutes: float = 0.0  # time budget from the start of the run: the schedule is shortened to fit it (then a hard stop, validated and saved); 0 = none
 
 
 @dataclass
@@ -105,7 +105,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
 
-AMP_MODES = ("", "bf16", "fp16")
+AMP_MODES = ("", "auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("step", "cosine")
 SCHEDULE_KINDS = ("joint", "alternating")
 METRICS = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + ("val_loss",)
