@@ -1,10 +1,11 @@
 """Training-step speed: forward + backward + SGD step of R50-FPN Mask R-CNN on a fixed batch.
 
-    python benchmarks/bench_train_step.py [--images 2] [--size 512] [--runs 5] [--amp bf16]
+    python benchmarks/bench_train_step.py [--images 2] [--size 512] [--runs 5] [--amp auto|fp32|bf16]
 
 The setting torchvision was measured in: 2 images of 512x512 resized to 512 (min_size 512),
 frozen BatchNorm, the 3 top ResNet stages trainable, 91 class slots, a few objects per
-image with masks. Reports the median step time and its parts.
+image with masks. Reports the median step time and its parts, and the CPU it ran on (with
+``--amp auto``, what ``maskrcnn.precision`` picks there).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 import maskrcnn
+from maskrcnn import precision
 from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.structures import Targets
 
@@ -40,14 +42,28 @@ def make_batch(n: int, size: int, objects: int = 5, seed: int = 0) -> tuple[list
     return images, targets
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else the platform's word for it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--amp", default="", choices=["", "bf16"], help="autocast dtype on CPU")
+    p.add_argument("--amp", default="fp32", choices=["auto", "fp32", "bf16"], help="autocast on the CPU (default fp32)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    amp = precision.resolve(args.amp, "cpu", training=True)
     torch.manual_seed(0)
     cfg = apply_overrides(ModelConfig(), [f"transform.min_size=[{args.size}]", f"transform.max_size={args.size}"])
     model = maskrcnn.build_model(cfg).train()
@@ -57,7 +73,7 @@ def main() -> int:
     parts: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "total": []}
     for i in range(args.runs + 1):
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.amp == "bf16"):
+        with precision.autocast("cpu", amp):
             loss = model(images, targets).total_loss
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
@@ -69,9 +85,11 @@ def main() -> int:
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 parts[k].append(v * 1000)
     med = {k: round(statistics.median(v), 1) for k, v in parts.items()}
-    out = {"images": args.images, "size": args.size, "amp": args.amp or "fp32", "threads": torch.get_num_threads(),
+    out = {"images": args.images, "size": args.size, "amp": amp, "cpu": cpu_model(), "kernels": precision.describe("cpu"),
+           "threads": torch.get_num_threads(),
            "runs": args.runs, "median_ms": med, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
-    print(f"train step, {args.images} images {args.size}px, {out['amp']}, {out['threads']} threads, median of {args.runs}")
+    print(f"train step, {args.images} images {args.size}px, {amp}, {out['threads']} threads, median of {args.runs}")
+    print(f"  on {out['cpu']}, kernels {out['kernels']}")
     for k, v in med.items():
         print(f"  {k:<9} {v:9.1f} ms")
     print(f"  peak RSS  {out['peak_rss_mb']:9d} MB")

@@ -15,10 +15,9 @@ in ``out`` are deleted first (the dataset is kept and reused while its parameter
 a re-run never evaluates or resumes a stale checkpoint. To continue a demo run instead, use
 ``maskrcnn train OUT/config.yaml --resume``.
 
-The evaluated checkpoint is the better (by mask AP on val) of ``last.pth`` and the trainer's
-``best.pth``; they differ only when training stopped on the time budget (``--minutes``) or
-the last epoch was not the best. As with ``best.pth`` itself, that choice is made on the
-split the AP is reported on, as usual for a demo with no test split.
+The evaluated checkpoint is the trainer's ``best.pth`` (by mask AP on val; the trainer also
+validates the last weights when it stops on its time budget). As usual for a demo with no test
+split, that choice is made on the split the AP is reported on.
 """
 from __future__ import annotations
 
@@ -119,16 +118,11 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), m
     train_s = time.monotonic() - t0
 
     t0 = time.monotonic()
-    device = resolve_device(cfg.device)
-    candidates = [Path(result["last"])]
-    best_iter = next((h["iter"] for h in result["history"] if h["epoch"] == result["best_epoch"]), None)
-    if result["best"] and best_iter != result["iterations"]:  # best.pth holds other weights than last.pth
-        candidates.append(Path(result["best"]))
-    scored = []
-    for path in candidates:
-        model = load(path, device=device)
-        scored.append((evaluate_model(model, paths["val"], cfg.data.batch_size, cfg.progress), path, model))
-    metrics, chosen, model = max(scored, key=lambda s: s[0].get("segm", s[0]["bbox"])["AP"])
+    # The trainer validated every epoch it ended with, a time-budget stop included, so best.pth
+    # holds the best weights on the val split (last.pth only when nothing was validated).
+    chosen = Path(result["best"] or result["last"])
+    model = load(chosen, device=resolve_device(cfg.device))
+    metrics = evaluate_model(model, paths["val"], cfg.data.batch_size, cfg.progress)
     overlays = draw_predictions(model, paths["val"], out / "predictions")
     eval_s = time.monotonic() - t0
 
