@@ -173,7 +173,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             print("error: convert via needs --images (the folder of the VIA file's images)", file=sys.stderr)
             return 2
         coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
-                           category_attribute=args.attribute, filename_map=args.prefix)
+                           category_attribute=args.attribute, filename_map=args.prefix,
+                           allow_outside_root=args.allow_outside_root)
     else:
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
     c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
+    c.add_argument("--allow-outside-root", action="store_true",
+                   help="via: let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
 
     w = sub.add_parser("download", help="fetch published torchvision weights into the cache, sha256-checked")
