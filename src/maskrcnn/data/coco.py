@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -50,9 +49,6 @@ logger = logging.getLogger(__name__)
 # Polygon vertices and boxes may overshoot the image by this much (pixels): annotation tools
 # commonly put a vertex on the far edge of the last pixel, or half a pixel beyond.
 EDGE_TOLERANCE = 1.0
-
-# Threads reading image headers in CocoDataset.bad_images: the work is waiting on the disk.
-HEADER_THREADS = 8
 
 # Bad images named in full in one error message; the rest are counted.
 SHOWN_PROBLEMS = 10
@@ -524,9 +520,9 @@ class CocoDataset(Dataset):
         """Every image whose file is missing, unreadable or of another size than the JSON says.
 
         Args:
-            decode: decode every image fully (slow; also catches truncated files). False
-                reads only the headers (EXIF orientation honoured), on ``HEADER_THREADS``
-                threads: about a millisecond an image from a warm disk.
+            decode: decode every image fully (2.5 ms a kudzu photo; also catches truncated
+                files). False reads only the headers, EXIF orientation honoured (0.1-0.2 ms a
+                photo, measured with and without the page cache: 20 s for COCO's 118k).
             first: check only the first N images (0 = all), as a ``max_images`` run uses.
 
         Returns:
@@ -544,11 +540,7 @@ class CocoDataset(Dataset):
                 return str(e)
             return None
 
-        if decode:
-            found = [problem(i) for i in indices]
-        else:
-            with ThreadPoolExecutor(max_workers=HEADER_THREADS) as pool:
-                found = list(pool.map(problem, indices))
+        found = [problem(i) for i in indices]
         return {self.image_ids[i]: p for i, p in zip(indices, found) if p is not None}
 
     def validate(self, decode: bool = True, first: int = 0) -> None:
