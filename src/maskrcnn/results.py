@@ -7,6 +7,7 @@ Shape shorthand: N detections, H x W original image.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -105,7 +106,8 @@ def _create_temp(path: Path) -> tuple[int, str]:
         except FileExistsError:
             continue
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when the writer dies
+            with contextlib.suppress(OSError):  # no locks on this file system: its leftovers are kept
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel when the writer dies
         return fd, tmp
 
 
@@ -116,7 +118,7 @@ def _remove_leftovers(path: Path) -> None:
     with _leftovers_lock:
         if folder not in _leftovers:
             found: dict[str, list[str]] = {}
-            with os.scandir(folder) as entries:
+            with contextlib.suppress(OSError), os.scandir(folder) as entries:  # cleaning never fails a save
                 for entry in entries:
                     match = _TEMP_NAME.fullmatch(entry.name)
                     if match:
