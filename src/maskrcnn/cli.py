@@ -107,25 +107,53 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pycocotools.coco import COCO
-
+    """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
     from .checkpoint import load
+    from .data.coco import CocoDataset, describe_problems
+    from .data.errors import DatasetError
     from .engine.evaluate import coco_evaluate, format_metrics
-    from .engine.inference import coco_results
+    from .engine.inference import coco_results, label_to_category
     from .results import write_coco_results, write_json
 
+    # The ground truth through the training parser; every image file checked (headers only)
+    # before the model is loaded: a missing or mis-sized image would score its ground truth
+    # against no detections, or against masks drawn at the wrong size.
+    gt = CocoDataset(args.data, args.images, allow_outside_root=args.allow_outside_root)
+    bad = gt.bad_images(decode=False)
+    if len(bad) == len(gt):
+        raise DatasetError(describe_problems(args.data, len(gt), bad) + f"\n  is --images {args.images} the right folder?")
+    if bad and not args.skip_bad_images:
+        raise DatasetError(describe_problems(args.data, len(gt), bad) + "\n  (--skip-bad-images leaves them out of "
+                           "both the ground truth and the detections)")
     model = load(args.weights, device=args.device)
-    gt = COCO(args.data)
-    entries = coco_results(model, gt, args.images, batch_size=args.batch_size, progress=not args.quiet)
+    model_ids, gt_ids = set(label_to_category(model)[1:]), {a.category_id for a in gt.file.annotations}
+    if not model_ids & gt_ids:
+        raise DatasetError(f"{args.data}: none of its category ids {sorted(gt_ids)[:10]} is one the model predicts "
+                           f"{sorted(model_ids)[:10]}; every AP would be 0")
+    skipped: list[int] = []
+    keep = [i for i in gt.image_ids if i not in bad]
+    entries = coco_results(model, gt.coco, args.images, batch_size=args.batch_size, progress=not args.quiet,
+                           image_ids=keep, allow_outside_root=args.allow_outside_root,
+                           skipped=skipped if args.skip_bad_images else None)
+    excluded = [*bad, *skipped]
+    keep = [i for i in keep if i not in skipped]
+    if not keep:
+        raise DatasetError(f"{args.data}: no image could be read; nothing to evaluate")
     iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
-    metrics = coco_evaluate(gt, entries, iou_types=iou_types)
+    metrics = coco_evaluate(gt.coco, entries, iou_types=iou_types, image_ids=keep)
     print(format_metrics(metrics))
+    if excluded:
+        names = [gt.file.images[i].file_name for i in excluded]
+        metrics["excluded_images"] = names
+        shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+        print(f"{len(excluded)} of {len(gt)} images left out of both the ground truth and the detections: {shown}",
+              file=sys.stderr)
     if args.out:
         out = Path(args.out)
         write_coco_results(entries, out / "results.json")
         write_json(metrics, out / "metrics.json", indent=1)
         print(f"results.json and metrics.json -> {out}/")
-    return 0
+    return 1 if excluded else 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -145,7 +173,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             print("error: convert via needs --images (the folder of the VIA file's images)", file=sys.stderr)
             return 2
         coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
-                           category_attribute=args.attribute, filename_map=args.prefix)
+                           category_attribute=args.attribute, filename_map=args.prefix,
+                           allow_outside_root=args.allow_outside_root)
     else:
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
@@ -189,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=positive_int, default=1)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--skip-bad-images", action="store_true",
+                   help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
+                        "detections (exit code 1) instead of stopping with an error")
+    e.add_argument("--allow-outside-root", action="store_true",
+                   help="let file names in --data be absolute or lead out of --images ('../x.jpg')")
     e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
@@ -211,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
     c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
+    c.add_argument("--allow-outside-root", action="store_true",
+                   help="via: let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
 
     w = sub.add_parser("download", help="fetch published torchvision weights into the cache, sha256-checked")

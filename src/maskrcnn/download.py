@@ -1,8 +1,9 @@
 """Fetch published weights into a local cache, verified by sha256.
 
-Files land in ``$MASKRCNN_HOME`` (default ``~/.cache/maskrcnn``). A download streams into a
-temp file in the same folder and is renamed into place only after its hash checks out, so
-the cache never holds a partial or corrupt file under the real name.
+Files land in ``$MASKRCNN_HOME`` (default ``~/.cache/maskrcnn``). A download streams through
+the package's one atomic writer (``results.atomic_write``: a temp file in the same folder, mode
+per the umask) and is renamed into place only after its hash checks out, so the cache never
+holds a partial or corrupt file under the real name.
 """
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 from tqdm import tqdm
+
+from .results import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -119,47 +122,42 @@ def download(
             return dest
         logger.warning("cached %s has sha256 %s, expected %s...; downloading again", dest, got, expected)
 
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{filename}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        got = _fetch(url, fd, progress, timeout)
+    def fetch_checked(out: IO[bytes]) -> None:  # raising here leaves nothing under dest
+        got = _fetch(url, out, progress, timeout)
         if expected is not None and not got.startswith(expected):
             shown = expected if len(expected) == 64 else f"{expected}..."
             raise DownloadError(f"sha256 mismatch for {url}: expected {shown}, got {got}")
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, fetch_checked)
     logger.info("downloaded %s to %s", url, dest)
     return dest
 
 
-def _fetch(url: str, fd: int, progress: bool, timeout: float) -> str:
-    """Stream ``url`` into the open file ``fd`` (closed on return); return the sha256 hex digest."""
+def _fetch(url: str, out: IO[bytes], progress: bool, timeout: float) -> str:
+    """Stream ``url`` into the open file ``out``; return the sha256 hex digest."""
     digest = hashlib.sha256()
-    with os.fdopen(fd, "wb") as out:
-        try:
-            request = urllib.request.Request(url, headers={"User-Agent": "maskrcnn"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                length = response.headers.get("Content-Length")
-                total = int(length) if length and length.isdigit() else None
-                received = 0
-                bar = tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(url).name,
-                    disable=not progress or not sys.stderr.isatty(),
-                )
-                with bar:
-                    while chunk := response.read(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        bar.update(len(chunk))
-        except urllib.error.HTTPError as e:
-            raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
-        except urllib.error.URLError as e:
-            raise DownloadError(f"could not download {url}: {e.reason}") from e
-        except (OSError, ValueError) as e:  # timeouts, resets, malformed urls
-            raise DownloadError(f"could not download {url}: {e}") from e
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "maskrcnn"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            received = 0
+            bar = tqdm(
+                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(url).name,
+                disable=not progress or not sys.stderr.isatty(),
+            )
+            with bar:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"could not download {url}: HTTP {e.code} {e.reason}") from e
+    except urllib.error.URLError as e:
+        raise DownloadError(f"could not download {url}: {e.reason}") from e
+    except (OSError, ValueError) as e:  # timeouts, resets, malformed urls
+        raise DownloadError(f"could not download {url}: {e}") from e
     if total is not None and received != total:
         raise DownloadError(f"could not download {url}: got {received} of {total} bytes")
     return digest.hexdigest()

@@ -214,7 +214,7 @@ def test_image_size_mismatch(coco_dir: Make) -> None:
     ann_file, image_dir = coco_dir()
     data = json.loads(ann_file.read_text())
     data["images"][0]["width"], data["images"][0]["height"] = H10, W10  # swapped, as with EXIF rotation
-    data["annotations"] = []
+    data["annotations"] = data["annotations"][:1]  # the polygon fits either way; the RLEs would not
     ann_file.write_text(json.dumps(data))
     ds = CocoDataset(ann_file, image_dir)
     with pytest.raises(DatasetError, match=r"a\.png is 20x16 .* says 16x20 for image id 10; height and width are swapped"):
@@ -234,3 +234,87 @@ def test_targets_index_and_repr(coco_dir: Make) -> None:
     t = ds.get_targets(0)
     assert isinstance(t, Targets) and len(t[1]) == 1
     assert "2 images, 2 instances, 3 classes" in repr(ds)
+
+
+# ---- file names confined to the image folder --------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["../secret/x.png", "sub/../../secret/x.png", "ABS"])
+def test_file_names_cannot_leave_the_image_folder(coco_dir: Make, tmp_path: Path, name: str) -> None:
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    write_images(secret)  # a readable image outside the folder: the dataset must not open it
+    (secret / "x.png").write_bytes((secret / "a.png").read_bytes())
+    file_name = str(secret / "x.png") if name == "ABS" else name
+    ann_file, image_dir = coco_dir(lambda d: d["images"][0].update(file_name=file_name), name="escape.json")
+    with pytest.raises(DatasetError) as e:
+        CocoDataset(ann_file, image_dir)
+    message = str(e.value)
+    for fragment in ("escape.json", "image id 10", file_name, "outside the image folder", "allow_outside_root"):
+        assert fragment in message, message
+    # Explicitly allowed: the file outside is read (its pixels are a.png's).
+    ds = CocoDataset(ann_file, image_dir, allow_outside_root=True)
+    assert ds.image_path(0).resolve() == (secret / "x.png").resolve()
+    assert ds[0][0].shape == (3, H10, W10)
+
+
+def test_names_that_stay_inside_and_symlinks_inside_the_folder(coco_dir: Make, tmp_path: Path) -> None:
+    # "sub/../a.png" never leaves the folder; a symlink the user put in the folder is followed.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    arrays = write_images(elsewhere)
+
+    def edit(d: dict[str, Any]) -> None:
+        d["images"][0]["file_name"] = "sub/../a.png"
+        d["images"][1]["file_name"] = "linked/sub/b.png"
+
+    ann_file, image_dir = coco_dir(edit)
+    (image_dir / "linked").symlink_to(elsewhere, target_is_directory=True)
+    ds = CocoDataset(ann_file, image_dir)
+    ds.validate()
+    np.testing.assert_allclose(ds[1][0].permute(1, 2, 0).numpy() * 255, arrays["sub/b.png"], atol=1e-3)
+
+
+# ---- empty datasets -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda d: d.update(images=[], annotations=[]), "no images"),
+    (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+    (lambda d: d.update(annotations=[]), "no instances"),
+    (lambda d: d.update(annotations=[dict(d["annotations"][2])]), "no instances"),  # only a crowd region
+], ids=["no images", "no categories", "no annotations", "crowd only"])
+def test_empty_dataset_is_an_error(coco_dir: Make, edit: Callable[[dict[str, Any]], None], fragment: str) -> None:
+    ann_file, image_dir = coco_dir(edit, name="empty.json")
+    with pytest.raises(DatasetError, match=rf"empty\.json: {fragment}"):
+        CocoDataset(ann_file, image_dir)
+
+
+# ---- checking every image up front -------------------------------------------------------
+
+
+def test_bad_images_lists_every_problem_and_first_limits_the_check(coco_dir: Make) -> None:
+    ann_file, image_dir = coco_dir()
+    (image_dir / "sub" / "b.png").unlink()
+    ds = CocoDataset(ann_file, image_dir)
+    assert ds.bad_images(first=1) == {}  # only image 10 (present) is checked
+    ds.validate(decode=False, first=1)
+    bad = ds.bad_images()
+    assert list(bad) == [11] and "not found" in bad[11] and "b.png" in bad[11]
+    with pytest.raises(DatasetError, match=r"1 of 2 images are bad"):
+        ds.validate(decode=False)
+
+
+def test_one_parser_for_training_and_evaluation(coco_dir: Make) -> None:
+    """read_coco is what CocoDataset reads with: the records it returns are the dataset's."""
+    from maskrcnn.data.coco import read_coco
+
+    ann_file, _ = coco_dir()
+    parsed = read_coco(ann_file)
+    assert parsed.categories == {42: "zebra", 3: "cat", 7: "dog"}
+    assert [(i, r.file_name, r.height, r.width) for i, r in parsed.images.items()] == [
+        (10, "a.png", H10, W10), (11, "sub/b.png", H11, W11)]
+    assert [(a.ann_id, a.iscrowd, a.box) for a in parsed.annotations] == [
+        (1, False, (2.0, 3.0, 6.0, 8.0)), (2, False, (12.0, 10.0, 15.0, 12.0)), (3, True, (0.0, 0.0, W10, H10))]
+    coco = parsed.to_pycocotools()
+    assert sorted(coco.getImgIds()) == [10, 11] and len(coco.getAnnIds()) == 3

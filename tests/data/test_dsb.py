@@ -67,3 +67,48 @@ def test_dsb_errors(dsb_root: Path, tmp_path: Path) -> None:
         dsb_to_coco(dsb_root, tmp_path / "x.json")
     with pytest.raises(DatasetError, match="not found"):
         dsb_to_coco(tmp_path / "nowhere", tmp_path / "x.json")
+
+
+def _one_sample(root: Path, h: int = 10, w: int = 12) -> Path:
+    _sample(root, "aaa", h, w, [])
+    return root / "aaa" / "masks"
+
+
+def test_rgba_masks_use_their_colour_not_their_alpha(tmp_path: Path) -> None:
+    """Was: an opaque alpha channel made every pixel an instance pixel."""
+    masks = _one_sample(tmp_path / "dsb")
+    rect = _rect(10, 12, 2, 5, 3, 9)  # 3 x 6 = 18 pixels
+    rgba = np.zeros((10, 12, 4), np.uint8)
+    rgba[rect, :3] = 255
+    rgba[..., 3] = 255  # opaque everywhere
+    Image.fromarray(rgba, mode="RGBA").save(masks / "opaque.png")
+    # White everywhere, the shape in the alpha channel: composited over black, only the shape shows.
+    cut_out = np.full((10, 12, 4), 255, np.uint8)
+    cut_out[..., 3] = _rect(10, 12, 6, 9, 0, 2).astype(np.uint8) * 255  # 3 x 2 = 6 pixels
+    Image.fromarray(cut_out, mode="RGBA").save(masks / "z_alpha.png")
+    coco = dsb_to_coco(tmp_path / "dsb", tmp_path / "dsb.json")
+    assert [a["area"] for a in coco["annotations"]] == [18, 6]
+    assert [a["bbox"] for a in coco["annotations"]] == [[3, 2, 6, 3], [0, 6, 2, 3]]
+
+
+def test_tiff_palette_and_16_bit_masks_are_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Was: .tif/.tiff masks silently ignored."""
+    masks = _one_sample(tmp_path / "dsb")
+    Image.fromarray(_rect(10, 12, 0, 2, 0, 3).astype(np.uint8) * 255).save(masks / "a.tif")  # 6 px
+    Image.fromarray(_rect(10, 12, 0, 4, 5, 6).astype(np.uint8)).save(masks / "b.tiff")  # 4 px, values 0/1
+    wide = Image.fromarray(_rect(10, 12, 8, 10, 0, 5).astype(np.uint16) * 65535)  # 10 px, 16-bit
+    wide.save(masks / "c.png")
+    pal = Image.fromarray(_rect(10, 12, 5, 6, 5, 12).astype(np.uint8), mode="L").convert("P")  # 7 px
+    pal.save(masks / "d.png")
+    (masks / "README.txt").write_text("not a mask")
+    with caplog.at_level("WARNING", logger="maskrcnn.data.dsb"):
+        coco = dsb_to_coco(tmp_path / "dsb", tmp_path / "dsb.json")
+    assert [a["area"] for a in coco["annotations"]] == [6, 4, 10, 7]
+    assert "README.txt" in caplog.text
+
+
+def test_lossy_masks_are_an_error(tmp_path: Path) -> None:
+    masks = _one_sample(tmp_path / "dsb")
+    Image.fromarray(_rect(10, 12, 0, 2, 0, 3).astype(np.uint8) * 255).save(masks / "a.jpg")
+    with pytest.raises(DatasetError, match=r"a\.jpg: .*lossy"):
+        dsb_to_coco(tmp_path / "dsb", tmp_path / "dsb.json")

@@ -58,7 +58,8 @@ def test_aspect_ratio_groups_from_json_sizes(tmp_path: Path) -> None:
             {"id": 2, "file_name": "b.png", "width": 20, "height": 30},  # portrait
             {"id": 3, "file_name": "c.png", "width": 20, "height": 20},  # square counts as landscape
         ],
-        "annotations": [], "categories": [{"id": 1, "name": "x"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "segmentation": [[0, 0, 5, 0, 5, 5]]}],
+        "categories": [{"id": 1, "name": "x"}],
     }
     (tmp_path / "a.json").write_text(json.dumps(data))
     ds = CocoDataset(tmp_path / "a.json", tmp_path / "no-images-needed")

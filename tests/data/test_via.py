@@ -156,3 +156,66 @@ def test_kudzu_loads(tmp_path: Path) -> None:
     for box, mask in zip(t.boxes, t.masks):  # the polygon's extent is the mask's box within 1 px
         ys, xs = np.nonzero(mask.numpy())
         assert np.allclose(box.numpy(), [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1)
+
+
+# ---- values that are not coordinates ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape, fragment", [
+    ({"name": "polygon", "all_points_x": [10, "nan", 14], "all_points_y": [2, 2, 6]}, "not finite"),
+    ({"name": "polygon", "all_points_x": [10, float("nan"), 14], "all_points_y": [2, 2, 6]}, "not finite"),
+    ({"name": "polygon", "all_points_x": [10, 12, 14], "all_points_y": [2, float("inf"), 6]}, "not finite"),
+    ({"name": "rect", "x": "nan", "y": 3, "width": 4, "height": 5}, "not finite"),
+    ({"name": "circle", "cx": 10, "cy": 10, "r": float("inf")}, "not finite"),
+    # a string where the list of points belongs was read character by character: x = 1, 0, 1, 2, 1, 4
+    ({"name": "polygon", "all_points_x": "101214", "all_points_y": [2, 2, 6, 6, 2, 2]}, "'all_points_x' must be a list"),
+    ({"name": "polygon", "all_points_x": [10, 12, 14], "all_points_y": [2, True, 6]}, "not a number"),
+])
+def test_coordinates_must_be_finite_numbers(via_file: Path, tmp_path: Path, shape: dict[str, Any], fragment: str) -> None:
+    def edit(v: dict[str, Any]) -> None:
+        v["one.png123"]["regions"][1]["shape_attributes"] = shape
+
+    with pytest.raises(DatasetError) as e:
+        via_to_coco(_broken(via_file, edit), tmp_path / "img", tmp_path / "c.json", filename_map="p_")
+    message = str(e.value)
+    assert "entry 'one.png123' region 1" in message and fragment in message, message
+    assert not (tmp_path / "c.json").exists()
+
+
+# ---- file names confined to the image folder ---------------------------------------------
+
+
+@pytest.mark.parametrize("filename", ["../secret/p_one.png", "ABS"])
+def test_file_names_cannot_leave_the_image_folder(via_file: Path, tmp_path: Path, filename: str) -> None:
+    _write_images(tmp_path / "secret", {"p_one.png": (16, 20)})
+    name = str(tmp_path / "secret" / "p_one.png") if filename == "ABS" else filename
+
+    def edit(v: dict[str, Any]) -> None:
+        v["one.png123"]["filename"] = name
+
+    via = _broken(via_file, edit)
+    with pytest.raises(DatasetError) as e:
+        via_to_coco(via, tmp_path / "img", tmp_path / "c.json")
+    message = str(e.value)
+    assert "entry 'one.png123'" in message and "outside the image folder" in message and name in message
+    assert not (tmp_path / "c.json").exists()
+    # Allowed explicitly: the name is written through as given, and the dataset opens it when allowed too.
+    (tmp_path / "img" / "two.png").write_bytes((tmp_path / "img" / "p_two.png").read_bytes())
+    coco = via_to_coco(via, tmp_path / "img", tmp_path / "c.json", allow_outside_root=True)
+    assert coco["images"][0]["file_name"] == name
+    with pytest.raises(DatasetError, match="outside the image folder"):
+        CocoDataset(tmp_path / "c.json", tmp_path / "img")
+    assert CocoDataset(tmp_path / "c.json", tmp_path / "img", allow_outside_root=True)[0][0].shape == (3, 16, 20)
+
+
+def test_convert_via_command_line_refuses_names_outside_the_folder(via_file: Path, tmp_path: Path, capsys) -> None:
+    from maskrcnn.cli import main
+
+    _write_images(tmp_path / "secret", {"one.png": (16, 20), "two.png": (30, 10)})
+    args = ["convert", "via", str(via_file), "--images", str(tmp_path / "img"), "--prefix", "../secret/",
+            "--out", str(tmp_path / "c.json")]
+    assert main(args) == 2
+    assert "outside the image folder" in capsys.readouterr().err
+    assert main([*args, "--allow-outside-root"]) == 0
+    assert [im["file_name"] for im in json.loads((tmp_path / "c.json").read_text())["images"]] == [
+        "../secret/one.png", "../secret/two.png"]

@@ -14,9 +14,9 @@ import yaml
 import maskrcnn
 from maskrcnn.checkpoint import read_file, save_checkpoint
 from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
-from maskrcnn.data import CocoDataset, generate_shapes
+from maskrcnn.data import CocoDataset, DatasetError, generate_shapes
 from maskrcnn.engine.pretrain import extract_crops, pretrain_body
-from maskrcnn.engine.train import NonFiniteLossError, init_from_checkpoint, main, train
+from maskrcnn.engine.train import NonFiniteLossError, build_datasets, init_from_checkpoint, main, train
 from maskrcnn.engine.train_config import PretrainConfig, TrainConfig, check, load_training_config
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Targets
@@ -157,6 +157,61 @@ def test_run_writes_checkpoints_metrics_and_pictures(shapes, tmp_path):
     # a second run into the same folder must not clobber it by accident
     with pytest.raises(ConfigError, match="--resume"):
         train(cfg)
+
+
+def _copy_split(split, dest: Path, edit=None) -> tuple[Path, Path]:
+    """A copy of a generated split (JSON and images) that a test may break; returns (ann, images)."""
+    import shutil
+
+    images = dest / "images"
+    shutil.copytree(split.image_dir, images)
+    data = json.loads(Path(split.ann_file).read_text())
+    if edit is not None:
+        edit(data)
+    ann = dest / "instances.json"
+    ann.write_text(json.dumps(data))
+    return ann, images
+
+
+def test_missing_image_files_fail_before_the_first_iteration(shapes, tmp_path, monkeypatch):
+    """Every training image is checked up front: all missing files in one error, nothing trained."""
+    ann, images = _copy_split(shapes["train"], tmp_path / "data")
+    names = sorted(p.name for p in images.iterdir())
+    for name in names[1:3]:
+        (images / name).unlink()
+    cfg = tiny_train_config(shapes, tmp_path / "run", data={"train_ann": str(ann), "train_images": str(images)})
+    monkeypatch.setattr("maskrcnn.engine.train.build_model", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(DatasetError) as e:
+        train(cfg)
+    message = str(e.value)
+    assert "instances.json: 2 of 6 images are bad" in message
+    assert names[1] in message and names[2] in message and "not found" in message
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda d: d.update(annotations=[]), "no instances"),
+    (lambda d: d.update(images=[], annotations=[]), "no images"),
+    (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+], ids=["no annotations", "no images", "no categories"])
+def test_an_empty_dataset_is_an_error_not_a_zero_iteration_run(shapes, tmp_path, edit, fragment):
+    ann, images = _copy_split(shapes["train"], tmp_path / "data", edit)
+    cfg = tiny_train_config(shapes, tmp_path / "run", data={"train_ann": str(ann), "train_images": str(images)})
+    with pytest.raises(DatasetError, match=f"instances.json: {fragment}"):
+        train(cfg)
+
+
+def test_file_names_outside_the_image_folder_need_allow_outside_root(shapes, tmp_path):
+    def escape(d):
+        d["images"][0]["file_name"] = "../images/" + d["images"][0]["file_name"]
+
+    ann, images = _copy_split(shapes["train"], tmp_path / "data", escape)
+    cfg = tiny_train_config(shapes, tmp_path / "run", data={"train_ann": str(ann), "train_images": str(images)})
+    with pytest.raises(DatasetError, match=r"image id \d+: file_name '\.\./images/.*' points outside .*allow_outside_root"):
+        build_datasets(cfg)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, allow_outside_root=True))
+    full, _, _ = build_datasets(cfg)
+    assert len(full) == 6
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -7,7 +7,7 @@ to COCO JSON once and read with ``CocoDataset``.
 """
 from __future__ import annotations
 
-from .coco import CocoDataset, read_json, segmentation_to_mask
+from .coco import CocoDataset, read_coco, read_json, segmentation_to_mask
 from .dsb import dsb_to_coco
 from .errors import DatasetError
 from .images import image_size, load_rgb, to_tensor
@@ -33,6 +33,7 @@ __all__ = [
     "hflip",
     "image_size",
     "load_rgb",
+    "read_coco",
     "read_json",
     "segmentation_to_mask",
     "to_tensor",

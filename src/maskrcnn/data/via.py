@@ -10,6 +10,10 @@ Polygon ``area`` is the exact polygon area (shoelace formula) and ``bbox`` the v
 extent, which is what tools that copy VIA polygons into COCO write; pycocotools' rasterised
 area differs by a few pixels along the border and only matters to COCOeval's size ranges.
 Image sizes come from the image files (after EXIF orientation, the frame ``load_rgb`` gives).
+
+Every coordinate must be a finite number (a numeric string is accepted, ``"nan"`` is not), and
+a polygon's ``all_points_x`` / ``all_points_y`` must be lists. File names must stay inside the
+image folder, as for ``CocoDataset``, unless ``allow_outside_root``.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .coco import read_json
+from .coco import image_path, read_json
 from .errors import DatasetError
 from ..results import write_json
 from .images import image_size
@@ -48,6 +52,19 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, theta: float = 0.0) -> 
     return [float(v) for xy in zip(x, y) for v in xy]
 
 
+def _number(value: Any, key: str, where: str) -> float:
+    """A finite coordinate from a JSON number or numeric string; anything else raises."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DatasetError(f"{where}: {key} value {value!r:.40} is not a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise DatasetError(f"{where}: {key} value {value!r:.40} is not a number") from None
+    if not math.isfinite(number):
+        raise DatasetError(f"{where}: {key} value {value!r} is not finite")
+    return number
+
+
 def _shape_to_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
     """Flat ``[x0, y0, x1, y1, ...]`` for an area shape, None for a shape without area."""
     name = shape.get("name")
@@ -65,26 +82,22 @@ def _shape_to_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
     missing = [k for k in need[name] if k not in shape]
     if missing:
         raise DatasetError(f"{where}: {name} shape_attributes lack {', '.join(repr(m) for m in missing)}")
-    try:
-        if name == "polygon":
-            xs, ys = [float(v) for v in shape["all_points_x"]], [float(v) for v in shape["all_points_y"]]
-            if len(xs) != len(ys):
-                raise DatasetError(f"{where}: polygon has {len(xs)} x but {len(ys)} y coordinates")
-            return [v for xy in zip(xs, ys) for v in xy]
-        if name == "rect":
-            x, y, w, h = (float(shape[k]) for k in need[name])
-            return [x, y, x + w, y, x + w, y + h, x, y + h]
-        if name == "circle":
-            r = float(shape["r"])
-            return _ellipse(float(shape["cx"]), float(shape["cy"]), r, r)
-        return _ellipse(
-            float(shape["cx"]), float(shape["cy"]), float(shape["rx"]), float(shape["ry"]),
-            float(shape.get("theta", 0.0)),
-        )
-    except DatasetError:
-        raise
-    except (TypeError, ValueError):
-        raise DatasetError(f"{where}: {name} shape_attributes are not numbers: {shape!r:.120}") from None
+    if name == "polygon":
+        for key in need[name]:
+            if not isinstance(shape[key], list):  # a string would be read character by character
+                raise DatasetError(f"{where}: polygon '{key}' must be a list of numbers, got {shape[key]!r:.40}")
+        xs = [_number(v, "all_points_x", where) for v in shape["all_points_x"]]
+        ys = [_number(v, "all_points_y", where) for v in shape["all_points_y"]]
+        if len(xs) != len(ys):
+            raise DatasetError(f"{where}: polygon has {len(xs)} x but {len(ys)} y coordinates")
+        return [v for xy in zip(xs, ys) for v in xy]
+    v = {k: _number(shape[k], k, where) for k in need[name]}
+    if name == "rect":
+        x, y, w, h = v["x"], v["y"], v["width"], v["height"]
+        return [x, y, x + w, y, x + w, y + h, x, y + h]
+    if name == "circle":
+        return _ellipse(v["cx"], v["cy"], v["r"], v["r"])
+    return _ellipse(v["cx"], v["cy"], v["rx"], v["ry"], _number(shape.get("theta", 0.0), "theta", where))
 
 
 def _polygon_area(poly: list[float]) -> float:
@@ -115,6 +128,7 @@ def via_to_coco(
     category_name: str = "object",
     category_attribute: str | None = None,
     filename_map: FilenameMap = None,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any]:
     """Convert a VIA region file to COCO instance JSON and write it.
 
@@ -127,6 +141,8 @@ def via_to_coco(
             are then the sorted distinct names with ids 1..K.
         filename_map: turns a VIA ``filename`` into the file name under ``image_dir``: a
             prefix string (``"train_"`` maps ``1.jpg`` to ``train_1.jpg``) or a callable.
+        allow_outside_root: accept (mapped) file names that are absolute or lead out of
+            ``image_dir``; they are written into the COCO JSON as they are.
 
     Returns:
         The COCO dict written: ``images`` (ids 1.. in VIA order), ``annotations`` (ids 1..,
@@ -134,7 +150,7 @@ def via_to_coco(
 
     Raises:
         DatasetError: unreadable JSON, a malformed entry or region (named by VIA key and
-            region index), or a missing image file.
+            region index), a file name outside ``image_dir``, or a missing image file.
     """
     via_json, image_dir, out_json = Path(via_json), Path(image_dir), Path(out_json)
     data = read_json(via_json)
@@ -155,8 +171,9 @@ def via_to_coco(
         if file_name in seen:
             raise DatasetError(f"{where}: image {file_name} already listed by entry {seen[file_name]!r}")
         seen[file_name] = key
+        path = image_path(image_dir, file_name, allow_outside_root, f"{where} (filename {entry['filename']!r})")
         try:
-            h, w = image_size(image_dir / file_name)
+            h, w = image_size(path)
         except DatasetError as e:
             raise DatasetError(f"{where} (filename {entry['filename']!r}): {e}") from None
         image_id = len(images) + 1

@@ -1,7 +1,9 @@
 """COCO box and mask AP with pycocotools, returned as numbers instead of printed.
 
 The numbers are pycocotools' own (``COCOeval.stats`` and ``eval["precision"]``), so they
-match published COCO results computed the same way.
+match published COCO results computed the same way. A ground-truth file is read with the
+training parser (``data.coco.read_coco``): a malformed record is a ``DatasetError`` naming the
+file and the record, never a pycocotools traceback or a silently wrong number.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ..data.coco import read_coco
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +41,9 @@ def coco_evaluate(
     """Run COCOeval for each IoU type and collect its numbers.
 
     Args:
-        gt: COCO annotation json path or a loaded ``COCO``. pycocotools converts the
-            ground-truth polygons of a loaded ``COCO`` to RLE in place during "segm" eval.
+        gt: COCO annotation json path (checked by ``read_coco``) or a loaded ``COCO``.
+            pycocotools converts the ground-truth polygons of a loaded ``COCO`` to RLE in
+            place during "segm" eval.
         results: COCO results entries (``Result.to_coco``) or a json file holding them.
             Not modified. An empty list evaluates to zero AP.
         iou_types: any of "bbox", "segm".
@@ -124,8 +129,7 @@ def _pct(value: float) -> str:
 def _load_gt(gt: str | Path | COCO) -> COCO:
     if isinstance(gt, COCO):
         return gt
-    with contextlib.redirect_stdout(io.StringIO()):
-        return COCO(str(gt))
+    return read_coco(gt).to_pycocotools()
 
 
 def _load_results(results: list[dict] | str | Path) -> list[dict]:

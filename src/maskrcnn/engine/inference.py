@@ -8,6 +8,8 @@ import torch
 from pycocotools.coco import COCO
 from tqdm import tqdm
 
+from ..data.coco import image_path
+from ..data.errors import DatasetError
 from ..data.images import load_rgb, to_tensor
 from ..model.mask_rcnn import MaskRCNN
 from ..results import Result
@@ -29,10 +31,17 @@ def coco_results(
     batch_size: int = 1,
     progress: bool = True,
     image_ids: list[int] | None = None,
+    *,
+    allow_outside_root: bool = False,
+    skipped: list[int] | None = None,
 ) -> list[dict]:
     """Detections of ``model`` on every image of ``coco`` as COCO results entries (RLE masks).
 
-    An image that cannot be read is logged and skipped; the others are still evaluated.
+    File names must stay inside ``image_dir`` unless ``allow_outside_root`` (as in
+    ``CocoDataset``). An image that cannot be read raises ``DatasetError`` naming it, since
+    evaluating without its detections would still count its ground truth; with a ``skipped``
+    list it is logged and its id appended there instead, for the caller to leave out of the
+    ground truth too.
     """
     model.eval()
     ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
@@ -42,12 +51,15 @@ def coco_results(
     for start in tqdm(range(0, len(ids), batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
         chunk, arrays = [], []
         for image_id in ids[start : start + batch_size]:
-            path = Path(image_dir) / coco.imgs[image_id]["file_name"]
+            path = image_path(image_dir, coco.imgs[image_id]["file_name"], allow_outside_root, f"image id {image_id}")
             try:
                 arrays.append(load_rgb(path))
                 chunk.append(image_id)
-            except Exception as e:  # one bad image never stops the run
-                log.error("skipping %s: %s", path, e)
+            except DatasetError as e:
+                if skipped is None:
+                    raise
+                log.error("skipping %s", e)
+                skipped.append(image_id)
         if not chunk:
             continue
         out = model([to_tensor(a).to(model.device) for a in arrays], mask_threshold=mask_thresh)

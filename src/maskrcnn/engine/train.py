@@ -116,8 +116,11 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDataset, Dataset, Dataset | No
                                image_size=tuple(d.synthetic_size))
         train_ann, train_images = str(paths["train"].ann_file), str(paths["train"].image_dir)
         val_ann, val_images = str(paths["val"].ann_file), str(paths["val"].image_dir)
-    train = CocoDataset(train_ann, train_images)
-    val = CocoDataset(val_ann, val_images, category_ids=train.category_ids) if val_ann else None
+    train = CocoDataset(train_ann, train_images, allow_outside_root=d.allow_outside_root)
+    val = CocoDataset(val_ann, val_images, category_ids=train.category_ids, allow_outside_root=d.allow_outside_root) if val_ann else None
+    for dataset, first in ((train, d.max_train_images), (val, cfg.eval.max_images)):
+        if dataset is not None:  # every image file now, not when its batch comes up
+            dataset.validate(decode=False, first=first)
     log.info("training data: %r", train)
     if val is not None:
         log.info("validation data: %r", val)

@@ -33,6 +33,7 @@ class DataConfig:
     batch_size: int = 2  # images per training step
     workers: int = 2  # DataLoader worker processes (0 = load in the training process)
     hflip: float = 0.5  # probability of a horizontal flip of a training image
+    allow_outside_root: bool = False  # let file names in the JSON be absolute or lead out of the image folder ("../x.jpg")
 
 
 @dataclass
