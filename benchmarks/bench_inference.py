@@ -5,7 +5,7 @@
 With no --weights it builds the torchvision-format parity checkpoint from ../shared (R50-FPN,
 calibrated so an 800-pixel image yields 100 detections, as trained weights do).
 Stages: preprocess, backbone (ResNet + FPN), rpn (head + proposal selection), box head
-(+ postprocessing), mask head, paste (masks into the original image).
+(+ postprocessing), mask head, paste (each mask into its box in the original image, as RLE).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import torch
 import maskrcnn
 from maskrcnn.data.images import load_rgb, to_tensor
 from maskrcnn.model.transform import to_original_frame
+from maskrcnn.results import Result
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tv_parity"
@@ -72,7 +73,8 @@ def run_once(model: maskrcnn.MaskRCNN, image: torch.Tensor) -> tuple[dict[str, f
     probs = mask_logits[torch.arange(len(labels), device=device), labels].sigmoid()
     dets[0].masks = probs
     t = lap("mask_head", t)
-    final = to_original_frame(dets, batch, mask_threshold=0.5)
+    final = to_original_frame(dets, batch)
+    Result.from_detections(final[0], batch.original_sizes[0], mask_thresh=0.5)  # paste box by box, RLE
     lap("paste", t)
     times["total"] = sum(times.values())
     return times, len(final[0])

@@ -145,3 +145,110 @@ def test_inference_overrides_are_checked(tiny_ckpt):
     assert load(tiny_ckpt, score_thresh="0.3").roi_heads.score_thresh == 0.3
     with pytest.raises(ValueError, match="did you mean roi_heads.score_thresh"):
         load(tiny_ckpt, score_tresh=0.3)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def test_one_bad_input_in_a_list_keeps_the_others_results(tiny_ckpt, tmp_path):
+    model = load(tiny_ckpt)
+    rgb = np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "good.png")
+    inputs = [tmp_path / "good.png", tmp_path / "missing.png", np.zeros((0, 0, 3), np.uint8), object(), rgb]
+    results = model.predict(inputs, batch_size=2)
+    assert len(results) == 5 and all(isinstance(r, Result) for r in results)
+    good, missing, empty, odd, array = results
+    assert good.error is None and len(good) > 0 and good.path == str(tmp_path / "good.png")
+    assert array.error is None and len(array) == len(good)
+    assert "missing.png" in missing.error and "not found" in missing.error and len(missing) == 0
+    assert missing.path == str(tmp_path / "missing.png")
+    assert "input 2" in empty.error and "no pixels" in empty.error
+    assert "input 3 (object)" in odd.error
+    with pytest.raises(ValueError, match="no pixels"):  # alone, an input's problem is raised
+        model.predict(np.zeros((0, 0, 3), np.uint8))
+    with pytest.raises(ValueError, match="has no pixels"):
+        model([torch.zeros(3, 0, 5)])
+
+
+def test_an_image_that_breaks_the_model_is_skipped_not_the_batch(tiny_ckpt, monkeypatch):
+    model = load(tiny_ckpt)
+    forward = model.preprocess.forward
+
+    def fragile(images, targets=None):
+        if any(im.shape[-1] == 13 for im in images):
+            raise RuntimeError("Input and output sizes should be greater than 0")
+        return forward(images, targets)
+
+    monkeypatch.setattr(model.preprocess, "forward", fragile)
+    rng = np.random.default_rng(3)
+    a, bad, c = (rng.integers(0, 255, (40, w, 3), dtype=np.uint8) for w in (50, 13, 60))
+    results = model.predict([a, bad, c], batch_size=2)
+    assert [r.error is None for r in results] == [True, False, True]
+    assert "input 1" in results[1].error and "RuntimeError: Input and output sizes" in results[1].error
+    assert results[0].image_size == (40, 50) and results[2].image_size == (40, 60) and len(results[2]) > 0
+
+
+def test_a_one_pixel_strip_is_detected_on_not_a_crash(tiny_ckpt):
+    # 5000 x 1 scaled by min(96 / 1, 128 / 5000) = 0.0256 was 0 pixels tall: a RuntimeError.
+    strip = np.random.default_rng(4).integers(0, 255, (1, 5000, 3), dtype=np.uint8)
+    result = load(tiny_ckpt).predict(strip)
+    assert result.error is None and result.image_size == (1, 5000)
+    assert (result.boxes[:, [1, 3]] <= 1.0 + 1e-4).all() and (result.boxes[:, [0, 2]] <= 5000).all()
+
+
+@pytest.mark.parametrize("thresh", [2.0, -0.1, float("nan"), float("inf")])
+def test_a_score_threshold_outside_0_1_is_refused(tiny_ckpt, thresh):
+    with pytest.raises(ValueError, match=r"score threshold must be a number in \[0, 1\]"):
+        load(tiny_ckpt).predict(np.zeros((20, 20, 3), np.uint8), score_thresh=thresh)
+
+
+def test_pil_16_bit_images_are_scaled_like_16_bit_files(tmp_path):
+    """A dark 16-bit frame (max 1000) as a file and as a PIL image: the same pixels, divided by
+    257 (before, the PIL image was stretched by its own maximum to full white)."""
+    from maskrcnn.predictor import as_rgb
+
+    a = (np.arange(12 * 16) * 5).reshape(12, 16).astype(np.uint16)  # 0..955
+    Image.fromarray(a).save(tmp_path / "dark.png")
+    from_path, _ = as_rgb(tmp_path / "dark.png")
+    with Image.open(tmp_path / "dark.png") as im:
+        from_pil, _ = as_rgb(im)
+    expected = np.rint(a / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(from_path[:, :, 1], expected)
+    np.testing.assert_array_equal(from_pil, from_path)
+
+
+def test_nan_or_inf_weights_are_refused_by_name(tiny_ckpt, tmp_path):
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    obj["model"]["roi_heads.box_head.fc6.weight"][3, 2] = float("nan")
+    obj["model"]["rpn.head.conv.bias"][0] = float("inf")
+    torch.save(obj, tmp_path / "nan.pth")
+    with pytest.raises(CheckpointError, match=r"nan\.pth has NaN or infinite values in 2 tensor\(s\)") as info:
+        load(tmp_path / "nan.pth")
+    assert "roi_heads.box_head.fc6.weight" in str(info.value) and "rpn.head.conv.bias" in str(info.value)
+
+
+def test_the_unsafe_checkpoint_error_gives_no_advice_to_run_its_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("print('pwned')",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError) as info:
+        load(tmp_path / "evil.pth")
+    message = str(info.value)
+    assert "weights_only" not in message and "False" not in message and "\n" not in message
+    assert "evil.pth" in message and "exec" in message
+
+
+def test_a_device_this_machine_lacks_is_a_one_line_error(tiny_ckpt):
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device cuda asked for, but CUDA is not available"):
+            load(tiny_ckpt, device="cuda")
+    else:
+        with pytest.raises(ValueError, match=r"device cuda:99 asked for, but this machine has \d+ CUDA device"):
+            load(tiny_ckpt, device="cuda:99")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match="Apple MPS is not available"):
+            load(tiny_ckpt, device="mps")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        load(tiny_ckpt, device="gpu")

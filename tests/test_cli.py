@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_predict_writes_overlays_and_results_and_survives_a_bad_image(tiny_ckpt,
     captured = capsys.readouterr()
     assert code == 1  # one unreadable image: reported, the others still processed
     assert "broken.png" in captured.err or "broken.png" in captured.out
-    assert sorted(p.name for p in out.glob("*.png")) == ["a.png", "a_2.png", "b.png"]
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == ["a.png", "a_2.png", "b.png"]
     entries = json.loads((out / "predictions.json").read_text())
     index = json.loads((out / "images.json").read_text())
     assert len(index) == 3 and {e["image_id"] for e in entries} <= {im["id"] for im in index}
@@ -83,7 +84,7 @@ def test_predict_with_the_torchvision_checkpoint_on_kudzu_photos(tv_checkpoint, 
     out = tmp_path / "kudzu"
     code = main(["predict", "--weights", str(tv_checkpoint), str(images / "val_27.jpg"), str(images / "val_29.jpg"), "--out", str(out), "--quiet", "--coco", str(KUDZU / "annotations" / "instances_val.json")])
     assert code == 0
-    assert (out / "val_27.png").stat().st_size > 0 and (out / "val_29.png").stat().st_size > 0
+    assert (out / "overlays" / "val_27.png").stat().st_size > 0 and (out / "overlays" / "val_29.png").stat().st_size > 0
     entries = json.loads((out / "predictions.json").read_text())
     gt = json.loads((KUDZU / "annotations" / "instances_val.json").read_text())
     ids = {im["id"] for im in gt["images"] if im["file_name"].endswith(("val_27.jpg", "val_29.jpg"))}
@@ -120,3 +121,164 @@ def test_convert_via_reproduces_the_shipped_kudzu_annotations(tmp_path):
     ours, shipped = json.loads(out.read_text()), json.loads((KUDZU / "annotations" / "instances_val.json").read_text())
     assert len(ours["images"]) == len(shipped["images"]) and len(ours["annotations"]) == len(shipped["annotations"])
     assert sorted(a["area"] for a in ours["annotations"]) == pytest.approx(sorted(a["area"] for a in shipped["annotations"]))
+
+
+# ---- bad input: nothing of the user's lost, no wrong number reported as success ---------------
+
+
+def _predict(ckpt, *args) -> int:
+    return main(["predict", "--weights", str(ckpt), "--quiet", *map(str, args)])
+
+
+def _one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_predicting_into_the_input_folder_leaves_the_inputs_alone(tiny_ckpt, tmp_path):
+    """--out = the input folder replaced a 16-bit microscopy PNG by its RGB overlay, exit 0."""
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    frame = (np.arange(48 * 64) * 20).reshape(48, 64).astype(np.uint16)
+    Image.fromarray(frame).save(folder / "cell.png")
+    before = (folder / "cell.png").read_bytes()
+    assert _predict(tiny_ckpt, folder, "--out", folder) == 0
+    assert (folder / "cell.png").read_bytes() == before
+    with Image.open(folder / "overlays" / "cell.png") as overlay:
+        assert overlay.mode == "RGB" and overlay.size == (64, 48)
+
+
+def test_a_write_that_would_hit_an_input_is_refused_before_any_work(tiny_ckpt, tmp_path, capsys):
+    (tmp_path / "overlays").mkdir()
+    Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "overlays" / "a.png")
+    before = (tmp_path / "overlays" / "a.png").read_bytes()
+    assert _predict(tiny_ckpt, tmp_path / "overlays", "--out", tmp_path) == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert "would overwrite the input image" in line and "a.png" in line
+    assert (tmp_path / "overlays" / "a.png").read_bytes() == before
+    assert not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_results_are_written_as_they_come_and_kept_on_ctrl_c(tiny_ckpt, images, tmp_path, monkeypatch, capsys):
+    import maskrcnn.predictor as predictor
+
+    calls = []
+    as_rgb = predictor.as_rgb
+
+    def interrupted_on_the_third(item, *args):
+        calls.append(item)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return as_rgb(item, *args)
+
+    monkeypatch.setattr(predictor, "as_rgb", interrupted_on_the_third)
+    out = tmp_path / "out"
+    assert _predict(tiny_ckpt, images / "a.png", images / "b.jpg", images / "sub" / "a.png", "--out", out) == 130
+    assert "interrupted" in capsys.readouterr().err
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [Path(r["file_name"]).name for r in records] == ["a.png", "b.jpg"]
+    entries = json.loads((out / "predictions.json").read_text())
+    assert entries == [e for r in records for e in r["results"]] and len(entries) == sum(r["detections"] for r in records) > 0
+    index = json.loads((out / "images.json").read_text())
+    assert [im["id"] for im in index] == [r["id"] for r in records] and "results" not in index[0]
+
+
+def test_an_image_the_model_fails_on_is_named_and_skipped(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    from maskrcnn.model.transform import Preprocessor
+
+    forward = Preprocessor.forward
+
+    def fragile(self, images, targets=None):
+        if any(im.shape[-1] == 13 for im in images):
+            raise RuntimeError("Input and output sizes should be greater than 0")
+        return forward(self, images, targets)
+
+    monkeypatch.setattr(Preprocessor, "forward", fragile)
+    rng = np.random.default_rng(5)
+    for name, width in (("a.png", 50), ("narrow.png", 13), ("c.png", 60)):
+        Image.fromarray(rng.integers(0, 255, (40, width, 3), dtype=np.uint8)).save(tmp_path / name)
+    out = tmp_path / "out"
+    assert _predict(tiny_ckpt, tmp_path / "a.png", tmp_path / "narrow.png", tmp_path / "c.png", "--out", out, "--batch-size", "2") == 1
+    err = capsys.readouterr().err
+    assert "narrow.png" in err and "RuntimeError: Input and output sizes" in err
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png", "c.png"]
+    assert len(json.loads((out / "images.json").read_text())) == 2
+
+
+def test_a_missing_input_next_to_a_good_one_exits_1(tiny_ckpt, images, tmp_path, capsys):
+    assert _predict(tiny_ckpt, images / "a.png", tmp_path / "typo.png", "--out", tmp_path / "out") == 1
+    assert "typo.png" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "out" / "images.json").read_text())) == 1
+
+
+def test_a_fifo_in_the_input_folder_is_reported_not_read(tiny_ckpt, images, tmp_path, capsys):
+    import os
+    import signal
+
+    os.mkfifo(images / "pipe.png")
+
+    class Hung(BaseException):  # not an OSError: no handler of the code under test may swallow it
+        pass
+
+    def hung(*_):
+        raise Hung("predict blocked on a FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        assert _predict(tiny_ckpt, images, "--out", tmp_path / "out") == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "pipe.png" in capsys.readouterr().err
+    assert len(json.loads((tmp_path / "out" / "images.json").read_text())) == 2  # a.png, b.jpg
+
+
+@pytest.mark.parametrize("value", ["2", "nan", "-0.5"])
+def test_a_score_threshold_outside_0_1_is_a_one_line_error(tiny_ckpt, images, tmp_path, capsys, value):
+    assert _predict(tiny_ckpt, images / "a.png", "--out", tmp_path / "out", "--score-thresh", value) == 2
+    assert "score threshold must be a number in [0, 1]" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_over_max_pixels_are_named_and_skipped(tiny_ckpt, images, tmp_path, capsys):
+    # a.png is 80x60 = 4800 pixels, b.jpg 70x50 = 3500
+    assert _predict(tiny_ckpt, images / "a.png", images / "b.jpg", "--out", tmp_path / "out", "--max-pixels", "4000") == 1
+    assert "a.png is 80x60 = 4,800 pixels, more than the limit of 4,000" in capsys.readouterr().err
+    assert [Path(im["file_name"]).name for im in json.loads((tmp_path / "out" / "images.json").read_text())] == ["b.jpg"]
+
+
+def test_a_device_this_machine_lacks_is_a_one_line_error(tiny_ckpt, images, tmp_path, capsys):
+    device = "cuda:99" if torch.cuda.is_available() else "cuda"
+    assert _predict(tiny_ckpt, images / "a.png", "--out", tmp_path / "out", "--device", device) == 2
+    assert f"device {device} asked for" in _one_line_error(capsys.readouterr().err)
+
+
+def test_download_without_a_network_is_a_one_line_error(tmp_path, capsys):
+    # .invalid never resolves (RFC 2606): the same failure as a machine with no network
+    assert main(["download", "http://weights.invalid/w-0123abcd.pth", "--dir", str(tmp_path), "--quiet"]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "could not download http://weights.invalid/w-0123abcd.pth" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_coco_ids_follow_the_folders_not_just_the_base_name(tiny_ckpt, tmp_path, capsys):
+    """Two GT images named x.png in different folders got the same id (mapped by base name)."""
+    root = tmp_path / "images"
+    for sub in ("a", "b"):
+        (root / sub).mkdir(parents=True)
+        Image.fromarray(np.full((30, 40, 3), 90 if sub == "a" else 160, np.uint8)).save(root / sub / "x.png")
+    gt = {"images": [{"id": 7, "file_name": "a/x.png", "height": 30, "width": 40},
+                     {"id": 9, "file_name": "b/x.png", "height": 30, "width": 40}],
+          "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    out = tmp_path / "out"
+    assert _predict(tiny_ckpt, root / "b" / "x.png", root / "a" / "x.png", "--out", out, "--coco", tmp_path / "gt.json") == 0
+    ids = {Path(im["file_name"]).parent.name: im["id"] for im in json.loads((out / "images.json").read_text())}
+    assert ids == {"a": 7, "b": 9}
+    # A copy in a folder the GT file does not name matches both by base name: refused.
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "x.png").write_bytes((root / "a" / "x.png").read_bytes())
+    assert _predict(tiny_ckpt, tmp_path / "copy" / "x.png", "--out", out, "--coco", tmp_path / "gt.json") == 2
+    assert "matches 2 images" in _one_line_error(capsys.readouterr().err)

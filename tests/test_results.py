@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from maskrcnn.ops.paste import paste_masks
 from maskrcnn.results import MASK_ALPHA, Result, label_color, write_coco_results
 from maskrcnn.structures import Detections
 from maskrcnn.visualize import draw_grid, plot_metrics
@@ -120,16 +121,84 @@ def test_indexing() -> None:
 
 
 def test_from_detections() -> None:
+    # One 2x2 per-box mask over the box (0, 0)-(30, 40): left column 0.9, right column 0.3.
     det = Detections(
-        boxes=torch.tensor([[1.0, 2.0, 30.0, 40.0]]),
+        boxes=torch.tensor([[0.0, 0.0, 30.0, 40.0]]),
         scores=torch.tensor([0.8]),
         labels=torch.tensor([2]),
-        masks=torch.full((1, H, W), 0.3).index_fill_(1, torch.arange(5), 0.9),
+        masks=torch.tensor([[[0.9, 0.3], [0.9, 0.3]]]),
     )
     res = Result.from_detections(det, (H, W), class_names=["__background__", "a", "b"])
-    assert res.class_names == ["b"] and res.masks.dtype == bool
-    assert res.masks[0, :5].all() and not res.masks[0, 5:].any()
+    assert res.class_names == ["b"] and res.masks.dtype == bool and res.masks.shape == (1, H, W)
+    # By hand: the zero-padded 4-column profile (0, 0.9, 0.3, 0) spans the box grown 4/2 times
+    # about its centre, x = -15..45, resized to 61 columns. Column i samples the profile at
+    # (i + 0.5) * 4/61 - 0.5, above 0.5 for 0.556 < s < 1.667: i = 16..32, image x = 1..17.
+    assert np.flatnonzero(res.masks[0].any(axis=0)).tolist() == list(range(1, 18))
     assert Result.from_detections(det, (H, W), class_names={1: "a"}).class_names == [""]
+    with pytest.raises(ValueError, match=r"\(N, M, M\) per-box"):
+        Result.from_detections(Detections(det.boxes, det.scores, det.labels, torch.zeros(1, H, W)), (H, W))
+
+
+def test_from_detections_pastes_box_by_box_exactly_as_paste_masks() -> None:
+    """Each mask is pasted into its box and run-length encoded without a full frame; the pixels
+    and the RLE bytes must be those of thresholding paste_masks' full frames (pycocotools encode)."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 28, 28, generator=g)
+    boxes = torch.tensor([
+        [3.2, 4.7, 20.1, 15.3],    # inside
+        [-6.3, -2.5, 8.0, 9.9],    # over the top-left corner
+        [60.0, 40.0, 79.9, 59.9],  # reaching the bottom-right corner: runs wrap across columns
+        [10.0, 10.0, 10.4, 10.2],  # tiny
+        [90.0, 70.0, 99.0, 80.0],  # outside
+        [-0.4, 0.0, 79.9, 59.9],   # whole image
+    ])
+    det = Detections(boxes, torch.linspace(0.9, 0.4, 6), torch.ones(6, dtype=torch.int64), probs)
+    res = Result.from_detections(det, (H, W), mask_thresh=0.5)
+    dense = (paste_masks(probs, boxes, (H, W)) > 0.5).numpy()
+    np.testing.assert_array_equal(res.masks, dense)
+    expected = mask_util.encode(np.asfortranarray(dense.transpose(1, 2, 0).astype(np.uint8)))
+    assert [r["counts"] for r in res.rles] == [r["counts"] for r in expected]
+    assert not res.masks[4].any() and res.masks[5].any()
+
+
+def test_masks_are_kept_as_rles_and_decoded_on_request() -> None:
+    res = _result()
+    dense = res.masks
+    assert all(isinstance(r["counts"], bytes) and r["size"] == [H, W] for r in res.rles)
+    assert dense.shape == (3, H, W) and dense.dtype == bool and dense[0, 20:50, 10:40].all() and dense[0].sum() == 900
+    res.masks = dense[:, ::-1, :].copy()  # assigning re-encodes
+    assert res.masks[0, H - 50 : H - 20, 10:40].all()
+    res.masks = None
+    assert res.rles is None and res.masks is None
+    with pytest.raises(ValueError, match="masks"):
+        res.masks = np.zeros((2, H, W), bool)
+
+
+def test_memory_follows_the_objects_not_the_image() -> None:
+    """20 small objects on a 12 MP image: pasting, export and drawing must never hold a frame per
+    detection (before: 20 x 12 MB bool, then the same again as uint8 for pycocotools)."""
+    import tracemalloc
+
+    h, w, n = 3000, 4000, 20
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([w - 300.0, h - 300.0])
+    boxes = torch.cat([xy, xy + 200.0], dim=1)
+    det = Detections(boxes, torch.linspace(0.9, 0.5, n), torch.ones(n, dtype=torch.int64), torch.rand(n, 28, 28, generator=g))
+    image = np.zeros((h, w, 3), np.uint8)
+    tracemalloc.start()
+    try:
+        res = Result.from_detections(det, (h, w), image=image)
+        entries = res.to_coco(1)
+        _, peak_export = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        res.plot()
+        _, peak_plot = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(entries) == n and all(e["segmentation"]["size"] == [h, w] for e in entries)
+    assert peak_export < 2e6, peak_export  # kilobytes of RLE, not 20 x 12 MB frames
+    # drawing: a copy of the pixels (3 bytes a pixel) and one mask frame at a time (1 byte)
+    assert peak_plot < 4.5 * h * w, peak_plot
 
 
 # ---- plot / save ---------------------------------------------------------------------------

@@ -11,6 +11,8 @@ full disk never leaves a half-written checkpoint where a good one was.
 """
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +52,17 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, pickle with code, truncated file...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+    except pickle.UnpicklingError as e:  # objects beyond tensors and plain values, e.g. code
+        # torch's own message suggests weights_only=False, i.e. running the file's code: never relay it.
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        what = f" (it asks for {found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: it holds Python objects other than tensors and plain values{what}, "
+            "which are never unpickled because that can run arbitrary code; save the weights as a plain state dict"
+        ) from None
+    except Exception as e:  # corrupt zip, truncated file...
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first_line}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of weights, got {type(obj).__name__}")
     return obj
@@ -67,10 +78,33 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: 
         parts = [f"checkpoint {source} does not fit the model"]
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if keys:
-                shown = ", ".join(keys[:10]) + (f", ... ({len(keys)} in all)" if len(keys) > 10 else "")
-                parts.append(f"{title}: {shown}")
+                parts.append(f"{title}: {_first_few(keys)}")
         raise CheckpointError("; ".join(parts))
+    # A NaN or inf weight loads fine and then silently detects nothing: refuse it by name.
+    bad = [k for k in own if k in state and state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {source} has NaN or infinite values in {len(bad)} tensor(s): {_first_few(bad)}")
     model.load_state_dict(state, strict=False)
+
+
+def _first_few(keys: list[str], n: int = 10) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)`` if this machine has it, else a one-line ValueError saying so."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {dev} asked for, but CUDA is not available on this machine (use cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {dev} asked for, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {dev} asked for, but Apple MPS is not available on this machine (use cpu)")
+    return dev
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any) -> MaskRCNN:
@@ -83,6 +117,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | N
             published COCO weights).
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``.
     """
+    device = check_device(device)
     obj = read_file(path)
     if obj.get("format") == FORMAT:
         try:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
 import sys
@@ -19,22 +20,41 @@ def positive_int(text: str) -> int:
     return value
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, unique."""
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, unique.
+
+    Returns:
+        The paths, and one message (logged too) for each input skipped: a name that matches
+        nothing, or an entry that is not a regular file (a FIFO would block the reader forever).
+    """
     paths: list[Path] = []
+    skipped: list[str] = []
+
+    def add(p: Path) -> None:
+        if p.is_file():  # a regular file, or a link to one
+            paths.append(p)
+        elif not p.is_dir():
+            skipped.append(f"not a regular file (FIFO, socket, device or broken link), skipped: {p}")
+            log.error("%s", skipped[-1])
+
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.exists():
-            paths.append(p)
+            for q in sorted(p.iterdir()):
+                if q.suffix.lower() in IMAGE_SUFFIXES:
+                    add(q)
+        elif p.exists() or p.is_symlink():
+            add(p)
         else:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
-                log.error("no such file, folder or pattern: %s", item)
-            paths.extend(Path(m) for m in matches if Path(m).is_file())
+                skipped.append(f"no such file, folder or pattern: {item}")
+                log.error("%s", skipped[-1])
+            for m in matches:
+                add(Path(m))
     seen: set[Path] = set()
-    return [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+    unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+    return unique, skipped
 
 
 def overlay_names(paths: list[Path]) -> list[str]:
@@ -50,59 +70,66 @@ def overlay_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
+    """ValueError if writing any of ``outputs`` would replace one of ``inputs``.
+
+    Compared by resolved path and, for files that exist, by device and inode, so links and
+    case-insensitive file systems cannot slip an input through.
+    """
+    resolved = {p.resolve(): p for p in inputs}
+    inodes = {}
+    for p in inputs:
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            inodes[(st.st_dev, st.st_ino)] = p
+    for out in outputs:
+        hit = resolved.get(out.resolve())
+        if hit is None and out.exists():
+            st = out.stat()
+            hit = inodes.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            raise ValueError(f"writing {out} would overwrite the input image {hit}; choose another --out folder")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from .checkpoint import load
-    from .data.images import load_rgb
-    from .engine.inference import label_to_category
-    from .results import write_coco_results, write_json
+    from .data.images import MAX_PIXELS
+    from .engine.inference import PredictionFiles, coco_image_ids, label_to_category
+    from .predictor import check_score_thresh, iter_predict
 
-    paths = expand_inputs(args.inputs)
+    check_score_thresh(args.score_thresh)
+    paths, failed = expand_inputs(args.inputs)
     if not paths:
         print(f"error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
         return 2
-    model = load(args.weights, device=args.device)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ids_by_name = {}
-    if args.coco:
-        from pycocotools.coco import COCO
-
-        coco = COCO(args.coco)
-        ids_by_name = {Path(im["file_name"]).name: im["id"] for im in coco.imgs.values()}
-    table = label_to_category(model)
-    entries, images, failed = [], [], []
     names = overlay_names(paths)
+    overlays = [out / "overlays" / f"{n}.png" for n in names]
+    results = PredictionFiles(out)
+    refuse_overwriting_inputs(paths, [*overlays, *results.paths()])
+    # Images missing from the --coco file get ids past its largest, never one of its ids.
+    gt_ids, first_free = coco_image_ids(paths, args.coco) if args.coco else ([None] * len(paths), 1)
+    model = load(args.weights, device=args.device)
+    table = label_to_category(model)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
-    for start in range(0, len(paths), args.batch_size):
-        chunk = []
-        for i in range(start, min(start + args.batch_size, len(paths))):
-            try:
-                chunk.append((i, load_rgb(paths[i])))
-            except Exception as e:  # a bad file is reported and skipped; the rest go on
-                failed.append(str(paths[i]))
-                log.error("%s", e)
-                bar.update(1)
-        if not chunk:
-            continue
-        with torch.inference_mode():
-            results = model.predict([a for _, a in chunk], batch_size=len(chunk), score_thresh=args.score_thresh)
-        for (i, _), result in zip(chunk, results):
-            result.path = str(paths[i])
-            # Images missing from the --coco file get ids past its largest, never one of its ids.
-            image_id = ids_by_name.get(paths[i].name, max(ids_by_name.values(), default=0) + i + 1)
-            result.save(out / f"{names[i]}.png")
-            entries.extend(result.to_coco(image_id, table))
-            images.append({"id": image_id, "file_name": str(paths[i]), "height": result.image_size[0], "width": result.image_size[1], "detections": len(result)})
+    stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
+                          max_pixels=args.max_pixels or MAX_PIXELS)
+    with results:
+        for i, result in enumerate(stream):
             bar.update(1)
-    bar.close()
-    write_coco_results(entries, out / "predictions.json")
-    write_json(images, out / "images.json", indent=1)
-    print(f"{len(images)} images, {len(entries)} detections -> {out}/ (overlays, predictions.json, images.json)")
+            if result.error is not None:  # logged as it happened; listed again at the end
+                failed.append(result.error)
+                continue
+            image_id = gt_ids[i] if gt_ids[i] is not None else first_free + i
+            result.save(overlays[i])
+            results.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+        bar.close()
+    print(f"{results.images} images, {results.detections} detections -> {out}/ "
+          "(overlays/, predictions.json, predictions.jsonl, images.json)")
     if failed:
-        print(f"{len(failed)} image(s) could not be read: {', '.join(failed)}", file=sys.stderr)
+        print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -157,10 +184,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import download, published_url
+    from .download import DownloadError, download, published_url
 
     url = args.name if "://" in args.name else published_url(args.name)
-    path = download(url, args.dir, sha256=args.sha256, progress=not args.quiet)
+    try:
+        path = download(url, args.dir, sha256=args.sha256, progress=not args.quiet)
+    except DownloadError as e:  # offline, HTTP error, bad hash: one line, not a traceback
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
@@ -207,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     q.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
     q.add_argument("--coco", default=None, help="COCO JSON whose image ids to use in predictions.json")
+    q.add_argument("--max-pixels", type=positive_int, default=None,
+                   help="refuse images with more pixels than this (default 178956970, Pillow's own limit)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
 

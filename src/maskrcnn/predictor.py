@@ -1,64 +1,166 @@
-"""``model.predict``: images in whatever form a user has, ``Result`` objects out."""
+"""``model.predict``: images in whatever form a user has, ``Result`` objects out.
+
+One loop (``iter_predict``) runs a model over images for the API and for ``maskrcnn predict``:
+it reads each input when its batch comes up, so memory holds one batch, and an input that
+cannot be read or that the model fails on becomes a ``Result`` with ``error`` set while the
+others go on.
+"""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .data.images import load_rgb, to_tensor
+from .data.images import MAX_PIXELS, load_rgb, to_rgb
 from .model.mask_rcnn import MaskRCNN
 from .results import Result
 
 log = logging.getLogger(__name__)
 
 ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
+_Loaded = tuple[str, np.ndarray, Optional[str]]  # an input read: (name, (H, W, 3) uint8 RGB, path)
 
 
-def as_rgb(image: ImageLike) -> tuple[np.ndarray, str | None]:
+def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
     """Any supported image -> ((H, W, 3) uint8 RGB array, source path or None).
 
-    Paths are decoded with EXIF orientation; PIL images of any mode are converted; arrays may
-    be (H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA, uint8 (or float in 0..1); tensors are
-    (3, H, W) float in 0..1.
+    Paths are decoded with EXIF orientation (refused above ``max_pixels``); PIL images (EXIF
+    orientation applied) and arrays go through ``data.images.to_rgb``, the package's one rule
+    for modes and bit depths (16-bit data is divided by 257, floats in 0..1 scaled by 255);
+    tensors are (3, H, W) float in 0..1.
+
+    Raises:
+        ValueError (``DatasetError`` for files): an unreadable file, a wrong shape, no pixels.
+        TypeError: an unsupported input type.
     """
     if isinstance(image, (str, Path)):
-        return load_rgb(image), str(image)
+        return load_rgb(image, max_pixels), str(image)
     if isinstance(image, Image.Image):
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            a = np.asarray(image, dtype=np.float64)
-            a = np.clip(a / max(a.max(), 1.0) * 255.0, 0, 255).astype(np.uint8)
-            return np.repeat(a[:, :, None], 3, axis=2), None
-        return np.asarray(image.convert("RGB"), dtype=np.uint8).copy(), None
+        return to_rgb(ImageOps.exif_transpose(image)), None
     if isinstance(image, torch.Tensor):
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"tensor images must be (3, H, W) floats in 0..1, got shape {tuple(image.shape)}")
+        if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"tensor images must be (3, H, W) floats in 0..1 with H, W > 0, got shape {tuple(image.shape)}")
         return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), None
     if isinstance(image, np.ndarray):
-        a = image
-        if a.dtype != np.uint8:
-            if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
-                a = (a * 255).round()
-            a = np.clip(a, 0, 255).astype(np.uint8)
-        if a.ndim == 2:
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        if a.ndim != 3 or a.shape[2] not in (3, 4):
-            raise ValueError(f"array images must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
-        return np.ascontiguousarray(a[:, :, :3]), None
+        return to_rgb(image), None
     raise TypeError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
 
 
-def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
+def check_score_thresh(value: float | None) -> float | None:
+    """``value`` if None or a probability in [0, 1]; otherwise a one-line ValueError."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"score threshold must be a number in [0, 1], got {value!r}")
+    return value
 
 
-@torch.inference_mode()
+def _name(item: ImageLike, index: int) -> str:
+    """How an input is named in messages: its path, else its position and type."""
+    return str(item) if isinstance(item, (str, Path)) else f"input {index} ({type(item).__name__})"
+
+
+def _failed(message: str, path: str | None) -> Result:
+    log.error("%s", message)
+    return Result.failed(message, path=path)
+
+
+def iter_predict(
+    model: MaskRCNN,
+    images: Iterable[ImageLike],
+    batch_size: int = 1,
+    score_thresh: float | None = None,
+    mask_thresh: float | None = None,
+    keep_images: bool = True,
+    max_pixels: int | None = MAX_PIXELS,
+) -> Iterator[Result]:
+    """Yield one ``Result`` per input, in order, as soon as its batch is done.
+
+    Arguments as for ``predict``. An input that cannot be read, or on which the model fails
+    (a failing batch is retried image by image to find it), yields ``Result.failed`` with the
+    reason in ``error``, also logged; KeyboardInterrupt is never caught.
+    """
+    check_score_thresh(score_thresh)  # now, not at the first image
+    return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, raise_errors=False)
+
+
+def _predict(
+    model: MaskRCNN,
+    images: Iterable[ImageLike],
+    batch_size: int,
+    score_thresh: float | None,
+    mask_thresh: float | None,
+    keep_images: bool,
+    max_pixels: int | None,
+    raise_errors: bool,
+) -> Iterator[Result]:
+    """``iter_predict``; with ``raise_errors`` a failure raises its own exception instead."""
+    check_score_thresh(score_thresh)
+    cfg = model.config
+    mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
+    names = cfg.label_names()
+
+    def detect(loaded: list[_Loaded]) -> list[Result]:
+        """One forward pass; a failure on a single image becomes its failed Result."""
+        try:
+            with torch.inference_mode():
+                # (3, H, W) uint8 views: the model divides by 255 itself, so no float copy of
+                # a 24 MP photo (288 MB) is held here.
+                out = model([torch.from_numpy(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded])
+                results = []
+                for (_, array, path), det in zip(loaded, out.detections or []):
+                    if score_thresh is not None:
+                        det = det[det.scores >= score_thresh]
+                    image = array if keep_images else None
+                    results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image))
+                return results
+        except Exception as e:  # noqa: BLE001  one image that breaks the model must not cost the others
+            if raise_errors:
+                raise
+            if len(loaded) > 1:
+                return [r for one in loaded for r in detect([one])]
+            name, _, path = loaded[0]
+            return [_failed(f"{name}: the model failed: {type(e).__name__}: {e}", path)]
+
+    def process(batch: list[tuple[int, ImageLike]]) -> Iterator[Result]:
+        slots: list[Result | _Loaded] = []
+        for index, item in batch:
+            path = str(item) if isinstance(item, (str, Path)) else None
+            try:
+                array, _ = as_rgb(item, max_pixels)
+                slots.append((_name(item, index), array, path))
+            except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
+                if raise_errors:
+                    raise
+                slots.append(_failed(str(e) if path and path in str(e) else f"{_name(item, index)}: {e}", path))
+        loaded = [s for s in slots if not isinstance(s, Result)]
+        done = iter(detect(loaded) if loaded else [])
+        for slot in slots:
+            yield slot if isinstance(slot, Result) else next(done)
+
+    was_training = model.training
+    saved_thresh = model.roi_heads.score_thresh
+    if score_thresh is not None and score_thresh < saved_thresh:
+        model.roi_heads.score_thresh = score_thresh  # let lower-scored candidates through NMS too
+    model.eval()
+    try:
+        batch: list[tuple[int, ImageLike]] = []
+        for index, item in enumerate(images):
+            batch.append((index, item))
+            if len(batch) >= max(1, batch_size):
+                yield from process(batch)
+                batch = []
+        if batch:
+            yield from process(batch)
+    finally:
+        model.roi_heads.score_thresh = saved_thresh
+        model.train(was_training)
+
+
 def predict(
     model: MaskRCNN,
     images: ImageLike | Iterable[ImageLike],
@@ -66,6 +168,7 @@ def predict(
     score_thresh: float | None = None,
     mask_thresh: float | None = None,
     keep_images: bool = True,
+    max_pixels: int | None = MAX_PIXELS,
 ) -> Result | list[Result]:
     """Run ``model`` on one image or a list of images.
 
@@ -73,39 +176,26 @@ def predict(
         model: a ``MaskRCNN`` (switched to eval mode for the call).
         images: a path, PIL image, array or tensor, or a list of them.
         batch_size: images per forward pass.
-        score_thresh: keep detections with score >= this (default: the model's own threshold,
-            0.05 for torchvision's weights, so results equal torchvision's).
+        score_thresh: keep detections with score >= this, a number in [0, 1] (default: the
+            model's own threshold, 0.05 for torchvision's weights, so results equal
+            torchvision's).
         mask_thresh: mask probability above which a pixel belongs to the object (default the
             config's, 0.5).
         keep_images: keep the pixels in each ``Result`` for ``.plot()``.
+        max_pixels: image files with more pixels are refused (None: no limit).
+
     Returns:
-        A ``Result`` for a single image, else a list in input order.
+        A ``Result`` for a single image, else a list with one ``Result`` per input, in order.
+        In a list, an input that cannot be read (missing or corrupt file, empty array) or on
+        which the model fails gets a ``Result`` with no detections and the reason in
+        ``.error`` (also logged); the other inputs' results are unaffected.
+
+    Raises:
+        ValueError: ``score_thresh`` outside [0, 1] or NaN. For a single input, whatever
+            stopped it is raised (e.g. ``DatasetError`` for an unreadable file, ValueError
+            for an empty array).
     """
     single = isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor))
     items = [images] if single else list(images)  # type: ignore[list-item]
-    cfg = model.config
-    mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
-    names = cfg.label_names()
-    was_training = model.training
-    saved_thresh = model.roi_heads.score_thresh
-    if score_thresh is not None and score_thresh < saved_thresh:
-        model.roi_heads.score_thresh = score_thresh  # let lower-scored candidates through NMS too
-    model.eval()
-    results: list[Result] = []
-    try:
-        for chunk in _chunks(items, max(1, batch_size)):
-            arrays = [as_rgb(x) for x in chunk]
-            tensors = [to_tensor(a).to(model.device) for a, _ in arrays]
-            out = model(tensors, mask_threshold=mask_thresh)
-            for (array, path), det in zip(arrays, out.detections or []):
-                if score_thresh is not None:
-                    det = det[det.scores >= score_thresh]
-                results.append(
-                    Result.from_detections(
-                        det, array.shape[:2], names, path=path, image=array if keep_images else None
-                    )
-                )
-    finally:
-        model.roi_heads.score_thresh = saved_thresh
-        model.train(was_training)
+    results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, raise_errors=single))
     return results[0] if single else results

@@ -75,8 +75,9 @@ class Detections(_Instances):
         scores: (N,) float32 class probabilities in [0, 1].
         labels: (N,) int64 class indices 1..num_classes (COCO category ids for a
             torchvision COCO checkpoint, whose 91 slots are the category ids).
-        masks: (N, H, W) float32 mask probabilities pasted into the image, or (N, M, M)
-            per-box mask probabilities before pasting, or None when the model has no mask head.
+        masks: (N, M, M) float32 mask probabilities over each box (pasted into the image
+            only by ``Result.from_detections`` or ``ops.paste_masks``), or None when the model
+            has no mask head.
     """
 
     boxes: Tensor
@@ -120,7 +121,7 @@ class ModelOutput:
 
     Attributes:
         losses: name -> scalar loss; filled whenever targets were given, empty otherwise.
-        detections: one ``Detections`` per image in the original frame with pasted masks;
+        detections: one ``Detections`` per image, boxes in the original frame, per-box masks;
             filled in eval mode, None in training mode.
     """
 

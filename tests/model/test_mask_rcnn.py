@@ -70,3 +70,28 @@ def test_fast_rcnn_loss_with_no_rois_is_zero_not_nan():
     cls, box = fast_rcnn_losses(logits, deltas, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4))
     assert cls.item() == 0.0 and box.item() == 0.0
     (cls + box).backward()
+
+
+def test_resizing_never_gives_an_empty_side():
+    from maskrcnn.model.transform import Preprocessor
+
+    pre = Preprocessor(min_size=(800,), max_size=1333).eval()
+    # torchvision's sizes: floor(side * scale), scale = min(800 / short, 1333 / long)
+    batch, _ = pre([torch.rand(3, 576, 768)])
+    assert batch.image_sizes == [(800, 1066)]
+    # 5000 x 1: scale min(800, 0.2666) makes the 1-pixel side 0.27 -> floor 0; kept at 1 pixel
+    batch, _ = pre([torch.rand(3, 1, 5000), torch.rand(3, 5000, 1)])
+    assert batch.image_sizes == [(1, 1333), (1333, 1)]
+    with pytest.raises(ValueError, match=r"image 0: has no pixels \(size 0x7\)"):
+        pre([torch.rand(3, 0, 7)])
+
+
+def test_uint8_images_give_the_same_numbers_as_float_ones():
+    from maskrcnn.data.images import to_tensor
+    from maskrcnn.model.transform import Preprocessor
+
+    pre = Preprocessor(min_size=(64,), max_size=100).eval()
+    rgb = torch.randint(0, 256, (50, 70, 3), dtype=torch.uint8)
+    a, _ = pre([to_tensor(rgb.numpy())])
+    b, _ = pre([rgb.permute(2, 0, 1)])
+    assert torch.equal(a.tensors, b.tensors)

@@ -18,6 +18,7 @@ import maskrcnn
 from maskrcnn.model.transform import to_original_frame
 from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.paste import paste_masks
+from maskrcnn.results import Result
 
 from ..conftest import TV_PARITY, need
 
@@ -170,11 +171,16 @@ def test_detections(runs, case, stage):
             assert np.abs(r["own_logits"][i][fwd[m]].numpy() - ref_logits[m]).max() <= 1e-2
             continue
         ref_masks = mask_util.decode(r["masks_json"][i]).transpose(2, 0, 1).astype(bool)
-        our_masks = (ours.masks > 0.5).numpy()
+        size = ref_masks.shape[1:]
+        # The model returns per-box probabilities; what a user gets is Result's box-by-box
+        # paste, run-length encoded. It must equal pasting full frames, pixel for pixel.
+        our_soft = paste_masks(ours.masks, ours.boxes, size)  # (N, H, W) probabilities
+        our_masks = Result.from_detections(ours, size).masks
+        np.testing.assert_array_equal(our_masks, (our_soft > 0.5).numpy())
         ious = np.array([mask_iou(ref_masks[j], our_masks[k]) if k >= 0 else 0.0 for j, k in enumerate(fwd)])
         with_mask = ious >= 0.98
         assert with_mask.mean() >= 0.98, np.sort(ious)[:5]
-        soft = ours.masks.double().sum(dim=(1, 2)).numpy()
+        soft = our_soft.double().sum(dim=(1, 2)).numpy()
         ref_soft = r["ref"][f"final_mask_soft_sum_{i}"]
         np.testing.assert_allclose(soft[fwd[with_mask]], ref_soft[with_mask], rtol=1e-3, atol=0.5)
         ref_probs = torch.from_numpy(r["ref"][f"dets_mask_logits_{i}"]).sigmoid()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.ops import paste_masks
+from maskrcnn.ops import paste_crops, paste_masks
 
 from . import reference
 
@@ -57,3 +57,24 @@ def test_empty() -> None:
     out = paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12))
     assert out.shape == (0, 10, 12)
     assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12), threshold=0.5).dtype == torch.bool
+
+
+def test_crops_hold_every_pasted_pixel() -> None:
+    """paste_crops against the per-pixel reference: the reference frame is zero outside each
+    crop and equal to it inside, so keeping crops loses nothing of the full paste."""
+    g = torch.Generator().manual_seed(2)
+    masks = torch.rand(4, 7, 7, generator=g, dtype=torch.float64)
+    boxes = torch.tensor(
+        [[3.2, 4.7, 20.1, 15.3], [-6.3, -2.5, 8.0, 9.9], [25.0, 18.0, 44.0, 33.0], [50.0, 50.0, 60.0, 60.0]],
+        dtype=torch.float64,
+    )
+    crops = list(paste_crops(masks, boxes, (24, 32)))
+    assert len(crops) == 4 and crops[3][2].shape == (0, 0)  # the box outside the image
+    for i, (y0, x0, crop) in enumerate(crops):
+        expected = reference.paste_mask(masks[i].numpy(), boxes[i].tolist(), (24, 32), 1)
+        h, w = crop.shape
+        np.testing.assert_allclose(crop.numpy(), expected[y0 : y0 + h, x0 : x0 + w], rtol=0, atol=1e-12)
+        expected[y0 : y0 + h, x0 : x0 + w] = 0
+        assert not expected.any()
+    binary = list(paste_crops(masks, boxes, (24, 32), threshold=0.5))
+    assert all(torch.equal(b, c > 0.5) for (_, _, b), (_, _, c) in zip(binary, crops))

@@ -1,12 +1,27 @@
-"""Reading image files into RGB arrays, shared by the datasets and the predictor.
+"""Reading images into RGB arrays, shared by the datasets, the predictor and the CLI.
 
-Every image goes through ``load_rgb``: EXIF orientation applied (so pixels are in the frame
-a photo viewer shows, the frame annotation tools use), then converted to 8-bit RGB whatever
-the file's mode: grayscale, palette, RGBA/LA (alpha dropped), CMYK, 16- and 32-bit integer
-and float images.
+Every image, read from a file or handed over as a PIL image or an array, goes through
+``to_rgb``, the one rule that turns pixels of any mode or dtype into 8-bit RGB:
+
+- 8-bit data (uint8 arrays; Pillow's L, P, RGB, RGBA, LA, CMYK, ... modes): as is, converted
+  to RGB (alpha dropped, gray repeated); bool arrays: True is 255.
+- 16-bit integers (uint16/int16 arrays, Pillow's I;16 modes): divided by 257, which maps
+  0..65535 exactly onto 0..255, whatever the image's own range (a dark image stays dark).
+- Floats (float arrays, Pillow's F mode): times 255 when every value is in [0, 1].
+- Floats beyond 1 and wider integers (int32/int64 arrays, Pillow's I mode): divided by 257
+  when every value fits 16 bits, else scaled by the image's own maximum, since no bit depth
+  can be assumed. NaN and infinities become 0, negative values 0.
+
+Files are opened with EXIF orientation applied (pixels in the frame a photo viewer shows, the
+frame annotation tools use). Only regular files are opened (a FIFO or device would block
+forever), and an image with more than ``max_pixels`` pixels is refused by name before it is
+decoded; ``MAX_PIXELS`` is the default for every reader in the package.
 """
 from __future__ import annotations
 
+import contextlib
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,74 +31,137 @@ from torch import Tensor
 
 from .errors import DatasetError
 
+# Pillow refuses images above twice its MAX_IMAGE_PIXELS (2 x 89,478,485, e.g. 13,400 x 13,400)
+# as a decompression bomb; the same number here keeps every image that opened before, but the
+# refusal now names the file and the limit, and is configurable (predict --max-pixels).
+MAX_PIXELS = 178_956_970
+
 # Pillow modes that hold one channel of more than 8 bits per pixel.
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+_16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _wide_to_uint8(img: Image.Image) -> np.ndarray:
-    """(H, W) uint8 from a 16/32-bit integer or float single-channel image.
-
-    16-bit data (every value <= 65535, the case for 16-bit PNG and TIFF) is divided by 257,
-    which maps 0..65535 exactly onto 0..255. Floats in [0, 1] are scaled by 255. Anything
-    wider is scaled by its own maximum, since no fixed bit depth can be assumed.
-    """
-    a = np.asarray(img).astype(np.float64)
-    a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """(H, W[, C]) uint8 from 16-bit, wider integer or float values, by the module's rule."""
+    floating = np.issubdtype(a.dtype, np.floating)
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
     peak = float(a.max()) if a.size else 0.0
-    if img.mode == "F" and peak <= 1.0:
+    if floating and peak <= 1.0:
         a = a * 255.0
-    elif peak <= 65535:
+    elif sixteen_bit or peak <= 65535:
         a = a / 257.0
     else:
         a = a * (255.0 / peak)
     return np.rint(a).clip(0, 255).astype(np.uint8)
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Read an image file as an EXIF-oriented 8-bit RGB array.
+def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Pixels of a PIL image or an array -> (H, W, 3) uint8 RGB, by the rule in the module docstring.
 
     Args:
-        path: any format Pillow decodes.
+        image: a PIL image of any mode (no EXIF orientation is applied here), or an (H, W),
+            (H, W, 3) or (H, W, 4) array of any numeric or bool dtype.
+
+    Raises:
+        ValueError: an array of another shape, or an image with no pixels.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode in _WIDE_MODES:
+            gray = _wide_to_uint8(np.asarray(image), sixteen_bit=image.mode in _16_BIT_MODES)
+            rgb = np.repeat(gray[:, :, None], 3, axis=2)
+        else:
+            if image.mode == "P" and "transparency" in image.info:
+                image = image.convert("RGBA")  # avoids Pillow's warning on palette transparency
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            rgb = rgb if rgb.flags.writeable else rgb.copy()
+    else:
+        a = np.asarray(image)
+        if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+            raise ValueError(f"array images must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+        if a.dtype == bool:
+            a = a.astype(np.uint8) * 255
+        elif a.dtype != np.uint8:
+            if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+                raise ValueError(f"array images must hold numbers, got dtype {a.dtype}")
+            a = _wide_to_uint8(a, sixteen_bit=a.dtype in (np.uint16, np.int16))
+        rgb = np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else np.ascontiguousarray(a[:, :, :3])
+    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+        raise ValueError(f"image has no pixels (size {rgb.shape[0]}x{rgb.shape[1]})")
+    return rgb
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterator[Image.Image]:
+    """``Image.open`` (header only, lazy decode) of a regular file no larger than ``max_pixels``.
+
+    Raises:
+        DatasetError: the path is missing, not a regular file (a folder, FIFO, device), not an
+            image Pillow recognises, or over ``max_pixels`` (None: no limit).
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DatasetError(f"image file not found: {path}") from None
+    except OSError as e:
+        raise DatasetError(f"cannot read image {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise DatasetError(f"image path is a directory, not a file: {path}")
+    if not stat.S_ISREG(mode):
+        raise DatasetError(f"not a regular file (a FIFO, socket or device?), not read: {path}")
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # Pillow's bomb check is replaced by the one below, which names the file
+    try:
+        img = Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot decode image {path}: {e}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    with img:
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise DatasetError(
+                f"image {path} is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
+                f"(raise it with --max-pixels / max_pixels= if the image is trusted)"
+            )
+        yield img
+
+
+def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an EXIF-oriented 8-bit RGB array (``to_rgb``'s rule).
+
+    Args:
+        path: a regular file in any format Pillow decodes.
+        max_pixels: refuse larger images before decoding them (None: no limit).
 
     Returns:
         (H, W, 3) uint8 array, H x W after EXIF orientation.
 
     Raises:
-        DatasetError: the file does not exist or cannot be decoded.
+        DatasetError: the file does not exist, is not a regular file, is over ``max_pixels``
+            or cannot be decoded.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
+    with open_image(path, max_pixels) as img:
+        try:
             img = ImageOps.exif_transpose(img)  # also forces the full decode
-            if img.mode in _WIDE_MODES:
-                gray = _wide_to_uint8(img)
-                return np.repeat(gray[:, :, None], 3, axis=2)
-            if img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")  # avoids Pillow's warning on palette transparency
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise DatasetError(f"image file not found: {path}") from None
-    except IsADirectoryError:
-        raise DatasetError(f"image path is a directory, not a file: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot decode image {path}: {e}") from None
+            return to_rgb(img)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"cannot decode image {path}: {e}") from None
 
 
-def image_size(path: str | Path) -> tuple[int, int]:
+def image_size(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> tuple[int, int]:
     """(height, width) of an image after EXIF orientation, read from the header only.
 
     Raises:
-        DatasetError: the file does not exist or is not an image Pillow recognises.
+        DatasetError: the file does not exist, is not a regular file or not an image Pillow
+            recognises, or is over ``max_pixels``.
     """
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
+    with open_image(path, max_pixels) as img:
+        w, h = img.size
+        try:
             orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation tag
-    except FileNotFoundError:
-        raise DatasetError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from None
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DatasetError(f"cannot read image {path}: {e}") from None
     # Orientations 5..8 rotate by 90 degrees, swapping height and width.
     return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
 

@@ -2,15 +2,17 @@
 
 The contract of ``MaskRCNN.forward``:
 
-    images:  list of B tensors (3, H_i, W_i), float, RGB values in 0..1, any sizes.
+    images:  list of B tensors (3, H_i, W_i), float RGB in 0..1 (or uint8 in 0..255), any sizes.
     targets: optional list of B ``Targets`` in each image's pixel frame (boxes x1 y1 x2 y2,
              labels 1..num_classes, masks (N, H_i, W_i) uint8).
     returns: ``ModelOutput`` with
              .losses      {loss_objectness, loss_rpn_box_reg, loss_classifier, loss_box_reg,
                            loss_mask} whenever targets are given (training or eval mode), and
              .detections  in eval mode: per image ``Detections`` in the original frame,
-                          boxes (N, 4), scores (N,), labels (N,) int64, masks (N, H_i, W_i)
-                          float32 probabilities (threshold at 0.5 for binary masks).
+                          boxes (N, 4), scores (N,), labels (N,) int64, masks (N, M, M)
+                          float32 probabilities over each box, not yet pasted into the image
+                          (``Result.from_detections`` pastes and encodes them box by box;
+                          ``ops.paste_masks(masks, boxes, (H_i, W_i)) > 0.5`` gives full frames).
 
 The return type never depends on ``self.training``; only which fields are filled does.
 """
@@ -67,10 +69,10 @@ class MaskRCNN(nn.Module):
         mask_threshold: float | None = None,
         propose: Callable[[ImageBatch], list[Tensor]] | None = None,
     ) -> ModelOutput:
-        """See the module docstring. ``mask_threshold``: return pasted masks as bool (prob >
-        threshold) instead of float probabilities, which is 4x less memory on large images.
-        ``propose``: an outside proposal source that replaces this model's RPN (and its losses),
-        as the alternating schedule's frontend stage uses."""
+        """See the module docstring. ``mask_threshold``: no longer used (masks are returned
+        per box and thresholded when pasted, by ``Result.from_detections(mask_thresh=)``); kept
+        so existing callers run. ``propose``: an outside proposal source that replaces this
+        model's RPN (and its losses), as the alternating schedule's frontend stage uses."""
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
         if targets is not None and self.roi_heads.has_mask:
@@ -88,7 +90,7 @@ class MaskRCNN(nn.Module):
         # P6 only serves the RPN's largest anchors; the heads pool from P2..P5.
         detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
         if detections is not None:
-            detections = to_original_frame(detections, batch, mask_threshold)
+            detections = to_original_frame(detections, batch)
         return ModelOutput(losses={**rpn_losses, **head_losses}, detections=detections)
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 from .box_coder import BoxCoder
 from .boxes import box_area, box_iou, clip_boxes, remove_small_boxes
 from .nms import batched_nms, nms
-from .paste import paste_masks
+from .paste import paste_crops, paste_masks
 from .poolers import assign_fpn_levels, infer_scale, multiscale_roi_align
 from .roi_align import RoIAlign, roi_align, rois_from_boxes
 from .roi_pool import roi_pool
@@ -24,6 +24,7 @@ __all__ = [
     "infer_scale",
     "multiscale_roi_align",
     "nms",
+    "paste_crops",
     "paste_masks",
     "remove_small_boxes",
     "roi_align",
