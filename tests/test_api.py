@@ -252,3 +252,30 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(tiny_ckpt):
             load(tiny_ckpt, device="mps")
     with pytest.raises(ValueError, match="unknown device 'gpu'"):
         load(tiny_ckpt, device="gpu")
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_inference_precision_auto_follows_the_hardware(tiny_ckpt, monkeypatch, native, expected):
+    from maskrcnn import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    model = maskrcnn.load(tiny_ckpt)
+    seen = []
+    hook = model.backbone.body.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    image = np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    result = model.predict(image, precision="auto")
+    assert seen == [expected]
+    assert result.boxes.dtype == np.float32 and result.scores.dtype == np.float32
+    seen.clear()
+    model.predict(image)  # the default is float32 whatever the hardware: torchvision's numbers
+    hook.remove()
+    assert seen == [torch.float32]
+
+
+def test_inference_precision_is_checked(tiny_ckpt):
+    model = maskrcnn.load(tiny_ckpt)
+    image = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        model.predict([image], precision="fp16")
+    with pytest.raises(ValueError, match="not one of"):
+        model.predict([image], precision="half")

@@ -282,3 +282,11 @@ def test_coco_ids_follow_the_folders_not_just_the_base_name(tiny_ckpt, tmp_path,
     (tmp_path / "copy" / "x.png").write_bytes((root / "a" / "x.png").read_bytes())
     assert _predict(tiny_ckpt, tmp_path / "copy" / "x.png", "--out", out, "--coco", tmp_path / "gt.json") == 2
     assert "matches 2 images" in _one_line_error(capsys.readouterr().err)
+
+
+def test_predict_precision_option(tiny_ckpt, images, tmp_path, capsys):
+    assert _predict(tiny_ckpt, images / "a.png", "--out", tmp_path / "bf16", "--precision", "bf16") == 0
+    assert json.loads((tmp_path / "bf16" / "images.json").read_text())[0]["file_name"].endswith("a.png")
+    capsys.readouterr()
+    assert _predict(tiny_ckpt, images / "a.png", "--out", tmp_path / "fp16", "--precision", "fp16") == 2
+    assert "fp16 needs a CUDA device" in _one_line_error(capsys.readouterr().err)

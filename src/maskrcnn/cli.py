@@ -115,7 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = label_to_category(model)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
-                          max_pixels=args.max_pixels or MAX_PIXELS)
+                          max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision)
     with results:
         for i, result in enumerate(stream):
             bar.update(1)
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--coco", default=None, help="COCO JSON whose image ids to use in predictions.json")
     q.add_argument("--max-pixels", type=positive_int, default=None,
                    help="refuse images with more pixels than this (default 178956970, Pillow's own limit)")
+    q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
 

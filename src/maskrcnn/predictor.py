@@ -19,6 +19,8 @@ from PIL import Image, ImageOps
 
 from .data.images import MAX_PIXELS, load_rgb, to_rgb
 from .model.mask_rcnn import MaskRCNN
+from .precision import autocast
+from .precision import resolve as resolve_precision
 from .results import Result
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ def iter_predict(
     mask_thresh: float | None = None,
     keep_images: bool = True,
     max_pixels: int | None = MAX_PIXELS,
+    precision: str = "fp32",
 ) -> Iterator[Result]:
     """Yield one ``Result`` per input, in order, as soon as its batch is done.
 
@@ -85,7 +88,8 @@ def iter_predict(
     reason in ``error``, also logged; KeyboardInterrupt is never caught.
     """
     check_score_thresh(score_thresh)  # now, not at the first image
-    return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, raise_errors=False)
+    resolve_precision(precision, model.device)
+    return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision, raise_errors=False)
 
 
 def _predict(
@@ -96,10 +100,12 @@ def _predict(
     mask_thresh: float | None,
     keep_images: bool,
     max_pixels: int | None,
+    precision: str,
     raise_errors: bool,
 ) -> Iterator[Result]:
     """``iter_predict``; with ``raise_errors`` a failure raises its own exception instead."""
     check_score_thresh(score_thresh)
+    numerics = resolve_precision(precision, model.device)
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
     names = cfg.label_names()
@@ -107,7 +113,7 @@ def _predict(
     def detect(loaded: list[_Loaded]) -> list[Result]:
         """One forward pass; a failure on a single image becomes its failed Result."""
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(model.device, numerics):
                 # (3, H, W) uint8 views: the model divides by 255 itself, so no float copy of
                 # a 24 MP photo (288 MB) is held here.
                 out = model([torch.from_numpy(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded])
@@ -169,6 +175,7 @@ def predict(
     mask_thresh: float | None = None,
     keep_images: bool = True,
     max_pixels: int | None = MAX_PIXELS,
+    precision: str = "fp32",
 ) -> Result | list[Result]:
     """Run ``model`` on one image or a list of images.
 
@@ -183,6 +190,9 @@ def predict(
             config's, 0.5).
         keep_images: keep the pixels in each ``Result`` for ``.plot()``.
         max_pixels: image files with more pixels are refused (None: no limit).
+        precision: "fp32" (default: float32, torchvision's results), "auto" (bf16 where the
+            device computes it natively, fp16 on older GPUs, else float32), "bf16" or "fp16"
+            (CUDA); see ``maskrcnn.precision``. Boxes and scores stay float32 either way.
 
     Returns:
         A ``Result`` for a single image, else a list with one ``Result`` per input, in order.
@@ -191,11 +201,13 @@ def predict(
         ``.error`` (also logged); the other inputs' results are unaffected.
 
     Raises:
-        ValueError: ``score_thresh`` outside [0, 1] or NaN. For a single input, whatever
+        ValueError: ``score_thresh`` outside [0, 1] or NaN; an unknown ``precision``, or
+            fp16 on a CPU. For a single input, whatever
             stopped it is raised (e.g. ``DatasetError`` for an unreadable file, ValueError
             for an empty array).
     """
     single = isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor))
     items = [images] if single else list(images)  # type: ignore[list-item]
-    results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, raise_errors=single))
+    results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
+                            raise_errors=single))
     return results[0] if single else results
