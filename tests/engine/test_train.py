@@ -1,6 +1,7 @@
 """The trainer on a tiny model and a tiny synthetic dataset: one step, outputs, resume, NaN,
-pretraining, checkpoint initialisation, configuration. The one-step and resume tests run on
-every device of ``tests.conftest.DEVICES``; the others on the CPU."""
+pretraining, checkpoint initialisation, configuration. The tests that take ``device`` (one
+step, a whole run with pretraining, resume, autocast) run on every device of
+``tests.conftest.DEVICES``; the others on the CPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -128,8 +129,8 @@ def test_images_without_objects_train():
 # Whole runs
 
 
-def test_run_writes_checkpoints_metrics_and_pictures(shapes, tmp_path):
-    cfg = tiny_train_config(shapes, tmp_path / "run", data={"max_train_images": 4},
+def test_run_writes_checkpoints_metrics_and_pictures(shapes, tmp_path, device):
+    cfg = tiny_train_config(shapes, tmp_path / "run", str(device), data={"max_train_images": 4},
                             pretrain={"epochs": 1, "crop_size": 32, "batch_size": 8})
     result = train(cfg)
     out = tmp_path / "run"
