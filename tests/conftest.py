@@ -1,4 +1,5 @@
-"""Shared test fixtures: the ../shared folder and the torchvision-format parity checkpoint."""
+"""Shared test fixtures: the ../shared folder, the torchvision-format parity checkpoint, and the
+devices that device-parametrised tests run on."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,11 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MASKRCNN_SHARED", REPO.parent / "shared"))
 TV_PARITY = SHARED / "fixtures" / "tv_parity"
 KUDZU = SHARED / "data" / "kudzu_bug"
+
+# The CPU always; CUDA only where a GPU is present, so a CPU-only machine runs exactly the CPU
+# tests and reports no skips. Select one device with ``-k cuda`` / ``-k cpu``.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def need(path: Path) -> Path:
@@ -35,3 +41,10 @@ def tv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         rule.write_checkpoint(str(tmp), TV_PARITY)  # raises if the digest differs
         tmp.replace(path)
     return path
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Run the test once per entry of ``DEVICES``; inputs go to this device, results come back
+    to the CPU for comparison with the same references."""
+    return torch.device(request.param)

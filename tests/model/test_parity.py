@@ -3,10 +3,17 @@
 The fixture holds what torchvision 0.28 computed for a checkpoint in its published COCO
 layout; tolerances are the ones its README gives. Each stage is fed our own previous stage,
 except the box head, which is also checked on torchvision's proposals.
+
+Every test runs once per device of ``tests.conftest.DEVICES`` against the same fixture and
+tolerances. On CUDA, TF32 is switched off for the run: PyTorch lets cuDNN convolutions use
+TF32 by default (10-bit mantissa products), which is a different computation from the float32
+one the fixture records.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,36 +27,55 @@ from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.paste import paste_masks
 from maskrcnn.results import Result
 
-from ..conftest import TV_PARITY, need
+from ..conftest import DEVICES, TV_PARITY, need
 
 CASES = ["single_a", "single_b", "batch_ab"]
 
 
-@pytest.fixture(scope="module")
-def model(tv_checkpoint):
+@contextlib.contextmanager
+def float32_math() -> Iterator[None]:
+    """True float32 convolutions and matrix products on CUDA (no TF32) for the block's duration."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def model(request, tv_checkpoint):
     torch.set_grad_enabled(False)
-    m = maskrcnn.load(tv_checkpoint)
-    yield m
+    with float32_math():
+        yield maskrcnn.load(tv_checkpoint, device=request.param)
     torch.set_grad_enabled(True)
+
+
+def to_cpu(x):
+    """Stage outputs (tensors, Detections, ImageBatch, lists and tuples of them) on the CPU."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_cpu(v) for v in x)
+    return None if x is None else x.to("cpu")
 
 
 @pytest.fixture(scope="module")
 def runs(model):
-    """Run every case once, keeping each stage's output."""
+    """Run every case once on the model's device, keeping each stage's output (on the CPU)."""
     need(TV_PARITY / "cases.json")
     cases = json.loads((TV_PARITY / "cases.json").read_text())
+    device = model.device
     out = {}
     with torch.no_grad():
         for name in CASES:
             images = [
-                torch.from_numpy(np.array(Image.open(TV_PARITY / f).convert("RGB"))).permute(2, 0, 1).float() / 255
+                torch.from_numpy(np.array(Image.open(TV_PARITY / f).convert("RGB"))).permute(2, 0, 1).float().to(device) / 255
                 for f in cases[name]["images"]
             ]
             batch, _ = model.preprocess(images)
             feats = model.backbone(batch.tensors)
             proposals, _ = model.rpn(batch, feats)
             ref = dict(np.load(TV_PARITY / f"{name}.npz"))
-            tv_props = [torch.from_numpy(ref[f"proposals_{i}"]) for i in range(len(images))]
+            tv_props = [torch.from_numpy(ref[f"proposals_{i}"]).to(device) for i in range(len(images))]
             head_on_tv = [
                 model.roi_heads.box_outputs(feats[:-1], [p[:300]], [size])
                 for p, size in zip(tv_props, batch.image_sizes)
@@ -57,12 +83,13 @@ def runs(model):
             dets = model.roi_heads.detect(feats[:-1], proposals, batch.image_sizes)
             mask_logits = model.roi_heads.mask_logits(feats[:-1], [d.boxes for d in dets], batch.image_sizes)
             labels = torch.cat([d.labels for d in dets])
-            own_logits = mask_logits[torch.arange(len(labels)), labels].split([len(d) for d in dets])
+            own_logits = mask_logits[torch.arange(len(labels), device=device), labels].split([len(d) for d in dets])
             final = to_original_frame(dets, batch)  # the same last step as model(images)
             masks_json = json.loads((TV_PARITY / f"{name}_masks.json").read_text())
             out[name] = dict(
-                ref=ref, batch=batch, feats=feats, proposals=proposals, head_on_tv=head_on_tv,
-                dets=dets, own_logits=own_logits, final=final, masks_json=masks_json, n=len(images),
+                ref=ref, batch=batch.to("cpu"), feats=to_cpu(feats), proposals=to_cpu(proposals),
+                head_on_tv=to_cpu(head_on_tv), dets=to_cpu(dets), own_logits=to_cpu(own_logits), final=to_cpu(final),
+                masks_json=masks_json, n=len(images),
             )
     return out
 

@@ -44,12 +44,12 @@ def greedy_nms(boxes: list[list[float]], scores: list[float], thresh: float, flo
     return kept
 
 
-def batched_greedy_nms(boxes, scores, groups, thresh) -> list[int]:
+def batched_greedy_nms(boxes, scores, groups, thresh, float32: bool = False) -> list[int]:
     """Greedy NMS per group; all kept indices by decreasing score (ties: lower index first)."""
     kept: list[int] = []
     for g in sorted(set(groups)):
         members = [i for i in range(len(groups)) if groups[i] == g]
-        sub = greedy_nms([boxes[i] for i in members], [scores[i] for i in members], thresh)
+        sub = greedy_nms([boxes[i] for i in members], [scores[i] for i in members], thresh, float32)
         kept += [members[i] for i in sub]
     return sorted(kept, key=lambda i: (-scores[i], i))
 

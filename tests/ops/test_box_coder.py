@@ -1,4 +1,5 @@
-"""Box encoding/decoding against per-box float64 formulas."""
+"""Box encoding/decoding against per-box float64 formulas. Tests that take ``device`` run on
+every device of ``tests.conftest.DEVICES``."""
 from __future__ import annotations
 
 import math
@@ -35,10 +36,10 @@ def decode_one(d: list[float], r: list[float], w: tuple[float, ...], clip: float
     return [cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2]
 
 
-def test_encode_matches_reference() -> None:
+def test_encode_matches_reference(device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     gt, ref = random_boxes(20, g), random_boxes(20, g)
-    codes = BoxCoder(WEIGHTS).encode(gt, ref)
+    codes = BoxCoder(WEIGHTS).encode(gt.to(device), ref.to(device)).cpu()
     expected = torch.tensor([encode_one(a.tolist(), b.tolist(), WEIGHTS) for a, b in zip(gt, ref)], dtype=torch.float64)
     torch.testing.assert_close(codes, expected, rtol=1e-12, atol=1e-12)
 
@@ -48,12 +49,12 @@ def test_encode_hand() -> None:
     torch.testing.assert_close(codes, torch.tensor([[0.5, 1.0, 0.0, math.log(2.0)]]))
 
 
-def test_decode_matches_reference_multiclass() -> None:
+def test_decode_matches_reference_multiclass(device: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
     ref = random_boxes(15, g)
     codes = torch.randn(15, 3 * 4, generator=g, dtype=torch.float64) * 3  # some dw, dh above the clip
     coder = BoxCoder(WEIGHTS, clip=math.log(1000.0 / 16))
-    boxes = coder.decode(codes, ref)
+    boxes = coder.decode(codes.to(device), ref.to(device)).cpu()
     assert boxes.shape == (15, 3, 4)
     for i in range(15):
         for k in range(3):
@@ -68,9 +69,9 @@ def test_decode_clips_large_codes() -> None:
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), WEIGHTS])
-def test_roundtrip(weights: tuple[float, ...]) -> None:
+def test_roundtrip(weights: tuple[float, ...], device: torch.device) -> None:
     g = torch.Generator().manual_seed(2)
-    gt, ref = random_boxes(30, g), random_boxes(30, g)
+    gt, ref = random_boxes(30, g).to(device), random_boxes(30, g).to(device)
     coder = BoxCoder(weights)
     torch.testing.assert_close(coder.decode(coder.encode(gt, ref), ref)[:, 0], gt)
 

@@ -1,4 +1,5 @@
-"""Mask pasting against a per-pixel reference of the torchvision recipe."""
+"""Mask pasting against a per-pixel reference of the torchvision recipe. Tests that take
+``device`` run on every device of ``tests.conftest.DEVICES``."""
 from __future__ import annotations
 
 import numpy as np
@@ -17,7 +18,7 @@ def test_reference_resize_matches_known_values() -> None:
 
 
 @pytest.mark.parametrize("padding", [0, 1, 2])
-def test_matches_reference(padding: int) -> None:
+def test_matches_reference(padding: int, device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(6, 7, 7, generator=g, dtype=torch.float64)
     boxes = torch.tensor(
@@ -31,32 +32,34 @@ def test_matches_reference(padding: int) -> None:
         ],
         dtype=torch.float64,
     )
-    out = paste_masks(masks, boxes, (24, 32), padding=padding)
-    assert out.shape == (6, 24, 32) and out.dtype == torch.float64
+    out = paste_masks(masks.to(device), boxes.to(device), (24, 32), padding=padding)
+    assert out.shape == (6, 24, 32) and out.dtype == torch.float64 and out.device.type == device.type
+    out = out.cpu()
     for i in range(6):
         expected = reference.paste_mask(masks[i].numpy(), boxes[i].tolist(), (24, 32), padding)
         np.testing.assert_allclose(out[i].numpy(), expected, rtol=0, atol=1e-12)
     assert out[4].abs().sum() == 0
 
 
-def test_float32_and_threshold() -> None:
+def test_float32_and_threshold(device: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
     masks = torch.rand(3, 28, 28, generator=g)
     boxes = torch.tensor([[5.0, 6.0, 40.0, 30.0], [0.0, 0.0, 63.0, 47.0], [30.0, 20.0, 70.0, 60.0]])
-    probs = paste_masks(masks, boxes, (48, 64))
+    probs = paste_masks(masks.to(device), boxes.to(device), (48, 64)).cpu()
     assert probs.dtype == torch.float32
     for i in range(3):
         expected = reference.paste_mask(masks[i].double().numpy(), boxes[i].tolist(), (48, 64))
         np.testing.assert_allclose(probs[i].numpy(), expected, rtol=0, atol=1e-5)  # float32 source indices
-    binary = paste_masks(masks, boxes, (48, 64), threshold=0.5)
+    binary = paste_masks(masks.to(device), boxes.to(device), (48, 64), threshold=0.5).cpu()
     assert binary.dtype == torch.bool
     assert torch.equal(binary, probs > 0.5)
 
 
-def test_empty() -> None:
-    out = paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12))
-    assert out.shape == (0, 10, 12)
-    assert paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), (10, 12), threshold=0.5).dtype == torch.bool
+def test_empty(device: torch.device) -> None:
+    masks, boxes = torch.zeros(0, 28, 28, device=device), torch.zeros(0, 4, device=device)
+    out = paste_masks(masks, boxes, (10, 12))
+    assert out.shape == (0, 10, 12) and out.device.type == device.type
+    assert paste_masks(masks, boxes, (10, 12), threshold=0.5).dtype == torch.bool
 
 
 def test_crops_hold_every_pasted_pixel() -> None:

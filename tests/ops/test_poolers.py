@@ -1,4 +1,5 @@
-"""FPN level assignment and multi-level pooling against per-RoI references."""
+"""FPN level assignment and multi-level pooling against per-RoI references. Tests that take
+``device`` run on every device of ``tests.conftest.DEVICES``."""
 from __future__ import annotations
 
 import math
@@ -24,12 +25,12 @@ def test_assign_levels_hand() -> None:
     assert assign_fpn_levels(torch.zeros(0, 4), 2, 5).shape == (0,)
 
 
-def test_assign_levels_random() -> None:
+def test_assign_levels_random(device: torch.device) -> None:
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(200, 2, generator=g) * 500
     boxes = torch.cat([xy, xy + torch.rand(200, 2, generator=g) * 700 + 1], dim=1)
     expected = [level_reference(b, 2, 5) for b in boxes.tolist()]
-    assert assign_fpn_levels(boxes, 2, 5).tolist() == expected
+    assert assign_fpn_levels(boxes.to(device), 2, 5).tolist() == expected
 
 
 @pytest.mark.parametrize(
@@ -46,7 +47,7 @@ def test_infer_scale(feature_hw, image_hw, scale) -> None:
 
 
 @pytest.mark.parametrize("pool", ["align", "pool"])
-def test_multiscale_matches_per_roi_reference(pool: str) -> None:
+def test_multiscale_matches_per_roi_reference(pool: str, device: torch.device) -> None:
     g = torch.Generator().manual_seed(1)
     image_sizes = [(60, 64), (64, 50)]  # padded batch: 64 x 64
     features = [torch.randn(2, 3, 64 // s, 64 // s, generator=g, dtype=torch.float64) for s in (4, 8, 16, 32)]
@@ -56,8 +57,9 @@ def test_multiscale_matches_per_roi_reference(pool: str) -> None:
         xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 50
         side = torch.exp(torch.rand(n, 1, generator=g, dtype=torch.float64) * math.log(700 / 4)) * 4
         boxes.append(torch.cat([xy, xy + side * torch.tensor([1.0, 0.7], dtype=torch.float64)], dim=1))
-    out = multiscale_roi_align(features, boxes, image_sizes, (3, 2), 2, pool=pool)
-    assert out.shape == (16, 3, 3, 2) and out.dtype == torch.float64
+    out = multiscale_roi_align([f.to(device) for f in features], [b.to(device) for b in boxes], image_sizes, (3, 2), 2, pool=pool)
+    assert out.shape == (16, 3, 3, 2) and out.dtype == torch.float64 and out.device.type == device.type
+    out = out.cpu()
 
     rows = [[float(i)] + b for i, bs in enumerate(boxes) for b in bs.tolist()]
     levels = {level_reference(r[1:], 2, 5) for r in rows}
@@ -72,19 +74,19 @@ def test_multiscale_matches_per_roi_reference(pool: str) -> None:
         torch.testing.assert_close(out[n], torch.from_numpy(ref[0]), rtol=0, atol=1e-12)
 
 
-def test_multiscale_single_level_and_empty() -> None:
+def test_multiscale_single_level_and_empty(device: torch.device) -> None:
     features = [torch.randn(1, 2, 8, 8, dtype=torch.float64)]
     boxes = [torch.tensor([[1.0, 1.0, 20.0, 30.0]], dtype=torch.float64)]
-    out = multiscale_roi_align(features, boxes, [(32, 32)], 2, -1, aligned=True)
+    out = multiscale_roi_align([features[0].to(device)], [boxes[0].to(device)], [(32, 32)], 2, -1, aligned=True)
     ref = reference.roi_align(features[0].numpy(), [[0.0, 1.0, 1.0, 20.0, 30.0]], (2, 2), 0.25, -1, True)
-    torch.testing.assert_close(out, torch.from_numpy(ref), rtol=0, atol=1e-12)
-    empty = multiscale_roi_align(features * 2, [torch.zeros(0, 4, dtype=torch.float64)], [(32, 32)], 2, 2)
+    torch.testing.assert_close(out.cpu(), torch.from_numpy(ref), rtol=0, atol=1e-12)
+    empty = multiscale_roi_align([features[0].to(device)] * 2, [torch.zeros(0, 4, dtype=torch.float64, device=device)], [(32, 32)], 2, 2)
     assert empty.shape == (0, 2, 2, 2)
 
 
-def test_multiscale_gradient_reaches_every_level() -> None:
-    features = [torch.randn(1, 1, 256 // s, 256 // s, requires_grad=True) for s in (4, 8)]
-    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 200.0, 200.0]])]  # levels k = 2 and 3
+def test_multiscale_gradient_reaches_every_level(device: torch.device) -> None:
+    features = [torch.randn(1, 1, 256 // s, 256 // s, device=device, requires_grad=True) for s in (4, 8)]
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 200.0, 200.0]], device=device)]  # levels k = 2 and 3
     assert assign_fpn_levels(boxes[0], 2, 3).tolist() == [0, 1]
     multiscale_roi_align(features, boxes, [(256, 256)], 2, 2).sum().backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
