@@ -27,7 +27,7 @@ class BackboneConfig:
     bn_eps: float = 1e-5  # torchvision's 2019 COCO weights were trained with eps 0.0; its loader sets that
     trainable_layers: int = 3  # ResNet stages trained counting from the top (0..5); the rest frozen
     fpn_channels: int = 256  # channels of every FPN output P2..P6
-    weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names)
+    weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names), loaded when training starts
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterator, Sequence
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, Subset
 
@@ -80,6 +81,14 @@ class GroupedBatchSampler(Sampler[list[int]]):
         if self.drop_last:
             return sum(n // self.batch_size for n in counts.values())
         return sum(-(-n // self.batch_size) for n in counts.values())
+
+
+def epoch_batches(num_images: int, groups: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch: a permutation drawn from ``seed`` and ``epoch`` only, grouped
+    by aspect ratio. Regenerating it is how a resumed run finds its place in the epoch."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(num_images, generator=g).tolist()
+    return list(GroupedBatchSampler(order, groups, batch_size))  # type: ignore[arg-type]
 
 
 def collate(batch: Sequence[tuple[Tensor, Targets, dict[str, Any]]]) -> tuple[list[Tensor], list[Targets], list[dict[str, Any]]]:

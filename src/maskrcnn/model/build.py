@@ -13,15 +13,15 @@ from .transform import Preprocessor
 
 
 def build_model(config: ModelConfig | None = None) -> MaskRCNN:
-    """Mask R-CNN with randomly initialised heads (and body, unless ``backbone.weights``)."""
+    """Mask R-CNN with randomly initialised weights.
+
+    Weights come from files in ``maskrcnn.checkpoint``: ``load`` (a trained model),
+    ``load_backbone_weights`` (``backbone.weights``, which training loads before its first step)
+    and ``init_from_checkpoint``.
+    """
     cfg = config or ModelConfig()
     b = cfg.backbone
-    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=5)
-    if b.weights:
-        from ..checkpoint import load_backbone_weights
-
-        load_backbone_weights(body, b.weights)
-    body.freeze(b.trainable_layers)
+    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=b.trainable_layers)
     backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
 
     a, r = cfg.anchors, cfg.rpn
