@@ -11,7 +11,7 @@ from .coco import CocoDataset, read_json, segmentation_to_mask
 from .dsb import dsb_to_coco
 from .errors import DatasetError
 from .images import image_size, load_rgb, to_tensor
-from .sampler import GroupedBatchSampler, aspect_ratio_groups, collate, epoch_batches
+from .sampler import DistributedGroupedBatchSampler, GroupedBatchSampler, aspect_ratio_groups, collate
 from .synthetic import SplitPaths, ensure_dataset, generate_digits, generate_shapes
 from .transforms import ColorJitter, Compose, FlipAugmented, RandomHorizontalFlip, hflip
 from .via import via_to_coco
@@ -21,6 +21,7 @@ __all__ = [
     "ColorJitter",
     "Compose",
     "DatasetError",
+    "DistributedGroupedBatchSampler",
     "FlipAugmented",
     "GroupedBatchSampler",
     "RandomHorizontalFlip",
@@ -29,7 +30,6 @@ __all__ = [
     "collate",
     "dsb_to_coco",
     "ensure_dataset",
-    "epoch_batches",
     "generate_digits",
     "generate_shapes",
     "hflip",

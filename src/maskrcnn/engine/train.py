@@ -15,6 +15,11 @@ iteration and ``TrainingInterrupted`` is raised (the command line prints the ``-
 command and exits with 130). Checkpoints are written only from finite weights; a non-finite
 loss stops the run with ``NonFiniteLossError`` and leaves the last good ``last.pth`` in place.
 
+Under ``torchrun`` (``distributed.py``) every process runs this loop on its own share of each
+step's images (``data.batch_size`` each; ``DistributedGroupedBatchSampler``), the gradients are
+averaged by DDP, validation is sharded, and only process 0 writes or shows (``RunOutput``);
+stops, the time-budget fit and the best checkpoint are decided alike in all of them.
+
 ``resume=True`` continues from ``last.pth``: weights, optimizer, iteration, position in the
 epoch (the epoch's batch order is regenerated from ``seed + epoch`` and the batches already
 done are skipped), RNG states, best metric and metrics.jsonl (truncated to the checkpoint). On
@@ -28,6 +33,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import shlex
 import signal
 import threading
@@ -43,9 +49,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import precision
 from ..checkpoint import init_from_checkpoint, load_backbone_weights, load_state
 from ..config import ConfigError, to_dict
-from ..data import FlipAugmented, GroupedBatchSampler, aspect_ratio_groups, collate, epoch_batches
+from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_groups, collate
 from ..data.coco import CocoDataset
 from ..model.build import build_model
+from . import distributed
 from .datasets import build_datasets
 from .pretrain import pretrain_body
 from .run_output import RunOutput, plain
@@ -74,15 +81,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.iteration, self.last = iteration, last
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return device
-
-
 def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.SGD:
     """SGD with momentum; without ``decay_norm_and_bias`` the 1-D tensors get no weight decay."""
     s = cfg.solver
@@ -99,20 +97,25 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 class Trainer:
     """One training run: ``Trainer(cfg, resume).run()``; see the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool, device: torch.device) -> None:
         self.started = time.monotonic()
-        self.device = resolve_device(cfg.device)
+        self.device = device
         cfg = _with_precision(cfg, self.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
+        if cfg.model.backbone.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
+            raise ConfigError("model.backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
         saved = read_train_state(Path(cfg.out_dir), resume, cfg.exist_ok)
-        self.out = RunOutput(cfg.out_dir, progress=cfg.progress, log_every=cfg.log_every)
+        self.out = RunOutput(cfg.out_dir, active=distributed.rank() == 0, progress=cfg.progress, log_every=cfg.log_every)
         seed_everything(cfg.seed)
 
         # Data first: its categories size the class heads.
-        train_full, self.train_set, self.val_set = build_datasets(cfg)
+        with distributed.first_rank_first():  # a generated dataset is written once
+            train_full, self.train_set, self.val_set = build_datasets(cfg)
         self.cfg = cfg = _with_classes(cfg, train_full)
         self.model = build_model(cfg.model)
+        if distributed.world_size() > 1:  # the same initial weights, then each process samples from its own streams
+            seed_everything(cfg.seed + distributed.rank())
         self.base_trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if saved is not None:
             load_state(self.model, saved["model"], str(self.out.last))
@@ -129,8 +132,9 @@ class Trainer:
 
         self.stages = build_schedule(cfg.schedule.kind, cfg.solver.epochs, cfg.schedule.stage_epochs)
         self.num_epochs = sum(s.epochs for s in self.stages)
-        self.groups = aspect_ratio_groups(self.train_set)
-        self.iters_per_epoch = len(GroupedBatchSampler(range(len(self.train_set)), self.groups, cfg.data.batch_size))  # type: ignore[arg-type]
+        self.sampler = DistributedGroupedBatchSampler(aspect_ratio_groups(self.train_set), cfg.data.batch_size, cfg.seed,
+                                                      distributed.rank(), distributed.world_size())
+        self.iters_per_epoch = self.sampler.batches_per_epoch
         self.augmented = FlipAugmented(self.train_set, cfg.data.hflip, cfg.seed)
         self.progress = Progress()
         self.first_iteration, self.loop_started = 0, self.started  # where and when this process's loop began
@@ -142,6 +146,7 @@ class Trainer:
         self.stage_index, self.stage, self.stage_start = -1, self.stages[0], 0
         self.stage_over = False  # early stopping or the fitted length ended the stage
         self.params: list[nn.Parameter] = []
+        self.net: nn.Module = self.model  # what the step runs: the model, or DDP around it
         self.optimizer: torch.optim.SGD | None = None
         self.scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
         self.proposal_net: ProposalNet | None = None  # the alternating schedule's frozen proposer
@@ -150,21 +155,17 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        """Pretrain the body (a fresh run that asks for it), restore a resumed run, then the
+        stages; returns ``train``'s summary."""
         cfg, state = self.cfg, self.state
         if state is None and cfg.pretrain.epochs > 0:
             t = cfg.model.transform
             pretrain_body(self.model.backbone.body, cfg.model.backbone.name, cfg.model.backbone.bn_eps, self.train_set,
                           cfg.model.num_classes, cfg.pretrain, t.image_mean, t.image_std, self.device, cfg.seed,
-                          cfg.progress, self.out.log)
+                          self.out.progress, self.out.log)
             self.out.save_pretrained(self.model)
         if state is not None:
-            self.progress = Progress.from_state(state)
-            set_rng_state(state["rng"])
-            if state["iters_per_epoch"] != self.iters_per_epoch:
-                log.warning("an epoch had %d iterations at the checkpoint and has %d now (data or batch size changed): "
-                            "the position within the epoch is approximate", state["iters_per_epoch"], self.iters_per_epoch)
-            self.out.info("resuming %s at epoch %d, batch %d (iteration %d)", self.out.out, self.progress.epoch + 1,
-                          self.progress.batch, self.progress.iteration)
+            self.restore(state)
         self.out.info("training %s: %d stage(s), %d epochs of %d iterations, device %s", self.out.out, len(self.stages),
                       self.num_epochs, self.iters_per_epoch, self.device)
         self.first_iteration, self.loop_started = self.progress.iteration, time.monotonic()
@@ -176,6 +177,8 @@ class Trainer:
                     if self.progress.epoch < self.stage_end(index):
                         self.run_stage(index)
             except KeyboardInterrupt:  # raised rather than signalled (the handler turns Ctrl-C into a flag)
+                if distributed.world_size() > 1:
+                    raise  # one process alone cannot save: the others are inside a step
                 self.stop = "interrupted"
         if self.stop == "interrupted":
             if self.optimizer is not None:  # else no step was taken: nothing new to save
@@ -187,32 +190,8 @@ class Trainer:
 
     def run_stage(self, index: int) -> None:
         """Train stage ``index`` from ``progress.epoch`` to its end, early stopping or a stop."""
-        cfg, state, progress, stage = self.cfg, self.state, self.progress, self.stages[index]
-        self.stage_index, self.stage, self.stage_start = index, stage, self.stage_end(index) - stage.epochs
-        self.params = apply_stage(self.model, stage, self.base_trainable)
-        self.optimizer = make_optimizer(self.params, cfg)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.solver.amp == "fp16" else None
-        self.proposal_net = ProposalNet(self.model) if stage.separate_proposals else None
-        if state is not None and state["stage"] == index:  # resuming inside this stage
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.scaler is not None and state["scaler"]:
-                self.scaler.load_state_dict(state["scaler"])
-            if self.proposal_net is not None and state["proposal_net"] is not None:
-                self.proposal_net.load_state_dict(state["proposal_net"])
-        else:
-            progress.bad_evals = 0
-        self.state = None
-        if len(self.stages) > 1:
-            self.out.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", index + 1, len(self.stages),
-                          stage.name, stage.epochs, len(self.params), ", ".join(stage.losses))
-        s = cfg.solver
-        self.lr_at = LRSchedule(self.iters_per_epoch, stage.epochs, s.schedule, s.milestones, s.gamma, s.warmup_iters, s.warmup_factor)
-        if progress.stage_iters:  # fitted to the time budget (also on resume)
-            at = progress.fit_anchor
-            self.lr_at = dataclasses.replace(self.lr_at, total=progress.stage_iters[index],
-                                             anchor=(at[1], at[2]) if at and at[0] == index else (0, 0.0))
-        self.stage_over = False
-        while progress.epoch < self.stage_start + stage.epochs and not self.stage_over and not self.stop:
+        self.start_stage(index)
+        while self.progress.epoch < self.stage_end(index) and not self.stage_over and not self.stop:
             self.train_epoch()
             if self.stop != "interrupted":
                 self.end_epoch()
@@ -221,12 +200,12 @@ class Trainer:
         """The rest of epoch ``progress.epoch`` from batch ``progress.batch``; ends early at the
         stage's fitted length or at a stop."""
         cfg, progress, epoch = self.cfg, self.progress, self.progress.epoch
-        batches = epoch_batches(len(self.train_set), self.groups, cfg.data.batch_size, cfg.seed, epoch)
+        self.sampler.set_epoch(epoch, start=progress.batch)
         self.augmented.epoch = epoch
-        loader = DataLoader(self.augmented, batch_sampler=batches[progress.batch:], collate_fn=collate,
+        loader = DataLoader(self.augmented, batch_sampler=self.sampler, collate_fn=collate,
                             num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
                             pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint)
-        self.out.open_bar(len(batches), progress.batch, f"epoch {epoch + 1}/{self.num_epochs} {self.stage.name}")
+        self.out.open_bar(self.iters_per_epoch, progress.batch, f"epoch {epoch + 1}/{self.num_epochs} {self.stage.name}")
         set_train_mode(self.model)
         for images, targets, _ in loader:
             it = self.stage_iteration()
@@ -235,7 +214,7 @@ class Trainer:
             progress.advance(values["loss"])
             self.fit_to_budget()
             self.out.after_step(progress.iteration, epoch, self.stage.name, lr, values, self.seconds_left(it + 1))
-            if cfg.checkpoint_every_iters and progress.iteration % cfg.checkpoint_every_iters == 0 and progress.batch < len(batches):
+            if cfg.checkpoint_every_iters and progress.iteration % cfg.checkpoint_every_iters == 0 and progress.batch < self.iters_per_epoch:
                 self.save_last()
             self.stop = self.limit_reached()
             self.stage_over = it + 1 >= self.stage_lengths()[self.stage_index]
@@ -252,16 +231,16 @@ class Trainer:
         targets = [t.to(self.device) for t in targets]
         with precision.autocast(self.device, cfg.solver.amp):
             if self.proposal_net is not None:
-                output = forward_with_proposals(self.model, self.proposal_net, images, targets)
+                output = forward_with_proposals(self.net, self.proposal_net, images, targets)
             else:
-                output = self.model(images, targets)
+                output = self.net(images, targets)
         losses = {k: v.float() for k, v in output.losses.items() if k in stage.losses}
         loss = stage_loss(stage, losses)
         where = f"iteration {progress.iteration + 1} (epoch {progress.epoch + 1}, batch {progress.batch + 1}, stage '{stage.name}')"
-        if not torch.isfinite(loss):
-            kept = f"{self.out.last} holds the last good checkpoint" if self.out.last.exists() else "no checkpoint was written yet"
-            raise NonFiniteLossError(f"non-finite loss at {where}: {_loss_report(losses)}. Training stopped; {kept}. "
-                                     "Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
+        finite = bool(torch.isfinite(loss))
+        (anywhere,) = distributed.any_rank(not finite)
+        if anywhere:  # decided in every process before any backward, so that none waits for the others' gradients
+            raise self.nonfinite_loss(where, None if finite else _loss_report(losses))
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -292,12 +271,13 @@ class Trainer:
         stage_end = self.stage_start + self.stage.epochs
         partial = progress.batch < self.iters_per_epoch and not self.stage_over
         summary: dict[str, Any] = {"epoch": epoch + 1, "iter": progress.iteration, "stage": self.stage.name,
-                                   "train_loss": progress.epoch_loss / max(progress.epoch_steps, 1)}
+                                   "train_loss": distributed.mean(progress.epoch_loss) / max(progress.epoch_steps, 1)}
         if partial:
             summary["partial"] = True
         pictures = []
         early_stop = False
         if self.val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == stage_end or self.stage_over or self.stop):
+            distributed.sync_buffers(self.model)
             values, pictures = validate(self.model, self.stage, self.val_set, cfg, self.device)
             summary.update(values)
             value = values.get(cfg.eval.metric, math.nan)
@@ -324,21 +304,69 @@ class Trainer:
             progress.epoch_loss, progress.epoch_steps = 0.0, 0
         self.save_last()
         self.out.draw(pictures)
-        if self.interrupt_requested:  # Ctrl-C during validation: stop here, saved
+        (interrupted,) = distributed.any_rank(self.interrupt_requested)
+        if interrupted:  # Ctrl-C during validation: stop here, saved
             self.stop = "interrupted"
+
+    # ---- a stage, a resumed run -------------------------------------------------------------
+
+    def start_stage(self, index: int) -> None:
+        """What trains in stage ``index``, its optimizer (a resumed one's state), learning-rate curve."""
+        cfg, state, progress, stage = self.cfg, self.state, self.progress, self.stages[index]
+        self.stage_index, self.stage, self.stage_start = index, stage, self.stage_end(index) - stage.epochs
+        self.params = apply_stage(self.model, stage, self.base_trainable)
+        self.net = distributed.wrap(self.model, self.device)  # after apply_stage: DDP takes the trainable parameters
+        self.optimizer = make_optimizer(self.params, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.solver.amp == "fp16" else None
+        self.proposal_net = ProposalNet(self.model) if stage.separate_proposals else None
+        if state is not None and state["stage"] == index:  # resuming inside this stage
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            if self.proposal_net is not None and state["proposal_net"] is not None:
+                self.proposal_net.load_state_dict(state["proposal_net"])
+        else:
+            progress.bad_evals = 0
+        self.state = None
+        if len(self.stages) > 1:
+            self.out.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", index + 1, len(self.stages),
+                          stage.name, stage.epochs, len(self.params), ", ".join(stage.losses))
+        s = cfg.solver
+        self.lr_at = LRSchedule(self.iters_per_epoch, stage.epochs, s.schedule, s.milestones, s.gamma, s.warmup_iters, s.warmup_factor)
+        if progress.stage_iters:  # fitted to the time budget (also on resume)
+            at = progress.fit_anchor
+            self.lr_at = dataclasses.replace(self.lr_at, total=progress.stage_iters[index],
+                                             anchor=(at[1], at[2]) if at and at[0] == index else (0, 0.0))
+        self.stage_over = False
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Where the checkpoint's run stood, and every process's random streams."""
+        self.progress = Progress.from_state(state)
+        streams = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per process
+        if len(streams) == distributed.world_size():
+            set_rng_state(streams[distributed.rank()])
+        else:
+            log.warning("the checkpoint holds the random streams of %d process(es), this run has %d: sampling "
+                        "starts new streams", len(streams), distributed.world_size())
+            seed_everything(self.cfg.seed + distributed.rank() + self.progress.iteration)
+        if state["iters_per_epoch"] != self.iters_per_epoch:
+            log.warning("an epoch had %d iterations at the checkpoint and has %d now (data, batch size or processes "
+                        "changed): the position within the epoch is approximate", state["iters_per_epoch"], self.iters_per_epoch)
+        self.out.info("resuming %s at epoch %d, batch %d (iteration %d)", self.out.out, self.progress.epoch + 1,
+                      self.progress.batch, self.progress.iteration)
 
     # ---- limits and the time budget ---------------------------------------------------------
 
     def limit_reached(self) -> str:
         """Why the run stops after this step, or ""."""
         s = self.cfg.solver
-        if self.interrupt_requested:
+        out_of_time = bool(s.max_minutes) and time.monotonic() - self.started >= 60 * s.max_minutes
+        interrupted, out_of_time = distributed.any_rank(self.interrupt_requested, out_of_time)  # one decision for all
+        if interrupted:
             return "interrupted"
         if s.max_iters and self.progress.iteration >= s.max_iters:
             return "max_iters"
-        if s.max_minutes and time.monotonic() - self.started >= 60 * s.max_minutes:
-            return "max_minutes"
-        return ""
+        return "max_minutes" if out_of_time else ""
 
     def fit_to_budget(self) -> None:
         """Shorten the schedule so that the run ends within ``solver.max_minutes``.
@@ -358,13 +386,16 @@ class Trainer:
         if done < FIT_AT:
             return
         cfg, progress, index = self.cfg, self.progress, self.stage_index
-        sec_per_iter = (self.pace[FIT_AT] - self.pace[FIT_FROM]) / (FIT_AT - FIT_FROM)
+        # Process 0's clock decides for all, so that every process fits the same lengths.
+        sec_per_iter, elapsed = distributed.from_first(((self.pace[FIT_AT] - self.pace[FIT_FROM]) / (FIT_AT - FIT_FROM),
+                                                        time.monotonic() - self.started))
         planned = [s.epochs * self.iters_per_epoch for s in self.stages]
         it = self.stage_iteration()
         remaining = planned[index] - it + sum(planned[index + 1:])
         validations = sum(math.ceil(s.epochs / cfg.eval.every) for s in self.stages[index:]) if self.val_set is not None else 0
-        val_batches = math.ceil(len(self.val_set) / cfg.data.batch_size) if self.val_set is not None else 0
-        left = 60 * cfg.solver.max_minutes - (time.monotonic() - self.started) - validations * val_batches * VAL_COST * sec_per_iter
+        val_share = math.ceil(len(self.val_set) / distributed.world_size()) if self.val_set is not None else 0  # sharded
+        val_batches = math.ceil(val_share / cfg.data.batch_size)
+        left = 60 * cfg.solver.max_minutes - elapsed - validations * val_batches * VAL_COST * sec_per_iter
         fits = max(0, int(left / sec_per_iter))
         if fits >= remaining:
             self.out.info("time budget: %d more iterations at %.2f s each fit in solver.max_minutes=%g", remaining, sec_per_iter, cfg.solver.max_minutes)
@@ -377,7 +408,7 @@ class Trainer:
                       cfg.solver.max_minutes, sec_per_iter, fits, remaining,
                       progress.iteration - it + sum(progress.stage_iters[index:]), progress.iteration + remaining)
 
-    # ---- where the run stands ---------------------------------------------------------------
+    # ---- where the run stands, checkpoints --------------------------------------------------
 
     def stage_end(self, index: int) -> int:
         """The epoch after stage ``index``."""
@@ -399,12 +430,25 @@ class Trainer:
     def _on_sigint(self) -> None:
         self.interrupt_requested = True
 
+    def nonfinite_loss(self, where: str, report: str | None) -> NonFiniteLossError:
+        """The error for a non-finite loss in this process (``report``: its loss terms) or another."""
+        reports = distributed.all_gather(report)
+        if len(reports) > 1:
+            reports = [f"rank {r}: {text}" for r, text in enumerate(reports) if text is not None]
+        kept = f"{self.out.last} holds the last good checkpoint" if self.out.last.exists() else "no checkpoint was written yet"
+        return NonFiniteLossError(f"non-finite loss at {where}: {'; '.join(reports)}. Training stopped; {kept}. "
+                                  "Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
+
     def save_last(self) -> None:
         """Write last.pth with the training state, only from finite weights."""
         assert self.optimizer is not None, "save_last before the first stage started"
-        if not _finite_weights(self.model):
+        if not _finite_weights(self.model):  # the same weights, so the same answer, in every process
             raise NonFiniteLossError(f"the weights are no longer finite after iteration {self.progress.iteration}; "
                                      f"{self.out.last} was not overwritten. Lower solver.lr or set solver.grad_clip")
+        # Every process keeps the mean loss of the epoch so far, so that the epoch a resumed run
+        # finishes reports the mean over the processes (end_epoch) of all of its batches.
+        self.progress.epoch_loss = distributed.mean(self.progress.epoch_loss)
+        rng = distributed.all_gather(rng_state())
         self.out.save_last(self.model, {
             **dataclasses.asdict(self.progress),
             "stage": self.stage_index,
@@ -412,7 +456,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "proposal_net": self.proposal_net.state_dict() if self.proposal_net is not None else None,
-            "rng": rng_state(),
+            "rng": rng,  # one entry per process
             "config": to_dict(self.cfg),
         })
 
@@ -502,29 +546,48 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             it was).
         ConfigError, DatasetError, CheckpointError: bad configuration, data or checkpoint.
     """
-    return Trainer(check(cfg), resume).run()
+    cfg = check(cfg)
+    device = distributed.resolve_device(cfg.device)
+    with distributed.process_group(device):
+        return Trainer(cfg, resume, device).run()
 
 
 def resume_command(config_path: str, overrides: list[str]) -> str:
-    """The command line that continues this run."""
-    return shlex.join(["maskrcnn", "train", config_path, *overrides, "--resume"])
+    """The command line that continues this run (under torchrun: with its process counts; a
+    run on several nodes repeats its own rendezvous flags on each)."""
+    args = ["maskrcnn", "train", config_path, *overrides, "--resume"]
+    if not distributed.launched():
+        return shlex.join(args)
+    per_node, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), distributed.world_size()
+    if per_node == world:
+        launch = ["torchrun", "--standalone", f"--nproc_per_node={per_node}"]
+    else:  # on each node, with the run's rendezvous endpoint
+        launch = ["torchrun", f"--nnodes={world // per_node}", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
+                  "--rdzv-endpoint=HOST:PORT"]
+    return shlex.join([*launch, "-m", *args])
 
 
 def main(config_path: str, overrides: list[str], resume: bool = False) -> int:
     """``maskrcnn train CONFIG.yaml key=value ... [--resume]``; returns the exit code (3 on
-    divergence, 130 on Ctrl-C)."""
+    divergence, 130 on Ctrl-C). Under torchrun only process 0 prints and logs below warnings."""
+    first = distributed.rank() == 0
+    if not first:
+        logging.getLogger("maskrcnn").setLevel(logging.WARNING)
     cfg = load_training_config(config_path, overrides)
     try:
         result = train(cfg, resume=resume)
-    except NonFiniteLossError as e:
-        log.error("%s", e)
+    except NonFiniteLossError as e:  # raised in every process alike
+        if first:
+            log.error("%s", e)
         return 3
     except TrainingInterrupted as e:
-        print(f"interrupted at iteration {e.iteration}; {e.last} holds it. Continue with:\n  "
-              f"{resume_command(config_path, overrides)}")
+        if first:
+            print(f"interrupted at iteration {e.iteration}; {e.last} holds it. Continue with:\n  "
+                  f"{resume_command(config_path, overrides)}")
         return 130
-    best = (f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}"
-            if result["best_metric"] is not None else "no validation")
-    print(f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
-          f"checkpoints in {result['out_dir']}/ (last.pth{', best.pth' if result['best'] else ''})")
+    if first:
+        best = (f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}"
+                if result["best_metric"] is not None else "no validation")
+        print(f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
+              f"checkpoints in {result['out_dir']}/ (last.pth{', best.pth' if result['best'] else ''})")
     return 0
