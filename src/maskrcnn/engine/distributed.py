@@ -45,7 +45,8 @@ def world_size() -> int:
 
 
 def _joined() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+    # torchrun with one process joins too: the same code runs as with several (NCCL, DDP).
+    return dist.is_initialized()
 
 
 def resolve_device(name: str) -> torch.device:

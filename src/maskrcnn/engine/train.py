@@ -95,7 +95,7 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
 
 
 class Trainer:
-    """One training run: ``Trainer(cfg, resume).run()``; see the module docstring."""
+    """One training run: ``Trainer(cfg, resume, device).run()``; see the module docstring."""
 
     def __init__(self, cfg: TrainConfig, resume: bool, device: torch.device) -> None:
         self.started = time.monotonic()
@@ -103,7 +103,7 @@ class Trainer:
         cfg = _with_precision(cfg, self.device)
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
-        if cfg.model.backbone.sync_bn and distributed.world_size() > 1 and device.type != "cuda":
+        if cfg.model.backbone.sync_bn and distributed.launched() and device.type != "cuda":
             raise ConfigError("model.backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
         saved = read_train_state(Path(cfg.out_dir), resume, cfg.exist_ok)
         self.out = RunOutput(cfg.out_dir, active=distributed.rank() == 0, progress=cfg.progress, log_every=cfg.log_every)
