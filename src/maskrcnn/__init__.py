@@ -14,7 +14,12 @@ from .checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
+from .predictor import predict
 from .structures import Detections, ImageBatch, ModelOutput, Targets
+
+# ``model.predict(images)``: the user surface of the model, bound here rather than defined in
+# ``model/mask_rcnn.py`` so that the model package never imports the predictor above it.
+MaskRCNN.predict = predict  # type: ignore[attr-defined]
 
 __all__ = [
     "CheckpointError", "Detections", "ImageBatch", "MaskRCNN", "ModelConfig", "ModelOutput", "Targets",

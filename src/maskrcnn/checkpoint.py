@@ -7,10 +7,13 @@ Our format is a ``torch.save`` of a dict of tensors and plain values only, read 
      "model": state_dict, "train_state": {...optional: optimizer, epoch, step...}}
 
 Files are written to a temporary name beside the target and renamed over it, so a crash or a
-full disk never leaves a half-written checkpoint where a good one was.
+full disk never leaves a half-written checkpoint where a good one was. Every weight file the
+package reads (to predict, to resume, to start training from, ImageNet body weights) is read
+here.
 """
 from __future__ import annotations
 
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -26,6 +29,12 @@ from .results import atomic_write
 from .torchvision_compat import convert_keys, infer_config, is_torchvision_state_dict
 
 FORMAT = "maskrcnn-checkpoint/1"
+
+# Layers whose shape depends on the number of classes: re-initialised when a checkpoint to
+# start from was trained on another class count ("new class heads").
+CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -107,6 +116,23 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
+def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor]]:
+    """The weights in our checkpoint or a torchvision Mask R-CNN file, under our names, and the
+    checkpoint's config (None for a torchvision file, whose config ``infer_config`` reads
+    from the weights)."""
+    obj = read_file(path)
+    if obj.get("format") == FORMAT:
+        try:
+            config = from_dict(ModelConfig, obj["config"])
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: bad config in checkpoint: {e}") from None
+        return config, dict(obj["model"])
+    state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    if not is_torchvision_state_dict(state):
+        raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision Mask R-CNN state dict")
+    return None, convert_keys(state)
+
+
 def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any) -> MaskRCNN:
     """Load a model from our checkpoint or a torchvision Mask R-CNN file, in eval mode.
 
@@ -118,18 +144,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | N
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``.
     """
     device = check_device(device)
-    obj = read_file(path)
-    if obj.get("format") == FORMAT:
-        try:
-            config = from_dict(ModelConfig, obj["config"])
-        except ConfigError as e:
-            raise CheckpointError(f"{path}: bad config in checkpoint: {e}") from None
-        state = obj["model"]
-    else:
-        state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
-        if not is_torchvision_state_dict(state):
-            raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision Mask R-CNN state dict")
-        state = convert_keys(state)
+    config, state = read_weights(path)
+    if config is None:
         config = infer_config(state, 0.0 if bn_eps is None else bn_eps)
     if overrides:  # checked and typed like any config override: unknown keys get suggestions
         config = apply_overrides(config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
@@ -138,8 +154,34 @@ def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | N
     return model.to(device).eval()
 
 
+def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> list[str]:
+    """Load our or a torchvision checkpoint into ``model`` to start training from it.
+
+    Class-specific layers (``CLASS_HEADS``) whose shape differs (another class count) keep
+    their fresh initialisation. Returns the names of those re-initialised tensors.
+    """
+    config, state = read_weights(path)
+    if config is None and bn_eps != 0.0:
+        log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps 0 "
+                    "(model.backbone.bn_eps=0.0 reproduces its features exactly)", path)
+    own = model.state_dict()
+    heads = [k for k in own if k.startswith(CLASS_HEADS)]
+    reinit = []
+    if any(k in state and state[k].shape != own[k].shape for k in heads):
+        reinit = heads
+        state.update({k: own[k] for k in heads})
+        log.info("new class heads: %s re-initialised for %d classes", ", ".join(sorted({k.rsplit(".", 1)[0] for k in heads})), model.config.num_classes)
+    for k in own:  # trainable BatchNorm counts steps; checkpoints of a frozen one have no counter
+        if k.endswith("num_batches_tracked") and k not in state:
+            state[k] = own[k]
+    load_state(model, state, str(path))
+    log.info("initialised from %s", path)
+    return reinit
+
+
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
-    """Load an ImageNet classifier state dict (torchvision ResNet names) into a body; ``fc`` is dropped."""
+    """Load an ImageNet classifier state dict (torchvision ResNet names) into a body; ``fc`` is
+    dropped. Training does this for ``model.backbone.weights`` before its first step."""
     obj = read_file(path)
     state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
     state = {k.removeprefix("backbone.body."): v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}

@@ -24,10 +24,11 @@ import yaml
 class BackboneConfig:
     name: str = "resnet50"  # resnet18/34/50/101, resnext50_32x4d, resnext101_32x8d
     frozen_bn: bool = True  # BatchNorm as a fixed affine map (detection batches are too small to train it)
+    sync_bn: bool = False  # trainable BatchNorm (frozen_bn=false) takes its statistics over all processes of a distributed run (CUDA)
     bn_eps: float = 1e-5  # torchvision's 2019 COCO weights were trained with eps 0.0; its loader sets that
     trainable_layers: int = 3  # ResNet stages trained counting from the top (0..5); the rest frozen
     fpn_channels: int = 256  # channels of every FPN output P2..P6
-    weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names)
+    weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names), loaded when training starts
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
 
-from maskrcnn.data import CocoDataset, GroupedBatchSampler, aspect_ratio_groups, collate
+from maskrcnn.data import CocoDataset, DistributedGroupedBatchSampler, GroupedBatchSampler, aspect_ratio_groups, collate
 from maskrcnn.structures import Targets
 
 
@@ -93,3 +93,54 @@ def test_data_loader_with_workers(tmp_path: Path) -> None:
         assert len({0 if im.shape[2] / im.shape[1] < 1 else 1 for im in images}) == 1
         seen += [info["image_id"] for info in infos]
     assert sorted(seen) == list(range(1, 11))
+
+
+# ---------------------------------------------------------------------------------------
+# The distributed grouped sampler
+
+
+def _shares(groups: list[int], batch_size: int, world: int, epoch: int = 0, start: int = 0) -> list[list[list[int]]]:
+    """Every process's batches of one epoch: [rank][k] -> batch."""
+    out = []
+    for rank in range(world):
+        s = DistributedGroupedBatchSampler(groups, batch_size, seed=7, rank=rank, world_size=world)
+        s.set_epoch(epoch, start)
+        out.append(list(s))
+        assert len(out[-1]) == len(s)
+    return out
+
+
+def test_distributed_batches_by_hand():
+    # group 0 = {0, 1, 2}, group 1 = {3, 4}; 2 processes of 1 image: steps of 2 images of one
+    # group, so group 0 leaves one image over, which both processes get (padding).
+    groups = [0, 0, 0, 1, 1]
+    rank0, rank1 = _shares(groups, batch_size=1, world=2)
+    assert len(rank0) == len(rank1) == 3
+    pairs = [a + b for a, b in zip(rank0, rank1)]
+    assert all(len({groups[i] for i in pair}) == 1 for pair in pairs)  # a step never mixes groups
+    assert sorted({i for pair in pairs for i in pair}) == [0, 1, 2, 3, 4]  # every image, in one epoch
+    assert sorted(len(set(pair)) for pair in pairs) == [1, 2, 2]  # one step is the padded one: the same image twice
+
+
+@pytest.mark.parametrize("world, batch_size", [(2, 1), (2, 2), (3, 2), (4, 3)])
+def test_distributed_batches_step_through_the_images_of_one_larger_batch(world: int, batch_size: int) -> None:
+    groups = torch.randint(0, 2, (37,), generator=torch.Generator().manual_seed(world * 10 + batch_size)).tolist()
+    shares = _shares(groups, batch_size, world, epoch=3)
+    alone = _shares(groups, batch_size * world, 1, epoch=3)[0]  # one process, the combined batch
+    assert all(len(r) == len(alone) for r in shares)  # the same number of steps in every process
+    for k, whole in enumerate(alone):
+        step = [s[k] for s in shares]
+        assert len({len(b) for b in step}) == 1 and 1 <= len(step[0]) <= batch_size
+        assert set(i for b in step for i in b) == set(whole)  # the same images, the padding repeating some
+        assert len(step[0]) * world - len(whole) < world
+        assert len({groups[i] for b in step for i in b}) == 1
+
+
+def test_distributed_batches_are_a_function_of_seed_and_epoch():
+    groups = [i % 2 for i in range(20)]
+    first = _shares(groups, 2, 2, epoch=1)
+    assert _shares(groups, 2, 2, epoch=1) == first  # regenerated, never stored
+    assert _shares(groups, 2, 2, epoch=2) != first
+    assert _shares(groups, 2, 2, epoch=1, start=2) == [r[2:] for r in first]  # a resumed epoch skips what was done
+    alone = _shares(groups, 2, 1, epoch=1)[0]
+    assert sorted(i for b in alone for i in b) == list(range(20))  # one process: every image once, no padding

@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,11 +16,12 @@ import torch
 import yaml
 
 import maskrcnn
-from maskrcnn.checkpoint import read_file, save_checkpoint
+from maskrcnn.checkpoint import CheckpointError, init_from_checkpoint, read_file, save_checkpoint
 from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
 from maskrcnn.data import CocoDataset, DatasetError, generate_shapes
 from maskrcnn.engine.pretrain import extract_crops, pretrain_body
-from maskrcnn.engine.train import NonFiniteLossError, build_datasets, init_from_checkpoint, main, train
+from maskrcnn.engine.datasets import build_datasets
+from maskrcnn.engine.train import NonFiniteLossError, Trainer, TrainingInterrupted, main, train
 from maskrcnn.engine.train_config import PretrainConfig, TrainConfig, check, load_training_config
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Targets
@@ -122,7 +125,10 @@ def test_images_without_objects_train():
         loss = out.total_loss
         assert torch.isfinite(loss), out.losses
         loss.backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        # every parameter takes part in the graph (zero-weighted where there is nothing to learn),
+        # as DistributedDataParallel without find_unused_parameters needs
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        assert set(out.losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,6 +266,100 @@ def test_resume_continues_exactly(shapes, tmp_path, device, monkeypatch):
     steps = [r["iter"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]
     assert a["train_state"]["history"][-1]["val_loss"] == pytest.approx(b["train_state"]["history"][-1]["val_loss"], rel=loss_rel)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """last.pth of two runs: same weights and SGD momenta (float tolerance)."""
+    x, y = read_file(a / "last.pth"), read_file(b / "last.pth")
+    assert x["train_state"]["iteration"] == y["train_state"]["iteration"]
+    for key, value in x["model"].items():
+        assert torch.allclose(value.float(), y["model"][key].float(), rtol=1e-4, atol=1e-6), key
+    momenta_x = [s["momentum_buffer"] for s in x["train_state"]["optimizer"]["state"].values()]
+    momenta_y = [s["momentum_buffer"] for s in y["train_state"]["optimizer"]["state"].values()]
+    assert len(momenta_x) == len(momenta_y) > 0
+    assert all(torch.allclose(m, n, rtol=1e-4, atol=1e-6) for m, n in zip(momenta_x, momenta_y))
+
+
+def _ctrl_c_at(monkeypatch: pytest.MonkeyPatch, iteration: int, how: str) -> None:
+    """Ctrl-C while iteration ``iteration`` (1-based) is about to run: a real SIGINT to this
+    process, or a KeyboardInterrupt raised from the step."""
+    step = Trainer.step
+
+    def interrupted(self, *args, **kwargs):
+        if self.progress.iteration + 1 == iteration:
+            if how == "exception":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", interrupted)
+
+
+@pytest.mark.parametrize("how, saved_at", [("signal", 3), ("exception", 2)])
+def test_ctrl_c_saves_the_current_iteration_and_resume_continues_exactly(shapes, tmp_path, monkeypatch, how, saved_at):
+    """A SIGINT lets the step under way finish; a KeyboardInterrupt raised inside the step loses
+    that step. Either way last.pth holds a whole state, and resuming from it ends where an
+    uninterrupted run ends."""
+    common = {"solver": {"lr": 0.01, "epochs": 2, "warmup_iters": 2}, "eval": {"every": 2, "num_visualize": 0},
+              "data": {"max_train_images": 4}}  # 2 iterations per epoch
+    train(tiny_train_config(shapes, tmp_path / "full", **common))
+    cut = tiny_train_config(shapes, tmp_path / "cut", **common)
+    with monkeypatch.context() as m:
+        _ctrl_c_at(m, 3, how)
+        with pytest.raises(TrainingInterrupted) as err:
+            train(cut)
+    assert err.value.iteration == saved_at
+    state = read_file(tmp_path / "cut" / "last.pth")["train_state"]
+    assert state["iteration"] == saved_at and (state["epoch"], state["batch"]) == (1, saved_at - 2)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handler is gone
+
+    resumed = train(cut, resume=True)
+    assert resumed["stopped"] == "completed" and resumed["iterations"] == 4
+    _assert_same_run(tmp_path / "full", tmp_path / "cut")
+    records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_on_the_command_line_prints_the_resume_command(shapes, tmp_path, monkeypatch, capsys):
+    cfg = tiny_train_config(shapes, tmp_path / "run", data={"max_train_images": 4}, eval={"num_visualize": 0})
+    path = tmp_path / "my config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    overrides = ["solver.epochs=2", "eval.max_images=1"]
+    with monkeypatch.context() as m:
+        _ctrl_c_at(m, 2, "signal")
+        assert main(str(path), overrides) == 130
+    printed = capsys.readouterr().out
+    assert f"maskrcnn train '{path}' solver.epochs=2 eval.max_images=1 --resume" in printed
+    assert read_file(tmp_path / "run" / "last.pth")["train_state"]["iteration"] == 2
+    assert main(str(path), overrides, resume=True) == 0
+    assert read_file(tmp_path / "run" / "last.pth")["train_state"]["iteration"] == 4
+
+
+def test_a_resume_that_does_not_fit_leaves_the_run_folder_as_it_was(shapes, tmp_path):
+    cfg = tiny_train_config(shapes, tmp_path / "run", data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0})
+    train(cfg)
+    out = tmp_path / "run"
+    before = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "last.pth")}
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, roi_heads=dataclasses.replace(
+        cfg.model.roi_heads, representation_size=48)))  # a changed model override
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        train(other, resume=True)
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_training_starts_from_the_imagenet_body_weights(shapes, tmp_path):
+    torch.manual_seed(1)
+    from maskrcnn.model.backbone import ResNetBody
+
+    imagenet = ResNetBody("resnet18", frozen_bn=False).state_dict()
+    torch.save(imagenet, tmp_path / "imagenet.pth")
+    backbone = {**TINY_MODEL["backbone"], "frozen_bn": True, "trainable_layers": 0, "weights": str(tmp_path / "imagenet.pth")}
+    cfg = tiny_train_config(shapes, tmp_path / "run", model={**TINY_MODEL, "backbone": backbone},
+                            data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0})
+    train(cfg)
+    body = {k.removeprefix("backbone.body."): v for k, v in read_file(tmp_path / "run" / "last.pth")["model"].items()
+            if k.startswith("backbone.body.")}
+    assert all(torch.equal(body[k], v) for k, v in imagenet.items() if not k.endswith("num_batches_tracked"))  # frozen: as loaded
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path, monkeypatch):

@@ -92,6 +92,14 @@ def test_multiscale_gradient_reaches_every_level(device: torch.device) -> None:
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in features)
 
 
+def test_multiscale_gradient_is_zero_not_absent_on_a_level_without_rois() -> None:
+    features = [torch.randn(1, 1, 256 // s, 256 // s, requires_grad=True) for s in (4, 8)]
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0]])]  # level k = 2 only
+    multiscale_roi_align(features, boxes, [(256, 256)], 2, 2).sum().backward()
+    assert features[0].grad.abs().sum() > 0
+    assert features[1].grad is not None and not features[1].grad.any()
+
+
 def test_multiscale_rejects_unknown_pool() -> None:
     with pytest.raises(ValueError, match="pool"):
         multiscale_roi_align([torch.zeros(1, 1, 4, 4)], [torch.zeros(1, 4)], [(16, 16)], 2, 2, pool="max")

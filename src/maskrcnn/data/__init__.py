@@ -11,9 +11,9 @@ from .coco import CocoDataset, read_coco, read_json, segmentation_to_mask
 from .dsb import dsb_to_coco
 from .errors import DatasetError
 from .images import image_size, load_rgb, to_tensor
-from .sampler import GroupedBatchSampler, aspect_ratio_groups, collate
+from .sampler import DistributedGroupedBatchSampler, GroupedBatchSampler, aspect_ratio_groups, collate
 from .synthetic import SplitPaths, ensure_dataset, generate_digits, generate_shapes
-from .transforms import ColorJitter, Compose, RandomHorizontalFlip, hflip
+from .transforms import ColorJitter, Compose, FlipAugmented, RandomHorizontalFlip, hflip
 from .via import via_to_coco
 
 __all__ = [
@@ -21,6 +21,8 @@ __all__ = [
     "ColorJitter",
     "Compose",
     "DatasetError",
+    "DistributedGroupedBatchSampler",
+    "FlipAugmented",
     "GroupedBatchSampler",
     "RandomHorizontalFlip",
     "SplitPaths",

@@ -1,4 +1,5 @@
-"""Batching: aspect-ratio grouped batches and the collate function.
+"""Batching: aspect-ratio grouped batches, their share in each process of a distributed run,
+and the collate function.
 
 Grouping portrait and landscape images into separate batches keeps the zero padding of a
 batch (padded to its largest height and width) small.
@@ -8,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Iterator, Sequence
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler, Subset
 
@@ -80,6 +82,57 @@ class GroupedBatchSampler(Sampler[list[int]]):
         if self.drop_last:
             return sum(n // self.batch_size for n in counts.values())
         return sum(-(-n // self.batch_size) for n in counts.values())
+
+
+class DistributedGroupedBatchSampler(Sampler[list[int]]):
+    """This process's batches of one epoch, grouped by aspect ratio, in an order drawn from
+    (``seed``, epoch) only.
+
+    The epoch's permutation is cut into batches of ``batch_size * world_size`` images of one
+    group (``GroupedBatchSampler``), and each of those is split into ``world_size`` equal
+    shares: process ``rank`` gets share ``rank`` as its batch of ``batch_size``. So every
+    process has the same number of batches, each of one aspect-ratio group, and together they
+    step through the same images that one process would with the larger batch. A group's last,
+    incomplete batch of n images is padded to a multiple of ``world_size`` by repeating its own
+    first images, each share ceil(n / world_size) long (as ``DistributedSampler`` pads); with
+    one process nothing is padded and the batches are ``GroupedBatchSampler``'s over the
+    permutation.
+
+    ``set_epoch(epoch, start)`` before each epoch: ``start`` skips the batches already done,
+    which is how a resumed run finds its place (the order is regenerated, never stored).
+
+    Args:
+        group_ids: group of dataset index i at position i (``aspect_ratio_groups``).
+        batch_size: images per batch in each process.
+        seed: with the epoch, the only source of the order.
+        rank, world_size: this process and how many there are.
+    """
+
+    def __init__(self, group_ids: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+        self.group_ids = list(group_ids)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(GroupedBatchSampler(range(len(self.group_ids)), self.group_ids, self.batch_size * self.world_size))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.group_ids), generator=g).tolist()
+        batches = list(GroupedBatchSampler(order, self.group_ids, self.batch_size * self.world_size))  # type: ignore[arg-type]
+        for batch in batches[self.start:]:
+            share = -(-len(batch) // self.world_size)  # ceil
+            padded = (batch * self.world_size)[: share * self.world_size]
+            yield padded[self.rank * share : (self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start)
 
 
 def collate(batch: Sequence[tuple[Tensor, Targets, dict[str, Any]]]) -> tuple[list[Tensor], list[Targets], list[dict[str, Any]]]:

@@ -7,10 +7,11 @@ random short side), so targets stay in the original image frame until then.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from ..structures import Targets
 
@@ -62,6 +63,28 @@ class RandomHorizontalFlip:
 
     def __repr__(self) -> str:
         return f"RandomHorizontalFlip(p={self.p})"
+
+
+class FlipAugmented(Dataset):
+    """``dataset`` with each image flipped left-right with probability ``p``.
+
+    The coin for image ``i`` in epoch ``epoch`` is drawn from its own generator seeded with
+    (seed, epoch, i), so augmentation is the same whichever worker or process loads the image
+    and wherever a resumed run restarts. Set ``epoch`` before each epoch.
+    """
+
+    def __init__(self, dataset: Dataset, p: float, seed: int) -> None:
+        self.dataset, self.p, self.seed, self.epoch = dataset, p, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> Any:
+        image, targets, info = self.dataset[i]
+        if self.p > 0:
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + i) % 2**63)
+            image, targets = RandomHorizontalFlip(self.p, generator=g)(image, targets)
+        return image, targets, info
 
 
 class ColorJitter:

@@ -37,9 +37,10 @@ from ..data import ensure_dataset
 from ..data.synthetic import SplitPaths
 from ..model.mask_rcnn import MaskRCNN
 from ..results import write_json
+from .distributed import resolve_device
 from .evaluate import coco_evaluate, flatten_metrics
 from .inference import coco_results
-from .train import NonFiniteLossError, resolve_device, train
+from .train import NonFiniteLossError, train
 from .train_config import TrainConfig, load_training_config
 
 log = logging.getLogger(__name__)

@@ -98,6 +98,18 @@ def stage_at(stages: list[Stage], epoch: int) -> tuple[int, int]:
     return len(stages), start
 
 
+def fitted_lengths(planned: list[int], stage: int, it_in_stage: int, factor: float) -> list[int]:
+    """Iterations of each stage when the rest of the run is scaled by ``factor`` (< 1) to fit a
+    time budget: stages before ``stage`` as they were, the rest of ``stage`` (from iteration
+    ``it_in_stage``, at least one more) and every later stage (at least one) scaled."""
+    return [
+        n if k < stage else
+        max(it_in_stage + 1, it_in_stage + round(factor * (n - it_in_stage))) if k == stage else
+        max(1, round(factor * n))
+        for k, n in enumerate(planned)
+    ]
+
+
 def apply_stage(model: nn.Module, stage: Stage, base_trainable: set[str]) -> list[nn.Parameter]:
     """Set ``requires_grad`` for ``stage``; returns the parameters that train, in model order.
 

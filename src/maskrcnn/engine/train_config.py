@@ -30,7 +30,7 @@ class DataConfig:
     synthetic_val: int = 50  # built-in dataset: validation images
     synthetic_size: tuple[int, int] = (128, 256)  # built-in dataset: range of image height and width
     max_train_images: int = 0  # use only the first N training images (0 = all); for quick runs
-    batch_size: int = 2  # images per training step
+    batch_size: int = 2  # images per training step in each process (a distributed run steps on batch_size x processes)
     workers: int = 2  # DataLoader worker processes (0 = load in the training process)
     hflip: float = 0.5  # probability of a horizontal flip of a training image
     allow_outside_root: bool = False  # let file names in the JSON be absolute or lead out of the image folder ("../x.jpg")
@@ -132,6 +132,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("data.train_images is empty; it must name the folder of data.train_ann's images")
     if cfg.data.val_ann and not cfg.data.val_images:
         raise ConfigError("data.val_images is empty; it must name the folder of data.val_ann's images")
+    if cfg.model.backbone.sync_bn and cfg.model.backbone.frozen_bn:
+        raise ConfigError("model.backbone.sync_bn=true needs trainable BatchNorm: set model.backbone.frozen_bn=false")
     if cfg.eval.metric.startswith("segm") and not cfg.model.masks:
         raise ConfigError(f"eval.metric={cfg.eval.metric} needs masks; use bbox_AP for model.masks=false")
     for key, value in (("data.batch_size", cfg.data.batch_size), ("eval.every", cfg.eval.every), ("log_every", cfg.log_every)):

@@ -1,6 +1,8 @@
 """The one place that reads a ``ModelConfig`` and assembles the modules."""
 from __future__ import annotations
 
+from torch import nn
+
 from ..config import ModelConfig
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody
@@ -13,15 +15,17 @@ from .transform import Preprocessor
 
 
 def build_model(config: ModelConfig | None = None) -> MaskRCNN:
-    """Mask R-CNN with randomly initialised heads (and body, unless ``backbone.weights``)."""
+    """Mask R-CNN with randomly initialised weights.
+
+    Weights come from files in ``maskrcnn.checkpoint``: ``load`` (a trained model),
+    ``load_backbone_weights`` (``backbone.weights``, which training loads before its first step)
+    and ``init_from_checkpoint``.
+    """
     cfg = config or ModelConfig()
     b = cfg.backbone
-    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=5)
-    if b.weights:
-        from ..checkpoint import load_backbone_weights
-
-        load_backbone_weights(body, b.weights)
-    body.freeze(b.trainable_layers)
+    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=b.trainable_layers)
+    if b.sync_bn:  # trainable BatchNorm only: FrozenBatchNorm2d is no _BatchNorm and stays as it is
+        body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
     backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
 
     a, r = cfg.anchors, cfg.rpn

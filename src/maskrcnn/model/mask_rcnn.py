@@ -15,10 +15,12 @@ The contract of ``MaskRCNN.forward``:
                           ``ops.paste_masks(masks, boxes, (H_i, W_i)) > 0.5`` gives full frames).
 
 The return type never depends on ``self.training``; only which fields are filled does.
+``model.predict`` (images in any form in, ``Result`` objects out) is ``maskrcnn.predictor.predict``,
+bound to the class by the package's ``__init__``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -96,14 +98,3 @@ class MaskRCNN(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    @torch.inference_mode()
-    def predict(self, images: Any, **kwargs: Any) -> Any:
-        """Detect objects in one image or a list: paths, PIL images or HxWx3 uint8 arrays.
-
-        Returns one ``maskrcnn.results.Result`` per image (a single one for a single input),
-        in original pixels. Keyword arguments go to ``maskrcnn.predictor.predict``.
-        """
-        from ..predictor import predict
-
-        return predict(self, images, **kwargs)

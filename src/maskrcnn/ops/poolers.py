@@ -90,7 +90,8 @@ def multiscale_roi_align(
 
     Returns:
         ``Tensor[sum Ki, C, PH, PW]`` in the features' dtype, RoIs in input order (image 0
-        first). Differentiable with respect to the features.
+        first). Differentiable with respect to the features: every level that requires grad
+        gets one, zero where no RoI falls on it.
     """
     if pool not in ("align", "pool"):
         raise ValueError(f"pool must be 'align' or 'pool', got {pool!r}")
@@ -115,6 +116,12 @@ def multiscale_roi_align(
     for level, (feature, scale) in enumerate(zip(features, scales)):
         idx = torch.where(levels == level)[0]
         if idx.numel() == 0:
+            if feature.requires_grad:
+                # A level without RoIs stays in the graph with a zero gradient (the sum of an
+                # empty slice is exactly 0, whatever the features hold): DistributedDataParallel,
+                # which waits for a gradient of every parameter, then needs no search for unused
+                # ones (small images often send no RoI to P5).
+                result = result + feature[..., :0, :0].sum().to(result.dtype)
             continue
         result[idx] = run(feature, rois[idx], scale).to(result.dtype)
     return result
