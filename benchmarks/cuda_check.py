@@ -21,14 +21,16 @@ Sections, in order:
     inference   images/s and peak memory, R50-FPN with the parity checkpoint at 800 px: our
                 forward (masks pasted) and ``predict`` (``Result`` objects), batch 1 and 8,
                 fp32 / fp32 without TF32 / bf16 / fp16 autocast; torchvision's Mask R-CNN with
-                the same weights, interleaved; per-stage times; NMS block sizes; NCHW vs NHWC
+                the same weights, interleaved; AMP's drift from fp32 (ours and torchvision's);
+                per-stage times; NMS block sizes; NCHW vs NHWC; frozen BN returning bf16/fp16
     training    images/s and peak memory of SGD steps (frozen BN, 3 trainable stages as
                 coco_r50), 2 and 8 images of 800 px with synthetic targets, fp32 / bf16 /
-                fp16 with a gradient scaler, as ``Trainer.step`` does them
+                fp16 with a gradient scaler, as ``Trainer.step`` does them; bf16 once more
+                with frozen BN returning bf16
     pytest_rest the rest of the suite (CPU tests; ``device=auto`` picks the GPU there)
 
-``--quick`` shrinks everything (320 px images, batches 1-2, 1-2 timed runs, fewer tests) into a
-smoke test of every section that finishes in a few minutes on 2 CPU cores.
+``--quick`` shrinks everything (320 px images, 100 proposals, 20 detections, batches 1-2, one
+timed run, fewer tests) into a smoke test of every section: about 3 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
