@@ -21,14 +21,16 @@ Sections, in order:
     inference   images/s and peak memory, R50-FPN with the parity checkpoint at 800 px: our
                 forward (masks pasted) and ``predict`` (``Result`` objects), batch 1 and 8,
                 fp32 / fp32 without TF32 / bf16 / fp16 autocast; torchvision's Mask R-CNN with
-                the same weights, interleaved; per-stage times; NMS block sizes; NCHW vs NHWC
+                the same weights, interleaved; AMP's drift from fp32 (ours and torchvision's);
+                per-stage times; NMS block sizes; NCHW vs NHWC; frozen BN returning bf16/fp16
     training    images/s and peak memory of SGD steps (frozen BN, 3 trainable stages as
                 coco_r50), 2 and 8 images of 800 px with synthetic targets, fp32 / bf16 /
-                fp16 with a gradient scaler, as ``Trainer.step`` does them
+                fp16 with a gradient scaler, as ``Trainer.step`` does them; bf16 once more
+                with frozen BN returning bf16
     pytest_rest the rest of the suite (CPU tests; ``device=auto`` picks the GPU there)
 
-``--quick`` shrinks everything (320 px images, batches 1-2, 1-2 timed runs, fewer tests) into a
-smoke test of every section that finishes in a few minutes on 2 CPU cores.
+``--quick`` shrinks everything (320 px images, 100 proposals, 20 detections, batches 1-2, one
+timed run, fewer tests) into a smoke test of every section: about 3 minutes on 2 CPU cores.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ sys.path.insert(0, str(REPO / "src"))  # this checkout's package, not an install
 
 SECTIONS = ("pytest", "parity", "inference", "training", "pytest_rest")
 # Seconds each section may take at most (full run, quick run). The whole run also has --budget.
-CAPS = {"pytest": (210, 150), "parity": (60, 90), "inference": (150, 150), "training": (150, 120), "pytest_rest": (150, 60)}
+CAPS = {"pytest": (150, 150), "parity": (60, 90), "inference": (150, 150), "training": (120, 120), "pytest_rest": (120, 60)}
 FLOOR = 40  # seconds kept for each later section when an earlier one runs long
 CASES = ("single_a", "single_b", "batch_ab")
 
@@ -87,6 +89,17 @@ class Part:
     def add(self, key: str, entry: dict) -> None:
         self.data.setdefault(key, []).append(entry)
         write_json(self.path, self.data)
+
+
+@contextlib.contextmanager
+def guarded(part: Part, key: str) -> Iterator[None]:
+    """A failing measurement is recorded under ``<key>_error``; the section goes on."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001
+        part[f"{key}_error"] = f"{type(e).__name__}: {e}"[:500]
+        log(f"{key} failed: {part.data[f'{key}_error']}")
+        traceback.print_exc()
 
 
 def checkpoint_path(cache: Path, fixtures: Path) -> Path:
@@ -288,23 +301,24 @@ def section_parity(args: argparse.Namespace, part: Part) -> None:
             if time.time() > args.deadline - 10:
                 part["truncated"] = True
                 return
-            ref = np.load(args.fixtures / f"{name}.npz")
-            rles = json.loads((args.fixtures / f"{name}_masks.json").read_text())
-            images = [to_tensor(load_rgb(args.fixtures / f)).to(device) for f in cases[name]["images"]]
-            with tf32(flag), torch.inference_mode():
-                t = time.perf_counter()
-                dets = model(images).detections
-                sync(device)
-                seconds = time.perf_counter() - t
-            for i, det in enumerate(dets):
-                ref_masks = mask_util.decode(rles[i]).transpose(2, 0, 1).astype(bool)
-                entry = compare_detections(det, *(torch.from_numpy(ref[f"final_{k}_{i}"]) for k in ("boxes", "scores", "labels")),
-                                           ref_masks=ref_masks)
-                entry.update(mode=mode, case=name, image=i, seconds=round(seconds, 3))
-                part.add("results", entry)
-                log(f"parity {mode} {name}[{i}]: {entry}")
-    results = part.data.get("results", [])
-    part["float32_within_tolerance"] = all(r["within_tolerance"] for r in results if r["mode"] == "float32")
+            with guarded(part, f"{mode}_{name}"):
+                ref = np.load(args.fixtures / f"{name}.npz")
+                rles = json.loads((args.fixtures / f"{name}_masks.json").read_text())
+                images = [to_tensor(load_rgb(args.fixtures / f)).to(device) for f in cases[name]["images"]]
+                with tf32(flag), torch.inference_mode():
+                    t = time.perf_counter()
+                    dets = model(images).detections
+                    sync(device)
+                    seconds = time.perf_counter() - t
+                for i, det in enumerate(dets):
+                    ref_masks = mask_util.decode(rles[i]).transpose(2, 0, 1).astype(bool)
+                    entry = compare_detections(det, *(torch.from_numpy(ref[f"final_{k}_{i}"]) for k in ("boxes", "scores", "labels")),
+                                               ref_masks=ref_masks)
+                    entry.update(mode=mode, case=name, image=i, seconds=round(seconds, 3))
+                    part.add("results", entry)
+                    log(f"parity {mode} {name}[{i}]: {entry}")
+    results = [r for r in part.data.get("results", []) if r["mode"] == "float32"]
+    part["float32_within_tolerance"] = bool(results) and all(r["within_tolerance"] for r in results)
 
 
 # ----------------------------------------------------------------------------------------
@@ -437,6 +451,9 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
     precisions = ("fp32", "bf16") if args.quick else ("fp32", "fp32_strict", "bf16", "fp16")
     warmup, runs = (1, 1) if args.quick else (2, 5)
     part["setup"] = {"min_size": model.preprocess.min_size[-1], "max_size": model.preprocess.max_size,
+                     "precisions": "fp32: PyTorch's defaults (cuDNN convolutions may use TF32); fp32_strict: TF32 off; "
+                                   "bf16/fp16: autocast",
+                     "peak_mib": "torch.cuda.max_memory_allocated over one call; includes both models' weights (~0.35 GB)",
                      "proposals": model.rpn.post_nms_top_n["test"], "detections": model.roi_heads.detections_per_img,
                      "images": "fixture image_a / image_b alternating", "warmup": warmup, "runs": runs,
                      "original_sizes": {k: list(v.shape[:2]) for k, v in pics.items()}}
@@ -460,31 +477,33 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
 
     # Per-stage times, batch 1 and the largest batch, fp32.
     for n in batches:
-        arrays = [pics["ab"[i % 2]] for i in range(n)]
-        tensors = [to_tensor(a).to(device) for a in arrays]
-        with torch.inference_mode():
-            staged = [staged_forward(model, tensors, device) for _ in range(warmup + runs)][warmup:]
-        stages = {k: round(statistics.median(s[k] for s in staged), 2) for k in staged[0]}
-        part.add("stages_ms_fp32", {"batch": n, **stages})
-        log(f"stages fp32 batch {n}: {stages}")
+        with guarded(part, f"stages_batch{n}"):
+            tensors = [to_tensor(pics["ab"[i % 2]]).to(device) for i in range(n)]
+            with torch.inference_mode():
+                staged = [staged_forward(model, tensors, device) for _ in range(warmup + runs)][warmup:]
+            stages = {k: round(statistics.median(s[k] for s in staged), 2) for k in staged[0]}
+            part.add("stages_ms_fp32", {"batch": n, **stages})
+            log(f"stages fp32 batch {n}: {stages}")
     if out_of_time():
         return
 
     # Agreement with torchvision on the same input (is it the same detector?), and AMP vs fp32.
-    arrays1 = [pics["a"]]
     tensors1 = [to_tensor(pics["a"]).to(device)]
-    with torch.inference_mode():
-        ours32 = model(tensors1).detections[0]
+    theirs = None
+    with guarded(part, "torchvision_agreement"), torch.inference_mode():
         if tv is not None:
+            ours32 = model(tensors1).detections[0]
             theirs = tv(tensors1)[0]
             part["torchvision_agreement_fp32"] = compare_detections(ours32, theirs["boxes"].cpu(), theirs["scores"].cpu(), theirs["labels"].cpu())
             log(f"torchvision agreement: {part.data['torchvision_agreement_fp32']}")
-        # The parity checkpoint is calibrated, not trained: its scores crowd together, so AMP
-        # reorders and replaces many detections, in torchvision as in ours; compare the two drifts.
+    # The parity checkpoint is calibrated, not trained: its scores crowd together, so AMP
+    # reorders and replaces many detections, in torchvision as in ours; compare the two drifts.
+    with guarded(part, "amp_agreement"), torch.inference_mode():
+        ours32 = model(tensors1).detections[0]
         for precision in ("bf16", "fp16") if device.type == "cuda" else ("bf16",):
             with autocast(device, precision):
                 low = model(tensors1).detections[0]
-                tv_low = tv(tensors1)[0] if tv is not None else None
+                tv_low = tv(tensors1)[0] if tv is not None and theirs is not None else None
             for iou in (0.9, 0.5):
                 entry = {"ours": compare_detections(low, ours32.boxes.cpu(), ours32.scores.cpu(), ours32.labels.cpu(), iou=iou)}
                 if tv_low is not None:
@@ -507,22 +526,26 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
             names = list(fns)
             times: dict[str, list[float]] = {k: [] for k in names}
             peaks: dict[str, list[float | None]] = {k: [] for k in names}
-            try:
-                with tf32(precision_flags(precision)), autocast(device, precision), torch.inference_mode():
-                    for r in range(warmup + runs):
-                        for k in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            entry: dict[str, Any] = {"batch": n, "precision": precision}
+            with tf32(precision_flags(precision)), autocast(device, precision), torch.inference_mode():
+                for r in range(warmup + runs):
+                    for k in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+                        if k in entry:  # failed before
+                            continue
+                        try:
                             seconds, peak = measure(fns[k], device)
-                            if r >= warmup:
-                                times[k].append(seconds)
-                                peaks[k].append(peak)
-                entry: dict[str, Any] = {"batch": n, "precision": precision}
-                for k in names:
+                        except Exception as e:  # noqa: BLE001
+                            entry[k] = {"error": f"{type(e).__name__}: {e}"[:500]}
+                            traceback.print_exc()
+                            continue
+                        if r >= warmup:
+                            times[k].append(seconds)
+                            peaks[k].append(peak)
+            for k in names:
+                if k not in entry:
                     entry[k] = summary(times[k], peaks[k], n)
-                if "torchvision" in entry:
-                    entry["speedup_vs_torchvision"] = round(entry["torchvision"]["median_s"] / entry["ours_forward"]["median_s"], 3)
-            except Exception as e:  # noqa: BLE001
-                entry = {"batch": n, "precision": precision, "error": f"{type(e).__name__}: {e}"[:500]}
-                traceback.print_exc()
+            if "median_s" in entry.get("torchvision", {}) and "median_s" in entry["ours_forward"]:
+                entry["speedup_vs_torchvision"] = round(entry["torchvision"]["median_s"] / entry["ours_forward"]["median_s"], 3)
             part.add("throughput", entry)
             log(f"inference {entry}")
     if device.type != "cuda":
@@ -531,42 +554,43 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
     # NMS: the block size on the GPU, against torchvision's kernel.
     if out_of_time():
         return
-    tv_nms = None
-    if tv is not None:
-        from torchvision.ops import batched_nms as tv_nms  # noqa: N811
-    try:
+    with guarded(part, "nms"):
+        tv_nms = None
+        if tv is not None:
+            from torchvision.ops import batched_nms as tv_nms  # noqa: N811
         part["nms"] = nms_block_sizes(model, tensors1, device, runs, tv_nms)
         log(f"nms: {part.data['nms']}")
-    except Exception as e:  # noqa: BLE001
-        part["nms"] = f"{type(e).__name__}: {e}"[:300]
 
     # Backbone memory layout: NHWC (what the model does; faster with oneDNN on CPU) vs NCHW.
     if out_of_time():
         return
     n = batches[-1]
-    batch, _ = model.preprocess([to_tensor(pics["ab"[i % 2]]).to(device) for i in range(n)])
+    with torch.inference_mode():
+        batch, _ = model.preprocess([to_tensor(pics["ab"[i % 2]]).to(device) for i in range(n)])
     layouts = {"nhwc": batch.tensors.contiguous(memory_format=torch.channels_last), "nchw": batch.tensors.contiguous()}
     for precision in ("fp32", "bf16"):
-        entry = {"batch": n, "precision": precision}
-        with autocast(device, precision), torch.inference_mode():
-            for name, x in layouts.items():
-                times = [measure(lambda: model.backbone.fpn(model.backbone.body(x)), device)[0] for _ in range(warmup + runs)][warmup:]
-                entry[f"{name}_ms"] = round(statistics.median(times) * 1000, 2)
-        part.add("backbone_layout", entry)
-        log(f"backbone layout {entry}")
+        with guarded(part, f"backbone_layout_{precision}"):
+            entry = {"batch": n, "precision": precision}
+            with autocast(device, precision), torch.inference_mode():
+                for name, x in layouts.items():
+                    times = [measure(lambda: model.backbone.fpn(model.backbone.body(x)), device)[0] for _ in range(warmup + runs)][warmup:]
+                    entry[f"{name}_ms"] = round(statistics.median(times) * 1000, 2)
+            part.add("backbone_layout", entry)
+            log(f"backbone layout {entry}")
 
     # Frozen BatchNorm under autocast: float32 outputs (as now) vs the input's dtype.
     x = layouts["nhwc"]
     for precision in ("bf16", "fp16") if device.type == "cuda" else ("bf16",):
         if out_of_time():
             return
-        entry = {"batch": n, "precision": precision}
-        for variant, ctx in (("float32_out", contextlib.nullcontext), ("input_dtype_out", frozen_bn_in_input_dtype)):
-            with ctx(), autocast(device, precision), torch.inference_mode():
-                got = [measure(lambda: model.backbone.fpn(model.backbone.body(x)), device) for _ in range(warmup + runs)][warmup:]
-            entry[variant] = summary([t for t, _ in got], [m for _, m in got], n)
-        part.add("backbone_frozen_bn_dtype", entry)
-        log(f"frozen BN dtype {entry}")
+        with guarded(part, f"backbone_frozen_bn_dtype_{precision}"):
+            entry = {"batch": n, "precision": precision}
+            for variant, ctx in (("float32_out", contextlib.nullcontext), ("input_dtype_out", frozen_bn_in_input_dtype)):
+                with ctx(), autocast(device, precision), torch.inference_mode():
+                    got = [measure(lambda: model.backbone.fpn(model.backbone.body(x)), device) for _ in range(warmup + runs)][warmup:]
+                entry[variant] = summary([t for t, _ in got], [m for _, m in got], n)
+            part.add("backbone_frozen_bn_dtype", entry)
+            log(f"frozen BN dtype {entry}")
 
 
 # ----------------------------------------------------------------------------------------
@@ -810,11 +834,46 @@ def run_parent(args: argparse.Namespace) -> int:
             write_json(results_path, results)
             say(f"--- {name}: {status} in {entry['seconds']} s")
         say(f"done in {time.time() - started:.0f} s; results in {results_path}")
-        for name, entry in results["sections"].items():
-            say(f"  {name}: {entry.get('status')}" + (f", {entry.get('tests')} tests, {entry.get('failures')} failures, "
-                                                        f"{entry.get('errors')} errors, {entry.get('skipped')} skipped"
-                                                        if "tests" in entry else ""))
-    return 0
+        try:
+            for line in headlines(results):
+                say(line)
+        except Exception as e:  # noqa: BLE001
+            say(f"(summary failed: {type(e).__name__}: {e}; see results.json)")
+    return 0 if all(e.get("status") == "ok" for e in results["sections"].values()) else 1
+
+
+def headlines(results: dict) -> list[str]:
+    """The numbers that matter, one line each, for the end of the console output."""
+    lines = []
+    for name, e in results["sections"].items():
+        lines.append(f"{name}: {e.get('status')}, {e.get('seconds', 0)} s")
+        if "tests" in e:
+            lines.append(f"  {e['tests']} tests, {e['failures']} failures, {e['errors']} errors, {e['skipped']} skipped")
+            lines += [f"  NOT PASSED {t}" for t in e.get("not_passed", [])[:8]]
+        for r in e.get("results", []):  # parity
+            lines.append(f"  {r['mode']} {r['case']}[{r['image']}]: within tolerance {r['within_tolerance']}, matched "
+                         f"{r['matched']:.2f}/{r['matched_back']:.2f}, box {r.get('max_box_diff', 0):.4f} px, "
+                         f"score {r.get('max_score_diff', 0):.1e}, masks {r.get('masks_iou_ge_0.98', 0):.2f}")
+        for r in e.get("stages_ms_fp32", []):
+            lines.append(f"  stages ms, batch {r['batch']} fp32: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "batch"))
+        if "torchvision_agreement_fp32" in e:
+            a = e["torchvision_agreement_fp32"]
+            lines.append(f"  same detections as torchvision (fp32): {a['matched']:.2f}/{a['matched_back']:.2f}, box {a.get('max_box_diff', 0):.4f} px")
+        for r in e.get("throughput", []):
+            if "error" in r:
+                lines.append(f"  {r} ")
+            elif "ours_forward" in r:
+                fwd, pred, tv = (r.get(k, {}) for k in ("ours_forward", "ours_predict", "torchvision"))
+                lines.append(f"  infer b{r['batch']} {r['precision']}: forward {fwd.get('images_per_s', fwd.get('error'))} img/s "
+                             f"({fwd.get('peak_mib', '-')} MiB), predict {pred.get('images_per_s', pred.get('error'))} img/s, "
+                             f"torchvision {tv.get('images_per_s', tv.get('error', '-'))} img/s ({tv.get('peak_mib', '-')} MiB), "
+                             f"speed-up {r.get('speedup_vs_torchvision', '-')}")
+            else:
+                lines.append(f"  train {r.get('images')} img {r.get('precision')}: {r.get('images_per_s')} img/s, "
+                             f"{r.get('peak_mib', '-')} MiB, finite {r.get('all_finite')}")
+        if e.get("truncated"):
+            lines.append("  (cut short by its time budget)")
+    return lines
 
 
 def main() -> int:
@@ -823,7 +882,7 @@ def main() -> int:
     p.add_argument("--fixtures", type=Path, required=True, help="the tv_parity fixture folder")
     p.add_argument("--out", type=Path, required=True, help="folder for the log, results.json and junit files")
     p.add_argument("--quick", action="store_true", help="small sizes and few runs: a smoke test of every section")
-    p.add_argument("--budget", type=float, default=420, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=400, help="seconds for the whole run")
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests")),
                    help="where the parity checkpoint is built (shared with the tests)")
