@@ -258,7 +258,7 @@ def test_a_device_this_machine_lacks_is_a_one_line_error(tiny_ckpt):
 def test_inference_precision_auto_follows_the_hardware(tiny_ckpt, monkeypatch, native, expected):
     from maskrcnn import precision
 
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: native)
     model = maskrcnn.load(tiny_ckpt)
     seen = []
     hook = model.backbone.body.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))

@@ -11,10 +11,12 @@ from maskrcnn import precision
 
 @pytest.fixture
 def cpu(monkeypatch: pytest.MonkeyPatch):
-    """Set what the probe sees: cpu(avx512_bf16=..., amx=..., capability=..., isa=...)."""
+    """Set what the probes see: cpu(avx512_bf16=..., amx=..., capability=..., isa=..., speedup=...)."""
 
-    def set_cpu(avx512_bf16: bool = False, amx: bool = False, capability: str = "AVX512", isa: str | None = None) -> None:
+    def set_cpu(avx512_bf16: bool = False, amx: bool = False, capability: str = "AVX512", isa: str | None = None,
+                speedup: float = 2.0) -> None:
         flags = {"avx512_bf16": avx512_bf16, "amx_tile": amx}
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
         monkeypatch.setattr(precision, "_cpu_flag", lambda name: flags.get(name, False))
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         if isa is None:
@@ -37,6 +39,8 @@ def cpu(monkeypatch: pytest.MonkeyPatch):
         ({"avx512_bf16": True, "isa": "avx512_core"}, "fp32"),  # AVX-512 without its bf16 extension
         ({"avx512_bf16": True, "isa": "AVX512_CORE_BF16"}, "bf16"),
         ({"avx512_bf16": True, "isa": "ALL"}, "bf16"),
+        ({"avx512_bf16": True, "speedup": 0.66}, "fp32"),  # native but slower: an Intel Xeon without AMX
+        ({"avx512_bf16": True, "speedup": 1.05}, "fp32"),  # within the probe's margin
     ],
 )
 def test_auto_on_the_cpu(cpu, machine, expected):
@@ -82,3 +86,17 @@ def test_autocast_follows_the_resolved_precision():
         assert (x @ x).dtype == torch.bfloat16
     with precision.autocast("cpu", "fp32"):
         assert (x @ x).dtype == torch.float32
+
+
+def test_the_speed_probe_runs_only_where_bf16_is_native(cpu, monkeypatch):
+    cpu(capability="AVX2")
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: pytest.fail("probed an AVX2 CPU"))
+    assert precision.resolve("auto", "cpu") == "fp32"
+
+
+def test_the_speed_probe_measures_both_precisions():
+    """The real probe, under no_grad as predict may call it: a positive finite ratio."""
+    precision.cpu_bf16_speedup.cache_clear()
+    with torch.no_grad():
+        speedup = precision.cpu_bf16_speedup()
+    assert 0.01 < speedup < 100

@@ -2,21 +2,26 @@
 
 One rule for training (``solver.amp``) and inference (``predict(precision=...)``):
 
-* ``auto``: bf16 where the hardware computes it natively (a CPU with AVX512-BF16 or AMX, a
-  CUDA GPU with bf16), fp16 on older CUDA GPUs (training adds loss scaling), float32 otherwise.
+* ``auto``: bf16 where the hardware computes it natively and it pays (a CUDA GPU with bf16; a
+  CPU with AVX512-BF16 or AMX on which a short probe finds bf16 convolutions faster), fp16 on
+  older CUDA GPUs (training adds loss scaling), float32 otherwise.
 * ``fp32`` (or ``""``): no autocast.
 * ``bf16`` / ``fp16``: as asked. bf16 on a CPU without native support works but is emulated:
   measured on a 2-core AMD Zen 3 (AVX2 only), a training step was 19x slower than float32, so
   that choice warns once.
 
 Why not bf16 everywhere: CPUs without AVX512-BF16 (most laptops, AMD before Zen 4, Intel
-before Cooper Lake) emulate it. The probe honours ``ATEN_CPU_CAPABILITY`` and
+before Cooper Lake) emulate it. And native is not always faster: a training step of R50-FPN
+(``benchmarks/bench_train_step.py``) took 2.50 s in bf16 against 4.86 s in float32 on an AMD
+Zen 4, but 4.75 s against 3.12 s on an Intel Xeon with AVX512-BF16 and no AMX (oneDNN's bf16
+kernels plus the reorders around them), so on the CPU ``auto`` measures before it picks. The probe honours ``ATEN_CPU_CAPABILITY`` and
 ``ONEDNN_MAX_CPU_ISA``, which restrict PyTorch's kernels (``avx2`` / ``AVX2`` run an AVX-512
 machine as an AVX2 one), so what it reports is what the kernels will use.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 
@@ -51,6 +56,52 @@ def cpu_has_native_bf16() -> bool:
     return not isa or isa in _ONEDNN_BF16_ISAS
 
 
+# The probe: a 3x3 and a 1x1 convolution, forward and backward, as a detector's backbone and
+# heads spend most of their time; bf16 must beat float32 by this factor to be picked.
+PROBE_SHAPE = (2, 64, 96, 96)
+PROBE_MARGIN = 1.1
+
+
+def _probe_seconds(dtype: torch.dtype | None, reps: int = 3) -> float:
+    """Median time of the probe's forward + backward in float32 (None) or under autocast."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_SHAPE, generator=g).contiguous(memory_format=torch.channels_last)
+    convs = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 128, 1))
+    convs = convs.to(memory_format=torch.channels_last)
+    times = []
+    for _ in range(reps + 1):  # the first run pays for kernel selection
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            out = convs(x)
+        out.float().sum().backward()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup() -> float:
+    """How many times faster the probe runs in bf16 than in float32 on this CPU (measured once
+    per process, about half a second)."""
+    with torch.inference_mode(False), torch.enable_grad():  # also when called under no_grad
+        return _probe_seconds(None) / _probe_seconds(torch.bfloat16)
+
+
+def cpu_bf16_pays() -> bool:
+    """Native bf16 that is also faster than float32 here (``cpu_bf16_speedup``); logged once."""
+    if not cpu_has_native_bf16():
+        return False
+    speedup = cpu_bf16_speedup()
+    pays = speedup >= PROBE_MARGIN
+    if "probe" not in _warned:
+        _warned.add("probe")
+        log.info("precision auto: this CPU computes bf16 natively, and a probe ran %.2fx %s in bf16: %s",
+                 speedup if speedup >= 1 else 1 / speedup, "faster" if speedup >= 1 else "slower",
+                 "bf16" if pays else "float32")
+    return pays
+
+
 def cuda_has_bf16(device: torch.device) -> bool:
     """Ampere (compute capability 8.0) and later compute bf16 natively."""
     return torch.cuda.get_device_capability(device)[0] >= 8
@@ -74,7 +125,7 @@ def resolve(precision: str, device: torch.device | str, training: bool = False) 
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if cuda_has_bf16(device) else "fp16"
-        return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_bf16_pays() else "fp32"
     if name == "fp16" and device.type != "cuda":
         raise ValueError(f"fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
     if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and "bf16-cpu" not in _warned:

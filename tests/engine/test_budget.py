@@ -97,7 +97,7 @@ def test_a_stop_inside_an_epoch_validates_the_last_weights_and_resume_finishes_t
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_amp_auto_is_resolved_and_recorded(shapes, tmp_path, monkeypatch, native, expected):
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: native)
     cfg = tiny_train_config(shapes, tmp_path / "run", solver={"amp": "auto", "max_iters": 1},
                             data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0})
     train(cfg)
