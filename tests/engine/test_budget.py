@@ -54,15 +54,16 @@ def test_short_budget_fits_the_cosine_to_the_time_left(shapes, tmp_path, clock):
                                                                 "warmup_iters": 2, "lr": 0.01},
                             eval={"every": 4, "num_visualize": 0})
     result = train(cfg)
-    # At iteration 25, 25 s of the 30 are spent; 3 validations of 1 batch at VAL_COST steps each
-    # are set aside, which leaves room for 3 iterations of the 11 planned: the run ends at 28.
-    left = 30 - FIT_AT - 3 * 1 * VAL_COST * 1.0
+    # At iteration 25, 25 s of the 30 are spent; the one validation still to come (the stage's
+    # last; epochs 4 and 8 are past), 1 batch at VAL_COST steps, is set aside, which leaves room
+    # for 4 iterations of the 11 planned: the run ends at 29.
+    left = 30 - FIT_AT - 1 * 1 * VAL_COST * 1.0
     end = FIT_AT + int(left)
-    assert end == 28 and result["iterations"] == end and result["stopped"] == "completed"
+    assert end == 29 and result["iterations"] == end and result["stopped"] == "completed"
     last = result["history"][-1]
     assert last["iter"] == end and "segm_AP" in last and result["best"] is not None
     # The cosine runs unchanged to iteration 25 (position 25/3 of 12 epochs), then from there
-    # to its end (position 12) at iteration 28: continuous, and it still decays to 0.
+    # to its end (position 12) at iteration 29: continuous, and it still decays to 0.
     lr = lrs(tmp_path / "run")
     cosine = lambda pos: 0.01 * 0.5 * (1 + math.cos(math.pi * pos / 12))  # noqa: E731
     for it in range(3, FIT_AT + 1):  # logged after iteration `it`, which ran at index it - 1
@@ -74,6 +75,33 @@ def test_short_budget_fits_the_cosine_to_the_time_left(shapes, tmp_path, clock):
     # The fitted schedule is saved: a resume finds the run complete.
     again = train(cfg, resume=True)
     assert again["iterations"] == end
+
+
+def test_steps_that_slow_down_are_caught_by_a_refit(shapes, tmp_path, monkeypatch):
+    """1 s a step up to iteration 25, then 2 s: the first fit (at 25) plans for 1 s steps, the
+    refit at 50 sees the slower pace and ends the run before the hard stop would cut it."""
+    now = [0.0]
+    fake = types.SimpleNamespace(monotonic=lambda: now[0], strftime=real_time.strftime, gmtime=real_time.gmtime)
+    monkeypatch.setattr(train_module, "time", fake)
+    step = Trainer.step
+    steps = [0]
+
+    def timed_step(self, *args, **kwargs):
+        steps[0] += 1
+        now[0] += 1.0 if steps[0] <= 25 else 2.0
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "step", timed_step)
+    cfg = tiny_train_config(shapes, tmp_path / "run", solver={"epochs": 40, "schedule": "cosine", "max_minutes": 100 / 60},
+                            eval={"every": 40, "num_visualize": 0})
+    result = train(cfg)
+    # At 25 (25 s spent): 100 - 25 - 0.5 s of validation leave 74 iterations -> end at 99.
+    # At 50 (75 s spent, 2 s a step since): 100 - 75 - 0.5 * 2 leave 12 -> end at 62, which
+    # the 2 s steps reach at 99 s, before the hard stop at 100 s.
+    assert result["iterations"] == 62 and result["stopped"] == "completed"
+    assert result["history"][-1]["iter"] == 62 and "segm_AP" in result["history"][-1]
+    lr = lrs(tmp_path / "run")
+    assert lr[62] < lr[50] / 5  # annealed, not cut off at a high rate
 
 
 def test_a_stop_inside_an_epoch_validates_the_last_weights_and_resume_finishes_the_epoch(shapes, tmp_path):

@@ -63,10 +63,11 @@ from .validate import validate
 
 log = logging.getLogger(__name__)
 
-# Fitting the schedule to solver.max_minutes: the pace of iterations FIT_FROM..FIT_AT of a run
-# (the first ones pay one-time costs), and a validation batch costing VAL_COST training steps
-# (measured on the demo: forward with losses, detection and pasting, no backward).
-FIT_FROM, FIT_AT, VAL_COST = 5, 25, 0.5
+# Fitting the schedule to solver.max_minutes: first from the pace of iterations FIT_FROM..FIT_AT
+# of a run (the first ones pay one-time costs), then again every REFIT_EVERY iterations; until
+# a validation has been timed, a validation batch is taken to cost VAL_COST training steps
+# (the demo's: forward with losses, detection and pasting, no backward).
+FIT_FROM, FIT_AT, REFIT_EVERY, VAL_COST = 5, 25, 25, 0.5
 
 
 class NonFiniteLossError(RuntimeError):
@@ -140,7 +141,8 @@ class Trainer:
         self.first_iteration, self.loop_started = 0, self.started  # where and when this process's loop began
         self.stop = ""  # what ends the run early: max_iters, max_minutes, interrupted, early_stopping
         self.interrupt_requested = False  # Ctrl-C seen; acted on at the end of the step
-        self.pace: dict[int, float] = {}  # iteration -> time, for fitting the schedule to max_minutes
+        self.pace: dict[str, float] = {}  # where the last look at the time budget was: done, time, val
+        self.val_seconds = self.last_val_seconds = 0.0  # validation time in all, and of the last one
 
         # The current stage (run_stage sets them).
         self.stage_index, self.stage, self.stage_start = -1, self.stages[0], 0
@@ -278,7 +280,10 @@ class Trainer:
         early_stop = False
         if self.val_set is not None and ((epoch + 1) % cfg.eval.every == 0 or epoch + 1 == stage_end or self.stage_over or self.stop):
             distributed.sync_buffers(self.model)
+            val_start = time.monotonic()
             values, pictures = validate(self.model, self.stage, self.val_set, cfg, self.device)
+            self.last_val_seconds = time.monotonic() - val_start
+            self.val_seconds += self.last_val_seconds
             summary.update(values)
             value = values.get(cfg.eval.metric, math.nan)
             # Only a stage that trains the heads yields a detector worth keeping; an RPN stage's
@@ -369,44 +374,62 @@ class Trainer:
         return "max_minutes" if out_of_time else ""
 
     def fit_to_budget(self) -> None:
-        """Shorten the schedule so that the run ends within ``solver.max_minutes``.
+        """Fit the rest of the schedule to ``solver.max_minutes``; called after every step.
 
-        Called after every step; acts once, a few iterations into the run: the pace of
-        iterations ``FIT_FROM`` to ``FIT_AT`` (the first ones pay one-time costs) and a
-        validation estimated at ``VAL_COST`` of a training step per batch give the iterations
-        that fit; every stage's remaining iterations are scaled by the same factor
-        (``schedules.fitted_lengths``), and the learning-rate curve of the current stage is
-        squeezed from here on (``LRSchedule.fitted``), so it still decays to its end instead of
-        being cut off at a high rate. A budget that fits the plan changes nothing.
+        Acts at iteration ``FIT_AT`` of this process's loop and every ``REFIT_EVERY`` after: the
+        pace of the training steps since the last look (validations excluded; the first steps
+        pay one-time costs, so the first look starts at ``FIT_FROM``) and the validations still
+        to come (timed once one has run, else ``VAL_COST`` training steps per batch) give the
+        iterations that fit. Every stage's remaining planned iterations are scaled by the same
+        factor (``schedules.fitted_lengths``, never beyond the plan) and the learning-rate curve
+        of the current stage is re-fitted from here on (``LRSchedule.fitted``), so it stays
+        continuous and still decays to its end instead of being cut off at a high rate. Steps
+        that slow down as the model learns (more proposals survive) are caught by the refits.
         """
         done = self.progress.iteration - self.first_iteration
-        if not self.cfg.solver.max_minutes or self.progress.stage_iters or done not in (FIT_FROM, FIT_AT):
+        if not self.cfg.solver.max_minutes or done < FIT_FROM or (done > FIT_FROM and done < FIT_AT) or (
+                done > FIT_AT and (done - FIT_AT) % REFIT_EVERY):
             return
-        self.pace[done] = time.monotonic()
-        if done < FIT_AT:
+        now = time.monotonic()
+        if done == FIT_FROM or not self.pace:
+            self.pace = {"done": done, "time": now, "val": self.val_seconds}
             return
         cfg, progress, index = self.cfg, self.progress, self.stage_index
+        window = now - self.pace["time"] - (self.val_seconds - self.pace["val"])
+        pace = window / (done - self.pace["done"])
+        self.pace = {"done": done, "time": now, "val": self.val_seconds}
         # Process 0's clock decides for all, so that every process fits the same lengths.
-        sec_per_iter, elapsed = distributed.from_first(((self.pace[FIT_AT] - self.pace[FIT_FROM]) / (FIT_AT - FIT_FROM),
-                                                        time.monotonic() - self.started))
+        sec_per_iter, elapsed, val_s = distributed.from_first((pace, now - self.started, self.last_val_seconds))
         planned = [s.epochs * self.iters_per_epoch for s in self.stages]
         it = self.stage_iteration()
         remaining = planned[index] - it + sum(planned[index + 1:])
-        validations = sum(math.ceil(s.epochs / cfg.eval.every) for s in self.stages[index:]) if self.val_set is not None else 0
-        val_share = math.ceil(len(self.val_set) / distributed.world_size()) if self.val_set is not None else 0  # sharded
-        val_batches = math.ceil(val_share / cfg.data.batch_size)
-        left = 60 * cfg.solver.max_minutes - elapsed - validations * val_batches * VAL_COST * sec_per_iter
+        if self.val_set is not None and not val_s:  # no validation timed yet: estimate it
+            val_share = math.ceil(len(self.val_set) / distributed.world_size())  # sharded
+            val_s = math.ceil(val_share / cfg.data.batch_size) * VAL_COST * sec_per_iter
+        left = 60 * cfg.solver.max_minutes - elapsed - self.validations_left(it) * val_s
         fits = max(0, int(left / sec_per_iter))
-        if fits >= remaining:
-            self.out.info("time budget: %d more iterations at %.2f s each fit in solver.max_minutes=%g", remaining, sec_per_iter, cfg.solver.max_minutes)
+        lengths = fitted_lengths(planned, index, it, min(1.0, fits / max(remaining, 1)))
+        if lengths == self.stage_lengths():
             return
-        progress.stage_iters = fitted_lengths(planned, index, it, fits / remaining)
-        self.lr_at = self.lr_at.fitted(it, progress.stage_iters[index])
+        progress.stage_iters = lengths
+        self.lr_at = self.lr_at.fitted(it, lengths[index])
         progress.fit_anchor = [index, *self.lr_at.anchor]
-        self.out.info("time budget: solver.max_minutes=%g at %.2f s per iteration fits %d of the %d remaining iterations; "
-                      "the learning-rate schedule is fitted to end at iteration %d instead of %d",
+        self.out.info("time budget: solver.max_minutes=%g at %.2f s per iteration fits %d of the %d planned iterations "
+                      "left; the learning-rate schedule is fitted to end at iteration %d instead of %d",
                       cfg.solver.max_minutes, sec_per_iter, fits, remaining,
-                      progress.iteration - it + sum(progress.stage_iters[index:]), progress.iteration + remaining)
+                      progress.iteration - it + sum(lengths[index:]), progress.iteration + remaining)
+
+    def validations_left(self, it: int) -> int:
+        """Validations still to come after iteration ``it`` of the current stage: every
+        ``eval.every`` epochs and at the end of each stage, with the current lengths."""
+        if self.val_set is None:
+            return 0
+        every, ipe, count = self.cfg.eval.every, self.iters_per_epoch, 0
+        for k, length in enumerate(self.stage_lengths()[self.stage_index:]):
+            start = it if k == 0 else 0
+            ends = range(start // ipe + 1, (length - 1) // ipe + 1)  # epochs ending before the stage's last iteration
+            count += sum(1 for e in ends if e % every == 0) + 1
+        return count
 
     # ---- where the run stands, checkpoints --------------------------------------------------
 
