@@ -411,9 +411,13 @@ class Trainer:
         lengths = fitted_lengths(planned, index, it, min(1.0, fits / max(remaining, 1)))
         if lengths == self.stage_lengths():
             return
+        before = sum(self.stage_lengths()[index:])
         progress.stage_iters = lengths
         self.lr_at = self.lr_at.fitted(it, lengths[index])
         progress.fit_anchor = [index, *self.lr_at.anchor]
+        if done > FIT_AT and abs(sum(lengths[index:]) - before) < 0.05 * before:  # a small correction
+            log.debug("time budget: refitted to %d iterations at %.2f s each", progress.iteration - it + sum(lengths[index:]), sec_per_iter)
+            return
         self.out.info("time budget: solver.max_minutes=%g at %.2f s per iteration fits %d of the %d planned iterations "
                       "left; the learning-rate schedule is fitted to end at iteration %d instead of %d",
                       cfg.solver.max_minutes, sec_per_iter, fits, remaining,
