@@ -1,27 +1,30 @@
 """``model.predict``: images in whatever form a user has, ``Result`` objects out.
 
-One loop (``iter_predict``) runs a model over images for the API and for ``maskrcnn predict``:
-it reads each input when its batch comes up, so memory holds one batch, and an input that
-cannot be read or that the model fails on becomes a ``Result`` with ``error`` set while the
-others go on.
+One loop (``predict_batches``) runs a model over images for the API, ``maskrcnn predict``,
+``maskrcnn evaluate``, the demo and training validation: it reads each input when its batch
+comes up, so memory holds one batch, and an input that cannot be read or that the model fails
+on becomes a ``Result`` with ``error`` set while the others go on (validation, which also
+computes losses, raises instead).
 """
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torch import Tensor
 
 from .data.images import MAX_PIXELS, load_rgb, to_rgb
 from .model.mask_rcnn import MaskRCNN
 from .precision import autocast
 from .precision import resolve as resolve_precision
 from .results import Result
+from .structures import Targets
 
 log = logging.getLogger(__name__)
 
@@ -104,37 +107,82 @@ def _predict(
     raise_errors: bool,
 ) -> Iterator[Result]:
     """``iter_predict``; with ``raise_errors`` a failure raises its own exception instead."""
+
+    def chunks() -> Iterator[list[ImageLike]]:
+        batch: list[ImageLike] = []
+        for item in images:
+            batch.append(item)
+            if len(batch) >= max(1, batch_size):
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    for results, _ in predict_batches(model, chunks(), None, score_thresh=score_thresh, mask_thresh=mask_thresh,
+                                      keep_images=keep_images, max_pixels=max_pixels, precision=precision,
+                                      raise_errors=raise_errors):
+        yield from results
+
+
+def predict_batches(
+    model: MaskRCNN,
+    batches: Iterable[Sequence[ImageLike]],
+    targets: Iterable[Sequence[Targets]] | None = None,
+    *,
+    score_thresh: float | None = None,
+    mask_thresh: float | None = None,
+    keep_images: bool = True,
+    max_pixels: int | None = MAX_PIXELS,
+    precision: str = "fp32",
+    raise_errors: bool = False,
+) -> Iterator[tuple[list[Result], dict[str, Tensor]]]:
+    """The one loop that runs a model over images, batch by batch: ``predict``, ``evaluate``,
+    the demo and training validation all go through it.
+
+    Args:
+        batches: lists of inputs, one forward pass each.
+        targets: ground truth for each batch (validation): the losses come from the same
+            forward pass as the detections, in eval mode, so a validation loss costs nothing
+            extra. With targets, any failure raises.
+        Others: as for ``predict``.
+
+    Yields:
+        Per batch, one ``Result`` per input in order (a failed input: ``Result.failed``), and
+        the batch's loss terms (empty without targets).
+    """
     check_score_thresh(score_thresh)
     numerics = resolve_precision(precision, model.device)
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
     names = cfg.label_names()
+    raise_errors = raise_errors or targets is not None
 
-    def detect(loaded: list[_Loaded]) -> list[Result]:
+    def detect(loaded: list[_Loaded], truth: Sequence[Targets] | None) -> tuple[list[Result], dict[str, Tensor]]:
         """One forward pass; a failure on a single image becomes its failed Result."""
         try:
             with torch.inference_mode(), autocast(model.device, numerics):
                 # (3, H, W) uint8 views: the model divides by 255 itself, so no float copy of
                 # a 24 MP photo (288 MB) is held here.
-                out = model([torch.from_numpy(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded])
+                tensors = [torch.from_numpy(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded]
+                out = model(tensors, None if truth is None else [t.to(model.device) for t in truth])
                 results = []
                 for (_, array, path), det in zip(loaded, out.detections or []):
                     if score_thresh is not None:
                         det = det[det.scores >= score_thresh]
                     image = array if keep_images else None
                     results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image))
-                return results
+                return results, out.losses
         except Exception as e:  # noqa: BLE001  one image that breaks the model must not cost the others
             if raise_errors:
                 raise
             if len(loaded) > 1:
-                return [r for one in loaded for r in detect([one])]
+                return [r for one in loaded for r in detect([one], None)[0]], {}
             name, _, path = loaded[0]
-            return [_failed(f"{name}: the model failed: {type(e).__name__}: {e}", path)]
+            return [_failed(f"{name}: the model failed: {type(e).__name__}: {e}", path)], {}
 
-    def process(batch: list[tuple[int, ImageLike]]) -> Iterator[Result]:
+    def process(batch: Sequence[ImageLike], start: int, truth: Sequence[Targets] | None) -> tuple[list[Result], dict[str, Tensor]]:
         slots: list[Result | _Loaded] = []
-        for index, item in batch:
+        for index, item in enumerate(batch, start):
             path = str(item) if isinstance(item, (str, Path)) else None
             try:
                 array, _ = as_rgb(item, max_pixels)
@@ -144,9 +192,9 @@ def _predict(
                     raise
                 slots.append(_failed(str(e) if path and path in str(e) else f"{_name(item, index)}: {e}", path))
         loaded = [s for s in slots if not isinstance(s, Result)]
-        done = iter(detect(loaded) if loaded else [])
-        for slot in slots:
-            yield slot if isinstance(slot, Result) else next(done)
+        found, losses = detect(loaded, truth) if loaded else ([], {})
+        done = iter(found)
+        return [slot if isinstance(slot, Result) else next(done) for slot in slots], losses
 
     was_training = model.training
     saved_thresh = model.roi_heads.score_thresh
@@ -154,14 +202,11 @@ def _predict(
         model.roi_heads.score_thresh = score_thresh  # let lower-scored candidates through NMS too
     model.eval()
     try:
-        batch: list[tuple[int, ImageLike]] = []
-        for index, item in enumerate(images):
-            batch.append((index, item))
-            if len(batch) >= max(1, batch_size):
-                yield from process(batch)
-                batch = []
-        if batch:
-            yield from process(batch)
+        start = 0
+        truths = iter(targets) if targets is not None else None
+        for batch in batches:
+            yield process(batch, start, next(truths) if truths is not None else None)
+            start += len(batch)
     finally:
         model.roi_heads.score_thresh = saved_thresh
         model.train(was_training)

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from ..data.coco import image_path, read_json
 from ..data.errors import DatasetError
-from ..data.images import load_rgb, to_tensor
 from ..model.mask_rcnn import MaskRCNN
+from ..predictor import iter_predict
 from ..results import Result, atomic_write
 
 log = logging.getLogger(__name__)
@@ -47,29 +47,19 @@ def coco_results(
     list it is logged and its id appended there instead, for the caller to leave out of the
     ground truth too.
     """
-    model.eval()
     ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
     table = label_to_category(model)
-    mask_thresh = model.config.roi_heads.mask_thresh
+    paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
     entries: list[dict] = []
-    for start in tqdm(range(0, len(ids), batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
-        chunk, arrays = [], []
-        for image_id in ids[start : start + batch_size]:
-            path = image_path(image_dir, coco.imgs[image_id]["file_name"], allow_outside_root, f"image id {image_id}")
-            try:
-                arrays.append(load_rgb(path))
-                chunk.append(image_id)
-            except DatasetError as e:
-                if skipped is None:
-                    raise
-                log.error("skipping %s", e)
-                skipped.append(image_id)
-        if not chunk:
+    stream = iter_predict(model, paths, batch_size=batch_size, keep_images=False)
+    for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img", disable=not progress, leave=False):
+        if result.error is not None:
+            if skipped is None:
+                raise DatasetError(result.error)
+            log.error("skipping %s", result.error)
+            skipped.append(image_id)
             continue
-        out = model([to_tensor(a).to(model.device) for a in arrays])
-        for image_id, array, det in zip(chunk, arrays, out.detections or []):
-            result = Result.from_detections(det, array.shape[:2], mask_thresh=mask_thresh)
-            entries.extend(result.to_coco(image_id, table))
+        entries.extend(result.to_coco(image_id, table))
     return entries
 
 

@@ -7,14 +7,19 @@ loss sums and the COCO entries and runs COCO eval once, and every process gets i
 """
 from __future__ import annotations
 
+import collections
+from collections.abc import Iterator
+
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .. import precision
 from ..data import collate
 from ..model.mask_rcnn import MaskRCNN
+from ..predictor import predict_batches
 from ..results import Result
+from ..structures import Targets
 from . import distributed
 from .datasets import coco_and_indices
 from .evaluate import coco_evaluate, flatten_metrics
@@ -28,8 +33,9 @@ from .train_config import TrainConfig
 def validate(
     model: MaskRCNN, stage: Stage, dataset: Dataset, cfg: TrainConfig, device: torch.device
 ) -> tuple[dict[str, float], list[Result]]:
-    """Validation losses and COCO AP in one pass: eval mode with targets gives both the losses
-    and the detections (``coco_results`` would run the images a second time for the latter).
+    """Validation losses and COCO AP in one pass through the package's one inference loop
+    (``predictor.predict_batches``): eval mode with targets gives both the losses and the
+    detections.
     The RNG streams are left as they were, so validating never changes how training goes on.
 
     Returns:
@@ -41,26 +47,34 @@ def validate(
     loader = DataLoader(Subset(coco_ds, distributed.shard(indices)), batch_size=cfg.data.batch_size, collate_fn=collate,
                         num_workers=cfg.data.workers)
     table = label_to_category(model)
-    names = model.config.label_names()
-    mask_thresh = model.config.roi_heads.mask_thresh
     sums: dict[str, float] = {}
     batches, entries, pictures = 0, [], []
-    model.eval()
     with preserved_rng():
-        for images, targets, infos in tqdm(loader, desc="validate", unit="batch", leave=False,
-                                           disable=not cfg.progress or distributed.rank() != 0):
-            with precision.autocast(device, cfg.solver.amp):
-                out = model([im.to(device) for im in images], [t.to(device) for t in targets], mask_threshold=mask_thresh)
-            losses = {k: float(v) for k, v in out.losses.items()}
-            losses["loss"] = float(stage_loss(stage, out.losses))
+        # The loader's batches stream through predict_batches: images in one argument, their
+        # targets in the other, each batch's infos kept aside until its results come back.
+        pending: collections.deque = collections.deque()
+
+        def image_batches() -> Iterator[list[Tensor]]:
+            for images, targets, infos in tqdm(loader, desc="validate", unit="batch", leave=False,
+                                               disable=not cfg.progress or distributed.rank() != 0):
+                pending.append((targets, infos))
+                yield images
+
+        def target_batches() -> Iterator[list[Targets]]:
+            while True:
+                yield pending[0][0]
+
+        stream = predict_batches(model, image_batches(), target_batches(), keep_images=True, precision=cfg.solver.amp)
+        for results, out_losses in stream:
+            _, infos = pending.popleft()
+            losses = {k: float(v) for k, v in out_losses.items()}
+            losses["loss"] = float(stage_loss(stage, out_losses))
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
-            for image, info, det in zip(images, infos, out.detections or []):
-                result = Result.from_detections(det, info["orig_size"], class_names=names)
+            for info, result in zip(infos, results):
                 entries.extend(result.to_coco(info["image_id"], table))
                 if len(pictures) < cfg.eval.num_visualize:
-                    result.image = (image * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # (H, W, 3)
                     pictures.append(result[result.scores >= cfg.eval.visualize_score])
     shares = distributed.gather((sums, batches, entries))
     metrics: dict[str, float] = {}

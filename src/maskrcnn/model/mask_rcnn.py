@@ -68,12 +68,11 @@ class MaskRCNN(nn.Module):
         self,
         images: list[Tensor],
         targets: list[Targets] | None = None,
-        mask_threshold: float | None = None,
         propose: Callable[[ImageBatch], list[Tensor]] | None = None,
     ) -> ModelOutput:
-        """See the module docstring. ``mask_threshold``: no longer used (masks are returned
-        per box and thresholded when pasted, by ``Result.from_detections(mask_thresh=)``); kept
-        so existing callers run. ``propose``: an outside proposal source that replaces this
+        """See the module docstring. Masks are returned per box, as probabilities, and
+        thresholded when pasted (``Result.from_detections(mask_thresh=)``). ``propose``: an
+        outside proposal source that replaces this
         model's RPN (and its losses), as the alternating schedule's frontend stage uses."""
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
