@@ -63,7 +63,7 @@ def main() -> int:
     p.add_argument("--amp", default="fp32", choices=["auto", "fp32", "bf16"], help="autocast on the CPU (default fp32)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    amp = precision.resolve(args.amp, "cpu", training=True)
+    amp = precision.resolve(args.amp, "cpu")
     torch.manual_seed(0)
     cfg = apply_overrides(ModelConfig(), [f"transform.min_size=[{args.size}]", f"transform.max_size={args.size}"])
     model = maskrcnn.build_model(cfg).train()

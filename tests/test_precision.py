@@ -46,14 +46,13 @@ def cpu(monkeypatch: pytest.MonkeyPatch):
 def test_auto_on_the_cpu(cpu, machine, expected):
     cpu(**machine)
     assert precision.resolve("auto", "cpu") == expected
-    assert precision.resolve("auto", "cpu", training=True) == expected
 
 
 def test_auto_on_cuda(monkeypatch):
     monkeypatch.setattr(precision, "cuda_has_bf16", lambda device: True)
     assert precision.resolve("auto", "cuda") == "bf16"
     monkeypatch.setattr(precision, "cuda_has_bf16", lambda device: False)  # Volta, Turing
-    assert precision.resolve("auto", "cuda:0", training=True) == "fp16"
+    assert precision.resolve("auto", "cuda:0") == "fp16"
 
 
 def test_explicit_choices_and_errors(cpu):
@@ -70,7 +69,7 @@ def test_explicit_bf16_without_native_support_warns_once(cpu, caplog):
     cpu(capability="AVX2")
     with caplog.at_level(logging.WARNING, logger="maskrcnn.precision"):
         assert precision.resolve("bf16", "cpu") == "bf16"
-        assert precision.resolve("bf16", "cpu", training=True) == "bf16"
+        assert precision.resolve("bf16", "cpu") == "bf16"
     warnings = [r for r in caplog.records if "emulated" in r.getMessage()]
     assert len(warnings) == 1 and "19x" in warnings[0].getMessage()
     caplog.clear()

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 
 import torch
 
@@ -42,7 +43,7 @@ def _cpu_flag(name: str) -> bool:
     probe = getattr(torch.cpu, f"_is_{name}_supported", None)
     try:
         return bool(probe()) if probe is not None else False
-    except RuntimeError:  # noqa: PERF203 - a probe that cannot run means "no"
+    except RuntimeError:  # a probe that cannot run means "no"
         return False
 
 
@@ -64,8 +65,6 @@ PROBE_MARGIN = 1.1
 
 def _probe_seconds(dtype: torch.dtype | None, reps: int = 3) -> float:
     """Median time of the probe's forward + backward in float32 (None) or under autocast."""
-    import time
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_SHAPE, generator=g).contiguous(memory_format=torch.channels_last)
     convs = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(64, 128, 1))
@@ -107,14 +106,13 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def resolve(precision: str, device: torch.device | str, training: bool = False) -> str:
+def resolve(precision: str, device: torch.device | str) -> str:
     """The precision to run: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
 
     Args:
         precision: one of ``PRECISIONS``, or ``""`` (same as ``"fp32"``).
-        device: where the model runs.
-        training: fp16 on a CPU is refused for training (no loss scaling there); for inference
-            it is refused on any CPU, where PyTorch's fp16 autocast is slow and partial.
+        device: where the model runs. fp16 is refused on a CPU, for training (no loss
+            scaling there) and inference (PyTorch's CPU fp16 autocast is slow and partial).
     Raises:
         ValueError: an unknown name, or fp16 on a CPU.
     """

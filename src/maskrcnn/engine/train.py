@@ -387,8 +387,7 @@ class Trainer:
         that slow down as the model learns (more proposals survive) are caught by the refits.
         """
         done = self.progress.iteration - self.first_iteration
-        if not self.cfg.solver.max_minutes or done < FIT_FROM or (done > FIT_FROM and done < FIT_AT) or (
-                done > FIT_AT and (done - FIT_AT) % REFIT_EVERY):
+        if not self.cfg.solver.max_minutes or (done != FIT_FROM and (done < FIT_AT or (done - FIT_AT) % REFIT_EVERY)):
             return
         now = time.monotonic()
         if done == FIT_FROM or not self.pace:
@@ -506,7 +505,7 @@ class Trainer:
 def _with_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
     """``solver.amp`` resolved for ``device`` ("auto" becomes what the hardware does natively)."""
     try:
-        amp = precision.resolve(cfg.solver.amp, device, training=True)
+        amp = precision.resolve(cfg.solver.amp, device)
     except ValueError as e:
         raise ConfigError(f"solver.amp: {e}") from None
     if amp != cfg.solver.amp:
