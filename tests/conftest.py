@@ -48,3 +48,26 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     """Run the test once per entry of ``DEVICES``; inputs go to this device, results come back
     to the CPU for comparison with the same references."""
     return torch.device(request.param)
+
+
+D2_PARITY = REPO / "tests" / "fixtures" / "d2_parity"
+
+
+def d2_checkpoint(family: str) -> Path:
+    """A Detectron2-layout parity checkpoint (``model_final``-style .pkl), built once per machine
+    from ``tests/fixtures/d2_parity/FAMILY``'s recipe (digest-checked)."""
+    import json
+
+    folder = D2_PARITY / family
+    digest = json.loads((folder / "spec.json").read_text())["sha256"]
+    cache = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests"))
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / f"d2_parity_{family}_{digest[:12]}.pkl"
+    if not path.exists():
+        spec = importlib.util.spec_from_file_location("d2_weights_rule", D2_PARITY / "weights_rule.py")
+        rule = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(rule)  # type: ignore[union-attr]
+        tmp = path.with_suffix(".tmp")
+        rule.write_checkpoint(str(tmp), folder)  # raises if the digest differs
+        tmp.replace(path)
+    return path

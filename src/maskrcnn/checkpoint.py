@@ -1,4 +1,4 @@
-"""Checkpoints: our own format and torchvision's Mask R-CNN files.
+"""Checkpoints: our own format, torchvision's Mask R-CNN files and Detectron2's model zoo files.
 
 Our format is a ``torch.save`` of a dict of tensors and plain values only, read back with
 ``weights_only=True``, so loading a checkpoint never executes pickled code:
@@ -9,7 +9,8 @@ Our format is a ``torch.save`` of a dict of tensors and plain values only, read 
 Files are written to a temporary name beside the target and renamed over it, so a crash or a
 full disk never leaves a half-written checkpoint where a good one was. Every weight file the
 package reads (to predict, to resume, to start training from, ImageNet body weights) is read
-here.
+here. Detectron2's ``.pkl`` files are plain pickles of numpy arrays, read by
+``detectron2_compat``'s restricted unpickler (no code runs either).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import detectron2_compat
 from .config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
@@ -55,10 +57,16 @@ def save_checkpoint(path: str | Path, model: MaskRCNN, train_state: dict[str, An
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (no code execution) into a dict."""
+    """Load a checkpoint file safely (no code execution) into a dict: ``torch.save`` files with
+    ``weights_only=True``, Detectron2 ``.pkl`` pickles with a numpy-only unpickler."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.suffix == ".pkl":
+        try:
+            return {"model": detectron2_compat.read_pickle(path)}
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects beyond tensors and plain values, e.g. code
@@ -117,9 +125,10 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor]]:
-    """The weights in our checkpoint or a torchvision Mask R-CNN file, under our names, and the
-    checkpoint's config (None for a torchvision file, whose config ``infer_config`` reads
-    from the weights)."""
+    """The weights in our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, under our
+    names, and the checkpoint's config: our own's, the one a Detectron2 file's architecture
+    implies (``detectron2_compat.infer_config``), or None for a torchvision file (whose config
+    ``infer_config`` reads from the weights, with a BatchNorm eps chosen by the caller)."""
     obj = read_file(path)
     if obj.get("format") == FORMAT:
         try:
@@ -128,13 +137,19 @@ def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor
             raise CheckpointError(f"{path}: bad config in checkpoint: {e}") from None
         return config, dict(obj["model"])
     state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    if detectron2_compat.is_detectron2_state_dict(state):
+        try:
+            converted = detectron2_compat.convert_keys(state)
+            return detectron2_compat.infer_config(converted, state), converted
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: not a Detectron2 Mask R-CNN FPN checkpoint this package can load: {e}") from None
     if not is_torchvision_state_dict(state):
-        raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision Mask R-CNN state dict")
+        raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision or Detectron2 Mask R-CNN state dict")
     return None, convert_keys(state)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any) -> MaskRCNN:
-    """Load a model from our checkpoint or a torchvision Mask R-CNN file, in eval mode.
+    """Load a model from our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, in eval mode.
 
     Args:
         path: checkpoint file.

@@ -28,6 +28,7 @@ class BackboneConfig:
     bn_eps: float = 1e-5  # torchvision's 2019 COCO weights were trained with eps 0.0; its loader sets that
     trainable_layers: int = 3  # ResNet stages trained counting from the top (0..5); the rest frozen
     fpn_channels: int = 256  # channels of every FPN output P2..P6
+    stride_in_1x1: bool = False  # a downsampling bottleneck strides in its first 1x1 conv, not the 3x3 (MSRA ResNets: Detectron2's R50/R101)
     weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names), loaded when training starts
 
 
@@ -35,6 +36,7 @@ class BackboneConfig:
 class AnchorConfig:
     sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one anchor size (sqrt area, pixels) per level P2..P6
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width, the same on every level
+    round_cells: bool = True  # cell anchor corners rounded to integers (torchvision); Detectron2 keeps them exact
 
 
 @dataclass
@@ -45,7 +47,8 @@ class RPNConfig:
     post_nms_top_n_test: int = 1000  # same, inference
     nms_thresh: float = 0.7  # IoU above which a lower-scored proposal is dropped
     score_thresh: float = 0.0  # minimum objectness probability of a proposal
-    min_size: float = 1e-3  # proposals narrower or shorter than this (pixels) are dropped
+    min_size: float = 1e-3  # proposals narrower or shorter than this (pixels) are dropped; 0 drops only empty ones (Detectron2)
+    rank_by: str = "prob"  # proposals ordered for NMS by sigmoid "prob" (torchvision) or raw "logit" (Detectron2; saturated probabilities tie)
     fg_iou_thresh: float = 0.7  # anchor is positive at IoU >= this (or if best for a ground-truth box)
     bg_iou_thresh: float = 0.3  # anchor is negative at IoU < this; neutral in between
     batch_size_per_image: int = 256  # anchors sampled per image for the loss
@@ -61,6 +64,7 @@ class RoIHeadsConfig:
     mask_roi_size: int = 14  # RoIAlign output for the mask head (masks are predicted at 2x this)
     sampling_ratio: int = 2  # bilinear samples per bin side; <= 0 adapts to the RoI size
     aligned: bool = False  # RoIAlign half-pixel shift: False as torchvision, True as Detectron2
+    level_mapper: str = "torchvision"  # FPN level of a RoI: floor(4 + log2(s/224) + 1e-6) ("torchvision") or floor(4 + log2(s/224 + 1e-8)) ("detectron2")
     pooler: str = "align"  # "align" (RoIAlign, seed 3.4.2) or "pool" (quantised max, seed 3.4.1)
     representation_size: int = 1024  # width of the two FC layers of the box head
     mask_channels: tuple[int, ...] = (256, 256, 256, 256)  # 3x3 convs of the mask head
@@ -72,7 +76,9 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05  # detections below this class probability are dropped
     nms_thresh: float = 0.5  # per-class NMS IoU threshold
     detections_per_img: int = 100  # best detections kept per image
+    box_min_size: float = 1e-2  # detections narrower or shorter than this (pixels) are dropped before NMS; 0 keeps all (Detectron2)
     mask_thresh: float = 0.5  # probability above which a pasted mask pixel is foreground
+    paste: str = "torchvision"  # mask pasting: "torchvision" (padded box, interpolate, > thresh) or "detectron2" (grid_sample, >= thresh)
 
 
 @dataclass
@@ -82,6 +88,9 @@ class TransformConfig:
     image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet RGB mean (inputs in 0..1)
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet RGB std
     size_divisible: int = 32  # batch padded to a multiple of this (the coarsest FPN stride)
+    bgr: bool = False  # feed channels as B, G, R (Detectron2's MSRA / caffe2-trained weights)
+    pixel_scale: float = 1.0  # white is this value before normalisation: 1 (torchvision), 255 (Detectron2); mean and std in the same units
+    resize: str = "torchvision"  # "torchvision": bilinear interpolate, sides floored; "detectron2": sides rounded, PIL bilinear on uint8 pixels
 
 
 @dataclass

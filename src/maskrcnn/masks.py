@@ -57,7 +57,7 @@ def crop_to_rle(crop: np.ndarray, y0: int, x0: int, image_size: tuple[int, int])
 
 
 def paste_to_rles(
-    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, padding: int = 1
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, padding: int = 1, mode: str = "torchvision"
 ) -> list[RLE]:
     """Per-box mask probabilities pasted into the image (``ops.paste``) and thresholded, as RLEs.
 
@@ -66,13 +66,14 @@ def paste_to_rles(
         boxes: (N, 4) x1 y1 x2 y2 in pixels of the image.
         image_size: (H, W).
         threshold: a pixel is foreground where its pasted probability is above this.
+        mode: the pasting rule, ``ops.paste``'s "torchvision" or "detectron2".
 
     Returns:
-        N RLEs, pixel for pixel ``paste_masks(masks, boxes, image_size, threshold=threshold)``.
+        N RLEs, pixel for pixel ``paste_masks(masks, boxes, image_size, threshold=threshold, mode=mode)``.
     """
     return [
         crop_to_rle(crop.cpu().numpy(), y0, x0, image_size)
-        for y0, x0, crop in paste_crops(masks, boxes, image_size, padding=padding, threshold=threshold)
+        for y0, x0, crop in paste_crops(masks, boxes, image_size, padding=padding, threshold=threshold, mode=mode)
     ]
 
 

@@ -170,7 +170,7 @@ def predict_batches(
                     if score_thresh is not None:
                         det = det[det.scores >= score_thresh]
                     image = array if keep_images else None
-                    results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image))
+                    results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image, paste=cfg.roi_heads.paste))
                 return results, out.losses
         except Exception as e:  # noqa: BLE001  one image that breaks the model must not cost the others
             if raise_errors:

@@ -240,6 +240,7 @@ class Result:
         mask_thresh: float = 0.5,
         path: str | None = None,
         image: np.ndarray | Image.Image | None = None,
+        paste: str = "torchvision",
     ) -> "Result":
         """Convert the model's ``Detections`` for one image to a ``Result``, pasting the masks.
 
@@ -252,6 +253,7 @@ class Result:
             mask_thresh: a pasted mask probability above this is foreground (as torchvision's
                 ``paste_masks_in_image``). Each mask is pasted into its box only and
                 run-length encoded, never as a full frame.
+            paste: the pasting rule of the model's weights (``RoIHeadsConfig.paste``).
         """
         labels = detections.labels.detach().cpu().numpy()
         boxes = detections.boxes.detach().float()
@@ -260,7 +262,7 @@ class Result:
             m = detections.masks.detach()
             if m.dim() != 3 or m.shape[-1] != m.shape[-2]:
                 raise ValueError(f"detections.masks must be (N, M, M) per-box probabilities, got {tuple(m.shape)}")
-            rles = rle_masks.paste_to_rles(m, boxes.to(m.device), image_size, mask_thresh)
+            rles = rle_masks.paste_to_rles(m, boxes.to(m.device), image_size, mask_thresh, mode=paste)
         return cls(
             boxes=boxes.cpu().numpy(),
             scores=detections.scores.detach().float().cpu().numpy(),

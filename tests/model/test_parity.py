@@ -11,9 +11,7 @@ one the fixture records.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -23,24 +21,13 @@ from pycocotools import mask as mask_util
 
 import maskrcnn
 from maskrcnn.model.transform import to_original_frame
-from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.paste import paste_masks
 from maskrcnn.results import Result
 
 from ..conftest import DEVICES, TV_PARITY, need
+from .parity_utils import check_features, float32_math, mask_iou, match_detections, matched_fraction, to_cpu
 
 CASES = ["single_a", "single_b", "batch_ab"]
-
-
-@contextlib.contextmanager
-def float32_math() -> Iterator[None]:
-    """True float32 convolutions and matrix products on CUDA (no TF32) for the block's duration."""
-    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 @pytest.fixture(scope="module", params=DEVICES)
@@ -49,13 +36,6 @@ def model(request, tv_checkpoint):
     with float32_math():
         yield maskrcnn.load(tv_checkpoint, device=request.param)
     torch.set_grad_enabled(True)
-
-
-def to_cpu(x):
-    """Stage outputs (tensors, Detections, ImageBatch, lists and tuples of them) on the CPU."""
-    if isinstance(x, (list, tuple)):
-        return type(x)(to_cpu(v) for v in x)
-    return None if x is None else x.to("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +74,6 @@ def runs(model):
     return out
 
 
-def rms_of(ref: dict, level: str) -> float:
-    shape = ref[f"feature_{level}_shape"]
-    count = shape[0] * shape[2] * shape[3]
-    return float(np.sqrt(ref[f"feature_{level}_channel_sumsq"].sum() / (count * shape[1])))
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_preprocessing(runs, case):
     r = runs[case]
@@ -115,30 +89,7 @@ def test_preprocessing(runs, case):
 @pytest.mark.parametrize("case", CASES)
 def test_fpn_features(runs, case):
     r = runs[case]
-    ref = r["ref"]
-    for i, level in enumerate(["0", "1", "2", "3", "pool"]):
-        f = r["feats"][i]
-        assert list(f.shape) == list(ref[f"feature_{level}_shape"]), level
-        rms = rms_of(ref, level)
-        count = f.shape[0] * f.shape[2] * f.shape[3]
-        fd = f.double()
-        sums = fd.sum(dim=(0, 2, 3)).numpy()
-        sumsq = (fd**2).sum(dim=(0, 2, 3)).numpy()
-        assert np.abs(sums - ref[f"feature_{level}_channel_sum"]).max() <= 1e-3 * rms * count, level
-        assert np.abs(sumsq - ref[f"feature_{level}_channel_sumsq"]).max() <= 1e-3 * rms**2 * count, level
-        h, w = f.shape[-2:]
-        corner = f[:, :, :8, :8].numpy()
-        centre = f[:, :, h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].numpy()
-        assert np.abs(corner - ref[f"feature_{level}_crop_corner"]).max() <= 1e-3 * rms, level
-        assert np.abs(centre - ref[f"feature_{level}_crop_center"]).max() <= 1e-3 * rms, level
-
-
-def matched_fraction(ours: torch.Tensor, theirs: torch.Tensor, thresh: float = 0.99) -> float:
-    if len(theirs) == 0:
-        return 1.0
-    if len(ours) == 0:
-        return 0.0
-    return float((box_iou(theirs, ours).max(dim=1).values >= thresh).float().mean())
+    check_features(r["feats"], r["ref"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -157,21 +108,6 @@ def test_box_head_on_torchvision_proposals(runs, case):
     logits, deltas = r["head_on_tv"][0]
     np.testing.assert_allclose(logits.numpy(), r["ref"]["class_logits_0"], atol=1e-3, rtol=0)
     np.testing.assert_allclose(deltas.numpy(), r["ref"]["box_regression_0"], atol=1e-3, rtol=0)
-
-
-def match_detections(boxes, labels, ref_boxes, ref_labels):
-    """For each reference detection, the index of our same-label detection with IoU >= 0.99, or -1."""
-    if len(boxes) == 0 or len(ref_boxes) == 0:
-        return np.full(len(ref_boxes), -1)
-    iou = box_iou(ref_boxes, boxes)
-    iou[ref_labels[:, None] != labels[None, :]] = 0
-    best, idx = iou.max(dim=1)
-    return np.where(best.numpy() >= 0.99, idx.numpy(), -1)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -7,15 +7,27 @@ Shape shorthand: A anchors per cell, H_l x W_l cells on level l.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 
-def cell_anchors(size: float, aspect_ratios: tuple[float, ...]) -> Tensor:
-    """Anchors centred on (0, 0) for one size and several ratios h/w, rounded to integers.
+def cell_anchors(size: float, aspect_ratios: tuple[float, ...], round_corners: bool = True) -> Tensor:
+    """Anchors centred on (0, 0) for one size and several ratios h/w, rounded to integers
+    unless ``round_corners`` is False.
 
     Returns (A, 4) float32 x1 y1 x2 y2; area ~ size^2, h / w = ratio.
     """
+    if not round_corners:
+        # Detectron2's exact anchors, computed as it does in double precision:
+        # w = sqrt(size^2 / ratio), h = ratio * w (a 0.5 ratio at size 32 is 45.25 x 22.63).
+        rows = []
+        for r in aspect_ratios:
+            w = math.sqrt(size * size / r)
+            h = r * w
+            rows.append([-w / 2.0, -h / 2.0, w / 2.0, h / 2.0])
+        return torch.tensor(rows, dtype=torch.float32)
     ratios = torch.as_tensor(aspect_ratios, dtype=torch.float32)
     h_ratios = torch.sqrt(ratios)
     w_ratios = 1 / h_ratios
@@ -29,11 +41,12 @@ class AnchorGenerator(nn.Module):
     """Args:
     sizes: anchor size (sqrt of area, input pixels) of each level.
     aspect_ratios: h / w ratios used on every level.
+    round_cells: round the cell anchors' corners to integers (torchvision) or not (Detectron2).
     """
 
-    def __init__(self, sizes: tuple[int, ...] = (32, 64, 128, 256, 512), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)) -> None:
+    def __init__(self, sizes: tuple[int, ...] = (32, 64, 128, 256, 512), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), round_cells: bool = True) -> None:
         super().__init__()
-        self.cells = [cell_anchors(s, aspect_ratios) for s in sizes]
+        self.cells = [cell_anchors(s, aspect_ratios, round_cells) for s in sizes]
         self._cache: dict[tuple, list[Tensor]] = {}
 
     @property

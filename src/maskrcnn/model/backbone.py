@@ -77,17 +77,23 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (grouped for ResNeXt, stride here as in torchvision v1.5), 1x1 expand."""
+    """1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand.
+
+    The stride sits in the 3x3 as in torchvision v1.5, or in the first 1x1 with
+    ``stride_in_1x1`` as in the original MSRA ResNets whose weights Detectron2's R50/R101
+    models start from (the same tensors, a different network).
+    """
 
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int, norm, groups: int = 1, base_width: int = 64) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, in_ch: int, planes: int, stride: int, norm, groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         out_ch = planes * self.expansion
-        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_ch, width, 1, stride_1x1, bias=False)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.conv2 = nn.Conv2d(width, width, 3, stride_3x3, 1, groups=groups, bias=False)
         self.bn2 = norm(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = norm(out_ch)
@@ -129,15 +135,19 @@ class ResNetBody(nn.Module):
         bn_eps: BatchNorm epsilon.
         trainable_layers: how many stages, counted from the top (layer4, layer3, ...,
             layer1, conv1), keep ``requires_grad``; the rest are frozen. 5 trains all.
+        stride_in_1x1: bottlenecks downsample in their first 1x1 conv (MSRA ResNets).
     """
 
-    def __init__(self, name: str = "resnet50", frozen_bn: bool = True, bn_eps: float = 1e-5, trainable_layers: int = 3) -> None:
+    def __init__(self, name: str = "resnet50", frozen_bn: bool = True, bn_eps: float = 1e-5, trainable_layers: int = 3, stride_in_1x1: bool = False) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in 0..5, got {trainable_layers}")
         spec = RESNETS[name]
+        if stride_in_1x1 and spec.block is not Bottleneck:
+            raise ValueError(f"stride_in_1x1 applies to bottleneck ResNets only, not {name}")
+        extra = {"stride_in_1x1": True} if stride_in_1x1 else {}
         norm = _norm(frozen_bn, bn_eps)
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = norm(64)
@@ -149,7 +159,7 @@ class ResNetBody(nn.Module):
             stage = []
             for b in range(blocks):
                 stride = 2 if (b == 0 and i > 0) else 1
-                stage.append(spec.block(in_ch, planes, stride, norm, spec.groups, spec.width_per_group))
+                stage.append(spec.block(in_ch, planes, stride, norm, spec.groups, spec.width_per_group, **extra))
                 in_ch = planes * spec.block.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             self.out_channels.append(in_ch)

@@ -23,13 +23,13 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
     """
     cfg = config or ModelConfig()
     b = cfg.backbone
-    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=b.trainable_layers)
+    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=b.trainable_layers, stride_in_1x1=b.stride_in_1x1)
     if b.sync_bn:  # trainable BatchNorm only: FrozenBatchNorm2d is no _BatchNorm and stays as it is
         body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
     backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
 
     a, r = cfg.anchors, cfg.rpn
-    anchors = AnchorGenerator(a.sizes, a.aspect_ratios)
+    anchors = AnchorGenerator(a.sizes, a.aspect_ratios, a.round_cells)
     head = RPNHead(b.fpn_channels, anchors.num_anchors_per_cell, 1 if r.objectness == "sigmoid" else 2)
     rpn = RegionProposalNetwork(
         anchors,
@@ -39,6 +39,7 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         nms_thresh=r.nms_thresh,
         score_thresh=r.score_thresh,
         min_size=r.min_size,
+        rank_by=r.rank_by,
         fg_iou_thresh=r.fg_iou_thresh,
         bg_iou_thresh=r.bg_iou_thresh,
         batch_size_per_image=r.batch_size_per_image,
@@ -64,6 +65,7 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         mask_roi_size=h.mask_roi_size,
         sampling_ratio=h.sampling_ratio,
         aligned=h.aligned,
+        level_mapper=h.level_mapper,
         pooler=h.pooler,
         fg_iou_thresh=h.fg_iou_thresh,
         bg_iou_thresh=h.bg_iou_thresh,
@@ -73,7 +75,8 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         score_thresh=h.score_thresh,
         nms_thresh=h.nms_thresh,
         detections_per_img=h.detections_per_img,
+        box_min_size=h.box_min_size,
     )
     t = cfg.transform
-    preprocess = Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible)
+    preprocess = Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.bgr, t.pixel_scale, t.resize)
     return MaskRCNN(preprocess, backbone, rpn, roi_heads, cfg)

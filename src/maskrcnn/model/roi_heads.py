@@ -65,6 +65,7 @@ class RoIHeads(nn.Module):
         mask_roi_size: int = 14,
         sampling_ratio: int = 2,
         aligned: bool = False,
+        level_mapper: str = "torchvision",
         pooler: str = "align",
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
@@ -74,6 +75,7 @@ class RoIHeads(nn.Module):
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
+        box_min_size: float = 1e-2,
     ) -> None:
         super().__init__()
         self.box_head = box_head
@@ -84,6 +86,7 @@ class RoIHeads(nn.Module):
         self.mask_roi_size = mask_roi_size
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
+        self.level_mapper = level_mapper
         self.pooler = pooler
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
@@ -93,6 +96,7 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+        self.box_min_size = box_min_size
 
     @property
     def has_mask(self) -> bool:
@@ -101,7 +105,8 @@ class RoIHeads(nn.Module):
     def pool(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]], size: int) -> Tensor:
         """RoI features (R, F, size, size) from P2..P5, each box on its FPN level."""
         return multiscale_roi_align(
-            features, boxes, image_sizes, size, self.sampling_ratio, aligned=self.aligned, pool=self.pooler
+            features, boxes, image_sizes, size, self.sampling_ratio, aligned=self.aligned, pool=self.pooler,
+            level_mapper=self.level_mapper,
         )
 
     def box_outputs(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
@@ -167,8 +172,9 @@ class RoIHeads(nn.Module):
             scores, labels = scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
             keep = torch.where(scores > self.score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = remove_small_boxes(boxes, 1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            if self.box_min_size > 0:  # Detectron2 (0) keeps every box
+                keep = remove_small_boxes(boxes, self.box_min_size)
+                boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
             out.append(Detections(boxes=boxes[keep], scores=scores[keep], labels=labels[keep]))
         return out

@@ -59,6 +59,9 @@ class RegionProposalNetwork(nn.Module):
         fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction: anchor labels and
             balanced sampling for the loss (seed 3.3.6).
         objectness: "sigmoid" or "softmax".
+        rank_by: "prob" ranks proposals for NMS by their sigmoid probability (torchvision),
+            "logit" by the raw logit (Detectron2). They differ where float32 probabilities
+            saturate and tie (every logit above ~17 is 1.0).
         exclude_border_anchors: border-crossing anchors are neutral in the loss.
     """
 
@@ -78,10 +81,14 @@ class RegionProposalNetwork(nn.Module):
         objectness: str = "sigmoid",
         exclude_border_anchors: bool = False,
         smooth_l1_beta: float = 1.0 / 9,
+        rank_by: str = "prob",
     ) -> None:
         super().__init__()
         if objectness not in ("sigmoid", "softmax"):
             raise ValueError(f"objectness must be 'sigmoid' or 'softmax', got {objectness!r}")
+        if rank_by not in ("prob", "logit"):
+            raise ValueError(f"rank_by must be 'prob' or 'logit', got {rank_by!r}")
+        self.rank_by = rank_by
         self.anchor_generator = anchor_generator
         self.head = head
         self.box_coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
@@ -148,13 +155,18 @@ class RegionProposalNetwork(nn.Module):
             # float32: under bf16/fp16 autocast the deltas are low precision, and boxes rounded
             # to bf16 are off by up to 8 px at x >= 1024.
             boxes = self.box_coder.decode(deltas[b, sel].float(), all_anchors[sel])[:, 0]  # (K, 4)
-            prob = torch.sigmoid(scores[b, sel].float())
+            logit = scores[b, sel].float()
+            prob = torch.sigmoid(logit)
             boxes = clip_boxes(boxes, size)
-            keep = remove_small_boxes(boxes, self.min_size)
-            boxes, prob, lvl = boxes[keep], prob[keep], level_all[keep]
+            if self.min_size > 0:
+                keep = remove_small_boxes(boxes, self.min_size)
+            else:  # Detectron2 drops only empty boxes
+                keep = torch.where((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))[0]
+            boxes, prob, logit, lvl = boxes[keep], prob[keep], logit[keep], level_all[keep]
             keep = torch.where(prob >= self.score_thresh)[0]
-            boxes, prob, lvl = boxes[keep], prob[keep], lvl[keep]
-            keep = batched_nms(boxes, prob, lvl, self.nms_thresh)[: self.post_nms_top_n[mode]]
+            boxes, prob, logit, lvl = boxes[keep], prob[keep], logit[keep], lvl[keep]
+            rank = prob if self.rank_by == "prob" else logit
+            keep = batched_nms(boxes, rank, lvl, self.nms_thresh)[: self.post_nms_top_n[mode]]
             out.append(boxes[keep])
         return out
 

@@ -1,8 +1,10 @@
 """Preprocessing (normalise, resize, pad into a batch) and the way back to the original frame.
 
-Images enter as (3, H, W) float tensors with values in 0..1. Resizing follows torchvision
-exactly (bilinear, scale = min(min_size / short side, max_size / long side), output size
-floor(side * scale)), because the parity with its checkpoints depends on it.
+Images enter as (3, H, W) float tensors with values in 0..1 (or uint8). Resizing follows
+torchvision exactly (bilinear, scale = min(min_size / short side, max_size / long side), output
+size floor(side * scale)), because the parity with its checkpoints depends on it; or, with
+``resize="detectron2"``, Detectron2's ``ResizeShortestEdge`` (sides rounded to nearest, PIL
+bilinear on the uint8 pixels, before normalisation), which its checkpoints were evaluated with.
 
 Shape shorthand: B images, Hp x Wp padded batch size.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor, nn
 
 from ..structures import Detections, ImageBatch, Targets
@@ -31,6 +35,28 @@ def resized_size(h: int, w: int, scale: float) -> tuple[int, int]:
     return max(1, math.floor(float(h) * scale)), max(1, math.floor(float(w) * scale))
 
 
+def detectron2_resized_size(h: int, w: int, short: float, max_size: float) -> tuple[int, int]:
+    """Detectron2's ``ResizeShortestEdge.get_output_shape``, in its evaluation order: the short
+    side becomes ``short``, the long side is scaled with it and capped at ``max_size``, then both
+    are rounded half up (768 x 576 -> 1067 x 800, where torchvision's floor gives 1066)."""
+    size = float(short)
+    scale = size / min(h, w)
+    newh, neww = (size, scale * w) if h < w else (scale * h, size)
+    if max(newh, neww) > max_size:
+        scale = float(max_size) / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return max(1, int(newh + 0.5)), max(1, int(neww + 0.5))
+
+
+def pil_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """(3, H, W) uint8 -> (3, h, w) uint8 with PIL's bilinear filter, as Detectron2's
+    ``ResizeTransform`` resizes uint8 images (PIL antialiases when shrinking, unlike
+    ``F.interpolate``)."""
+    array = np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy())  # (H, W, 3)
+    out = np.asarray(Image.fromarray(array).resize((size[1], size[0]), Image.BILINEAR))  # (h, w, 3)
+    return torch.from_numpy(out.copy()).permute(2, 0, 1).to(image.device)
+
+
 def resize_boxes(boxes: Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Tensor:
     """Rescale (N, 4) x1 y1 x2 y2 boxes from one image size to another."""
     ry = torch.tensor(to_hw[0], dtype=torch.float32) / torch.tensor(from_hw[0], dtype=torch.float32)
@@ -44,8 +70,11 @@ class Preprocessor(nn.Module):
     min_size: short-side sizes; training picks one at random per image (multi-scale
         augmentation), inference uses the last.
     max_size: cap on the long side.
-    image_mean, image_std: per-channel normalisation of 0..1 RGB inputs.
+    image_mean, image_std: per-channel normalisation, in the channel order and units below.
     size_divisible: the padded batch is a multiple of this.
+    bgr: reverse the channels to B, G, R before normalising (Detectron2's MSRA weights).
+    pixel_scale: white's value before normalisation: 1.0, or 255.0 as Detectron2.
+    resize: "torchvision" or "detectron2" (see the module docstring).
     """
 
     def __init__(
@@ -55,8 +84,16 @@ class Preprocessor(nn.Module):
         image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         image_std: tuple[float, float, float] = (0.229, 0.224, 0.225),
         size_divisible: int = 32,
+        bgr: bool = False,
+        pixel_scale: float = 1.0,
+        resize: str = "torchvision",
     ) -> None:
         super().__init__()
+        if resize not in ("torchvision", "detectron2"):
+            raise ValueError(f"resize must be 'torchvision' or 'detectron2', got {resize!r}")
+        self.bgr = bgr
+        self.pixel_scale = float(pixel_scale)
+        self.resize = resize
         self.min_size = tuple(min_size)
         self.max_size = max_size
         self.register_buffer("mean", torch.tensor(image_mean).view(3, 1, 1), persistent=False)
@@ -77,7 +114,24 @@ class Preprocessor(nn.Module):
             h, w = image.shape[-2:]
             if h == 0 or w == 0:
                 raise ValueError(f"image {i}: has no pixels (size {h}x{w})")
-            scale = resize_scale(h, w, float(min_size), float(self.max_size))
+            if self.resize == "detectron2":
+                x = self._detectron2_input(image, detectron2_resized_size(h, w, min_size, self.max_size))
+            else:
+                x = self._torchvision_input(image, resize_scale(h, w, float(min_size), float(self.max_size)))
+            resized.append(x)
+            if targets is not None:
+                out_targets.append(self._resize_targets(targets[i], (h, w), tuple(x.shape[-2:])))
+        batch = self.batch(resized)
+        batch.original_sizes = [tuple(im.shape[-2:]) for im in images]
+        return batch, (out_targets if targets is not None else None)
+
+    def _torchvision_input(self, image: Tensor, scale: float) -> Tensor:
+        """Normalise, then bilinear-interpolate to floor(side * scale): (3, h, w) float32."""
+        h, w = image.shape[-2:]
+        if self.bgr or self.pixel_scale != 1.0:
+            image = self._channels_and_units(image)
+            x = image.sub(self.mean).div_(self.std)
+        else:
             # Resize, then normalise: the same numbers to float rounding (both steps are affine
             # per channel), without two full-resolution temporaries (576 MB for a 24 MP photo).
             # Normalise at full size, then resize, as torchvision does: the other order is the
@@ -86,13 +140,25 @@ class Preprocessor(nn.Module):
                 x = image.float().div_(255.0).sub_(self.mean).div_(self.std)
             else:
                 x = image.sub(self.mean).div_(self.std)  # one full-size temporary, not two
-            x = F.interpolate(x[None], size=resized_size(h, w, scale), mode="bilinear", align_corners=False)[0]
-            resized.append(x)
-            if targets is not None:
-                out_targets.append(self._resize_targets(targets[i], (h, w), tuple(x.shape[-2:])))
-        batch = self.batch(resized)
-        batch.original_sizes = [tuple(im.shape[-2:]) for im in images]
-        return batch, (out_targets if targets is not None else None)
+        return F.interpolate(x[None], size=resized_size(h, w, scale), mode="bilinear", align_corners=False)[0]
+
+    def _detectron2_input(self, image: Tensor, size: tuple[int, int]) -> Tensor:
+        """PIL-resize the uint8 pixels to ``size``, then normalise: (3, h, w) float32.
+
+        Float inputs in 0..1 are brought back to uint8 first (exact for ``to_tensor`` output,
+        whose values are k / 255), because Detectron2 resizes the uint8 image it is given.
+        """
+        if image.dtype != torch.uint8:
+            image = image.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+        x = self._channels_and_units(pil_resize(image, size))
+        return x.sub_(self.mean).div_(self.std)
+
+    def _channels_and_units(self, image: Tensor) -> Tensor:
+        """A new float32 (3, H, W) in this preprocessor's channel order and pixel units."""
+        x = image.float() if image.dtype != torch.uint8 else image.float().mul_(self.pixel_scale / 255.0)
+        if image.dtype != torch.uint8 and self.pixel_scale != 1.0:
+            x = x * self.pixel_scale
+        return x.flip(0) if self.bgr else x
 
     @staticmethod
     def _resize_targets(t: Targets, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Targets:

@@ -5,7 +5,13 @@ its box grown by ``(M + 2 * padding) / M`` about its centre, so bilinear resizin
 mask out at the box edge instead of clamping. The grown box is truncated to integers
 (toward zero); the padded mask is resized to ``(y2 - y1 + 1) x (x2 - x1 + 1)`` pixels with
 ``F.interpolate(mode="bilinear", align_corners=False)`` and written at rows ``y1..y2`` and
-columns ``x1..x2``, clipped to the image.
+columns ``x1..x2``, clipped to the image. A pixel is foreground where the pasted probability
+is above the threshold.
+
+``mode="detectron2"`` pastes as Detectron2's ``paste_masks_in_image`` does instead: each image
+pixel centre is mapped into the box's continuous frame and the unpadded mask is sampled there
+with ``F.grid_sample`` (zeros outside), over the box's integer hull grown by one pixel; a pixel
+is foreground where the probability is at least the threshold.
 
 Shape shorthand: N masks, M x M mask resolution, h x w image.
 """
@@ -18,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["paste_crops", "paste_masks"]
+
+MODES = ("torchvision", "detectron2")
 
 
 def _expand_boxes(boxes: Tensor, scale: float) -> Tensor:
@@ -35,6 +43,7 @@ def paste_crops(
     image_size: tuple[int, int],
     padding: int = 1,
     threshold: float | None = None,
+    mode: str = "torchvision",
 ) -> Iterator[tuple[int, int, Tensor]]:
     """Resize each mask to its box, clipped to the image: the pasted pixels without the image.
 
@@ -46,13 +55,20 @@ def paste_crops(
         boxes: ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` in pixels of the target image.
         image_size: ``(h, w)`` of the target image.
         padding: zero cells added around each mask before resizing (torchvision uses 1).
-        threshold: if given, crops are ``mask > threshold`` as bool.
+        threshold: if given, crops are ``mask > threshold`` as bool (``>=`` for "detectron2").
+        mode: "torchvision" or "detectron2" (see the module docstring; ``padding`` is unused
+            by "detectron2").
 
     Yields:
         N tuples ``(y0, x0, crop)``, in order: ``crop`` (``Tensor[hc, wc]``, ``masks``' dtype
         or bool) holds image rows ``y0 .. y0 + hc - 1`` and columns ``x0 .. x0 + wc - 1``; every
         pixel outside it is 0 / False. A box entirely outside the image gives a 0 x 0 crop.
     """
+    if mode == "detectron2":
+        yield from _grid_sample_crops(masks, boxes, image_size, threshold)
+        return
+    if mode != "torchvision":
+        raise ValueError(f"paste mode must be one of {', '.join(MODES)}, got {mode!r}")
     n, m = masks.shape[0], masks.shape[-1]
     im_h, im_w = int(image_size[0]), int(image_size[1])
     if n == 0:
@@ -74,12 +90,40 @@ def paste_crops(
         yield y0, x0, (part > threshold if threshold is not None else part)
 
 
+def _grid_sample_crops(
+    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float | None
+) -> Iterator[tuple[int, int, Tensor]]:
+    """Detectron2's CPU path of ``paste_masks_in_image``, one mask at a time, in its
+    evaluation order (float32 grid, ``align_corners=False``)."""
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    for i in range(masks.shape[0]):
+        box = boxes[i : i + 1].float()  # (1, 4)
+        x0_int, y0_int = (int(v) for v in torch.clamp(box[0, :2].floor() - 1, min=0).to(torch.int32))
+        x1_int = int(torch.clamp(box[0, 2].ceil() + 1, max=im_w).to(torch.int32))
+        y1_int = int(torch.clamp(box[0, 3].ceil() + 1, max=im_h).to(torch.int32))
+        if x1_int <= x0_int or y1_int <= y0_int:  # box entirely outside the image
+            yield 0, 0, masks.new_zeros((0, 0), dtype=torch.bool if threshold is not None else masks.dtype)
+            continue
+        x0, y0, x1, y1 = torch.split(box, 1, dim=1)  # each (1, 1)
+        img_y = torch.arange(y0_int, y1_int, device=masks.device, dtype=torch.float32) + 0.5
+        img_x = torch.arange(x0_int, x1_int, device=masks.device, dtype=torch.float32) + 0.5
+        img_y = (img_y - y0) / (y1 - y0) * 2 - 1  # (1, h) in the box's [-1, 1] frame
+        img_x = (img_x - x0) / (x1 - x0) * 2 - 1  # (1, w)
+        gx = img_x[:, None, :].expand(1, img_y.size(1), img_x.size(1))
+        gy = img_y[:, :, None].expand(1, img_y.size(1), img_x.size(1))
+        grid = torch.stack([gx, gy], dim=3)  # (1, h, w, 2)
+        m = masks[i][None, None].float()  # (1, 1, M, M)
+        crop = F.grid_sample(m, grid.to(m.dtype), align_corners=False)[0, 0]  # (h, w)
+        yield y0_int, x0_int, (crop >= threshold if threshold is not None else crop.to(masks.dtype))
+
+
 def paste_masks(
     masks: Tensor,
     boxes: Tensor,
     image_size: tuple[int, int],
     padding: int = 1,
     threshold: float | None = None,
+    mode: str = "torchvision",
 ) -> Tensor:
     """Resize each mask to its box and place it in an otherwise empty image.
 
@@ -91,7 +135,9 @@ def paste_masks(
         boxes: ``Tensor[N, 4]`` ``(x1, y1, x2, y2)`` in pixels of the target image.
         image_size: ``(h, w)`` of the target image.
         padding: zero cells added around each mask before resizing (torchvision uses 1).
-        threshold: if given, return ``mask > threshold`` as bool (a quarter of the memory).
+        threshold: if given, return ``mask > threshold`` as bool (a quarter of the memory;
+            ``>=`` for "detectron2").
+        mode: "torchvision" or "detectron2" (see the module docstring).
 
     Returns:
         ``Tensor[N, h, w]``: ``masks``' dtype, or bool with ``threshold``. Pixels outside the
@@ -99,6 +145,6 @@ def paste_masks(
     """
     out_dtype = torch.bool if threshold is not None else masks.dtype
     out = torch.zeros((masks.shape[0], int(image_size[0]), int(image_size[1])), dtype=out_dtype, device=masks.device)
-    for i, (y0, x0, crop) in enumerate(paste_crops(masks, boxes, image_size, padding, threshold)):
+    for i, (y0, x0, crop) in enumerate(paste_crops(masks, boxes, image_size, padding, threshold, mode)):
         out[i, y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
     return out

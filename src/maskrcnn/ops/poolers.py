@@ -28,6 +28,7 @@ def assign_fpn_levels(
     canonical_scale: int = 224,
     canonical_level: int = 4,
     eps: float = 1e-6,
+    mapper: str = "torchvision",
 ) -> Tensor:
     """Pyramid level of each box, counted from ``k_min``.
 
@@ -40,12 +41,20 @@ def assign_fpn_levels(
         canonical_scale, canonical_level: a box of side ``canonical_scale`` maps to
             ``canonical_level``.
         eps: guards ``floor`` against ``log2`` rounding just below an integer.
+        mapper: "torchvision" as above, or "detectron2":
+            ``floor(canonical_level + log2(sqrt(area) / canonical_scale + 1e-8))`` (its eps
+            sits inside the log; ``eps`` is then unused).
 
     Returns:
         ``Tensor[K]`` int64 in ``[0, k_max - k_min]``.
     """
     s = torch.sqrt(box_area(boxes))
-    levels = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    if mapper == "detectron2":
+        levels = torch.floor(canonical_level + torch.log2(s / canonical_scale + 1e-8))
+    elif mapper == "torchvision":
+        levels = torch.floor(canonical_level + torch.log2(s / canonical_scale) + torch.tensor(eps, dtype=s.dtype))
+    else:
+        raise ValueError(f"level mapper must be 'torchvision' or 'detectron2', got {mapper!r}")
     levels = torch.clamp(levels, min=k_min, max=k_max)
     return levels.to(torch.int64) - k_min
 
@@ -74,6 +83,7 @@ def multiscale_roi_align(
     sampling_ratio: int,
     aligned: bool = False,
     pool: str = "align",
+    level_mapper: str = "torchvision",
 ) -> Tensor:
     """Pool every RoI from its FPN level.
 
@@ -87,6 +97,7 @@ def multiscale_roi_align(
         sampling_ratio: as :func:`roi_align` (ignored by ``pool="pool"``).
         aligned: as :func:`roi_align`.
         pool: ``"align"`` (RoIAlign, seed 3.4.2) or ``"pool"`` (quantised max RoIPool, seed 3.4.1).
+        level_mapper: ``mapper`` of :func:`assign_fpn_levels`.
 
     Returns:
         ``Tensor[sum Ki, C, PH, PW]`` in the features' dtype, RoIs in input order (image 0
@@ -110,7 +121,7 @@ def multiscale_roi_align(
 
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
-    levels = assign_fpn_levels(rois[:, 1:], k_min, k_max)  # (K,)
+    levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, mapper=level_mapper)  # (K,)
     first = features[0]
     result = first.new_zeros((rois.shape[0], first.shape[1]) + pooled)  # (K, C, PH, PW)
     for level, (feature, scale) in enumerate(zip(features, scales)):
