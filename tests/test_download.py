@@ -144,3 +144,34 @@ def test_published_table() -> None:
         published_url("maskrcnn_resnet50_fpn_v2_coco")
     with pytest.raises(ValueError, match="did you mean maskrcnn_resnet50_fpn_coco"):
         published_url("maskrcnn_resnet50_fpn_cocoo")
+
+
+def test_detectron2_names(server, tmp_path, monkeypatch, capsys) -> None:
+    """The model zoo names point at MODEL_ZOO.md's files; ``maskrcnn download NAME`` fetches one
+    (from a local server standing in for dl.fbaipublicfiles.com) and the package reads it."""
+    import pickle
+
+    import numpy as np
+
+    from maskrcnn import download as download_module
+    from maskrcnn.checkpoint import read_weights
+    from maskrcnn.cli import main
+
+    assert published_url("detectron2_mask_rcnn_R_50_FPN_3x").endswith("mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl")
+    assert published_url("detectron2_mask_rcnn_R_101_FPN_3x").endswith("mask_rcnn_R_101_FPN_3x/138205316/model_final_a3ec72.pkl")
+    assert published_url("detectron2_mask_rcnn_X_101_32x8d_FPN_3x").endswith("139653917/model_final_2d9806.pkl")
+    assert expected_hash("model_final_f10217.pkl") is None  # no digest to check: fetched as is
+    state = {
+        "backbone.bottom_up.res2.0.conv2.weight": np.zeros((64, 64, 3, 3), np.float32),
+        "backbone.bottom_up.res2.0.conv3.weight": np.zeros((256, 64, 1, 1), np.float32),
+        **{f"backbone.bottom_up.res4.{b}.conv1.weight": np.zeros((1, 1, 1, 1), np.float32) for b in range(6)},
+        "roi_heads.box_predictor.cls_score.weight": np.zeros((81, 4), np.float32),
+        "roi_heads.box_predictor.bbox_pred.weight": np.zeros((320, 4), np.float32),
+    }
+    url = server.serve("model_final_f10217.pkl", pickle.dumps({"model": state, "__author__": "Detectron2 Model Zoo"}))
+    monkeypatch.setitem(download_module.PUBLISHED, "detectron2_mask_rcnn_R_50_FPN_3x", url)
+    assert main(["download", "detectron2_mask_rcnn_R_50_FPN_3x", "--dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    path = Path(capsys.readouterr().out.strip())
+    assert path == tmp_path / "cache" / "model_final_f10217.pkl"
+    config, _ = read_weights(path)
+    assert config.backbone.name == "resnet50" and config.backbone.stride_in_1x1

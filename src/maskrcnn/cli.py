@@ -286,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="via: let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
 
-    w = sub.add_parser("download", help="fetch published torchvision weights into the cache, sha256-checked")
+    w = sub.add_parser("download", help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)")
     w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")
     w.add_argument("--dir", default=None, help="cache folder (default $MASKRCNN_HOME or ~/.cache/maskrcnn)")
     w.add_argument("--sha256", default=None, help="expected digest (default: the hash prefix in the file name)")

@@ -25,10 +25,17 @@ from .results import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# torchvision's published COCO weights; the name's "-<hex>." part is a sha256 prefix.
+_D2_ZOO = "https://dl.fbaipublicfiles.com/detectron2/COCO-InstanceSegmentation"
+
+# Published COCO weights. torchvision's: the name's "-<hex>." part is a sha256 prefix, checked.
+# Detectron2's model zoo (MODEL_ZOO.md): its "_<6 hex>.pkl" suffix is no sha256 prefix and no
+# digest is published, so those files are downloaded unverified.
 PUBLISHED: dict[str, str] = {
     "maskrcnn_resnet50_fpn_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
     "maskrcnn_resnet50_fpn_v2_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+    "detectron2_mask_rcnn_R_50_FPN_3x": f"{_D2_ZOO}/mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl",
+    "detectron2_mask_rcnn_R_101_FPN_3x": f"{_D2_ZOO}/mask_rcnn_R_101_FPN_3x/138205316/model_final_a3ec72.pkl",
+    "detectron2_mask_rcnn_X_101_32x8d_FPN_3x": f"{_D2_ZOO}/mask_rcnn_X_101_32x8d_FPN_3x/139653917/model_final_2d9806.pkl",
 }
 
 # Published weights this package cannot load yet, with the reason.

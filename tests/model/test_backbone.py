@@ -81,3 +81,31 @@ def test_anchor_grid_order_and_strides():
     # Row-major cells, stride 4 on level 0: cell (row 1, col 2) is index 8, centred at (8, 4).
     assert lvl0[8].tolist() == [4.0, 0.0, 12.0, 8.0]
     assert lvl1[4].tolist() == [0.0, 0.0, 16.0, 16.0]  # (row 1, col 1), stride 8, size 16
+
+
+def test_stride_in_1x1_moves_the_stride_to_the_first_conv():
+    """MSRA bottleneck: the same tensors, the stride in conv1 (1x1) instead of conv2 (3x3)."""
+    torch.manual_seed(0)
+    body = ResNetBody("resnet50", stride_in_1x1=True).eval()
+    block = body.layer2[0]
+    assert block.conv1.stride == (2, 2) and block.conv2.stride == (1, 1)
+    assert body.layer1[0].conv1.stride == (1, 1)  # layer1 does not downsample
+    x = torch.randn(1, 256, 16, 16)
+    relu = torch.relu
+    out = relu(block.bn1(torch.nn.functional.conv2d(x, block.conv1.weight, stride=2)))
+    out = relu(block.bn2(torch.nn.functional.conv2d(out, block.conv2.weight, padding=1)))
+    out = block.bn3(torch.nn.functional.conv2d(out, block.conv3.weight))
+    shortcut = block.downsample[1](torch.nn.functional.conv2d(x, block.downsample[0].weight, stride=2))
+    torch.testing.assert_close(block(x), relu(out + shortcut))
+    assert [c.shape[-1] for c in body(torch.randn(1, 3, 64, 64))] == [16, 8, 4, 2]
+    with pytest.raises(ValueError, match="bottleneck"):
+        ResNetBody("resnet18", stride_in_1x1=True)
+
+
+def test_exact_cell_anchors_by_hand():
+    """Detectron2's anchors are not rounded: w = sqrt(size^2 / ratio), h = ratio * w."""
+    got = cell_anchors(32, (0.5, 1.0, 2.0), round_corners=False)
+    w = (1024 / 0.5) ** 0.5  # 45.2548
+    expected = torch.tensor([[-w / 2, -w / 4, w / 2, w / 4], [-16, -16, 16, 16], [-w / 4, -w / 2, w / 4, w / 2]])
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(cell_anchors(32, (0.5,))[0], torch.tensor([-23.0, -11.0, 23.0, 11.0]))  # rounded

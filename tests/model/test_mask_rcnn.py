@@ -95,3 +95,41 @@ def test_uint8_images_give_the_same_numbers_as_float_ones():
     a, _ = pre([to_tensor(rgb.numpy())])
     b, _ = pre([rgb.permute(2, 0, 1)])
     assert torch.equal(a.tensors, b.tensors)
+
+
+def test_detectron2_preprocessing_by_hand():
+    """Detectron2's input: sides rounded half up (torchvision floors), PIL-resized uint8 pixels,
+    channels reversed to BGR, normalised in 0..255 units."""
+    from maskrcnn.model.transform import Preprocessor, detectron2_resized_size, resize_scale, resized_size
+
+    assert detectron2_resized_size(576, 768, 800, 1333) == (800, 1067)
+    assert resized_size(576, 768, resize_scale(576, 768, 800, 1333)) == (800, 1066)
+    assert detectron2_resized_size(768, 509, 800, 1333) == (1207, 800)
+    assert detectron2_resized_size(100, 1000, 800, 1333) == (133, 1333)  # long side capped
+    pre = Preprocessor((8,), 1333, (1.0, 2.0, 3.0), (2.0, 2.0, 2.0), 32, bgr=True, pixel_scale=255.0, resize="detectron2").eval()
+    rgb = torch.tensor([10, 20, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 4, 6).contiguous()
+    for image in (rgb, rgb.float() / 255):  # uint8, or floats that are k / 255
+        batch, _ = pre([image])
+        assert batch.image_sizes == [(8, 12)]
+        x = batch.tensors[0, :, :8, :12]
+        torch.testing.assert_close(x, torch.tensor([(30 - 1) / 2, (20 - 2) / 2, (10 - 3) / 2]).view(3, 1, 1).expand_as(x))
+    with pytest.raises(ValueError, match="resize"):
+        Preprocessor(resize="cv2")
+
+
+def test_rpn_ranks_by_logit_where_probabilities_saturate():
+    """One anchor on each of two levels with logits 20 and 30: both sigmoids are 1.0 in float32.
+    Ranked by probability the tie keeps level order (the finer level's box first); ranked by
+    logit, as Detectron2 ranks them, the logit-30 box comes first."""
+    from maskrcnn.model.anchors import AnchorGenerator
+    from maskrcnn.model.rpn import RegionProposalNetwork, RPNHead
+
+    anchors = [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.tensor([[0.0, 0.0, 10.0, 11.0]])]
+    logits = torch.tensor([[[20.0], [30.0]]])  # (B, anchors over both levels, 1)
+    deltas = torch.zeros(1, 2, 4)
+    assert torch.sigmoid(logits).eq(1.0).all()
+    for rank_by, first in (("prob", 10.0), ("logit", 11.0)):
+        rpn = RegionProposalNetwork(AnchorGenerator(), RPNHead(4, 3), {"train": 10, "test": 10}, {"train": 10, "test": 10},
+                                    min_size=0.0, rank_by=rank_by).eval()
+        (props,) = rpn.select_proposals(anchors, logits, deltas, [(20, 20)])
+        assert props.shape == (2, 4) and props[0, 3] == first, rank_by

@@ -81,3 +81,25 @@ def test_crops_hold_every_pasted_pixel() -> None:
         assert not expected.any()
     binary = list(paste_crops(masks, boxes, (24, 32), threshold=0.5))
     assert all(torch.equal(b, c > 0.5) for (_, _, b), (_, _, c) in zip(binary, crops))
+
+
+def test_detectron2_mode_by_hand() -> None:
+    """Grid-sample pasting: an all-ones mask over box (10, 10, 20, 20) covers exactly the pixels
+    whose centres lie 1.4 mask cells or more inside the box: columns and rows 10..19. A pixel is
+    foreground at probability >= the threshold (torchvision's rule is >)."""
+    ones = torch.ones(1, 28, 28)
+    box = torch.tensor([[10.0, 10.0, 20.0, 20.0]])
+    soft = paste_masks(ones, box, (30, 30), mode="detectron2")[0]
+    expected = torch.zeros(30, 30)
+    expected[10:20, 10:20] = 1
+    torch.testing.assert_close(soft, expected)
+    half_soft = paste_masks(ones * 0.5, box, (30, 30), mode="detectron2")[0]
+    assert (half_soft == 0.5).sum() >= 90  # most samples are exactly 0.5 ...
+    half = paste_masks(ones * 0.5, box, (30, 30), threshold=0.5, mode="detectron2")[0]
+    assert torch.equal(half, half_soft >= 0.5)  # ... and those are foreground
+    assert paste_masks(ones * 0.5, box, (30, 30), threshold=0.5)[0].sum() == 0  # torchvision: 0.5 > 0.5 is false
+    # Crops start one pixel outside the box's integer hull and stop at the image border.
+    (y0, x0, crop), = paste_crops(ones, torch.tensor([[2.5, 3.5, 29.5, 12.0]]), (30, 30), mode="detectron2")
+    assert (y0, x0, tuple(crop.shape)) == (2, 1, (11, 29))
+    with pytest.raises(ValueError, match="paste mode"):
+        paste_masks(ones, box, (30, 30), mode="opencv")
