@@ -161,3 +161,21 @@ def test_the_one_reader_routes_pkl_files(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: pytest.fail("torch.load used for a .pkl"))
     obj = checkpoint.read_file(path)
     assert isinstance(obj["model"]["roi_heads.box_predictor.cls_score.weight"], np.ndarray)
+
+
+def test_training_from_a_detectron2_file_warns_about_its_other_network(caplog):
+    """Starting training from a model zoo file with the default (torchvision-style) config loads
+    the tensors, re-initialises the class heads, and says which settings the file differs in."""
+    import logging
+
+    from maskrcnn.checkpoint import init_from_checkpoint
+    from maskrcnn.model.build import build_model
+
+    from .conftest import D2_PARITY, d2_checkpoint, need
+
+    need(D2_PARITY / "r50" / "spec.json")
+    model = build_model()
+    with caplog.at_level(logging.WARNING, logger="maskrcnn.checkpoint"):
+        reinit = init_from_checkpoint(model, d2_checkpoint("r50"), 1e-5)
+    assert "roi_heads.box_predictor.cls_score.weight" in reinit  # 80 classes vs 90
+    assert "model.backbone.stride_in_1x1=False (file: True)" in caplog.text and "model.transform.bgr" in caplog.text

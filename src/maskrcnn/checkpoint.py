@@ -179,6 +179,17 @@ def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> li
     if config is None and bn_eps != 0.0:
         log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps 0 "
                     "(model.backbone.bn_eps=0.0 reproduces its features exactly)", path)
+    if config is not None:  # e.g. a Detectron2 file: the same tensors can mean another network
+        own_cfg = model.config
+        differ = [f"{k}={getattr(ours, f)!r} (file: {getattr(theirs, f)!r})"
+                  for k, ours, theirs, f in (
+                      ("model.backbone.stride_in_1x1", own_cfg.backbone, config.backbone, "stride_in_1x1"),
+                      ("model.transform.bgr", own_cfg.transform, config.transform, "bgr"),
+                      ("model.transform.pixel_scale", own_cfg.transform, config.transform, "pixel_scale"),
+                      ("model.transform.image_std", own_cfg.transform, config.transform, "image_std"))
+                  if getattr(ours, f) != getattr(theirs, f)]
+        if differ:
+            log.warning("%s was trained with other input or backbone settings than this config: %s", path, "; ".join(differ))
     own = model.state_dict()
     heads = [k for k in own if k.startswith(CLASS_HEADS)]
     reinit = []
