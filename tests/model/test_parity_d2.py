@@ -144,10 +144,18 @@ def test_r50_box_head_on_detectron2_proposals(device, case):
 # ---------------------------------------------------------------- detections, every family
 
 
+# A pasted pixel whose probability is within this of 0.5 may fall either side of the threshold:
+# the tolerated 1e-2 difference in mask logits moves a probability by up to 1e-2 / 4.
+NEAR_TIE = 2.5e-3
+
+
 def check_detections(r: dict, stage: str) -> None:
-    """The README's detection tolerances (see tests/model/test_parity.py::test_detections): at
-    the final stage a detection counts as matched only with its mask (IoU >= 0.98), and every
-    mask miss must be a pasting near-tie that Detectron2's own mask at our box explains."""
+    """The README's detection tolerances (see tests/model/test_parity.py::test_detections). At
+    the final stage every matched detection's mask has IoU >= 0.98 with Detectron2's, or differs
+    only in threshold near-ties: pixels where Detectron2's own pasted probability is within
+    ``NEAR_TIE`` of 0.5. Grid-sample pasting has no integer rounding, so a tiny box or logit
+    difference moves a pixel only there, but on a 10-45 pixel mask one such pixel costs more than
+    2% IoU (X101 single_a: 4 masks, one pixel each, probabilities 0.4998..0.5003)."""
     for i in range(r["n"]):
         ref = {k: torch.from_numpy(r["ref"][f"{stage}_{k}_{i}"]) for k in ("boxes", "scores", "labels")}
         ref["labels"] = ref["labels"] + 1  # Detectron2's class c is our label c + 1
@@ -169,14 +177,15 @@ def check_detections(r: dict, stage: str) -> None:
         np.testing.assert_array_equal(our_masks, (our_soft >= 0.5).numpy())
         ious = np.array([mask_iou(ref_masks[j], our_masks[k]) if k >= 0 else 0.0 for j, k in enumerate(fwd)])
         with_mask = ious >= 0.98
-        assert with_mask.mean() >= 0.98, np.sort(ious)[:5]
         soft = our_soft.double().sum(dim=(1, 2)).numpy()
         np.testing.assert_allclose(soft[fwd[with_mask]], r["ref"][f"final_mask_soft_sum_{i}"][with_mask], rtol=1e-3, atol=0.5)
         ref_probs = torch.from_numpy(r["ref"][f"dets_mask_logits_{i}"]).sigmoid()
         for j in np.where(m & ~with_mask)[0]:
-            k = fwd[j]
-            theirs_at_our_box = paste_masks(ref_probs[j : j + 1], ours.boxes[k : k + 1], size, threshold=0.5, mode="detectron2")[0]
-            assert mask_iou(theirs_at_our_box.numpy(), our_masks[k]) >= 0.98, (j, ious[j])
+            # Detectron2's own probabilities at its own box (test_pasting_... shows that our
+            # paste of them is its paste, pixel for pixel).
+            theirs = paste_masks(ref_probs[j : j + 1], ref["boxes"][j : j + 1], size, mode="detectron2")[0].numpy()
+            differ = ref_masks[j] != our_masks[fwd[j]]
+            assert np.abs(theirs[differ] - 0.5).max() <= NEAR_TIE, (j, ious[j], differ.sum())
 
 
 @pytest.mark.parametrize("family,case", [(f, c) for f, cases in FAMILY_CASES.items() for c in cases])
