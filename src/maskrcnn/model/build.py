@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, TransformConfig
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody
 from .fpn import FPN
@@ -74,6 +74,9 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         nms_thresh=h.nms_thresh,
         detections_per_img=h.detections_per_img,
     )
-    t = cfg.transform
-    preprocess = Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible)
-    return MaskRCNN(preprocess, backbone, rpn, roi_heads, cfg)
+    return MaskRCNN(build_preprocessor(cfg.transform), backbone, rpn, roi_heads, cfg)
+
+
+def build_preprocessor(t: TransformConfig) -> Preprocessor:
+    """The image normalisation and resizing of a model (also what an ONNX model runs before its graph)."""
+    return Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible)
