@@ -137,7 +137,7 @@ def predict_batches(
     raise_errors: bool = False,
 ) -> Iterator[tuple[list[Result], dict[str, Tensor]]]:
     """The one loop that runs a model over images, batch by batch: ``predict``, ``evaluate``,
-    the demo and training validation all go through it.
+    the demo and training validation all go through it, for a ``MaskRCNN`` or an ``OnnxModel``.
 
     Args:
         batches: lists of inputs, one forward pass each.
@@ -225,7 +225,8 @@ def predict(
     """Run ``model`` on one image or a list of images.
 
     Args:
-        model: a ``MaskRCNN`` (switched to eval mode for the call).
+        model: a ``MaskRCNN`` (switched to eval mode for the call), or an ``OnnxModel`` (an
+            exported file on ONNX Runtime, ``maskrcnn.load("model.onnx")``).
         images: a path, PIL image, array or tensor, or a list of them.
         batch_size: images per forward pass.
         score_thresh: keep detections with score >= this, a number in [0, 1] (default: the
