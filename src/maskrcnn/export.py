@@ -24,6 +24,7 @@ thresholds, class names, category ids), ``maskrcnn.class_names`` (JSON list, ind
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -113,7 +114,9 @@ def export_model(model: MaskRCNN, out: str | Path, opset: int = DEFAULT_OPSET) -
     except ImportError:
         raise ImportError("export needs the onnx package: pip install 'maskrcnn[onnx]'") from None
     check_exportable(model, opset)
-    model = model.to("cpu").float().eval()
+    # A copy: the caller's model keeps its device, dtype and mode (and its anchor cache stays
+    # free of traced tensors).
+    model = copy.deepcopy(model).to("cpu").float().eval()
     graph = DetectionGraph(model)
     names = output_names(model)
     dynamic = {"image": {2: "height", 3: "width"}, **{n: {0: "detections"} for n in names}}

@@ -258,7 +258,8 @@ def _roi_align(
 class _RoiAlignOp(torch.autograd.Function):
     """ONNX ``RoiAlign`` (average mode): one graph node on export; :func:`roi_align` in PyTorch.
 
-    The ONNX op is torchvision's CPU kernel; from opset 16 it takes the half-pixel shift
+    The ONNX op computes what torchvision's CPU kernel does (tests/test_onnx.py compares them
+    through whole models); from opset 16 it takes the half-pixel shift
     (``coordinate_transformation_mode``), so aligned RoIAlign (Detectron2) exports as aligned.
     Before opset 16 it has only the non-aligned form: ``maskrcnn.export`` refuses aligned
     models there rather than export a different computation.
