@@ -5,6 +5,7 @@
     result = model.predict("photo.jpg")
     result.boxes, result.scores, result.labels, result.masks, result.class_names
     result.save("overlay.png")
+    maskrcnn.load("model.onnx").predict("photo.jpg")   # the same, on ONNX Runtime (maskrcnn export)
 """
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ from .checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
+from .onnx_model import OnnxModel
 from .predictor import predict
 from .structures import Detections, ImageBatch, ModelOutput, Targets
 
 # ``model.predict(images)``: the user surface of the model, bound here rather than defined in
 # ``model/mask_rcnn.py`` so that the model package never imports the predictor above it.
 MaskRCNN.predict = predict  # type: ignore[attr-defined]
+OnnxModel.predict = predict  # type: ignore[attr-defined]  an exported model predicts the same way
 
 __all__ = [
-    "CheckpointError", "Detections", "ImageBatch", "MaskRCNN", "ModelConfig", "ModelOutput", "Targets",
+    "CheckpointError", "Detections", "ImageBatch", "MaskRCNN", "ModelConfig", "ModelOutput", "OnnxModel", "Targets",
     "build_model", "load", "save_checkpoint",
 ]

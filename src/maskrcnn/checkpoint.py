@@ -27,6 +27,7 @@ from . import detectron2_compat
 from .config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
+from .onnx_model import OnnxModel
 from .results import atomic_write
 from .torchvision_compat import convert_keys, infer_config, is_torchvision_state_dict
 
@@ -148,16 +149,23 @@ def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor
     return None, convert_keys(state)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any) -> MaskRCNN:
-    """Load a model from our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, in eval mode.
+def load(
+    path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any
+) -> MaskRCNN | OnnxModel:
+    """Load a model from our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, in eval mode; a
+    ``.onnx`` file from ``maskrcnn export`` gives an ``OnnxModel`` (ONNX Runtime, CPU) that
+    predicts the same way.
 
     Args:
         path: checkpoint file.
-        device: where to put the model.
+        device: where to put the model (an ONNX model runs on the CPU).
         bn_eps: BatchNorm epsilon for torchvision files (default 0.0, as torchvision loads its
             published COCO weights).
-        **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``.
+        **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
+            (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
+    if Path(path).suffix.lower() == ".onnx":
+        return _load_onnx(Path(path), device, overrides)
     device = check_device(device)
     config, state = read_weights(path)
     if config is None:
@@ -167,6 +175,24 @@ def load(path: str | Path, device: str | torch.device = "cpu", bn_eps: float | N
     model = build_model(config)
     load_state(model, state, str(path))
     return model.to(device).eval()
+
+
+def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]) -> OnnxModel:
+    if not path.is_file():
+        raise CheckpointError(f"ONNX model not found: {path}")
+    if check_device(device).type != "cpu":
+        raise ValueError(f"{path}: ONNX models run on the CPU (onnxruntime's CPU provider), not {device}")
+    fixed = sorted(set(overrides) - {"score_thresh", "mask_thresh"})
+    if fixed:
+        raise CheckpointError(f"{path}: {', '.join(fixed)} cannot change in an exported model (only score_thresh "
+                              "and mask_thresh); export again from a checkpoint loaded with them")
+    try:
+        model = OnnxModel(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    if overrides:
+        model.config = apply_overrides(model.config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
+    return model
 
 
 def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> list[str]:

@@ -1,4 +1,4 @@
-"""Command line: ``maskrcnn predict | evaluate | train | demo | download``."""
+"""Command line: ``maskrcnn predict | evaluate | train | demo | convert | download | export``."""
 from __future__ import annotations
 
 import argparse
@@ -227,6 +227,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.overrides, minutes=args.minutes)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import DEFAULT_OPSET, export
+
+    path = export(args.weights, args.out, args.opset or DEFAULT_OPSET)
+    print(f"{path} ({path.stat().st_size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN instance segmentation in pure PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -285,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allow-outside-root", action="store_true",
                    help="via: let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
+
+    x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
+    x.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17; at least 16 for aligned RoIAlign)")
+    x.set_defaults(func=cmd_export)
 
     w = sub.add_parser("download", help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)")
     w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")

@@ -137,7 +137,7 @@ def predict_batches(
     raise_errors: bool = False,
 ) -> Iterator[tuple[list[Result], dict[str, Tensor]]]:
     """The one loop that runs a model over images, batch by batch: ``predict``, ``evaluate``,
-    the demo and training validation all go through it.
+    the demo and training validation all go through it, for a ``MaskRCNN`` or an ``OnnxModel``.
 
     Args:
         batches: lists of inputs, one forward pass each.
@@ -164,7 +164,8 @@ def predict_batches(
                 # (3, H, W) uint8 views: the model divides by 255 itself, so no float copy of
                 # a 24 MP photo (288 MB) is held here.
                 tensors = [torch.from_numpy(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded]
-                out = model(tensors, None if truth is None else [t.to(model.device) for t in truth])
+                out = model(tensors, None if truth is None else [t.to(model.device) for t in truth],
+                            score_thresh=head_thresh)
                 results = []
                 for (_, array, path), det in zip(loaded, out.detections or []):
                     if score_thresh is not None:
@@ -196,10 +197,10 @@ def predict_batches(
         done = iter(found)
         return [slot if isinstance(slot, Result) else next(done) for slot in slots], losses
 
+    # A threshold below the model's lets lower-scored candidates through its NMS too; a higher
+    # one filters the model's detections (>=, as documented).
+    head_thresh = score_thresh if score_thresh is not None and score_thresh < cfg.roi_heads.score_thresh else None
     was_training = model.training
-    saved_thresh = model.roi_heads.score_thresh
-    if score_thresh is not None and score_thresh < saved_thresh:
-        model.roi_heads.score_thresh = score_thresh  # let lower-scored candidates through NMS too
     model.eval()
     try:
         start = 0
@@ -208,7 +209,6 @@ def predict_batches(
             yield process(batch, start, next(truths) if truths is not None else None)
             start += len(batch)
     finally:
-        model.roi_heads.score_thresh = saved_thresh
         model.train(was_training)
 
 
@@ -225,7 +225,8 @@ def predict(
     """Run ``model`` on one image or a list of images.
 
     Args:
-        model: a ``MaskRCNN`` (switched to eval mode for the call).
+        model: a ``MaskRCNN`` (switched to eval mode for the call), or an ``OnnxModel`` (an
+            exported file on ONNX Runtime, ``maskrcnn.load("model.onnx")``).
         images: a path, PIL image, array or tensor, or a list of them.
         batch_size: images per forward pass.
         score_thresh: keep detections with score >= this, a number in [0, 1] (default: the

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, TransformConfig
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody
 from .fpn import FPN
@@ -77,6 +77,9 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         detections_per_img=h.detections_per_img,
         box_min_size=h.box_min_size,
     )
-    t = cfg.transform
-    preprocess = Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.bgr, t.pixel_scale, t.resize)
-    return MaskRCNN(preprocess, backbone, rpn, roi_heads, cfg)
+    return MaskRCNN(build_preprocessor(cfg.transform), backbone, rpn, roi_heads, cfg)
+
+
+def build_preprocessor(t: TransformConfig) -> Preprocessor:
+    """The image normalisation and resizing of a model (also what an ONNX model runs before its graph)."""
+    return Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.bgr, t.pixel_scale, t.resize)

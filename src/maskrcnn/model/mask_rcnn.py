@@ -15,6 +15,9 @@ The contract of ``MaskRCNN.forward``:
                           ``ops.paste_masks(masks, boxes, (H_i, W_i)) > 0.5`` gives full frames).
 
 The return type never depends on ``self.training``; only which fields are filled does.
+``forward`` is ``preprocess`` -> ``detect`` (the network on the resized, padded batch:
+detections in the resized frame, the graph that ``maskrcnn.export`` writes to ONNX) ->
+``to_original_frame``. Thresholds are arguments, never module state set around a call.
 ``model.predict`` (images in any form in, ``Result`` objects out) is ``maskrcnn.predictor.predict``,
 bound to the class by the package's ``__init__``.
 """
@@ -26,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..structures import ImageBatch, ModelOutput, Targets
+from ..structures import Detections, ImageBatch, ModelOutput, Targets
 from .backbone import ResNetBody
 from .fpn import FPN
 from .roi_heads import RoIHeads
@@ -69,11 +72,14 @@ class MaskRCNN(nn.Module):
         images: list[Tensor],
         targets: list[Targets] | None = None,
         propose: Callable[[ImageBatch], list[Tensor]] | None = None,
+        score_thresh: float | None = None,
     ) -> ModelOutput:
         """See the module docstring. Masks are returned per box, as probabilities, and
         thresholded when pasted (``Result.from_detections(mask_thresh=)``). ``propose``: an
         outside proposal source that replaces this
-        model's RPN (and its losses), as the alternating schedule's frontend stage uses."""
+        model's RPN (and its losses), as the alternating schedule's frontend stage uses.
+        ``score_thresh``: detections need a class probability above this (default the
+        config's ``roi_heads.score_thresh``)."""
         if targets is not None and len(targets) != len(images):
             raise ValueError(f"got {len(images)} images but {len(targets)} targets")
         if targets is not None and self.roi_heads.has_mask:
@@ -83,16 +89,29 @@ class MaskRCNN(nn.Module):
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for detections")
         batch, targets = self.preprocess(images, targets)
+        detections, losses = self.detect(batch, targets, propose, score_thresh)
+        if detections is not None:
+            detections = to_original_frame(detections, batch)
+        return ModelOutput(losses=losses, detections=detections)
+
+    def detect(
+        self,
+        batch: ImageBatch,
+        targets: list[Targets] | None = None,
+        propose: Callable[[ImageBatch], list[Tensor]] | None = None,
+        score_thresh: float | Tensor | None = None,
+    ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
+        """The network on a preprocessed batch: detections (eval mode) in the *resized* frame,
+        one ``Detections`` per image, and the losses when ``targets`` (resized frame) are given.
+        Arguments as for ``forward``; ``score_thresh`` may be a 0-dim tensor (an ONNX input)."""
         features = self.backbone(batch.tensors)
         if propose is None:
             proposals, rpn_losses = self.rpn(batch, features, targets)
         else:
             proposals, rpn_losses = propose(batch), {}
         # P6 only serves the RPN's largest anchors; the heads pool from P2..P5.
-        detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets)
-        if detections is not None:
-            detections = to_original_frame(detections, batch)
-        return ModelOutput(losses={**rpn_losses, **head_losses}, detections=detections)
+        detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets, score_thresh)
+        return detections, {**rpn_losses, **head_losses}
 
     @property
     def device(self) -> torch.device:

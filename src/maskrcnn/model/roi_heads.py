@@ -128,36 +128,46 @@ class RoIHeads(nn.Module):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
         targets: list[Targets] | None = None,
+        score_thresh: float | Tensor | None = None,
     ) -> tuple[list[Detections] | None, dict[str, Tensor]]:
         """Args:
             features: P2..P5, each (B, F, H_l, W_l).
             proposals: per image (P_i, 4) boxes in the resized frame.
             image_sizes: per image (h, w) of the resized image.
             targets: ground truth in the resized frame; losses are computed when given.
+            score_thresh: detections need a class probability above this (default: the
+                module's ``score_thresh``); a 0-dim tensor in an exported graph.
         Returns:
             detections (eval mode only): per image, boxes in the resized frame and masks as
             (N, M, M) probabilities of the detected class; losses (with targets only).
         """
         losses = self.losses(features, proposals, image_sizes, targets) if targets is not None else {}
-        detections = None if self.training else self.detect(features, proposals, image_sizes)
+        detections = None if self.training else self.detect(features, proposals, image_sizes, score_thresh)
         return detections, losses
 
     # ------------------------------------------------------------------ inference
-    def detect(self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[Detections]:
+    def detect(
+        self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+        score_thresh: float | Tensor | None = None,
+    ) -> list[Detections]:
         class_logits, box_deltas = self.box_outputs(features, proposals, image_sizes)
-        detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes)
+        detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes, score_thresh)
         if self.has_mask:
             logits = self.mask_logits(features, [d.boxes for d in detections], image_sizes)
             labels = torch.cat([d.labels for d in detections])
             probs = select_class_masks(logits, labels).sigmoid()  # (R, M, M)
-            for d, p in zip(detections, probs.split([len(d) for d in detections])):
+            # shape[0], not len(): traced for export, a count must stay a tensor, not an int.
+            for d, p in zip(detections, probs.split([d.boxes.shape[0] for d in detections])):
                 d.masks = p
         return detections
 
     def postprocess(
-        self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]]
+        self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+        score_thresh: float | Tensor | None = None,
     ) -> list[Detections]:
-        """Decode per-class boxes, drop background and low scores, per-class NMS, keep the best."""
+        """Decode per-class boxes, drop background and scores not above ``score_thresh`` (default
+        the module's), per-class NMS, keep the best."""
+        score_thresh = self.score_thresh if score_thresh is None else score_thresh
         num_slots = class_logits.shape[-1]
         # float32 whatever the autocast dtype: boxes and scores are outputs, not features.
         boxes_all = self.box_coder.decode(box_deltas.float(), torch.cat(proposals).float())  # (R, K+1, 4)
@@ -170,7 +180,7 @@ class RoIHeads(nn.Module):
             # Drop the background slot, then one candidate per (RoI, class).
             boxes = boxes[:, 1:].reshape(-1, 4)  # (R_i*K, 4)
             scores, labels = scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
-            keep = torch.where(scores > self.score_thresh)[0]
+            keep = torch.where(scores > score_thresh)[0]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             if self.box_min_size > 0:  # Detectron2 (0) keeps every box
                 keep = remove_small_boxes(boxes, self.box_min_size)

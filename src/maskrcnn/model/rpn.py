@@ -141,10 +141,12 @@ class RegionProposalNetwork(nn.Module):
         idx, levels, start = [], [], 0
         for lvl, a in enumerate(anchors):
             n = a.shape[0]
-            k = min(self.pre_nms_top_n[mode], n)
+            # Traced for ONNX export, n is a 0-dim tensor: Python's min would freeze the example
+            # image's count into the graph (P6 of a small image has fewer anchors than the cap).
+            k = min(self.pre_nms_top_n[mode], n) if isinstance(n, int) else n.clamp(max=self.pre_nms_top_n[mode])
             top = scores[:, start : start + n].topk(k, dim=1).indices + start  # (B, k)
             idx.append(top)
-            levels.append(torch.full((k,), lvl, dtype=torch.int64, device=scores.device))
+            levels.append(torch.full_like(top[0], lvl))
             start += n
         idx_all = torch.cat(idx, 1)  # (B, K)
         level_all = torch.cat(levels)

@@ -57,6 +57,12 @@ def pil_resize(image: Tensor, size: tuple[int, int]) -> Tensor:
     return torch.from_numpy(out.copy()).permute(2, 0, 1).to(image.device)
 
 
+def padded_size(side: int, divisor: int) -> int:
+    """The smallest multiple of ``divisor`` that holds ``side`` (integer arithmetic only, so
+    that an ONNX trace, where ``side`` is a 0-dim tensor, keeps it a function of the input)."""
+    return (side + divisor - 1) // divisor * divisor
+
+
 def resize_boxes(boxes: Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Tensor:
     """Rescale (N, 4) x1 y1 x2 y2 boxes from one image size to another."""
     ry = torch.tensor(to_hw[0], dtype=torch.float32) / torch.tensor(from_hw[0], dtype=torch.float32)
@@ -173,8 +179,8 @@ class Preprocessor(nn.Module):
     def batch(self, images: list[Tensor]) -> ImageBatch:
         """Zero-pad (3, h, w) images to one (B, 3, Hp, Wp) tensor, Hp and Wp multiples of the divisor."""
         d = self.size_divisible
-        hp = int(math.ceil(max(im.shape[-2] for im in images) / d) * d)
-        wp = int(math.ceil(max(im.shape[-1] for im in images) / d) * d)
+        hp = padded_size(max(int(im.shape[-2]) for im in images), d)
+        wp = padded_size(max(int(im.shape[-1]) for im in images), d)
         tensors = images[0].new_zeros((len(images), 3, hp, wp))
         for b, im in enumerate(images):
             tensors[b, :, : im.shape[-2], : im.shape[-1]].copy_(im)

@@ -167,6 +167,8 @@ def batched_nms(
     Returns:
         ``Tensor[K]`` int64 indices of the kept boxes, by decreasing score (stable).
     """
+    if torch.onnx.is_in_onnx_export():
+        return _batched_nms_onnx(boxes, scores, idxs, iou_threshold)
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     if torchvision_compat and boxes.numel() <= (4000 if boxes.device.type == "cpu" else 20000):
@@ -202,3 +204,56 @@ def _batched_by_group(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold
         start += count
     kept = torch.sort(order[keep])[0]  # input order, so equal scores stay in input order below
     return kept[torch.sort(scores[kept], stable=True, descending=True)[1]]
+
+
+# ------------------------------------------------------------------ ONNX form
+class _NonMaxSuppression(torch.autograd.Function):
+    """ONNX ``NonMaxSuppression`` for one batch of G groups: one graph node on export; in PyTorch
+    (the values the exporter traces with) :func:`nms` on each group.
+
+    ``boxes`` (1, N, 4), ``scores`` (1, G, N) with ``-inf`` where a box is not in the group.
+    Returns ``Tensor[K, 3]`` int64 rows ``(0, group, box index)``, as the ONNX op does.
+    """
+
+    @staticmethod
+    def forward(ctx, boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:  # type: ignore[override]
+        # Computed untraced: the exporter keeps only the symbolic node, and the loop's shapes
+        # would otherwise enter the trace.
+        state = torch._C._get_tracing_state()
+        torch._C._set_tracing_state(None)
+        try:
+            rows = []
+            for g in range(int(scores.shape[1])):
+                members = torch.where(scores[0, g] > float("-inf"))[0]
+                kept = members[nms(boxes[0, members], scores[0, g, members], iou_threshold)]
+                rows.append(torch.stack((torch.zeros_like(kept), torch.full_like(kept, g), kept), 1))
+            return torch.cat(rows) if rows else torch.zeros((0, 3), dtype=torch.int64)
+        finally:
+            torch._C._set_tracing_state(state)
+
+    @staticmethod
+    def symbolic(g, boxes, scores, iou_threshold: float):  # type: ignore[no-untyped-def]
+        def const(value: Tensor):  # type: ignore[no-untyped-def]
+            return g.op("Constant", value_t=value)
+
+        # The ONNX op's IoU test is ``iou > threshold`` in float32, as :func:`nms`'s. Members
+        # only: ``-inf`` is not above the lowest float32, every real score is.
+        return g.op(
+            "NonMaxSuppression", boxes, scores,
+            const(torch.tensor([2**31 - 1], dtype=torch.int64)),
+            const(torch.tensor([iou_threshold], dtype=torch.float32)),
+            const(torch.tensor([torch.finfo(torch.float32).min], dtype=torch.float32)),
+        )
+
+
+def _batched_nms_onnx(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    """:func:`batched_nms` as ONNX operators, for ``torch.onnx.export``: the Python loops of the
+    greedy passes cannot be traced, the ONNX op does the same per group. Groups go in the op's
+    class dimension (a (G, N) score table, -inf outside each group), so no box is shifted and
+    no rounding differs from the exact per-group NMS (torchvision's export shifts boxes)."""
+    groups = torch.arange(torch.cat((idxs, idxs.new_zeros(1))).max() + 1, device=idxs.device)  # (G,)
+    table = torch.where(idxs[None, :] == groups[:, None], scores[None, :], float("-inf"))  # (G, N)
+    kept = _NonMaxSuppression.apply(boxes[None], table[None], iou_threshold)[:, 2]  # grouped
+    kept = torch.sort(kept)[0]  # input order, so that equal scores keep it below
+    # ONNX TopK puts equal values in index order: the stable descending sort of batched_nms.
+    return kept[torch.topk(scores[kept], kept.shape[0])[1]]

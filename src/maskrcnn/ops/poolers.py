@@ -122,6 +122,13 @@ def multiscale_roi_align(
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
     levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, mapper=level_mapper)  # (K,)
+    if torch.onnx.is_in_onnx_export():
+        # Every level stays in the graph (which have RoIs is known only at run time), and the
+        # results are put in RoI order by a permutation: the assignment below would export
+        # with the example image's RoI counts frozen in.
+        idx = [torch.where(levels == level)[0] for level in range(len(features))]
+        parts = [run(f, rois[i], scale) for f, i, scale in zip(features, idx, scales)]
+        return torch.cat(parts)[torch.argsort(torch.cat(idx))]  # (K, C, PH, PW)
     first = features[0]
     result = first.new_zeros((rois.shape[0], first.shape[1]) + pooled)  # (K, C, PH, PW)
     for level, (feature, scale) in enumerate(zip(features, scales)):

@@ -222,10 +222,20 @@ def roi_align(
         ``Tensor[K, C, PH, PW]`` in ``input``'s dtype, contiguous; ``(0, C, PH, PW)`` when
         ``K = 0``. Differentiable with respect to ``input`` (not ``rois``).
     """
+    if torch.onnx.is_in_onnx_export():
+        return _roi_align_onnx(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    return _roi_align(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+def _roi_align(
+    input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int],
+    spatial_scale: float, sampling_ratio: int, aligned: bool,
+) -> Tensor:
+    """:func:`roi_align` computed in PyTorch."""
     if input.dtype in (torch.float16, torch.bfloat16):
         # Coordinates and weights in bf16 would be off by pixels; compute in float32 as
         # torchvision's autocast does, and hand back the input's dtype.
-        return roi_align(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned).to(input.dtype)
+        return _roi_align(input.float(), rois, output_size, spatial_scale, sampling_ratio, aligned).to(input.dtype)
     pooled, rois, table = roi_inputs(input, rois, output_size)
     if rois.shape[0] == 0:
         return input.new_zeros((0, input.shape[1]) + pooled)
@@ -243,6 +253,41 @@ def roi_align(
         sums = sums[torch.argsort(order)]  # back to input order
     # Sum, then divide, as the kernel does; in place on the contiguous copy saves a pass.
     return sums.permute(0, 3, 1, 2).contiguous().div_(count[:, None, None, None])  # (K, C, PH, PW)
+
+
+class _RoiAlignOp(torch.autograd.Function):
+    """ONNX ``RoiAlign`` (average mode): one graph node on export; :func:`roi_align` in PyTorch.
+
+    The ONNX op computes what torchvision's CPU kernel does (tests/test_onnx.py compares them
+    through whole models); from opset 16 it takes the half-pixel shift
+    (``coordinate_transformation_mode``), so aligned RoIAlign (Detectron2) exports as aligned.
+    Before opset 16 it has only the non-aligned form: ``maskrcnn.export`` refuses aligned
+    models there rather than export a different computation.
+    """
+
+    @staticmethod
+    def forward(ctx, input: Tensor, boxes: Tensor, batch_index: Tensor, pooled: tuple[int, int],  # type: ignore[override]
+                spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+        rois = torch.cat((batch_index[:, None].to(boxes.dtype), boxes), 1)
+        return _roi_align(input, rois, pooled, spatial_scale, sampling_ratio, aligned)
+
+    @staticmethod
+    def symbolic(g, input, boxes, batch_index, pooled, spatial_scale, sampling_ratio, aligned):  # type: ignore[no-untyped-def]
+        mode = {"coordinate_transformation_mode_s": "half_pixel" if aligned else "output_half_pixel"} if g.opset >= 16 else {}
+        return g.op(
+            "RoiAlign", input, boxes, batch_index, mode_s="avg", output_height_i=pooled[0], output_width_i=pooled[1],
+            sampling_ratio_i=max(sampling_ratio, 0), spatial_scale_f=spatial_scale, **mode,
+        )
+
+
+def _roi_align_onnx(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int],
+                    spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    """:func:`roi_align` as the ONNX ``RoiAlign`` operator, for ``torch.onnx.export``."""
+    if not isinstance(rois, Tensor):
+        rois = rois_from_boxes(list(rois))
+    rois = rois.to(input.dtype)
+    return _RoiAlignOp.apply(input, rois[:, 1:], rois[:, 0].to(torch.int64), _pair(output_size),
+                             float(spatial_scale), int(sampling_ratio), bool(aligned))
 
 
 class RoIAlign(nn.Module):

@@ -1,0 +1,143 @@
+"""``maskrcnn export``: a model to one ONNX file that ``maskrcnn.load`` and ONNX Runtime run.
+
+The graph is ``MaskRCNN.detect`` on one image, traced (``torch.onnx.export(dynamo=False)``):
+
+    inputs:  image         (1, 3, h, w) float32: the image normalised and resized as the
+                           model's ``Preprocessor`` does it (not padded; the graph pads to the
+                           size divisor itself); h and w are dynamic.
+             score_thresh  () float32: detections need a class probability above this.
+    outputs: boxes  (N, 4) float32 x1 y1 x2 y2 in the resized frame (h x w), by decreasing score
+             scores (N,)   float32
+             labels (N,)   int64, 1..num_classes
+             masks  (N, M, M) float32 probabilities over each box (models with a mask head)
+
+N runs from 0 to ``roi_heads.detections_per_img``. Outside the graph, in ``maskrcnn.onnx_model``
+and shared with the PyTorch path: decoding and resizing the image (``Preprocessor``), boxes back
+to the original frame (``to_original_frame``) and pasting the masks (``Result.from_detections``).
+NMS and RoIAlign become the ONNX operators ``NonMaxSuppression`` and ``RoiAlign`` (see
+``ops.nms`` and ``ops.roi_align``); everything else is traced from the PyTorch code as it is.
+
+The file's metadata (``metadata_props``) carries what a runtime needs besides the graph:
+``maskrcnn.format``, ``maskrcnn.config`` (the resolved ``ModelConfig`` as JSON: preprocessing,
+thresholds, class names, category ids), ``maskrcnn.class_names`` (JSON list, index = label,
+0 = background), ``maskrcnn.score_thresh`` and ``maskrcnn.mask_thresh``.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoint import load
+from .config import to_dict
+from .model.mask_rcnn import MaskRCNN
+from .model.transform import padded_size
+from .onnx_model import FORMAT
+from .results import atomic_write
+from .structures import ImageBatch
+
+DEFAULT_OPSET = 17  # RoiAlign needs 16 to keep the half-pixel shift of aligned models
+MIN_OPSET = 11  # NonMaxSuppression's and RoiAlign's forms used here
+INPUTS = ("image", "score_thresh")
+
+log = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """A model or an option that cannot be exported as asked."""
+
+
+class DetectionGraph(nn.Module):
+    """What the ONNX file computes (see the module docstring): pad, then ``model.detect``."""
+
+    def __init__(self, model: MaskRCNN) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor, score_thresh: Tensor) -> tuple[Tensor, ...]:
+        h, w = image.shape[-2:]  # 0-dim tensors while traced: the padding follows the input
+        d = self.model.preprocess.size_divisible
+        x = F.pad(image, (0, padded_size(w, d) - w, 0, padded_size(h, d) - h))  # (1, 3, Hp, Wp)
+        detections, _ = self.model.detect(ImageBatch(x, [(h, w)], [(h, w)]), score_thresh=score_thresh)
+        det = detections[0]
+        return (det.boxes, det.scores, det.labels) + ((det.masks,) if det.masks is not None else ())
+
+
+def output_names(model: MaskRCNN) -> tuple[str, ...]:
+    return ("boxes", "scores", "labels") + (("masks",) if model.roi_heads.has_mask else ())
+
+
+def check_exportable(model: MaskRCNN, opset: int) -> None:
+    """ExportError naming what stops ``model`` from exporting at ``opset`` faithfully."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: at least {MIN_OPSET} is needed (NonMaxSuppression, RoiAlign)")
+    if model.roi_heads.pooler != "align":
+        raise ExportError(f"roi_heads.pooler={model.roi_heads.pooler!r}: only RoIAlign models export to ONNX")
+    if model.roi_heads.aligned and opset < 16:
+        raise ExportError(f"--opset {opset}: this model uses aligned RoIAlign (roi_heads.aligned=true), which ONNX "
+                          "RoiAlign has only from opset 16; an older opset would export the non-aligned one")
+
+
+def metadata(model: MaskRCNN) -> dict[str, str]:
+    cfg = model.config
+    return {
+        "maskrcnn.format": FORMAT,
+        "maskrcnn.config": json.dumps(to_dict(cfg)),
+        "maskrcnn.class_names": json.dumps(cfg.label_names()),
+        "maskrcnn.score_thresh": repr(float(cfg.roi_heads.score_thresh)),
+        "maskrcnn.mask_thresh": repr(float(cfg.roi_heads.mask_thresh)),
+    }
+
+
+def example_image(model: MaskRCNN, height: int = 480, width: int = 640) -> Tensor:
+    """A fixed pseudo-random image to trace with; any content traces the same graph."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn((1, 3, height, width), generator=g)
+
+
+def export_model(model: MaskRCNN, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write ``model`` (in eval mode, CPU, float32) as an ONNX file with its metadata to ``out``.
+
+    Raises:
+        ExportError: the model or ``opset`` cannot be exported faithfully.
+        ImportError: the ``onnx`` package is missing (``pip install maskrcnn[onnx]``).
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("export needs the onnx package: pip install 'maskrcnn[onnx]'") from None
+    check_exportable(model, opset)
+    # A copy: the caller's model keeps its device, dtype and mode (and its anchor cache stays
+    # free of traced tensors).
+    model = copy.deepcopy(model).to("cpu").float().eval()
+    graph = DetectionGraph(model)
+    names = output_names(model)
+    dynamic = {"image": {2: "height", 3: "width"}, **{n: {0: "detections"} for n in names}}
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns for every Python number it sees; the graph is checked by the tests.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, (example_image(model), torch.tensor(0.0)), buffer, dynamo=False, opset_version=opset,
+            input_names=list(INPUTS), output_names=list(names), dynamic_axes=dynamic, do_constant_folding=True,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in metadata(model).items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.doc_string = __doc__ or ""
+    data = proto.SerializeToString()
+    path = atomic_write(out, lambda f: f.write(data))
+    log.info("exported %s (opset %d, %.0f MB)", path, opset, len(data) / 1e6)
+    return path
+
+
+def export(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """``maskrcnn export``: our checkpoint or a torchvision Mask R-CNN file to ONNX."""
+    return export_model(load(weights, device="cpu"), out, opset)

@@ -1,0 +1,172 @@
+"""ONNX export run by ONNX Runtime against the PyTorch model it came from.
+
+ONNX Runtime computes the graph with its own kernels (convolutions, RoiAlign,
+NonMaxSuppression), so agreement with our PyTorch ops is an independent check of both, on
+the parity fixture's checkpoint (torchvision layout) and on small models in our own format.
+Every detection must be matched by one of the same label, boxes within 0.05 px, scores within
+1e-3 and pasted masks at IoU >= 0.98, in the original image frame, through the same
+``predict`` as users call.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+
+pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install 'maskrcnn[onnx]')")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'maskrcnn[onnx]')")
+
+import maskrcnn  # noqa: E402
+from maskrcnn.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from maskrcnn.cli import main  # noqa: E402
+from maskrcnn.config import ModelConfig, apply_overrides  # noqa: E402
+from maskrcnn.export import ExportError, check_exportable, export  # noqa: E402
+from maskrcnn.ops.boxes import box_iou  # noqa: E402
+
+from .conftest import TV_PARITY, need  # noqa: E402
+from .test_api import TINY  # noqa: E402
+
+BOX_TOL, SCORE_TOL, MASK_IOU = 0.05, 1e-3, 0.98
+
+
+def assert_same_results(ours, onnx) -> None:
+    """Every PyTorch detection matched by an ONNX one of the same label (and none left over)."""
+    assert onnx.error is None and ours.error is None
+    assert len(onnx) == len(ours), (len(onnx), len(ours))
+    if not len(ours):
+        return
+    iou = box_iou(torch.from_numpy(ours.boxes), torch.from_numpy(onnx.boxes))  # (N, N)
+    iou[torch.from_numpy(ours.labels)[:, None] != torch.from_numpy(onnx.labels)[None, :]] = -1
+    taken: set[int] = set()
+    for i in torch.argsort(torch.from_numpy(ours.scores), descending=True).tolist():
+        row = iou[i].clone()
+        row[list(taken)] = -1
+        j = int(row.argmax())
+        assert row[j] > 0, f"detection {i} (label {ours.labels[i]}, score {ours.scores[i]:.4f}) has no ONNX match"
+        taken.add(j)
+        assert np.abs(onnx.boxes[j] - ours.boxes[i]).max() <= BOX_TOL, (i, onnx.boxes[j], ours.boxes[i])
+        assert abs(onnx.scores[j] - ours.scores[i]) <= SCORE_TOL, (i, onnx.scores[j], ours.scores[i])
+        assert onnx.class_names[j] == ours.class_names[i]
+        if ours.rles is not None:
+            m_iou = float(mask_util.iou([onnx.rles[j]], [ours.rles[i]], [0])[0, 0])
+            area = int(mask_util.area(ours.rles[i]))
+            # A mask of a few pixels can lose one to a 1e-4 probability change: only empty ones are exempt.
+            assert m_iou >= MASK_IOU or area == 0, (i, m_iou, area)
+
+
+@pytest.fixture(scope="module")
+def tv_onnx(tv_checkpoint, tmp_path_factory):
+    """The parity checkpoint exported once, through the command line."""
+    out = tmp_path_factory.mktemp("onnx") / "tv.onnx"
+    assert main(["export", "--weights", str(tv_checkpoint), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tv_checkpoint, tv_onnx):
+    return maskrcnn.load(tv_checkpoint), maskrcnn.load(tv_onnx)
+
+
+def fixture_image(name: str) -> np.ndarray:
+    return np.array(Image.open(need(TV_PARITY / name)).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def pytorch_results(models):
+    """The PyTorch model's results on each fixture image at its own threshold (computed once)."""
+    return {name: models[0].predict(fixture_image(name)) for name in ("image_a.png", "image_b.png")}
+
+
+@pytest.mark.parametrize("name", ["image_a.png", "image_b.png"])
+def test_onnxruntime_equals_pytorch_at_any_size(models, pytorch_results, name):
+    """The images enter the graph at 800x1066 and 1207x800, neither of them the 480x640 the
+    export traced; both give the maximum number of detections, 100."""
+    ours = pytorch_results[name]
+    assert len(ours) == models[0].config.roi_heads.detections_per_img
+    assert_same_results(ours, models[1].predict(fixture_image(name)))
+
+
+def test_zero_and_one_detection(models, pytorch_results, tv_onnx):
+    """Thresholds are graph inputs: one above every score leaves nothing for the mask head (N = 0
+    through RoiAlign and the convolutions), one between the two best scores leaves one.
+
+    PyTorch's result at a higher threshold is its result at the default one cut there: a
+    greedy NMS by decreasing score never lets a dropped lower-scored box decide for a kept one.
+    """
+    ours = pytorch_results["image_a.png"]
+    best, second = np.sort(ours.scores)[::-1][:2]
+    assert best - second > 4 * SCORE_TOL  # else the one-detection case would hinge on rounding
+    for thresh, expected in ((1.0, 0), (float(best + second) / 2, 1)):
+        onnx = maskrcnn.load(tv_onnx, score_thresh=thresh).predict(fixture_image("image_a.png"))
+        cut = ours[ours.scores > thresh]
+        assert len(cut) == expected
+        assert_same_results(cut, onnx)
+
+
+def test_file_carries_class_names_and_thresholds(models, tv_onnx):
+    ours, onnx = models
+    meta = onnx.session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["maskrcnn.class_names"]) == ours.config.label_names()
+    assert float(meta["maskrcnn.score_thresh"]) == ours.config.roi_heads.score_thresh == 0.05
+    assert float(meta["maskrcnn.mask_thresh"]) == 0.5
+    assert onnx.config == ours.config
+    assert [i.name for i in onnx.session.get_inputs()] == ["image", "score_thresh"]
+    assert [o.name for o in onnx.session.get_outputs()] == ["boxes", "scores", "labels", "masks"]
+
+
+def test_predict_command_runs_the_onnx_file_unchanged(pytorch_results, tv_onnx, tmp_path):
+    out = tmp_path / "out"
+    image = need(TV_PARITY / "image_b.png")
+    assert main(["predict", str(image), "--weights", str(tv_onnx), "--out", str(out), "--quiet", "--score-thresh", "0.3"]) == 0
+    entries = json.loads((out / "predictions.json").read_text())
+    expected = pytorch_results["image_b.png"]
+    expected = expected[expected.scores >= 0.3]
+    assert len(entries) == len(expected) > 0
+    assert sorted(e["category_id"] for e in entries) == sorted(expected.labels.tolist())  # a COCO checkpoint: label = id
+    assert (out / "overlays" / "image_b.png").is_file()
+
+
+def test_own_checkpoint_small_backbone_aligned(tmp_path):
+    """Our checkpoint format, ResNet-18, three named classes, and aligned RoIAlign (Detectron2's),
+    which must export as aligned at the default opset (the parity checkpoint covers the
+    non-aligned one). Untrained weights: each class scores about 1/4."""
+    torch.manual_seed(0)
+    config = apply_overrides(ModelConfig(), [*TINY, "roi_heads.aligned=true"])
+    model = maskrcnn.build_model(config).eval()
+    save_checkpoint(tmp_path / "tiny.pth", model)
+    export(tmp_path / "tiny.pth", tmp_path / "tiny.onnx")
+    onnx = maskrcnn.load(tmp_path / "tiny.onnx")
+    image = np.random.default_rng(0).integers(0, 255, (70, 150, 3), dtype=np.uint8)
+    ours, theirs = maskrcnn.load(tmp_path / "tiny.pth").predict(image), onnx.predict(image)
+    assert len(ours) > 0 and set(theirs.class_names) <= {"circle", "square", "triangle"}
+    assert_same_results(ours, theirs)
+
+
+def test_exports_refused_with_a_reason():
+    aligned = maskrcnn.build_model(apply_overrides(ModelConfig(), [*TINY, "roi_heads.aligned=true"]))
+    with pytest.raises(ExportError, match="opset 15.*aligned"):
+        check_exportable(aligned, 15)
+    check_exportable(aligned, 16)
+    pooled = maskrcnn.build_model(apply_overrides(ModelConfig(), [*TINY, "roi_heads.pooler=pool"]))
+    with pytest.raises(ExportError, match="pooler"):
+        check_exportable(pooled, 17)
+
+
+def test_load_refuses_other_onnx_files_and_fixed_settings(tmp_path, tv_onnx):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
+    with pytest.raises(CheckpointError, match="other.onnx: not an ONNX model written by maskrcnn export"):
+        maskrcnn.load(tmp_path / "other.onnx")
+    with pytest.raises(CheckpointError, match="nms_thresh cannot change in an exported model"):
+        maskrcnn.load(tv_onnx, nms_thresh=0.6)
+    with pytest.raises(ValueError, match="computes no losses"):
+        maskrcnn.load(tv_onnx)([torch.zeros(3, 8, 8)], targets=[None])
