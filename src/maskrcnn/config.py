@@ -76,7 +76,7 @@ class RoIHeadsConfig:
     score_thresh: float = 0.05  # detections below this class probability are dropped
     nms_thresh: float = 0.5  # per-class NMS IoU threshold
     detections_per_img: int = 100  # best detections kept per image
-    box_min_size: float = 1e-2  # detections narrower or shorter than this (pixels) are dropped before NMS; 0 keeps all (Detectron2)
+    box_min_size: float = 1e-2  # detections narrower or shorter than this (pixels) are dropped before NMS; 0: only empty ones, after the top-k (Detectron2)
     mask_thresh: float = 0.5  # probability above which a pasted mask pixel is foreground
     paste: str = "torchvision"  # mask pasting: "torchvision" (padded box, interpolate, > thresh) or "detectron2" (grid_sample, >= thresh)
 

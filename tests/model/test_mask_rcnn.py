@@ -133,3 +133,20 @@ def test_rpn_ranks_by_logit_where_probabilities_saturate():
                                     min_size=0.0, rank_by=rank_by).eval()
         (props,) = rpn.select_proposals(anchors, logits, deltas, [(20, 20)])
         assert props.shape == (2, 4) and props[0, 3] == first, rank_by
+
+
+def test_detectron2_drops_empty_detections_after_the_top_k():
+    """A proposal right of the image decodes to a box clipped to zero width. torchvision's rule
+    (box_min_size 1e-2) drops it before NMS, so the other detection fills the one slot;
+    Detectron2's (0) keeps it through NMS and the top-k, then drops it (detector_postprocess)."""
+    from maskrcnn.model.roi_heads import BoxHead, BoxPredictor, RoIHeads
+
+    proposals = [torch.tensor([[30.0, 2.0, 40.0, 8.0], [2.0, 2.0, 8.0, 8.0]])]  # image 10 x 20
+    logits = torch.tensor([[0.0, 5.0], [0.0, 3.0]])  # (R, K+1): background, one class
+    deltas = torch.zeros(2, 8)
+    counts = {}
+    for min_size in (1e-2, 0.0):
+        heads = RoIHeads(BoxHead(4, 4), BoxPredictor(4, 2), None, None, detections_per_img=1, box_min_size=min_size)
+        (det,) = heads.postprocess(logits, deltas, proposals, [(10, 20)])
+        counts[min_size] = len(det)
+    assert counts == {1e-2: 1, 0.0: 0}

@@ -186,6 +186,8 @@ class RoIHeads(nn.Module):
                 keep = remove_small_boxes(boxes, self.box_min_size)
                 boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            if self.box_min_size <= 0:  # Detectron2 drops empty boxes after the top-k, not before
+                keep = keep[(boxes[keep, 2] > boxes[keep, 0]) & (boxes[keep, 3] > boxes[keep, 1])]
             out.append(Detections(boxes=boxes[keep], scores=scores[keep], labels=labels[keep]))
         return out
 

@@ -135,8 +135,7 @@ class Preprocessor(nn.Module):
         """Normalise, then bilinear-interpolate to floor(side * scale): (3, h, w) float32."""
         h, w = image.shape[-2:]
         if self.bgr or self.pixel_scale != 1.0:
-            image = self._channels_and_units(image)
-            x = image.sub(self.mean).div_(self.std)
+            x = self._channels_and_units(image).sub_(self.mean).div_(self.std)
         else:
             # Resize, then normalise: the same numbers to float rounding (both steps are affine
             # per channel), without two full-resolution temporaries (576 MB for a 24 MP photo).
@@ -160,10 +159,10 @@ class Preprocessor(nn.Module):
         return x.sub_(self.mean).div_(self.std)
 
     def _channels_and_units(self, image: Tensor) -> Tensor:
-        """A new float32 (3, H, W) in this preprocessor's channel order and pixel units."""
-        x = image.float() if image.dtype != torch.uint8 else image.float().mul_(self.pixel_scale / 255.0)
-        if image.dtype != torch.uint8 and self.pixel_scale != 1.0:
-            x = x * self.pixel_scale
+        """(3, H, W) uint8 (0..255) or float (0..1) -> float32 in this preprocessor's channel
+        order and pixel units. Never the caller's tensor: the result is normalised in place."""
+        scale = self.pixel_scale / 255.0 if image.dtype == torch.uint8 else self.pixel_scale
+        x = image.float() * scale if scale != 1.0 else image.float().clone()
         return x.flip(0) if self.bgr else x
 
     @staticmethod
