@@ -25,18 +25,11 @@ from .results import atomic_write
 
 logger = logging.getLogger(__name__)
 
-# torchvision's published COCO weights; the name's "-<hex>." part is a sha256 prefix.
+# torchvision's published COCO weights (v1: 37.9 box / 34.6 mask AP; v2: 47.4 / 41.8); the
+# name's "-<hex>." part is a sha256 prefix.
 PUBLISHED: dict[str, str] = {
     "maskrcnn_resnet50_fpn_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
     "maskrcnn_resnet50_fpn_v2_coco": "https://download.pytorch.org/models/maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
-}
-
-# Published weights this package cannot load yet, with the reason.
-NOT_LOADABLE: dict[str, str] = {
-    "maskrcnn_resnet50_fpn_v2_coco": (
-        "v2 (Li et al. 2021 recipe) uses a different architecture: BatchNorm in the FPN and "
-        "heads, a 4-conv+1-fc box head and a 2-conv RPN head; only v1 is implemented"
-    ),
 }
 
 _CHUNK = 1 << 20  # bytes read per network call
@@ -53,13 +46,11 @@ def cache_dir() -> Path:
 
 
 def published_url(name: str) -> str:
-    """URL of a loadable entry of ``PUBLISHED``; unknown or unloadable names raise ValueError."""
+    """URL of an entry of ``PUBLISHED``; unknown names raise ValueError with suggestions."""
     if name not in PUBLISHED:
         close = difflib.get_close_matches(name, list(PUBLISHED), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(PUBLISHED)}"
         raise ValueError(f"no published weights named {name!r}{hint}")
-    if name in NOT_LOADABLE:
-        raise ValueError(f"{name} cannot be loaded yet: {NOT_LOADABLE[name]}")
     return PUBLISHED[name]
 
 
