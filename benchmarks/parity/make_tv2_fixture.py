@@ -20,8 +20,8 @@ Weights (``--calibrate``, written to keys.txt, spec.json, bn.npz; rebuilt by wei
   and variance are the statistics of the layer's input on a real photo (a kudzu_bug training
   image, ``--photo``), taken layer by layer in one pass so each sees calibrated layers before it.
 - Output layers (RPN objectness and deltas, class scores, box deltas, mask logits) are rescaled
-  so that their outputs' spread on that photo equals the v1 fixture network's (half of it for
-  box deltas and mask logits, see ``SPREAD_FACTOR``): scores and masks then have a trained
+  so that their outputs' spread on that photo equals the v1 fixture network's (a quarter of it
+  for box deltas, half for mask logits, see ``SPREAD_FACTOR``): scores and masks then have a trained
   network's spread (v1's README), and both fixtures are alike to read.
 
 ``--check-v1`` runs this script's stage recorder on torchvision's v1 model with the v1 fixture's
@@ -56,13 +56,15 @@ OUT = REPO / "tests" / "fixtures" / "tv2_parity"
 CASES = {"single_a": ["image_a.png"], "single_b": ["image_b.png"], "batch_ab": ["image_a.png", "image_b.png"]}
 SEED = 1  # the v1 fixture's, so the body's convolutions are drawn identically
 BN_STEPS = 1000  # num_batches_tracked in the file, as a trained file has some count
-# Box regression (RPN and box head) and mask logits at half v1's spread. The deeper v2 heads (2
-# RPN convs, 4 conv+BatchNorm+ReLU box and mask heads) amplify float32 rounding more than v1's do
-# at random weights: at v1's spread torchvision's own detections moved by 0.035 px and scores by
-# 5e-4 between 1 and 2 threads (v1's fixture: 0.005 px, 2e-4), too close to the README's 0.05 px
-# and 1e-3 to test anything; and a box moved by 0.006 px (a float32 difference) moved a small
-# detection's mask logits by 0.011, over the README's 1e-2.
-SPREAD_FACTOR = {"rpn.head.bbox_pred": 0.5, "roi_heads.box_predictor.bbox_pred": 0.5,
+# Box regression (RPN and box head) at a quarter of v1's spread, mask logits at half. The deeper
+# v2 heads (2 RPN convs, 4 conv+BatchNorm+ReLU box and mask heads) amplify float32 rounding more
+# than v1's do at random weights, and random features are rough at the pixel scale, so the mask
+# head reacts to sub-pixel box moves. Measured at v1's spread: torchvision's own detections moved
+# by 0.035 px and scores by 5e-4 between 1 and 2 threads (v1's fixture: 0.005 px, 2e-4), too close
+# to the README's 0.05 px and 1e-3 to test anything; a box moved by 0.006 px (a float32
+# difference) moved a small detection's mask logits by 0.011, over the README's 1e-2. At half the
+# regression spread, boxes still moved by up to 0.028 px and mask logits at them by 0.027.
+SPREAD_FACTOR = {"rpn.head.bbox_pred": 0.25, "roi_heads.box_predictor.bbox_pred": 0.25,
                  "roi_heads.mask_predictor.mask_fcn_logits": 0.5}
 OUTPUT_LAYERS = {  # module path -> its weight / bias key prefixes
     "rpn.head": ("rpn.head.cls_logits", "rpn.head.bbox_pred"),
