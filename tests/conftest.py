@@ -1,8 +1,9 @@
-"""Shared test fixtures: the ../shared folder, the torchvision-format parity checkpoint, and the
-devices that device-parametrised tests run on."""
+"""Shared test fixtures: the ../shared folder, the torchvision-format parity checkpoints (v1 from
+../shared, v2 from tests/fixtures), and the devices that device-parametrised tests run on."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MASKRCNN_SHARED", REPO.parent / "shared"))
 TV_PARITY = SHARED / "fixtures" / "tv_parity"
 KUDZU = SHARED / "data" / "kudzu_bug"
+TV2_PARITY = REPO / "tests" / "fixtures" / "tv2_parity"  # committed: needs nothing from ../shared
 
 # The CPU always; CUDA only where a GPU is present, so a CPU-only machine runs exactly the CPU
 # tests and reports no skips. Select one device with ``-k cuda`` / ``-k cpu``.
@@ -26,21 +28,35 @@ def need(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The parity checkpoint, built once per machine from the fixture's recipe (digest-checked)."""
-    need(TV_PARITY / "weights_rule.py")
+def build_checkpoint(folder: Path, stem: str) -> Path:
+    """The checkpoint of a parity fixture's recipe (``folder/weights_rule.py``), built once per
+    machine into the test cache (digest-checked); the name carries the recipe's digest, so a
+    regenerated fixture never meets a stale file."""
+    need(folder / "weights_rule.py")
     cache = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests"))
     cache.mkdir(parents=True, exist_ok=True)
-    path = cache / "tv_parity_r50.pth"
+    digest = json.loads((folder / "spec.json").read_text())["sha256"]
+    path = cache / f"{stem}-{digest[:8]}.pth"
     if not path.exists():
-        spec = importlib.util.spec_from_file_location("weights_rule", TV_PARITY / "weights_rule.py")
+        spec = importlib.util.spec_from_file_location(f"weights_rule_{folder.name}", folder / "weights_rule.py")
         rule = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(rule)  # type: ignore[union-attr]
         tmp = path.with_suffix(".tmp")
-        rule.write_checkpoint(str(tmp), TV_PARITY)  # raises if the digest differs
+        rule.write_checkpoint(str(tmp), folder)  # raises if the digest differs
         tmp.replace(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The v1 parity checkpoint (torchvision's 2019 COCO layout), from ../shared's recipe."""
+    return build_checkpoint(TV_PARITY, "tv_parity_r50")
+
+
+@pytest.fixture(scope="session")
+def tv2_checkpoint() -> Path:
+    """The v2 parity checkpoint (``maskrcnn_resnet50_fpn_v2``'s layout), from the repo's recipe."""
+    return build_checkpoint(TV2_PARITY, "tv2_parity_r50")
 
 
 @pytest.fixture(params=DEVICES)

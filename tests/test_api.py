@@ -8,9 +8,12 @@ from PIL import Image
 
 import maskrcnn
 from maskrcnn.checkpoint import CheckpointError, load, save_checkpoint
-from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.config import ConfigError, ModelConfig, apply_overrides
+from maskrcnn.model.build import build_model
 from maskrcnn.results import Result
-from maskrcnn.torchvision_compat import convert_keys
+from maskrcnn.torchvision_compat import convert_keys, infer_config
+
+from .conftest import TV2_PARITY
 
 TINY = [
     "num_classes=3", "class_names=[circle,square,triangle]", "backbone.name=resnet18", "backbone.fpn_channels=32",
@@ -279,3 +282,27 @@ def test_inference_precision_is_checked(tiny_ckpt):
         model.predict([image], precision="fp16")
     with pytest.raises(ValueError, match="not one of"):
         model.predict([image], precision="half")
+
+
+def test_torchvision_v2_key_list_maps_onto_the_v2_model_one_to_one():
+    """torchvision 0.28's own key list of ``maskrcnn_resnet50_fpn_v2`` (the fixture's keys.txt,
+    written by torchvision) converts to exactly the state dict keys of the model infer_config
+    builds, counters aside; the v1 layout's defaults are untouched."""
+    shapes = {}
+    for line in (TV2_PARITY / "keys.txt").read_text().splitlines():
+        name, _, dims = line.partition(" ")
+        shapes[name] = torch.Size(int(d) for d in dims.split(",") if d)
+    state = convert_keys({k: torch.empty(s) for k, s in shapes.items()})
+    assert len(state) == len([k for k in shapes if not k.endswith("num_batches_tracked")])
+    model = build_model(infer_config(state))
+    own = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert own == {k: v.shape for k, v in state.items()}
+    v1 = ModelConfig()
+    assert (v1.backbone.fpn_norm, v1.rpn.conv_depth, v1.roi_heads.box_head, v1.roi_heads.mask_head_norm) == ("none", 1, "2fc", "none")
+
+
+def test_unknown_norm_or_box_head_names_the_field():
+    with pytest.raises(ConfigError, match="backbone.fpn_norm: 'groupnorm' is not one of 'none', 'batchnorm'"):
+        build_model(apply_overrides(ModelConfig(), ["backbone.fpn_norm=groupnorm"]))
+    with pytest.raises(ConfigError, match="roi_heads.box_head: '4conv' is not one of '2fc', '4conv1fc'"):
+        build_model(apply_overrides(ModelConfig(), ["roi_heads.box_head=4conv"]))

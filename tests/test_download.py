@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from maskrcnn.download import (
-    NOT_LOADABLE,
     PUBLISHED,
     DownloadError,
     cache_dir,
@@ -139,9 +138,7 @@ def test_published_table() -> None:
     assert expected_hash(Path(PUBLISHED["maskrcnn_resnet50_fpn_v2_coco"]).name) == "73cbd019"
     assert expected_hash("resnet50.pth") is None
     assert published_url("maskrcnn_resnet50_fpn_coco").endswith("maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
-    assert set(NOT_LOADABLE) <= set(PUBLISHED)
-    with pytest.raises(ValueError, match="architecture"):
-        published_url("maskrcnn_resnet50_fpn_v2_coco")
+    assert published_url("maskrcnn_resnet50_fpn_v2_coco").endswith("maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth")
     with pytest.raises(ValueError, match="did you mean maskrcnn_resnet50_fpn_coco"):
         published_url("maskrcnn_resnet50_fpn_cocoo")
 

@@ -14,6 +14,7 @@ here. Detectron2's ``.pkl`` files are plain pickles of numpy arrays, read by
 """
 from __future__ import annotations
 
+import copy
 import logging
 import pickle
 import re
@@ -32,6 +33,13 @@ from .results import atomic_write
 from .torchvision_compat import convert_keys, infer_config, is_torchvision_state_dict
 
 FORMAT = "maskrcnn-checkpoint/1"
+
+# Config fields that say which layers exist and how they are wired (not their values): a run that starts from a
+# checkpoint takes them from it, so fine-tuning torchvision's v2 file needs no architecture keys.
+LAYOUT_FIELDS = (
+    ("backbone", "fpn_norm"), ("backbone", "stride_in_1x1"), ("rpn", "conv_depth"),
+    ("roi_heads", "box_head"), ("roi_heads", "box_head_norm"), ("roi_heads", "mask_head_norm"),
+)
 
 # Layers whose shape depends on the number of classes: re-initialised when a checkpoint to
 # start from was trained on another class count ("new class heads").
@@ -89,6 +97,9 @@ def read_file(path: str | Path) -> dict[str, Any]:
 def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: bool = True) -> None:
     """``load_state_dict`` with an error that names missing and unexpected keys and bad shapes."""
     own = model.state_dict()
+    # Trainable BatchNorm counts its steps; checkpoints of a frozen one (and converted
+    # torchvision files) have no counter: the model keeps its own.
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
@@ -159,8 +170,8 @@ def load(
     Args:
         path: checkpoint file.
         device: where to put the model (an ONNX model runs on the CPU).
-        bn_eps: BatchNorm epsilon for torchvision files (default 0.0, as torchvision loads its
-            published COCO weights).
+        bn_eps: BatchNorm epsilon for torchvision files (default: as torchvision loads its
+            published COCO weights, 0.0 for v1 and 1e-5 for v2).
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
             (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
@@ -169,7 +180,7 @@ def load(
     device = check_device(device)
     config, state = read_weights(path)
     if config is None:
-        config = infer_config(state, 0.0 if bn_eps is None else bn_eps)
+        config = infer_config(state, bn_eps)
     if overrides:  # checked and typed like any config override: unknown keys get suggestions
         config = apply_overrides(config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
     model = build_model(config)
@@ -195,6 +206,22 @@ def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]
     return model
 
 
+def with_layout_of(config: ModelConfig, path: str | Path) -> ModelConfig:
+    """``config`` with the ``LAYOUT_FIELDS`` of the checkpoint at ``path`` (ours or torchvision's)."""
+    saved, state = read_weights(path)
+    source = saved if saved is not None else infer_config(state)
+    out = copy.deepcopy(config)
+    changed = []
+    for section, name in LAYOUT_FIELDS:
+        value = getattr(getattr(source, section), name)
+        if getattr(getattr(out, section), name) != value:
+            setattr(getattr(out, section), name, value)
+            changed.append(f"model.{section}.{name}={value}")
+    if changed:
+        log.info("layers laid out as in %s: %s", path, " ".join(changed))
+    return out
+
+
 def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> list[str]:
     """Load our or a torchvision checkpoint into ``model`` to start training from it.
 
@@ -202,10 +229,12 @@ def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> li
     their fresh initialisation. Returns the names of those re-initialised tensors.
     """
     config, state = read_weights(path)
-    if config is None and bn_eps != 0.0:
-        log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps 0 "
-                    "(model.backbone.bn_eps=0.0 reproduces its features exactly)", path)
-    if config is not None:  # e.g. a Detectron2 file: the same tensors can mean another network
+    if config is None:
+        published_eps = infer_config(state).backbone.bn_eps
+        if bn_eps != published_eps:
+            log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps %g "
+                        "(model.backbone.bn_eps=%g reproduces its features exactly)", path, published_eps, published_eps)
+    else:  # e.g. a Detectron2 file: the same tensors can mean another network
         own_cfg = model.config
         differ = [f"{k}={getattr(ours, f)!r} (file: {getattr(theirs, f)!r})"
                   for k, ours, theirs, f in (
@@ -223,9 +252,6 @@ def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> li
         reinit = heads
         state.update({k: own[k] for k in heads})
         log.info("new class heads: %s re-initialised for %d classes", ", ".join(sorted({k.rsplit(".", 1)[0] for k in heads})), model.config.num_classes)
-    for k in own:  # trainable BatchNorm counts steps; checkpoints of a frozen one have no counter
-        if k.endswith("num_batches_tracked") and k not in state:
-            state[k] = own[k]
     load_state(model, state, str(path))
     log.info("initialised from %s", path)
     return reinit

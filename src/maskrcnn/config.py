@@ -29,6 +29,7 @@ class BackboneConfig:
     trainable_layers: int = 3  # ResNet stages trained counting from the top (0..5); the rest frozen
     fpn_channels: int = 256  # channels of every FPN output P2..P6
     stride_in_1x1: bool = False  # a downsampling bottleneck strides in its first 1x1 conv, not the 3x3 (MSRA ResNets: Detectron2's R50/R101)
+    fpn_norm: str = "none"  # "none" (convs with bias, torchvision v1) or "batchnorm" after each FPN conv (torchvision v2)
     weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names), loaded when training starts
 
 
@@ -56,6 +57,7 @@ class RPNConfig:
     objectness: str = "sigmoid"  # "sigmoid": one logit per anchor; "softmax": 2-class (seed 3.3.7)
     exclude_border_anchors: bool = False  # anchors crossing the image border are neutral (seed 3.3.7)
     smooth_l1_beta: float = 1.0 / 9  # transition point of the smooth L1 box loss
+    conv_depth: int = 1  # 3x3 conv + ReLU layers of the shared head (torchvision v2 has 2)
 
 
 @dataclass
@@ -66,8 +68,11 @@ class RoIHeadsConfig:
     aligned: bool = False  # RoIAlign half-pixel shift: False as torchvision, True as Detectron2
     level_mapper: str = "torchvision"  # FPN level of a RoI: floor(4 + log2(s/224) + 1e-6) ("torchvision") or floor(4 + log2(s/224 + 1e-8)) ("detectron2")
     pooler: str = "align"  # "align" (RoIAlign, seed 3.4.2) or "pool" (quantised max, seed 3.4.1)
-    representation_size: int = 1024  # width of the two FC layers of the box head
+    box_head: str = "2fc"  # "2fc" (two FC layers, the paper) or "4conv1fc" (four 3x3 convs of 256, one FC: torchvision v2)
+    box_head_norm: str = "none"  # "none" or "batchnorm" after each 3x3 conv of a "4conv1fc" box head
+    representation_size: int = 1024  # width of the FC layers of the box head
     mask_channels: tuple[int, ...] = (256, 256, 256, 256)  # 3x3 convs of the mask head
+    mask_head_norm: str = "none"  # "none" or "batchnorm" after each 3x3 conv of the mask head (torchvision v2)
     fg_iou_thresh: float = 0.5  # a proposal is foreground at IoU >= this with a ground-truth box
     bg_iou_thresh: float = 0.5  # and background below this
     batch_size_per_image: int = 512  # RoIs sampled per image for the loss

@@ -27,7 +27,7 @@ from maskrcnn.results import Result
 from maskrcnn.structures import Detections
 
 from ..conftest import D2_PARITY, DEVICES, TV_PARITY, d2_checkpoint, need
-from .parity_utils import check_features, float32_math, mask_iou, match_detections, matched_fraction, to_cpu
+from .parity import check_features, float32_math, mask_iou, match_detections, matched_fraction, to_cpu
 
 FULL_CASES = ["single_a", "single_b", "batch_ab"]
 FAMILY_CASES = {"r50": FULL_CASES, "r101": ["single_a", "single_b"], "x101": ["single_a", "single_b"]}

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .. import precision
-from ..checkpoint import init_from_checkpoint, load_backbone_weights, load_state
+from ..checkpoint import init_from_checkpoint, load_backbone_weights, load_state, with_layout_of
 from ..config import ConfigError, to_dict
 from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_groups, collate
 from ..data.coco import CocoDataset
@@ -114,6 +114,8 @@ class Trainer:
         with distributed.first_rank_first():  # a generated dataset is written once
             train_full, self.train_set, self.val_set = build_datasets(cfg)
         self.cfg = cfg = _with_classes(cfg, train_full)
+        if cfg.init.weights:  # its layers decide the layout (e.g. torchvision v2's BatchNorm heads)
+            self.cfg = cfg = dataclasses.replace(cfg, model=with_layout_of(cfg.model, cfg.init.weights))
         self.model = build_model(cfg.model)
         if distributed.world_size() > 1:  # the same initial weights, then each process samples from its own streams
             seed_everything(cfg.seed + distributed.rank())

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..config import ModelConfig, TransformConfig
+from ..config import ConfigError, ModelConfig, TransformConfig
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody
 from .fpn import FPN
 from .mask_head import MaskHead, MaskPredictor
 from .mask_rcnn import Backbone, MaskRCNN
-from .roi_heads import BoxHead, BoxPredictor, RoIHeads
+from .roi_heads import BoxHead, BoxPredictor, ConvFCBoxHead, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import Preprocessor
 
@@ -24,13 +24,11 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
     cfg = config or ModelConfig()
     b = cfg.backbone
     body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=b.trainable_layers, stride_in_1x1=b.stride_in_1x1)
-    if b.sync_bn:  # trainable BatchNorm only: FrozenBatchNorm2d is no _BatchNorm and stays as it is
-        body = nn.SyncBatchNorm.convert_sync_batchnorm(body)
-    backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels))
+    backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels, _batchnorm("backbone.fpn_norm", b.fpn_norm)))
 
     a, r = cfg.anchors, cfg.rpn
     anchors = AnchorGenerator(a.sizes, a.aspect_ratios, a.round_cells)
-    head = RPNHead(b.fpn_channels, anchors.num_anchors_per_cell, 1 if r.objectness == "sigmoid" else 2)
+    head = RPNHead(b.fpn_channels, anchors.num_anchors_per_cell, 1 if r.objectness == "sigmoid" else 2, r.conv_depth)
     rpn = RegionProposalNetwork(
         anchors,
         head,
@@ -51,10 +49,16 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
 
     h = cfg.roi_heads
     slots = cfg.num_classes + 1  # slot 0 is background
-    box_head = BoxHead(b.fpn_channels * h.box_roi_size**2, h.representation_size)
+    if h.box_head == "2fc":
+        box_head: BoxHead | ConvFCBoxHead = BoxHead(b.fpn_channels * h.box_roi_size**2, h.representation_size)
+    elif h.box_head == "4conv1fc":
+        box_norm = _batchnorm("roi_heads.box_head_norm", h.box_head_norm)
+        box_head = ConvFCBoxHead(b.fpn_channels, h.box_roi_size, (256,) * 4, h.representation_size, box_norm)
+    else:
+        raise ConfigError(f"roi_heads.box_head: {h.box_head!r} is not one of '2fc', '4conv1fc'")
     mask_head = mask_predictor = None
     if cfg.masks:
-        mask_head = MaskHead(b.fpn_channels, h.mask_channels)
+        mask_head = MaskHead(b.fpn_channels, h.mask_channels, batchnorm=_batchnorm("roi_heads.mask_head_norm", h.mask_head_norm))
         mask_predictor = MaskPredictor(mask_head.out_channels, mask_head.out_channels, slots)
     roi_heads = RoIHeads(
         box_head,
@@ -77,7 +81,17 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         detections_per_img=h.detections_per_img,
         box_min_size=h.box_min_size,
     )
-    return MaskRCNN(build_preprocessor(cfg.transform), backbone, rpn, roi_heads, cfg)
+    model = MaskRCNN(build_preprocessor(cfg.transform), backbone, rpn, roi_heads, cfg)
+    if b.sync_bn:  # every trainable BatchNorm (body, FPN, heads); FrozenBatchNorm2d is no _BatchNorm and stays
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def _batchnorm(key: str, value: str) -> bool:
+    """A ``*_norm`` config value as a flag: "batchnorm" -> True, "none" -> False."""
+    if value not in ("none", "batchnorm"):
+        raise ConfigError(f"{key}: {value!r} is not one of 'none', 'batchnorm'")
+    return value == "batchnorm"
 
 
 def build_preprocessor(t: TransformConfig) -> Preprocessor:

@@ -11,26 +11,35 @@ from torch import Tensor, nn
 
 
 class MaskHead(nn.Module):
-    """Stack of 3x3 conv + ReLU layers (four of 256 channels in the paper).
+    """Stack of 3x3 conv (+ optional BatchNorm) + ReLU layers (four of 256 channels in the paper).
 
-    Attribute names ``mask_fcn1..`` follow torchvision's 2019 checkpoints.
+    Attribute names ``mask_fcn1..`` follow torchvision's 2019 checkpoints; with ``batchnorm``
+    (torchvision v2) each conv loses its bias and is followed by ``mask_norm1..``.
     """
 
-    def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256), dilation: int = 1) -> None:
+    def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256), dilation: int = 1,
+                 batchnorm: bool = False) -> None:
         super().__init__()
         self.num_layers = len(layers)
+        self.batchnorm = batchnorm
         for i, out in enumerate(layers, 1):
-            conv = nn.Conv2d(in_channels, out, 3, padding=dilation, dilation=dilation)
+            conv = nn.Conv2d(in_channels, out, 3, padding=dilation, dilation=dilation, bias=not batchnorm)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
             self.add_module(f"mask_fcn{i}", conv)
+            if batchnorm:
+                self.add_module(f"mask_norm{i}", nn.BatchNorm2d(out))
             in_channels = out
         self.out_channels = in_channels
 
     def forward(self, x: Tensor) -> Tensor:
         """(R, F, 14, 14) -> (R, F', 14, 14)."""
         for i in range(1, self.num_layers + 1):
-            x = F.relu(getattr(self, f"mask_fcn{i}")(x))
+            x = getattr(self, f"mask_fcn{i}")(x)
+            if self.batchnorm:
+                x = getattr(self, f"mask_norm{i}")(x)
+            x = F.relu(x)
         return x
 
 

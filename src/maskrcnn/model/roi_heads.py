@@ -35,6 +35,42 @@ class BoxHead(nn.Module):
         return F.relu(self.fc7(F.relu(self.fc6(x.flatten(1)))))
 
 
+class ConvFCBoxHead(nn.Module):
+    """3x3 convs (each with an optional BatchNorm, then ReLU) and one FC layer: torchvision v2's
+    "4conv1fc" head (Wu & He 2018's choice for heads with BatchNorm).
+
+    Layers are ``conv1..convN``, ``norm1..normN`` (with ``batchnorm``) and ``fc``. A conv
+    followed by BatchNorm has no bias: the norm's shift replaces it.
+    """
+
+    def __init__(self, in_channels: int, roi_size: int, conv_channels: tuple[int, ...] = (256, 256, 256, 256),
+                 representation_size: int = 1024, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.num_convs = len(conv_channels)
+        for i, out in enumerate(conv_channels, 1):
+            conv = nn.Conv2d(in_channels, out, 3, padding=1, bias=not batchnorm)
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+            self.add_module(f"conv{i}", conv)
+            if batchnorm:
+                self.add_module(f"norm{i}", nn.BatchNorm2d(out))
+            in_channels = out
+        self.batchnorm = batchnorm
+        self.fc = nn.Linear(in_channels * roi_size**2, representation_size)
+        self.out_features = representation_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(R, F, P, P) -> (R, representation_size)."""
+        x = x.contiguous(memory_format=torch.channels_last)  # as the mask head: oneDNN's fast layout
+        for i in range(1, self.num_convs + 1):
+            x = getattr(self, f"conv{i}")(x)
+            if self.batchnorm:
+                x = getattr(self, f"norm{i}")(x)
+            x = F.relu(x)
+        return F.relu(self.fc(x.flatten(1)))  # flatten in (C, P, P) order whatever the memory layout
+
+
 class BoxPredictor(nn.Module):
     """Class logits over K+1 slots (softmax, "no object" included) and per-class box deltas."""
 
@@ -57,7 +93,7 @@ class RoIHeads(nn.Module):
 
     def __init__(
         self,
-        box_head: BoxHead,
+        box_head: BoxHead | ConvFCBoxHead,
         box_predictor: BoxPredictor,
         mask_head: MaskHead | None,
         mask_predictor: MaskPredictor | None,

@@ -20,22 +20,33 @@ from .matcher import label_anchors, sample_balanced
 
 
 class RPNHead(nn.Module):
-    """Shared 3x3 sliding-window conv, then 1x1 convs for objectness and box deltas."""
+    """Shared 3x3 sliding-window conv(s) + ReLU, then 1x1 convs for objectness and box deltas.
 
-    def __init__(self, channels: int, num_anchors: int, logits_per_anchor: int = 1) -> None:
+    ``conv_depth`` 3x3 convs are named ``conv``, ``conv2``, ``conv3``...: the first keeps the
+    2019 torchvision name, so one-conv checkpoints load as they are.
+    """
+
+    def __init__(self, channels: int, num_anchors: int, logits_per_anchor: int = 1, conv_depth: int = 1) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        if conv_depth < 1:
+            raise ValueError(f"the RPN head needs at least one 3x3 conv, got conv_depth={conv_depth}")
+        self.conv_names = ["conv"] + [f"conv{i}" for i in range(2, conv_depth + 1)]
+        for name in self.conv_names:
+            self.add_module(name, nn.Conv2d(channels, channels, 3, padding=1))
         self.cls_logits = nn.Conv2d(channels, num_anchors * logits_per_anchor, 1)
         self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
-        for layer in (self.conv, self.cls_logits, self.bbox_pred):
-            nn.init.normal_(layer.weight, std=0.01)
-            nn.init.zeros_(layer.bias)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Per level: logits (B, A*C, H_l, W_l) and deltas (B, A*4, H_l, W_l)."""
         logits, deltas = [], []
         for f in features:
-            t = F.relu(self.conv(f))
+            t = f
+            for name in self.conv_names:
+                t = F.relu(getattr(self, name)(t))
             logits.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return logits, deltas
