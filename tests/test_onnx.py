@@ -2,10 +2,10 @@
 
 ONNX Runtime computes the graph with its own kernels (convolutions, RoiAlign,
 NonMaxSuppression), so agreement with our PyTorch ops is an independent check of both, on
-the parity fixture's checkpoint (torchvision layout) and on small models in our own format.
-Every detection must be matched by one of the same label, boxes within 0.05 px, scores within
-1e-3 and pasted masks at IoU >= 0.98, in the original image frame, through the same
-``predict`` as users call.
+the parity fixtures' checkpoints (torchvision v1 and v2 layouts, a Detectron2 model-zoo .pkl)
+and on small models in our own format (ResNet-18, ResNeXt-50). Every detection must be matched
+by one of the same label, boxes within 0.05 px, scores within 1e-3 and pasted masks at IoU >=
+0.98, in the original image frame, through the same ``predict`` as users call.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from maskrcnn.config import ModelConfig, apply_overrides  # noqa: E402
 from maskrcnn.export import ExportError, check_exportable, export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 
-from .conftest import TV_PARITY, need  # noqa: E402
+from .conftest import TV_PARITY, d2_checkpoint, need  # noqa: E402
 from .test_api import TINY  # noqa: E402
 
 BOX_TOL, SCORE_TOL, MASK_IOU = 0.05, 1e-3, 0.98
@@ -53,9 +53,13 @@ def assert_same_results(ours, onnx) -> None:
         assert onnx.class_names[j] == ours.class_names[i]
         if ours.rles is not None:
             m_iou = float(mask_util.iou([onnx.rles[j]], [ours.rles[i]], [0])[0, 0])
-            area = int(mask_util.area(ours.rles[i]))
-            # A mask of a few pixels can lose one to a 1e-4 probability change: only empty ones are exempt.
-            assert m_iou >= MASK_IOU or area == 0, (i, m_iou, area)
+            # A pixel whose probability is within ~1e-4 of the threshold can flip either way, and
+            # in a mask under 50 pixels one pixel is more than 1 - MASK_IOU: those may differ by one.
+            assert m_iou >= MASK_IOU or pixels_differing(onnx.rles[j], ours.rles[i]) <= 1, (i, m_iou)
+
+
+def pixels_differing(a: dict, b: dict) -> int:
+    return int(np.count_nonzero(mask_util.decode(a) != mask_util.decode(b)))
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +148,68 @@ def test_own_checkpoint_small_backbone_aligned(tmp_path):
     ours, theirs = maskrcnn.load(tmp_path / "tiny.pth").predict(image), onnx.predict(image)
     assert len(ours) > 0 and set(theirs.class_names) <= {"circle", "square", "triangle"}
     assert_same_results(ours, theirs)
+
+
+def test_torchvision_v2_layout(tv2_checkpoint, tmp_path):
+    """BatchNorm after the FPN's and both heads' convs, the 2-conv RPN head, the 4conv1fc box head.
+
+    image_b (1207x800 in the graph): on image_a, PyTorch's 100th and 101st detections score
+    1.1e-5 apart, below the two runtimes' float32 differences (~2e-5 there), so which of them
+    makes the cut at ``detections_per_img`` is a coin toss, not a difference of the graph."""
+    export(tv2_checkpoint, tmp_path / "tv2.onnx")
+    image = fixture_image("image_b.png")
+    ours = maskrcnn.load(tv2_checkpoint).predict(image)
+    assert len(ours) == 100
+    assert_same_results(ours, maskrcnn.load(tmp_path / "tv2.onnx").predict(image))
+
+
+def test_detectron2_model_zoo_pkl(tmp_path):
+    """A Detectron2 R50-FPN .pkl through ``maskrcnn export``: in the graph, logit ranking,
+    unrounded anchors, aligned RoIAlign with adaptive sampling (ONNX RoiAlign's sampling_ratio=0),
+    Detectron2's level mapper, no box-size filter, background-last logits converted at load;
+    outside it, from the file's config: BGR 0..255 input, Detectron2's (PIL) resize and its
+    grid-sample paste."""
+    weights = d2_checkpoint("r50")
+    assert main(["export", "--weights", str(weights), "--out", str(tmp_path / "d2.onnx")]) == 0
+    pytorch, onnx = maskrcnn.load(weights), maskrcnn.load(tmp_path / "d2.onnx")
+    assert onnx.config == pytorch.config
+    t, h = onnx.config.transform, onnx.config.roi_heads
+    assert (t.bgr, t.pixel_scale, t.resize, h.paste, h.sampling_ratio, h.aligned) == (True, 255.0, "detectron2", "detectron2", 0, True)
+    image = fixture_image("image_a.png")
+    ours = pytorch.predict(image)
+    assert len(ours) == 100
+    assert_same_results(ours, onnx.predict(image))
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_roi_align_adaptive_sampling_is_onnx_sampling_ratio_0(tmp_path):
+    """Our RoIAlign with sampling_ratio=0 (ceil(roi size / bins) samples per bin, per RoI) as the
+    ONNX RoiAlign node, against its own PyTorch computation, on RoIs whose grids run from 1x1 to
+    4x5 samples, aligned and not."""
+    from maskrcnn.ops.roi_align import RoIAlign
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(1, 4, 24, 32, generator=g)
+    rois = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0], [0, 2.5, 3.0, 30.0, 18.0], [0, 0.0, 0.0, 20.0, 40.0], [0, 10.2, 4.7, 11.0, 5.1], [0, 0.0, 0.0, 63.0, 47.0]])
+    for aligned in (False, True):
+        op = RoIAlign(7, spatial_scale=0.5, sampling_ratio=0, aligned=aligned)
+        torch.onnx.export(op, (feats, rois), tmp_path / "ra.onnx", dynamo=False, opset_version=16, input_names=["x", "r"])
+        session = onnxruntime.InferenceSession(str(tmp_path / "ra.onnx"), providers=["CPUExecutionProvider"])
+        (theirs,) = session.run(None, {"x": feats.numpy(), "r": rois.numpy()})
+        np.testing.assert_allclose(theirs, op(feats, rois).numpy(), atol=1e-5)
+
+
+def test_own_checkpoint_resnext(tmp_path):
+    """ResNeXt-50 32x4d (grouped 3x3 convs) in our format, untrained, at the tiny model's sizes."""
+    torch.manual_seed(0)
+    config = apply_overrides(ModelConfig(), [*TINY, "backbone.name=resnext50_32x4d"])
+    save_checkpoint(tmp_path / "x50.pth", maskrcnn.build_model(config).eval())
+    export(tmp_path / "x50.pth", tmp_path / "x50.onnx")
+    image = np.random.default_rng(1).integers(0, 255, (90, 120, 3), dtype=np.uint8)
+    ours = maskrcnn.load(tmp_path / "x50.pth").predict(image)
+    assert len(ours) > 0
+    assert_same_results(ours, maskrcnn.load(tmp_path / "x50.onnx").predict(image))
 
 
 def test_exports_refused_with_a_reason():
