@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
-    x.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
+    x.add_argument("--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth or a Detectron2 .pkl")
     x.add_argument("--out", required=True, help="the .onnx file to write")
     x.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17; at least 16 for aligned RoIAlign)")
     x.set_defaults(func=cmd_export)

@@ -140,5 +140,5 @@ def export_model(model: MaskRCNN, out: str | Path, opset: int = DEFAULT_OPSET) -
 
 
 def export(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """``maskrcnn export``: our checkpoint or a torchvision Mask R-CNN file to ONNX."""
+    """``maskrcnn export``: our checkpoint, a torchvision .pth or a Detectron2 model-zoo .pkl to ONNX."""
     return export_model(load(weights, device="cpu"), out, opset)
