@@ -115,7 +115,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = label_to_category(model)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
-                          max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision)
+                          max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision,
+                          tile=args.tile, tile_overlap=args.tile_overlap, progress=not args.quiet)
     with results:
         for i, result in enumerate(stream):
             bar.update(1)
@@ -161,6 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     keep = [i for i in gt.image_ids if i not in bad]
     entries = coco_results(model, gt.coco, args.images, batch_size=args.batch_size, progress=not args.quiet,
                            image_ids=keep, allow_outside_root=args.allow_outside_root,
+                           tile=args.tile, tile_overlap=args.tile_overlap,
                            skipped=skipped if args.skip_bad_images else None)
     excluded = [*bad, *skipped]
     keep = [i for i in keep if i not in skipped]
@@ -227,6 +229,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, args.overrides, minutes=args.minutes)
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def add_tile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=positive_int, default=None,
+                   help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
+                        "(very large images; the pixel limit becomes 1,000,000,000)")
+    p.add_argument("--tile-overlap", type=fraction, default=0.2, help="fraction of a tile that neighbours share (0.2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN instance segmentation in pure PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -244,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images with more pixels than this (default 178956970, Pillow's own limit)")
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
+    add_tile_options(q)
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
 
@@ -254,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=positive_int, default=1)
+    add_tile_options(e)
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--skip-bad-images", action="store_true",
                    help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "

@@ -94,11 +94,52 @@ def decode(rles: Sequence[RLE], image_size: tuple[int, int]) -> np.ndarray:
 def decode_one(rle: RLE) -> tuple[int, int, np.ndarray]:
     """One RLE -> (y0, x0, crop): the (h, w) bool pixels of the mask's bounding box at (y0, x0).
 
-    An empty mask gives a 0 x 0 crop. (The full frame is decoded, then cropped: H x W bytes
-    for as long as this call runs.)
+    Only the box is decoded, from the runs themselves: time and memory follow the object, not
+    the image (a full 20000 x 20000 frame would be 400 MB per mask). An empty mask gives a
+    0 x 0 crop.
     """
     x, y, w, h = (int(v) for v in mask_util.toBbox(rle))
     if w == 0 or h == 0:
         return 0, 0, np.zeros((0, 0), dtype=bool)
-    full = mask_util.decode(rle)  # (H, W) uint8, Fortran order
-    return y, x, full[y : y + h, x : x + w].astype(bool)
+    im_h = int(rle["size"][0])
+    counts = rle["counts"]
+    runs = _uncompress(counts) if isinstance(counts, (bytes, str)) else np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(runs)  # flat Fortran index where each run ends; odd runs are ones
+    starts = ends - runs
+    starts, ends = starts[1::2], ends[1::2]  # (R,) runs of ones: [start, end)
+    starts, ends = starts[ends > starts], ends[ends > starts]
+    # A run may continue from the bottom of one column to the top of the next: split it into
+    # column pieces. Inside the box's columns every piece lies within rows y .. y + h - 1.
+    first_col, last_col = starts // im_h, (ends - 1) // im_h
+    pieces = last_col - first_col + 1  # (R,) columns each run touches
+    col = np.repeat(first_col, pieces) + (np.arange(pieces.sum()) - np.repeat(np.cumsum(pieces) - pieces, pieces))
+    run = np.repeat(np.arange(len(starts)), pieces)
+    row0 = np.where(col == first_col[run], starts[run] - col * im_h, 0)
+    row1 = np.where(col == last_col[run], ends[run] - col * im_h, im_h)
+    # Mark each piece's start and end in the crop's own Fortran layout; a running sum fills it.
+    edges = np.zeros(w * h + 1, dtype=np.int32)
+    np.add.at(edges, (col - x) * h + row0 - y, 1)
+    np.add.at(edges, (col - x) * h + row1 - y, -1)
+    crop = np.cumsum(edges[:-1]).reshape(w, h).T > 0  # (h, w)
+    return y, x, crop
+
+
+def _uncompress(counts: bytes | str) -> np.ndarray:
+    """pycocotools' compressed counts string -> run lengths (``rleFrString`` in maskApi.c)."""
+    data = counts.encode("ascii") if isinstance(counts, str) else counts
+    runs: list[int] = []
+    p = 0
+    while p < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            c = data[p] - 48
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            p += 1
+            shift += 5
+            if not more and c & 0x10:
+                value |= -1 << shift  # sign-extend the last 5-bit group
+        if len(runs) > 2:
+            value += runs[-2]  # each count after the third is stored as a difference
+        runs.append(value)
+    return np.asarray(runs, dtype=np.int64)
