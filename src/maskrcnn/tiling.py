@@ -159,39 +159,43 @@ def preview(source: Source, max_side: int) -> np.ndarray:
 
 @dataclass
 class _Part:
-    """One tile's detection in the full frame; its mask a box-local crop at (y0, x0)."""
+    """One tile's detection in the full frame; its mask kept as the tile's RLE until needed
+    (62,500 detections of a 20000-px image as bool crops would take gigabytes)."""
 
-    tile: int
+    tile: Tile
     label: int
     score: float
     box: np.ndarray  # (4,) x1 y1 x2 y2 full-image pixels
     name: str
-    y0: int = 0
-    x0: int = 0
-    crop: np.ndarray | None = None  # (h, w) bool, None for a box-only model
+    rle: dict | None = None  # in the tile's frame; None for a box-only model
 
-    def window(self, r: Tile) -> np.ndarray:
-        """The mask over rectangle ``r``: (r.y1 - r.y0, r.x1 - r.x0) bool."""
-        out = np.zeros((r.y1 - r.y0, r.x1 - r.x0), dtype=bool)
-        assert self.crop is not None
-        y0, x0 = max(self.y0, r.y0), max(self.x0, r.x0)
-        y1, x1 = min(self.y0 + self.crop.shape[0], r.y1), min(self.x0 + self.crop.shape[1], r.x1)
-        if y1 > y0 and x1 > x0:
-            out[y0 - r.y0 : y1 - r.y0, x0 - r.x0 : x1 - r.x0] = self.crop[y0 - self.y0 : y1 - self.y0, x0 - self.x0 : x1 - self.x0]
-        return out
+    def crop(self) -> tuple[int, int, np.ndarray]:
+        """(y0, x0, (h, w) bool): the mask's box-local pixels at full-image row y0, column x0."""
+        assert self.rle is not None
+        y0, x0, crop = decode_one(self.rle)
+        return y0 + self.tile.y0, x0 + self.tile.x0, crop
+
+
+def _window(crop: tuple[int, int, np.ndarray], r: Tile) -> np.ndarray:
+    """A mask crop over rectangle ``r``: (r.y1 - r.y0, r.x1 - r.x0) bool."""
+    top, left, pixels = crop
+    out = np.zeros((r.y1 - r.y0, r.x1 - r.x0), dtype=bool)
+    y0, x0 = max(top, r.y0), max(left, r.x0)
+    y1, x1 = min(top + pixels.shape[0], r.y1), min(left + pixels.shape[1], r.x1)
+    if y1 > y0 and x1 > x0:
+        out[y0 - r.y0 : y1 - r.y0, x0 - r.x0 : x1 - r.x0] = pixels[y0 - top : y1 - top, x0 - left : x1 - left]
+    return out
 
 
 def _parts(tiles: Sequence[Tile], results: Sequence[Result]) -> list[_Part]:
     """Every tile's detections moved to the full frame."""
     parts = []
-    for t, (tile, result) in enumerate(zip(tiles, results)):
+    for tile, result in zip(tiles, results):
         shift = np.array([tile.x0, tile.y0, tile.x0, tile.y0], dtype=np.float32)
         for i in range(len(result)):
-            part = _Part(t, int(result.labels[i]), float(result.scores[i]), result.boxes[i] + shift, result.class_names[i])
-            if result.rles is not None:
-                y0, x0, crop = decode_one(result.rles[i])  # box-local, in the tile frame
-                part.y0, part.x0, part.crop = y0 + tile.y0, x0 + tile.x0, crop
-            parts.append(part)
+            rle = None if result.rles is None else result.rles[i]
+            parts.append(_Part(tile, int(result.labels[i]), float(result.scores[i]), result.boxes[i] + shift,
+                               result.class_names[i], rle))
     return parts
 
 
@@ -199,26 +203,28 @@ def _overlap_within(a: _Part, b: _Part, shared: Tile) -> float:
     """IoU of two detections' masks inside ``shared``; for boxes, intersection over the smaller."""
     boxes = np.stack([a.box, b.box])  # (2, 4)
     clip = np.clip(boxes, [shared.x0, shared.y0] * 2, [shared.x1, shared.y1] * 2)
-    if a.crop is None or b.crop is None:
+    if a.rle is None or b.rle is None:
         areas = (clip[:, 2] - clip[:, 0]).clip(0) * (clip[:, 3] - clip[:, 1]).clip(0)
         inter = max(0.0, min(clip[:, 2]) - max(clip[:, 0])) * max(0.0, min(clip[:, 3]) - max(clip[:, 1]))
         return float(inter / areas.min()) if areas.min() > 0 else 0.0
+    ca, cb = a.crop(), b.crop()
     # Only the part of ``shared`` that either mask's crop reaches needs looking at.
-    reach = Tile(min(a.x0, b.x0), min(a.y0, b.y0),
-                 max(a.x0 + a.crop.shape[1], b.x0 + b.crop.shape[1]), max(a.y0 + a.crop.shape[0], b.y0 + b.crop.shape[0]))
+    reach = Tile(min(ca[1], cb[1]), min(ca[0], cb[0]), max(ca[1] + ca[2].shape[1], cb[1] + cb[2].shape[1]),
+                 max(ca[0] + ca[2].shape[0], cb[0] + cb[2].shape[0]))
     region = reach.intersect(shared)
     if region is None:
         return 0.0
-    ma, mb = a.window(region), b.window(region)
+    ma, mb = _window(ca, region), _window(cb, region)
     union = np.count_nonzero(ma | mb)
     return np.count_nonzero(ma & mb) / union if union else 0.0
 
 
 def _links(tiles: Sequence[Tile], parts: list[_Part], match_iou: float) -> Iterator[tuple[int, int]]:
     """Pairs of part indices that are one object by the merge rule."""
+    index = {t: i for i, t in enumerate(tiles)}
     by_tile: dict[int, list[int]] = {}
     for k, p in enumerate(parts):
-        by_tile.setdefault(p.tile, []).append(k)
+        by_tile.setdefault(index[p.tile], []).append(k)
     boxes = np.stack([p.box for p in parts]) if parts else np.zeros((0, 4), np.float32)  # (P, 4)
     labels = np.array([p.label for p in parts])
     for i in range(len(tiles)):
@@ -301,15 +307,17 @@ def merge_tiles(
 
 def _union_rle(group: list[_Part], image_size: tuple[int, int]) -> dict:
     """The union of a group's masks as one full-image RLE, built in their joint box frame."""
-    crops = [p for p in group if p.crop is not None and p.crop.size]
+    if len(group) == 1:  # the common case: no pixels to combine, only a frame to move
+        y0, x0, crop = group[0].crop()
+        return crop_to_rle(crop, y0, x0, image_size)
+    crops = [c for c in (p.crop() for p in group) if c[2].size]
     if not crops:
         return crop_to_rle(np.zeros((0, 0), dtype=bool), 0, 0, image_size)
-    frame = Tile(min(p.x0 for p in crops), min(p.y0 for p in crops),
-                 max(p.x0 + p.crop.shape[1] for p in crops), max(p.y0 + p.crop.shape[0] for p in crops))
+    frame = Tile(min(x for _, x, _ in crops), min(y for y, _, _ in crops),
+                 max(x + c.shape[1] for _, x, c in crops), max(y + c.shape[0] for y, _, c in crops))
     union = np.zeros((frame.y1 - frame.y0, frame.x1 - frame.x0), dtype=bool)
-    for p in crops:
-        h, w = p.crop.shape
-        union[p.y0 - frame.y0 : p.y0 - frame.y0 + h, p.x0 - frame.x0 : p.x0 - frame.x0 + w] |= p.crop
+    for y, x, c in crops:
+        union[y - frame.y0 : y - frame.y0 + c.shape[0], x - frame.x0 : x - frame.x0 + c.shape[1]] |= c
     return crop_to_rle(union, frame.y0, frame.x0, image_size)
 
 
