@@ -92,6 +92,13 @@ def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .video import is_video
+
+    videos = [i for i in args.inputs if is_video(i)]
+    if videos:  # videos, streams and cameras first; then any images given with them
+        args.inputs = [i for i in args.inputs if not is_video(i)]
+        code = cmd_predict_videos(args, videos)
+        return max(code, cmd_predict(args)) if args.inputs else code
     from tqdm import tqdm
 
     from .checkpoint import load
@@ -131,6 +138,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
     if failed:
         print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_predict_videos(args: argparse.Namespace, sources: list[str]) -> int:
+    """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``; 1 if one failed."""
+    from .checkpoint import load
+    from .engine.inference import label_to_category
+    from .predictor import check_score_thresh
+    from .video import output_name, predict_video
+
+    check_score_thresh(args.score_thresh)
+    out = Path(args.out)
+    files = [p for s in sources if "://" not in s for p in (Path(s),) if p.exists()]
+    refuse_overwriting_inputs(files, [out / f"{output_name(s)}{ext}" for s in sources for ext in (".mp4", ".jsonl")])
+    model = load(args.weights, device=args.device)
+    table = label_to_category(model)
+    failed = 0
+    for source in sources:
+        try:
+            done = predict_video(model, source, out, stride=args.stride, batch_size=args.batch_size,
+                                 score_thresh=args.score_thresh, precision=args.precision, tile=args.tile,
+                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet)
+        except ValueError as e:  # cannot open, no video stream, PyAV missing: one line, go on
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
+              f"{done.video}, {done.jsonl}")
     return 1 if failed else 0
 
 
@@ -249,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("predict", help="detect objects in images; write overlays and COCO results JSON")
-    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; video files, stream URLs, /dev/videoN")
     q.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
@@ -261,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
+    q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
 
