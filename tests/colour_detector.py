@@ -91,21 +91,24 @@ def crop_iou(a: Crop, b: Crop) -> float:
     return np.count_nonzero(frames[0] & frames[1]) / union if union else 0.0
 
 
-def detect_colours(image: torch.Tensor, with_masks: bool = True) -> Detections:
-    """Detections of the coloured objects visible in one (3, h, w) uint8 image."""
+def detect_colours(image: torch.Tensor, with_masks: bool = True, whole_only: bool = False) -> Detections:
+    """Detections of the coloured objects visible in one (3, h, w) uint8 image; with
+    ``whole_only``, of those not cut by its edge (a detector that needs to see an object's outline)."""
     rgb = image.permute(1, 2, 0).cpu().numpy().astype(np.int64)  # (h, w, 3)
     keys = rgb[..., 0] << 16 | rgb[..., 1] << 8 | rgb[..., 2]  # (h, w)
     boxes, scores, labels, masks = [], [], [], []
     for key in np.unique(keys):
-        if key == 0:
-            continue
+        label, index = decode_colour(int(key))
+        if not 1 <= label <= 4 or colour(label, index) != (key >> 16, (key >> 8) & 255, key & 255):
+            continue  # black, or an edge blended by shrinking the image: no object's colour
         ys, xs = np.nonzero(keys == key)
         x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
         if x1 - x0 < MIN_SIDE or y1 - y0 < MIN_SIDE:
             continue
+        if whole_only and (x0 == 0 or y0 == 0 or x1 == keys.shape[1] or y1 == keys.shape[0]):
+            continue
         crop = torch.from_numpy(keys[y0:y1, x0:x1] == key).float()[None, None]  # (1, 1, bh, bw)
         masks.append(F.interpolate(crop, size=(MASK_SIDE, MASK_SIDE), mode="bilinear", align_corners=False)[0, 0])
-        label, index = decode_colour(int(key))
         boxes.append([x0, y0, x1, y1])
         labels.append(label)
         scores.append(0.5 + 0.4 * len(ys) / (len(ys) + 1000))  # bigger visible pieces score higher
@@ -119,13 +122,13 @@ def detect_colours(image: torch.Tensor, with_masks: bool = True) -> Detections:
     )
 
 
-def colour_forward(with_masks: bool = True):
+def colour_forward(with_masks: bool = True, whole_only: bool = False):
     """A replacement for ``MaskRCNN.forward`` built on ``detect_colours``; records each call's image sizes."""
     calls: list[list[tuple[int, int]]] = []
 
     def forward(images, targets=None, propose=None):
         calls.append([tuple(im.shape[-2:]) for im in images])
-        return ModelOutput(losses={}, detections=[detect_colours(im, with_masks) for im in images])
+        return ModelOutput(losses={}, detections=[detect_colours(im, with_masks, whole_only) for im in images])
 
     forward.calls = calls  # type: ignore[attr-defined]
     return forward

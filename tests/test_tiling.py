@@ -119,6 +119,27 @@ def test_every_object_of_a_large_scene_is_found_once_in_the_full_frame(scene, wi
     assert special["pair"] in found and special["pair"] + 1 in found  # neighbours kept apart
 
 
+def test_the_whole_image_pass_finds_objects_no_tile_can_hold(scene):
+    # A detector that needs an object's outline never sees the 1200-px bar or the 650-px blob
+    # in a 512-px tile; the whole image shrunk 4 times shows them, and their cut pieces (none
+    # here) would give way to them. Small objects still come from the tiles, once each.
+    scene, special = scene
+    model = tiny_model()
+    model.forward = colour_forward(whole_only=True)
+    tiles_only = model.predict(scene.image, tile=TILE, tile_overlap=OVERLAP, batch_size=4)
+    assert len(tiles_only) == len(scene.labels) - 2
+    result = model.predict(scene.image, tile=TILE, tile_overlap=OVERLAP, batch_size=4, tile_whole=True)
+    assert model.forward.calls[-1] == [(375, 475)]  # ceil(1500 / 4) x ceil(1900 / 4), after the 20 tiles
+    assert len(result) == len(scene.labels)
+    truth = scene.boxes()
+    for name in ("bar", "blob"):
+        k = special[name]
+        i = int(np.argmin(np.abs(result.boxes - truth[k]).max(axis=1)))
+        np.testing.assert_allclose(result.boxes[i], truth[k], atol=4)  # 4 px blocks
+        assert result.labels[i] == scene.labels[k]
+        assert crop_iou(decode_one(result.rles[i]), scene.masks[k]) > 0.8  # a 40-px bar, edges in 4-px blocks
+
+
 def test_tiles_that_saw_one_object_whole_and_cut_give_one_detection_with_the_best_score():
     # Hand-made: two tiles sharing columns 60..99; an object at columns 80..129 is cut by tile
     # A's right edge and whole in tile B; a second object only in tile A.

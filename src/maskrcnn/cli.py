@@ -123,7 +123,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
                           max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision,
-                          tile=args.tile, tile_overlap=args.tile_overlap, progress=not args.quiet)
+                          tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole, progress=not args.quiet)
     with results:
         for i, result in enumerate(stream):
             bar.update(1)
@@ -197,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     keep = [i for i in gt.image_ids if i not in bad]
     entries = coco_results(model, gt.coco, args.images, batch_size=args.batch_size, progress=not args.quiet,
                            image_ids=keep, allow_outside_root=args.allow_outside_root,
-                           tile=args.tile, tile_overlap=args.tile_overlap,
+                           tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole,
                            skipped=skipped if args.skip_bad_images else None)
     excluded = [*bad, *skipped]
     keep = [i for i in keep if i not in skipped]
@@ -276,6 +276,8 @@ def add_tile_options(p: argparse.ArgumentParser) -> None:
                    help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
                         "(very large images; the pixel limit becomes 1,000,000,000)")
     p.add_argument("--tile-overlap", type=fraction, default=0.2, help="fraction of a tile that neighbours share (0.2)")
+    p.add_argument("--tile-whole", action="store_true",
+                   help="with --tile, one more pass over the whole image shrunk to a tile, for objects larger than a tile")
 
 
 def build_parser() -> argparse.ArgumentParser:

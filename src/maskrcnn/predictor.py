@@ -86,6 +86,7 @@ def iter_predict(
     precision: str = "fp32",
     tile: int | None = None,
     tile_overlap: float = 0.2,
+    tile_whole: bool = False,
     progress: bool = False,
 ) -> Iterator[Result]:
     """Yield one ``Result`` per input, in order, as soon as its batch is done.
@@ -99,7 +100,7 @@ def iter_predict(
     if tile is not None:
         tiling.check_tiling(tile, tile_overlap)
     return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
-                    raise_errors=False, tile=tile, tile_overlap=tile_overlap, progress=progress)
+                    raise_errors=False, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole, progress=progress)
 
 
 def _predict(
@@ -114,14 +115,15 @@ def _predict(
     raise_errors: bool,
     tile: int | None = None,
     tile_overlap: float = 0.2,
+    tile_whole: bool = False,
     progress: bool = False,
 ) -> Iterator[Result]:
     """``iter_predict``; with ``raise_errors`` a failure raises its own exception instead."""
     if tile is not None:
         limit = TILED_MAX_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default is raised for tiles
         for index, item in enumerate(images):
-            yield _predict_tiled(model, item, index, tile, tile_overlap, batch_size, score_thresh, mask_thresh,
-                                 keep_images, limit, precision, raise_errors, progress)
+            yield _predict_tiled(model, item, index, tile, tile_overlap, tile_whole, batch_size, score_thresh,
+                                 mask_thresh, keep_images, limit, precision, raise_errors, progress)
         return
 
     def chunks() -> Iterator[list[ImageLike]]:
@@ -146,6 +148,7 @@ def _predict_tiled(
     index: int,
     tile: int,
     overlap: float,
+    whole: bool,
     batch_size: int,
     score_thresh: float | None,
     mask_thresh: float | None,
@@ -169,7 +172,7 @@ def _predict_tiled(
 
     def go(source: tiling.Source) -> Result:
         return tiling.predict_tiled(source, run, tile, overlap, batch_size, path=path, name=_name(item, index),
-                                    preview_side=DISPLAY_SIZE if keep_images else None, progress=progress)
+                                    preview_side=DISPLAY_SIZE if keep_images else None, whole=whole, progress=progress)
 
     try:
         if path is None:
@@ -282,6 +285,7 @@ def predict(
     precision: str = "fp32",
     tile: int | None = None,
     tile_overlap: float = 0.2,
+    tile_whole: bool = False,
     progress: bool = False,
 ) -> Result | list[Result]:
     """Run ``model`` on one image or a list of images.
@@ -307,6 +311,8 @@ def predict(
             model's input size; ``Result.image`` then holds a preview of at most
             ``results.DISPLAY_SIZE`` a side.
         tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
+        tile_whole: with ``tile``, one more pass over the whole image shrunk to a tile, for
+            objects larger than a tile.
         progress: with ``tile``, a progress bar per image counting its tiles.
 
     Returns:
@@ -326,5 +332,6 @@ def predict(
     if tile is not None:
         tiling.check_tiling(tile, tile_overlap)
     results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
-                            raise_errors=single, tile=tile, tile_overlap=tile_overlap, progress=progress))
+                            raise_errors=single, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole,
+                            progress=progress))
     return results[0] if single else results

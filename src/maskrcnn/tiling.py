@@ -29,6 +29,9 @@ overlap. Limits: a piece of an object that the model missed in one tile stays un
 two touching objects of one class that one tile sees as a single detection are joined into
 one.
 
+Optionally (``whole``), one extra pass runs the whole image shrunk to a tile, for objects
+larger than a tile, which a tile sees as texture without edges (``add_whole_image_pass``).
+
 Memory follows the objects, not the image: the pixels are held once (an array, or Pillow's
 decoded image cut tile by tile), each detection is a box-local crop until it becomes a
 ``Result`` RLE, and the picture kept for drawing is a preview no larger than
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
 from .data.images import to_rgb
 from .masks import crop_to_rle, decode_one
@@ -334,6 +338,7 @@ def predict_tiled(
     path: str | None = None,
     name: str = "image",
     preview_side: int | None = None,
+    whole: bool = False,
     progress: bool = False,
 ) -> Result:
     """Run a model over ``source`` tile by tile and merge the detections.
@@ -345,6 +350,8 @@ def predict_tiled(
         tile, overlap: the grid (``tile_grid``).
         batch_size: tiles per forward pass.
         preview_side: keep a preview of at most this side in ``Result.image`` (None: none).
+        whole: also run the whole image shrunk to one tile, for objects larger than a tile
+            (``add_whole_image_pass``).
         progress: a progress bar counting the image's tiles.
 
     Returns:
@@ -371,4 +378,64 @@ def predict_tiled(
     image = preview(source, preview_side) if preview_side else None
     merged = merge_tiles(tiles, results, (h, w), path=path, image=image)
     log.debug("%s: %d tiles, %d detections merged into %d", name, len(tiles), sum(map(len, results)), len(merged))
+    if whole and len(tiles) > 1:
+        merged = add_whole_image_pass(source, run, tile, overlap, merged)
     return merged
+
+
+def add_whole_image_pass(
+    source: Source,
+    run: Callable[[Iterable[list[np.ndarray]]], Iterator[list[Result]]],
+    tile: int,
+    overlap: float,
+    merged: Result,
+) -> Result:
+    """``merged`` with the objects too large for a tile, found on the whole image shrunk to a tile.
+
+    The image is shrunk by the whole factor ``f`` that brings it within one tile and run once.
+    Of its detections, those longer than a tile step (``tile - overlap``: no tile need hold
+    them whole) are kept, scaled up by ``f`` (masks pixel for pixel, blocks of ``f x f``); a
+    tile detection of the same class with at least half its mask (box for a box-only model)
+    inside one of them is taken for a piece of it and dropped.
+    """
+    h, w = source.size
+    factor = math.ceil(max(h, w) / tile)
+    (found,) = next(iter(run(iter([[preview(source, tile)]]))))
+    if found.error is not None:
+        log.warning("whole-image pass failed, tiles only: %s", found.error)
+        return merged
+    step = tile - round(tile * overlap)
+    sides = (found.boxes[:, 2:] - found.boxes[:, :2]).max(axis=1) * factor if len(found) else np.zeros(0)
+    big = found[np.flatnonzero(sides > step)]
+    if not len(big):
+        return merged
+    boxes = np.clip(big.boxes * factor, 0, [w, h, w, h])
+    rles = None
+    if big.rles is not None:
+        rles = []
+        for rle in big.rles:
+            y0, x0, crop = decode_one(rle)
+            up = np.repeat(np.repeat(crop, factor, axis=0), factor, axis=1)[: h - y0 * factor, : w - x0 * factor]
+            rles.append(crop_to_rle(up, y0 * factor, x0 * factor, (h, w)))
+    if len(merged) and rles is not None and merged.rles is not None:
+        inside = mask_util.iou(merged.rles, rles, [1] * len(rles))  # (N, B): |tile & big| / |tile| (crowd rule)
+    elif len(merged):
+        inside = mask_util.iou(_xywh(merged.boxes), _xywh(boxes), [1] * len(boxes))
+    else:
+        inside = np.zeros((0, len(big)))
+    pieces = ((np.asarray(inside).reshape(len(merged), len(big)) >= 0.5)
+              & (merged.labels[:, None] == big.labels[None, :])).any(axis=1)
+    kept = merged[np.flatnonzero(~pieces)]
+    order = np.argsort(-np.concatenate([kept.scores, big.scores]), kind="stable")
+    has_masks = kept.rles is not None and rles is not None
+    joined = Result(np.concatenate([kept.boxes, boxes])[order], np.concatenate([kept.scores, big.scores])[order],
+                    np.concatenate([kept.labels, big.labels])[order], (h, w),
+                    rles=[(kept.rles + rles)[i] for i in order] if has_masks else None,  # type: ignore[operator]
+                    class_names=[(kept.class_names + big.class_names)[i] for i in order], path=merged.path, image=merged.image)
+    log.debug("whole-image pass: %d large objects replace %d tile detections", len(big), int(pieces.sum()))
+    return joined
+
+
+def _xywh(boxes: np.ndarray) -> np.ndarray:
+    """(N, 4) x1 y1 x2 y2 -> x y w h, as pycocotools takes boxes."""
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).astype(np.float64)
