@@ -257,3 +257,17 @@ def test_evaluate_tile_scores_the_merged_detections_against_the_annotations(tiny
     # the pixel or two a 56 x 56 mask misses on the edge of a small object.
     assert metrics["segm"]["AP50"] == pytest.approx(1.0, abs=1e-6) and metrics["segm"]["AP"] > 0.85
     assert metrics["bbox"]["AP50"] == pytest.approx(1.0, abs=1e-6) and metrics["bbox"]["AP"] > 0.95
+
+
+def test_a_tiled_run_raises_the_default_pixel_limit_but_keeps_an_explicit_one(tmp_path, monkeypatch):
+    import maskrcnn.predictor as predictor
+    from maskrcnn.data.errors import DatasetError
+
+    Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "wide.png")
+    model = tiny_model()
+    monkeypatch.setattr(predictor, "MAX_PIXELS", 10_000)  # stands for the default: 60,000 pixels are over it
+    with pytest.raises(DatasetError, match="--tile"):
+        model.predict(tmp_path / "wide.png", max_pixels=10_000)
+    assert model.predict(tmp_path / "wide.png", max_pixels=10_000, tile=128).image_size == (200, 300)
+    with pytest.raises(DatasetError, match="more than the limit of 20,000"):
+        model.predict(tmp_path / "wide.png", max_pixels=20_000, tile=128)

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import tiling
-from .data.images import MAX_PIXELS, TILED_MAX_PIXELS, load_rgb, open_image, to_rgb
+from .data.images import MAX_PIXELS, TILED_MAX_PIXELS, decode_in_place, load_rgb, open_image, to_rgb
 from .model.mask_rcnn import MaskRCNN
 from .precision import autocast
 from .precision import resolve as resolve_precision
@@ -178,7 +178,7 @@ def _predict_tiled(
         if path is None:
             return go(tiling.ArrayTiles(as_rgb(item, max_pixels)[0]))
         with open_image(path, max_pixels) as img:
-            ImageOps.exif_transpose(img, in_place=True)  # decodes; no copy of a huge image
+            decode_in_place(img, path)  # no copy of a huge image
             return go(tiling.PillowTiles(img))
     except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
         if raise_errors:

@@ -116,14 +116,11 @@ def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterato
         raise DatasetError(f"image path is a directory, not a file: {path}")
     if not stat.S_ISREG(mode):
         raise DatasetError(f"not a regular file (a FIFO, socket or device?), not read: {path}")
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # Pillow's bomb check is replaced by the one below, which names the file
     try:
-        img = Image.open(path)
+        with _pillow_limit_off():  # Pillow's bomb check is replaced by the one below, which names the file
+            img = Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot decode image {path}: {e}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
     with img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
@@ -133,6 +130,33 @@ def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterato
                 f"reads up to {TILED_MAX_PIXELS:,})"
             )
         yield img
+
+
+@contextlib.contextmanager
+def _pillow_limit_off() -> Iterator[None]:
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode_in_place(img: Image.Image, path: str | Path) -> None:
+    """Decode an image from ``open_image`` with EXIF orientation applied, without a copy.
+
+    For tiled runs, which cut the decoded image tile by tile: Pillow's own pixel limit, which
+    an uncompressed TIFF of 20000 x 20000 px trips when decoded, is lifted as at open
+    (``open_image`` has applied the caller's ``max_pixels``).
+
+    Raises:
+        DatasetError: the pixels cannot be decoded.
+    """
+    try:
+        with _pillow_limit_off():
+            ImageOps.exif_transpose(img, in_place=True)  # decodes first
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot decode image {path}: {e}") from None
 
 
 def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
