@@ -271,3 +271,25 @@ def test_a_tiled_run_raises_the_default_pixel_limit_but_keeps_an_explicit_one(tm
     assert model.predict(tmp_path / "wide.png", max_pixels=10_000, tile=128).image_size == (200, 300)
     with pytest.raises(DatasetError, match="more than the limit of 20,000"):
         model.predict(tmp_path / "wide.png", max_pixels=20_000, tile=128)
+
+
+def test_a_tiled_run_decodes_a_tiff_past_pillows_own_limit(tmp_path):
+    # 13,500 x 13,500 = 182 M pixels: over twice Pillow's MAX_IMAGE_PIXELS, which an
+    # uncompressed TIFF trips when decoded (1 bit a pixel on disk: 23 MB).
+    from maskrcnn.data.errors import DatasetError
+    from maskrcnn.structures import Detections, ModelOutput
+
+    Image.new("1", (13_500, 13_500)).save(tmp_path / "slide.tif")
+    model = tiny_model()
+    seen = []
+
+    def nothing(images, targets=None, propose=None):
+        seen.extend(tuple(im.shape) for im in images)
+        return ModelOutput(detections=[Detections.empty() for _ in images])
+
+    model.forward = nothing
+    with pytest.raises(DatasetError, match="slide.tif.*--tile"):
+        model.predict(tmp_path / "slide.tif")
+    result = model.predict(tmp_path / "slide.tif", tile=8192, tile_overlap=0.1, keep_images=False)
+    assert result.error is None and result.image_size == (13_500, 13_500) and len(result) == 0
+    assert seen == [(3, 8192, 8192)] * 4
