@@ -19,8 +19,8 @@ object* when they have the same label and their masks, restricted to the shared 
 have IoU >= ``match_iou`` (0.5). For a box-only model the boxes are clipped to the shared
 rectangle and compared by intersection over the smaller one, since a piece's box is narrower
 there than the whole object's (only the pixels, not their bounding box, are the same in the
-shared rectangle; a box-only merge is the cruder one). Same-object links
-are followed transitively (an object cut into pieces by several tiles joins through each
+shared rectangle; a box-only merge is the cruder one). Same-object links are followed
+transitively (an object cut into pieces by several tiles joins through each
 pair), and each group becomes one detection: the union of its masks (in a box-local frame,
 then run-length encoded; never a full frame), the union of its boxes, the best score. This
 removes the duplicates of an object seen whole by two tiles and joins an object cut by a
@@ -33,9 +33,9 @@ Optionally (``whole``), one extra pass runs the whole image shrunk to a tile, fo
 larger than a tile, which a tile sees as texture without edges (``add_whole_image_pass``).
 
 Memory follows the objects, not the image: the pixels are held once (an array, or Pillow's
-decoded image cut tile by tile), each detection is a box-local crop until it becomes a
-``Result`` RLE, and the picture kept for drawing is a preview no larger than
-``results.DISPLAY_SIZE`` a side.
+decoded image cut tile by tile), each tile's detection stays its tile-frame RLE and is
+decoded to a box-local crop only while it is compared or joined, and the picture kept for
+drawing is a preview no larger than ``results.DISPLAY_SIZE`` a side.
 
 Shape shorthand: H x W full image, T tile side.
 """
