@@ -20,6 +20,7 @@ from torch import Tensor
 from .ops.paste import paste_crops
 
 RLE = dict  # {"size": [H, W], "counts": bytes}, pycocotools' compressed form
+_EDGE_BLOCK = 1 << 24  # crop pixels whose run edges crop_to_rle finds at a time (16 MB of scratch)
 
 
 def crop_to_rle(crop: np.ndarray, y0: int, x0: int, image_size: tuple[int, int]) -> RLE:
@@ -39,10 +40,17 @@ def crop_to_rle(crop: np.ndarray, y0: int, x0: int, image_size: tuple[int, int])
         raise ValueError(f"crop {h}x{w} at (y={y0}, x={x0}) is not inside the {im_h}x{im_w} image")
     # RLE runs go down each column, then on to the next one (Fortran order). Each crop column,
     # framed by a zero above and below, changes value exactly where a run starts or ends.
-    framed = np.zeros((w, h + 2), dtype=np.int8)  # (w, h + 2): crop columns as rows
-    framed[:, 1:-1] = crop.T
-    col, row = np.nonzero(np.diff(framed, axis=1))  # (w, h + 1) edges, found column by column
-    edges = (x0 + col).astype(np.int64) * im_h + y0 + row  # flat Fortran index of each edge
+    # Columns are taken a block at a time, so a crop as large as the image (a road network,
+    # an object joined across many tiles) costs a block of scratch memory, not 3 copies of it.
+    step = max(1, _EDGE_BLOCK // (h + 2))
+    found = []
+    for c0 in range(0, w, step):
+        block = crop[:, c0 : c0 + step]  # (h, wb)
+        framed = np.zeros((block.shape[1], h + 2), dtype=np.int8)  # (wb, h + 2): crop columns as rows
+        framed[:, 1:-1] = block.T
+        col, row = np.nonzero(np.diff(framed, axis=1))  # (wb, h + 1) edges, found column by column
+        found.append((x0 + c0 + col).astype(np.int64) * im_h + y0 + row)  # flat Fortran index of each edge
+    edges = np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
     starts, ends = edges[0::2], edges[1::2]  # runs of ones: [start, end)
     # A run that reaches the bottom of a column continues at the top of the next one.
     if len(starts):
