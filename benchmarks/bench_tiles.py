@@ -67,13 +67,19 @@ def main() -> int:
     p.add_argument("--overlap", type=float, default=0.2)
     p.add_argument("--max-untiled", type=int, default=10000, help="largest side run untiled")
     p.add_argument("--json", default=None, help="also write the numbers here")
+    p.add_argument("--make", nargs=2, metavar=("SIDE", "PATH"), help=argparse.SUPPRESS)  # the canvas, then exit
     args = p.parse_args()
+    if args.make:
+        make_image(int(args.make[0]), Path(args.make[1]))
+        return 0
     weights = Path(args.weights) if args.weights else parity_checkpoint()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for side in args.sides:
             image = Path(tmp) / f"canvas_{side}.tif"
-            make_image(side, image)
+            # In a process of its own: on Linux a child's ru_maxrss starts from the parent's
+            # high-water mark (vfork + exec), so a 4 GB canvas built here would show in every run.
+            subprocess.run([sys.executable, __file__, "--make", str(side), str(image)], check=True)
             for tile in (None, args.tile):
                 row = {"side": side, "tiled": bool(tile)}
                 if not tile and side > args.max_untiled:
