@@ -53,3 +53,28 @@ def test_decode_and_decode_one_round_trip() -> None:
     assert (y0, x0, crop.shape) == (ys.min(), xs.min(), (ys.max() - ys.min() + 1, xs.max() - xs.min() + 1))
     np.testing.assert_array_equal(crop, masks[0, y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]])
     assert decode_one(rles[2])[2].shape == (0, 0)
+
+
+def test_decode_one_reads_only_the_box_and_matches_pycocotools():
+    # Random masks, some touching the top and bottom rows, where a run of ones continues from
+    # one column into the next; the reference is pycocotools' full-frame decode.
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        h, w = (int(v) for v in rng.integers(1, 30, size=2))
+        full = np.zeros((h, w), dtype=np.uint8)
+        y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
+        y1, x1 = int(rng.integers(y0 + 1, h + 1)), int(rng.integers(x0 + 1, w + 1))
+        full[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < (1.0 if trial % 4 == 0 else 0.6)
+        rle = mask_util.encode(np.asfortranarray(full))
+        top, left, crop = decode_one(rle)
+        bx, by, bw, bh = (int(v) for v in mask_util.toBbox(rle))
+        assert (top, left, crop.shape) == ((by, bx, (bh, bw)) if full.any() else (0, 0, (0, 0)))
+        rebuilt = np.zeros((h, w), dtype=bool)
+        rebuilt[top : top + crop.shape[0], left : left + crop.shape[1]] = crop
+        np.testing.assert_array_equal(rebuilt, mask_util.decode(rle).astype(bool))
+
+
+def test_decode_one_of_a_small_object_in_a_huge_frame_costs_the_box():
+    rle = crop_to_rle(np.ones((3, 4), dtype=bool), 15000, 19000, (20000, 20000))
+    top, left, crop = decode_one(rle)  # a full frame would be 400 MB
+    assert (top, left) == (15000, 19000) and crop.shape == (3, 4) and crop.all()

@@ -275,3 +275,27 @@ def test_draw_grid(tmp_path) -> None:
         assert im.size == (128, 128)
     with pytest.raises(ValueError):
         draw_grid([])
+
+
+def test_a_large_image_is_drawn_on_a_preview_at_its_scale():
+    from maskrcnn.masks import crop_to_rle
+    from maskrcnn.results import label_color
+
+    size = (4000, 8000)  # h, w
+    rle = crop_to_rle(np.ones((1000, 1000), dtype=bool), 1000, 2000, size)  # rows 1000.., columns 2000..
+    preview = np.zeros((1000, 2000, 3), dtype=np.uint8)  # the image shrunk 4 times
+    r = Result([[2000, 1000, 3000, 2000]], [0.9], [1], size, rles=[rle], image=preview)
+    picture = np.asarray(r.plot())
+    assert picture.shape == (1000, 2000, 3)
+    blended = np.rint(MASK_ALPHA * np.array(label_color(1))).astype(int)
+    np.testing.assert_array_equal(picture[375, 625], blended)  # inside the mask, at 1/4 scale
+    np.testing.assert_array_equal(picture[100, 100], [0, 0, 0])  # outside it
+    np.testing.assert_array_equal(picture[600, 400], [0, 0, 0])  # where the full-size mask would be drawn
+    with pytest.raises(ValueError, match="image is"):
+        Result([[0, 0, 1, 1]], [0.9], [1], size, image=np.zeros((1000, 1500, 3), np.uint8))  # not one factor
+
+
+def test_an_overlay_larger_than_the_display_size_is_shrunk():
+    r = Result(np.zeros((0, 4)), [], [], (5000, 2500), image=np.full((5000, 2500, 3), 7, np.uint8))
+    assert r.plot().size == (2048, 4096)  # DISPLAY_SIZE on the longer side
+    assert r.plot(max_size=None).size == (2500, 5000)

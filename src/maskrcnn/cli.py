@@ -92,6 +92,13 @@ def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from .video import is_video
+
+    videos = [i for i in args.inputs if is_video(i)]
+    if videos:  # videos, streams and cameras first; then any images given with them
+        args.inputs = [i for i in args.inputs if not is_video(i)]
+        code = cmd_predict_videos(args, videos)
+        return max(code, cmd_predict(args)) if args.inputs else code
     from tqdm import tqdm
 
     from .checkpoint import load
@@ -115,7 +122,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     table = label_to_category(model)
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
-                          max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision)
+                          max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision,
+                          tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole, progress=not args.quiet)
     with results:
         for i, result in enumerate(stream):
             bar.update(1)
@@ -130,6 +138,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
     if failed:
         print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_predict_videos(args: argparse.Namespace, sources: list[str]) -> int:
+    """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``; 1 if one failed."""
+    from .checkpoint import load
+    from .engine.inference import label_to_category
+    from .predictor import check_score_thresh
+    from .video import output_name, predict_video
+
+    check_score_thresh(args.score_thresh)
+    out = Path(args.out)
+    files = [p for s in sources if "://" not in s for p in (Path(s),) if p.exists()]
+    refuse_overwriting_inputs(files, [out / f"{output_name(s)}{ext}" for s in sources for ext in (".mp4", ".jsonl")])
+    model = load(args.weights, device=args.device)
+    table = label_to_category(model)
+    failed = 0
+    for source in sources:
+        try:
+            done = predict_video(model, source, out, stride=args.stride, batch_size=args.batch_size,
+                                 score_thresh=args.score_thresh, precision=args.precision, tile=args.tile,
+                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet)
+        except ValueError as e:  # cannot open, no video stream, PyAV missing: one line, go on
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
+              f"{done.video}, {done.jsonl}")
     return 1 if failed else 0
 
 
@@ -161,6 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     keep = [i for i in gt.image_ids if i not in bad]
     entries = coco_results(model, gt.coco, args.images, batch_size=args.batch_size, progress=not args.quiet,
                            image_ids=keep, allow_outside_root=args.allow_outside_root,
+                           tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole,
                            skipped=skipped if args.skip_bad_images else None)
     excluded = [*bad, *skipped]
     keep = [i for i in keep if i not in skipped]
@@ -235,13 +272,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def add_tile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=positive_int, default=None,
+                   help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
+                        "(very large images; the pixel limit becomes 1,000,000,000)")
+    p.add_argument("--tile-overlap", type=fraction, default=0.2, help="fraction of a tile that neighbours share (0.2)")
+    p.add_argument("--tile-whole", action="store_true",
+                   help="with --tile, one more pass over the whole image shrunk to a tile, for objects larger than a tile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskrcnn", description="Mask R-CNN instance segmentation in pure PyTorch")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("predict", help="detect objects in images; write overlays and COCO results JSON")
-    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; video files, stream URLs, /dev/videoN")
     q.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
@@ -252,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse images with more pixels than this (default 178956970, Pillow's own limit)")
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
+    add_tile_options(q)
+    q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
 
@@ -262,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=positive_int, default=1)
+    add_tile_options(e)
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--skip-bad-images", action="store_true",
                    help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "

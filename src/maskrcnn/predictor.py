@@ -19,11 +19,12 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from .data.images import MAX_PIXELS, load_rgb, to_rgb
+from . import tiling
+from .data.images import MAX_PIXELS, TILED_MAX_PIXELS, decode_in_place, load_rgb, open_image, to_rgb
 from .model.mask_rcnn import MaskRCNN
 from .precision import autocast
 from .precision import resolve as resolve_precision
-from .results import Result
+from .results import DISPLAY_SIZE, Result
 from .structures import Targets
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,10 @@ def iter_predict(
     keep_images: bool = True,
     max_pixels: int | None = MAX_PIXELS,
     precision: str = "fp32",
+    tile: int | None = None,
+    tile_overlap: float = 0.2,
+    tile_whole: bool = False,
+    progress: bool = False,
 ) -> Iterator[Result]:
     """Yield one ``Result`` per input, in order, as soon as its batch is done.
 
@@ -92,7 +97,10 @@ def iter_predict(
     """
     check_score_thresh(score_thresh)  # now, not at the first image
     resolve_precision(precision, model.device)
-    return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision, raise_errors=False)
+    if tile is not None:
+        tiling.check_tiling(tile, tile_overlap)
+    return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
+                    raise_errors=False, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole, progress=progress)
 
 
 def _predict(
@@ -105,8 +113,18 @@ def _predict(
     max_pixels: int | None,
     precision: str,
     raise_errors: bool,
+    tile: int | None = None,
+    tile_overlap: float = 0.2,
+    tile_whole: bool = False,
+    progress: bool = False,
 ) -> Iterator[Result]:
     """``iter_predict``; with ``raise_errors`` a failure raises its own exception instead."""
+    if tile is not None:
+        limit = TILED_MAX_PIXELS if max_pixels == MAX_PIXELS else max_pixels  # the default is raised for tiles
+        for index, item in enumerate(images):
+            yield _predict_tiled(model, item, index, tile, tile_overlap, tile_whole, batch_size, score_thresh,
+                                 mask_thresh, keep_images, limit, precision, raise_errors, progress)
+        return
 
     def chunks() -> Iterator[list[ImageLike]]:
         batch: list[ImageLike] = []
@@ -122,6 +140,50 @@ def _predict(
                                       keep_images=keep_images, max_pixels=max_pixels, precision=precision,
                                       raise_errors=raise_errors):
         yield from results
+
+
+def _predict_tiled(
+    model: MaskRCNN,
+    item: ImageLike,
+    index: int,
+    tile: int,
+    overlap: float,
+    whole: bool,
+    batch_size: int,
+    score_thresh: float | None,
+    mask_thresh: float | None,
+    keep_images: bool,
+    max_pixels: int | None,
+    precision: str,
+    raise_errors: bool,
+    progress: bool,
+) -> Result:
+    """One image by tiles (``maskrcnn.tiling``), its tiles batched through ``predict_batches``.
+
+    A file is decoded by Pillow once and cut tile by tile, never converted whole; the
+    ``Result`` keeps a preview of at most ``DISPLAY_SIZE`` a side for drawing.
+    """
+    path = str(item) if isinstance(item, (str, Path)) else None
+
+    def run(batches: Iterable[list[np.ndarray]]) -> Iterator[list[Result]]:
+        for results, _ in predict_batches(model, batches, score_thresh=score_thresh, mask_thresh=mask_thresh,
+                                          keep_images=False, precision=precision, raise_errors=raise_errors):
+            yield results
+
+    def go(source: tiling.Source) -> Result:
+        return tiling.predict_tiled(source, run, tile, overlap, batch_size, path=path, name=_name(item, index),
+                                    preview_side=DISPLAY_SIZE if keep_images else None, whole=whole, progress=progress)
+
+    try:
+        if path is None:
+            return go(tiling.ArrayTiles(as_rgb(item, max_pixels)[0]))
+        with open_image(path, max_pixels) as img:
+            decode_in_place(img, path)  # no copy of a huge image
+            return go(tiling.PillowTiles(img))
+    except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
+        if raise_errors:
+            raise
+        return _failed(str(e) if path and path in str(e) else f"{_name(item, index)}: {e}", path)
 
 
 def predict_batches(
@@ -221,6 +283,10 @@ def predict(
     keep_images: bool = True,
     max_pixels: int | None = MAX_PIXELS,
     precision: str = "fp32",
+    tile: int | None = None,
+    tile_overlap: float = 0.2,
+    tile_whole: bool = False,
+    progress: bool = False,
 ) -> Result | list[Result]:
     """Run ``model`` on one image or a list of images.
 
@@ -235,10 +301,20 @@ def predict(
         mask_thresh: mask probability above which a pixel belongs to the object (default the
             config's, 0.5).
         keep_images: keep the pixels in each ``Result`` for ``.plot()``.
-        max_pixels: image files with more pixels are refused (None: no limit).
+        max_pixels: image files with more pixels are refused (None: no limit; the default
+            becomes ``TILED_MAX_PIXELS``, a billion, with ``tile``).
         precision: "fp32" (default: float32, torchvision's results), "auto" (bf16 where the
             device computes it natively, fp16 on older GPUs, else float32), "bf16" or "fp16"
             (CUDA); see ``maskrcnn.precision``. Boxes and scores stay float32 either way.
+        tile: cut each image into ``tile`` x ``tile`` tiles at its native resolution, run
+            them in batches of ``batch_size`` and merge the detections across tile borders
+            (``maskrcnn.tiling``: the grid and the merge rule). For images far larger than the
+            model's input size; ``Result.image`` then holds a preview of at most
+            ``results.DISPLAY_SIZE`` a side.
+        tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
+        tile_whole: with ``tile``, one more pass over the whole image shrunk to a tile, for
+            objects larger than a tile.
+        progress: with ``tile``, a progress bar per image counting its tiles.
 
     Returns:
         A ``Result`` for a single image, else a list with one ``Result`` per input, in order.
@@ -254,6 +330,9 @@ def predict(
     """
     single = isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor))
     items = [images] if single else list(images)  # type: ignore[list-item]
+    if tile is not None:
+        tiling.check_tiling(tile, tile_overlap)
     results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
-                            raise_errors=single))
+                            raise_errors=single, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole,
+                            progress=progress))
     return results[0] if single else results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -36,6 +37,9 @@ logger = logging.getLogger(__name__)
 CategoryMap = Union[Callable[[int], int], Sequence[int], Mapping[int, int]]
 
 MASK_ALPHA = 0.45  # opacity of the mask overlay: the image stays readable underneath
+# Overlays of larger images are drawn on a copy shrunk to this side: a 20000-px overlay is a
+# 1.2 GB canvas that no viewer shows at full size.
+DISPLAY_SIZE = 4096
 
 # 20 well-separated colours (RGB); label k is drawn in _PALETTE[k % 20], the same in every run.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -166,7 +170,8 @@ class Result:
             need it). Assigning an (N, h, w) array or None replaces the masks.
         class_names: (N,) name of each detection's class, "" when unknown.
         path: the image file the detections came from, if any.
-        image: (h, w, 3) uint8 RGB pixels kept for drawing, or None.
+        image: (h, w, 3) uint8 RGB pixels kept for drawing, or None; either the image or a
+            preview of it shrunk by one factor (a tiled run keeps at most ``DISPLAY_SIZE`` a side).
         error: why this image gave no detections (unreadable file, a model failure), or None.
             Set only by ``model.predict`` on a list of images, which returns one ``Result``
             per input in order: a bad input never costs the others' results.
@@ -207,7 +212,7 @@ class Result:
             raise ValueError(f"class_names has {len(self.class_names)} entries for {n} detections")
         self.path = path
         self.image = None if image is None else _as_rgb_array(image)
-        if self.image is not None and self.image.shape[:2] != self.image_size:
+        if self.image is not None and not _fits(self.image.shape[:2], self.image_size):
             raise ValueError(f"image is {self.image.shape[:2]}, image_size is {self.image_size}")
         self.error = error
 
@@ -301,13 +306,17 @@ class Result:
 
     # ---- drawing -------------------------------------------------------------------------
 
-    def plot(self, image: np.ndarray | Image.Image | None = None, score_thresh: float = 0.0) -> Image.Image:
+    def plot(
+        self, image: np.ndarray | Image.Image | None = None, score_thresh: float = 0.0, max_size: int | None = DISPLAY_SIZE
+    ) -> Image.Image:
         """Draw masks, boxes and "name score" labels over the image.
 
         Args:
-            image: (H, W, 3) uint8 RGB array or PIL image of size ``image_size``;
-                defaults to ``self.image``.
+            image: (H, W, 3) uint8 RGB array or PIL image of size ``image_size``, or a copy of
+                it shrunk by one factor; defaults to ``self.image``.
             score_thresh: detections scoring below this are not drawn.
+            max_size: a picture with a longer side is shrunk to this side first, and the
+                detections drawn to its scale (None: full size).
 
         Returns:
             A new RGB PIL image; the input is not modified.
@@ -315,16 +324,18 @@ class Result:
         base = self.image if image is None else _as_rgb_array(image)
         if base is None:
             raise ValueError("no image to draw on: pass image= or keep the pixels in Result.image")
-        if base.shape[:2] != self.image_size:
+        if not _fits(base.shape[:2], self.image_size):
             raise ValueError(f"image is {base.shape[:2]}, detections are for {self.image_size}")
+        canvas = _shrunk(base, max_size)  # a copy: the caller's pixels stay as they are
+        h, w = self.image_size
+        sy, sx = canvas.shape[0] / h, canvas.shape[1] / w
 
         keep = np.flatnonzero(self.scores >= score_thresh)
         keep = keep[np.argsort(self.scores[keep], kind="stable")]  # best drawn last, on top
-        canvas = np.array(base, dtype=np.uint8)  # a copy: the caller's pixels stay as they are
         if self.rles is not None:
             for i in keep:
                 # Blend inside the mask's bounding box only: memory and time follow the object.
-                y0, x0, crop = rle_masks.decode_one(self.rles[i])
+                y0, x0, crop = _scaled_crop(*rle_masks.decode_one(self.rles[i]), sy, sx, canvas.shape[:2])
                 region = canvas[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]]
                 color = np.asarray(label_color(self.labels[i]), dtype=np.float32)
                 blended = (1.0 - MASK_ALPHA) * region[crop].astype(np.float32) + MASK_ALPHA * color
@@ -334,11 +345,10 @@ class Result:
 
         draw = ImageDraw.Draw(out)
         font = ImageFont.load_default()
-        h, w = self.image_size
-        line = max(1, round(0.002 * (h + w)))
+        line = max(1, round(0.002 * (out.height + out.width)))
         for i in keep:
             color = label_color(self.labels[i])
-            x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
+            x1, y1, x2, y2 = (float(v) * f for v, f in zip(self.boxes[i], (sx, sy, sx, sy)))
             draw.rectangle((x1, y1, x2, y2), outline=color, width=line)
             text = f"{self.class_names[i] or self.labels[i]} {self.scores[i]:.2f}"
             left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
@@ -411,6 +421,37 @@ def write_json(obj: Any, path: str | Path, indent: int | None = None) -> Path:
 def write_coco_results(entries: list[dict], path: str | Path) -> Path:
     """Write COCO results entries (e.g. from ``Result.to_coco``) as a JSON array, atomically."""
     return write_json(entries, path)
+
+
+def _fits(shape: tuple[int, ...], image_size: tuple[int, int]) -> bool:
+    """True if a picture of ``shape`` (h, w) is ``image_size`` (H, W) or it shrunk by one factor."""
+    (h, w), (big_h, big_w) = shape, image_size
+    if (h, w) == (big_h, big_w):
+        return True
+    # Rounding either way moves each side by under a pixel: compare the cross products.
+    return 0 < h <= big_h and 0 < w <= big_w and abs(h * big_w - w * big_h) <= max(big_h, big_w)
+
+
+def _shrunk(image: np.ndarray, max_size: int | None) -> np.ndarray:
+    """A copy of (H, W, 3) ``image``, shrunk to ``max_size`` on its longer side if larger."""
+    h, w = image.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return np.array(image, dtype=np.uint8)
+    scale = max_size / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    step = max(1, int(1 / scale) // 2)  # skip rows and columns first: no full-size PIL copy
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image[::step, ::step])).resize(size, Image.Resampling.BOX)).copy()
+
+
+def _scaled_crop(y0: int, x0: int, crop: np.ndarray, sy: float, sx: float, size: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+    """A mask crop at (y0, x0) moved to a picture scaled by (sy, sx) of ``size``: nearest pixels."""
+    if (sy, sx) == (1.0, 1.0) or not crop.size:
+        return y0, x0, crop
+    top, left = min(int(y0 * sy), size[0] - 1), min(int(x0 * sx), size[1] - 1)
+    bottom = min(max(top + 1, math.ceil((y0 + crop.shape[0]) * sy)), size[0])
+    right = min(max(left + 1, math.ceil((x0 + crop.shape[1]) * sx)), size[1])
+    small = Image.fromarray(crop).resize((right - left, bottom - top), Image.Resampling.NEAREST)
+    return top, left, np.asarray(small, dtype=bool)
 
 
 def _as_rgb_array(image: np.ndarray | Image.Image) -> np.ndarray:

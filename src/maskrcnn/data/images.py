@@ -35,17 +35,22 @@ from .errors import DatasetError
 # as a decompression bomb; the same number here keeps every image that opened before, but the
 # refusal now names the file and the limit, and is configurable (predict --max-pixels).
 MAX_PIXELS = 178_956_970
+# The limit of a tiled run (``predict(tile=)``, ``--tile``), which never holds the image as a
+# float batch: a billion pixels, 31,600 px a side (Pillow holds RGB at 4 bytes a pixel: 4 GB).
+TILED_MAX_PIXELS = 1_000_000_000
 
 # Pillow modes that hold one channel of more than 8 bits per pixel.
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
-    """(H, W[, C]) uint8 from 16-bit, wider integer or float values, by the module's rule."""
+def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool, peak: float | None = None) -> np.ndarray:
+    """(H, W[, C]) uint8 from 16-bit, wider integer or float values, by the module's rule;
+    ``peak``: the maximum to decide and scale by, when ``a`` is one part of a larger image."""
     floating = np.issubdtype(a.dtype, np.floating)
     a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
-    peak = float(a.max()) if a.size else 0.0
+    if peak is None:
+        peak = float(a.max()) if a.size else 0.0
     if floating and peak <= 1.0:
         a = a * 255.0
     elif sixteen_bit or peak <= 65535:
@@ -55,19 +60,21 @@ def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool) -> np.ndarray:
     return np.rint(a).clip(0, 255).astype(np.uint8)
 
 
-def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+def to_rgb(image: Image.Image | np.ndarray, peak: float | None = None) -> np.ndarray:
     """Pixels of a PIL image or an array -> (H, W, 3) uint8 RGB, by the rule in the module docstring.
 
     Args:
         image: a PIL image of any mode (no EXIF orientation is applied here), or an (H, W),
             (H, W, 3) or (H, W, 4) array of any numeric or bool dtype.
+        peak: for wide data (more than 16 bits, floats), the maximum of the whole image when
+            ``image`` is one tile of it, so that every tile is scaled alike (default: its own).
 
     Raises:
         ValueError: an array of another shape, or an image with no pixels.
     """
     if isinstance(image, Image.Image):
         if image.mode in _WIDE_MODES:
-            gray = _wide_to_uint8(np.asarray(image), sixteen_bit=image.mode in _16_BIT_MODES)
+            gray = _wide_to_uint8(np.asarray(image), sixteen_bit=image.mode in _16_BIT_MODES, peak=peak)
             rgb = np.repeat(gray[:, :, None], 3, axis=2)
         else:
             if image.mode == "P" and "transparency" in image.info:
@@ -83,7 +90,7 @@ def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
         elif a.dtype != np.uint8:
             if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
                 raise ValueError(f"array images must hold numbers, got dtype {a.dtype}")
-            a = _wide_to_uint8(a, sixteen_bit=a.dtype in (np.uint16, np.int16))
+            a = _wide_to_uint8(a, sixteen_bit=a.dtype in (np.uint16, np.int16), peak=peak)
         rgb = np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else np.ascontiguousarray(a[:, :, :3])
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError(f"image has no pixels (size {rgb.shape[0]}x{rgb.shape[1]})")
@@ -109,22 +116,47 @@ def open_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Iterato
         raise DatasetError(f"image path is a directory, not a file: {path}")
     if not stat.S_ISREG(mode):
         raise DatasetError(f"not a regular file (a FIFO, socket or device?), not read: {path}")
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # Pillow's bomb check is replaced by the one below, which names the file
     try:
-        img = Image.open(path)
+        with _pillow_limit_off():  # Pillow's bomb check is replaced by the one below, which names the file
+            img = Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot decode image {path}: {e}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
     with img:
         w, h = img.size
         if max_pixels is not None and w * h > max_pixels:
             raise DatasetError(
                 f"image {path} is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
-                f"(raise it with --max-pixels / max_pixels= if the image is trusted)"
+                f"(raise it with --max-pixels / max_pixels= if the image is trusted; a tiled run, --tile / tile=, "
+                f"reads up to {TILED_MAX_PIXELS:,})"
             )
         yield img
+
+
+@contextlib.contextmanager
+def _pillow_limit_off() -> Iterator[None]:
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def decode_in_place(img: Image.Image, path: str | Path) -> None:
+    """Decode an image from ``open_image`` with EXIF orientation applied, without a copy.
+
+    For tiled runs, which cut the decoded image tile by tile: Pillow's own pixel limit, which
+    an uncompressed TIFF of 20000 x 20000 px trips when decoded, is lifted as at open
+    (``open_image`` has applied the caller's ``max_pixels``).
+
+    Raises:
+        DatasetError: the pixels cannot be decoded.
+    """
+    try:
+        with _pillow_limit_off():
+            ImageOps.exif_transpose(img, in_place=True)  # decodes first
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot decode image {path}: {e}") from None
 
 
 def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:

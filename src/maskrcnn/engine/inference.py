@@ -38,6 +38,9 @@ def coco_results(
     *,
     allow_outside_root: bool = False,
     skipped: list[int] | None = None,
+    tile: int | None = None,
+    tile_overlap: float = 0.2,
+    tile_whole: bool = False,
 ) -> list[dict]:
     """Detections of ``model`` on every image of ``coco`` as COCO results entries (RLE masks).
 
@@ -45,13 +48,14 @@ def coco_results(
     ``CocoDataset``). An image that cannot be read raises ``DatasetError`` naming it, since
     evaluating without its detections would still count its ground truth; with a ``skipped``
     list it is logged and its id appended there instead, for the caller to leave out of the
-    ground truth too.
+    ground truth too. ``tile``, ``tile_overlap``, ``tile_whole``: tiled inference (``model.predict(tile=)``).
     """
     ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
     table = label_to_category(model)
     paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
     entries: list[dict] = []
-    stream = iter_predict(model, paths, batch_size=batch_size, keep_images=False)
+    stream = iter_predict(model, paths, batch_size=batch_size, keep_images=False, tile=tile, tile_overlap=tile_overlap,
+                          tile_whole=tile_whole)
     for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img", disable=not progress, leave=False):
         if result.error is not None:
             if skipped is None:
