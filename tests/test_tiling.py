@@ -246,7 +246,7 @@ def test_evaluate_tile_scores_the_merged_detections_against_the_annotations(tiny
           "categories": [{"id": i, "name": n} for i, n in enumerate(("circle", "square", "triangle"), 1)]}
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     forward = colour_forward()
-    monkeypatch.setattr(MaskRCNN, "forward", lambda self, images, targets=None, propose=None: forward(images))
+    monkeypatch.setattr(MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images))
     code = main(["evaluate", "--weights", str(tiny_ckpt), "--data", str(tmp_path / "gt.json"), "--images",
                  str(tmp_path / "images"), "--tile", str(TILE), "--tile-overlap", str(OVERLAP), "--out", str(tmp_path / "ev"),
                  "--quiet"])
@@ -283,7 +283,7 @@ def test_a_tiled_run_decodes_a_tiff_past_pillows_own_limit(tmp_path):
     model = tiny_model()
     seen = []
 
-    def nothing(images, targets=None, propose=None):
+    def nothing(images, targets=None, propose=None, score_thresh=None):
         seen.extend(tuple(im.shape) for im in images)
         return ModelOutput(detections=[Detections.empty() for _ in images])
 
