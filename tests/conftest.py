@@ -28,21 +28,23 @@ def need(path: Path) -> Path:
     return path
 
 
-def build_checkpoint(folder: Path, stem: str) -> Path:
-    """The checkpoint of a parity fixture's recipe (``folder/weights_rule.py``), built once per
-    machine into the test cache (digest-checked); the name carries the recipe's digest, so a
-    regenerated fixture never meets a stale file."""
-    need(folder / "weights_rule.py")
+def build_checkpoint(folder: Path, stem: str, rule: Path | None = None, suffix: str = ".pth") -> Path:
+    """The checkpoint of a parity fixture's recipe (``rule``, default ``folder/weights_rule.py``,
+    whose ``write_checkpoint(out, folder)`` builds it), built once per machine into the test
+    cache (digest-checked); the name carries the recipe's digest, so a regenerated fixture never
+    meets a stale file."""
+    rule = rule or folder / "weights_rule.py"
+    need(rule)
     cache = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests"))
     cache.mkdir(parents=True, exist_ok=True)
     digest = json.loads((folder / "spec.json").read_text())["sha256"]
-    path = cache / f"{stem}-{digest[:8]}.pth"
+    path = cache / f"{stem}-{digest[:8]}{suffix}"
     if not path.exists():
-        spec = importlib.util.spec_from_file_location(f"weights_rule_{folder.name}", folder / "weights_rule.py")
-        rule = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(rule)  # type: ignore[union-attr]
+        spec = importlib.util.spec_from_file_location(f"weights_rule_{stem}", rule)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
         tmp = path.with_suffix(".tmp")
-        rule.write_checkpoint(str(tmp), folder)  # raises if the digest differs
+        module.write_checkpoint(str(tmp), folder)  # raises if the digest differs
         tmp.replace(path)
     return path
 
@@ -72,18 +74,4 @@ D2_PARITY = REPO / "tests" / "fixtures" / "d2_parity"
 def d2_checkpoint(family: str) -> Path:
     """A Detectron2-layout parity checkpoint (``model_final``-style .pkl), built once per machine
     from ``tests/fixtures/d2_parity/FAMILY``'s recipe (digest-checked)."""
-    import json
-
-    folder = D2_PARITY / family
-    digest = json.loads((folder / "spec.json").read_text())["sha256"]
-    cache = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests"))
-    cache.mkdir(parents=True, exist_ok=True)
-    path = cache / f"d2_parity_{family}_{digest[:12]}.pkl"
-    if not path.exists():
-        spec = importlib.util.spec_from_file_location("d2_weights_rule", D2_PARITY / "weights_rule.py")
-        rule = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(rule)  # type: ignore[union-attr]
-        tmp = path.with_suffix(".tmp")
-        rule.write_checkpoint(str(tmp), folder)  # raises if the digest differs
-        tmp.replace(path)
-    return path
+    return build_checkpoint(D2_PARITY / family, f"d2_parity_{family}", D2_PARITY / "weights_rule.py", ".pkl")
