@@ -38,6 +38,7 @@ class AnchorConfig:
     sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one anchor size (sqrt area, pixels) per level P2..P6
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width, the same on every level
     round_cells: bool = True  # cell anchor corners rounded to integers (torchvision); Detectron2 keeps them exact
+    strides: tuple[int, ...] = ()  # cell step per level in pixels (Detectron2: 4..64); () = padded size // grid (torchvision)
 
 
 @dataclass

@@ -191,6 +191,7 @@ def infer_config(state: dict[str, Tensor], raw: dict[str, Any] | None = None) ->
     grouped = cfg.backbone.name.startswith("resnext")
     cfg.backbone.stride_in_1x1 = not grouped  # the MSRA ResNets; FAIR's ResNeXt strides in the 3x3
     cfg.anchors.round_cells = False
+    cfg.anchors.strides = (4, 8, 16, 32, 64)  # Detectron2's fixed level strides, never padded // grid
     cfg.rpn.min_size = 0.0
     cfg.rpn.rank_by = "logit"
     cfg.rpn.pre_nms_top_n_test = 1000

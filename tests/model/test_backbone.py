@@ -83,6 +83,22 @@ def test_anchor_grid_order_and_strides():
     assert lvl1[4].tolist() == [0.0, 0.0, 16.0, 16.0]  # (row 1, col 1), stride 8, size 16
 
 
+def test_p6_anchor_step_torchvision_vs_detectron2():
+    """An 800-px side padded to 800 has a 13-cell P6 grid (25 cells on P5, halved up).
+    torchvision steps by 800 // 13 = 61 px there, Detectron2 by its nominal stride 64."""
+    sizes, hw = (32, 64, 128, 256, 512), [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]
+    tv = AnchorGenerator(sizes, (1.0,))((800, 1216), hw, torch.device("cpu"))
+    d2 = AnchorGenerator(sizes, (1.0,), round_cells=False, strides=(4, 8, 16, 32, 64))((800, 1216), hw, torch.device("cpu"))
+    cell = 19 + 1  # P6 cell (row 1, col 1)
+    assert tv[4][cell].tolist() == [64 - 256, 61 - 256, 64 + 256, 61 + 256]  # x step 1216 // 19 = 64, y 61
+    assert d2[4][cell].tolist() == [64 - 256, 64 - 256, 64 + 256, 64 + 256]
+    assert d2[4][-1].tolist() == [18 * 64 - 256, 12 * 64 - 256, 18 * 64 + 256, 12 * 64 + 256]
+    for level in range(4):  # the grids divide evenly below P6: both agree
+        torch.testing.assert_close(tv[level][:, :2] - tv[level][:1, :2], d2[level][:, :2] - d2[level][:1, :2])
+    with pytest.raises(ValueError, match="strides"):
+        AnchorGenerator(sizes, (1.0,), strides=(4, 8))
+
+
 def test_stride_in_1x1_moves_the_stride_to_the_first_conv():
     """MSRA bottleneck: the same tensors, the stride in conv1 (1x1) instead of conv2 (3x3)."""
     torch.manual_seed(0)

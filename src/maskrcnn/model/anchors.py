@@ -3,6 +3,11 @@
 Each FPN level gets one anchor size and several aspect ratios. Anchor coordinates are in the
 padded input frame; the same anchors serve every image of a batch.
 
+Where the cells sit differs between the two reference libraries: torchvision steps by
+``padded size // grid size`` on each level, Detectron2 by the level's nominal stride (4 .. 64).
+They agree wherever the padded side divides evenly, but not on P6 when padded side / 32 is odd
+(an 800-px side: 800 // 13 = 61 against 64), which moves every large proposal of such an image.
+
 Shape shorthand: A anchors per cell, H_l x W_l cells on level l.
 """
 from __future__ import annotations
@@ -42,11 +47,22 @@ class AnchorGenerator(nn.Module):
     sizes: anchor size (sqrt of area, input pixels) of each level.
     aspect_ratios: h / w ratios used on every level.
     round_cells: round the cell anchors' corners to integers (torchvision) or not (Detectron2).
+    strides: the step between cells of each level in input pixels (Detectron2), or () to derive
+        it per image as padded size // grid size (torchvision).
     """
 
-    def __init__(self, sizes: tuple[int, ...] = (32, 64, 128, 256, 512), aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0), round_cells: bool = True) -> None:
+    def __init__(
+        self,
+        sizes: tuple[int, ...] = (32, 64, 128, 256, 512),
+        aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0),
+        round_cells: bool = True,
+        strides: tuple[int, ...] = (),
+    ) -> None:
         super().__init__()
+        if strides and len(strides) != len(sizes):
+            raise ValueError(f"anchors: {len(strides)} strides for {len(sizes)} levels")
         self.cells = [cell_anchors(s, aspect_ratios, round_cells) for s in sizes]
+        self.strides = tuple(strides)
         self._cache: dict[tuple, list[Tensor]] = {}
 
     @property
@@ -61,14 +77,21 @@ class AnchorGenerator(nn.Module):
         """
         key = (tuple(padded_hw), tuple(map(tuple, feature_hws)), str(device))
         if key not in self._cache:
-            self._cache[key] = [self._grid(padded_hw, hw, cell.to(device)) for hw, cell in zip(feature_hws, self.cells)]
+            self._cache[key] = [self._grid(self._stride(padded_hw, hw, level), hw, cell.to(device))
+                                for level, (hw, cell) in enumerate(zip(feature_hws, self.cells))]
             if len(self._cache) > 32:  # multi-scale training sees many sizes; keep memory bounded
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[key]
 
+    def _stride(self, padded_hw: tuple[int, int], hw: tuple[int, int], level: int) -> tuple[int, int]:
+        """(stride_y, stride_x) of one level's cells in input pixels."""
+        if self.strides:
+            return self.strides[level], self.strides[level]
+        return padded_hw[0] // hw[0], padded_hw[1] // hw[1]
+
     @staticmethod
-    def _grid(padded_hw: tuple[int, int], hw: tuple[int, int], cell: Tensor) -> Tensor:
-        stride_y, stride_x = padded_hw[0] // hw[0], padded_hw[1] // hw[1]
+    def _grid(stride: tuple[int, int], hw: tuple[int, int], cell: Tensor) -> Tensor:
+        stride_y, stride_x = stride
         ys = torch.arange(hw[0], device=cell.device, dtype=torch.float32) * stride_y
         xs = torch.arange(hw[1], device=cell.device, dtype=torch.float32) * stride_x
         sy, sx = torch.meshgrid(ys, xs, indexing="ij")

@@ -27,7 +27,7 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
     backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels, _batchnorm("backbone.fpn_norm", b.fpn_norm)))
 
     a, r = cfg.anchors, cfg.rpn
-    anchors = AnchorGenerator(a.sizes, a.aspect_ratios, a.round_cells)
+    anchors = AnchorGenerator(a.sizes, a.aspect_ratios, a.round_cells, a.strides)
     head = RPNHead(b.fpn_channels, anchors.num_anchors_per_cell, 1 if r.objectness == "sigmoid" else 2, r.conv_depth)
     rpn = RegionProposalNetwork(
         anchors,
