@@ -180,3 +180,29 @@ def test_training_from_a_detectron2_file_warns_about_its_other_network(caplog):
         reinit = init_from_checkpoint(model, d2_checkpoint("r50"), 1e-5)
     assert "roi_heads.box_predictor.cls_score.weight" in reinit  # 80 classes vs 90
     assert "model.backbone.stride_in_1x1=False (file: True)" in caplog.text and "model.transform.bgr" in caplog.text
+
+
+# COCO's 80 category ids in Detectron2's contiguous order, written out by hand from the COCO
+# 2017 annotation file (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused there).
+COCO_IDS_BY_HAND = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)]
+
+
+def test_detectron2_coco_labels_come_out_as_coco_category_ids():
+    """Detectron2 predicts contiguous classes 0..79; a COCO results file needs COCO's ids (1..90),
+    from ``predict`` as from the CLI, with no mapping passed by the user."""
+    import maskrcnn
+
+    from .conftest import D2_PARITY, TV_PARITY, d2_checkpoint, need
+
+    assert len(COCO_IDS_BY_HAND) == 80
+    need(D2_PARITY / "r50" / "spec.json")
+    ref = np.load(D2_PARITY / "r50" / "single_a.npz")
+    model = maskrcnn.load(d2_checkpoint("r50"))
+    result = model.predict(str(need(TV_PARITY / "image_a.png")))
+    d2_classes = ref["final_labels_0"]  # Detectron2's own contiguous classes
+    assert sorted(result.labels.tolist()) == sorted((d2_classes + 1).tolist())
+    expected = sorted(COCO_IDS_BY_HAND[k] for k in d2_classes)
+    assert sorted(result.category_ids.tolist()) == expected
+    assert sorted(e["category_id"] for e in result.to_coco(image_id=7)) == expected
+    assert any(k != COCO_IDS_BY_HAND[k] - 1 for k in d2_classes)  # the case shows a real remapping
+    assert sorted(e["category_id"] for e in result[:3].to_coco(1)) == sorted(result.category_ids[:3].tolist())

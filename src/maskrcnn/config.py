@@ -116,6 +116,11 @@ class ModelConfig:
         names = list(self.class_names) + [""] * (self.num_classes - len(self.class_names))
         return ["__background__", *names]
 
+    def label_categories(self) -> list[int]:
+        """Dataset category id of every label 0..num_classes (0 for background; the label itself
+        without ``category_ids``, as torchvision's COCO weights predict COCO ids directly)."""
+        return [0, *self.category_ids] if self.category_ids else list(range(self.num_classes + 1))
+
 
 # ----------------------------------------------------------------------------------------
 # Dict / YAML / key=value round trips, shared by every config dataclass of the package.

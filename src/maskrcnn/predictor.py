@@ -217,6 +217,7 @@ def predict_batches(
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
     names = cfg.label_names()
+    categories = cfg.label_categories()
     raise_errors = raise_errors or targets is not None
 
     def detect(loaded: list[_Loaded], truth: Sequence[Targets] | None) -> tuple[list[Result], dict[str, Tensor]]:
@@ -233,7 +234,8 @@ def predict_batches(
                     if score_thresh is not None:
                         det = det[det.scores >= score_thresh]
                     image = array if keep_images else None
-                    results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image, paste=cfg.roi_heads.paste))
+                    results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image,
+                                                          paste=cfg.roi_heads.paste, category_table=categories))
                 return results, out.losses
         except Exception as e:  # noqa: BLE001  one image that breaks the model must not cost the others
             if raise_errors:

@@ -160,8 +160,11 @@ class Result:
     Attributes:
         boxes: (N, 4) float32 x1 y1 x2 y2 pixels, sorted by decreasing score.
         scores: (N,) float32 class probabilities in [0, 1].
-        labels: (N,) int64 class indices 1..num_classes (COCO category ids for a
-            torchvision COCO checkpoint).
+        labels: (N,) int64 class indices 1..num_classes of the model (equal to the COCO
+            category ids for torchvision's COCO checkpoints, not for Detectron2's).
+        category_ids: (N,) int64 dataset category id of each detection (COCO ids for every
+            COCO checkpoint: Detectron2's label 80 is category 90), what ``to_coco`` writes.
+        category_table: dataset category id of every label 0..num_classes, or None (identity).
         image_size: (h, w) of the original image ((0, 0) when it could not be read).
         rles: N pycocotools RLEs ``{"size": [h, w], "counts": bytes}`` of the instance masks
             in the full image, or None for a box-only model.
@@ -190,6 +193,7 @@ class Result:
         *,
         rles: Sequence[dict] | None = None,
         error: str | None = None,
+        category_table: Sequence[int] | None = None,
     ) -> None:
         self.boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
         self.scores = np.asarray(scores, dtype=np.float32).reshape(-1)
@@ -215,6 +219,11 @@ class Result:
         if self.image is not None and not _fits(self.image.shape[:2], self.image_size):
             raise ValueError(f"image is {self.image.shape[:2]}, image_size is {self.image_size}")
         self.error = error
+        self.category_table = None if category_table is None else tuple(int(c) for c in category_table)
+
+    @property
+    def category_ids(self) -> np.ndarray:
+        return np.array([_map_category(self.category_table, int(k)) for k in self.labels], dtype=np.int64)
 
     @property
     def masks(self) -> np.ndarray | None:
@@ -246,6 +255,7 @@ class Result:
         path: str | None = None,
         image: np.ndarray | Image.Image | None = None,
         paste: str = "torchvision",
+        category_table: Sequence[int] | None = None,
     ) -> "Result":
         """Convert the model's ``Detections`` for one image to a ``Result``, pasting the masks.
 
@@ -259,6 +269,7 @@ class Result:
                 ``paste_masks_in_image``). Each mask is pasted into its box only and
                 run-length encoded, never as a full frame.
             paste: the pasting rule of the model's weights (``RoIHeadsConfig.paste``).
+            category_table: dataset category id of every label (``ModelConfig.label_categories``).
         """
         labels = detections.labels.detach().cpu().numpy()
         boxes = detections.boxes.detach().float()
@@ -277,6 +288,7 @@ class Result:
             class_names=[_lookup_name(class_names, int(k)) for k in labels],
             path=path,
             image=image,
+            category_table=category_table,
         )
 
     def __len__(self) -> int:
@@ -302,6 +314,7 @@ class Result:
             path=self.path,
             image=self.image,
             error=self.error,
+            category_table=self.category_table,
         )
 
     # ---- drawing -------------------------------------------------------------------------
@@ -373,7 +386,8 @@ class Result:
         Args:
             image_id: the COCO image id these detections belong to.
             category_ids: label -> COCO category id (function, table indexed by label,
-                or dict); identity when None (torchvision COCO checkpoints predict ids).
+                or dict); when None, the model's own table (``category_table``, set by
+                ``predict``: Detectron2's 80 labels -> COCO's ids 1..90), else identity.
 
         Returns:
             ``{"image_id", "category_id", "bbox": [x, y, w, h], "score",
@@ -385,7 +399,7 @@ class Result:
             x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
             entry: dict[str, Any] = {
                 "image_id": int(image_id),
-                "category_id": _map_category(category_ids, int(self.labels[i])),
+                "category_id": _map_category(category_ids if category_ids is not None else self.category_table, int(self.labels[i])),
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "score": float(self.scores[i]),
             }

@@ -305,8 +305,9 @@ def merge_tiles(
         names.append(best.name)
         if has_masks:
             rles.append(_union_rle(group, image_size))
+    table = next((r.category_table for r in results), None)
     return Result(np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(scores), np.array(labels), image_size,
-                  rles=rles if has_masks else None, class_names=names, path=path, image=image)
+                  rles=rles if has_masks else None, class_names=names, path=path, image=image, category_table=table)
 
 
 def _union_rle(group: list[_Part], image_size: tuple[int, int]) -> dict:
@@ -431,7 +432,8 @@ def add_whole_image_pass(
     joined = Result(np.concatenate([kept.boxes, boxes])[order], np.concatenate([kept.scores, big.scores])[order],
                     np.concatenate([kept.labels, big.labels])[order], (h, w),
                     rles=[(kept.rles + rles)[i] for i in order] if has_masks else None,  # type: ignore[operator]
-                    class_names=[(kept.class_names + big.class_names)[i] for i in order], path=merged.path, image=merged.image)
+                    class_names=[(kept.class_names + big.class_names)[i] for i in order], path=merged.path, image=merged.image,
+                    category_table=merged.category_table or big.category_table)
     log.debug("whole-image pass: %d large objects replace %d tile detections", len(big), int(pieces.sum()))
     return joined
 

@@ -23,8 +23,7 @@ log = logging.getLogger(__name__)
 
 def label_to_category(model: MaskRCNN) -> list[int]:
     """Table label -> dataset category id (index 0 unused); identity without ``category_ids``."""
-    ids = model.config.category_ids
-    return [0, *ids] if ids else list(range(model.config.num_classes + 1))
+    return model.config.label_categories()
 
 
 @torch.inference_mode()
