@@ -420,6 +420,7 @@ class Result:
             "boxes": self.boxes.tolist(),
             "scores": self.scores.tolist(),
             "labels": self.labels.tolist(),
+            "category_ids": self.category_ids.tolist(),
             "class_names": list(self.class_names),
             "masks": masks,
             "error": self.error,
