@@ -191,33 +191,50 @@ class _Reading:
     error: str | None = None
 
 
+def _frames(av: Any, container: Any, stream: Any, reading: _Reading) -> Iterator[Any]:
+    """The stream's decoded frames, in order. A packet that fails to decode is skipped, as
+    ffmpeg does, so the frames a threaded decoder holds back survive a cut-off file; an error
+    reading the container ends it. The first error is kept in ``reading``."""
+    packets = container.demux(stream)
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.FFmpegError as e:  # a stream that breaks off: keep what was done, report it
+            reading.error = reading.error or str(e)
+            return
+        try:
+            yield from packet.decode()  # the last, empty packet flushes the decoder
+        except av.FFmpegError as e:
+            reading.error = reading.error or str(e)
+
+
 def _decode(av: Any, container: Any, stream: Any, stride: int, fps: float,
             reading: _Reading) -> Iterator[tuple[int, float, float | None, np.ndarray]]:
     """(index, seconds from the first frame, container time stamp, (H, W, 3) uint8 RGB) of
-    frames 0, stride, 2 * stride, ...; a decoding error ends it, recorded in ``reading``."""
+    frames 0, stride, 2 * stride, ...; frames read and errors are counted in ``reading``."""
     start: float | None = None
-    try:
-        for index, frame in enumerate(container.decode(stream)):
-            reading.read = index + 1
-            stamp = float(frame.time) if frame.time is not None else None
-            if start is None and stamp is not None:
-                start = stamp
-            if index % stride:
-                continue
-            time = stamp - start if stamp is not None and start is not None else index / fps
-            yield index, time, stamp, frame.to_ndarray(format="rgb24")
-    except av.FFmpegError as e:  # a stream that breaks off: keep what was done, report it
-        reading.error = str(e)
+    for index, frame in enumerate(_frames(av, container, stream, reading)):
+        reading.read = index + 1
+        stamp = float(frame.time) if frame.time is not None else None
+        if start is None and stamp is not None:
+            start = stamp
+        if index % stride:
+            continue
+        time = stamp - start if stamp is not None and start is not None else index / fps
+        yield index, time, stamp, frame.to_ndarray(format="rgb24")
 
 
 def _shortfall(reading: _Reading, header: int | None) -> str | None:
-    """Why the source ended early: a decoding error, or fewer frames than its header states."""
-    stated = f" of the {header} its header states" if header else ""
-    if reading.error is not None:
-        return f"decoding stopped after frame {reading.read}{stated}: {reading.error}"
+    """Why the source is incomplete: fewer frames than its header states, or a decoding error."""
     if header and reading.read < header:
-        return f"decoded {reading.read}{stated} (a truncated file?)"
-    return None
+        why = f"decoded {reading.read} of the {header} frames its header states (a truncated file?)"
+    elif reading.error is not None:
+        why = f"a decoding error after frame {reading.read}"
+    else:
+        return None
+    return why + (f": {reading.error}" if reading.error else "")
 
 
 def predict_video(
