@@ -185,8 +185,9 @@ class AnnotatedVideo:
 
 @dataclass
 class _Reading:
-    """How far decoding got: frames read, and the error that stopped it early (if one did)."""
+    """How far reading got: packets demuxed, frames decoded, the first error (if any)."""
 
+    packets: int = 0  # with data; samples an MP4 edit list trims are demuxed but never decoded
     read: int = 0
     error: str | None = None
 
@@ -204,6 +205,7 @@ def _frames(av: Any, container: Any, stream: Any, reading: _Reading) -> Iterator
         except av.FFmpegError as e:  # a stream that breaks off: keep what was done, report it
             reading.error = reading.error or str(e)
             return
+        reading.packets += packet.size > 0
         try:
             yield from packet.decode()  # the last, empty packet flushes the decoder
         except av.FFmpegError as e:
@@ -227,8 +229,9 @@ def _decode(av: Any, container: Any, stream: Any, stride: int, fps: float,
 
 
 def _shortfall(reading: _Reading, header: int | None) -> str | None:
-    """Why the source is incomplete: fewer frames than its header states, or a decoding error."""
-    if header and reading.read < header:
+    """Why the source is incomplete: fewer packets than the frames its header states (counted
+    in packets, since an edit list makes a whole file decode to fewer frames), or a decoding error."""
+    if header and reading.packets < header:
         why = f"decoded {reading.read} of the {header} frames its header states (a truncated file?)"
     elif reading.error is not None:
         why = f"a decoding error after frame {reading.read}"
