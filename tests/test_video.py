@@ -268,7 +268,7 @@ def test_frames_larger_than_the_first_are_scaled_to_fit_not_cropped(tiny_ckpt, t
         assert f[-4:, -4:].mean() > 150 and f[: H // 2, : W // 2].mean() < 40
 
 
-def test_an_animated_gif_is_run_frame_by_frame(tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_an_animated_gif_is_run_frame_by_frame(tiny_ckpt, tmp_path, monkeypatch, capsys, caplog):
     monkeypatch.setattr(MaskRCNN, "forward", bright_forward)
     pictures = []
     for i in range(4):
@@ -284,3 +284,6 @@ def test_an_animated_gif_is_run_frame_by_frame(tiny_ckpt, tmp_path, monkeypatch,
         x, y = square_at(r["frame"])
         np.testing.assert_allclose(r["detections"][0]["bbox"], [x, y, SIDE, SIDE], atol=1)
     assert len(frames_of(tmp_path / "out" / "anim.mp4")) == 4
+    with caplog.at_level("WARNING"):  # the API reads one image per path: it says so
+        tiny_model().predict(tmp_path / "anim.gif")
+    assert "anim.gif has 4 frames; only the first is read" in caplog.text
