@@ -7,7 +7,11 @@ import glob
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch only once a command runs, so --help stays fast
+    from .model.mask_rcnn import MaskRCNN
+    from .onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -123,7 +127,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     if args.tile_whole and (videos or streams):
         args.parser.error("--tile-whole applies to images only, not to videos, streams or cameras")
-    from .engine.inference import PredictionFiles
+    from .engine.inference import PredictionFiles, coco_image_ids
     from .predictor import check_score_thresh
     from .video import output_name
 
@@ -136,27 +140,30 @@ def cmd_predict(args: argparse.Namespace) -> int:
     # Before any work: no output replaces an input, and no video output a file of the user's.
     refuse_overwriting_inputs(paths, [*overlays, *(PredictionFiles(out).paths() if images else []), *video_files])
     refuse_replacing_user_files(video_files)
+    # Images missing from the --coco file get ids past its largest, never one of its ids.
+    gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
     from .checkpoint import load
 
     model = load(args.weights, device=args.device)
     videos_failed = predict_videos(args, model, sources, names) if sources else 0
-    failed += predict_images(args, model, images, overlays) if images else []
+    failed += predict_images(args, model, images, overlays, gt_ids) if images else []
     if failed:
         print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
     return 1 if failed or videos_failed else 0
 
 
-def predict_images(args: argparse.Namespace, model: Any, paths: list[Path], overlays: list[Path]) -> list[str]:
-    """Each image -> ``overlays[i]``, and ``--out``'s results files; the messages of those that failed."""
+def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", paths: list[Path], overlays: list[Path],
+                   gt_ids: tuple[list[int | None], int]) -> list[str]:
+    """Each image -> ``overlays[i]``, and ``--out``'s results files; the messages of those that
+    failed. ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others."""
     from tqdm import tqdm
 
     from .data.images import MAX_PIXELS
-    from .engine.inference import PredictionFiles, coco_image_ids, label_to_category
+    from .engine.inference import PredictionFiles, label_to_category
     from .predictor import iter_predict
 
     out = Path(args.out)
-    # Images missing from the --coco file get ids past its largest, never one of its ids.
-    gt_ids, first_free = coco_image_ids(paths, args.coco) if args.coco else ([None] * len(paths), 1)
+    ids, first_free = gt_ids
     table = label_to_category(model)
     results, failed = PredictionFiles(out), []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
@@ -169,7 +176,7 @@ def predict_images(args: argparse.Namespace, model: Any, paths: list[Path], over
             if result.error is not None:  # logged as it happened; listed again at the end
                 failed.append(result.error)
                 continue
-            image_id = gt_ids[i] if gt_ids[i] is not None else first_free + i
+            image_id = ids[i] if ids[i] is not None else first_free + i
             result.save(overlays[i])
             results.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
         bar.close()
@@ -178,7 +185,7 @@ def predict_images(args: argparse.Namespace, model: Any, paths: list[Path], over
     return failed
 
 
-def predict_videos(args: argparse.Namespace, model: Any, sources: list[str], names: list[str]) -> int:
+def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sources: list[str], names: list[str]) -> int:
     """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``. Returns how
     many failed or ended before their header's frame count, each told in one line as it happens."""
     from .engine.inference import label_to_category
