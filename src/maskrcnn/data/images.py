@@ -33,6 +33,7 @@ from torch import Tensor
 from .errors import DatasetError
 
 log = logging.getLogger(__name__)
+_WARNED_ANIMATED: set[str] = set()  # animated images already warned about: only their first frame is read
 
 # Pillow refuses images above twice its MAX_IMAGE_PIXELS (2 x 89,478,485, e.g. 13,400 x 13,400)
 # as a decompression bomb; the same number here keeps every image that opened before, but the
@@ -177,7 +178,8 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarra
             or cannot be decoded.
     """
     with open_image(path, max_pixels) as img:
-        if getattr(img, "is_animated", False):  # an animated GIF, APNG or WebP: say what is read
+        if getattr(img, "is_animated", False) and str(path) not in _WARNED_ANIMATED:  # once a file (training rereads)
+            _WARNED_ANIMATED.add(str(path))
             log.warning("%s has %d frames; only the first is read as an image (maskrcnn predict runs an animated GIF "
                         "as a video)", path, getattr(img, "n_frames", 0))
         try:
