@@ -290,3 +290,16 @@ def test_predict_precision_option(tiny_ckpt, images, tmp_path, capsys):
     capsys.readouterr()
     assert _predict(tiny_ckpt, images / "a.png", "--out", tmp_path / "fp16", "--precision", "fp16") == 2
     assert "fp16 needs a CUDA device" in _one_line_error(capsys.readouterr().err)
+
+
+def test_predict_never_replaces_a_users_results_file_but_replaces_its_own(tiny_ckpt, images, capsys):
+    """``--out`` may be the input folder, which may hold the user's own ``predictions.json``."""
+    (images / "predictions.json").write_text('{"mine": true}')
+    assert main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "predictions.json exists and was not written by maskrcnn predict" in err
+    assert (images / "predictions.json").read_text() == '{"mine": true}' and not (images / "overlays").exists()
+    (images / "predictions.json").unlink()
+    for _ in range(2):  # a rerun replaces what the first run wrote
+        assert main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 0
+    assert len(json.loads((images / "images.json").read_text())) == 1

@@ -66,10 +66,10 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return unique, skipped
 
 
-def unique_names(stems: list[str]) -> list[str]:
+def unique_names(stems: list[str], taken: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """One output name per input (images and videos alike): its stem, with ``_2``, ``_3``, ...
-    where inputs share a stem, so that no output of a run replaces another."""
-    names, used = [], set()
+    where inputs share a stem or it is ``taken``, so that no output of a run replaces another."""
+    names, used = [], set(taken)
     for stem in stems:
         name, k = stem, 1
         while name in used:
@@ -101,14 +101,16 @@ def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
             raise ValueError(f"writing {out} would overwrite the input {hit}; choose another --out folder")
 
 
-def refuse_replacing_user_files(outputs: list[Path]) -> None:
-    """ValueError if one of a video's ``outputs`` exists and is not an earlier output of
-    ``predict`` (``video.written_by_predict``): they go straight into ``--out``, which may be
-    the input folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` annotated."""
+def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None:
+    """ValueError if one of ``predict``'s results files or video outputs exists and is not an
+    earlier output of ``predict``: they go straight into ``--out``, which may be the input
+    folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` being annotated.
+    (``overlays/`` is predict's own folder: its files are replaced, as a rerun needs.)"""
+    from .engine.inference import PredictionFiles
     from .video import written_by_predict
 
-    for out in outputs:
-        if (out.exists() or out.is_symlink()) and not written_by_predict(out):
+    for out, ours in [*((p, PredictionFiles.written_by_predict) for p in results), *((p, written_by_predict) for p in videos)]:
+        if (out.exists() or out.is_symlink()) and not ours(out):
             raise ValueError(f"{out} exists and was not written by maskrcnn predict, so it is not replaced; "
                              "choose another --out folder")
 
@@ -135,11 +137,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.out)
     overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
     sources = [*streams, *map(str, videos)]
-    names = unique_names([output_name(s) for s in sources])
+    names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
-    # Before any work: no output replaces an input, and no video output a file of the user's.
-    refuse_overwriting_inputs(paths, [*overlays, *(PredictionFiles(out).paths() if images else []), *video_files])
-    refuse_replacing_user_files(video_files)
+    results = PredictionFiles(out).paths() if images else []
+    # Before any work: no output replaces an input, or a file that predict did not write.
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files])
+    refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
     from .checkpoint import load
