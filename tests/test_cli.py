@@ -64,7 +64,7 @@ def test_predict_writes_overlays_and_results_and_survives_a_bad_image(tiny_ckpt,
 
 def test_predict_with_no_images_fails_clearly(tiny_ckpt, tmp_path, capsys):
     assert main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "nothing*.png"), "--out", str(tmp_path)]) == 2
-    assert "no images found" in capsys.readouterr().err
+    assert "no images or videos found" in capsys.readouterr().err
 
 
 def test_missing_weights_give_an_error_not_a_traceback(tmp_path, images, capsys):
@@ -155,7 +155,7 @@ def test_a_write_that_would_hit_an_input_is_refused_before_any_work(tiny_ckpt, t
     before = (tmp_path / "overlays" / "a.png").read_bytes()
     assert _predict(tiny_ckpt, tmp_path / "overlays", "--out", tmp_path) == 2
     line = _one_line_error(capsys.readouterr().err)
-    assert "would overwrite the input image" in line and "a.png" in line
+    assert "would overwrite the input" in line and "a.png" in line
     assert (tmp_path / "overlays" / "a.png").read_bytes() == before
     assert not (tmp_path / "predictions.jsonl").exists()
 
@@ -290,3 +290,16 @@ def test_predict_precision_option(tiny_ckpt, images, tmp_path, capsys):
     capsys.readouterr()
     assert _predict(tiny_ckpt, images / "a.png", "--out", tmp_path / "fp16", "--precision", "fp16") == 2
     assert "fp16 needs a CUDA device" in _one_line_error(capsys.readouterr().err)
+
+
+def test_predict_never_replaces_a_users_results_file_but_replaces_its_own(tiny_ckpt, images, capsys):
+    """``--out`` may be the input folder, which may hold the user's own ``predictions.json``."""
+    (images / "predictions.json").write_text('{"mine": true}')
+    assert main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "predictions.json exists and was not written by maskrcnn predict" in err
+    assert (images / "predictions.json").read_text() == '{"mine": true}' and not (images / "overlays").exists()
+    (images / "predictions.json").unlink()
+    for _ in range(2):  # a rerun replaces what the first run wrote
+        assert main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 0
+    assert len(json.loads((images / "images.json").read_text())) == 1

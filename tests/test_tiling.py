@@ -293,3 +293,31 @@ def test_a_tiled_run_decodes_a_tiff_past_pillows_own_limit(tmp_path):
     result = model.predict(tmp_path / "slide.tif", tile=8192, tile_overlap=0.1, keep_images=False)
     assert result.error is None and result.image_size == (13_500, 13_500) and len(result) == 0
     assert seen == [(3, 8192, 8192)] * 4
+
+
+def test_tiling_options_that_would_be_ignored_or_run_thousands_of_tiles_are_refused(tiny_ckpt, tmp_path, capsys):
+    """Was: --tile-whole without --tile, or on a video, ignored without a word; --tile 100
+    --tile-overlap 0.99 planned 13,728 tiles (a 1-px step) for a 242 x 195 image."""
+    Image.fromarray(np.zeros((195, 242, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "clip.mp4").write_bytes(b"refused before it is opened")
+    cases = [
+        ([tmp_path / "a.png", "--tile-whole"], "--tile-whole needs --tile"),
+        ([tmp_path / "a.png", "--tile", "100", "--tile-overlap", "0.99"], "[0, 0.75]"),
+        ([tmp_path / "clip.mp4", "--tile", "64", "--tile-whole"], "--tile-whole applies to images only"),
+    ]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", "--weights", str(tiny_ckpt), *map(str, args), "--out", str(tmp_path / "out"), "--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_.value.code == 2 and words in err[-1] and err[-1].startswith("maskrcnn predict: error:"), err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--weights", str(tiny_ckpt), "--data", "x.json", "--images", ".", "--tile-whole"])
+    assert "--tile-whole needs --tile" in capsys.readouterr().err
+
+    model = tiny_model()  # the API: the same rules, as ValueErrors
+    with pytest.raises(ValueError, match="tile_whole needs tile"):
+        model.predict(np.zeros((195, 242, 3), np.uint8), tile_whole=True)
+    with pytest.raises(ValueError, match=r"\[0, 0.75\]"):
+        tile_grid(195, 242, 100, 0.99)
+    assert len(tile_grid(195, 242, 100, 0.75)) == 5 * 7  # the largest overlap allowed: 25-px steps over 95 and 142 px

@@ -7,6 +7,11 @@ import glob
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports torch only once a command runs, so --help stays fast
+    from .model.mask_rcnn import MaskRCNN
+    from .onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -21,12 +26,16 @@ def positive_int(text: str) -> int:
 
 
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images, sorted) and glob patterns -> image paths, in order, unique.
+    """Files, folders (their images and videos, by extension, sorted) and glob patterns -> file
+    paths, in order, unique. The one expansion of ``predict``'s inputs: images and videos are
+    told apart afterwards, whichever way they were named.
 
     Returns:
         The paths, and one message (logged too) for each input skipped: a name that matches
         nothing, or an entry that is not a regular file (a FIFO would block the reader forever).
     """
+    from .video import is_video
+
     paths: list[Path] = []
     skipped: list[str] = []
 
@@ -41,7 +50,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         p = Path(item)
         if p.is_dir():
             for q in sorted(p.iterdir()):
-                if q.suffix.lower() in IMAGE_SUFFIXES:
+                if q.suffix.lower() in IMAGE_SUFFIXES or is_video(q.name):
                     add(q)
         elif p.exists() or p.is_symlink():
             add(p)
@@ -57,14 +66,15 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     return unique, skipped
 
 
-def overlay_names(paths: list[Path]) -> list[str]:
-    """One output name per input: its stem, with a suffix where two inputs share a stem."""
-    names, used = [], set()
-    for p in paths:
-        name, k = p.stem, 1
+def unique_names(stems: list[str], taken: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """One output name per input (images and videos alike): its stem, with ``_2``, ``_3``, ...
+    where inputs share a stem or it is ``taken``, so that no output of a run replaces another."""
+    names, used = [], set(taken)
+    for stem in stems:
+        name, k = stem, 1
         while name in used:
             k += 1
-            name = f"{p.stem}_{k}"
+            name = f"{stem}_{k}"
         used.add(name)
         names.append(name)
     return names
@@ -88,38 +98,77 @@ def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
             st = out.stat()
             hit = inodes.get((st.st_dev, st.st_ino))
         if hit is not None:
-            raise ValueError(f"writing {out} would overwrite the input image {hit}; choose another --out folder")
+            raise ValueError(f"writing {out} would overwrite the input {hit}; choose another --out folder")
+
+
+def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None:
+    """ValueError if one of ``predict``'s results files or video outputs exists and is not an
+    earlier output of ``predict``: they go straight into ``--out``, which may be the input
+    folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` being annotated.
+    (``overlays/`` is predict's own folder: its files are replaced, as a rerun needs.)"""
+    from .engine.inference import PredictionFiles
+    from .video import written_by_predict
+
+    for out, ours in [*((p, PredictionFiles.written_by_predict) for p in results), *((p, written_by_predict) for p in videos)]:
+        if (out.exists() or out.is_symlink()) and not ours(out):
+            raise ValueError(f"{out} exists and was not written by maskrcnn predict, so it is not replaced; "
+                             "choose another --out folder")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .video import is_video
+    """Images -> overlays and COCO results; videos, animated GIFs, streams, cameras -> an
+    annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
+    from .video import is_animated_gif, is_stream, is_video
 
-    videos = [i for i in args.inputs if is_video(i)]
-    if videos:  # videos, streams and cameras first; then any images given with them
-        args.inputs = [i for i in args.inputs if not is_video(i)]
-        code = cmd_predict_videos(args, videos)
-        return max(code, cmd_predict(args)) if args.inputs else code
-    from tqdm import tqdm
-
-    from .checkpoint import load
-    from .data.images import MAX_PIXELS
-    from .engine.inference import PredictionFiles, coco_image_ids, label_to_category
-    from .predictor import check_score_thresh, iter_predict
+    streams = [i for i in args.inputs if is_stream(i)]
+    paths, failed = expand_inputs([i for i in args.inputs if not is_stream(i)])
+    videos = [p for p in paths if is_video(str(p)) or is_animated_gif(p)]
+    images = [p for p in paths if p not in set(videos)]
+    if not (images or videos or streams):
+        print(f"error: no images or videos found in {' '.join(args.inputs)}", file=sys.stderr)
+        return 2
+    if args.tile_whole and (videos or streams):
+        args.parser.error("--tile-whole applies to images only, not to videos, streams or cameras")
+    from .engine.inference import PredictionFiles, coco_image_ids
+    from .predictor import check_score_thresh
+    from .video import output_name
 
     check_score_thresh(args.score_thresh)
-    paths, failed = expand_inputs(args.inputs)
-    if not paths:
-        print(f"error: no images found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
     out = Path(args.out)
-    names = overlay_names(paths)
-    overlays = [out / "overlays" / f"{n}.png" for n in names]
-    results = PredictionFiles(out)
-    refuse_overwriting_inputs(paths, [*overlays, *results.paths()])
+    overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
+    sources = [*streams, *map(str, videos)]
+    names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
+    video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
+    results = PredictionFiles(out).paths() if images else []
+    # Before any work: no output replaces an input, or a file that predict did not write.
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files])
+    refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
-    gt_ids, first_free = coco_image_ids(paths, args.coco) if args.coco else ([None] * len(paths), 1)
+    gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
+    from .checkpoint import load
+
     model = load(args.weights, device=args.device)
+    videos_failed = predict_videos(args, model, sources, names) if sources else 0
+    failed += predict_images(args, model, images, overlays, gt_ids) if images else []
+    if failed:
+        print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
+    return 1 if failed or videos_failed else 0
+
+
+def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", paths: list[Path], overlays: list[Path],
+                   gt_ids: tuple[list[int | None], int]) -> list[str]:
+    """Each image -> ``overlays[i]``, and ``--out``'s results files; the messages of those that
+    failed. ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others."""
+    from tqdm import tqdm
+
+    from .data.images import MAX_PIXELS
+    from .engine.inference import PredictionFiles, label_to_category
+    from .predictor import iter_predict
+
+    out = Path(args.out)
+    ids, first_free = gt_ids
     table = label_to_category(model)
+    results, failed = PredictionFiles(out), []
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
     stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
                           max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision,
@@ -130,43 +179,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if result.error is not None:  # logged as it happened; listed again at the end
                 failed.append(result.error)
                 continue
-            image_id = gt_ids[i] if gt_ids[i] is not None else first_free + i
+            image_id = ids[i] if ids[i] is not None else first_free + i
             result.save(overlays[i])
             results.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
         bar.close()
     print(f"{results.images} images, {results.detections} detections -> {out}/ "
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
-    if failed:
-        print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
-    return 1 if failed else 0
+    return failed
 
 
-def cmd_predict_videos(args: argparse.Namespace, sources: list[str]) -> int:
-    """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``; 1 if one failed."""
-    from .checkpoint import load
+def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sources: list[str], names: list[str]) -> int:
+    """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``. Returns how
+    many failed or ended before their header's frame count, each told in one line as it happens."""
     from .engine.inference import label_to_category
-    from .predictor import check_score_thresh
-    from .video import output_name, predict_video
+    from .video import predict_video
 
-    check_score_thresh(args.score_thresh)
-    out = Path(args.out)
-    files = [p for s in sources if "://" not in s for p in (Path(s),) if p.exists()]
-    refuse_overwriting_inputs(files, [out / f"{output_name(s)}{ext}" for s in sources for ext in (".mp4", ".jsonl")])
-    model = load(args.weights, device=args.device)
     table = label_to_category(model)
     failed = 0
-    for source in sources:
+    for source, name in zip(sources, names):
         try:
-            done = predict_video(model, source, out, stride=args.stride, batch_size=args.batch_size,
+            done = predict_video(model, source, args.out, stride=args.stride, batch_size=args.batch_size,
                                  score_thresh=args.score_thresh, precision=args.precision, tile=args.tile,
-                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet)
-        except ValueError as e:  # cannot open, no video stream, PyAV missing: one line, go on
+                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet, name=name)
+        except ValueError as e:  # cannot open, no video stream, no frame, PyAV missing: one line, go on
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
+        if done.problem is not None:  # truncated or broken off: what was decoded is kept, exit 1
+            print(f"warning: {source}: {done.problem}", file=sys.stderr)
+            failed += 1
         print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
               f"{done.video}, {done.jsonl}")
-    return 1 if failed else 0
+    return failed
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -272,18 +316,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+def tile_overlap(text: str) -> float:
+    """``--tile-overlap``: a number that ``tiling.check_tiling`` accepts (the API's one rule)."""
+    from .tiling import check_tiling
+
+    try:
+        value = float(text)
+        check_tiling(1, value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("tile_overlap ", "")) from None
     return value
+
+
+def check_tile_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """An argparse error (exit 2) for ``--tile-whole`` without ``--tile``, which would do nothing."""
+    if getattr(args, "tile_whole", False) and args.tile is None:
+        parser.error("--tile-whole needs --tile (it adds a whole-image pass to a tiled run)")
 
 
 def add_tile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=positive_int, default=None,
                    help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
                         "(very large images; the pixel limit becomes 1,000,000,000)")
-    p.add_argument("--tile-overlap", type=fraction, default=0.2, help="fraction of a tile that neighbours share (0.2)")
+    p.add_argument("--tile-overlap", type=tile_overlap, default=0.2,
+                   help="fraction of a tile that neighbours share, at most 0.75 (default 0.2)")
     p.add_argument("--tile-whole", action="store_true",
                    help="with --tile, one more pass over the whole image shrunk to a tile, for objects larger than a tile")
 
@@ -308,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tile_options(q)
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(func=cmd_predict)
+    q.set_defaults(func=cmd_predict, parser=q)
 
     e = sub.add_parser("evaluate", help="COCO box and mask AP of a model on an annotated image set")
     e.add_argument("--weights", required=True)
@@ -324,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "detections (exit code 1) instead of stopping with an error")
     e.add_argument("--allow-outside-root", action="store_true",
                    help="let file names in --data be absolute or lead out of --images ('../x.jpg')")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, parser=e)
 
     t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
     t.add_argument("config", help="YAML training config, or a built-in one: demo_shapes, kudzu, coco_r50")
@@ -367,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "parser"):
+        check_tile_options(args.parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

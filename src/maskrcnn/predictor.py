@@ -97,8 +97,7 @@ def iter_predict(
     """
     check_score_thresh(score_thresh)  # now, not at the first image
     resolve_precision(precision, model.device)
-    if tile is not None:
-        tiling.check_tiling(tile, tile_overlap)
+    tiling.check_options(tile, tile_overlap, tile_whole)
     return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
                     raise_errors=False, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole, progress=progress)
 
@@ -313,9 +312,10 @@ def predict(
             (``maskrcnn.tiling``: the grid and the merge rule). For images far larger than the
             model's input size; ``Result.image`` then holds a preview of at most
             ``results.DISPLAY_SIZE`` a side.
-        tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 1).
+        tile_overlap: fraction of a tile that neighbouring tiles share, in [0, 0.75]
+            (``tiling.MAX_TILE_OVERLAP``).
         tile_whole: with ``tile``, one more pass over the whole image shrunk to a tile, for
-            objects larger than a tile.
+            objects larger than a tile (refused without ``tile``).
         progress: with ``tile``, a progress bar per image counting its tiles.
 
     Returns:
@@ -326,14 +326,13 @@ def predict(
 
     Raises:
         ValueError: ``score_thresh`` outside [0, 1] or NaN; an unknown ``precision``, or
-            fp16 on a CPU. For a single input, whatever
+            fp16 on a CPU; bad tiling options (``tiling.check_options``). For a single input, whatever
             stopped it is raised (e.g. ``DatasetError`` for an unreadable file, ValueError
             for an empty array).
     """
     single = isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor))
     items = [images] if single else list(images)  # type: ignore[list-item]
-    if tile is not None:
-        tiling.check_tiling(tile, tile_overlap)
+    tiling.check_options(tile, tile_overlap, tile_whole)
     results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
                             raise_errors=single, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole,
                             progress=progress))

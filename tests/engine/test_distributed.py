@@ -256,3 +256,29 @@ def test_shards_cover_every_item_once(monkeypatch):
             shares.append(distributed.shard(list(range(5))))
         assert [i for s in shares for i in s] == [0, 1, 2, 3, 4]  # in order, once each
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
+
+
+def test_the_configured_timeout_reaches_init_process_group(monkeypatch):
+    """A stopped process must not stall the others for Gloo's default 30 minutes: the config's
+    ``dist_timeout_minutes`` (default 10) is the process group's timeout."""
+    import datetime
+
+    class Joined(Exception):
+        pass
+
+    seen: list[dict] = []
+
+    def record(backend, **kwargs):
+        seen.append({"backend": backend, **kwargs})
+        raise Joined  # stop before any training
+
+    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.dist, "init_process_group", record)
+    for overrides, minutes in (({}, 10), ({"dist_timeout_minutes": 2.5}, 2.5)):
+        cfg = from_dict(TrainConfig, {"data": {"synthetic": "shapes"}, "device": "cpu", **overrides})
+        with pytest.raises(Joined):
+            train(cfg)
+        assert seen[-1]["backend"] == "gloo" and seen[-1]["timeout"] == datetime.timedelta(minutes=minutes)
+    with pytest.raises(ConfigError, match="dist_timeout_minutes"):
+        check(from_dict(TrainConfig, {"data": {"synthetic": "shapes"}, "dist_timeout_minutes": 0}))

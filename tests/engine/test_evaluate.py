@@ -371,3 +371,25 @@ def test_a_model_that_predicts_none_of_the_categories_is_an_error(tiny_weights, 
     gt.write_text(json.dumps(data))
     assert _evaluate(tiny_weights, gt, images, tmp_path / "out") == 2
     assert "none of its category ids [7, 8] is one the model predicts [1, 2, 3]" in capsys.readouterr().err
+
+
+# ---- degenerate ground truth: dropped from evaluation as it is from training ------------
+
+
+def test_a_dropped_degenerate_box_is_not_scored_as_ground_truth(tmp_path, caplog) -> None:
+    """A zero-width box is warned about and dropped: perfect detections of the rest score 1.0,
+    through both readers of a ground-truth file (``coco_evaluate(path)``, ``CocoDataset.coco``)."""
+    from maskrcnn.data.coco import CocoDataset
+
+    data = _gt_dict()
+    perfect = _detections(_load_gt_dict())  # the four real instances, found exactly
+    data["annotations"].append({"id": 99, "image_id": 2, "category_id": 1, "iscrowd": 0, "area": 0.0,
+                                "bbox": [30.0, 20.0, 0.0, 15.0], "segmentation": [[30, 20, 30, 35, 30, 27]]})
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(data))
+    for source in (gt, CocoDataset(gt, tmp_path).coco):
+        metrics = coco_evaluate(source, perfect)
+        for iou_type in ("bbox", "segm"):
+            assert metrics[iou_type]["AP"] == pytest.approx(1.0), (source, iou_type)
+            assert metrics[iou_type]["per_class"]["cat"] == pytest.approx(1.0)
+    assert "dropped 1 degenerate annotation" in caplog.text

@@ -13,7 +13,8 @@ background and never appears in targets.
 Crowd annotations (``iscrowd=1``) are not training instances, as in COCO's own tools: they
 are excluded from the targets and stay visible only through ``dataset.coco`` (the
 pycocotools index used for evaluation). Degenerate annotations (box width or height under
-1 px, or an empty polygon list) are dropped with one logged warning per file.
+1 px, or an empty polygon list) are dropped with one logged warning per file, from training
+and from evaluation alike: a box no detection can match would otherwise count as a miss.
 
 Image file names stay inside the image folder: a name that is absolute or climbs out with
 ``..`` is refused unless ``allow_outside_root`` is set, because the JSON may come from anyone
@@ -121,9 +122,11 @@ class CocoFile:
     annotations: list[AnnotationRecord]  # in file order
 
     def to_pycocotools(self) -> COCO:
-        """pycocotools index over the whole file (crowd and degenerate annotations too)."""
+        """pycocotools index over the file for evaluation: crowd annotations kept (pycocotools
+        ignores detections on them), degenerate ones dropped, as training drops them."""
+        dropped = {a.ann_id for a in self.annotations if a.degenerate}
         coco = COCO()
-        coco.dataset = self.data
+        coco.dataset = {**self.data, "annotations": [a for a in self.data["annotations"] if a["id"] not in dropped]}
         with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
             coco.createIndex()
         return coco
@@ -440,7 +443,7 @@ class CocoDataset(Dataset):
 
     @property
     def coco(self) -> COCO:
-        """pycocotools index over the whole file (crowd and degenerate annotations too), for evaluation."""
+        """pycocotools index for evaluation (``CocoFile.to_pycocotools``: degenerate annotations dropped)."""
         if self._coco is None:
             self._coco = self.file.to_pycocotools()
         return self._coco

@@ -20,6 +20,7 @@ decoded; ``MAX_PIXELS`` is the default for every reader in the package.
 from __future__ import annotations
 
 import contextlib
+import logging
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +31,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import DatasetError
+
+log = logging.getLogger(__name__)
+_WARNED_ANIMATED: set[str] = set()  # animated images already warned about: only their first frame is read
 
 # Pillow refuses images above twice its MAX_IMAGE_PIXELS (2 x 89,478,485, e.g. 13,400 x 13,400)
 # as a decompression bomb; the same number here keeps every image that opened before, but the
@@ -174,6 +178,10 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarra
             or cannot be decoded.
     """
     with open_image(path, max_pixels) as img:
+        if getattr(img, "is_animated", False) and str(path) not in _WARNED_ANIMATED:  # once a file (training rereads)
+            _WARNED_ANIMATED.add(str(path))
+            log.warning("%s has %d frames; only the first is read as an image (maskrcnn predict runs an animated GIF "
+                        "as a video)", path, getattr(img, "n_frames", 0))
         try:
             img = ImageOps.exif_transpose(img)  # also forces the full decode
             return to_rgb(img)

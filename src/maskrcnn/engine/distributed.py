@@ -13,6 +13,7 @@ sent, values returned as given.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from typing import Any, Iterator, TypeVar
 
@@ -70,15 +71,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextlib.contextmanager
-def process_group(device: torch.device) -> Iterator[None]:
+def process_group(device: torch.device, timeout_minutes: float = 10.0) -> Iterator[None]:
     """Join torchrun's processes for the block (NCCL for CUDA, Gloo for the CPU) and leave
-    after it. Does nothing outside torchrun, or when the caller has joined already."""
+    after it. Does nothing outside torchrun, or when the caller has joined already.
+
+    ``timeout_minutes``: how long a collective waits for a process that stopped answering
+    before it fails (torch's default is 30 minutes for Gloo, 10 for NCCL; one value for both).
+    """
     if not launched() or dist.is_initialized():
         yield
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
         yield
     finally:

@@ -129,7 +129,11 @@ def _pct(value: float) -> str:
 def _load_gt(gt: str | Path | COCO) -> COCO:
     if isinstance(gt, COCO):
         return gt
-    return read_coco(gt).to_pycocotools()
+    file = read_coco(gt)
+    dropped = [a.ann_id for a in file.annotations if a.degenerate]
+    if dropped:  # the same words as CocoDataset's warning
+        logger.warning("%s: dropped %d degenerate annotation(s): %s", gt, len(dropped), dropped[:10])
+    return file.to_pycocotools()
 
 
 def _load_results(results: list[dict] | str | Path) -> list[dict]:

@@ -130,8 +130,24 @@ class PredictionFiles:
         self.images = 0
         self.detections = 0
 
+    # How each file that ``__exit__`` and ``add`` write begins (or the whole file, when empty):
+    # what tells an earlier run's output, which a new run replaces, from a user's own file.
+    _OPENINGS = {"predictions.jsonl": (b'{"id": ', b""), "predictions.json": (b'[{"image_id": ', b"[]"),
+                 "images.json": (b'[\n {\n  "id": ', b"[]")}
+
     def paths(self) -> list[Path]:
         return [self.lines, self.out / "predictions.json", self.out / "images.json"]
+
+    @classmethod
+    def written_by_predict(cls, path: Path) -> bool:
+        """True when ``path``, one of ``paths()``, begins as this class writes it."""
+        prefix, empty = cls._OPENINGS[path.name]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(prefix) + 1)
+        except OSError:
+            return False
+        return head.startswith(prefix) or head == empty
 
     def __enter__(self) -> "PredictionFiles":
         (self.out / "overlays").mkdir(parents=True, exist_ok=True)

@@ -576,7 +576,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     """
     cfg = check(cfg)
     device = distributed.resolve_device(cfg.device)
-    with distributed.process_group(device):
+    with distributed.process_group(device, cfg.dist_timeout_minutes):
         return Trainer(cfg, resume, device).run()
 
 

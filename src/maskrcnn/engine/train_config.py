@@ -104,6 +104,7 @@ class TrainConfig:
     checkpoint_every_iters: int = 0  # also write last.pth every N iterations (0 = only at epoch ends)
     log_every: int = 20  # iterations averaged into one metrics.jsonl line
     progress: bool = True  # show a progress bar
+    dist_timeout_minutes: float = 10.0  # torchrun: a collective fails after this long waiting for a stopped process (Gloo's own: 30)
 
 
 AMP_MODES = ("", "auto", "fp32", "bf16", "fp16")
@@ -120,6 +121,8 @@ def check(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in allowed)}")
 
     choice("solver.amp", cfg.solver.amp, AMP_MODES)
+    if not cfg.dist_timeout_minutes > 0:
+        raise ConfigError(f"dist_timeout_minutes must be above 0, got {cfg.dist_timeout_minutes}")
     choice("solver.schedule", cfg.solver.schedule, LR_SCHEDULES)
     choice("schedule.kind", cfg.schedule.kind, SCHEDULE_KINDS)
     choice("eval.metric", cfg.eval.metric, METRICS)
