@@ -9,7 +9,6 @@ computes losses, raises instead).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -20,6 +19,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import tiling
+from .config import check_probability
 from .data.images import MAX_PIXELS, TILED_MAX_PIXELS, decode_in_place, load_rgb, open_image, to_rgb
 from .model.mask_rcnn import MaskRCNN
 from .precision import autocast
@@ -60,9 +60,7 @@ def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.nd
 
 def check_score_thresh(value: float | None) -> float | None:
     """``value`` if None or a probability in [0, 1]; otherwise a one-line ValueError."""
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"score threshold must be a number in [0, 1], got {value!r}")
-    return value
+    return check_probability("score threshold", value)
 
 
 def _name(item: ImageLike, index: int) -> str:
@@ -96,6 +94,7 @@ def iter_predict(
     reason in ``error``, also logged; KeyboardInterrupt is never caught.
     """
     check_score_thresh(score_thresh)  # now, not at the first image
+    check_probability("mask threshold", mask_thresh)
     resolve_precision(precision, model.device)
     if tile is not None:
         tiling.check_tiling(tile, tile_overlap)
@@ -213,6 +212,7 @@ def predict_batches(
         the batch's loss terms (empty without targets).
     """
     check_score_thresh(score_thresh)
+    check_probability("mask threshold", mask_thresh)
     numerics = resolve_precision(precision, model.device)
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
@@ -323,13 +323,15 @@ def predict(
         ``.error`` (also logged); the other inputs' results are unaffected.
 
     Raises:
-        ValueError: ``score_thresh`` outside [0, 1] or NaN; an unknown ``precision``, or
+        ValueError: ``score_thresh`` or ``mask_thresh`` outside [0, 1] or NaN; an unknown ``precision``, or
             fp16 on a CPU. For a single input, whatever
             stopped it is raised (e.g. ``DatasetError`` for an unreadable file, ValueError
             for an empty array).
     """
     single = isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor))
     items = [images] if single else list(images)  # type: ignore[list-item]
+    check_score_thresh(score_thresh)
+    check_probability("mask threshold", mask_thresh)
     if tile is not None:
         tiling.check_tiling(tile, tile_overlap)
     results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
