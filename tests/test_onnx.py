@@ -295,3 +295,88 @@ def test_load_refuses_other_onnx_files_and_fixed_settings(tmp_path, tv_onnx):
         maskrcnn.load(tv_onnx, nms_thresh=0.6)
     with pytest.raises(ValueError, match="computes no losses"):
         maskrcnn.load(tv_onnx)([torch.zeros(3, 8, 8)], targets=[None])
+
+
+# ---- issue 17: what export writes over, one-line errors, files told by content --------------
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tiny checkpoint of our format and its export."""
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    save_checkpoint(folder / "tiny.pth", maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).eval())
+    export(folder / "tiny.pth", folder / "tiny.onnx")
+    return folder / "tiny.pth", folder / "tiny.onnx"
+
+
+def test_export_never_writes_over_its_input_or_a_foreign_file(tiny_files, tmp_path, capsys):
+    """``--out c.pth`` replaced the checkpoint and ``--out notes.txt`` an unrelated file (issue 17,
+    item 5). An earlier export may be replaced; anything else only with --overwrite."""
+    import shutil
+
+    ckpt = shutil.copy(tiny_files[0], tmp_path / "c.pth")
+    before = (tmp_path / "c.pth").read_bytes()
+    assert main(["export", "--weights", str(ckpt), "--out", str(ckpt)]) == 2
+    assert main(["export", "--weights", str(ckpt), "--out", str(ckpt), "--overwrite"]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert (tmp_path / "c.pth").read_bytes() == before
+    (tmp_path / "notes.txt").write_text("my notes")
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "exists and is not an ONNX file written by maskrcnn export" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+    shutil.copy(tiny_files[1], tmp_path / "old.onnx")  # an earlier export: replaced without --overwrite
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "old.onnx")]) == 0
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "notes.txt"), "--overwrite"]) == 0
+    assert isinstance(maskrcnn.load(tmp_path / "notes.txt"), maskrcnn.OnnxModel)  # told by content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "notes.txt", "old.onnx"]  # no temp files left
+
+
+def test_export_errors_are_one_line(tiny_files, tmp_path, capsys):
+    """``--opset 99`` dumped the graph and a traceback; ``--weights model.onnx`` a traceback."""
+    ckpt, onnx_file = tiny_files
+    for argv, message in (
+        (["--weights", str(ckpt), "--opset", "99"], "--opset 99: this export supports opsets 11 to 20"),
+        (["--weights", str(ckpt), "--opset", "5"], "--opset 5: this export supports opsets 11 to 20"),
+        (["--weights", str(onnx_file)], "is already an ONNX model; export from the PyTorch checkpoint"),
+    ):
+        assert main(["export", *argv, "--out", str(tmp_path / "x.onnx")]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+        assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_onnx_file_is_recognised_whatever_its_name(tiny_files, tmp_path):
+    """An ONNX file named model.pth was refused with the unpickling security message, and so
+    was ``train init.weights=model.onnx`` (issue 17, item 11)."""
+    import shutil
+
+    from maskrcnn.checkpoint import init_from_checkpoint, read_weights
+
+    renamed = shutil.copy(tiny_files[1], tmp_path / "model.pth")
+    assert isinstance(maskrcnn.load(renamed), maskrcnn.OnnxModel)
+    for path in (renamed, tiny_files[1]):
+        with pytest.raises(CheckpointError, match="is an ONNX model .*predict and evaluate only.*PyTorch checkpoint"):
+            read_weights(path)
+        with pytest.raises(CheckpointError, match="is an ONNX model"):
+            init_from_checkpoint(maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)), path, 0.0)
+
+
+def test_reduced_precision_with_an_onnx_model_is_refused(tiny_files, tmp_path, capsys):
+    """``--precision bf16`` with an ONNX model was silently ignored (issue 17, item 12)."""
+    model = maskrcnn.load(tiny_files[1])
+    image = np.zeros((40, 40, 3), np.uint8)
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match=f"precision {precision}: an ONNX model runs in float32"):
+            model.predict(image, precision=precision)
+    assert model.predict(image, precision="auto").error is None
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--weights", str(tiny_files[1]), "--out", str(tmp_path / "out"),
+                 "--precision", "bf16", "--quiet"]) == 2
+    assert "an ONNX model runs in float32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value", [("score_thresh", 2), ("score_thresh", float("nan")), ("mask_thresh", 1.5)])
+def test_loading_an_onnx_model_refuses_thresholds_outside_0_1(tiny_files, key, value):
+    with pytest.raises(ValueError, match=rf"^{key} must be a number in \[0, 1\]"):
+        maskrcnn.load(tiny_files[1], **{key: value})

@@ -109,7 +109,7 @@ def read_file(path: str | Path) -> dict[str, Any]:
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if kind == "unknown":
-        raise CheckpointError(f"{path}: not a model file this package reads; expected {ACCEPTED}")
+        raise CheckpointError(f"cannot read {path}: not a model file this package reads; expected {ACCEPTED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects beyond tensors and plain values, e.g. code

@@ -22,6 +22,7 @@ from . import tiling
 from .config import check_probability
 from .data.images import MAX_PIXELS, TILED_MAX_PIXELS, decode_in_place, load_rgb, open_image, to_rgb
 from .model.mask_rcnn import MaskRCNN
+from .onnx_model import OnnxModel
 from .precision import autocast
 from .precision import resolve as resolve_precision
 from .results import DISPLAY_SIZE, Result
@@ -63,6 +64,33 @@ def check_score_thresh(value: float | None) -> float | None:
     return check_probability("score threshold", value)
 
 
+def model_precision(model: MaskRCNN | OnnxModel, precision: str) -> str:
+    """The precision ``model`` runs at (``precision.resolve``). An ONNX model computes float32
+    only: "auto" means fp32 there, and bf16 or fp16 are refused rather than silently ignored."""
+    if isinstance(model, OnnxModel):
+        if precision in ("bf16", "fp16"):
+            raise ValueError(f"precision {precision}: an ONNX model runs in float32 on ONNX Runtime; "
+                             "bf16 and fp16 apply to PyTorch checkpoints (use fp32 or auto)")
+        if precision not in ("auto", "fp32", ""):
+            resolve_precision(precision, "cpu")  # the one message for an unknown name
+        return "fp32"
+    return resolve_precision(precision, model.device)
+
+
+def batch_groups(model: MaskRCNN | OnnxModel, sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of the images (``(H, W)`` each) that go through the model together: those whose
+    ``Preprocessor.batch_key`` agrees, so an image's detections never depend on what it is
+    batched with (torchvision pads every batch to its largest image and lets that change them;
+    the ONNX path never batches). Groups in order of their first image."""
+    preprocess = getattr(model, "preprocess", None)
+    if preprocess is None or len(sizes) < 2:  # e.g. a stand-in model in tests: one batch
+        return [list(range(len(sizes)))] if sizes else []
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault(preprocess.batch_key(int(h), int(w)), []).append(i)
+    return list(groups.values())
+
+
 def _name(item: ImageLike, index: int) -> str:
     """How an input is named in messages: its path, else its position and type."""
     return str(item) if isinstance(item, (str, Path)) else f"input {index} ({type(item).__name__})"
@@ -95,7 +123,7 @@ def iter_predict(
     """
     check_score_thresh(score_thresh)  # now, not at the first image
     check_probability("mask threshold", mask_thresh)
-    resolve_precision(precision, model.device)
+    model_precision(model, precision)
     if tile is not None:
         tiling.check_tiling(tile, tile_overlap)
     return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
@@ -213,7 +241,7 @@ def predict_batches(
     """
     check_score_thresh(score_thresh)
     check_probability("mask threshold", mask_thresh)
-    numerics = resolve_precision(precision, model.device)
+    numerics = model_precision(model, precision)
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
     names = cfg.label_names()
@@ -243,6 +271,14 @@ def predict_batches(
             name, _, path = loaded[0]
             return [_failed(f"{name}: the model failed: {type(e).__name__}: {e}", path)], {}
 
+    def detect_by_size(loaded: list[_Loaded]) -> list[Result]:
+        """``detect`` on the images of each ``batch_groups`` group, results in input order."""
+        found: list[Result | None] = [None] * len(loaded)
+        for group in batch_groups(model, [array.shape[:2] for _, array, _ in loaded]):
+            for i, result in zip(group, detect([loaded[i] for i in group], None)[0]):
+                found[i] = result
+        return found  # type: ignore[return-value]
+
     def process(batch: Sequence[ImageLike], start: int, truth: Sequence[Targets] | None) -> tuple[list[Result], dict[str, Tensor]]:
         slots: list[Result | _Loaded] = []
         for index, item in enumerate(batch, start):
@@ -255,7 +291,10 @@ def predict_batches(
                     raise
                 slots.append(_failed(str(e) if path and path in str(e) else f"{_name(item, index)}: {e}", path))
         loaded = [s for s in slots if not isinstance(s, Result)]
-        found, losses = detect(loaded, truth) if loaded else ([], {})
+        if truth is not None:  # validation: one forward pass for the losses and detections
+            found, losses = detect(loaded, truth) if loaded else ([], {})
+        else:
+            found, losses = detect_by_size(loaded), {}
         done = iter(found)
         return [slot if isinstance(slot, Result) else next(done) for slot in slots], losses
 
@@ -294,7 +333,8 @@ def predict(
         model: a ``MaskRCNN`` (switched to eval mode for the call), or an ``OnnxModel`` (an
             exported file on ONNX Runtime, ``maskrcnn.load("model.onnx")``).
         images: a path, PIL image, array or tensor, or a list of them.
-        batch_size: images per forward pass.
+        batch_size: images read and run together, at most; only images of the same padded size
+            share a forward pass (``batch_groups``), so results never depend on batching.
         score_thresh: keep detections with score >= this, a number in [0, 1] (default: the
             model's own threshold, 0.05 for torchvision's weights, so results equal
             torchvision's).
@@ -332,6 +372,7 @@ def predict(
     items = [images] if single else list(images)  # type: ignore[list-item]
     check_score_thresh(score_thresh)
     check_probability("mask threshold", mask_thresh)
+    model_precision(model, precision)
     if tile is not None:
         tiling.check_tiling(tile, tile_overlap)
     results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
