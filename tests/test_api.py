@@ -306,3 +306,73 @@ def test_unknown_norm_or_box_head_names_the_field():
         build_model(apply_overrides(ModelConfig(), ["backbone.fpn_norm=groupnorm"]))
     with pytest.raises(ConfigError, match="roi_heads.box_head: '4conv' is not one of '2fc', '4conv1fc'"):
         build_model(apply_overrides(ModelConfig(), ["roi_heads.box_head=4conv"]))
+
+
+# ---- issue 17: thresholds, file kinds, state dicts, batching ---------------------------------
+
+
+@pytest.mark.parametrize("key,value", [("score_thresh", 2), ("score_thresh", float("nan")), ("score_thresh", -0.5),
+                                       ("mask_thresh", 1.5), ("mask_thresh", "nan")])
+def test_load_refuses_thresholds_outside_0_1(tiny_ckpt, key, value):
+    """``load(score_thresh=2)`` gave 0 detections and ``mask_thresh=1.5`` empty masks, silently;
+    they are refused as ``predict(score_thresh=2)`` is (issue 17, item 2)."""
+    with pytest.raises(ValueError, match=rf"^{key} must be a number in \[0, 1\], got "):
+        load(tiny_ckpt, **{key: value})
+
+
+def test_predict_refuses_a_mask_threshold_outside_0_1(tiny_ckpt):
+    with pytest.raises(ValueError, match=r"mask threshold must be a number in \[0, 1\], got 1.5"):
+        load(tiny_ckpt).predict(np.zeros((20, 20, 3), np.uint8), mask_thresh=1.5)
+
+
+def test_state_dicts_with_integer_keys_or_a_missing_torchvision_key_are_named(tiny_ckpt, tv_checkpoint, tmp_path):
+    """Before: an AttributeError traceback for integer keys and a raw KeyError for a torchvision
+    file missing one key (issue 17, item 10)."""
+    torch.save({0: torch.zeros(1), 1: torch.zeros(1)}, tmp_path / "ints.pth")
+    with pytest.raises(CheckpointError, match=r"keyed by name, found the key 0 \(int; 2 such keys\)"):
+        load(tmp_path / "ints.pth")
+    state = torch.load(tv_checkpoint, weights_only=True)
+    del state["roi_heads.box_predictor.cls_score.weight"]
+    torch.save(state, tmp_path / "tv_missing.pth")
+    with pytest.raises(CheckpointError, match=r"missing keys: roi_heads\.box_predictor\.cls_score\.weight$"):
+        load(tmp_path / "tv_missing.pth")
+    obj = torch.load(tiny_ckpt, weights_only=True)
+    obj["model"]["roi_heads.box_head.fc6.weight"] = "a string"
+    torch.save(obj, tmp_path / "str.pth")
+    with pytest.raises(CheckpointError, match=r"'roi_heads\.box_head\.fc6\.weight' holds a str"):
+        load(tmp_path / "str.pth")
+
+
+def test_file_kinds_are_told_by_content_not_name(tiny_ckpt, tmp_path):
+    """A checkpoint named .onnx or .pkl still loads; text named .pth is named as what it is not."""
+    import shutil
+
+    from maskrcnn.checkpoint import file_kind
+
+    for name in ("weights.onnx", "weights.pkl", "weights.bin"):
+        shutil.copy(tiny_ckpt, tmp_path / name)
+        assert file_kind(tmp_path / name) == "torch"
+        assert load(tmp_path / name).config.class_names == ("circle", "square", "triangle")
+    (tmp_path / "notes.pth").write_text("hello")
+    with pytest.raises(CheckpointError, match="not a model file this package reads; expected a maskrcnn checkpoint"):
+        load(tmp_path / "notes.pth")
+
+
+def test_a_mixed_batch_gives_each_image_its_own_detections(tv_checkpoint):
+    """A 640 x 480 photo batched with a 300 x 1200 one was padded to their common 1344 x 1088 and
+    lost or changed detections (as in torchvision); images are now batched only with others of
+    the same padded size, so ``batch_size`` never changes a result (issue 17, item 13)."""
+    from .conftest import KUDZU, need
+
+    photo = Image.open(need(KUDZU / "images" / "train_1.jpg")).convert("RGB")
+    a, b = np.array(photo.resize((640, 480))), np.array(photo.resize((300, 1200)))
+    a2 = a[:, ::-1].copy()  # another 640 x 480 image: batched with ``a``
+    model = load(tv_checkpoint)
+    alone = [model.predict(x) for x in (a, b, a2)]
+    batched = model.predict([a, b, a2], batch_size=3)
+    for one, many in zip(alone, batched):
+        assert len(one) == len(many) > 0
+        order_one, order_many = np.argsort(-one.scores, kind="stable"), np.argsort(-many.scores, kind="stable")
+        np.testing.assert_array_equal(one.labels[order_one], many.labels[order_many])
+        np.testing.assert_allclose(one.boxes[order_one], many.boxes[order_many], atol=1e-3)
+        np.testing.assert_allclose(one.scores[order_one], many.scores[order_many], atol=1e-4)

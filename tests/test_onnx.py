@@ -6,6 +6,13 @@ the parity fixtures' checkpoints (torchvision v1 and v2 layouts, a Detectron2 mo
 and on small models in our own format (ResNet-18, ResNeXt-50). Every detection must be matched
 by one of the same label, boxes within 0.05 px, scores within 1e-3 and pasted masks at IoU >=
 0.98, in the original image frame, through the same ``predict`` as users call.
+
+The one exemption from the mask IoU is measured, not tolerated (issue 16, item 3): torchvision's
+paste truncates the box grown by (M + 2) / M to integers, so a box corner within a few thousandths
+of a pixel of an integer moves the whole pasted mask by one pixel when the two runtimes' boxes
+differ by float noise (on scikit-image's ``hubble_deep_field`` a corner 0.003 px from an integer:
+a 0.006 px move of that box alone gives IoU 0.899, 879 of 8252 pixels, in PyTorch itself). A mask
+below the IoU is accepted only when the two boxes truncate to different integers.
 """
 from __future__ import annotations
 
@@ -26,8 +33,9 @@ from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.config import ModelConfig, apply_overrides  # noqa: E402
 from maskrcnn.export import ExportError, check_exportable, export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
+from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
 
-from .conftest import TV_PARITY, d2_checkpoint, need  # noqa: E402
+from .conftest import KUDZU, TV_PARITY, d2_checkpoint, need  # noqa: E402
 from .test_api import TINY  # noqa: E402
 
 BOX_TOL, SCORE_TOL, MASK_IOU = 0.05, 1e-3, 0.98
@@ -55,7 +63,15 @@ def assert_same_results(ours, onnx) -> None:
             m_iou = float(mask_util.iou([onnx.rles[j]], [ours.rles[i]], [0])[0, 0])
             # A pixel whose probability is within ~1e-4 of the threshold can flip either way, and
             # in a mask under 50 pixels one pixel is more than 1 - MASK_IOU: those may differ by one.
-            assert m_iou >= MASK_IOU or pixels_differing(onnx.rles[j], ours.rles[i]) <= 1, (i, m_iou)
+            assert (m_iou >= MASK_IOU or pixels_differing(onnx.rles[j], ours.rles[i]) <= 1
+                    or paste_grids_differ(onnx.boxes[j], ours.boxes[i])), (i, m_iou)
+
+
+def paste_grids_differ(a: np.ndarray, b: np.ndarray, m: int = 28) -> bool:
+    """Whether two boxes paste an M x M mask onto different pixel grids: torchvision's paste
+    grows each box by (M + 2) / M about its centre and truncates the corners to integers."""
+    grown = _expand_boxes(torch.tensor(np.stack([a, b])), (m + 2) / m).to(torch.int64)  # (2, 4)
+    return bool((grown[0] != grown[1]).any())
 
 
 def pixels_differing(a: dict, b: dict) -> int:
@@ -92,6 +108,49 @@ def test_onnxruntime_equals_pytorch_at_any_size(models, pytorch_results, name):
     ours = pytorch_results[name]
     assert len(ours) == models[0].config.roi_heads.detections_per_img
     assert_same_results(ours, models[1].predict(fixture_image(name)))
+
+
+def kudzu_photo(width: int, height: int) -> np.ndarray:
+    image = Image.open(need(KUDZU / "images" / "train_1.jpg")).convert("RGB")  # 768 x 576
+    return np.array(image.resize((width, height), Image.BILINEAR))
+
+
+# (width, height) of the photo. Resized to 800 / 1333 they enter the graph as 1333 wide and 6, 19,
+# 39 and 208 tall (below ~45 px the RoIAlign scales and the level range differ from the traced
+# 480 x 640's: 1, 1/2, 1/4, 1/8 at 6 px), the transposes, 30:1 and 1:30 (1333 x 44), and ordinary
+# photos whose padded grids are odd or even on P5 and P6: 1088 x 800 (P5 34 x 25, P6 17 x 13),
+# 800 x 800 (25 x 25, 13 x 13), 1333 x 800 (42 x 25, 21 x 13), 704 x 1333 (22 x 42).
+SHAPES = [(2000, 10), (2000, 30), (2000, 60), (1280, 200), (10, 2000), (60, 2000), (3000, 100), (100, 3000),
+          (640, 480), (500, 500), (1000, 600), (400, 757)]
+
+
+@pytest.mark.parametrize("width,height", SHAPES, ids=[f"{w}x{h}" for w, h in SHAPES])
+def test_onnxruntime_equals_pytorch_at_every_aspect_ratio(models, width, height):
+    """Nothing of the traced 480 x 640 example is frozen into the graph: the RoIAlign scales and
+    the FPN level range follow the image height (they are 1/4 .. 1/32 only above ~45 px), the
+    anchor strides follow the padded grid, clipping follows the image size (issue 17, item 1:
+    before, 0 of 100 detections matched at 2000 x 10, 2000 x 30 and 2000 x 60)."""
+    image = kudzu_photo(width, height)
+    ours = models[0].predict(image)
+    assert len(ours) > 0
+    assert_same_results(ours, models[1].predict(image))
+
+
+def test_masks_agree_before_pasting(models):
+    """The mask probabilities of both runtimes agree to 1e-3 before pasting, so a pasted-mask
+    difference never comes from RoIAlign or the FPN level of a box (issue 16, item 3): on this
+    640 x 480 photo a box differing by 0.004 px pasted 85 of 316 pixels differently (IoU 0.76),
+    from the integer paste grid alone (``paste_grids_differ``)."""
+    pytorch, onnx = models
+    batch, _ = pytorch.preprocess([torch.from_numpy(kudzu_photo(640, 480)).permute(2, 0, 1)])
+    h, w = batch.image_sizes[0]
+    with torch.no_grad():
+        ours = pytorch.detect(batch)[0][0]
+    theirs = onnx.detect(batch.tensors[0, :, :h, :w], pytorch.config.roi_heads.score_thresh)
+    assert len(ours) == len(theirs) == 100
+    j = torch.cdist(ours.boxes, theirs.boxes).argmin(1)  # (N,) nearest ONNX box of each
+    assert (ours.boxes - theirs.boxes[j]).abs().max() <= BOX_TOL
+    assert (ours.masks - theirs.masks[j]).abs().max() <= 1e-3
 
 
 def test_zero_and_one_detection(models, pytorch_results, tv_onnx):
@@ -236,3 +295,88 @@ def test_load_refuses_other_onnx_files_and_fixed_settings(tmp_path, tv_onnx):
         maskrcnn.load(tv_onnx, nms_thresh=0.6)
     with pytest.raises(ValueError, match="computes no losses"):
         maskrcnn.load(tv_onnx)([torch.zeros(3, 8, 8)], targets=[None])
+
+
+# ---- issue 17: what export writes over, one-line errors, files told by content --------------
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A tiny checkpoint of our format and its export."""
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    save_checkpoint(folder / "tiny.pth", maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).eval())
+    export(folder / "tiny.pth", folder / "tiny.onnx")
+    return folder / "tiny.pth", folder / "tiny.onnx"
+
+
+def test_export_never_writes_over_its_input_or_a_foreign_file(tiny_files, tmp_path, capsys):
+    """``--out c.pth`` replaced the checkpoint and ``--out notes.txt`` an unrelated file (issue 17,
+    item 5). An earlier export may be replaced; anything else only with --overwrite."""
+    import shutil
+
+    ckpt = shutil.copy(tiny_files[0], tmp_path / "c.pth")
+    before = (tmp_path / "c.pth").read_bytes()
+    assert main(["export", "--weights", str(ckpt), "--out", str(ckpt)]) == 2
+    assert main(["export", "--weights", str(ckpt), "--out", str(ckpt), "--overwrite"]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err
+    assert (tmp_path / "c.pth").read_bytes() == before
+    (tmp_path / "notes.txt").write_text("my notes")
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "notes.txt")]) == 2
+    assert "exists and is not an ONNX file written by maskrcnn export" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+    shutil.copy(tiny_files[1], tmp_path / "old.onnx")  # an earlier export: replaced without --overwrite
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "old.onnx")]) == 0
+    assert main(["export", "--weights", str(ckpt), "--out", str(tmp_path / "notes.txt"), "--overwrite"]) == 0
+    assert isinstance(maskrcnn.load(tmp_path / "notes.txt"), maskrcnn.OnnxModel)  # told by content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pth", "notes.txt", "old.onnx"]  # no temp files left
+
+
+def test_export_errors_are_one_line(tiny_files, tmp_path, capsys):
+    """``--opset 99`` dumped the graph and a traceback; ``--weights model.onnx`` a traceback."""
+    ckpt, onnx_file = tiny_files
+    for argv, message in (
+        (["--weights", str(ckpt), "--opset", "99"], "--opset 99: this export supports opsets 11 to 20"),
+        (["--weights", str(ckpt), "--opset", "5"], "--opset 5: this export supports opsets 11 to 20"),
+        (["--weights", str(onnx_file)], "is already an ONNX model; export from the PyTorch checkpoint"),
+    ):
+        assert main(["export", *argv, "--out", str(tmp_path / "x.onnx")]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and len(captured.err.strip().splitlines()) == 1, captured.err
+        assert not (tmp_path / "x.onnx").exists()
+
+
+def test_an_onnx_file_is_recognised_whatever_its_name(tiny_files, tmp_path):
+    """An ONNX file named model.pth was refused with the unpickling security message, and so
+    was ``train init.weights=model.onnx`` (issue 17, item 11)."""
+    import shutil
+
+    from maskrcnn.checkpoint import init_from_checkpoint, read_weights
+
+    renamed = shutil.copy(tiny_files[1], tmp_path / "model.pth")
+    assert isinstance(maskrcnn.load(renamed), maskrcnn.OnnxModel)
+    for path in (renamed, tiny_files[1]):
+        with pytest.raises(CheckpointError, match="is an ONNX model .*predict and evaluate only.*PyTorch checkpoint"):
+            read_weights(path)
+        with pytest.raises(CheckpointError, match="is an ONNX model"):
+            init_from_checkpoint(maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)), path, 0.0)
+
+
+def test_reduced_precision_with_an_onnx_model_is_refused(tiny_files, tmp_path, capsys):
+    """``--precision bf16`` with an ONNX model was silently ignored (issue 17, item 12)."""
+    model = maskrcnn.load(tiny_files[1])
+    image = np.zeros((40, 40, 3), np.uint8)
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match=f"precision {precision}: an ONNX model runs in float32"):
+            model.predict(image, precision=precision)
+    assert model.predict(image, precision="auto").error is None
+    Image.fromarray(image).save(tmp_path / "x.png")
+    assert main(["predict", str(tmp_path / "x.png"), "--weights", str(tiny_files[1]), "--out", str(tmp_path / "out"),
+                 "--precision", "bf16", "--quiet"]) == 2
+    assert "an ONNX model runs in float32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key,value", [("score_thresh", 2), ("score_thresh", float("nan")), ("mask_thresh", 1.5)])
+def test_loading_an_onnx_model_refuses_thresholds_outside_0_1(tiny_files, key, value):
+    with pytest.raises(ValueError, match=rf"^{key} must be a number in \[0, 1\]"):
+        maskrcnn.load(tiny_files[1], **{key: value})

@@ -21,11 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import detectron2_compat
-from .config import ConfigError, ModelConfig, apply_overrides, from_dict, to_dict
+from .config import ConfigError, ModelConfig, apply_overrides, check_probability, from_dict, to_dict
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
 from .onnx_model import OnnxModel
@@ -65,17 +66,50 @@ def save_checkpoint(path: str | Path, model: MaskRCNN, train_state: dict[str, An
     atomic_save(obj, path)
 
 
+# How each kind of model file starts. A ``torch.save`` file is a zip archive (or, before
+# PyTorch 1.6, a pickle that opens with torch's magic number); a Detectron2 ``.pkl`` is a plain
+# pickle (protocol 2 or later: 0x80, then the protocol); an ONNX file is a ModelProto whose
+# first field is ir_version (tag 0x08, then a small varint), then another ModelProto field.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_ONNX_FIELD_TAGS = frozenset(b"\x12\x1a\x22\x28\x32\x3a\x42\x72\x7a\x82")  # ModelProto fields 2..16
+ACCEPTED = ("a maskrcnn checkpoint or a torchvision Mask R-CNN .pth (torch.save files), a Detectron2 model-zoo "
+            ".pkl, or (to predict and evaluate only) an ONNX file written by maskrcnn export")
+
+
+def file_kind(path: str | Path) -> str:
+    """What a model file is, by its first bytes, whatever its name: ``"torch"`` (a ``torch.save``
+    file), ``"pickle"`` (a plain pickle, as Detectron2's ``.pkl``), ``"onnx"`` or ``"unknown"``."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    if len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_FIELD_TAGS:
+        return "onnx"
+    return "unknown"
+
+
 def read_file(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file safely (no code execution) into a dict: ``torch.save`` files with
-    ``weights_only=True``, Detectron2 ``.pkl`` pickles with a numpy-only unpickler."""
+    ``weights_only=True``, Detectron2 ``.pkl`` pickles with a numpy-only unpickler. The reader is
+    chosen by the file's content (``file_kind``); only a file of unknown content goes by its
+    suffix (``.pkl``: the Detectron2 reader, which names the problem)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".pkl":
+    kind = file_kind(path)
+    if kind == "onnx":
+        raise CheckpointError(f"{path} is an ONNX model (maskrcnn export): it runs in predict and evaluate only; "
+                              "to train or export, use the PyTorch checkpoint it was exported from")
+    if kind == "pickle" or (kind == "unknown" and path.suffix == ".pkl"):
         try:
             return {"model": detectron2_compat.read_pickle(path)}
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+    if kind == "unknown":
+        raise CheckpointError(f"cannot read {path}: not a model file this package reads; expected {ACCEPTED}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # objects beyond tensors and plain values, e.g. code
@@ -147,8 +181,13 @@ def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor
             config = from_dict(ModelConfig, obj["config"])
         except ConfigError as e:
             raise CheckpointError(f"{path}: bad config in checkpoint: {e}") from None
-        return config, dict(obj["model"])
+        state = obj.get("model")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: a maskrcnn checkpoint without its 'model' dict of weights")
+        check_state_dict(state, path)
+        return config, dict(state)
     state = obj["model"] if isinstance(obj.get("model"), dict) else obj
+    check_state_dict(state, path)
     if detectron2_compat.is_detectron2_state_dict(state):
         try:
             converted = detectron2_compat.convert_keys(state)
@@ -158,6 +197,28 @@ def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor
     if not is_torchvision_state_dict(state):
         raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision or Detectron2 Mask R-CNN state dict")
     return None, convert_keys(state)
+
+
+def check_state_dict(state: dict[Any, Any], path: str | Path) -> None:
+    """A one-line CheckpointError unless ``state`` maps names (str) to tensors (or arrays)."""
+    names = [k for k in state if not isinstance(k, str)]
+    if names:
+        raise CheckpointError(f"{path}: expected a dict of weights keyed by name, found the key {names[0]!r} "
+                              f"({type(names[0]).__name__}; {len(names)} such keys)")
+    values = [k for k, v in state.items() if not isinstance(v, (Tensor, np.ndarray))]
+    if values:
+        raise CheckpointError(f"{path}: expected a dict of weight tensors, but {values[0]!r} holds a "
+                              f"{type(state[values[0]]).__name__} ({len(values)} such entries)")
+
+
+def torchvision_config(state: dict[str, Tensor], path: str | Path, bn_eps: float | None = None) -> ModelConfig:
+    """``infer_config`` of a torchvision file, with a one-line CheckpointError naming a key that
+    the architecture is read from when the file lacks it."""
+    try:
+        return infer_config(state, bn_eps)
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {path} does not fit the model (a torchvision Mask R-CNN file): "
+                              f"missing keys: {e.args[0]}") from None
 
 
 def load(
@@ -175,14 +236,15 @@ def load(
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
             (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
-    if Path(path).suffix.lower() == ".onnx":
+    if Path(path).is_file() and file_kind(path) == "onnx":  # by content: an ONNX file need not end in .onnx
         return _load_onnx(Path(path), device, overrides)
+    if Path(path).suffix.lower() == ".onnx" and not Path(path).exists():
+        raise CheckpointError(f"ONNX model not found: {path}")
     device = check_device(device)
     config, state = read_weights(path)
     if config is None:
-        config = infer_config(state, bn_eps)
-    if overrides:  # checked and typed like any config override: unknown keys get suggestions
-        config = apply_overrides(config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
+        config = torchvision_config(state, path, bn_eps)
+    config = with_head_overrides(config, overrides)
     model = build_model(config)
     load_state(model, state, str(path))
     return model.to(device).eval()
@@ -201,15 +263,24 @@ def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]
         model = OnnxModel(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    if overrides:
-        model.config = apply_overrides(model.config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
+    model.config = with_head_overrides(model.config, overrides)
     return model
+
+
+def with_head_overrides(config: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """``config`` with ``RoIHeadsConfig`` overrides applied (typed like any config override:
+    unknown keys get suggestions) and its score and mask thresholds checked to be in [0, 1]."""
+    if overrides:
+        config = apply_overrides(config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
+    check_probability("score_thresh", config.roi_heads.score_thresh)
+    check_probability("mask_thresh", config.roi_heads.mask_thresh)
+    return config
 
 
 def with_layout_of(config: ModelConfig, path: str | Path) -> ModelConfig:
     """``config`` with the ``LAYOUT_FIELDS`` of the checkpoint at ``path`` (ours or torchvision's)."""
     saved, state = read_weights(path)
-    source = saved if saved is not None else infer_config(state)
+    source = saved if saved is not None else torchvision_config(state, path)
     out = copy.deepcopy(config)
     changed = []
     for section, name in LAYOUT_FIELDS:
@@ -230,7 +301,7 @@ def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> li
     """
     config, state = read_weights(path)
     if config is None:
-        published_eps = infer_config(state).backbone.bn_eps
+        published_eps = torchvision_config(state, path).backbone.bn_eps
         if bn_eps != published_eps:
             log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps %g "
                         "(model.backbone.bn_eps=%g reproduces its features exactly)", path, published_eps, published_eps)

@@ -311,7 +311,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import DEFAULT_OPSET, export
 
-    path = export(args.weights, args.out, args.opset or DEFAULT_OPSET)
+    path = export(args.weights, args.out, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
     print(f"{path} ({path.stat().st_size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
     return 0
 
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    q.add_argument("--batch-size", type=positive_int, default=1, help="images per forward pass")
+    q.add_argument("--batch-size", type=positive_int, default=1,
+                   help="images per forward pass, at most: only images of the same padded size share one")
     q.add_argument("--coco", default=None, help="COCO JSON whose image ids to use in predictions.json")
     q.add_argument("--max-pixels", type=positive_int, default=None,
                    help="refuse images with more pixels than this (default 178956970, Pillow's own limit)")
@@ -409,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
     x.add_argument("--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth or a Detectron2 .pkl")
     x.add_argument("--out", required=True, help="the .onnx file to write")
-    x.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default 17; at least 16 for aligned RoIAlign)")
+    x.add_argument("--opset", type=positive_int, default=None, help="ONNX opset, 11 to 20 (default 17; at least 16 for aligned RoIAlign)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not an earlier maskrcnn export (never the --weights file)")
     x.set_defaults(func=cmd_export)
 
     w = sub.add_parser("download", help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)")

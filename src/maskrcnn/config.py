@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,6 +130,19 @@ class ModelConfig:
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or has a value of the wrong type."""
+
+
+def check_probability(name: str, value: Any) -> Any:
+    """``value`` if None or a number in [0, 1]; otherwise a one-line ValueError naming ``name``.
+
+    The one check of the score and mask thresholds, wherever they are given (``maskrcnn.load``
+    overrides, ``predict`` arguments, the command line): a threshold of 2 or NaN would silently
+    give no detections or empty masks.
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
+    if value is not None and not ok:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    return value
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import load
+from .checkpoint import file_kind, load
 from .config import to_dict
 from .model.mask_rcnn import MaskRCNN
 from .model.transform import padded_size
@@ -45,6 +45,10 @@ from .structures import ImageBatch
 
 DEFAULT_OPSET = 17  # RoiAlign needs 16 to keep the half-pixel shift of aligned models
 MIN_OPSET = 11  # NonMaxSuppression's and RoiAlign's forms used here
+try:  # the newest opset of the TorchScript exporter (dynamo=False) of this torch: 20 in torch 2.13
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET as MAX_OPSET
+except ImportError:
+    MAX_OPSET = DEFAULT_OPSET
 INPUTS = ("image", "score_thresh")
 
 log = logging.getLogger(__name__)
@@ -76,13 +80,47 @@ def output_names(model: MaskRCNN) -> tuple[str, ...]:
 
 def check_exportable(model: MaskRCNN, opset: int) -> None:
     """ExportError naming what stops ``model`` from exporting at ``opset`` faithfully."""
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: at least {MIN_OPSET} is needed (NonMaxSuppression, RoiAlign)")
+    check_opset(opset)
     if model.roi_heads.pooler != "align":
         raise ExportError(f"roi_heads.pooler={model.roi_heads.pooler!r}: only RoIAlign models export to ONNX")
     if model.roi_heads.aligned and opset < 16:
         raise ExportError(f"--opset {opset}: this model uses aligned RoIAlign (roi_heads.aligned=true), which ONNX "
                           "RoiAlign has only from opset 16; an older opset would export the non-aligned one")
+
+
+def check_opset(opset: int) -> None:
+    """ExportError unless ``opset`` is one this torch exports and this graph needs: checked
+    before anything is loaded or traced (an unknown opset fails deep in the exporter)."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"--opset {opset}: this export supports opsets {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+
+
+def check_paths(weights: str | Path, out: str | Path, overwrite: bool) -> None:
+    """ExportError unless ``out`` may be written: never the input file, and an existing file only
+    with ``overwrite`` or when it is an earlier ``maskrcnn export`` output."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if out.is_dir():
+        raise ExportError(f"--out {out} is a folder; name the .onnx file to write")
+    if Path(weights).exists() and out.samefile(weights):
+        raise ExportError(f"--out {out} is the checkpoint being exported; write the ONNX file under another name")
+    if not overwrite and not is_our_export(out):
+        raise ExportError(f"--out {out} exists and is not an ONNX file written by maskrcnn export; "
+                          "remove it or pass --overwrite to replace it")
+
+
+def is_our_export(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file with our ``maskrcnn.format`` metadata (weights not read)."""
+    if file_kind(path) != "onnx":
+        return False
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001  not parseable: not ours
+        return False
+    return any(p.key == "maskrcnn.format" and p.value == FORMAT for p in proto.metadata_props)
 
 
 def metadata(model: MaskRCNN) -> dict[str, str]:
@@ -139,6 +177,18 @@ def export_model(model: MaskRCNN, out: str | Path, opset: int = DEFAULT_OPSET) -
     return path
 
 
-def export(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
-    """``maskrcnn export``: our checkpoint, a torchvision .pth or a Detectron2 model-zoo .pkl to ONNX."""
+def export(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Path:
+    """``maskrcnn export``: our checkpoint, a torchvision .pth or a Detectron2 model-zoo .pkl to ONNX.
+
+    ``out`` is written atomically (temp file, then rename). It is never ``weights`` itself, and
+    an existing file is replaced only if it is an earlier export or ``overwrite`` is set.
+
+    Raises:
+        ExportError: a bad opset, ``weights`` already an ONNX file, or an ``out`` refused above.
+        CheckpointError: ``weights`` cannot be read.
+    """
+    check_opset(opset)
+    if Path(weights).is_file() and file_kind(weights) == "onnx":
+        raise ExportError(f"{weights} is already an ONNX model; export from the PyTorch checkpoint it came from")
+    check_paths(weights, out, overwrite)
     return export_model(load(weights, device="cpu"), out, opset)

@@ -9,7 +9,6 @@ computes losses, raises instead).
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -20,8 +19,10 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import tiling
+from .config import check_probability
 from .data.images import MAX_PIXELS, TILED_MAX_PIXELS, decode_in_place, load_rgb, open_image, to_rgb
 from .model.mask_rcnn import MaskRCNN
+from .onnx_model import OnnxModel
 from .precision import autocast
 from .precision import resolve as resolve_precision
 from .results import DISPLAY_SIZE, Result
@@ -60,9 +61,34 @@ def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.nd
 
 def check_score_thresh(value: float | None) -> float | None:
     """``value`` if None or a probability in [0, 1]; otherwise a one-line ValueError."""
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0):
-        raise ValueError(f"score threshold must be a number in [0, 1], got {value!r}")
-    return value
+    return check_probability("score threshold", value)
+
+
+def model_precision(model: MaskRCNN | OnnxModel, precision: str) -> str:
+    """The precision ``model`` runs at (``precision.resolve``). An ONNX model computes float32
+    only: "auto" means fp32 there, and bf16 or fp16 are refused rather than silently ignored."""
+    if isinstance(model, OnnxModel):
+        if precision in ("bf16", "fp16"):
+            raise ValueError(f"precision {precision}: an ONNX model runs in float32 on ONNX Runtime; "
+                             "bf16 and fp16 apply to PyTorch checkpoints (use fp32 or auto)")
+        if precision not in ("auto", "fp32", ""):
+            resolve_precision(precision, "cpu")  # the one message for an unknown name
+        return "fp32"
+    return resolve_precision(precision, model.device)
+
+
+def batch_groups(model: MaskRCNN | OnnxModel, sizes: list[tuple[int, int]]) -> list[list[int]]:
+    """Indices of the images (``(H, W)`` each) that go through the model together: those whose
+    ``Preprocessor.batch_key`` agrees, so an image's detections never depend on what it is
+    batched with (torchvision pads every batch to its largest image and lets that change them;
+    the ONNX path never batches). Groups in order of their first image."""
+    preprocess = getattr(model, "preprocess", None)
+    if preprocess is None or len(sizes) < 2:  # e.g. a stand-in model in tests: one batch
+        return [list(range(len(sizes)))] if sizes else []
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for i, (h, w) in enumerate(sizes):
+        groups.setdefault(preprocess.batch_key(int(h), int(w)), []).append(i)
+    return list(groups.values())
 
 
 def _name(item: ImageLike, index: int) -> str:
@@ -96,7 +122,8 @@ def iter_predict(
     reason in ``error``, also logged; KeyboardInterrupt is never caught.
     """
     check_score_thresh(score_thresh)  # now, not at the first image
-    resolve_precision(precision, model.device)
+    check_probability("mask threshold", mask_thresh)
+    model_precision(model, precision)
     tiling.check_options(tile, tile_overlap, tile_whole)
     return _predict(model, images, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
                     raise_errors=False, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole, progress=progress)
@@ -212,7 +239,8 @@ def predict_batches(
         the batch's loss terms (empty without targets).
     """
     check_score_thresh(score_thresh)
-    numerics = resolve_precision(precision, model.device)
+    check_probability("mask threshold", mask_thresh)
+    numerics = model_precision(model, precision)
     cfg = model.config
     mask_thresh = cfg.roi_heads.mask_thresh if mask_thresh is None else mask_thresh
     names = cfg.label_names()
@@ -244,6 +272,14 @@ def predict_batches(
             name, _, path = loaded[0]
             return [_failed(f"{name}: the model failed: {type(e).__name__}: {e}", path)], {}
 
+    def detect_by_size(loaded: list[_Loaded]) -> list[Result]:
+        """``detect`` on the images of each ``batch_groups`` group, results in input order."""
+        found: list[Result | None] = [None] * len(loaded)
+        for group in batch_groups(model, [array.shape[:2] for _, array, _ in loaded]):
+            for i, result in zip(group, detect([loaded[i] for i in group], None)[0]):
+                found[i] = result
+        return found  # type: ignore[return-value]
+
     def process(batch: Sequence[ImageLike], start: int, truth: Sequence[Targets] | None) -> tuple[list[Result], dict[str, Tensor]]:
         slots: list[Result | _Loaded] = []
         for index, item in enumerate(batch, start):
@@ -256,7 +292,10 @@ def predict_batches(
                     raise
                 slots.append(_failed(str(e) if path and path in str(e) else f"{_name(item, index)}: {e}", path))
         loaded = [s for s in slots if not isinstance(s, Result)]
-        found, losses = detect(loaded, truth) if loaded else ([], {})
+        if truth is not None:  # validation: one forward pass for the losses and detections
+            found, losses = detect(loaded, truth) if loaded else ([], {})
+        else:
+            found, losses = detect_by_size(loaded), {}
         done = iter(found)
         return [slot if isinstance(slot, Result) else next(done) for slot in slots], losses
 
@@ -295,7 +334,8 @@ def predict(
         model: a ``MaskRCNN`` (switched to eval mode for the call), or an ``OnnxModel`` (an
             exported file on ONNX Runtime, ``maskrcnn.load("model.onnx")``).
         images: a path, PIL image, array or tensor, or a list of them.
-        batch_size: images per forward pass.
+        batch_size: images read and run together, at most; only images of the same padded size
+            share a forward pass (``batch_groups``), so results never depend on batching.
         score_thresh: keep detections with score >= this, a number in [0, 1] (default: the
             model's own threshold, 0.05 for torchvision's weights, so results equal
             torchvision's).
@@ -325,13 +365,16 @@ def predict(
         ``.error`` (also logged); the other inputs' results are unaffected.
 
     Raises:
-        ValueError: ``score_thresh`` outside [0, 1] or NaN; an unknown ``precision``, or
+        ValueError: ``score_thresh`` or ``mask_thresh`` outside [0, 1] or NaN; an unknown ``precision``, or
             fp16 on a CPU; bad tiling options (``tiling.check_options``). For a single input, whatever
             stopped it is raised (e.g. ``DatasetError`` for an unreadable file, ValueError
             for an empty array).
     """
     single = isinstance(images, (str, Path, Image.Image, np.ndarray, torch.Tensor))
     items = [images] if single else list(images)  # type: ignore[list-item]
+    check_score_thresh(score_thresh)
+    check_probability("mask threshold", mask_thresh)
+    model_precision(model, precision)
     tiling.check_options(tile, tile_overlap, tile_whole)
     results = list(_predict(model, items, batch_size, score_thresh, mask_thresh, keep_images, max_pixels, precision,
                             raise_errors=single, tile=tile, tile_overlap=tile_overlap, tile_whole=tile_whole,

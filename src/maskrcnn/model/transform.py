@@ -175,6 +175,25 @@ class Preprocessor(nn.Module):
             masks = masks.new_zeros((0, *to_hw))
         return Targets(boxes=resize_boxes(t.boxes, from_hw, to_hw), labels=t.labels, masks=masks)
 
+    def resized_size(self, h: int, w: int) -> tuple[int, int]:
+        """``(h, w)`` of an ``h x w`` image after this preprocessor's eval-mode resize."""
+        if self.resize == "detectron2":
+            return detectron2_resized_size(h, w, self.min_size[-1], self.max_size)
+        return resized_size(h, w, resize_scale(h, w, float(self.min_size[-1]), float(self.max_size)))
+
+    def batch_key(self, h: int, w: int) -> tuple[int, int, int]:
+        """Images of an equal key give in one batch the detections each gives alone (eval mode).
+
+        A batch is padded to its largest image, and the padding changes what the network
+        computes for the smaller ones (a 640 x 480 photo batched with a 6000 x 4000 one kept 45
+        of its 100 detections); RoIAlign's scales also follow the batch's largest height (they
+        differ from 1/4 .. 1/32 below ~45 px). So the key is the padded size and
+        ``round(log2(padded h / h))``, which fixes those scales for the divisor's strides.
+        """
+        rh, rw = self.resized_size(h, w)
+        hp, wp = padded_size(rh, self.size_divisible), padded_size(rw, self.size_divisible)
+        return hp, wp, round(math.log2(hp / rh))
+
     def batch(self, images: list[Tensor]) -> ImageBatch:
         """Zero-pad (3, h, w) images to one (B, 3, Hp, Wp) tensor, Hp and Wp multiples of the divisor."""
         d = self.size_divisible

@@ -3,7 +3,10 @@
 
 Each RoI is pooled from one level: ``k = floor(4 + log2(sqrt(area) / 224))`` clamped to the
 pyramid, so a 224 x 224 RoI reads the stride-16 map. The stride of each map is inferred from
-its size relative to the (padded) batch size, rounded to a power of two.
+its height relative to the largest image height of the batch, rounded to a power of two
+(torchvision's ``_infer_scale``): 1/4 ... 1/32 for ordinary images, larger once an image is
+under ~45 px tall, with the level range following. The exported graph computes the same from
+the traced sizes (``_multiscale_roi_align_traced``).
 
 Shape shorthand: B images, C channels, L levels, K RoIs over the batch, PH x PW output bins.
 """
@@ -23,8 +26,8 @@ __all__ = ["assign_fpn_levels", "infer_scale", "multiscale_roi_align"]
 
 def assign_fpn_levels(
     boxes: Tensor,
-    k_min: int,
-    k_max: int,
+    k_min: int | Tensor,
+    k_max: int | Tensor,
     canonical_scale: int = 224,
     canonical_level: int = 4,
     eps: float = 1e-6,
@@ -37,7 +40,8 @@ def assign_fpn_levels(
 
     Args:
         boxes: ``Tensor[K, 4]`` ``(x1, y1, x2, y2)`` in input-image pixels.
-        k_min, k_max: levels (log2 of the stride) of the finest and coarsest maps.
+        k_min, k_max: levels (-log2 of the scale) of the finest and coarsest maps; 0-dim float
+            tensors when traced for export (they depend on the image height).
         canonical_scale, canonical_level: a box of side ``canonical_scale`` maps to
             ``canonical_level``.
         eps: guards ``floor`` against ``log2`` rounding just below an integer.
@@ -56,7 +60,7 @@ def assign_fpn_levels(
     else:
         raise ValueError(f"level mapper must be 'torchvision' or 'detectron2', got {mapper!r}")
     levels = torch.clamp(levels, min=k_min, max=k_max)
-    return levels.to(torch.int64) - k_min
+    return (levels - k_min).to(torch.int64)
 
 
 def infer_scale(feature_hw: tuple[int, int], image_hw: tuple[int, int]) -> float:
@@ -107,9 +111,11 @@ def multiscale_roi_align(
     if pool not in ("align", "pool"):
         raise ValueError(f"pool must be 'align' or 'pool', got {pool!r}")
     pooled = _pair(output_size)
+    rois = rois_from_boxes(boxes)  # (K, 5)
+    if torch.onnx.is_in_onnx_export():
+        return _multiscale_roi_align_traced(features, rois, image_sizes, pooled, sampling_ratio, aligned, level_mapper)
     padded_hw = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
     scales = [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
-    rois = rois_from_boxes(boxes)  # (K, 5)
 
     def run(feature: Tensor, level_rois: Tensor, scale: float) -> Tensor:
         if pool == "pool":
@@ -122,13 +128,6 @@ def multiscale_roi_align(
     k_min = int(-math.log2(scales[0]))
     k_max = int(-math.log2(scales[-1]))
     levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, mapper=level_mapper)  # (K,)
-    if torch.onnx.is_in_onnx_export():
-        # Every level stays in the graph (which have RoIs is known only at run time), and the
-        # results are put in RoI order by a permutation: the assignment below would export
-        # with the example image's RoI counts frozen in.
-        idx = [torch.where(levels == level)[0] for level in range(len(features))]
-        parts = [run(f, rois[i], scale) for f, i, scale in zip(features, idx, scales)]
-        return torch.cat(parts)[torch.argsort(torch.cat(idx))]  # (K, C, PH, PW)
     first = features[0]
     result = first.new_zeros((rois.shape[0], first.shape[1]) + pooled)  # (K, C, PH, PW)
     for level, (feature, scale) in enumerate(zip(features, scales)):
@@ -143,3 +142,49 @@ def multiscale_roi_align(
             continue
         result[idx] = run(feature, rois[idx], scale).to(result.dtype)
     return result
+
+
+def _log2_scales(features: list[Tensor], image_h: Tensor) -> Tensor:
+    """``log2`` of each level's scale as :func:`infer_scale` computes it, from traced sizes:
+    ``Tensor[L]`` float32 of integers, ``round(log2(feature_h / image_h))``.
+
+    Why not a constant: the scales depend on the image height (below ~45 px after resizing they
+    are no longer 1/4 ... 1/32), and a Python float taken from the example image would freeze
+    the 480 x 640 values into the graph. float32 ``log2`` as in ``infer_scale``: over every
+    ``feature_h / image_h`` of images up to 4096 px tall, ``log2`` stays > 1e-4 away from a
+    rounding tie, so the ONNX ``Log(x) / Log(2)`` cannot round another way.
+    """
+    heights = torch.stack([torch.as_tensor(f.shape[-2]) for f in features]).to(torch.float32)  # (L,)
+    return torch.round(torch.log2(heights / image_h.to(torch.float32)))  # (L,)
+
+
+def _multiscale_roi_align_traced(
+    features: list[Tensor], rois: Tensor, image_sizes: list[tuple[int, int]], pooled: tuple[int, int],
+    sampling_ratio: int, aligned: bool, level_mapper: str,
+) -> Tensor:
+    """:func:`multiscale_roi_align` (``pool="align"``) for ``torch.onnx.export``: the scales, the
+    level range and the level of each RoI are computed in the graph from the traced sizes, so
+    the exported model pools as PyTorch does for every image shape.
+
+    ONNX ``RoiAlign`` takes its scale as a constant attribute, so each level's RoIs are multiplied
+    by the graph-computed scale (a power of two: exact) and pooled with ``spatial_scale=1``.
+    Every level stays in the graph (which have RoIs is known only at run time), and the results
+    are put back in RoI order by a permutation: indexing by level would freeze the example
+    image's RoI counts into the graph.
+    """
+    image_h = torch.stack([torch.as_tensor(s[0]) for s in image_sizes]).max()  # () traced
+    log2_scales = _log2_scales(features, image_h)  # (L,)
+    scales = torch.pow(2.0, log2_scales)  # (L,)
+    if len(features) == 1:
+        return roi_align(features[0], _scaled(rois, scales[0]), pooled, 1.0, sampling_ratio, aligned)
+    k_min, k_max = -log2_scales[0], -log2_scales[-1]  # () float32 each
+    levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, mapper=level_mapper)  # (K,)
+    idx = [torch.where(levels == level)[0] for level in range(len(features))]
+    parts = [roi_align(f, _scaled(rois[i], scales[level]), pooled, 1.0, sampling_ratio, aligned)
+             for level, (f, i) in enumerate(zip(features, idx))]
+    return torch.cat(parts)[torch.argsort(torch.cat(idx))]  # (K, C, PH, PW)
+
+
+def _scaled(rois: Tensor, scale: Tensor) -> Tensor:
+    """``(batch_index, x1, y1, x2, y2)`` rows with the coordinates multiplied by ``scale``."""
+    return torch.cat((rois[:, :1], rois[:, 1:] * scale.to(rois.dtype)), dim=1)  # (K, 5)
