@@ -380,3 +380,36 @@ def test_reduced_precision_with_an_onnx_model_is_refused(tiny_files, tmp_path, c
 def test_loading_an_onnx_model_refuses_thresholds_outside_0_1(tiny_files, key, value):
     with pytest.raises(ValueError, match=rf"^{key} must be a number in \[0, 1\]"):
         maskrcnn.load(tiny_files[1], **{key: value})
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("aligned", [False, True])
+def test_multiscale_roi_align_graph_follows_the_image_height(tmp_path, aligned):
+    """The FPN pooler alone, traced at 480 x 640 and run by ONNX Runtime at heights where the
+    RoIAlign scales and the level range change (torchvision's ``_infer_scale``: at 6 px tall the
+    four levels read at 1, 1/2, 1/4, 1/8, at 44 px at 1/2 .. 1/16, from 46 px on at 1/4 .. 1/32),
+    against the PyTorch computation on the same features and boxes (issue 17, item 1)."""
+    from maskrcnn.ops.poolers import multiscale_roi_align
+
+    onnxruntime = pytest.importorskip("onnxruntime")
+
+    class Pooler(torch.nn.Module):
+        def forward(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+            h, w = image.shape[-2:]
+            x = torch.nn.functional.pad(image, (0, (w + 31) // 32 * 32 - w, 0, (h + 31) // 32 * 32 - h))
+            features = [torch.nn.functional.avg_pool2d(x, s) for s in (4, 8, 16, 32)]  # P2..P5
+            return multiscale_roi_align(features, [boxes], [(h, w)], 7, 2, aligned=aligned)
+
+    g = torch.Generator().manual_seed(0)
+    pooler = Pooler()
+    torch.onnx.export(pooler, (torch.randn(1, 2, 480, 640, generator=g), torch.tensor([[0.0, 0.0, 50.0, 40.0]])),
+                      tmp_path / "pool.onnx", dynamo=False, opset_version=17, input_names=["image", "boxes"],
+                      dynamic_axes={"image": {2: "h", 3: "w"}, "boxes": {0: "n"}})
+    session = onnxruntime.InferenceSession(str(tmp_path / "pool.onnx"), providers=["CPUExecutionProvider"])
+    for h in (6, 19, 39, 44, 46, 64, 200):
+        image = torch.randn(1, 2, h, 1333, generator=g)
+        # boxes from 2 px to 1300 px wide: every level, and the clamped ones at both ends
+        x1 = torch.rand(40, generator=g) * 600
+        boxes = torch.stack([x1, torch.zeros(40), x1 + torch.logspace(0.3, 3.1, 40), torch.full((40,), float(h))], 1)
+        (theirs,) = session.run(None, {"image": image.numpy(), "boxes": boxes.numpy()})
+        np.testing.assert_allclose(theirs, pooler(image, boxes).numpy(), atol=1e-5, err_msg=f"height {h}")
