@@ -123,9 +123,30 @@ def output_spreads(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
     return spreads
 
 
+def balance_fpn_levels(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+    """Factors for the FPN output layers of P3..P5 (weight and bias of each level's last conv, or
+    of its BatchNorm) that give every level P2's root mean square on ``image``.
+
+    Why: a trained network proposes objects on every level, but with random weights the coarse
+    levels come out weaker (Detectron2 R50 fixture: P5 and P6 = P5 subsampled at 0.42x P2's RMS,
+    objectness spread 0.9 against 2.6), so not one P6 proposal reaches the top 1000 and the
+    anchors of P6 go untested.
+    """
+    with torch.no_grad():
+        feats = list(model.backbone(model.transform([image])[0].tensors).values())
+    rms = [float(f.double().pow(2).mean().sqrt()) for f in feats[:4]]
+    out = {}
+    for i in range(1, 4):
+        block = model.backbone.fpn.layer_blocks[i]
+        last = [n for n, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d))][-1]
+        for p in ("weight", "bias"):
+            out[f"backbone.fpn.layer_blocks.{i}.{last}.{p}"] = rms[0] / rms[i]
+    return out
+
+
 def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target: dict[str, float], rule,  # type: ignore[no-untyped-def]
                        given_bn: dict[str, np.ndarray] | None = None, given_mult: dict[str, float] | None = None,
-                       factors: dict[str, float] | None = None) -> tuple[list, dict[str, float], dict[str, np.ndarray]]:
+                       factors: dict[str, float] | None = None, balance_levels: bool = False) -> tuple[list, dict[str, float], dict[str, np.ndarray]]:
     """Draw a torchvision Mask R-CNN's weights (``rule.draw``, seeded by ``seed`` and the name) and
     calibrate them on ``image``; loads them into ``model`` and returns (keys, multipliers, bn).
 
@@ -134,7 +155,7 @@ def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target:
     1 + 0.1 N(0, 1) (halved on a bottleneck's last BatchNorm, ``bn3``, so 16 blocks do not blow
     the stream up), bias 0.1 N(0, 1), running statistics of its input on ``image``; every other
     conv and linear weight He, biases 0.05; output layers rescaled to ``target`` spreads times
-    ``factors`` (default ``SPREAD_FACTOR``).
+    ``factors`` (default ``SPREAD_FACTOR``). ``balance_levels``: see ``balance_fpn_levels``.
     """
     given_bn, given_mult = given_bn or {}, given_mult or {}
     factors = SPREAD_FACTOR if factors is None else factors
@@ -200,17 +221,27 @@ def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target:
             return out * scales[0]
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(rescale(n)) for n in OUTPUT_LAYERS]
-    with torch.no_grad():
-        model([image])
-    for h in handles:
-        h.remove()
+    def rescale_outputs() -> None:
+        handles = [model.get_submodule(n).register_forward_hook(rescale(n)) for n in OUTPUT_LAYERS]
+        with torch.no_grad():
+            model([image])
+        for h in handles:
+            h.remove()
+
+    rescale_outputs()
     for n, m in model.named_modules():
         if isinstance(m, norms) and f"{n}.running_mean" not in given_bn:
             assert not m._forward_pre_hooks, f"{n} never ran"
             bn[f"{n}.running_mean"] = m.running_mean.numpy().copy()
             bn[f"{n}.running_var"] = m.running_var.numpy().copy()
-
+    if balance_levels:
+        for name, s in balance_fpn_levels(model, image).items():
+            if name in bn:
+                bn[name] = bn[name] * np.float32(s)
+            else:
+                multipliers[name] *= s
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in rule.state_arrays(spec).items()})
+        rescale_outputs()  # the RPN and heads see the rescaled levels
     return keys, multipliers, bn
 
 

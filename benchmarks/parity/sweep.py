@@ -131,13 +131,13 @@ def tv_targets(photo: Path, cache: Path) -> dict[str, float]:
 def checkpoint(family: str, seed: int, photo: Path, cache: Path) -> Path:
     """Draw and calibrate the family's weights (the fixture generators' recipes), once per cache."""
     suffix = ".pkl" if family in d2gen.FAMILIES else ".pth"
-    path = cache / f"{family}-s{seed}-{photo.stem}{suffix}"
+    path = cache / f"{family}-s{seed}-{photo.stem}-bal{suffix}"
     if path.exists():
         return path
     if family in d2gen.FAMILIES:
         cfg = d2gen.d2_cfg(family)
         model = d2gen.build_model(cfg).eval()
-        d2gen.calibrate(family, model, photo, cfg, seed=seed)
+        d2gen.calibrate(family, model, photo, cfg, seed=seed, balance_levels=True)
         arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
         with open(path.with_suffix(".tmp"), "wb") as f:
             pickle.dump({"model": arrays, "__author__": f"maskrcnn parity sweep (seed {seed}, not trained)"}, f, protocol=3)
@@ -145,7 +145,8 @@ def checkpoint(family: str, seed: int, photo: Path, cache: Path) -> Path:
         model = tv_reference(family)
         rule = tvgen.load_rule(REPO / "tests" / "fixtures" / "tv2_parity")
         factors = tvgen.SPREAD_FACTOR if family == "tv2" else {}
-        tvgen.draw_and_calibrate(model, tvgen.read_image(photo), seed, tv_targets(photo, cache), rule, factors=factors)
+        tvgen.draw_and_calibrate(model, tvgen.read_image(photo), seed, tv_targets(photo, cache), rule, factors=factors,
+                                 balance_levels=True)
         torch.save(model.state_dict(), path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     return path
