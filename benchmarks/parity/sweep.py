@@ -80,8 +80,8 @@ LEAN = ["land2:1", "batch:4:3+3:4+2:1"]
 TINY = ["land3:2s1333"]
 
 
-def default_cases(family: str, draw: int) -> list[str]:
-    if family in ("r101", "x101"):
+def default_cases(family: str, draw: int, lean: bool = False) -> list[str]:
+    if family in ("r101", "x101") or lean:
         return LEAN + ["land30:1", "port1:1.9"] if draw == 0 else TINY
     return list(CASES) if draw == 0 else LEAN
 
@@ -335,10 +335,15 @@ def main() -> None:
     ap.add_argument("--families", nargs="*", default=FAMILIES, choices=FAMILIES)
     ap.add_argument("--draws", type=int, default=len(DRAWS))
     ap.add_argument("--cases", nargs="*", default=None, help="default: default_cases()")
+    ap.add_argument("--lean", action="store_true", help="every family as R101 / X101: fewer cases")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("SWEEP_CACHE", "/work/sweep-cache")))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--report", nargs="*", type=Path, help="only print the tables of earlier --json files (markdown)")
     args = ap.parse_args()
+    if args.report:
+        report(args.report)
+        return
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -348,7 +353,7 @@ def main() -> None:
     print(json.dumps(meta), flush=True)
     for family in args.families:
         for draw, (seed, photo) in enumerate(DRAWS[: args.draws]):
-            cases = args.cases or default_cases(family, draw)
+            cases = args.cases or default_cases(family, draw, args.lean)
             t0 = time.time()
             path = checkpoint(family, seed, PHOTOS / photo, args.cache)
             ref_model, cfg = load_reference(family, path)
@@ -386,6 +391,29 @@ def main() -> None:
             print(row(r))
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def report(paths: list[Path]) -> None:
+    """The results and proposals-per-level tables of earlier runs, as markdown."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    print("| family | draw | case | size (w x h) | padded (w x h) | matched | max box diff (px) | max score diff | masks same / tie / n | min mask IoU | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        for r in run["results"]:
+            if "verdict" not in r:
+                continue
+            case = r["case"] + (f"[{r['image']}]" if r["case"].startswith("batch") else "")
+            print(f"| {r['family']} | {r['draw']} | {case} | {r['size'][0]}x{r['size'][1]} | {r['padded'][1]}x{r['padded'][0]} | "
+                  f"{r['matched']}/{r['ref']} | {r['box']:.1e} | {r['score']:.1e} | {r['masks_identical']}/{r['masks_near_tie']}/{r['masks']} | "
+                  f"{r['mask_iou_min']:.4f} | {r['verdict']} |")
+    print()
+    print("| family | draw | P2 | P3 | P4 | P5 | P6 |")
+    print("|---|---|---|---|---|---|---|")
+    for run in runs:
+        for r in run["results"]:
+            if "proposals_per_level" in r:
+                cells = [f"{v[0]} ({v[1]:.0f}-{v[3]:.0f})" for v in r["proposals_per_level"].values()]
+                print(f"| {r['family']} | {r['draw']} | " + " | ".join(cells) + " |")
 
 
 HEADER = f"{'family':6} {'draw':5} {'case':22} {'size':>10} {'padded':>10} {'matched':>9} {'box px':>8} {'score':>8} {'masks same/tie/n':>16} {'min IoU':>7}  verdict"
