@@ -84,6 +84,7 @@ def multiscale_roi_align(
     aligned: bool = False,
     pool: str = "align",
     level_mapper: str = "torchvision",
+    strides: tuple[int, ...] = (),
 ) -> Tensor:
     """Pool every RoI from its FPN level.
 
@@ -98,6 +99,10 @@ def multiscale_roi_align(
         aligned: as :func:`roi_align`.
         pool: ``"align"`` (RoIAlign, seed 3.4.2) or ``"pool"`` (quantised max RoIPool, seed 3.4.1).
         level_mapper: ``mapper`` of :func:`assign_fpn_levels`.
+        strides: each level's stride in input pixels (Detectron2: 4, 8, 16, 32), or () to infer
+            the scales from the padded height (torchvision, :func:`infer_scale`). They differ
+            where that height is small: for a 30:1 image (44 px high, P2 16 rows) torchvision's
+            rule gives P2 a scale of 1/2, not 1/4.
 
     Returns:
         ``Tensor[sum Ki, C, PH, PW]`` in the features' dtype, RoIs in input order (image 0
@@ -108,7 +113,9 @@ def multiscale_roi_align(
         raise ValueError(f"pool must be 'align' or 'pool', got {pool!r}")
     pooled = _pair(output_size)
     padded_hw = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-    scales = [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
+    if strides and len(strides) != len(features):
+        raise ValueError(f"{len(strides)} strides for {len(features)} feature levels")
+    scales = [1.0 / s for s in strides] if strides else [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
     rois = rois_from_boxes(boxes)  # (K, 5)
 
     def run(feature: Tensor, level_rois: Tensor, scale: float) -> Tensor:
