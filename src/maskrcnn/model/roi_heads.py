@@ -103,7 +103,7 @@ class RoIHeads(nn.Module):
         aligned: bool = False,
         level_mapper: str = "torchvision",
         pooler: str = "align",
-        pooler_strides: tuple[int, ...] = (),
+        pooler_strides: tuple[int, ...] = (4, 8, 16, 32),
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,

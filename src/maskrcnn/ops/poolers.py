@@ -99,10 +99,11 @@ def multiscale_roi_align(
         aligned: as :func:`roi_align`.
         pool: ``"align"`` (RoIAlign, seed 3.4.2) or ``"pool"`` (quantised max RoIPool, seed 3.4.1).
         level_mapper: ``mapper`` of :func:`assign_fpn_levels`.
-        strides: each level's stride in input pixels (Detectron2: 4, 8, 16, 32), or () to infer
-            the scales from the padded height (torchvision, :func:`infer_scale`). They differ
-            where that height is small: for a 30:1 image (44 px high, P2 16 rows) torchvision's
-            rule gives P2 a scale of 1/2, not 1/4.
+        strides: each level's stride in input pixels (4, 8, 16, 32 for P2..P5), or () to infer
+            the scales from the heights (:func:`infer_scale`). Detectron2 uses the fixed strides;
+            torchvision infers the scales once, at its first call, and keeps them, which from any
+            first image over 74 px high are the fixed strides. Inferred per batch they are wrong
+            for thin images: a 30:1 image (44 px high, P2 16 rows) gets 1/2 on P2, 1/16 on P5.
 
     Returns:
         ``Tensor[sum Ki, C, PH, PW]`` in the features' dtype, RoIs in input order (image 0
