@@ -2,9 +2,11 @@
 ../shared, v2 from tests/fixtures), and the devices that device-parametrised tests run on."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,34 @@ def d2_checkpoint(family: str) -> Path:
     """A Detectron2-layout parity checkpoint (``model_final``-style .pkl), built once per machine
     from ``tests/fixtures/d2_parity/FAMILY``'s recipe (digest-checked)."""
     return build_checkpoint(D2_PARITY / family, f"d2_parity_{family}", D2_PARITY / "weights_rule.py", ".pkl")
+
+
+LEVELS = REPO / "tests" / "fixtures" / "levels"
+
+
+def level_checkpoint(family: str) -> Path:
+    """A parity recipe's checkpoint (tv1, tv2, r50, r101, x101) with its FPN levels balanced: the
+    output convs of P3..P5 scaled by ``tests/fixtures/levels/scales.json`` (what
+    benchmarks/parity/make_level_fixture.py applied before recording the reference), so that P6
+    gives proposals. Built once per machine next to the recipe's file."""
+    if family in ("r50", "r101", "x101"):
+        base = d2_checkpoint(family)
+    else:
+        base = build_checkpoint(TV_PARITY, "tv_parity_r50") if family == "tv1" else build_checkpoint(TV2_PARITY, "tv2_parity_r50")
+    scales = json.loads((LEVELS / "scales.json").read_text())[family]
+    tag = hashlib.sha256(json.dumps(scales, sort_keys=True).encode()).hexdigest()[:8]
+    path = base.with_name(f"{base.stem}-levels-{tag}{base.suffix}")
+    if not path.exists():
+        tmp = path.with_suffix(".tmp")
+        if base.suffix == ".pkl":
+            raw = pickle.loads(base.read_bytes())
+            for key, f in scales.items():  # the same float32 product as the generator's in-place mul_
+                raw["model"][key] = torch.from_numpy(raw["model"][key].copy()).mul_(f).numpy()
+            tmp.write_bytes(pickle.dumps(raw, protocol=3))
+        else:
+            state = torch.load(base, weights_only=True)
+            for key, f in scales.items():
+                state[key] = state[key].mul_(f)
+            torch.save(state, tmp)
+        tmp.replace(path)
+    return path

@@ -132,6 +132,7 @@ def test_config_from_the_architecture(tmp_path, blocks, groups, backbone, stride
     assert (config.class_names[-1], config.category_ids[-1]) == ("toothbrush", 90)
     assert config.roi_heads.aligned and config.roi_heads.sampling_ratio == 0 and config.rpn.rank_by == "logit"
     assert config.anchors.strides == (4, 8, 16, 32, 64)  # not padded // grid: P6 of an 800-px side steps 64, not 61
+    assert config.roi_heads.pooler_strides == (4, 8, 16, 32)  # not inferred from the height: wrong at 30:1
     assert state["roi_heads.box_predictor.cls_score.weight"].shape == (81, 4)
 
 

@@ -9,7 +9,7 @@ import torch
 from pycocotools import mask as mask_util
 
 from maskrcnn.ops.paste import paste_masks
-from tests.model.parity_utils import mask_iou, match_detections
+from tests.model.parity import mask_iou, match_detections
 from tests.model.test_parity_d2 import FAMILY_CASES, run_family
 
 

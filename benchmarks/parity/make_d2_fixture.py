@@ -115,7 +115,21 @@ def is_bn(name: str) -> bool:
     return ".norm." in name
 
 
-def calibrate(family: str, model, photo: Path, cfg) -> tuple[list, dict, dict]:
+def balance_fpn_levels(model, inp: dict) -> dict[str, float]:
+    """Factors for the FPN output convs of P3..P5 (weight and bias) that give every level P2's root
+    mean square on the input ``inp``. Why: a trained network proposes objects on every level,
+    but with random weights the coarse levels come out weaker (the R50 fixture: P5 and P6 = P5
+    subsampled at 0.42x P2's RMS, objectness spread 0.9 against 2.6), so not one P6 proposal
+    reaches the top 1000 and the anchors of P6 go untested."""
+    with torch.no_grad():
+        feats = model.backbone(model.preprocess_image([inp]).tensor)
+    rms = {k: float(v.double().pow(2).mean().sqrt()) for k, v in feats.items()}
+    return {f"backbone.fpn_output{k}.{p}": rms["p2"] / rms[f"p{k}"] for k in (3, 4, 5) for p in ("weight", "bias")}
+
+
+def calibrate(family: str, model, photo: Path, cfg, seed: int = SEED, balance_levels: bool = False) -> tuple[list, dict, dict]:
+    """Draw the weights with ``seed`` and calibrate them on ``photo``; leaves them in ``model``.
+    ``balance_levels``: scale the FPN outputs to one spread first (``balance_fpn_levels``)."""
     rule = load_rule()
     own = {k: v for k, v in model.state_dict().items()}
     keys = [(k, tuple(v.shape)) for k, v in own.items()]
@@ -123,7 +137,7 @@ def calibrate(family: str, model, photo: Path, cfg) -> tuple[list, dict, dict]:
     for layer, target in OUTPUT_TARGETS.items():
         mult[layer + ".weight"] = 1.0
         mult[layer + ".bias"] = 0.0
-    weights = {n: rule.draw(n, s, SEED, mult[n]) for n, s in keys if not is_bn(n)}
+    weights = {n: rule.draw(n, s, seed, mult[n]) for n, s in keys if not is_bn(n)}
     # BatchNorm: gamma 1 (0.5 on a residual branch's last conv, so 23 blocks of R101 do not
     # blow the stream up), beta small and name-seeded; statistics from the photo below.
     bn = {}
@@ -131,7 +145,7 @@ def calibrate(family: str, model, photo: Path, cfg) -> tuple[list, dict, dict]:
         if n.endswith(".norm.weight"):
             bn[n] = np.full(s, 0.5 if ".conv3." in n else 1.0, np.float32)
         elif n.endswith(".norm.bias"):
-            bn[n] = rule.draw(n, s, SEED, 0.1)
+            bn[n] = rule.draw(n, s, seed, 0.1)
         elif n.endswith(".norm.running_mean"):
             bn[n] = np.zeros(s, np.float32)
         elif n.endswith(".norm.running_var"):
@@ -153,6 +167,10 @@ def calibrate(family: str, model, photo: Path, cfg) -> tuple[list, dict, dict]:
         if n.endswith((".norm.running_mean", ".norm.running_var")):
             bn[n] = v.numpy().copy()
 
+    if balance_levels:
+        for name, f in balance_fpn_levels(model, inp).items():
+            mult[name] *= f
+            model.get_parameter(name).data.copy_(torch.from_numpy(rule.draw(name, tuple(own[name].shape), seed, mult[name])))
     # Output layers: measure the std of each output with the current multiplier, rescale, repeat
     # (the later heads see proposals and detections that depend on the earlier ones).
     mods = dict(model.named_modules())
@@ -173,7 +191,7 @@ def calibrate(family: str, model, photo: Path, cfg) -> tuple[list, dict, dict]:
             log.info("pass %d: %s output std %.4g -> multiplier %.4g", it, k, std, w)
             for p in ("weight", "bias"):
                 name = f"{k}.{p}"
-                getattr(mods[k], p).data.copy_(torch.from_numpy(rule.draw(name, tuple(own[name].shape), SEED, mult[name])))
+                getattr(mods[k], p).data.copy_(torch.from_numpy(rule.draw(name, tuple(own[name].shape), seed, mult[name])))
     return keys, mult, bn
 
 
@@ -200,9 +218,10 @@ def feature_stats(out: dict, level: str, f: torch.Tensor) -> None:
     out[f"feature_{level}_crop_center"] = f[:, :, h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].numpy()
 
 
-def run_case(model, cfg, images: list[Path], full: bool) -> tuple[dict, list]:
+def run_case(model, cfg, images: list[Path], full: bool, check_whole: bool = True) -> tuple[dict, list]:
     """Every stage for one batch of images; ``full=False`` keeps only what the final-detection
-    fixture of R101 / X101 needs."""
+    fixture of R101 / X101 needs; ``check_whole=False`` skips the second, whole-model run that
+    proves the staged run is the model's own forward."""
     inputs = [predictor_input(p, cfg) for p in images]
     out: dict[str, np.ndarray] = {}
     captured: list[torch.Tensor] = []
@@ -241,7 +260,7 @@ def run_case(model, cfg, images: list[Path], full: bool) -> tuple[dict, list]:
             start += n
         finals = model._postprocess(dets, inputs, batch.image_sizes)
         # The staged run must be what the model's own forward gives.
-        whole = model(inputs)
+        whole = model(inputs) if check_whole else finals
         rles = []
         for i, (f, w) in enumerate(zip(finals, whole)):
             inst, other = f["instances"], w["instances"]

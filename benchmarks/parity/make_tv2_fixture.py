@@ -123,6 +123,128 @@ def output_spreads(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
     return spreads
 
 
+def balance_fpn_levels(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
+    """Factors for the FPN output layers of P3..P5 (weight and bias of each level's last conv, or
+    of its BatchNorm) that give every level P2's root mean square on ``image``.
+
+    Why: a trained network proposes objects on every level, but with random weights the coarse
+    levels come out weaker (Detectron2 R50 fixture: P5 and P6 = P5 subsampled at 0.42x P2's RMS,
+    objectness spread 0.9 against 2.6), so not one P6 proposal reaches the top 1000 and the
+    anchors of P6 go untested.
+    """
+    with torch.no_grad():
+        feats = list(model.backbone(model.transform([image])[0].tensors).values())
+    rms = [float(f.double().pow(2).mean().sqrt()) for f in feats[:4]]
+    out = {}
+    for i in range(1, 4):
+        block = model.backbone.fpn.layer_blocks[i]
+        last = [n for n, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d))][-1]
+        for p in ("weight", "bias"):
+            out[f"backbone.fpn.layer_blocks.{i}.{last}.{p}"] = rms[0] / rms[i]
+    return out
+
+
+def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target: dict[str, float], rule,  # type: ignore[no-untyped-def]
+                       given_bn: dict[str, np.ndarray] | None = None, given_mult: dict[str, float] | None = None,
+                       factors: dict[str, float] | None = None, balance_levels: bool = False) -> tuple[list, dict[str, float], dict[str, np.ndarray]]:
+    """Draw a torchvision Mask R-CNN's weights (``rule.draw``, seeded by ``seed`` and the name) and
+    calibrate them on ``image``; loads them into ``model`` and returns (keys, multipliers, bn).
+
+    ``given_bn`` / ``given_mult``: arrays and multipliers taken as they are (the v2 fixture's body
+    is v1's). Every other BatchNorm (``nn.BatchNorm2d`` or ``FrozenBatchNorm2d``): weight
+    1 + 0.1 N(0, 1) (halved on a bottleneck's last BatchNorm, ``bn3``, so 16 blocks do not blow
+    the stream up), bias 0.1 N(0, 1), running statistics of its input on ``image``; every other
+    conv and linear weight He, biases 0.05; output layers rescaled to ``target`` spreads times
+    ``factors`` (default ``SPREAD_FACTOR``). ``balance_levels``: see ``balance_fpn_levels``.
+    """
+    given_bn, given_mult = given_bn or {}, given_mult or {}
+    factors = SPREAD_FACTOR if factors is None else factors
+    state = model.state_dict()
+    keys = [(k, tuple(v.shape)) for k, v in state.items()]
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
+    bn_names = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, norms)
+                for p in ("weight", "bias", "running_mean", "running_var")}
+    multipliers: dict[str, float] = {}
+    bn: dict[str, np.ndarray] = {}
+    for name, shape in keys:
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name in given_bn:
+            bn[name] = given_bn[name]
+        elif name in given_mult:
+            multipliers[name] = given_mult[name]
+        elif name in bn_names:
+            kind = name.rsplit(".", 1)[1]
+            if kind == "weight":
+                bn[name] = (1 + rule.draw(name, shape, seed, 0.1)) * (0.5 if ".bn3." in name else 1.0)
+            elif kind == "bias":
+                bn[name] = rule.draw(name, shape, seed, 0.1)
+            else:  # calibrated below
+                bn[name] = np.zeros(shape, np.float32) if kind == "running_mean" else np.ones(shape, np.float32)
+        elif name.endswith(".bias"):
+            multipliers[name] = 0.05
+        else:
+            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
+            if "conv5_mask" in name:  # ConvTranspose2d weights are (in, out, kh, kw)
+                fan_in = shape[0] * shape[2] * shape[3]
+            multipliers[name] = math.sqrt(2.0 / fan_in)
+    spec = {"seed": seed, "bn_steps": BN_STEPS, "multipliers": multipliers, "bn": bn, "keys": keys}
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in rule.state_arrays(spec).items()})
+    # One pass: each BatchNorm outside the body takes its input's statistics the first time it
+    # runs, so every later layer sees calibrated layers before it; each output layer group is
+    # rescaled to v1's spread as it runs (and what it returns is rescaled likewise).
+    handles = []
+
+    def take_statistics(module, inputs):  # type: ignore[no-untyped-def]
+        x = inputs[0].double()
+        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
+        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
+        module._calibrated.remove()
+
+    for n, m in model.named_modules():
+        if isinstance(m, norms) and f"{n}.running_mean" not in given_bn:
+            m._calibrated = m.register_forward_pre_hook(take_statistics)
+
+    def rescale(name):  # type: ignore[no-untyped-def]
+        def hook(module, inputs, out):  # type: ignore[no-untyped-def]
+            scales = []
+            for prefix, t in zip(OUTPUT_LAYERS[name], flat_outputs(name, out)):
+                s = target[prefix] * factors.get(prefix, 1.0) / float(t.double().std())
+                scales.append(s)
+                for p in ("weight", "bias"):
+                    multipliers[f"{prefix}.{p}"] *= s
+                    model.get_parameter(f"{prefix}.{p}").data.mul_(s)
+            if name == "rpn.head":
+                return [x * scales[0] for x in out[0]], [x * scales[1] for x in out[1]]
+            if name == "roi_heads.box_predictor":
+                return out[0] * scales[0], out[1] * scales[1]
+            return out * scales[0]
+        return hook
+
+    def rescale_outputs() -> None:
+        handles = [model.get_submodule(n).register_forward_hook(rescale(n)) for n in OUTPUT_LAYERS]
+        with torch.no_grad():
+            model([image])
+        for h in handles:
+            h.remove()
+
+    rescale_outputs()
+    for n, m in model.named_modules():
+        if isinstance(m, norms) and f"{n}.running_mean" not in given_bn:
+            assert not m._forward_pre_hooks, f"{n} never ran"
+            bn[f"{n}.running_mean"] = m.running_mean.numpy().copy()
+            bn[f"{n}.running_var"] = m.running_var.numpy().copy()
+    if balance_levels:
+        for name, s in balance_fpn_levels(model, image).items():
+            if name in bn:
+                bn[name] = bn[name] * np.float32(s)
+            else:
+                multipliers[name] *= s
+        model.load_state_dict({k: torch.from_numpy(v) for k, v in rule.state_arrays(spec).items()})
+        rescale_outputs()  # the RPN and heads see the rescaled levels
+    return keys, multipliers, bn
+
+
 def calibrate(shared: Path, photo: Path) -> None:
     """Draw and calibrate the v2 weights; write keys.txt, spec.json, bn.npz into OUT."""
     torch.manual_seed(0)
@@ -140,82 +262,12 @@ def calibrate(shared: Path, photo: Path) -> None:
     print("v1 output spreads on the photo:", json.dumps(target, indent=1))
 
     model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=91).eval()
-    state = model.state_dict()
-    keys = [(k, tuple(v.shape)) for k, v in state.items()]
-    bn_names = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
-                for p in ("weight", "bias", "running_mean", "running_var")}
-    multipliers: dict[str, float] = {}
-    bn: dict[str, np.ndarray] = {}
-    for name, shape in keys:
-        if name.endswith("num_batches_tracked"):
-            continue
-        if name.startswith("backbone.body."):
-            if name in bn_names:
-                bn[name] = v1_spec["bn"][name].astype(np.float32)
-            else:
-                multipliers[name] = v1_spec["multipliers"][name]
-        elif name in bn_names:
-            kind = name.rsplit(".", 1)[1]
-            if kind == "weight":
-                bn[name] = 1 + v1_rule.draw(name, shape, SEED, 0.1)
-            elif kind == "bias":
-                bn[name] = v1_rule.draw(name, shape, SEED, 0.1)
-            else:  # calibrated below
-                bn[name] = np.zeros(shape, np.float32) if kind == "running_mean" else np.ones(shape, np.float32)
-        elif name.endswith(".bias"):
-            multipliers[name] = 0.05
-        else:
-            fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-            if "conv5_mask" in name:  # ConvTranspose2d weights are (in, out, kh, kw)
-                fan_in = shape[0] * shape[2] * shape[3]
-            multipliers[name] = math.sqrt(2.0 / fan_in)
-
-    spec = {"seed": SEED, "bn_steps": BN_STEPS, "multipliers": multipliers, "bn": bn, "keys": keys}
+    body = {n for n, _ in model.state_dict().items() if n.startswith("backbone.body.")}
+    given_bn = {n: v.astype(np.float32) for n, v in v1_spec["bn"].items() if n in body}
+    given_mult = {n: v for n, v in v1_spec["multipliers"].items() if n in body}
     rule = load_rule(OUT)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in rule.state_arrays(spec).items()})
-
-    # One pass: each BatchNorm outside the body takes its input's statistics the first time it
-    # runs, so every later layer sees calibrated layers before it; each output layer group is
-    # rescaled to v1's spread as it runs (and what it returns is rescaled likewise).
-    handles = []
-
-    def take_statistics(module, inputs):  # type: ignore[no-untyped-def]
-        x = inputs[0].double()
-        module.running_mean.copy_(x.mean(dim=(0, 2, 3)))
-        module.running_var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
-        module._calibrated.remove()
-
-    for n, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d) and not n.startswith("backbone.body."):
-            m._calibrated = m.register_forward_pre_hook(take_statistics)
-
-    def rescale(name):  # type: ignore[no-untyped-def]
-        def hook(module, inputs, out):  # type: ignore[no-untyped-def]
-            scales = []
-            for prefix, t in zip(OUTPUT_LAYERS[name], flat_outputs(name, out)):
-                s = target[prefix] * SPREAD_FACTOR.get(prefix, 1.0) / float(t.double().std())
-                scales.append(s)
-                for p in ("weight", "bias"):
-                    multipliers[f"{prefix}.{p}"] *= s
-                    model.get_parameter(f"{prefix}.{p}").data.mul_(s)
-            if name == "rpn.head":
-                return [x * scales[0] for x in out[0]], [x * scales[1] for x in out[1]]
-            if name == "roi_heads.box_predictor":
-                return out[0] * scales[0], out[1] * scales[1]
-            return out * scales[0]
-        return hook
-
-    handles = [model.get_submodule(n).register_forward_hook(rescale(n)) for n in OUTPUT_LAYERS]
-    with torch.no_grad():
-        model([image])
-    for h in handles:
-        h.remove()
-    for n, m in model.named_modules():
-        if isinstance(m, nn.BatchNorm2d) and not n.startswith("backbone.body."):
-            assert not m._forward_pre_hooks, f"{n} never ran"
-            bn[f"{n}.running_mean"] = m.running_mean.numpy().copy()
-            bn[f"{n}.running_var"] = m.running_var.numpy().copy()
-
+    keys, multipliers, bn = draw_and_calibrate(model, image, SEED, target, rule, given_bn, given_mult)
+    spec = {"seed": SEED, "bn_steps": BN_STEPS, "multipliers": multipliers, "bn": bn, "keys": keys}
     spec["sha256"] = rule.digest(rule.state_arrays(spec))
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "keys.txt").write_text("".join(f"{k} {','.join(map(str, s))}\n" for k, s in keys))

@@ -71,6 +71,7 @@ class RoIHeadsConfig:
     aligned: bool = False  # RoIAlign half-pixel shift: False as torchvision, True as Detectron2
     level_mapper: str = "torchvision"  # FPN level of a RoI: floor(4 + log2(s/224) + 1e-6) ("torchvision") or floor(4 + log2(s/224 + 1e-8)) ("detectron2")
     pooler: str = "align"  # "align" (RoIAlign, seed 3.4.2) or "pool" (quantised max, seed 3.4.1)
+    pooler_strides: tuple[int, ...] = (4, 8, 16, 32)  # pooling scale 1/stride per level P2..P5, as Detectron2 and torchvision after its first call; () = inferred per batch from the height
     box_head: str = "2fc"  # "2fc" (two FC layers, the paper) or "4conv1fc" (four 3x3 convs of 256, one FC: torchvision v2)
     box_head_norm: str = "none"  # "none" or "batchnorm" after each 3x3 conv of a "4conv1fc" box head
     representation_size: int = 1024  # width of the FC layers of the box head

@@ -199,6 +199,7 @@ def infer_config(state: dict[str, Tensor], raw: dict[str, Any] | None = None) ->
     h = cfg.roi_heads
     h.aligned, h.sampling_ratio, h.level_mapper = True, 0, "detectron2"
     h.box_min_size, h.paste = 0.0, "detectron2"
+    h.pooler_strides = (4, 8, 16, 32)  # ROIPooler's fixed 1/stride scales: a 30:1 image pooled P2 at 1/2 with torchvision's rule
     t = cfg.transform
     t.bgr, t.pixel_scale, t.resize = True, 255.0, "detectron2"
     t.min_size, t.max_size, t.size_divisible = (800,), 1333, 32

@@ -150,3 +150,24 @@ def test_detectron2_drops_empty_detections_after_the_top_k():
         (det,) = heads.postprocess(logits, deltas, proposals, [(10, 20)])
         counts[min_size] = len(det)
     assert counts == {1e-2: 1, 0.0: 0}
+
+
+@pytest.mark.parametrize("layout", ["ours", "detectron2"])
+def test_pooling_scales_do_not_depend_on_the_image_height(layout):
+    """Level l is pooled at 1 / 2**(l+2) whatever the image. torchvision's MultiScaleRoIAlign infers
+    its scales from the heights once, at its first call, and keeps them (``if self.scales is
+    None``): from any first image over 74 px high they are 1/4..1/32. Inferring them per batch, as
+    we did, pooled a 30:1 image (44 x 1333, padded 64 x 1344) at 1/2 on P2 and 1/16 on P5: the parity
+    sweep's 30:1 case then lost all 100 of torchvision's (and Detectron2's) detections."""
+    cfg = apply_overrides(ModelConfig(), TINY)
+    if layout == "detectron2":
+        cfg.roi_heads.aligned, cfg.roi_heads.sampling_ratio, cfg.roi_heads.level_mapper = True, 0, "detectron2"
+    model = maskrcnn.build_model(cfg).eval()
+    torch.manual_seed(0)
+    channels = cfg.backbone.fpn_channels
+    feats = [torch.randn(1, channels, 64 // s, 1344 // s) for s in (4, 8, 16, 32)]
+    boxes = [torch.tensor([[10.0, 5.0, 60.0, 40.0], [100.0, 0.0, 700.0, 44.0], [0.0, 0.0, 1300.0, 44.0]])]
+    with torch.no_grad():
+        thin = model.roi_heads.pool(feats, boxes, [(44, 1333)], 7)
+        tall = model.roi_heads.pool(feats, boxes, [(800, 1333)], 7)  # the same maps; an ordinary height
+    torch.testing.assert_close(thin, tall, rtol=0, atol=0)

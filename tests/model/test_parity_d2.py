@@ -207,3 +207,35 @@ def test_pasting_detectron2_masks_at_its_boxes_gives_its_rles(family):
     ours = (pasted >= 0.5).numpy()
     theirs = mask_util.decode(rles).transpose(2, 0, 1).astype(bool)
     assert (ours == theirs).mean(axis=(1, 2)).min() == 1.0
+
+
+# COCO's 80 thing category ids in Detectron2's contiguous class order (thing_dataset_id_to_contiguous_id
+# of detectron2/data/datasets/builtin_meta.py): class k has category id COCO_THING_IDS[k].
+COCO_THING_IDS = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
+    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
+    65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+]
+
+
+def test_detectron2_classes_come_out_as_coco_category_ids(device):
+    """Detectron2's contiguous class k (0..79) is our label k + 1, and the table every COCO writer
+    uses (``label_to_category``: predict's JSON, ``evaluate``, ``Result.to_coco``) turns that label
+    into COCO's category id: class 0 'person' -> 1, class 11 'stop sign' -> 13, class 79
+    'toothbrush' -> 90. Checked on the fixture's real detections, whose classes spread over the 80."""
+    from maskrcnn.engine.inference import label_to_category
+
+    model = maskrcnn.load(d2_checkpoint("r50"))
+    table = label_to_category(model)
+    assert table[1:] == COCO_THING_IDS
+    assert (model.config.class_names[11], table[12]) == ("stop sign", 13)
+    assert (model.config.class_names[79], table[80]) == ("toothbrush", 90)
+    r = runs("r50", device)["single_a"]
+    ref_classes = r["ref"]["final_labels_0"]
+    ours: Detections = r["final"][0]
+    fwd = match_detections(ours.boxes, ours.labels, torch.from_numpy(r["ref"]["final_boxes_0"]), torch.from_numpy(ref_classes) + 1)
+    assert (fwd >= 0).mean() >= 0.98
+    assert len(set(ref_classes.tolist())) >= 20  # many classes, not one
+    entries = Result.from_detections(ours, tuple(r["masks_json"][0][0]["size"]), paste="detectron2").to_coco(7, table)
+    got = np.array([entries[k]["category_id"] for k in fwd[fwd >= 0]])
+    np.testing.assert_array_equal(got, np.array(COCO_THING_IDS)[ref_classes[fwd >= 0]])

@@ -103,3 +103,21 @@ def test_multiscale_gradient_is_zero_not_absent_on_a_level_without_rois() -> Non
 def test_multiscale_rejects_unknown_pool() -> None:
     with pytest.raises(ValueError, match="pool"):
         multiscale_roi_align([torch.zeros(1, 1, 4, 4)], [torch.zeros(1, 4)], [(16, 16)], 2, 2, pool="max")
+
+
+def test_fixed_strides_pool_a_thin_image_at_one_quarter_on_p2() -> None:
+    """Detectron2 pools level l at 1 / stride_l whatever the image; torchvision infers the scale
+    from the heights, which a 30:1 image (44 x 1333, padded 64 x 1344: P2 is 16 rows) gets wrong:
+    round(log2(16 / 44)) = -1, so 0.5 instead of 0.25 (Detectron2 then found 100 detections where
+    we found none)."""
+    torch.manual_seed(0)
+    sizes = [(44, 1333)]
+    features = [torch.randn(1, 2, 64 // s, 1344 // s) for s in (4, 8, 16, 32)]
+    boxes = [torch.tensor([[10.0, 5.0, 60.0, 40.0], [100.0, 0.0, 700.0, 44.0]])]  # on P2 and on P3
+    assert infer_scale(tuple(features[0].shape[-2:]), sizes[0]) == 0.5  # torchvision's rule, kept for it
+    got = multiscale_roi_align(features, boxes, sizes, 7, 0, aligned=True, level_mapper="detectron2", strides=(4, 8, 16, 32))
+    levels = assign_fpn_levels(boxes[0], 2, 5, mapper="detectron2")
+    assert levels.tolist() == [0, 1]
+    for i, level in enumerate(levels.tolist()):
+        want = reference.roi_align(features[level].double().numpy(), [[0.0] + boxes[0][i].tolist()], (7, 7), 1 / 2 ** (level + 2), 0, True)
+        torch.testing.assert_close(got[i].double(), torch.from_numpy(want[0]), atol=1e-5, rtol=0)

@@ -71,6 +71,7 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         aligned=h.aligned,
         level_mapper=h.level_mapper,
         pooler=h.pooler,
+        pooler_strides=h.pooler_strides,
         fg_iou_thresh=h.fg_iou_thresh,
         bg_iou_thresh=h.bg_iou_thresh,
         batch_size_per_image=h.batch_size_per_image,

@@ -103,6 +103,7 @@ class RoIHeads(nn.Module):
         aligned: bool = False,
         level_mapper: str = "torchvision",
         pooler: str = "align",
+        pooler_strides: tuple[int, ...] = (4, 8, 16, 32),
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
         batch_size_per_image: int = 512,
@@ -124,6 +125,7 @@ class RoIHeads(nn.Module):
         self.aligned = aligned
         self.level_mapper = level_mapper
         self.pooler = pooler
+        self.pooler_strides = tuple(pooler_strides)
         self.fg_iou_thresh = fg_iou_thresh
         self.bg_iou_thresh = bg_iou_thresh
         self.batch_size_per_image = batch_size_per_image
@@ -142,7 +144,7 @@ class RoIHeads(nn.Module):
         """RoI features (R, F, size, size) from P2..P5, each box on its FPN level."""
         return multiscale_roi_align(
             features, boxes, image_sizes, size, self.sampling_ratio, aligned=self.aligned, pool=self.pooler,
-            level_mapper=self.level_mapper,
+            level_mapper=self.level_mapper, strides=self.pooler_strides,
         )
 
     def box_outputs(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:

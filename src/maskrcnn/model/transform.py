@@ -186,8 +186,9 @@ class Preprocessor(nn.Module):
 
         A batch is padded to its largest image, and the padding changes what the network
         computes for the smaller ones (a 640 x 480 photo batched with a 6000 x 4000 one kept 45
-        of its 100 detections); RoIAlign's scales also follow the batch's largest height (they
-        differ from 1/4 .. 1/32 below ~45 px). So the key is the padded size and
+        of its 100 detections); with inferred pooler scales (``roi_heads.pooler_strides=()``)
+        RoIAlign's scales also follow the batch's largest height (they differ from 1/4 .. 1/32
+        below ~45 px). So the key is the padded size and
         ``round(log2(padded h / h))``, which fixes those scales for the divisor's strides.
         """
         rh, rw = self.resized_size(h, w)

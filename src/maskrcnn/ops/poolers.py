@@ -2,11 +2,12 @@
 ``MultiScaleRoIAlign``.
 
 Each RoI is pooled from one level: ``k = floor(4 + log2(sqrt(area) / 224))`` clamped to the
-pyramid, so a 224 x 224 RoI reads the stride-16 map. The stride of each map is inferred from
-its height relative to the largest image height of the batch, rounded to a power of two
-(torchvision's ``_infer_scale``): 1/4 ... 1/32 for ordinary images, larger once an image is
-under ~45 px tall, with the level range following. The exported graph computes the same from
-the traced sizes (``_multiscale_roi_align_traced``).
+pyramid, so a 224 x 224 RoI reads the stride-16 map. Each map's scale is 1 / its fixed stride
+(4 ... 32, as Detectron2, and torchvision after its first call), or, with no strides given,
+inferred per batch from its height relative to the largest image height, rounded to a power of
+two (torchvision's ``_infer_scale``): 1/4 ... 1/32 for ordinary images, larger once an image is
+under ~45 px tall, with the level range following. The exported graph computes the same, from
+constants or from the traced sizes (``_multiscale_roi_align_traced``).
 
 Shape shorthand: B images, C channels, L levels, K RoIs over the batch, PH x PW output bins.
 """
@@ -88,6 +89,7 @@ def multiscale_roi_align(
     aligned: bool = False,
     pool: str = "align",
     level_mapper: str = "torchvision",
+    strides: tuple[int, ...] = (),
 ) -> Tensor:
     """Pool every RoI from its FPN level.
 
@@ -102,6 +104,11 @@ def multiscale_roi_align(
         aligned: as :func:`roi_align`.
         pool: ``"align"`` (RoIAlign, seed 3.4.2) or ``"pool"`` (quantised max RoIPool, seed 3.4.1).
         level_mapper: ``mapper`` of :func:`assign_fpn_levels`.
+        strides: each level's stride in input pixels (4, 8, 16, 32 for P2..P5), or () to infer
+            the scales from the heights (:func:`infer_scale`). Detectron2 uses the fixed strides;
+            torchvision infers the scales once, at its first call, and keeps them, which from any
+            first image over 74 px high are the fixed strides. Inferred per batch they are wrong
+            for thin images: a 30:1 image (44 px high, P2 16 rows) gets 1/2 on P2, 1/16 on P5.
 
     Returns:
         ``Tensor[sum Ki, C, PH, PW]`` in the features' dtype, RoIs in input order (image 0
@@ -112,10 +119,12 @@ def multiscale_roi_align(
         raise ValueError(f"pool must be 'align' or 'pool', got {pool!r}")
     pooled = _pair(output_size)
     rois = rois_from_boxes(boxes)  # (K, 5)
+    if strides and len(strides) != len(features):
+        raise ValueError(f"{len(strides)} strides for {len(features)} feature levels")
     if torch.onnx.is_in_onnx_export():
-        return _multiscale_roi_align_traced(features, rois, image_sizes, pooled, sampling_ratio, aligned, level_mapper)
+        return _multiscale_roi_align_traced(features, rois, image_sizes, pooled, sampling_ratio, aligned, level_mapper, strides)
     padded_hw = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
-    scales = [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
+    scales = [1.0 / s for s in strides] if strides else [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
 
     def run(feature: Tensor, level_rois: Tensor, scale: float) -> Tensor:
         if pool == "pool":
@@ -160,7 +169,7 @@ def _log2_scales(features: list[Tensor], image_h: Tensor) -> Tensor:
 
 def _multiscale_roi_align_traced(
     features: list[Tensor], rois: Tensor, image_sizes: list[tuple[int, int]], pooled: tuple[int, int],
-    sampling_ratio: int, aligned: bool, level_mapper: str,
+    sampling_ratio: int, aligned: bool, level_mapper: str, strides: tuple[int, ...] = (),
 ) -> Tensor:
     """:func:`multiscale_roi_align` (``pool="align"``) for ``torch.onnx.export``: the scales, the
     level range and the level of each RoI are computed in the graph from the traced sizes, so
@@ -172,8 +181,11 @@ def _multiscale_roi_align_traced(
     are put back in RoI order by a permutation: indexing by level would freeze the example
     image's RoI counts into the graph.
     """
-    image_h = torch.stack([torch.as_tensor(s[0]) for s in image_sizes]).max()  # () traced
-    log2_scales = _log2_scales(features, image_h)  # (L,)
+    if strides:  # fixed scales: constants in the graph, whatever the image
+        log2_scales = torch.tensor([-math.log2(s) for s in strides], dtype=torch.float32)  # (L,)
+    else:
+        image_h = torch.stack([torch.as_tensor(s[0]) for s in image_sizes]).max()  # () traced
+        log2_scales = _log2_scales(features, image_h)  # (L,)
     scales = torch.pow(2.0, log2_scales)  # (L,)
     if len(features) == 1:
         return roi_align(features[0], _scaled(rois, scales[0]), pooled, 1.0, sampling_ratio, aligned)
