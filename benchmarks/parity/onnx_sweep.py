@@ -13,8 +13,8 @@ even on P5 and P6, 30:1 both ways, objects cut by the borders) plus dense scenes
 and a mixed-size batch.
 
 A detection matches when one of the other runtime's has the same label, boxes within 0.05 px,
-scores within 1e-3; a pasted mask below IoU 0.98 is explained only where the two boxes truncate to
-different integer paste grids (torchvision's paste grows a box by (M + 2) / M and truncates it, so
+scores within 1e-3; a pasted mask below IoU 0.98 is explained only by one differing pixel (a
+threshold tie) or, for torchvision's paste, where the two boxes truncate to different integer grids (torchvision's paste grows a box by (M + 2) / M and truncates it, so
 float noise on a corner within a few thousandths of an integer moves the whole mask by a pixel) or
 the masks differ by one pixel. Anything else is a mismatch. One table is printed.
 """
@@ -85,8 +85,9 @@ def grids_differ(a: np.ndarray, b: np.ndarray, m: int = 28) -> bool:
     return bool((grown[0] != grown[1]).any())
 
 
-def compare(ours, onnx) -> dict:
-    """Greedy one-to-one matching of PyTorch's detections (best first) to ONNX Runtime's."""
+def compare(ours, onnx, paste: str) -> dict:
+    """Greedy one-to-one matching of PyTorch's detections (best first) to ONNX Runtime's;
+    ``paste``: the model's paste rule (only torchvision's truncates to an integer grid)."""
     row = {"n_ours": len(ours), "n_onnx": len(onnx), "matched": 0, "box": 0.0, "score": 0.0,
            "masks_same": 0, "mask_iou_min": 1.0, "one_pixel": 0, "grid": 0, "unexplained": 0}
     if not len(ours) or not len(onnx):
@@ -113,7 +114,8 @@ def compare(ours, onnx) -> dict:
         row["mask_iou_min"] = min(row["mask_iou_min"], m_iou)
         row["masks_same"] += differing == 0
         if m_iou < MASK_IOU:  # explained by one threshold-tie pixel, or by torchvision's integer paste grid
-            kind = "one_pixel" if differing <= 1 else "grid" if grids_differ(onnx.boxes[j], ours.boxes[i]) else "unexplained"
+            grid = paste == "torchvision" and grids_differ(onnx.boxes[j], ours.boxes[i])
+            kind = "one_pixel" if differing <= 1 else "grid" if grid else "unexplained"
             row[kind] += 1
     return row
 
@@ -139,10 +141,11 @@ def main() -> int:
             weights = checkpoint(family)
             onnx_path = export(weights, Path(tmp) / f"{family}.onnx")
             ours, theirs = maskrcnn.load(weights), maskrcnn.load(onnx_path)
+            paste = ours.config.roi_heads.paste
             for name in names:
                 t0 = time.perf_counter()
                 row = {"family": family, "case": name, "size": list(images[name].shape[:2]),
-                       **compare(ours.predict(images[name]), theirs.predict(images[name]))}
+                       **compare(ours.predict(images[name]), theirs.predict(images[name]), paste)}
                 row["verdict"], row["seconds"] = verdict(row), round(time.perf_counter() - t0, 1)
                 rows.append(row)
                 print(f"{family:5s} {name:16s} {row['size'][1]:>5d}x{row['size'][0]:<5d} {row['matched']:>3d}/{row['n_ours']:<3d}"
@@ -151,7 +154,7 @@ def main() -> int:
                       f"  <0.98: 1px {row['one_pixel']} grid {row['grid']}  {row['verdict']}", flush=True)
             batch = [images[n] for n in names[:3]]  # a mixed-size batch through both runtimes
             for n, a, b in zip(names[:3], ours.predict(batch, batch_size=3), theirs.predict(batch, batch_size=3)):
-                row = {"family": family, "case": f"batch[{n}]", "size": list(images[n].shape[:2]), **compare(a, b)}
+                row = {"family": family, "case": f"batch[{n}]", "size": list(images[n].shape[:2]), **compare(a, b, paste)}
                 row["verdict"] = verdict(row)
                 rows.append(row)
                 print(f"{family:5s} batch[{n}] {row['matched']}/{row['n_ours']} {row['verdict']}", flush=True)
