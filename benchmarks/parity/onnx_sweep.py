@@ -14,9 +14,10 @@ and a mixed-size batch.
 
 A detection matches when one of the other runtime's has the same label, boxes within 0.05 px,
 scores within 1e-3; a pasted mask below IoU 0.98 is explained only by one differing pixel (a
-threshold tie) or, for torchvision's paste, where the two boxes truncate to different integer grids (torchvision's paste grows a box by (M + 2) / M and truncates it, so
-float noise on a corner within a few thousandths of an integer moves the whole mask by a pixel) or
-the masks differ by one pixel. Anything else is a mismatch. One table is printed.
+threshold tie) or, for torchvision's paste, where the two boxes truncate to different integer
+grids (it grows a box by (M + 2) / M and truncates it, so float noise on a corner within a few
+thousandths of an integer moves the whole mask by a pixel). Anything else is a mismatch. One
+table is printed.
 """
 from __future__ import annotations
 
