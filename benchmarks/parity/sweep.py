@@ -291,8 +291,10 @@ def compare_image(family: str, ref: dict, rles: list, ours, i: int) -> dict:  # 
     return r
 
 
-def compare_stages(family: str, ref: dict, ours: dict, model) -> dict:  # type: ignore[no-untyped-def]
-    """Where a case differs: each stage against the reference's, our previous stage feeding ours."""
+def compare_stages(family: str, ref: dict, rles: list, ours: dict, model) -> dict:  # type: ignore[no-untyped-def]
+    """Where a case differs: each stage against the reference's, our previous stage feeding ours;
+    then our heads on the reference's proposals to the end (``heads_on_ref_proposals``: if that is
+    ``ok``, the difference is in the proposals alone)."""
     d2 = family in d2gen.FAMILIES
     batch, feats = ours["batch"], ours["feats"]
     st: dict = {"batch_shape": [list(batch.tensors.shape), ref["batch_shape"].tolist()],
@@ -316,6 +318,11 @@ def compare_stages(family: str, ref: dict, ours: dict, model) -> dict:  # type: 
             logits, deltas = torch.cat([logits[:, 1:], logits[:, :1]], 1), deltas[:, 4:]
         st["box_head_on_ref_proposals"] = [float(np.abs(logits.numpy() - ref["class_logits_0"]).max()),
                                            float(np.abs(deltas.numpy() - ref["box_regression_0"]).max())]
+    if batch.tensors.shape[0] == 1:
+        with torch.no_grad():
+            dets = model.roi_heads.detect(feats[:-1], [torch.from_numpy(ref["proposals_0"])], batch.image_sizes)
+        r = compare_image(family, ref, rles, to_original_frame(dets, batch)[0], 0)
+        st["heads_on_ref_proposals"] = {k: r[k] for k in ("matched", "ref", "box", "score", "masks_identical", "masks_near_tie", "verdict")}
     return st
 
 
@@ -375,7 +382,7 @@ def main() -> None:
                     r.update(family=family, draw=f"s{seed}", case=case, image=i, size=list(Image.open(paths[i]).size),
                              resized=list(ours["batch"].image_sizes[i]), padded=list(ours["batch"].tensors.shape[-2:]))
                     if r["verdict"] == "MISMATCH":
-                        r["stages"] = compare_stages(family, ref, ours, ours_model) if n == 1 or i == 0 else {}
+                        r["stages"] = compare_stages(family, ref, rles, ours, ours_model) if n == 1 or i == 0 else {}
                     results.append(r)
                     print(row(r), f"({time.time() - t1:.0f} s)", flush=True)
             summary = level_summary(levels, props)
