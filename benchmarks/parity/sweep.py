@@ -160,6 +160,15 @@ def load_reference(family: str, path: Path):  # type: ignore[no-untyped-def]
         return model, cfg
     model = tv_reference(family)
     model.load_state_dict(torch.load(path, weights_only=True))
+    # torchvision's MultiScaleRoIAlign infers its scales from the first batch it sees and keeps
+    # them (``if self.scales is None``). Set them as an ordinary first image (800 x 800) does,
+    # 1/4..1/32, so that no case depends on which case ran first: a 30:1 image seen first would
+    # freeze 1/2..1/16 for the model's lifetime.
+    from torchvision.ops.poolers import _setup_scales
+
+    feats = [torch.zeros(1, 1, 800 // s, 800 // s) for s in (4, 8, 16, 32)]
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        pool.scales, pool.map_levels = _setup_scales(feats, [(800, 800)], pool.canonical_scale, pool.canonical_level)
     return model.eval(), None
 
 
