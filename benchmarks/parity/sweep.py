@@ -423,6 +423,8 @@ def report(paths: list[Path]) -> None:
                   f"{r['matched']}/{r['ref']} | {r['box']:.1e} | {r['score']:.1e} | {r['masks_identical']}/{r['masks_near_tie']}/{r['masks']} | "
                   f"{r['mask_iou_min']:.4f} | {r['verdict']} |")
     print()
+    print("Reference proposals per FPN level over each draw's cases: count (10th-90th percentile of sqrt(area), px).")
+    print()
     print("| family | draw | P2 | P3 | P4 | P5 | P6 |")
     print("|---|---|---|---|---|---|---|")
     for run in runs:
