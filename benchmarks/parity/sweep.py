@@ -160,6 +160,15 @@ def load_reference(family: str, path: Path):  # type: ignore[no-untyped-def]
         return model, cfg
     model = tv_reference(family)
     model.load_state_dict(torch.load(path, weights_only=True))
+    # torchvision's MultiScaleRoIAlign infers its scales from the first batch it sees and keeps
+    # them (``if self.scales is None``). Set them as an ordinary first image (800 x 800) does,
+    # 1/4..1/32, so that no case depends on which case ran first: a 30:1 image seen first would
+    # freeze 1/2..1/16 for the model's lifetime.
+    from torchvision.ops.poolers import _setup_scales
+
+    feats = [torch.zeros(1, 1, 800 // s, 800 // s) for s in (4, 8, 16, 32)]
+    for pool in (model.roi_heads.box_roi_pool, model.roi_heads.mask_roi_pool):
+        pool.scales, pool.map_levels = _setup_scales(feats, [(800, 800)], pool.canonical_scale, pool.canonical_level)
     return model.eval(), None
 
 
@@ -291,8 +300,10 @@ def compare_image(family: str, ref: dict, rles: list, ours, i: int) -> dict:  # 
     return r
 
 
-def compare_stages(family: str, ref: dict, ours: dict, model) -> dict:  # type: ignore[no-untyped-def]
-    """Where a case differs: each stage against the reference's, our previous stage feeding ours."""
+def compare_stages(family: str, ref: dict, rles: list, ours: dict, model) -> dict:  # type: ignore[no-untyped-def]
+    """Where a case differs: each stage against the reference's, our previous stage feeding ours;
+    then our heads on the reference's proposals to the end (``heads_on_ref_proposals``: if that is
+    ``ok``, the difference is in the proposals alone)."""
     d2 = family in d2gen.FAMILIES
     batch, feats = ours["batch"], ours["feats"]
     st: dict = {"batch_shape": [list(batch.tensors.shape), ref["batch_shape"].tolist()],
@@ -316,6 +327,11 @@ def compare_stages(family: str, ref: dict, ours: dict, model) -> dict:  # type: 
             logits, deltas = torch.cat([logits[:, 1:], logits[:, :1]], 1), deltas[:, 4:]
         st["box_head_on_ref_proposals"] = [float(np.abs(logits.numpy() - ref["class_logits_0"]).max()),
                                            float(np.abs(deltas.numpy() - ref["box_regression_0"]).max())]
+    if batch.tensors.shape[0] == 1:
+        with torch.no_grad():
+            dets = model.roi_heads.detect(feats[:-1], [torch.from_numpy(ref["proposals_0"])], batch.image_sizes)
+        r = compare_image(family, ref, rles, to_original_frame(dets, batch)[0], 0)
+        st["heads_on_ref_proposals"] = {k: r[k] for k in ("matched", "ref", "box", "score", "masks_identical", "masks_near_tie", "verdict")}
     return st
 
 
@@ -375,7 +391,7 @@ def main() -> None:
                     r.update(family=family, draw=f"s{seed}", case=case, image=i, size=list(Image.open(paths[i]).size),
                              resized=list(ours["batch"].image_sizes[i]), padded=list(ours["batch"].tensors.shape[-2:]))
                     if r["verdict"] == "MISMATCH":
-                        r["stages"] = compare_stages(family, ref, ours, ours_model) if n == 1 or i == 0 else {}
+                        r["stages"] = compare_stages(family, ref, rles, ours, ours_model) if n == 1 or i == 0 else {}
                     results.append(r)
                     print(row(r), f"({time.time() - t1:.0f} s)", flush=True)
             summary = level_summary(levels, props)
@@ -406,6 +422,8 @@ def report(paths: list[Path]) -> None:
             print(f"| {r['family']} | {r['draw']} | {case} | {r['size'][0]}x{r['size'][1]} | {r['padded'][1]}x{r['padded'][0]} | "
                   f"{r['matched']}/{r['ref']} | {r['box']:.1e} | {r['score']:.1e} | {r['masks_identical']}/{r['masks_near_tie']}/{r['masks']} | "
                   f"{r['mask_iou_min']:.4f} | {r['verdict']} |")
+    print()
+    print("Reference proposals per FPN level over each draw's cases: count (10th-90th percentile of sqrt(area), px).")
     print()
     print("| family | draw | P2 | P3 | P4 | P5 | P6 |")
     print("|---|---|---|---|---|---|---|")
