@@ -41,6 +41,7 @@ for p in (HERE, REPO, REPO / "src"):
 
 import make_d2_fixture as d2gen  # noqa: E402
 import make_tv2_fixture as tvgen  # noqa: E402
+from sweep_cases import IMAGES, load_case_image  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 import maskrcnn  # noqa: E402
@@ -56,22 +57,6 @@ DRAWS = [(101, "train_1.jpg"), (102, "train_15.jpg"), (103, "val_30.jpg")]  # (s
 NEAR_TIE = 2.5e-3  # the mask logit tolerance 1e-2 moves a probability by up to 1e-2 / 4
 SCORE_THRESH, DETECTIONS = 0.05, 100
 
-# name -> (source, crop (x0, y0, x1, y1) as fractions of the source, output (w, h)). Both references
-# resize the short side to 800 (long side at most 1333) and pad to a multiple of 32; the comment
-# gives the resized and padded size (w x h) and what it covers. Crops cut through objects, so
-# objects touch the borders.
-IMAGES = {
-    "sq300": ("astronaut", (0.1, 0.05, 0.9, 0.85), (300, 300)),       # 800x800, up 2.67x; /32 odd, /64 not whole
-    "land4:3": ("train_3.jpg", (0.0, 0.0, 1.0, 1.0), (1024, 768)),    # 1067x800 -> 1088x800; /64 17 odd
-    "port3:4": ("chelsea", (0.1, 0.0, 0.7, 1.0), (480, 640)),         # 800x1067 -> 800x1088
-    "land3:2s1333": ("coffee", (0.0, 0.1, 1.0, 0.9), (2000, 1333)),   # short side 1333, down 1.67x: 1200x800 -> 1216x800; /64 19 odd
-    "land1.74": ("train_7.jpg", (0.0, 0.1, 1.0, 0.9), (1389, 800)),   # clamp: 1333x768 -> 1344x768; /32 42, 24 even; /64 21 odd, 12 even
-    "port1:1.9": ("astronaut", (0.2, 0.0, 0.7, 1.0), (400, 760)),     # clamp: 702x1333 -> 704x1344; /64 11 odd, 21 odd
-    "land2:1": ("rocket", (0.0, 0.3, 1.0, 0.8), (1200, 600)),        # clamp: 1333x666 -> 1344x672; /32 21 odd
-    "land10:1": ("train_12.jpg", (0.0, 0.4, 1.0, 0.55), (1000, 100)), # 1333x133 -> 1344x160; /32 5 odd
-    "land30:1": ("train_20.jpg", (0.0, 0.45, 1.0, 0.5), (1500, 50)),  # 1333x44 -> 1344x64; /64 1 odd
-    "port1:30": ("astronaut", (0.48, 0.0, 0.52, 1.0), (50, 1500)),    # 44x1333 -> 64x1344
-}
 CASES = {name: [name] for name in IMAGES} | {"batch:4:3+3:4+2:1": ["land4:3", "port3:4", "land2:1"]}
 # Fewer cases where time is short (2 shared cores, about a minute an R50 case): every R50
 # family's first draw runs all cases, its other draws LEAN (a /32-odd clamped size and the
@@ -90,18 +75,8 @@ def image_path(cache: Path, name: str) -> Path:
     """The case image as an RGB PNG (made once from the source photo: crop, then resize)."""
     path = cache / "images" / f"{name.replace(':', '_')}.png"
     if not path.exists():
-        source, (x0, y0, x1, y1), size = IMAGES[name]
-        if source.endswith(".jpg"):
-            src = np.array(Image.open(PHOTOS / source).convert("RGB"))
-        else:
-            import skimage.data
-
-            src = getattr(skimage.data, source)()
-            src = np.stack([src] * 3, -1) if src.ndim == 2 else src[..., :3]
-        h, w = src.shape[:2]
-        crop = Image.fromarray(src[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)])
         path.parent.mkdir(parents=True, exist_ok=True)
-        crop.resize(size, Image.BILINEAR).save(path)
+        Image.fromarray(load_case_image(name)).save(path)
     return path
 
 
