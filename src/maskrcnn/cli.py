@@ -6,6 +6,7 @@ import contextlib
 import glob
 import logging
 import sys
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -213,6 +214,36 @@ def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sour
     return failed
 
 
+# How ``evaluate``'s files begin (results.json: a compact COCO results list, metrics.json:
+# indented metrics), or the whole file when empty: an earlier evaluation's output is replaced,
+# a user's own file of that name is not.
+_EVALUATE_OPENINGS = {"results.json": (b'[{"image_id": ', b"[]"), "metrics.json": (b'{\n "bbox": {', None)}
+
+
+def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
+    """ValueError before any work if ``evaluate`` writing ``out/results.json`` and
+    ``out/metrics.json`` would replace an input (``--data``, ``--weights``) or a file that an
+    earlier ``evaluate`` did not write, or if ``out`` cannot be written (found only after an
+    evaluation that may take hours, otherwise)."""
+    outputs = [out / name for name in _EVALUATE_OPENINGS]
+    refuse_overwriting_inputs(inputs, outputs)
+    for path in outputs:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        prefix, empty = _EVALUATE_OPENINGS[path.name]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(prefix) + 1)
+        except OSError:
+            head = b""
+        if not (head.startswith(prefix) or head == empty):
+            raise ValueError(f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
+                             "choose another --out folder")
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out):  # OSError (read-only, no permission) now, not after the work
+        pass
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
     from .checkpoint import load
@@ -225,6 +256,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The ground truth through the training parser; every image file checked (headers only)
     # before the model is loaded: a missing or mis-sized image would score its ground truth
     # against no detections, or against masks drawn at the wrong size.
+    if args.out:  # before any work: never an input, never a user's own file, and writable
+        check_evaluate_out(Path(args.out), [Path(args.data), Path(args.weights)])
     gt = CocoDataset(args.data, args.images, allow_outside_root=args.allow_outside_root)
     bad = gt.bad_images(decode=False)
     if len(bad) == len(gt):
