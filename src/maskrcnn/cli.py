@@ -349,13 +349,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def tile_size(text: str) -> int:
+    """``--tile``: a whole number of pixels that ``tiling.check_tiling`` accepts."""
+    from .tiling import check_tiling
+
+    value = positive_int(text)
+    try:
+        check_tiling(value, 0.0)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("tile ", "", 1)) from None
+    return value
+
+
 def tile_overlap(text: str) -> float:
     """``--tile-overlap``: a number that ``tiling.check_tiling`` accepts (the API's one rule)."""
-    from .tiling import check_tiling
+    from .tiling import MIN_TILE, check_tiling
 
     try:
         value = float(text)
-        check_tiling(1, value)
+        check_tiling(MIN_TILE, value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).replace("tile_overlap ", "")) from None
     return value
@@ -368,7 +380,7 @@ def check_tile_options(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def add_tile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=positive_int, default=None,
+    p.add_argument("--tile", type=tile_size, default=None,
                    help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
                         "(very large images; the pixel limit becomes 1,000,000,000)")
     p.add_argument("--tile-overlap", type=tile_overlap, default=0.2,
