@@ -397,3 +397,17 @@ def test_a_mixed_batch_gives_each_image_its_own_detections(tv_checkpoint):
         np.testing.assert_array_equal(one.labels[order_one], many.labels[order_many])
         np.testing.assert_allclose(one.boxes[order_one], many.boxes[order_many], atol=1e-3)
         np.testing.assert_allclose(one.scores[order_one], many.scores[order_many], atol=1e-4)
+
+
+def test_a_read_only_array_predicts_without_torchs_not_writable_warning(tiny_ckpt):
+    """Round 2 of issue 17: ``model.predict(np.asarray(pil_image))`` (a read-only array, the
+    usual way to pass a PIL image as an array) printed torch's "The given NumPy array is not
+    writable" UserWarning from inside the package."""
+    import warnings
+
+    image = np.zeros((40, 50, 3), np.uint8)
+    image.flags.writeable = False
+    model = load(tiny_ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.predict(image).error is None
