@@ -99,6 +99,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     chosen by the file's content (``file_kind``); only a file of unknown content goes by its
     suffix (``.pkl``: the Detectron2 reader, which names the problem)."""
     path = Path(path)
+    if path.is_dir():  # was "checkpoint not found" for a folder that exists
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; name the checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     kind = file_kind(path)
