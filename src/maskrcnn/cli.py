@@ -5,8 +5,8 @@ import argparse
 import contextlib
 import glob
 import logging
+import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -239,9 +239,13 @@ def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
         if not (head.startswith(prefix) or head == empty):
             raise ValueError(f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
                              "choose another --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out):  # OSError (read-only, no permission) now, not after the work
-        pass
+    # Writable, told now rather than after the work, and nothing created on the way (the folder
+    # is made when the results are written): the nearest existing folder must take new files.
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} cannot be written (read-only or no permission)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
