@@ -320,6 +320,27 @@ def test_load_refuses_thresholds_outside_0_1(tiny_ckpt, key, value):
         load(tiny_ckpt, **{key: value})
 
 
+@pytest.mark.parametrize("key,value,message", [
+    ("detections_per_img", -1, "detections_per_img must be an integer >= 1, got -1"),
+    ("detections_per_img", 0, "detections_per_img must be an integer >= 1, got 0"),
+    ("nms_thresh", 1.5, r"nms_thresh must be a number in \[0, 1\], got 1.5"),
+    ("bn_eps", -1.0, "bn_eps must be a finite number >= 0, got -1.0"),
+    ("bn_eps", float("nan"), "bn_eps must be a finite number >= 0, got nan")])
+def test_load_refuses_head_values_that_silently_change_the_detections(tiny_ckpt, key, value, message):
+    """Round 2 of issue 17: ``load(p, detections_per_img=-1)`` kept all but the last detection
+    (a ``[:-1]`` slice), ``nms_thresh=1.5`` suppressed nothing, and ``bn_eps=-1`` or NaN gave a
+    torchvision model no detections; all were accepted without a word."""
+    with pytest.raises(ValueError, match=message):
+        load(tiny_ckpt, **{key: value})
+
+
+def test_load_refuses_bn_eps_for_a_file_whose_config_sets_it(tiny_ckpt):
+    """``bn_eps`` only applies to torchvision files; for ours (and Detectron2's, and ONNX) it was
+    silently ignored."""
+    with pytest.raises(ValueError, match="bn_eps applies to torchvision .pth files only"):
+        load(tiny_ckpt, bn_eps=0.1)
+
+
 def test_predict_refuses_a_mask_threshold_outside_0_1(tiny_ckpt):
     with pytest.raises(ValueError, match=r"mask threshold must be a number in \[0, 1\], got 1.5"):
         load(tiny_ckpt).predict(np.zeros((20, 20, 3), np.uint8), mask_thresh=1.5)
@@ -376,3 +397,17 @@ def test_a_mixed_batch_gives_each_image_its_own_detections(tv_checkpoint):
         np.testing.assert_array_equal(one.labels[order_one], many.labels[order_many])
         np.testing.assert_allclose(one.boxes[order_one], many.boxes[order_many], atol=1e-3)
         np.testing.assert_allclose(one.scores[order_one], many.scores[order_many], atol=1e-4)
+
+
+def test_a_read_only_array_predicts_without_torchs_not_writable_warning(tiny_ckpt):
+    """Round 2 of issue 17: ``model.predict(np.asarray(pil_image))`` (a read-only array, the
+    usual way to pass a PIL image as an array) printed torch's "The given NumPy array is not
+    writable" UserWarning from inside the package."""
+    import warnings
+
+    image = np.zeros((40, 50, 3), np.uint8)
+    image.flags.writeable = False
+    model = load(tiny_ckpt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.predict(image).error is None

@@ -39,3 +39,14 @@ def test_build_model_gives_random_weights_whatever_the_config_names(tmp_path):
     torch.manual_seed(0)
     b = maskrcnn.build_model(dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, weights="")))
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_a_folder_given_as_weights_is_called_a_folder_not_missing(tmp_path):
+    """Round 2 of issue 17: ``--weights runs/demo`` (a folder) said "checkpoint not found"."""
+    import pytest
+
+    from maskrcnn.checkpoint import CheckpointError
+
+    (tmp_path / "run.pth").mkdir()
+    with pytest.raises(CheckpointError, match="is a folder, not a file"):
+        maskrcnn.load(tmp_path / "run.pth")

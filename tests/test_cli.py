@@ -303,3 +303,46 @@ def test_predict_never_replaces_a_users_results_file_but_replaces_its_own(tiny_c
     for _ in range(2):  # a rerun replaces what the first run wrote
         assert main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 0
     assert len(json.loads((images / "images.json").read_text())) == 1
+
+
+def _tiny_eval_set(tmp_path):
+    split = generate_shapes(tmp_path / "shapes", num_train=1, num_val=2, image_size=(64, 96), seed=3)["val"]
+    ids = [c["id"] for c in json.loads(split.ann_file.read_text())["categories"]]
+    cfg = apply_overrides(ModelConfig(), TINY + [f"category_ids={ids}"])
+    save_checkpoint(tmp_path / "m.pth", build_model(cfg))
+    return split, tmp_path / "m.pth"
+
+
+def test_evaluate_never_replaces_its_ground_truth_or_a_users_file(tmp_path, capsys):
+    """Round 2 of issue 17: ``evaluate --out`` replaced the user's own ``results.json`` and
+    ``metrics.json``, and even its ``--data`` file when that was named ``metrics.json``, exit 0."""
+    split, ckpt = _tiny_eval_set(tmp_path)
+    gt = tmp_path / "out" / "metrics.json"
+    gt.parent.mkdir()
+    gt.write_bytes(split.ann_file.read_bytes())
+    args = ["evaluate", "--weights", str(ckpt), "--images", str(split.image_dir), "--quiet"]
+    assert main([*args, "--data", str(gt), "--out", str(gt.parent)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    assert gt.read_bytes() == split.ann_file.read_bytes()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.json").write_text('{"my": "notes"}')
+    assert main([*args, "--data", str(split.ann_file), "--out", str(mine)]) == 2
+    assert "results.json exists and was not written by maskrcnn evaluate" in capsys.readouterr().err
+    assert (mine / "results.json").read_text() == '{"my": "notes"}' and not (mine / "metrics.json").exists()
+    (mine / "results.json").unlink()
+    for _ in range(2):  # a rerun replaces what the first one wrote
+        assert main([*args, "--data", str(split.ann_file), "--out", str(mine)]) == 0
+    assert json.loads((mine / "metrics.json").read_text())["bbox"]
+
+
+def test_evaluate_refuses_an_unwritable_out_before_evaluating(tmp_path, capsys, monkeypatch):
+    """An ``--out`` that cannot be written failed only after the whole evaluation."""
+    import maskrcnn.checkpoint
+
+    split, ckpt = _tiny_eval_set(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(maskrcnn.checkpoint, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    code = main(["evaluate", "--weights", str(ckpt), "--images", str(split.image_dir), "--quiet",
+                 "--data", str(split.ann_file), "--out", str(tmp_path / "afile" / "sub")])
+    assert code == 2 and "error:" in capsys.readouterr().err

@@ -30,7 +30,7 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 import maskrcnn  # noqa: E402
 from maskrcnn.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
-from maskrcnn.config import ModelConfig, apply_overrides  # noqa: E402
+from maskrcnn.config import ConfigError, ModelConfig, apply_overrides  # noqa: E402
 from maskrcnn.export import ExportError, check_exportable, export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
@@ -413,3 +413,12 @@ def test_multiscale_roi_align_graph_follows_the_image_height(tmp_path, aligned):
         boxes = torch.stack([x1, torch.zeros(40), x1 + torch.logspace(0.3, 3.1, 40), torch.full((40,), float(h))], 1)
         (theirs,) = session.run(None, {"image": image.numpy(), "boxes": boxes.numpy()})
         np.testing.assert_allclose(theirs, pooler(image, boxes).numpy(), atol=1e-5, err_msg=f"height {h}")
+
+
+def test_loading_an_onnx_model_names_an_unknown_key_and_refuses_bn_eps(tiny_files):
+    """Round 2 of issue 17: ``load("m.onnx", bogus=3)`` said "bogus cannot change in an exported
+    model", as if it were a real setting; ``bn_eps=0.1`` was silently ignored."""
+    with pytest.raises(ConfigError, match="unknown config key 'roi_heads.bogus'"):
+        maskrcnn.load(tiny_files[1], bogus=3)
+    with pytest.raises(ValueError, match="bn_eps applies to torchvision .pth files only"):
+        maskrcnn.load(tiny_files[1], bn_eps=0.1)

@@ -304,6 +304,9 @@ def test_tiling_options_that_would_be_ignored_or_run_thousands_of_tiles_are_refu
         ([tmp_path / "a.png", "--tile-whole"], "--tile-whole needs --tile"),
         ([tmp_path / "a.png", "--tile", "100", "--tile-overlap", "0.99"], "[0, 0.75]"),
         ([tmp_path / "clip.mp4", "--tile", "64", "--tile-whole"], "--tile-whole applies to images only"),
+        # round 2: --tile 1 planned 24,165 one-pixel tiles for a 179 x 135 image and ran for minutes, silently
+        ([tmp_path / "a.png", "--tile", "1"], "must be at least 32 pixels"),
+        ([tmp_path / "a.png", "--tile", "31"], "must be at least 32 pixels"),
     ]
     for args, words in cases:
         with pytest.raises(SystemExit) as exit_:
@@ -316,6 +319,8 @@ def test_tiling_options_that_would_be_ignored_or_run_thousands_of_tiles_are_refu
     assert "--tile-whole needs --tile" in capsys.readouterr().err
 
     model = tiny_model()  # the API: the same rules, as ValueErrors
+    with pytest.raises(ValueError, match="tile must be at least 32 pixels"):
+        model.predict(np.zeros((195, 242, 3), np.uint8), tile=1)
     with pytest.raises(ValueError, match="tile_whole needs tile"):
         model.predict(np.zeros((195, 242, 3), np.uint8), tile_whole=True)
     with pytest.raises(ValueError, match=r"\[0, 0.75\]"):

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import numbers
 import pickle
 import re
 from pathlib import Path
@@ -97,6 +99,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     chosen by the file's content (``file_kind``); only a file of unknown content goes by its
     suffix (``.pkl``: the Detectron2 reader, which names the problem)."""
     path = Path(path)
+    if path.is_dir():  # was "checkpoint not found" for a folder that exists
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file; name the checkpoint file in it")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     kind = file_kind(path)
@@ -236,7 +240,12 @@ def load(
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
             (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
+    if bn_eps is not None and not (isinstance(bn_eps, numbers.Real) and not isinstance(bn_eps, bool)
+                                   and math.isfinite(bn_eps) and bn_eps >= 0):
+        raise ValueError(f"bn_eps must be a finite number >= 0, got {bn_eps!r}")  # -1 or NaN: no detections
     if Path(path).is_file() and file_kind(path) == "onnx":  # by content: an ONNX file need not end in .onnx
+        if bn_eps is not None:
+            raise ValueError(f"{path}: bn_eps applies to torchvision .pth files only; an exported model's BatchNorm is in its graph")
         return _load_onnx(Path(path), device, overrides)
     if Path(path).suffix.lower() == ".onnx" and not Path(path).exists():
         raise CheckpointError(f"ONNX model not found: {path}")
@@ -244,6 +253,8 @@ def load(
     config, state = read_weights(path)
     if config is None:
         config = torchvision_config(state, path, bn_eps)
+    elif bn_eps is not None:
+        raise ValueError(f"{path}: bn_eps applies to torchvision .pth files only; this file's config sets its own")
     config = with_head_overrides(config, overrides)
     model = build_model(config)
     load_state(model, state, str(path))
@@ -255,6 +266,8 @@ def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]
         raise CheckpointError(f"ONNX model not found: {path}")
     if check_device(device).type != "cpu":
         raise ValueError(f"{path}: ONNX models run on the CPU (onnxruntime's CPU provider), not {device}")
+    if overrides:  # an unknown key is told as one (with suggestions), not as one that cannot change
+        apply_overrides(ModelConfig(), [f"roi_heads.{k}={v}" for k, v in overrides.items()])
     fixed = sorted(set(overrides) - {"score_thresh", "mask_thresh"})
     if fixed:
         raise CheckpointError(f"{path}: {', '.join(fixed)} cannot change in an exported model (only score_thresh "
@@ -274,6 +287,10 @@ def with_head_overrides(config: ModelConfig, overrides: dict[str, Any]) -> Model
         config = apply_overrides(config, [f"roi_heads.{k}={v}" for k, v in overrides.items()])
     check_probability("score_thresh", config.roi_heads.score_thresh)
     check_probability("mask_thresh", config.roi_heads.mask_thresh)
+    check_probability("nms_thresh", config.roi_heads.nms_thresh)  # 1.5 would silently suppress nothing
+    keep = config.roi_heads.detections_per_img
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:  # -1 silently dropped the last detection
+        raise ValueError(f"detections_per_img must be an integer >= 1, got {keep!r}")
     return config
 
 

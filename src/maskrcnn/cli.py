@@ -5,6 +5,7 @@ import argparse
 import contextlib
 import glob
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -213,6 +214,40 @@ def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sour
     return failed
 
 
+# How ``evaluate``'s files begin (results.json: a compact COCO results list, metrics.json:
+# indented metrics), or the whole file when empty: an earlier evaluation's output is replaced,
+# a user's own file of that name is not.
+_EVALUATE_OPENINGS = {"results.json": (b'[{"image_id": ', b"[]"), "metrics.json": (b'{\n "bbox": {', None)}
+
+
+def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
+    """ValueError before any work if ``evaluate`` writing ``out/results.json`` and
+    ``out/metrics.json`` would replace an input (``--data``, ``--weights``) or a file that an
+    earlier ``evaluate`` did not write, or if ``out`` cannot be written (found only after an
+    evaluation that may take hours, otherwise)."""
+    outputs = [out / name for name in _EVALUATE_OPENINGS]
+    refuse_overwriting_inputs(inputs, outputs)
+    for path in outputs:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        prefix, empty = _EVALUATE_OPENINGS[path.name]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(prefix) + 1)
+        except OSError:
+            head = b""
+        if not (head.startswith(prefix) or head == empty):
+            raise ValueError(f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
+                             "choose another --out folder")
+    # Writable, told now rather than after the work, and nothing created on the way (the folder
+    # is made when the results are written): the nearest existing folder must take new files.
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} cannot be written (read-only or no permission)")
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
     from .checkpoint import load
@@ -225,6 +260,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The ground truth through the training parser; every image file checked (headers only)
     # before the model is loaded: a missing or mis-sized image would score its ground truth
     # against no detections, or against masks drawn at the wrong size.
+    if args.out:  # before any work: never an input, never a user's own file, and writable
+        check_evaluate_out(Path(args.out), [Path(args.data), Path(args.weights)])
     gt = CocoDataset(args.data, args.images, allow_outside_root=args.allow_outside_root)
     bad = gt.bad_images(decode=False)
     if len(bad) == len(gt):
@@ -316,13 +353,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def tile_size(text: str) -> int:
+    """``--tile``: a whole number of pixels that ``tiling.check_tiling`` accepts."""
+    from .tiling import check_tiling
+
+    value = positive_int(text)
+    try:
+        check_tiling(value, 0.0)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("tile ", "", 1)) from None
+    return value
+
+
 def tile_overlap(text: str) -> float:
     """``--tile-overlap``: a number that ``tiling.check_tiling`` accepts (the API's one rule)."""
-    from .tiling import check_tiling
+    from .tiling import MIN_TILE, check_tiling
 
     try:
         value = float(text)
-        check_tiling(1, value)
+        check_tiling(MIN_TILE, value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e).replace("tile_overlap ", "")) from None
     return value
@@ -335,7 +384,7 @@ def check_tile_options(parser: argparse.ArgumentParser, args: argparse.Namespace
 
 
 def add_tile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=positive_int, default=None,
+    p.add_argument("--tile", type=tile_size, default=None,
                    help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
                         "(very large images; the pixel limit becomes 1,000,000,000)")
     p.add_argument("--tile-overlap", type=tile_overlap, default=0.2,

@@ -9,6 +9,7 @@ computes losses, raises instead).
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
@@ -57,6 +58,16 @@ def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.nd
     if isinstance(image, np.ndarray):
         return to_rgb(image), None
     raise TypeError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
+
+
+def _as_tensor(array: np.ndarray) -> Tensor:
+    """``torch.from_numpy`` without torch's "not writable" UserWarning for a read-only array
+    (``np.asarray(pil_image)``, the most common input): the tensor is only read, never written."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 def check_score_thresh(value: float | None) -> float | None:
@@ -253,7 +264,7 @@ def predict_batches(
             with torch.inference_mode(), autocast(model.device, numerics):
                 # (3, H, W) uint8 views: the model divides by 255 itself, so no float copy of
                 # a 24 MP photo (288 MB) is held here.
-                tensors = [torch.from_numpy(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded]
+                tensors = [_as_tensor(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded]
                 out = model(tensors, None if truth is None else [t.to(model.device) for t in truth],
                             score_thresh=head_thresh)
                 results = []

@@ -82,11 +82,17 @@ class Tile:
 MAX_TILE_OVERLAP = 0.75
 
 
+MIN_TILE = 32
+
+
 def check_tiling(tile: int, overlap: float) -> None:
     """A one-line ValueError unless ``tile`` is a positive integer and ``overlap`` in
     [0, ``MAX_TILE_OVERLAP``]."""
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile!r}")
+    if tile < MIN_TILE:  # --tile 1 planned 24,165 one-pixel tiles for a 179 x 135 image, without a word
+        raise ValueError(f"tile must be at least {MIN_TILE} pixels (the coarsest feature stride), got {tile}; "
+                         "tiles are for images much larger than the model's input, e.g. 512 to 2048")
     if not (isinstance(overlap, (int, float)) and 0.0 <= overlap <= MAX_TILE_OVERLAP):
         raise ValueError(
             f"tile_overlap must be a fraction of the tile in [0, {MAX_TILE_OVERLAP}], got {overlap!r} (an overlap o "
