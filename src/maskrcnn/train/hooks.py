@@ -78,7 +78,8 @@ class HookBase:
         """Once at the end, also when an error or Ctrl-C ended the run."""
 
     def state_dict(self) -> dict[str, Any]:
-        """What a resumed run needs to continue as this one would have."""
+        """What a resumed run needs to continue as this one would have: plain values and
+        tensors only (``last.pth`` is read with ``weights_only=True``)."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
