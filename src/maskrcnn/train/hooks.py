@@ -47,7 +47,8 @@ class StopReason(enum.Enum):
 class EpochRecord:
     """The epoch that just ended, as the ``after_epoch`` hooks fill it in."""
 
-    values: dict[str, Any]  # its metrics.jsonl line: epoch (1-based), iter, stage, train_loss, [partial], then val_* and *_AP, time
+    # its metrics.jsonl line: epoch (1-based), iter, stage, train_loss, [partial]; then val_*, *_AP and time
+    values: dict[str, Any]
     pictures: list[Result] = field(default_factory=list)  # detections on the first validation images, when validated
 
 

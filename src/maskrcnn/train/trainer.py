@@ -57,7 +57,7 @@ from ..data.coco import CocoDataset
 from ..model.build import build_model
 from ..weights.checkpoint import init_from_checkpoint, load_backbone_weights, load_state, save_checkpoint, with_layout_of
 from . import distributed, run_output
-from .budget import FIT_AT, FIT_FROM, REFIT_EVERY, VAL_COST, TimeBudget  # noqa: F401 - FIT_AT, VAL_COST: public here since 0.1
+from .budget import FIT_AT, VAL_COST, TimeBudget  # noqa: F401 - FIT_AT, VAL_COST: still importable from here
 from .config import TrainConfig, check, load_training_config
 from .datasets import build_datasets
 from .hooks import EarlyStopping, EpochRecord, HookBase, PeriodicCheckpoint, StopReason, Validation
@@ -67,6 +67,7 @@ from .schedules import LRSchedule, ProposalNet, Stage, apply_stage, build_schedu
 from .state import Progress, hook_states, read_train_state, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss, the gradient or the weights became NaN or infinite; training stopped."""
