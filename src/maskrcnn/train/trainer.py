@@ -126,6 +126,10 @@ class Trainer:
         self.started = self.clock()  # solver.max_minutes counts from here
         self.device = device
         cfg = _with_precision(cfg, self.device)
+        self.hooks = [*default_hooks(cfg), *hooks]
+        names = [type(h).__name__ for h in self.hooks]
+        if len(set(names)) < len(names):
+            raise ValueError(f"one hook per class, as last.pth keeps their states by class name: {names}")
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if cfg.model.backbone.sync_bn and distributed.launched() and device.type != "cuda":
@@ -167,10 +171,6 @@ class Trainer:
         self.record: EpochRecord | None = None  # the epoch that just ended, while its after_epoch hooks run
         self.stop: StopReason | None = None  # what ends the run early; hooks set it
         self.interrupt_requested = False  # Ctrl-C seen; acted on at the end of the step
-        self.hooks = [*default_hooks(cfg), *hooks]
-        names = [type(h).__name__ for h in self.hooks]
-        if len(set(names)) < len(names):
-            raise ValueError(f"one hook per class, as last.pth keeps their states by class name: {names}")
 
     # ---- the loop ---------------------------------------------------------------------------
 
