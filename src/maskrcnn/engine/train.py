@@ -50,6 +50,7 @@ from .. import precision
 from ..checkpoint import init_from_checkpoint, load_backbone_weights, load_state, with_layout_of
 from ..config import ConfigError, to_dict
 from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_groups, collate
+from ..data.augment import Augmented
 from ..data.coco import CocoDataset
 from ..model.build import build_model
 from . import distributed
@@ -138,7 +139,8 @@ class Trainer:
         self.sampler = DistributedGroupedBatchSampler(aspect_ratio_groups(self.train_set), cfg.data.batch_size, cfg.seed,
                                                       distributed.rank(), distributed.world_size())
         self.iters_per_epoch = self.sampler.batches_per_epoch
-        self.augmented = FlipAugmented(self.train_set, cfg.data.hflip, cfg.seed)
+        self.augmented = (Augmented(self.train_set, cfg.augment, cfg.data.hflip, cfg.seed) if cfg.augment.enabled
+                          else FlipAugmented(self.train_set, cfg.data.hflip, cfg.seed))
         self.progress = Progress()
         self.first_iteration, self.loop_started = 0, self.started  # where and when this process's loop began
         self.stop = ""  # what ends the run early: max_iters, max_minutes, interrupted, early_stopping

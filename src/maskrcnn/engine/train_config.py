@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig, load_yaml
+from ..data.augment import AugmentConfig
 
 
 @dataclass
@@ -91,6 +92,7 @@ class EvalConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # vertical flips, rotations, scale, crops, colour (data.augment)
     solver: SolverConfig = field(default_factory=SolverConfig)
     init: InitConfig = field(default_factory=InitConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -148,6 +150,10 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"schedule.stage_epochs must all be at least 1, got {cfg.schedule.stage_epochs}")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         raise ConfigError(f"data.hflip is a probability in [0, 1], got {cfg.data.hflip}")
+    try:
+        cfg.augment.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.solver.lr <= 0:
         raise ConfigError(f"solver.lr must be positive, got {cfg.solver.lr}")
     return cfg
