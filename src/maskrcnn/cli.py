@@ -326,11 +326,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
         coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
                            category_attribute=args.attribute, filename_map=args.prefix,
                            allow_outside_root=args.allow_outside_root)
-    else:
+    elif args.format == "dsb":
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
+    else:
+        coco = convert_tool(args)
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
           f"{len(coco['categories'])} categories -> {args.out}")
     return 0
+
+
+def convert_tool(args: argparse.Namespace) -> dict:
+    """``convert labelme|cvat|labelstudio|yolo``: the annotation tools' readers (``data.formats``)."""
+    from .data import formats
+
+    if args.format in ("cvat", "labelstudio") and not args.images:
+        raise ValueError(f"convert {args.format} needs --images (the folder of the export's images)")
+    if args.format == "labelme":
+        return formats.labelme_to_coco(args.source, args.out, args.images, args.allow_outside_root)
+    if args.format == "cvat":
+        return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root)
+    if args.format == "labelstudio":
+        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key, args.allow_outside_root)
+    coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root)
+    print(f"file names are relative to {root}: train with data.train_images={root}")
+    return coco
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -444,16 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("convert", help="VIA polygons or a DSB mask folder -> COCO instances JSON")
-    c.add_argument("format", choices=["via", "dsb"], help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders")
-    c.add_argument("source", help="the VIA JSON file, or the DSB root folder")
+    c = sub.add_parser("convert", help="annotation tools' files (VIA, LabelMe, CVAT, Label Studio, YOLO) or a DSB mask folder -> COCO instances JSON")
+    c.add_argument("format", choices=["via", "dsb", "labelme", "cvat", "labelstudio", "yolo"],
+                   help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders; labelme: folder of LabelMe JSON; "
+                        "cvat: CVAT for images 1.1 XML; labelstudio: Label Studio JSON export; yolo: YOLO segmentation data.yaml")
+    c.add_argument("source", help="the VIA, CVAT or Label Studio file, the LabelMe folder (or file), the YOLO data.yaml, or the DSB root folder")
     c.add_argument("--out", required=True, help="COCO JSON to write")
-    c.add_argument("--images", default=None, help="via: folder holding the images named in the file")
+    c.add_argument("--images", default=None, help="via, cvat, labelstudio: folder holding the images named in the file; "
+                                                  "labelme: folder file names are relative to (default: the LabelMe folder)")
+    c.add_argument("--split", default="train", help="yolo: the data.yaml split to convert (default train)")
+    c.add_argument("--image-key", default="image", help="labelstudio: the task data key of the image URL (default image)")
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
     c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
     c.add_argument("--allow-outside-root", action="store_true",
-                   help="via: let file names be absolute or lead out of --images ('../x.jpg')")
+                   help="let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
