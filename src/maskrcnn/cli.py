@@ -141,8 +141,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
     results = PredictionFiles(out).paths() if images else []
+    args.exporters = export_writers(args.export or [], out, [o.stem for o in overlays])
     # Before any work: no output replaces an input, or a file that predict did not write.
-    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files])
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *(p for w in args.exporters for p in w.targets([o.stem for o in overlays]))])
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
@@ -183,10 +184,26 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
             image_id = ids[i] if ids[i] is not None else first_free + i
             result.save(overlays[i])
             results.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+            for writer in getattr(args, "exporters", []):
+                writer.add(image_id, overlays[i].stem, paths[i], result)
         bar.close()
+        for writer in getattr(args, "exporters", []):
+            writer.close()
     print(f"{results.images} images, {results.detections} detections -> {out}/ "
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
     return failed
+
+
+def export_writers(formats: list[str], out: Path, names: list[str]) -> list:
+    """``--export``: one pre-annotation writer per tool (``data.formats``), each checked before any
+    work not to replace a file the user edited."""
+    from .data.formats import CvatWriter, LabelMeWriter, YoloWriter
+
+    kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter}
+    writers = [kinds[f](out) for f in dict.fromkeys(formats)]
+    for w in writers:
+        w.check(names)
+    return writers
 
 
 def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sources: list[str], names: list[str]) -> int:
@@ -431,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
+    q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat"], default=None,
+                   help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
+                        "--out/labelme/, --out/yolo/ or --out/cvat/ (repeat for several)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
