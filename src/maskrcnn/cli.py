@@ -272,6 +272,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data.errors import DatasetError
     from .engine.evaluate import coco_evaluate, format_metrics
     from .engine.inference import coco_results, label_to_category
+    from .evaluation_extras import analyse, check_report_out, write_report
     from .results import write_coco_results, write_json
 
     # The ground truth through the training parser; every image file checked (headers only)
@@ -279,6 +280,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # against no detections, or against masks drawn at the wrong size.
     if args.out:  # before any work: never an input, never a user's own file, and writable
         check_evaluate_out(Path(args.out), [Path(args.data), Path(args.weights)])
+        check_report_out(Path(args.out))
     gt = CocoDataset(args.data, args.images, allow_outside_root=args.allow_outside_root)
     bad = gt.bad_images(decode=False)
     if len(bad) == len(gt):
@@ -303,7 +305,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise DatasetError(f"{args.data}: no image could be read; nothing to evaluate")
     iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
     metrics = coco_evaluate(gt.coco, entries, iou_types=iou_types, image_ids=keep)
-    print(format_metrics(metrics))
+    print(format_metrics(metrics, per_class=True))
+    analysis = analyse(gt.coco, entries, keep, score_thresh=args.report_score, iou_type=iou_types[-1])
+    print(analysis.format())
+    metrics["analysis"] = analysis.to_dict()
     if excluded:
         names = [gt.file.images[i].file_name for i in excluded]
         metrics["excluded_images"] = names
@@ -314,7 +319,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out = Path(args.out)
         write_coco_results(entries, out / "results.json")
         write_json(metrics, out / "metrics.json", indent=1)
-        print(f"results.json and metrics.json -> {out}/")
+        write_report(out, analysis, gt.coco, entries, Path(args.images), worst=args.worst)
+        print(f"results.json, metrics.json, analysis/confusion_matrix.png and analysis/worst/ -> {out}/")
     return 1 if excluded else 0
 
 
@@ -464,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=1)
     add_tile_options(e)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--report-score", type=float, default=0.5,
+                   help="score threshold of the precision / recall / F1 table and the confusion matrix (default 0.5)")
+    e.add_argument("--worst", type=int, default=6,
+                   help="with --out: draw this many images with the most missed or false objects (default 6)")
     e.add_argument("--skip-bad-images", action="store_true",
                    help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
                         "detections (exit code 1) instead of stopping with an error")
