@@ -113,3 +113,19 @@ def test_evaluate_cli_matrix_agrees_with_its_files(tmp_path: Path, capsys: pytes
         assert matrix[k].sum() == sum(a["category_id"] == c and not a.get("iscrowd") for a in gt["annotations"])
         assert matrix[:, k].sum() == sum(e["category_id"] == c for e in results)
     assert (out / "analysis" / "confusion_matrix.png").is_file()
+
+
+def test_pr_curves_hand_computed_and_agree_with_the_operating_point() -> None:
+    from maskrcnn.evaluation_extras import pr_curves
+
+    curves = pr_curves(gt_coco(), DETS, num_thresholds=11)  # thresholds 0, 0.1, ..., 1
+    a, b = curves["a"], curves["b"]
+    # class a: 0.9 TP, 0.8 FP (on b), 0.6 TP, 0.3 FP; two instances of a
+    assert a.tp.tolist() == [2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 0]
+    assert a.fp.tolist() == [2, 2, 2, 2, 1, 1, 1, 1, 1, 0, 0]
+    assert a.fn.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 2]
+    np.testing.assert_allclose(a.precision[[0, 5, 8, 10]], [0.5, 2 / 3, 0.5, 1.0])  # nothing at 1.0: precision 1
+    # class b: the 0.7 detection is false, the 0.9 one is on a crowd region (ignored); one instance
+    assert b.tp.tolist() == [0] * 11 and b.fp.tolist() == [1] * 8 + [0] * 3 and b.fn.tolist() == [1] * 11
+    op = analyse(gt_coco(), DETS, score_thresh=0.5)
+    assert [a.tp[5], b.tp[5]] == op.tp.tolist() and [a.fp[5], b.fp[5]] == op.fp.tolist()

@@ -277,3 +277,67 @@ def write_report(out: Path, analysis: ErrorAnalysis, coco_gt: COCO, entries: lis
         folder.write(path, side_by_side(load_rgb(image_dir / coco_gt.imgs[image_id]["file_name"]), gts, dets, names, title))
     folder.close()
     return list(pngs)
+
+
+# ---- precision-recall curves -------------------------------------------------------------------
+
+
+@dataclass
+class PRCurve:
+    """Counts of one class at each score threshold ``thresholds[t]`` (detections scoring at least it)."""
+
+    thresholds: np.ndarray  # (T,) increasing, in [0, 1]
+    tp: np.ndarray  # (T,) int
+    fp: np.ndarray  # (T,) int
+    fn: np.ndarray  # (T,) int
+
+    @property
+    def precision(self) -> np.ndarray:
+        """(T,) TP / (TP + FP); 1 where nothing is detected (no detection is wrong)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.tp + self.fp > 0, self.tp / (self.tp + self.fp), 1.0)
+
+    @property
+    def recall(self) -> np.ndarray:
+        """(T,) TP / (TP + FN); 0 without ground truth."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.tp + self.fn > 0, self.tp / (self.tp + self.fn), 0.0)
+
+
+def pr_curves(coco_gt: COCO, entries: list[dict], image_ids: list[int] | None = None, iou_thresh: float = 0.5,
+              iou_type: str = "segm", num_thresholds: int = 101) -> dict[str, PRCurve]:
+    """Per class name, TP / FP / FN at ``num_thresholds`` score thresholds 0..1, matched as
+    ``analyse`` matches (greedy, best score first, so a detection's match does not depend on
+    the detections below it: one matching at score 0 gives every threshold's counts)."""
+    cat_ids = sorted(coco_gt.getCatIds())
+    thresholds = np.arange(num_thresholds) / (num_thresholds - 1)  # k / n exactly: 0.6, not linspace's 0.6000000000000001
+    scored: dict[int, list[tuple[float, bool]]] = {c: [] for c in cat_ids}
+    gt_count = dict.fromkeys(cat_ids, 0)
+    image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else list(image_ids)
+    wanted = set(image_ids)
+    by_image: dict[int, list[dict]] = {i: [] for i in image_ids}
+    for e in entries:
+        if e["image_id"] in wanted and e["category_id"] in scored:
+            by_image[e["image_id"]].append(e)
+    for image_id in image_ids:
+        dets = sorted(by_image[image_id], key=lambda e: -e["score"])
+        gts = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in gts], dtype=bool)
+        for a, c in zip(gts, crowd):
+            gt_count[a["category_id"]] += int(not c)
+        gt_seg = [a["bbox"] for a in gts] if iou_type == "bbox" else [coco_gt.annToRLE(a) for a in gts]
+        iou = np.asarray(mask_util.iou(_segmentations(dets, iou_type), gt_seg, crowd.astype(np.uint8).tolist())) \
+            if dets and gts else np.zeros((len(dets), len(gts)))  # (D, G)
+        same = np.array([[e["category_id"] == a["category_id"] for a in gts] for e in dets], dtype=bool).reshape(len(dets), len(gts))
+        match, _ = _greedy(iou, same, crowd, iou_thresh)
+        for e, m in zip(dets, match):
+            if m != -2:
+                scored[e["category_id"]].append((e["score"], bool(m >= 0)))
+    curves = {}
+    for c in cat_ids:
+        s = np.array([v for v, _ in scored[c]], dtype=np.float64)  # (D,)
+        hit = np.array([t for _, t in scored[c]], dtype=bool)
+        above = s[None, :] >= thresholds[:, None]  # (T, D)
+        tp = (above & hit).sum(axis=1)
+        curves[coco_gt.cats[c].get("name", str(c))] = PRCurve(thresholds, tp, (above & ~hit).sum(axis=1), gt_count[c] - tp)
+    return curves
