@@ -150,6 +150,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load
 
     model = load(args.weights, device=args.device)
+    if args.exporters and not getattr(getattr(model, "config", None), "masks", True):
+        raise ValueError("--export writes mask polygons, and this model predicts boxes only")
     videos_failed = predict_videos(args, model, sources, names) if sources else 0
     failed += predict_images(args, model, images, overlays, gt_ids) if images else []
     if failed:
@@ -369,7 +371,7 @@ def convert_tool(args: argparse.Namespace) -> dict:
     if args.format == "cvat":
         return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root)
     if args.format == "labelstudio":
-        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key, args.allow_outside_root)
+        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key)
     coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root)
     print(f"file names are relative to {root}: train with data.train_images={root}")
     return coco

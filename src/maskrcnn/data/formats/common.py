@@ -98,7 +98,8 @@ class CocoBuilder:
     instances: list[tuple[int, str, Any]] = field(default_factory=list)  # image id, category, segmentation
     skipped: list[str] = field(default_factory=list)
     clipped: int = 0
-    _names: dict[str, str] = field(default_factory=dict)
+    _names: dict[str, str] = field(default_factory=dict)  # file name -> where it was listed
+    _ids: dict[int, _Image] = field(default_factory=dict)
 
     def add_image(self, file_name: str, width: int | None, height: int | None, where: str,
                   image_id: int | None = None) -> _Image:
@@ -115,11 +116,12 @@ class CocoBuilder:
         if (width, height) != (None, None) and (width, height) != (w, h):
             raise DatasetError(f"{where}: the tool says {width}x{height} (WxH) but {path} is {w}x{h}")
         if image_id is None:
-            image_id = max((im.id for im in self.images), default=0) + 1
-        if any(im.id == image_id for im in self.images):
+            image_id = max(self._ids, default=0) + 1
+        if image_id in self._ids:
             raise DatasetError(f"{where}: image id {image_id} appears twice")
         self._names[file_name] = where
         self.images.append(_Image(image_id, file_name, w, h))
+        self._ids[image_id] = self.images[-1]
         return self.images[-1]
 
     def add_polygons(self, image: _Image, category: str, polygons: list[list[float]], where: str) -> None:
@@ -160,7 +162,7 @@ class CocoBuilder:
         ids = {name: k + 1 for k, name in enumerate(names)}
         annotations = []
         for image_id, category, seg in self.instances:
-            im = next(i for i in self.images if i.id == image_id)
+            im = self._ids[image_id]
             rle = mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width)) if isinstance(seg, list) else \
                 {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
             annotations.append({

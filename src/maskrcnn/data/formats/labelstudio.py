@@ -106,7 +106,7 @@ def _shape(kind: str, value: dict[str, Any], w: int, h: int, where: str) -> list
 
 
 def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json: str | Path,
-                        image_key: str = "image", allow_outside_root: bool = False) -> dict[str, Any]:
+                        image_key: str = "image") -> dict[str, Any]:
     """Convert a Label Studio JSON export to COCO JSON and write it.
 
     Args:
@@ -114,7 +114,6 @@ def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json
         image_dir: folder holding the tasks' images (matched by base name).
         out_json: COCO JSON to write.
         image_key: the key of ``task["data"]`` holding the image URL (the ``<Image value="$image">``).
-        allow_outside_root: unused by the base-name matching; kept for a common CLI.
 
     Returns:
         The COCO dict: Label Studio's task ids as image ids, one annotation per area result.
@@ -127,7 +126,7 @@ def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json
     tasks = read_json(export_json)
     if not isinstance(tasks, list):
         raise DatasetError(f"{export_json}: expected the JSON export's list of tasks, got {type(tasks).__name__}")
-    builder = CocoBuilder(export_json, image_dir, allow_outside_root)
+    builder = CocoBuilder(export_json, image_dir)  # base names only: never outside image_dir
     order: list[str] = []
     for n, task in enumerate(tasks):
         where = f"{export_json}: task {task.get('id', f'[{n}]') if isinstance(task, dict) else f'[{n}]'}"
