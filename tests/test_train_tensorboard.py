@@ -6,21 +6,20 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("tensorboard")
 
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.util import tensor_util  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
-from maskrcnn.config import ModelConfig, apply_overrides  # noqa: E402
-from maskrcnn.data import CocoDataset  # noqa: E402
-from maskrcnn.data.synthetic import generate_shapes  # noqa: E402
-from maskrcnn.model.build import build_model  # noqa: E402
-from maskrcnn.train_tensorboard import TensorBoardHook  # noqa: E402
-from tests.test_api import TINY  # noqa: E402
+from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.data import CocoDataset
+from maskrcnn.data.synthetic import generate_shapes
+from maskrcnn.model.build import build_model
+from maskrcnn.train_tensorboard import TensorBoardHook
+from tests.test_api import TINY
 
 
 def read_events(folder: Path) -> EventAccumulator:

@@ -6,7 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from maskrcnn.data.augment import Augment, AugmentConfig, Augmented, color, crop, rot90, scale, tight_boxes, vflip
+from maskrcnn.data.augment import (
+    Augment,
+    AugmentConfig,
+    Augmented,
+    color,
+    crop,
+    rot90,
+    scale,
+    tight_boxes,
+    vflip,
+)
 from maskrcnn.data.transforms import hflip
 from maskrcnn.engine.train_config import ConfigError, TrainConfig, check
 from maskrcnn.structures import Targets

@@ -13,7 +13,13 @@ import yaml
 from PIL import Image
 
 from maskrcnn.cli import main
-from maskrcnn.data.formats import CvatWriter, LabelMeWriter, YoloWriter, cvat_to_coco, labelme_to_coco
+from maskrcnn.data.formats import (
+    CvatWriter,
+    LabelMeWriter,
+    YoloWriter,
+    cvat_to_coco,
+    labelme_to_coco,
+)
 from maskrcnn.results import Result
 from tests.test_cli import tiny_ckpt  # noqa: F401  (fixture)
 

@@ -12,12 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pycocotools import mask as mask_util
 
 from maskrcnn.cli import main
 from maskrcnn.data.coco import segmentation_to_mask
 from maskrcnn.data.errors import DatasetError
-from maskrcnn.data.formats import cvat_to_coco, labelme_to_coco, labelstudio_to_coco, yolo_to_coco
+from maskrcnn.data.formats import (
+    cvat_to_coco,
+    labelme_to_coco,
+    labelstudio_to_coco,
+    yolo_to_coco,
+)
 from tests.conftest import KUDZU, need
 
 IMAGES = KUDZU / "images"
@@ -83,9 +87,10 @@ def test_labelme_round_trip(kudzu: dict, tmp_path: Path) -> None:
 
 
 def test_labelme_shapes_hand_computed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from PIL import Image
     import base64
     import io
+
+    from PIL import Image
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     patch = np.zeros((4, 6), np.uint8)

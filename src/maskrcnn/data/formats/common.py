@@ -248,7 +248,7 @@ def _digest(path: Path) -> str | None:
         return None
 
 
-def detection_rings(result: "Result", tolerance: float) -> list[tuple[int, str, float, list[np.ndarray]]]:
+def detection_rings(result: Result, tolerance: float) -> list[tuple[int, str, float, list[np.ndarray]]]:
     """Per detection: label, class name (``class_<label>`` when unnamed), score and the exterior
     rings of its mask's polygons as (K, 2) float arrays of pixel-edge x, y (no repeated last
     vertex). Holes are left out: LabelMe, YOLO and CVAT polygons have none."""

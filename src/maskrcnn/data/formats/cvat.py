@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import DatasetError
-from .common import CocoBuilder, ExportFolder, detection_rings, ellipse, number, rotated_rect
+from .common import (
+    CocoBuilder,
+    ExportFolder,
+    detection_rings,
+    ellipse,
+    number,
+    rotated_rect,
+)
 
 if TYPE_CHECKING:
     from ...results import Result
@@ -163,7 +170,7 @@ class CvatWriter:
     def check(self, names: list[str]) -> None:
         self.folder.check(self.targets(names))
 
-    def add(self, image_id: int, name: str, path: Path, result: "Result") -> None:
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
         image = ET.SubElement(self.root, "image", id=str(self.count), name=Path(path).name, width=str(w), height=str(h))
         self.count += 1

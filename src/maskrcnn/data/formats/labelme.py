@@ -56,7 +56,7 @@ def _mask_shape(shape: dict[str, Any], pts: list[tuple[float, float]], h: int, w
             patch = np.asarray(img.convert("L")) > 0
     except (ValueError, OSError) as e:
         raise DatasetError(f"{where}: cannot decode the mask PNG: {e}") from None
-    x0, y0 = (int(math.floor(min(p[i] for p in pts))) for i in (0, 1))
+    x0, y0 = (math.floor(min(p[i] for p in pts)) for i in (0, 1))
     full = np.zeros((h, w), dtype=bool)
     ph, pw = patch.shape
     ys, xs = slice(max(y0, 0), min(y0 + ph, h)), slice(max(x0, 0), min(x0 + pw, w))
@@ -172,7 +172,7 @@ class LabelMeWriter:
     def check(self, names: list[str]) -> None:
         self.folder.check(self.targets(names))
 
-    def add(self, image_id: int, name: str, path: Path, result: "Result") -> None:
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         target = self.folder.root / f"{name}.json"
         shapes = []
         for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):

@@ -158,7 +158,7 @@ class YoloWriter:
     def check(self, names: list[str]) -> None:
         self.folder.check(self.targets(names))
 
-    def add(self, image_id: int, name: str, path: Path, result: "Result") -> None:
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
         lines = []
         for category, (_, label, _, rings) in zip(result.category_ids, detection_rings(result, self.tolerance)):
