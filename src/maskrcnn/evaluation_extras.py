@@ -191,13 +191,13 @@ def confusion_png(analysis: ErrorAnalysis) -> bytes:
 
     labels = [*analysis.class_names, "background"]
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(2 + 0.6 * n, 1.5 + 0.6 * n))
+    fig, ax = plt.subplots(figsize=(max(4.5, 2 + 0.6 * n), max(4.0, 1.5 + 0.6 * n)))  # the title fits one class too
     ax.imshow(analysis.confusion, cmap="Blues")
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
     ax.set_yticks(range(n), labels)
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
-    ax.set_title(f"score >= {analysis.score_thresh:g}, {analysis.iou_type} IoU >= {analysis.iou_thresh:g}")
+    ax.set_title(f"score >= {analysis.score_thresh:g}, {analysis.iou_type} IoU >= {analysis.iou_thresh:g}", fontsize=10)
     top = analysis.confusion.max() or 1
     for (r, c), v in np.ndenumerate(analysis.confusion):
         ax.text(c, r, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
