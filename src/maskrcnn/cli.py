@@ -142,8 +142,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
     results = PredictionFiles(out).paths() if images else []
     args.exporters = export_writers(args.export or [], out, [o.stem for o in overlays])
+    exported = [p for w in args.exporters for p in w.targets([o.stem for o in overlays])]
     # Before any work: no output replaces an input, or a file that predict did not write.
-    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *(p for w in args.exporters for p in w.targets([o.stem for o in overlays]))])
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *exported])
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
