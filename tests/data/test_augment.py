@@ -128,3 +128,15 @@ def test_config_errors_are_one_line() -> None:
         check(cfg)
     with pytest.raises(ValueError, match="crop needs instance masks"):
         crop(torch.zeros(3, 8, 8), Targets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64)), 0, 0, 4, 4)
+
+
+def test_training_config_reads_the_augment_section(tmp_path) -> None:
+    from maskrcnn.engine.train_config import load_training_config
+
+    cfg = load_training_config("demo_shapes", ["augment.vflip=0.5", "augment.scale=[0.8,1.25]", "augment.crop=256"])
+    assert cfg.augment == AugmentConfig(vflip=0.5, scale=(0.8, 1.25), crop=256) and cfg.augment.enabled
+    assert not load_training_config("demo_shapes").augment.enabled  # off unless asked: data.hflip only
+    with pytest.raises(ConfigError, match="augment.crop is 0"):
+        load_training_config("demo_shapes", ["augment.crop=8"])
+    with pytest.raises(ConfigError, match="did you mean augment.vflip"):  # as in every section
+        load_training_config("demo_shapes", ["augment.vflp=0.5"])
