@@ -62,3 +62,24 @@ def test_hook_writes_what_tensorboard_reads_back(tmp_path: Path) -> None:
     assert data.shape[1] == 101 and (data[0] + data[3] == data[0, 0] + data[3, 0]).all()  # TP + FN = instances at every threshold
     assert tags["images"] == ["val_images/0", "val_images/1"]
     assert hook.state_dict() == {"last_logged": 3}
+
+
+def test_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path: Path) -> None:
+    trainer = SimpleNamespace(iteration=0, lr=0.1, out=tmp_path)
+    hook = TensorBoardHook()
+    hook.before_train(trainer)
+    for it in (1, 2, 3, 4):  # the checkpoint was saved at 2; 3 and 4 are lost with the crash
+        trainer.iteration = it
+        hook.after_step(trainer, {"loss": float(it)})
+    state = {**hook.state_dict(), "last_logged": 2}
+    hook.after_train(trainer)
+
+    resumed = TensorBoardHook()
+    resumed.load_state_dict(state)
+    trainer.iteration = 2
+    resumed.before_train(trainer)
+    trainer.iteration = 3
+    resumed.after_step(trainer, {"loss": 30.0})
+    resumed.after_train(trainer)
+    loss = read_events(tmp_path / "tensorboard").Scalars("train/loss")
+    assert [(e.step, e.value) for e in loss] == [(1, 1.0), (2, 2.0), (3, 30.0)]
