@@ -129,3 +129,9 @@ def test_pr_curves_hand_computed_and_agree_with_the_operating_point() -> None:
     assert b.tp.tolist() == [0] * 11 and b.fp.tolist() == [1] * 8 + [0] * 3 and b.fn.tolist() == [1] * 11
     op = analyse(gt_coco(), DETS, score_thresh=0.5)
     assert [a.tp[5], b.tp[5]] == op.tp.tolist() and [a.fp[5], b.fp[5]] == op.fp.tolist()
+
+
+def test_evaluate_refuses_a_report_score_outside_0_1_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--weights", str(tmp_path / "none.pth"), "--data", str(tmp_path / "none.json"),
+                 "--images", str(tmp_path), "--report-score", "1.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --report-score is a score in [0, 1], got 1.5"

@@ -26,6 +26,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Files, folders (their images and videos, by extension, sorted) and glob patterns -> file
     paths, in order, unique. The one expansion of ``predict``'s inputs: images and videos are
@@ -281,6 +288,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # The ground truth through the training parser; every image file checked (headers only)
     # before the model is loaded: a missing or mis-sized image would score its ground truth
     # against no detections, or against masks drawn at the wrong size.
+    if not 0.0 <= args.report_score <= 1.0:
+        raise ValueError(f"--report-score is a score in [0, 1], got {args.report_score}")
     if args.out:  # before any work: never an input, never a user's own file, and writable
         check_evaluate_out(Path(args.out), [Path(args.data), Path(args.weights)])
         check_report_out(Path(args.out))
@@ -475,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.add_argument("--report-score", type=float, default=0.5,
                    help="score threshold of the precision / recall / F1 table and the confusion matrix (default 0.5)")
-    e.add_argument("--worst", type=int, default=6,
+    e.add_argument("--worst", type=non_negative_int, default=6,
                    help="with --out: draw this many images with the most missed or false objects (default 6)")
     e.add_argument("--skip-bad-images", action="store_true",
                    help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
