@@ -207,9 +207,9 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
 def export_writers(formats: list[str], out: Path, names: list[str]) -> list:
     """``--export``: one pre-annotation writer per tool (``data.formats``), each checked before any
     work not to replace a file the user edited."""
-    from .data.formats import CvatWriter, LabelMeWriter, YoloWriter
+    from .data.formats import CvatWriter, LabelMeWriter, LabelStudioWriter, YoloWriter
 
-    kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter}
+    kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter, "labelstudio": LabelStudioWriter}
     writers = [kinds[f](out) for f in dict.fromkeys(formats)]
     for w in writers:
         w.check(names)
@@ -466,9 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
-    q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat"], default=None,
+    q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat", "labelstudio"], default=None,
                    help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
-                        "--out/labelme/, --out/yolo/ or --out/cvat/ (repeat for several)")
+                        "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)

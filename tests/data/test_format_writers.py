@@ -16,6 +16,7 @@ from maskrcnn.cli import main
 from maskrcnn.data.formats import (
     CvatWriter,
     LabelMeWriter,
+    LabelStudioWriter,
     YoloWriter,
     cvat_to_coco,
     labelme_to_coco,
@@ -106,13 +107,31 @@ def test_cvat_xml_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
     assert len(coco["annotations"]) == 3  # one per polygon: CVAT has no multi-part polygons
 
 
+def test_labelstudio_tasks_give_the_masks_back(result: Result, tmp_path: Path) -> None:
+    writer = LabelStudioWriter(tmp_path / "out", document_root=tmp_path, tolerance=0.5)
+    writer.add(5, "p1", Path(result.path), result)
+    writer.close()
+    (task,) = json.loads((tmp_path / "out" / "labelstudio" / "tasks.json").read_text())
+    assert task["data"]["image"] == "/data/local-files/?d=photos/p1.png"
+    (prediction,) = task["predictions"]
+    polys: dict[str, list[list[float]]] = {}
+    for r in prediction["result"]:
+        assert (r["type"], r["from_name"], r["to_name"], r["original_width"], r["original_height"]) == \
+            ("polygonlabels", "label", "image", W, H)
+        (label,) = r["value"]["polygonlabels"]
+        polys.setdefault(label, []).append([v * (W if i % 2 == 0 else H) / 100 for p in r["value"]["points"] for i, v in enumerate(p)])
+    masks = result.masks
+    assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
+    assert prediction["score"] == pytest.approx(0.75)
+
+
 def test_predict_export_end_to_end_and_edited_files_are_kept(tiny_ckpt: Path, result: Result, tmp_path: Path,  # noqa: F811
                                                              capsys: pytest.CaptureFixture) -> None:
     photos, out = Path(result.path).parent, tmp_path / "pred"
     args = ["predict", str(photos), "--weights", str(tiny_ckpt), "--out", str(out), "--quiet", "--score-thresh", "0",
-            "--export", "labelme", "--export", "yolo", "--export", "cvat"]
+            "--export", "labelme", "--export", "yolo", "--export", "cvat", "--export", "labelstudio"]
     assert main(args) == 0
-    for f in ("labelme/p1.json", "yolo/labels/p1.txt", "yolo/data.yaml", "cvat/annotations.xml"):
+    for f in ("labelme/p1.json", "yolo/labels/p1.txt", "yolo/data.yaml", "cvat/annotations.xml", "labelstudio/tasks.json"):
         assert (out / f).is_file(), f
     edited = out / "labelme" / "p1.json"
     edited.write_text(edited.read_text().replace('"flags": {}', '"flags": {"checked": true}', 1))

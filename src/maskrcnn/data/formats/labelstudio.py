@@ -1,4 +1,5 @@
-"""Label Studio JSON export -> COCO (``labelstudio_to_coco``).
+"""Label Studio JSON export <-> COCO: ``labelstudio_to_coco`` reads an export,
+``LabelStudioWriter`` writes predictions as tasks with pre-annotations.
 
 The export is a list of tasks ``{"id", "data": {"image": url}, "annotations": [{"result":
 [...], "was_cancelled"}]}``. Each result has a ``type``, ``original_width`` /
@@ -16,18 +17,30 @@ Label Studio puts in front of uploaded files when the name with it is not there.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 import urllib.parse
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..coco import read_json
 from ..errors import DatasetError
-from .common import CocoBuilder, ellipse, number, rotated_rect
+from .common import (
+    CocoBuilder,
+    ExportFolder,
+    detection_rings,
+    ellipse,
+    number,
+    rotated_rect,
+)
+
+if TYPE_CHECKING:
+    from ...results import Result
 
 logger = logging.getLogger(__name__)
 
@@ -164,3 +177,53 @@ def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json
     if not builder.images:
         raise DatasetError(f"{export_json}: no tasks")
     return builder.write(out_json, "Label Studio", list(dict.fromkeys(order)))
+
+
+class LabelStudioWriter:
+    """Predictions as Label Studio tasks with pre-annotations, ``out/labelstudio/tasks.json``
+    (written at ``close``): one task per image, its ``predictions`` one ``polygonlabels``
+    result per mask part (points in percent of the image, the detection's score), for a
+    labelling config ``<Image name="image" value="$image"/><PolygonLabels name="label"
+    toName="image">...``. Import the file into the project ("Import", JSON).
+
+    The image URL is Label Studio's local-files URL of the image's path relative to
+    ``document_root``: start Label Studio with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``
+    and ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` set to that folder.
+
+    Args:
+        out: predict's output folder.
+        document_root: the folder image paths are made relative to (default: the current one).
+        tolerance: polygon simplification in pixels.
+    """
+
+    def __init__(self, out: Path, document_root: Path | None = None, tolerance: float = 1.0) -> None:
+        self.folder = ExportFolder(Path(out) / "labelstudio")
+        self.root = Path(document_root or Path.cwd()).resolve()
+        self.tolerance = tolerance
+        self.tasks: list[dict[str, Any]] = []
+
+    def targets(self, names: list[str]) -> list[Path]:
+        return [self.folder.root / "tasks.json"]
+
+    def check(self, names: list[str]) -> None:
+        self.folder.check(self.targets(names))
+
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
+        h, w = result.image_size
+        results = []
+        for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
+            for j, ring in enumerate(rings):
+                pct = (ring / [w / 100.0, h / 100.0]).clip(0, 100)  # (K, 2) percent of width, height
+                results.append({"id": f"{image_id}_{k}_{j}", "type": "polygonlabels", "from_name": "label", "to_name": "image",
+                                "original_width": w, "original_height": h, "image_rotation": 0, "score": round(score, 4),
+                                "value": {"points": pct.round(4).tolist(), "polygonlabels": [label]}})
+        relative = os.path.relpath(Path(path).resolve(), self.root)
+        scores = [float(s) for s in result.scores]
+        self.tasks.append({"data": {"image": "/data/local-files/?d=" + urllib.parse.quote(Path(relative).as_posix())},
+                           "meta": {"image_id": image_id},
+                           "predictions": [{"model_version": "maskrcnn", "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+                                            "result": results}]})
+
+    def close(self) -> None:
+        self.folder.write(self.folder.root / "tasks.json", json.dumps(self.tasks, indent=1).encode("utf-8"))
+        self.folder.close()
