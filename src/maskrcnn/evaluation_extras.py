@@ -209,7 +209,8 @@ def confusion_png(analysis: ErrorAnalysis) -> bytes:
 
 
 def side_by_side(image: np.ndarray, gt: list[dict], dets: list[dict], names: dict[int, str], title: str) -> bytes:
-    """PNG of ``image`` twice: ground truth (left) and detections (right), masks and boxes drawn.
+    """PNG of ``image`` twice: ground truth (left, each labelled with score 1.00) and detections
+    (right), masks and boxes drawn by ``Result.plot``.
 
     Args:
         image: (H, W, 3) uint8 RGB.
