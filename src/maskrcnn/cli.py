@@ -19,6 +19,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 # PredictOptions' messages name its fields; the command line names flags. (The tile sizes and
 # counts are checked by the flags' argparse types, with the same rules.)
 _FLAG_NAMES = {"tile_whole needs tile": "--tile-whole needs --tile"}
@@ -48,7 +55,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
-                             coco=args.coco, stride=args.stride, quiet=args.quiet)
+                             coco=args.coco, stride=args.stride, quiet=args.quiet, export=args.export or [])
     except UsageError as e:
         args.parser.error(str(e))
     if done.failed:
@@ -62,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_files(args.weights, args.data, args.images, options_from_args(args), out=args.out,
                              device=args.device, skip_bad_images=args.skip_bad_images,
-                             allow_outside_root=args.allow_outside_root)
+                             allow_outside_root=args.allow_outside_root, report_score=args.report_score, worst=args.worst)
     return 1 if metrics.get("excluded_images") else 0
 
 
@@ -91,11 +98,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
         coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
                            category_attribute=args.attribute, filename_map=args.prefix,
                            allow_outside_root=args.allow_outside_root)
-    else:
+    elif args.format == "dsb":
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
+    else:
+        coco = convert_tool(args)
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
           f"{len(coco['categories'])} categories -> {args.out}")
     return 0
+
+
+def convert_tool(args: argparse.Namespace) -> dict:
+    """``convert labelme|cvat|labelstudio|yolo``: the annotation tools' readers (``data.formats``)."""
+    from .data import formats
+
+    if args.format in ("cvat", "labelstudio") and not args.images:
+        raise ValueError(f"convert {args.format} needs --images (the folder of the export's images)")
+    if args.format == "labelme":
+        return formats.labelme_to_coco(args.source, args.out, args.images, args.allow_outside_root)
+    if args.format == "cvat":
+        return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root)
+    if args.format == "labelstudio":
+        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key)
+    coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root)
+    print(f"file names are relative to {root}: train with data.train_images={root}")
+    return coco
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -171,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
+    q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat", "labelstudio"], default=None,
+                   help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
+                        "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
@@ -184,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=1)
     add_tile_options(e)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--report-score", type=float, default=0.5,
+                   help="score threshold of the precision / recall / F1 table and the confusion matrix (default 0.5)")
+    e.add_argument("--worst", type=non_negative_int, default=6,
+                   help="with --out: draw this many images with the most missed or false objects (default 6)")
     e.add_argument("--skip-bad-images", action="store_true",
                    help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
                         "detections (exit code 1) instead of stopping with an error")
@@ -203,16 +236,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("convert", help="VIA polygons or a DSB mask folder -> COCO instances JSON")
-    c.add_argument("format", choices=["via", "dsb"], help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders")
-    c.add_argument("source", help="the VIA JSON file, or the DSB root folder")
+    c = sub.add_parser("convert", help="annotation tools' files (VIA, LabelMe, CVAT, Label Studio, YOLO) or a DSB mask folder -> COCO instances JSON")
+    c.add_argument("format", choices=["via", "dsb", "labelme", "cvat", "labelstudio", "yolo"],
+                   help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders; labelme: folder of LabelMe JSON; "
+                        "cvat: CVAT for images 1.1 XML; labelstudio: Label Studio JSON export; yolo: YOLO segmentation data.yaml")
+    c.add_argument("source", help="the VIA, CVAT or Label Studio file, the LabelMe folder (or file), the YOLO data.yaml, or the DSB root folder")
     c.add_argument("--out", required=True, help="COCO JSON to write")
-    c.add_argument("--images", default=None, help="via: folder holding the images named in the file")
+    c.add_argument("--images", default=None, help="via, cvat, labelstudio: folder holding the images named in the file; "
+                                                  "labelme: folder file names are relative to (default: the LabelMe folder)")
+    c.add_argument("--split", default="train", help="yolo: the data.yaml split to convert (default train)")
+    c.add_argument("--image-key", default="image", help="labelstudio: the task data key of the image URL (default image)")
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
     c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
     c.add_argument("--allow-outside-root", action="store_true",
-                   help="via: let file names be absolute or lead out of --images ('../x.jpg')")
+                   help="let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")

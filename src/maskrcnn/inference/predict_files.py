@@ -10,8 +10,10 @@ from __future__ import annotations
 import glob
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -20,6 +22,7 @@ from ..weights.checkpoint import load
 from .options import PredictOptions
 from .outputs import PredictionFiles, coco_image_ids
 from .predictor import Predictor
+from .results import Result
 from .video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ def predict_files(
     coco: str | None = None,
     stride: int = 1,
     quiet: bool = False,
+    export: Sequence[str] = (),
 ) -> PredictSummary:
     """Images -> ``out/overlays/<name>.png`` and ``out``'s COCO results files; videos, animated
     GIFs, streams and cameras -> ``out/<name>.mp4`` and ``<name>.jsonl`` each.
@@ -61,6 +65,8 @@ def predict_files(
         options: how the model runs (``tile_whole`` applies to images only).
         coco: a COCO JSON whose image ids the images' results take, matched by file name.
         stride: videos: every ``stride``-th frame.
+        export: annotation tools to write the images' detections for, as pre-annotations:
+            ``labelme``, ``yolo``, ``cvat``, ``labelstudio`` (``data.formats``; ``out/<tool>/``).
 
     Raises:
         ValueError: nothing to predict on, bad options, an output that would replace an input
@@ -80,27 +86,32 @@ def predict_files(
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
     results = PredictionFiles(out).paths() if images else []
+    exporters = export_writers(export, out, [o.stem for o in overlays])
+    exported = [p for w in exporters for p in w.targets([o.stem for o in overlays])]
     # Before any work: no output replaces an input, or a file that predict did not write.
-    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files])
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *exported])
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, coco) if coco else ([None] * len(images), 1)
 
     model = load(weights, device=device)
+    if exporters and not model.config.masks:
+        raise ValueError("--export writes mask polygons, and this model predicts boxes only")
     predictor = Predictor(model, options)
     summary = PredictSummary(failed=failed)
     for source, name in zip(sources, names):
         if not _predict_video(predictor, source, out, name, stride, quiet):
             summary.videos_failed += 1
     if images:
-        _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet)
+        _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet, exporters)
     return summary
 
 
 def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path], gt_ids: tuple[list[int | None], int],
-                    out: Path, summary: PredictSummary, quiet: bool) -> None:
-    """Each image -> ``overlays[i]`` and ``out``'s results files; failures to ``summary.failed``.
-    ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others."""
+                    out: Path, summary: PredictSummary, quiet: bool, writers: Sequence[OutputWriter] = ()) -> None:
+    """Each image -> ``overlays[i]``, ``out``'s results files and each of ``writers``; failures
+    to ``summary.failed``. ``gt_ids``: each image's ``--coco`` id or None, and the first id free
+    for the others."""
     ids, first_free = gt_ids
     table = predictor.model.config.label_categories()
     files = PredictionFiles(out)
@@ -113,9 +124,42 @@ def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path
             image_id = ids[i] if ids[i] is not None else first_free + i
             result.save(overlays[i])
             files.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+            for writer in writers:
+                writer.add(image_id, overlays[i].stem, paths[i], result)
+        for writer in writers:
+            writer.close()
     summary.images, summary.detections = files.images, files.detections
     print(f"{files.images} images, {files.detections} detections -> {out}/ "
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
+
+
+class OutputWriter(Protocol):
+    """One more output of ``predict`` per image (pre-annotations for a tool, label images,
+    GeoJSON, ...), beside the COCO results files."""
+
+    def targets(self, names: list[str]) -> list[Path]:
+        """The files it will write for these image names (checked before any work)."""
+
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
+        """One finished image; ``name`` is its unique output stem."""
+
+    def close(self) -> None:
+        """Whatever is written once at the end, atomically."""
+
+
+def export_writers(formats: Sequence[str], out: Path, names: list[str]) -> list[OutputWriter]:
+    """``--export``: one pre-annotation writer per tool (``data.formats``), each checked before any
+    work not to replace a file the user edited."""
+    from ..data.formats import CvatWriter, LabelMeWriter, LabelStudioWriter, YoloWriter
+
+    kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter, "labelstudio": LabelStudioWriter}
+    unknown = sorted(set(formats) - set(kinds))
+    if unknown:
+        raise ValueError(f"--export {', '.join(unknown)}: not one of {', '.join(kinds)}")
+    writers = [kinds[f](out) for f in dict.fromkeys(formats)]
+    for w in writers:
+        w.check(names)
+    return writers
 
 
 def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stride: int, quiet: bool) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig, load_yaml
+from ..data.augment import AugmentConfig
 
 
 @dataclass
@@ -88,14 +89,25 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """``log``: what the run logs besides metrics.jsonl and the console."""
+
+    tensorboard: bool = False  # write TensorBoard events into <out_dir>/tensorboard
+    tb_images: int = 4  # validation images drawn with their predictions at each validation
+    tb_score: float = 0.5  # detections drawn only at or above this score
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # vertical flips, rotations, scale, crops, colour (data.augment)
     solver: SolverConfig = field(default_factory=SolverConfig)
     init: InitConfig = field(default_factory=InitConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard (train.tensorboard)
     out_dir: str = "runs/train"  # run folder: checkpoints, metrics.jsonl, plots, config.yaml
     exist_ok: bool = False  # start afresh in an out_dir that already holds a run (its files are replaced)
     seed: int = 0  # seeds weights, data order, augmentation and sampling
@@ -148,8 +160,14 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"schedule.stage_epochs must all be at least 1, got {cfg.schedule.stage_epochs}")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         raise ConfigError(f"data.hflip is a probability in [0, 1], got {cfg.data.hflip}")
+    try:
+        cfg.augment.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.solver.lr <= 0:
         raise ConfigError(f"solver.lr must be positive, got {cfg.solver.lr}")
+    if not 0.0 <= cfg.log.tb_score <= 1.0 or cfg.log.tb_images < 0:
+        raise ConfigError(f"log.tb_score must be in [0, 1] and log.tb_images >= 0, got {cfg.log.tb_score}, {cfg.log.tb_images}")
     return cfg
 
 

@@ -53,6 +53,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import precision
 from ..config import ConfigError, to_dict
 from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_groups, collate
+from ..data.augment import Augmented
 from ..data.coco import CocoDataset
 from ..model.build import build_model
 from ..weights.checkpoint import init_from_checkpoint, load_backbone_weights, load_state, save_checkpoint, with_layout_of
@@ -164,7 +165,8 @@ class Trainer:
         self.sampler = DistributedGroupedBatchSampler(aspect_ratio_groups(self.train_data), cfg.data.batch_size, cfg.seed,
                                                       distributed.rank(), distributed.world_size())
         self.iters_per_epoch = self.sampler.batches_per_epoch
-        self.augmented = FlipAugmented(self.train_data, cfg.data.hflip, cfg.seed)
+        self.augmented = (Augmented(self.train_data, cfg.augment, cfg.data.hflip, cfg.seed) if cfg.augment.enabled
+                          else FlipAugmented(self.train_data, cfg.data.hflip, cfg.seed))
         self.progress = Progress()
         self.current: StageRun | None = None  # run_stage sets it
         self.lr = 0.0  # the learning rate of the step under way (or the last one)
@@ -451,13 +453,20 @@ class Trainer:
 
 
 def default_hooks(cfg: TrainConfig) -> list[HookBase]:
-    """The trainer's own hooks, in the order they must run (see ``hooks.py``)."""
+    """The trainer's own hooks, in the order they must run (see ``hooks.py``), and those the
+    config asks for (``log.tensorboard``: ``tensorboard.TensorBoardHook``, process 0 only)."""
+    extra: list[HookBase] = []
+    if cfg.log.tensorboard and distributed.rank() == 0:
+        from .tensorboard import TensorBoardHook  # needs the tensorboard package: imported only when asked
+
+        extra.append(TensorBoardHook(cfg.log.tb_images, cfg.log.tb_score))
     return [
         TimeBudget(cfg.solver.max_minutes),  # before Validation: it times it
         Validation(cfg.eval.every, cfg.eval.metric),
         RunOutput(cfg.out_dir, active=distributed.rank() == 0, progress=cfg.progress, log_every=cfg.log_every),
         EarlyStopping(cfg.eval.metric, cfg.eval.patience),  # after RunOutput: its line follows the epoch's
         PeriodicCheckpoint(cfg.checkpoint_every_iters),
+        *extra,
     ]
 
 
