@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import detectron2_compat, safetensors_io
+from . import detectron2_compat, hub, safetensors_io
 from .config import ConfigError, ModelConfig, apply_overrides, check_probability, from_dict, to_dict
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
@@ -246,7 +246,7 @@ def load(
     predicts the same way.
 
     Args:
-        path: checkpoint file.
+        path: checkpoint file, or ``hf://owner/name[@revision][/file]`` on the Hugging Face Hub.
         device: where to put the model (an ONNX model runs on the CPU).
         bn_eps: BatchNorm epsilon for torchvision files (default: as torchvision loads its
             published COCO weights, 0.0 for v1 and 1e-5 for v2).
@@ -256,6 +256,8 @@ def load(
     if bn_eps is not None and not (isinstance(bn_eps, numbers.Real) and not isinstance(bn_eps, bool)
                                    and math.isfinite(bn_eps) and bn_eps >= 0):
         raise ValueError(f"bn_eps must be a finite number >= 0, got {bn_eps!r}")  # -1 or NaN: no detections
+    if hub.is_hub(path):  # hf://owner/name: into huggingface_hub's cache, then read as any local file
+        path = hub.download(str(path))
     if Path(path).is_file() and file_kind(path) == "onnx":  # by content: an ONNX file need not end in .onnx
         if bn_eps is not None:
             raise ValueError(f"{path}: bn_eps applies to torchvision .pth files only; an exported model's BatchNorm is in its graph")
