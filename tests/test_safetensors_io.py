@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from maskrcnn.checkpoint import CheckpointError, file_kind, load, read_file, read_weights, save_checkpoint
 from maskrcnn.safetensors_io import convert, looks_like
 
+from .engine.test_train import shapes  # noqa: F401  the session's synthetic dataset
 from .test_api import tiny_model
 
 
@@ -102,3 +103,30 @@ def test_objects_that_need_pickle_are_refused_when_saving(tmp_path):
     with pytest.raises(TypeError, match="cannot be stored"):
         save_checkpoint(tmp_path / "x.safetensors", tiny_model(), {"sampler": object()})
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_training_run_in_safetensors_resumes_exactly(shapes, tmp_path):  # noqa: F811
+    """checkpoint_format=safetensors: last/best.safetensors, no .pth, and a resume from it ends
+    where an uninterrupted .pth run ends (weights and SGD momenta; the .pth run is the reference)."""
+    from maskrcnn.engine.train import train
+
+    from .engine.test_train import tiny_train_config
+
+    common = {"solver": {"lr": 0.01, "epochs": 1, "warmup_iters": 2}, "eval": {"every": 1, "num_visualize": 0},
+              "data": {"max_train_images": 4}}  # 2 iterations
+    train(tiny_train_config(shapes, tmp_path / "pth", **common))
+    cut = tiny_train_config(shapes, tmp_path / "st", checkpoint_format="safetensors", checkpoint_every_iters=1,
+                            solver={**common["solver"], "max_iters": 1}, eval=common["eval"], data=common["data"])
+    assert train(cut)["iterations"] == 1
+    assert file_kind(tmp_path / "st" / "last.safetensors") == "safetensors" and not list((tmp_path / "st").glob("*.pth"))
+    resumed = train(tiny_train_config(shapes, tmp_path / "st", checkpoint_format="safetensors", **common), resume=True)
+    assert resumed["iterations"] == 2
+    a, b = read_file(tmp_path / "pth" / "last.pth"), read_file(tmp_path / "st" / "last.safetensors")
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), rtol=1e-4, atol=1e-6), key
+    momenta = [(s["momentum_buffer"], b["train_state"]["optimizer"]["state"][k]["momentum_buffer"])
+               for k, s in a["train_state"]["optimizer"]["state"].items()]
+    assert momenta and all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in momenta)
+    assert (tmp_path / "st" / "best.safetensors").is_file()
+    with pytest.raises(ValueError, match="checkpoint_format must be one of pth, safetensors"):
+        train(tiny_train_config(shapes, tmp_path / "x", checkpoint_format="pickle", **common))

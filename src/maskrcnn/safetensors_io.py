@@ -31,6 +31,21 @@ _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"  # markers in t
 MAX_HEADER = 100_000_000  # bytes; safetensors' own limit on the JSON header
 
 
+CHECKPOINT_SUFFIXES = {"pth": ".pth", "safetensors": ".safetensors"}  # checkpoint_format -> file suffix
+
+
+def checkpoint_suffix(checkpoint_format: str) -> str:
+    """The file suffix of a training run's checkpoints; a one-line ValueError for an unknown format."""
+    if checkpoint_format not in CHECKPOINT_SUFFIXES:
+        raise ValueError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_SUFFIXES)}, got {checkpoint_format!r}")
+    if checkpoint_format == "safetensors":
+        try:
+            import safetensors  # noqa: F401  told before training, not at the first checkpoint
+        except ImportError:
+            raise _missing() from None
+    return CHECKPOINT_SUFFIXES[checkpoint_format]
+
+
 def _missing() -> ImportError:
     return ImportError("safetensors files need the safetensors package: pip install 'maskrcnn[hub]'")
 

@@ -78,12 +78,14 @@ class RunOutput:
         log_every: iterations averaged into one metrics.jsonl line.
     """
 
-    def __init__(self, out_dir: str | Path, active: bool = True, progress: bool = True, log_every: int = 20) -> None:
+    def __init__(self, out_dir: str | Path, active: bool = True, progress: bool = True, log_every: int = 20,
+                 suffix: str = ".pth") -> None:
         self.out = Path(out_dir)
+        self.suffix = suffix  # of the checkpoints: .pth, or .safetensors (checkpoint_format)
         self.active = active
         self.progress = progress and active
         self.log_every = log_every
-        self.last, self.best = self.out / "last.pth", self.out / "best.pth"
+        self.last, self.best = self.out / f"last{suffix}", self.out / f"best{suffix}"
         self.metrics: MetricsLog | None = None
         self.bar = tqdm(disable=True)  # an epoch's progress bar, and its metrics.jsonl window:
         self.window: dict[str, float] = {}  # sums of the values of the steps since the last line
@@ -119,7 +121,7 @@ class RunOutput:
 
     def save_pretrained(self, model: MaskRCNN) -> None:
         if self.active:
-            save_checkpoint(self.out / "pretrain_body.pth", model)
+            save_checkpoint(self.out / f"pretrain_body{self.suffix}", model)
 
     def draw(self, pictures: list[Result]) -> None:
         """metrics.png and val_predictions.png. Plots are a convenience: a failure is logged, never fatal."""

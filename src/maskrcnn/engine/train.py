@@ -57,6 +57,7 @@ from .datasets import build_datasets
 from .pretrain import pretrain_body
 from .run_output import RunOutput, plain
 from .schedules import FRONTEND_LOSSES, LRSchedule, ProposalNet, apply_stage, build_schedule, fitted_lengths, forward_with_proposals, set_train_mode, stage_loss
+from ..safetensors_io import checkpoint_suffix
 from .state import Progress, read_train_state, rng_state, seed_everything, set_rng_state
 from .train_config import TrainConfig, check, load_training_config
 from .validate import validate
@@ -106,8 +107,10 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         if cfg.model.backbone.sync_bn and distributed.launched() and device.type != "cuda":
             raise ConfigError("model.backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
-        saved = read_train_state(Path(cfg.out_dir), resume, cfg.exist_ok)
-        self.out = RunOutput(cfg.out_dir, active=distributed.rank() == 0, progress=cfg.progress, log_every=cfg.log_every)
+        suffix = checkpoint_suffix(cfg.checkpoint_format)
+        saved = read_train_state(Path(cfg.out_dir), resume, cfg.exist_ok, suffix)
+        self.out = RunOutput(cfg.out_dir, active=distributed.rank() == 0, progress=cfg.progress, log_every=cfg.log_every,
+                             suffix=suffix)
         seed_everything(cfg.seed)
 
         # Data first: its categories size the class heads.
