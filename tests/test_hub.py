@@ -98,3 +98,15 @@ def test_push_refuses_a_bad_repo_id_before_any_work(tmp_path, capsys):
     save_checkpoint(tmp_path / "m.pth", tiny_model())
     assert main(["push", str(tmp_path / "m.pth"), "not a repo"]) == 2
     assert "is not a Hub repository id" in capsys.readouterr().err
+
+
+def test_the_model_card_takes_evaluates_metrics_file(tmp_path):
+    from maskrcnn.hub import _metrics
+
+    nested = tmp_path / "metrics.json"  # maskrcnn evaluate's layout
+    nested.write_text(json.dumps({"bbox": {"AP": 0.5, "AP50": 0.7, "APl": -1.0}, "segm": {"AP": 0.4, "AP75": -1.0}}))
+    assert _metrics({"metrics": {"segm_AP": 0.1, "val_loss": 2.0}}, str(nested)) == {"bbox_AP": 0.5, "bbox_AP50": 0.7, "segm_AP": 0.4}
+    empty = tmp_path / "other.json"
+    empty.write_text(json.dumps({"loss": 1.0}))
+    with pytest.raises(ValueError, match="no AP values"):
+        _metrics({}, str(empty))

@@ -147,22 +147,30 @@ def push(weights: str | Path, repo_id: str, options: PushOptions = PushOptions()
 
 
 def _metrics(train_state: dict[str, Any], metrics_file: str | None) -> dict[str, float]:
-    """Flat ``{"segm_AP": 0.41, ...}`` from a ``best.pth``'s record and an evaluate metrics.json."""
-    found: dict[str, float] = {}
-    recorded = train_state.get("metrics")
-    if isinstance(recorded, dict):
-        found.update({k: float(v) for k, v in recorded.items() if k.endswith(("_AP", "_AP50", "_AP75")) and v is not None})
+    """Flat ``{"segm_AP": 0.41, ...}`` from a ``best.pth``'s record and a metrics file: evaluate's
+    ``{"bbox": {"AP": ..}, "segm": {..}}`` or a flat ``{"segm_AP": ..}`` (the demo's)."""
+    found = _ap_values(train_state.get("metrics") if isinstance(train_state.get("metrics"), dict) else {})
     if metrics_file:
         try:
             evaluated = json.loads(Path(metrics_file).read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"--metrics {metrics_file}: cannot read it as JSON ({e})") from None
+        flat = dict(evaluated) if isinstance(evaluated, dict) else {}
         for kind in ("bbox", "segm"):
-            for stat in ("AP", "AP50", "AP75"):
-                value = (evaluated.get(kind) or {}).get(stat)
-                if isinstance(value, (int, float)):
-                    found[f"{kind}_{stat}"] = float(value)
+            if isinstance(flat.get(kind), dict):
+                flat.update({f"{kind}_{k}": v for k, v in flat.pop(kind).items()})
+        from_file = _ap_values(flat)
+        if not from_file:
+            raise ValueError(f"--metrics {metrics_file}: no AP values in it (expected maskrcnn evaluate's metrics.json)")
+        found.update(from_file)
     return found
+
+
+def _ap_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The box and mask AP, AP50, AP75 entries of a flat metrics dict (-1, COCO's "no data", left out)."""
+    return {k: float(v) for k, v in metrics.items()
+            if k in {f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75")}
+            and isinstance(v, (int, float)) and v >= 0}
 
 
 def _training_data(weights: Path) -> dict[str, Any]:
