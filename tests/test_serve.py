@@ -234,7 +234,7 @@ class _GatedModel:
 def test_the_worker_skips_cancelled_jobs_and_batches_by_options():
     model = _GatedModel()
     worker = BatchWorker(model, max_batch=8, max_wait_s=0.05)
-    image = lambda v: np.full((4, 4, 3), v, np.uint8)  # noqa: E731
+    image = lambda v: np.full((4, 4, 3), v, np.uint8)
     first = worker.submit(image(0), RequestOptions())  # the worker takes it and waits at the gate
     time.sleep(0.2)
     jobs = [worker.submit(image(v), RequestOptions(score_thresh=0.5 if v % 2 else None)) for v in range(1, 6)]
@@ -263,3 +263,40 @@ def test_a_failing_model_answers_every_waiting_job_and_the_worker_lives():
         failed.result(10)
     assert worker.submit(np.zeros((2, 2, 3), np.uint8), RequestOptions()).result(10) == "ok"
     worker.close()
+
+
+class _HeldModel:
+    """The tiny model, held at a gate before each call: a busy server that tests can time."""
+
+    def __init__(self, model) -> None:
+        self.model, self.config, self.device = model, model.config, model.device
+        self.gate = threading.Event()
+        self.seen: list[tuple[int, int]] = []  # (H, W) of each image run
+
+    def predict(self, images, **kw):
+        self.gate.wait(30)
+        self.seen += [im.shape[:2] for im in images]
+        return self.model.predict(images, **kw)
+
+
+def test_a_client_that_disconnects_while_queued_is_never_run(tiny_ckpt):  # noqa: F811
+    held = _HeldModel(load(tiny_ckpt))
+    app = create_app(held, ServeOptions(max_batch=1))
+    with RunningServer(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        first: list = []
+        busy = threading.Thread(target=lambda: first.append(_post(url, _png(60, 80))))
+        busy.start()  # runs first and waits at the gate
+        time.sleep(0.5)
+        quitter = _png(70, 90)  # told apart by its size
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                      + str(len(quitter)).encode() + b"\r\n\r\n" + quitter)
+            time.sleep(0.5)  # fully sent and queued behind the first
+        time.sleep(1.0)  # the server polls for a disconnect every 0.25 s
+        held.gate.set()
+        busy.join(30)
+        assert first[0].status_code == 200
+        assert _post(url, _png(50, 60)).status_code == 200
+        assert held.seen == [(60, 80), (50, 60)]  # the abandoned (70, 90) request never ran
+        assert requests.get(f"{url}/health").json()["queued"] == 0

@@ -46,7 +46,7 @@ def is_hub(name: object) -> bool:
 
 def parse(uri: str) -> HubRef:
     """``"hf://owner/name@v1/sub/model.safetensors"`` -> ``HubRef``; a one-line ValueError otherwise."""
-    rest = uri[len(PREFIX):] if uri.startswith(PREFIX) else uri
+    rest = uri.removeprefix(PREFIX)
     parts = rest.split("/")
     if len(parts) < 2:
         raise ValueError(f"{uri}: expected hf://owner/name[@revision][/file]")
