@@ -300,3 +300,21 @@ def test_a_client_that_disconnects_while_queued_is_never_run(tiny_ckpt):  # noqa
         assert _post(url, _png(50, 60)).status_code == 200
         assert held.seen == [(60, 80), (50, 60)]  # the abandoned (70, 90) request never ran
         assert requests.get(f"{url}/health").json()["queued"] == 0
+
+
+def test_requests_past_max_queue_wait_unread_and_then_run(tiny_ckpt):  # noqa: F811
+    held = _HeldModel(load(tiny_ckpt))
+    app = create_app(held, ServeOptions(max_batch=1, max_queue=1))
+    with RunningServer(app) as url:
+        answers: list = []
+        threads = [threading.Thread(target=lambda i=i: answers.append(_post(url, _png(60 + 10 * i, 80)))) for i in range(2)]
+        for t in threads:
+            t.start()
+            time.sleep(0.5)
+        # One request is at the model's gate; the other was not even read, so nothing is queued.
+        queued = app.state.worker.pending()
+        held.gate.set()  # before asserting: a failure must not leave the server waiting at the gate
+        assert queued == 0
+        for t in threads:
+            t.join(30)
+        assert sorted(r.status_code for r in answers) == [200, 200] and sorted(held.seen) == [(60, 80), (70, 80)]

@@ -366,7 +366,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     run(args.weights, ServeOptions(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
                                    max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                                   precision=args.precision))
+                                   max_queue=args.max_queue, precision=args.precision))
     return 0
 
 
@@ -495,6 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together at most (default 4)")
+    s.add_argument("--max-queue", type=positive_int, default=16,
+                   help="requests read and held at once (default 16); later ones wait, unread")
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
     s.add_argument("--max-pixels", type=positive_int, default=40_000_000,
                    help="largest image accepted, in pixels (default 40,000,000)")

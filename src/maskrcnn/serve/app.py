@@ -10,7 +10,8 @@
     GET  /model     classes, thresholds, the model's config and the server's limits
     GET  /          the web page (static/index.html)
 
-Limits answer 4xx and keep nothing: an upload over ``max_upload_mb`` (413, told as soon as
+At most ``max_queue`` requests are read and held at once; later ones wait, unread. Limits
+answer 4xx and keep nothing: an upload over ``max_upload_mb`` (413, told as soon as
 the count passes it, before the rest is read), an image over ``max_pixels`` (413, from the
 header, before decoding), a body that is not an image (415), a truncated or corrupt image
 (400), bad parameters (422). Uploads are held in memory only (a multipart part over 1 MB
@@ -43,6 +44,7 @@ class ServeOptions:
     device: str = "cpu"  # where the model runs
     max_batch: int = 4  # requests run together at most
     max_wait_ms: float = 5.0  # how long the worker waits for more requests to join a batch
+    max_queue: int = 16  # requests read, decoded and queued at once; later ones wait their turn unread
     max_upload_mb: float = 20.0  # largest request body, in MB (10^6 bytes)
     max_pixels: int = 40_000_000  # largest image, in pixels (a 40 MP image decodes to 120 MB)
     precision: str = "fp32"  # as for predict: fp32, auto, bf16, fp16
@@ -147,6 +149,9 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
     model_precision(model, options.precision)  # an unknown or unsupported precision: now, not per request
     worker = BatchWorker(model, options.max_batch, options.max_wait_ms / 1000, options.precision)
     limit = int(options.max_upload_mb * 1_000_000)
+    # Requests beyond this many wait, unread, in the kernel's socket buffers: memory holds at most
+    # max_queue uploads and decoded images (a thousand waiting 40 MP uploads would not fit).
+    admitted = asyncio.Semaphore(options.max_queue)
     cfg = model.config
     names, categories = cfg.label_names(), cfg.label_categories()
 
@@ -193,24 +198,25 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
             check_options(tile, tile_overlap, False)
         except ValueError as e:
             raise Rejected(422, str(e)) from None
-        try:
-            body = await read_body(request, limit)
-        except ClientDisconnect:
-            log.info("client went away during the upload; nothing kept")
-            return Response(status_code=400)  # nobody reads it
-        data, file_name = await image_bytes(request, body)
-        del body
-        image = await run_in_threadpool(decode_image, data, options.max_pixels)
-        del data
-        future = worker.submit(image, RequestOptions(score_thresh, tile, tile_overlap))
-        del image
-        waiting = asyncio.wrap_future(future)
-        while not (await asyncio.wait({waiting}, timeout=0.25))[0]:
-            if await request.is_disconnected():
-                future.cancel()  # still queued: never runs; already running: its result is dropped
-                log.info("client went away while waiting; job cancelled")
-                return Response(status_code=400)
-        result = waiting.result()
+        async with admitted:  # the requests past this point bound the memory: their uploads and images
+            try:
+                body = await read_body(request, limit)
+            except ClientDisconnect:
+                log.info("client went away during the upload; nothing kept")
+                return Response(status_code=400)  # nobody reads it
+            data, file_name = await image_bytes(request, body)
+            del body
+            image = await run_in_threadpool(decode_image, data, options.max_pixels)
+            del data
+            future = worker.submit(image, RequestOptions(score_thresh, tile, tile_overlap))
+            del image
+            waiting = asyncio.wrap_future(future)
+            while not (await asyncio.wait({waiting}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    future.cancel()  # still queued: never runs; already running: its result is dropped
+                    log.info("client went away while waiting; job cancelled")
+                    return Response(status_code=400)
+            result = waiting.result()
         if result.error is not None:
             return JSONResponse({"detail": result.error}, status_code=500)
         answer = await run_in_threadpool(_answer, result, file_name, image_id, polygons, tolerance, overlay)
