@@ -128,5 +128,7 @@ def test_a_training_run_in_safetensors_resumes_exactly(shapes, tmp_path):  # noq
                for k, s in a["train_state"]["optimizer"]["state"].items()]
     assert momenta and all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in momenta)
     assert (tmp_path / "st" / "best.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"already holds a run \(last.pth\)"):  # a run in the other format counts
+        train(tiny_train_config(shapes, tmp_path / "pth", checkpoint_format="safetensors", **common))
     with pytest.raises(ValueError, match="checkpoint_format must be one of pth, safetensors"):
         train(tiny_train_config(shapes, tmp_path / "x", checkpoint_format="pickle", **common))

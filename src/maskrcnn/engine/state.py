@@ -61,8 +61,9 @@ def read_train_state(out_dir: Path, resume: bool, exist_ok: bool, suffix: str = 
         if saved is None or "train_state" not in saved:
             raise ConfigError(f"nothing to resume: {last} is missing or holds no training state")
         return saved
-    if last.exists() and not exist_ok:
-        raise ConfigError(f"{out_dir} already holds a run ({last.name}); use --resume to continue it, "
+    earlier = [p for p in (out_dir / "last.pth", out_dir / "last.safetensors") if p.exists()]  # either format
+    if earlier and not exist_ok:
+        raise ConfigError(f"{out_dir} already holds a run ({earlier[0].name}); use --resume to continue it, "
                           f"exist_ok=true to start it afresh, or another out_dir=...")
     return None
 
