@@ -110,3 +110,14 @@ def test_the_model_card_takes_evaluates_metrics_file(tmp_path):
     empty.write_text(json.dumps({"loss": 1.0}))
     with pytest.raises(ValueError, match="no AP values"):
         _metrics({}, str(empty))
+
+
+def test_without_the_hub_extra_the_error_names_it(monkeypatch, tmp_path):
+    import maskrcnn
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
+    with pytest.raises(ValueError, match=r"pip install 'maskrcnn\[hub\]'"):
+        maskrcnn.load("hf://owner/name")
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ValueError, match=r"pip install 'maskrcnn\[hub\]'"):
+        save_checkpoint(tmp_path / "m.safetensors", tiny_model())

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -318,3 +319,9 @@ def test_requests_past_max_queue_wait_unread_and_then_run(tiny_ckpt):  # noqa: F
         for t in threads:
             t.join(30)
         assert sorted(r.status_code for r in answers) == [200, 200] and sorted(held.seen) == [(60, 80), (70, 80)]
+
+
+def test_without_the_serve_extra_the_error_names_it(tiny_ckpt, monkeypatch):  # noqa: F811
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: importing it raises ImportError
+    with pytest.raises(ValueError, match=r"pip install 'maskrcnn\[serve\]'"):
+        create_app(load(tiny_ckpt))

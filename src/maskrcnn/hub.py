@@ -65,7 +65,7 @@ def _hub() -> Any:
     try:
         import huggingface_hub
     except ImportError:
-        raise ImportError("hf:// models need huggingface_hub: pip install 'maskrcnn[hub]'") from None
+        raise ValueError("hf:// models and maskrcnn push need huggingface_hub: pip install 'maskrcnn[hub]'") from None
     return huggingface_hub
 
 

@@ -46,8 +46,8 @@ def checkpoint_suffix(checkpoint_format: str) -> str:
     return CHECKPOINT_SUFFIXES[checkpoint_format]
 
 
-def _missing() -> ImportError:
-    return ImportError("safetensors files need the safetensors package: pip install 'maskrcnn[hub]'")
+def _missing() -> ValueError:
+    return ValueError("safetensors files need the safetensors package: pip install 'maskrcnn[hub]'")
 
 
 def looks_like(head: bytes, size: int) -> bool:

@@ -50,8 +50,8 @@ class ServeOptions:
     precision: str = "fp32"  # as for predict: fp32, auto, bf16, fp16
 
 
-def _missing() -> ImportError:
-    return ImportError("maskrcnn serve needs fastapi, uvicorn and python-multipart: pip install 'maskrcnn[serve]'")
+def _missing() -> ValueError:
+    return ValueError("maskrcnn serve needs fastapi, uvicorn and python-multipart: pip install 'maskrcnn[serve]'")
 
 
 class Rejected(Exception):
