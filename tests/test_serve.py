@@ -325,3 +325,34 @@ def test_without_the_serve_extra_the_error_names_it(tiny_ckpt, monkeypatch):  # 
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: importing it raises ImportError
     with pytest.raises(ValueError, match=r"pip install 'maskrcnn\[serve\]'"):
         create_app(load(tiny_ckpt))
+
+
+def test_the_serve_command_starts_answers_and_stops_on_sigterm(tiny_ckpt, tmp_path, capsys):  # noqa: F811
+    import signal
+    import subprocess
+    from pathlib import Path
+
+    from .serve_helpers import free_port
+
+    assert main(["serve", "--weights", str(tmp_path / "missing.pth")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "maskrcnn.cli", "serve", "--weights", str(tiny_ckpt), "--port", str(port),
+                               "--max-upload-mb", "0.001"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                info = requests.get(f"{url}/model", timeout=1).json()
+                break
+            except requests.RequestException:
+                time.sleep(0.1)
+        assert info["limits"]["max_upload_bytes"] == 1000  # the flag reached the app
+        assert _post(url, _png(60, 80)).status_code == 413
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=60)
+    # uvicorn shuts down gracefully (the app's shutdown closes the worker), then re-raises the signal.
+    assert server.returncode in (0, -signal.SIGTERM), err
+    assert "Application shutdown complete" in err and "Finished server process" in err
