@@ -1,4 +1,4 @@
-"""Command line: ``maskrcnn predict | evaluate | train | demo | convert | download | export``."""
+"""Command line: ``maskrcnn predict | evaluate | train | demo | convert | download | export | push | serve``."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from .weights.hub import PushOptions, push
+
+    url = push(args.weights, args.repo, PushOptions(private=args.private, metrics=args.metrics, message=args.message))
+    print(f"{args.weights} -> {url}: load it with maskrcnn.load(\"hf://{args.repo}\")")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import ServeOptions, run
+
+    run(args.weights, ServeOptions(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
+                                   max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                                   max_queue=args.max_queue, precision=args.precision))
+    return 0
+
+
 def tile_size(text: str) -> int:
     """``--tile``: a whole number of pixels that ``tiling.check_tiling`` accepts."""
     from .inference.tiling import check_tiling
@@ -185,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="detect objects in images; write overlays and COCO results JSON")
     q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; video files, stream URLs, /dev/videoN")
-    q.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
+    q.add_argument("--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth, or hf://owner/name")
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -260,6 +277,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file that is not an earlier maskrcnn export (never the --weights file)")
     x.set_defaults(func=cmd_export)
+
+    h = sub.add_parser("push", help="upload weights to the Hugging Face Hub as safetensors, with config and model card")
+    h.add_argument("weights", help="checkpoint to share (ours, torchvision's or Detectron2's)")
+    h.add_argument("repo", help="Hub repository id, owner/name (created if missing)")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--metrics", default=None, help="metrics.json of maskrcnn evaluate, shown in the model card")
+    h.add_argument("--message", default="Upload Mask R-CNN model", help="commit message")
+    h.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("serve", help="HTTP API and web page: POST /predict, GET /health, GET /model, / in a browser")
+    s.add_argument("--weights", required=True, help="model file, or hf://owner/name on the Hugging Face Hub")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together at most (default 4)")
+    s.add_argument("--max-queue", type=positive_int, default=16,
+                   help="requests read and held at once (default 16); later ones wait, unread")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    s.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                   help="largest image accepted, in pixels (default 40,000,000)")
+    s.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="as for predict")
+    s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("download", help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)")
     w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")

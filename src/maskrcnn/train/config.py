@@ -114,6 +114,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch CPU threads (0 = torch's default); 1 avoids OpenMP slowdowns on a busy machine
     checkpoint_every_iters: int = 0  # also write last.pth every N iterations (0 = only at epoch ends)
+    checkpoint_format: str = "pth"  # pth (torch.save) or safetensors (last/best.safetensors: no pickle, loading runs no code)
     log_every: int = 20  # iterations averaged into one metrics.jsonl line
     progress: bool = True  # show a progress bar
     dist_timeout_minutes: float = 10.0  # torchrun: a collective fails after this long waiting for a stopped process (Gloo's own: 30)
