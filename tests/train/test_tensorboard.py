@@ -83,3 +83,19 @@ def test_a_resumed_run_drops_the_steps_after_its_checkpoint(tmp_path: Path) -> N
     resumed.after_train(trainer)
     loss = read_events(tmp_path / "tensorboard").Scalars("train/loss")
     assert [(e.step, e.value) for e in loss] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_log_tensorboard_in_the_config_logs_a_real_run(tmp_path: Path) -> None:
+    """``log.tensorboard: true`` puts the hook into a real ``train`` run (process 0 only)."""
+    from maskrcnn.train.trainer import train
+
+    from .test_train import tiny_train_config
+
+    shapes = generate_shapes(tmp_path / "shapes", num_train=4, num_val=2, image_size=(64, 96), seed=5)
+    cfg = tiny_train_config(shapes, tmp_path / "run", log={"tensorboard": True, "tb_images": 1},
+                            solver={"lr": 0.01, "epochs": 1, "warmup_iters": 2, "max_iters": 2})
+    train(cfg)
+    acc = read_events(tmp_path / "run" / "tensorboard")
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in acc.Scalars("train/lr")] == [1, 2]
+    assert any(tag.startswith("val/") for tag in acc.Tags()["scalars"])
