@@ -130,6 +130,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     if args.tile_whole and (videos or streams):
         args.parser.error("--tile-whole applies to images only, not to videos, streams or cameras")
+    if (args.track or args.count_line) and not (videos or streams):
+        args.parser.error("--track and --count-line apply to videos, streams and cameras")
+    if args.count_line:
+        from .applications.tracking import parse_line
+
+        parse_line(args.count_line)  # a bad line fails before the model loads
     from .engine.inference import PredictionFiles, coco_image_ids
     from .predictor import check_score_thresh
     from .video import output_name
@@ -140,6 +146,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     sources = [*streams, *map(str, videos)]
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
+    video_files += [out / f"{n}.tracks.json" for n in names] if args.track or args.count_line else []
     results = PredictionFiles(out).paths() if images else []
     # Before any work: no output replaces an input, or a file that predict did not write.
     refuse_overwriting_inputs(paths, [*overlays, *results, *video_files])
@@ -192,16 +199,20 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
 def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sources: list[str], names: list[str]) -> int:
     """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``. Returns how
     many failed or ended before their header's frame count, each told in one line as it happens."""
+    from .applications.tracking import VideoTracking, parse_line
     from .engine.inference import label_to_category
     from .video import predict_video
 
     table = label_to_category(model)
+    line = parse_line(args.count_line) if args.count_line else None
     failed = 0
     for source, name in zip(sources, names):
         try:
+            tracking = VideoTracking(line=line) if args.track or line else None
             done = predict_video(model, source, args.out, stride=args.stride, batch_size=args.batch_size,
                                  score_thresh=args.score_thresh, precision=args.precision, tile=args.tile,
-                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet, name=name)
+                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet, name=name,
+                                 tracking=tracking)
         except ValueError as e:  # cannot open, no video stream, no frame, PyAV missing: one line, go on
             print(f"error: {e}", file=sys.stderr)
             failed += 1
@@ -211,6 +222,11 @@ def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sour
             failed += 1
         print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
               f"{done.video}, {done.jsonl}")
+        if done.frames_dropped:
+            print(f"{source}: {done.frames_dropped} frames dropped: the model was slower than the source")
+        if done.tracks is not None:
+            print(f"{source}: {done.tracks['tracks']} tracks {done.tracks['objects']}"
+                  + (f", crossings {done.tracks['crossings']}" if "crossings" in done.tracks else ""))
     return failed
 
 
@@ -413,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
+    q.add_argument("--track", action="store_true",
+                   help="videos: follow objects across frames (track_id in the JSON Lines, <name>.tracks.json)")
+    q.add_argument("--count-line", default=None, metavar="X1,Y1,X2,Y2",
+                   help="videos: count tracks crossing this segment, per direction (implies --track)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
 
