@@ -156,6 +156,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .checkpoint import load
 
     model = load(args.weights, device=args.device)
+    if args.input_size:
+        from .applications.speed import with_input_size
+
+        with_input_size(model, args.input_size)
     videos_failed = predict_videos(args, model, sources, names) if sources else 0
     failed += predict_images(args, model, images, overlays, gt_ids) if images else []
     if failed:
@@ -429,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
+    q.add_argument("--input-size", type=positive_int, default=None, metavar="PIXELS",
+                   help="resize to this short side instead of the model's (e.g. 512: faster, less accurate)")
     q.add_argument("--track", action="store_true",
                    help="videos: follow objects across frames (track_id in the JSON Lines, <name>.tracks.json)")
     q.add_argument("--count-line", default=None, metavar="X1,Y1,X2,Y2",
