@@ -155,7 +155,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
     from .checkpoint import load
 
-    model = load(args.weights, device=args.device)
+    heads = {"detections_per_img": args.max_detections} if args.max_detections else {}
+    model = load(args.weights, device=args.device, **heads)
     if args.input_size:
         from .applications.speed import with_input_size
 
@@ -435,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--input-size", type=positive_int, default=None, metavar="PIXELS",
                    help="resize to this short side instead of the model's (e.g. 512: faster, less accurate)")
+    q.add_argument("--max-detections", type=positive_int, default=None, metavar="N",
+                   help="keep at most N detections per image (default the model's, 100): fewer masks to compute")
     q.add_argument("--track", action="store_true",
                    help="videos: follow objects across frames (track_id in the JSON Lines, <name>.tracks.json)")
     q.add_argument("--count-line", default=None, metavar="X1,Y1,X2,Y2",

@@ -219,7 +219,10 @@ class Tracker:
                crops: list[Crop] | None, least_iou: float) -> list[tuple[int, int]]:
         """Hungarian assignment of ``dets`` (indices into boxes) to ``tracks`` (indices into
         self.tracks) on 1 - IoU; pairs under ``least_iou`` are refused. Returns (track, det) pairs."""
-        from scipy.optimize import linear_sum_assignment
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            raise ValueError("tracking needs scipy: pip install 'maskrcnn[video]'") from None
 
         if not tracks or not len(dets):
             return []
