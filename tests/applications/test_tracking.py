@@ -104,9 +104,25 @@ def test_a_low_score_detection_must_fit_closely():
     assert run(tracker, [[(square(20, 0), 0.9, 1)]]) == [[1]]
 
 
-def test_classes_never_share_a_track():
-    ids = run(Tracker(), [[(square(0, 0), 0.9, 1)], [(square(2, 0), 0.9, 2)], [(square(4, 0), 0.9, 1)]])
+def test_an_object_whose_class_flips_keeps_its_id_and_takes_its_most_confident_class():
+    tracker = Tracker()  # a car called a truck in the second frame, as detectors do
+    assert run(tracker, [[(square(0, 0), 0.9, 3)], [(square(2, 0), 0.6, 8)], [(square(4, 0), 0.8, 3)]]) == [[1]] * 3
+    assert tracker.tracks[0].voted_label == 3 and tracker.tracks[0].votes == pytest.approx({3: 1.7, 8: 0.6})
+
+
+def test_class_aware_matching_keeps_classes_apart():
+    ids = run(Tracker(TrackerOptions(class_aware=True)),
+              [[(square(0, 0), 0.9, 1)], [(square(2, 0), 0.9, 2)], [(square(4, 0), 0.9, 1)]])
     assert ids == [[1], [2], [1]]
+
+
+def test_one_object_detected_under_two_classes_is_one_track():
+    """Per-class NMS keeps a "car" and a "truck" box on one vehicle: the second gets the
+    first one's id (it is the same object), and starts no track; a car beside it does."""
+    frames = [[(square(5 * t, 0), 0.9, 3), (square(5 * t + 1, 1), 0.6, 8), (square(5 * t, 100), 0.7, 8)] for t in range(4)]
+    tracker = Tracker()
+    assert run(tracker, frames) == [[1, 1, 2]] * 4
+    assert [t.voted_label for t in tracker.tracks] == [3, 8]
 
 
 def test_masks_tell_apart_objects_whose_boxes_coincide():

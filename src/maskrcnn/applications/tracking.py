@@ -14,10 +14,14 @@ for the same object from frame to frame. It follows ByteTrack (Zhang et al., ECC
    ended; detections left unmatched that score at least ``high_thresh`` start new tracks
    (low-score ones never do: they get no id).
 
-The IoU of a track and a detection of the same class is the box IoU of the predicted box;
-where both have masks it is the mean of that and the mask IoU of the track's last mask moved
-by the predicted displacement (boxes that overlap while their pixels do not, e.g. a person
-in front of a car, are told apart). Detections of different classes never match.
+The IoU of a track and a detection is the box IoU of the predicted box; where both have
+masks it is the mean of that and the mask IoU of the track's last mask moved by the predicted
+displacement (boxes that overlap while their pixels do not, e.g. a person in front of a car,
+are told apart). Matching ignores the class, as ByteTrack does: a detector often calls one
+vehicle "car" in one frame and "truck" in the next, and a track's class is the one with the
+highest summed score over its detections. A detection left unmatched that covers a tracked
+detection of the frame (box IoU at least ``duplicate_iou``: the same object under a second
+class, which per-class NMS keeps) gets that track's id and starts no track.
 
 ``LineCounter`` counts tracks crossing a segment, once per track and direction, by their
 reference point: the bottom centre of the box (where a vehicle or a pedestrian touches the
@@ -49,9 +53,11 @@ class TrackerOptions:
     low_match_iou: float = 0.5  # least IoU of a second-stage match: low scores need a close fit
     max_lost: int = 30  # processed frames a track is kept without a match (an occlusion gap)
     use_masks: bool = True  # mix in the mask IoU where detections have masks
+    duplicate_iou: float = 0.7  # an unmatched detection covering a tracked one this much is the same object
+    class_aware: bool = False  # True: a track matches detections of its first class only
 
     def __post_init__(self) -> None:
-        for name in ("high_thresh", "low_thresh", "match_iou", "low_match_iou"):
+        for name in ("high_thresh", "low_thresh", "match_iou", "low_match_iou", "duplicate_iou"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"tracker {name} must be in [0, 1], got {value}")
@@ -151,15 +157,24 @@ def crop_iou(a: Crop, b: Crop) -> float:
 
 @dataclass
 class Track:
-    """One followed object: its id, class, motion state and last mask."""
+    """One followed object: its id, class votes, motion state and last mask."""
 
     id: int
-    label: int
+    label: int  # the class of its first detection (``class_aware`` matching uses it)
     kalman: KalmanBox
     score: float
     crop: Crop | None = None  # the last matched mask
     last_box: np.ndarray = field(default_factory=lambda: np.zeros(4))  # the last matched box
     lost: int = 0  # processed frames since the last match
+    votes: dict[int, float] = field(default_factory=dict)  # class -> summed score of its detections
+
+    def vote(self, label: int, score: float) -> None:
+        self.votes[label] = self.votes.get(label, 0.0) + score
+
+    @property
+    def voted_label(self) -> int:
+        """The class with the highest summed score (the first detection's on a tie)."""
+        return max(self.votes, key=self.votes.__getitem__) if self.votes else self.label
 
 
 class Tracker:
@@ -203,17 +218,43 @@ class Tracker:
             track.last_box, track.score, track.lost = boxes[d], float(scores[d]), 0
             track.crop = crops[d] if crops is not None else None
             ids[d] = track.id
+            track.vote(int(labels[d]), float(scores[d]))
+        self._mark_duplicates(ids, boxes, scores, labels, crops)
         for t in set(range(len(self.tracks))) - {t for t, _ in pairs}:
             self.tracks[t].lost += 1
         self.tracks = [t for t in self.tracks if t.lost <= opt.max_lost]
-        for d in high:
-            if ids[d] < 0:  # a new object
-                track = Track(self.next_id, int(labels[d]), KalmanBox.start(boxes[d]), float(scores[d]),
-                              crops[d] if crops is not None else None, boxes[d])
-                self.tracks.append(track)
-                ids[d] = track.id
-                self.next_id += 1
+        for d in high[np.argsort(-scores[high], kind="stable")]:  # the best first: its duplicates follow it
+            if ids[d] >= 0:
+                continue
+            track = Track(self.next_id, int(labels[d]), KalmanBox.start(boxes[d]), float(scores[d]),
+                          crops[d] if crops is not None else None, boxes[d])
+            track.vote(int(labels[d]), float(scores[d]))
+            self.tracks.append(track)
+            ids[d] = track.id
+            self.next_id += 1
+            self._mark_duplicates(ids, boxes, scores, labels, crops)
         return ids
+
+    def _mark_duplicates(self, ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
+                         crops: list[Crop] | None) -> None:
+        """Give each untracked detection (of at least ``low_thresh``) that covers a tracked one by
+        ``duplicate_iou`` (box IoU, or its mean with the mask IoU, as matching measures) that one's
+        id, and a vote for its class: one object, one track."""
+        free = np.flatnonzero((ids < 0) & (scores >= self.options.low_thresh))
+        tracked = np.flatnonzero(ids >= 0)
+        if not len(free) or not len(tracked):
+            return
+        iou = box_iou(boxes[free], boxes[tracked])  # (F, K)
+        if self.options.use_masks and crops is not None:
+            for i, j in zip(*np.nonzero(iou >= self.options.duplicate_iou)):
+                if crops[free[i]][2].size and crops[tracked[j]][2].size:
+                    iou[i, j] = (iou[i, j] + crop_iou(crops[free[i]], crops[tracked[j]])) / 2
+        by_id = {t.id: t for t in self.tracks}
+        for i, d in enumerate(free):
+            k = int(np.argmax(iou[i]))
+            if iou[i, k] >= self.options.duplicate_iou:
+                ids[d] = ids[tracked[k]]
+                by_id[int(ids[d])].vote(int(labels[d]), float(scores[d]))
 
     def _match(self, tracks: list[int], dets: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                crops: list[Crop] | None, least_iou: float) -> list[tuple[int, int]]:
@@ -235,7 +276,8 @@ class Tracker:
         """(T, N) IoU of the tracks' predicted boxes (and moved masks) with detections; 0 across classes."""
         predicted = np.stack([t.kalman.box for t in tracks])  # (T, 4)
         iou = box_iou(predicted, boxes)
-        iou[np.array([t.label for t in tracks])[:, None] != labels[None, :]] = 0.0
+        if self.options.class_aware:
+            iou[np.array([t.label for t in tracks])[:, None] != labels[None, :]] = 0.0
         if not (self.options.use_masks and crops is not None):
             return iou
         for i, t in enumerate(tracks):
@@ -329,7 +371,8 @@ class VideoTracking:
     def __init__(self, options: TrackerOptions | None = None, line: tuple[float, float, float, float] | None = None) -> None:
         self.tracker = Tracker(options)
         self.counter = LineCounter(line) if line is not None else None
-        self.classes: dict[int, str] = {}  # track id -> class name
+        self.classes: dict[int, str] = {}  # track id -> class name (by its votes)
+        self.names: dict[int, str] = {}  # label -> class name
         self.trails: dict[int, deque[tuple[float, float]]] = {}
         self._shown: list[tuple[int, np.ndarray]] = []  # (id, box) tracked in the frame being drawn
 
@@ -339,14 +382,16 @@ class VideoTracking:
 
         crops = [decode_one(r) for r in result.rles] if result.rles is not None else None
         ids = self.tracker.update(result.boxes, result.scores, result.labels, crops)
+        for label, name in zip(result.labels.tolist(), result.class_names):
+            self.names.setdefault(int(label), name or str(label))
+        for t in self.tracker.tracks:  # an ended track keeps the class it had
+            self.classes[t.id] = self.names.get(t.voted_label, str(t.voted_label))
         alive = {t.id for t in self.tracker.tracks}
         self.trails = {k: v for k, v in self.trails.items() if k in alive}
         self._shown = []
         for i, track_id in enumerate(ids.tolist()):
-            if track_id < 0:
+            if track_id < 0 or track_id in {k for k, _ in self._shown}:  # a duplicate: its best detection came first
                 continue
-            name = result.class_names[i] or str(int(result.labels[i]))
-            self.classes.setdefault(track_id, name)
             point = reference_point(result.boxes[i])
             self.trails.setdefault(track_id, deque(maxlen=TRAIL)).append((float(point[0]), float(point[1])))
             self._shown.append((track_id, result.boxes[i]))
