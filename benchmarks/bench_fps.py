@@ -148,7 +148,7 @@ def main() -> int:
     p.add_argument("--runtimes", nargs="*", default=None,
                    choices=["pytorch", "onnxruntime", "pytorch-bf16", "pytorch-cuda"],
                    help="default: pytorch, onnxruntime, pytorch-bf16 on a CPU with native bf16, pytorch-cuda with a GPU")
-    p.add_argument("--accuracy-weights", default="runs/demo/best.pth", help="a trained model for the AP column")
+    p.add_argument("--accuracy-weights", default="runs/demo/best.pth", help="a trained model for the AP column; none: no AP column")
     p.add_argument("--coco-val", nargs=2, default=None, metavar=("IMAGES", "JSON"),
                    help="evaluate --accuracy-weights on this COCO set instead of the demo's val split")
     p.add_argument("--max-detections", type=int, default=None,
@@ -181,7 +181,9 @@ def main() -> int:
             print(f"exported to ONNX in {time.monotonic() - t:.0f} s", flush=True)
         rows = speed(weights, onnx_path, images, args.threads, tuple(args.sizes), names, heads)
         acc = []
-        if Path(args.accuracy_weights).is_file():
+        if args.accuracy_weights == "none":
+            print("no accuracy column (--accuracy-weights none)")
+        elif Path(args.accuracy_weights).is_file():
             print(f"mask AP of {args.accuracy_weights}:", flush=True)
             ratios = tuple(s / args.sizes[0] for s in args.sizes)
             acc = accuracy(Path(args.accuracy_weights), Path(tmp), ratios, args.coco_val)
