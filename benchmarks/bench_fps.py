@@ -37,8 +37,8 @@ from maskrcnn.data.images import load_rgb
 from maskrcnn.download import cache_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_inference import parity_checkpoint  # noqa: E402
-from bench_onnx import cpu_model  # noqa: E402
+from bench_inference import parity_checkpoint
+from bench_onnx import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 KUDZU = REPO.parent / "shared" / "data" / "kudzu_bug"
@@ -110,11 +110,12 @@ def speed(weights: Path, onnx_path: Path | None, images: list, threads: int, siz
 
 def accuracy(weights: Path, work: Path, ratios: tuple[float, ...], coco_val: tuple[str, str] | None) -> list[dict]:
     """Mask and box AP of ``weights`` at its own short side times each ratio."""
+    from pycocotools.coco import COCO
+
     from maskrcnn.data.synthetic import ensure_dataset
     from maskrcnn.engine.evaluate import coco_evaluate
     from maskrcnn.engine.inference import coco_results
     from maskrcnn.engine.train_config import load_training_config
-    from pycocotools.coco import COCO
 
     model = maskrcnn.load(weights)
     if coco_val is not None:

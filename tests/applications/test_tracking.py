@@ -137,7 +137,7 @@ def test_masks_tell_apart_objects_whose_boxes_coincide():
     assert first.tolist() == [1, 2] and second.tolist() == [2, 1]
 
 
-@pytest.mark.parametrize("bad", [dict(high_thresh=1.5), dict(low_thresh=0.6, high_thresh=0.5), dict(max_lost=-1)])
+@pytest.mark.parametrize("bad", [{"high_thresh": 1.5}, {"low_thresh": 0.6, "high_thresh": 0.5}, {"max_lost": -1}])
 def test_bad_tracker_options_are_one_line_errors(bad):
     with pytest.raises(ValueError, match="tracker"):
         TrackerOptions(**bad)

@@ -47,7 +47,7 @@ class Newest(Generic[T]):
                     self._cond.notify()
                 if self._stop.is_set():
                     return
-        except BaseException as e:  # handed to the consumer, which raises it
+        except BaseException as e:  # noqa: BLE001  handed to the consumer, which raises it
             self._error = e
         finally:
             with self._cond:

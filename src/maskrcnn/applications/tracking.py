@@ -97,7 +97,7 @@ class KalmanBox:
     cov: np.ndarray
 
     @classmethod
-    def start(cls, box: np.ndarray) -> "KalmanBox":
+    def start(cls, box: np.ndarray) -> KalmanBox:
         z = to_xyah(box)
         h = z[3]
         std = [2 * _STD_POSITION * h, 2 * _STD_POSITION * h, 1e-2, 2 * _STD_POSITION * h,
@@ -285,7 +285,7 @@ class Tracker:
                 continue
             # The last mask, moved as the filter moved the box centre since that match.
             dx, dy = (predicted[i, :2] + predicted[i, 2:] - t.last_box[:2] - t.last_box[2:]) / 2
-            moved = (t.crop[0] + int(round(dy)), t.crop[1] + int(round(dx)), t.crop[2])
+            moved = (t.crop[0] + round(float(dy)), t.crop[1] + round(float(dx)), t.crop[2])
             for j in np.flatnonzero(iou[i] > 0):  # pairs whose boxes do not meet stay at 0
                 if crops[j][2].size:
                     iou[i, j] = (iou[i, j] + crop_iou(moved, crops[j])) / 2
