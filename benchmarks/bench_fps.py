@@ -34,7 +34,7 @@ import torch
 import maskrcnn
 from maskrcnn.applications.speed import with_input_size
 from maskrcnn.data.images import load_rgb
-from maskrcnn.download import cache_dir
+from maskrcnn.weights.download import cache_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import parity_checkpoint
@@ -113,9 +113,9 @@ def accuracy(weights: Path, work: Path, ratios: tuple[float, ...], coco_val: tup
     from pycocotools.coco import COCO
 
     from maskrcnn.data.synthetic import ensure_dataset
-    from maskrcnn.engine.evaluate import coco_evaluate
-    from maskrcnn.engine.inference import coco_results
-    from maskrcnn.engine.train_config import load_training_config
+    from maskrcnn.evaluation.coco import coco_evaluate
+    from maskrcnn.evaluation.evaluate_files import coco_results
+    from maskrcnn.train.config import load_training_config
 
     model = maskrcnn.load(weights)
     if coco_val is not None:
@@ -131,7 +131,7 @@ def accuracy(weights: Path, work: Path, ratios: tuple[float, ...], coco_val: tup
         size = max(32, round(native * ratio))
         with_input_size(model, size)
         gt = COCO(ann)
-        metrics = coco_evaluate(gt, coco_results(model, gt, images, progress=False))
+        metrics = coco_evaluate(gt, coco_results(model, gt, images))
         rows.append({"ratio": ratio, "size": size, "segm_AP": round(metrics["segm"]["AP"], 3),
                      "bbox_AP": round(metrics["bbox"]["AP"], 3)})
         print(f"  {ratio:.2f} x {native} = {size:4d} px  mask AP {rows[-1]['segm_AP']:.3f}  box AP {rows[-1]['bbox_AP']:.3f}",
@@ -175,7 +175,7 @@ def main() -> int:
         if args.onnx:
             onnx_path = Path(args.onnx)
         elif "onnxruntime" in names:
-            from maskrcnn.export import export_model
+            from maskrcnn.weights.export import export_model
 
             t = time.monotonic()
             onnx_path = export_model(maskrcnn.load(weights, **heads), Path(tmp) / "model.onnx")

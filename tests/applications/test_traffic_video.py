@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from maskrcnn.cli import main
+from maskrcnn.inference.results import label_color
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.results import label_color
 from maskrcnn.structures import Detections, ModelOutput
 
-from ..test_video import tiny_ckpt  # noqa: F401  (a fixture)
+from ..inference.test_video import tiny_ckpt  # noqa: F401  (a fixture)
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
