@@ -55,7 +55,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     try:
         done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
-                             coco=args.coco, stride=args.stride, quiet=args.quiet, export=args.export or [])
+                             coco=args.coco, stride=args.stride, quiet=args.quiet, export=args.export or [],
+                             track=args.track, count_line=args.count_line, input_size=args.input_size,
+                             max_detections=args.max_detections)
     except UsageError as e:
         args.parser.error(str(e))
     if done.failed:
@@ -218,6 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
                         "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
+    q.add_argument("--input-size", type=positive_int, default=None, metavar="PIXELS",
+                   help="resize to this short side instead of the model's (e.g. 512: faster, less accurate)")
+    q.add_argument("--max-detections", type=positive_int, default=None, metavar="N",
+                   help="keep at most N detections per image (default the model's, 100): fewer masks to compute")
+    q.add_argument("--track", action="store_true",
+                   help="videos: follow objects across frames (track_id in the JSON Lines, <name>.tracks.json)")
+    q.add_argument("--count-line", default=None, metavar="X1,Y1,X2,Y2",
+                   help="videos: count tracks crossing this segment, per direction (implies --track)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
 

@@ -17,13 +17,22 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from ..applications.speed import with_input_size
+from ..applications.tracking import VideoTracking, parse_line
 from ..files import refuse_overwriting_inputs
 from ..weights.checkpoint import load
 from .options import PredictOptions
 from .outputs import PredictionFiles, coco_image_ids
 from .predictor import Predictor
 from .results import Result
-from .video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
+from .video import (
+    is_animated_gif,
+    is_stream,
+    is_video,
+    output_name,
+    predict_video,
+    written_by_predict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,10 @@ def predict_files(
     stride: int = 1,
     quiet: bool = False,
     export: Sequence[str] = (),
+    track: bool = False,
+    count_line: str | None = None,
+    input_size: int | None = None,
+    max_detections: int | None = None,
 ) -> PredictSummary:
     """Images -> ``out/overlays/<name>.png`` and ``out``'s COCO results files; videos, animated
     GIFs, streams and cameras -> ``out/<name>.mp4`` and ``<name>.jsonl`` each.
@@ -67,6 +80,10 @@ def predict_files(
         stride: videos: every ``stride``-th frame.
         export: annotation tools to write the images' detections for, as pre-annotations:
             ``labelme``, ``yolo``, ``cvat``, ``labelstudio`` (``data.formats``; ``out/<tool>/``).
+        track: videos: follow objects across frames (``applications.tracking``; ``<name>.tracks.json``).
+        count_line: videos: "x1,y1,x2,y2", count tracks crossing it per direction (implies ``track``).
+        input_size: resize images to this short side (``applications.speed.with_input_size``).
+        max_detections: the model's ``detections_per_img`` (PyTorch models; an ONNX file has its own).
 
     Raises:
         ValueError: nothing to predict on, bad options, an output that would replace an input
@@ -81,10 +98,14 @@ def predict_files(
         raise ValueError(f"no images or videos found in {' '.join(inputs)}")
     if options.tile_whole and (videos or streams):
         raise UsageError("--tile-whole applies to images only, not to videos, streams or cameras")
+    if (track or count_line) and not (videos or streams):
+        raise UsageError("--track and --count-line apply to videos, streams and cameras")
+    line = parse_line(count_line) if count_line else None  # a bad line fails before the model loads
     overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
     sources = [*streams, *map(str, videos)]
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
+    video_files += [out / f"{n}.tracks.json" for n in names] if track or line else []
     results = PredictionFiles(out).paths() if images else []
     exporters = export_writers(export, out, [o.stem for o in overlays])
     exported = [p for w in exporters for p in w.targets([o.stem for o in overlays])]
@@ -94,13 +115,16 @@ def predict_files(
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, coco) if coco else ([None] * len(images), 1)
 
-    model = load(weights, device=device)
+    model = load(weights, device=device, **({"detections_per_img": max_detections} if max_detections else {}))
+    if input_size:
+        with_input_size(model, input_size)
     if exporters and not model.config.masks:
         raise ValueError("--export writes mask polygons, and this model predicts boxes only")
     predictor = Predictor(model, options)
     summary = PredictSummary(failed=failed)
     for source, name in zip(sources, names):
-        if not _predict_video(predictor, source, out, name, stride, quiet):
+        tracking = VideoTracking(line=line) if track or line else None
+        if not _predict_video(predictor, source, out, name, stride, quiet, tracking):
             summary.videos_failed += 1
     if images:
         _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet, exporters)
@@ -162,11 +186,12 @@ def export_writers(formats: Sequence[str], out: Path, names: list[str]) -> list[
     return writers
 
 
-def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stride: int, quiet: bool) -> bool:
+def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stride: int, quiet: bool,
+                   tracking: VideoTracking | None = None) -> bool:
     """One video, stream or camera -> ``out/<name>.mp4`` and ``<name>.jsonl``. False when it
     failed or ended before its header's frame count, told in one line as it happens."""
     try:
-        done = predict_video(predictor, source, out, stride=stride, progress=not quiet, name=name)
+        done = predict_video(predictor, source, out, stride=stride, progress=not quiet, name=name, tracking=tracking)
     except ValueError as e:  # cannot open, no video stream, no frame, PyAV missing: one line, go on
         print(f"error: {e}", file=sys.stderr)
         return False
@@ -174,6 +199,11 @@ def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stri
         print(f"warning: {source}: {done.problem}", file=sys.stderr)
     print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
           f"{done.video}, {done.jsonl}")
+    if done.frames_dropped:
+        print(f"{source}: {done.frames_dropped} frames dropped: the model was slower than the source")
+    if done.tracks is not None:
+        print(f"{source}: {done.tracks['tracks']} tracks {done.tracks['objects']}"
+              + (f", crossings {done.tracks['crossings']}" if "crossings" in done.tracks else ""))
     return done.problem is None
 
 

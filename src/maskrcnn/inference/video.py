@@ -16,6 +16,12 @@ batches, as images are (tiled too, with ``tile``), and for each processed frame:
   size is scaled by one factor to fit it and centred on black (letterboxed), never cropped.
   The encoder is flushed on Ctrl-C too, so the video holds every frame the JSON Lines hold.
 
+With ``tracking`` (``applications.tracking.VideoTracking``) each detection also gets a
+``"track_id"`` (null for a low-score one that matched no track), the video shows ids and
+trails, and ``<name>.tracks.json`` gets the counts. A live source (a stream or camera, by
+default) is read on a thread that keeps only the newest frame (``applications.live``): its
+records get ``"dropped"``, the frames dropped just before this one, and the summary the total.
+
 Every ``stride``-th frame is processed (0, K, 2K, ...); the others are decoded and dropped.
 Both files are created at the first decoded frame: a source with none raises ValueError and
 leaves no file. A source that stops before the frame count its header states (a truncated
@@ -26,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,6 +41,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
+from ..applications.live import Newest
+from ..applications.tracking import VideoTracking, summary_path
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -89,6 +97,8 @@ class VideoSummary:
     jsonl: Path
     header_frames: int | None = None  # the frame count the container states (None: it states none)
     problem: str | None = None
+    frames_dropped: int = 0  # live sources: frames the model was too slow for
+    tracks: dict[str, Any] | None = None  # with tracking: VideoTracking.summary()
 
 
 def output_name(source: str) -> str:
@@ -101,6 +111,10 @@ def written_by_predict(path: Path) -> bool:
     """True for an earlier output of ``predict_video``, which a new run may replace: an MP4
     carrying ``OUTPUT_TAG``, or JSON Lines whose first line is a frame record. Anything else
     (a user's own video, a file that cannot be read) is False."""
+    if path.name.endswith(".tracks.json"):
+        from ..applications.tracking import written_by_tracking
+
+        return written_by_tracking(path)
     if path.suffix == ".jsonl":
         try:
             with open(path, encoding="utf-8") as f:
@@ -246,6 +260,8 @@ def predict_video(
     stride: int = 1,
     progress: bool = False,
     name: str | None = None,
+    tracking: VideoTracking | None = None,
+    live: bool | None = None,
 ) -> VideoSummary:
     """Detect objects in every ``stride``-th frame of ``source``; write ``out_dir/<name>.mp4``
     and ``out_dir/<name>.jsonl`` (module docstring), replacing files of those names.
@@ -256,6 +272,9 @@ def predict_video(
         source: a video file, stream URL or camera device.
         stride: process frames 0, stride, 2 * stride, ...
         name: the outputs' base name (default ``output_name(source)``).
+        tracking: follow objects across frames (module docstring); also writes ``<name>.tracks.json``.
+        live: keep only the newest frame, dropping those the model is too slow for (default:
+            for streams and cameras, ``is_stream(source)``).
 
     Raises:
         ValueError: PyAV missing, the source cannot be opened, holds no video stream or no
@@ -268,6 +287,7 @@ def predict_video(
     out_dir = Path(out_dir)
     name = name or output_name(source)
     container = _open(av, source)
+    newest: Newest | None = None
     try:
         if not container.streams.video:
             raise ValueError(f"{source} holds no video stream")
@@ -277,12 +297,16 @@ def predict_video(
         header = stream.frames or None  # 0: the container states no count (streams, MPEG-TS, most MKV)
         reading = _Reading()
         frames = _decode(av, container, stream, stride, fps, reading)
+        newest = Newest(frames) if (is_stream(source) if live is None else live) else None
         out_dir.mkdir(parents=True, exist_ok=True)
         video = AnnotatedVideo(av, out_dir / f"{name}.mp4", Fraction(fps / stride).limit_denominator(1001))
         total = -(-header // stride) if header else None
         frame_predictor = Predictor(predictor.model, predictor.options, keep_images=False, tile_whole=False)
-        summary = _annotate(frame_predictor, frames, video, out_dir / f"{name}.jsonl", total, progress)
+        summary = _annotate(frame_predictor, newest or frames, video, out_dir / f"{name}.jsonl", total, progress,
+                            tracking, newest)
     finally:
+        if newest is not None:
+            newest.close()  # the reader thread lets go of the container first
         container.close()
     if not summary.frames_processed:
         why = _shortfall(reading, header) or "it holds none"
@@ -291,8 +315,9 @@ def predict_video(
     return summary
 
 
-def _annotate(predictor: Predictor, frames: Iterator[tuple[int, float, float | None, np.ndarray]], video: AnnotatedVideo,
-              jsonl: Path, total: int | None, progress: bool) -> VideoSummary:
+def _annotate(predictor: Predictor, frames: Iterable[tuple[int, float, float | None, np.ndarray]], video: AnnotatedVideo,
+              jsonl: Path, total: int | None, progress: bool, tracking: VideoTracking | None = None,
+              newest: Newest | None = None) -> VideoSummary:
     """Run the model over ``frames``; one JSON line and one annotated frame for each."""
     from tqdm import tqdm
 
@@ -317,12 +342,19 @@ def _annotate(predictor: Predictor, frames: Iterator[tuple[int, float, float | N
                 else:
                     record["detections"] = result.to_coco(index)  # COCO category ids: Result's own table
                     summary.detections += len(result)
+                    for entry, track_id in zip(record["detections"], tracking.update(result) if tracking else ()):
+                        entry["track_id"] = track_id
+                if newest is not None:
+                    record["dropped"] = newest.dropped_before[summary.frames_processed]
                 if lines is None:
                     lines = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115  closed below
                 lines.write(json.dumps(record) + "\n")
                 lines.flush()
                 # A frame the model failed on is written as it came: the video keeps its timing.
-                video.add(rgb if result.error is not None else np.asarray(result.plot(rgb, max_size=None)))
+                picture = rgb if result.error is not None else result.plot(rgb, max_size=None)
+                if tracking is not None and result.error is None:
+                    picture = tracking.draw(picture)
+                video.add(np.asarray(picture))
                 summary.frames_processed += 1
                 bar.update(1)
     except KeyboardInterrupt:
@@ -332,4 +364,8 @@ def _annotate(predictor: Predictor, frames: Iterator[tuple[int, float, float | N
         video.close()  # flushed on every exit, Ctrl-C included
         if lines is not None:
             lines.close()
+        summary.frames_dropped = newest.dropped if newest is not None else 0
+        if tracking is not None and summary.frames_processed:  # the counts so far, on Ctrl-C too
+            summary.tracks = tracking.write(summary_path(jsonl.parent, jsonl.stem), summary.frames_processed,
+                                            summary.frames_dropped)
     return summary

@@ -1,0 +1,1 @@
+"""Applications built on the predictor: tracking and counting in traffic video, live sources."""
