@@ -1,54 +1,16 @@
-"""Shared test fixtures: the ../shared folder, the torchvision-format parity checkpoints (v1 from
-../shared, v2 from tests/fixtures), and the devices that device-parametrised tests run on."""
+"""Shared test fixtures: the torchvision-format parity checkpoints (v1 from ../shared, v2 from
+tests/fixtures), the devices that device-parametrised tests run on, and a saved tiny model.
+Plain helpers and paths are in tests/helpers.py."""
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-import os
-import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MASKRCNN_SHARED", REPO.parent / "shared"))
-TV_PARITY = SHARED / "fixtures" / "tv_parity"
-KUDZU = SHARED / "data" / "kudzu_bug"
-TV2_PARITY = REPO / "tests" / "fixtures" / "tv2_parity"  # committed: needs nothing from ../shared
+from maskrcnn.weights.checkpoint import save_checkpoint
 
-# The CPU always; CUDA only where a GPU is present, so a CPU-only machine runs exactly the CPU
-# tests and reports no skips. Select one device with ``-k cuda`` / ``-k cpu``.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def need(path: Path) -> Path:
-    """Skip the calling test with a clear reason when a shared file or folder is absent."""
-    if not path.exists():
-        pytest.skip(f"shared material not found: {path} (expected ../shared beside the repo, or set MASKRCNN_SHARED)")
-    return path
-
-
-def build_checkpoint(folder: Path, stem: str, rule: Path | None = None, suffix: str = ".pth") -> Path:
-    """The checkpoint of a parity fixture's recipe (``rule``, default ``folder/weights_rule.py``,
-    whose ``write_checkpoint(out, folder)`` builds it), built once per machine into the test
-    cache (digest-checked); the name carries the recipe's digest, so a regenerated fixture never
-    meets a stale file."""
-    rule = rule or folder / "weights_rule.py"
-    need(rule)
-    cache = Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests"))
-    cache.mkdir(parents=True, exist_ok=True)
-    digest = json.loads((folder / "spec.json").read_text())["sha256"]
-    path = cache / f"{stem}-{digest[:8]}{suffix}"
-    if not path.exists():
-        spec = importlib.util.spec_from_file_location(f"weights_rule_{stem}", rule)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)  # type: ignore[union-attr]
-        tmp = path.with_suffix(".tmp")
-        module.write_checkpoint(str(tmp), folder)  # raises if the digest differs
-        tmp.replace(path)
-    return path
+from .helpers import DEVICES, TV2_PARITY, TV_PARITY, build_checkpoint, tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -70,41 +32,9 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
-D2_PARITY = REPO / "tests" / "fixtures" / "d2_parity"
-
-
-def d2_checkpoint(family: str) -> Path:
-    """A Detectron2-layout parity checkpoint (``model_final``-style .pkl), built once per machine
-    from ``tests/fixtures/d2_parity/FAMILY``'s recipe (digest-checked)."""
-    return build_checkpoint(D2_PARITY / family, f"d2_parity_{family}", D2_PARITY / "weights_rule.py", ".pkl")
-
-
-LEVELS = REPO / "tests" / "fixtures" / "levels"
-
-
-def level_checkpoint(family: str) -> Path:
-    """A parity recipe's checkpoint (tv1, tv2, r50, r101, x101) with its FPN levels balanced: the
-    output convs of P3..P5 scaled by ``tests/fixtures/levels/scales.json`` (what
-    benchmarks/parity/make_level_fixture.py applied before recording the reference), so that P6
-    gives proposals. Built once per machine next to the recipe's file."""
-    if family in ("r50", "r101", "x101"):
-        base = d2_checkpoint(family)
-    else:
-        base = build_checkpoint(TV_PARITY, "tv_parity_r50") if family == "tv1" else build_checkpoint(TV2_PARITY, "tv2_parity_r50")
-    scales = json.loads((LEVELS / "scales.json").read_text())[family]
-    tag = hashlib.sha256(json.dumps(scales, sort_keys=True).encode()).hexdigest()[:8]
-    path = base.with_name(f"{base.stem}-levels-{tag}{base.suffix}")
-    if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        if base.suffix == ".pkl":
-            raw = pickle.loads(base.read_bytes())
-            for key, f in scales.items():  # the same float32 product as the generator's in-place mul_
-                raw["model"][key] = torch.from_numpy(raw["model"][key].copy()).mul_(f).numpy()
-            tmp.write_bytes(pickle.dumps(raw, protocol=3))
-        else:
-            state = torch.load(base, weights_only=True)
-            for key, f in scales.items():
-                state[key] = state[key].mul_(f)
-            torch.save(state, tmp)
-        tmp.replace(path)
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_model()`` saved in our checkpoint format, once per test module."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, tiny_model())
     return path

@@ -7,33 +7,13 @@ import torch
 from PIL import Image
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import CheckpointError, load, save_checkpoint
+from maskrcnn.weights.checkpoint import CheckpointError, load
 from maskrcnn.config import ConfigError, ModelConfig, apply_overrides
 from maskrcnn.model.build import build_model
 from maskrcnn.inference.results import Result
 from maskrcnn.weights.torchvision import convert_keys, infer_config
 
-from .conftest import TV2_PARITY
-
-TINY = [
-    "num_classes=3", "class_names=[circle,square,triangle]", "backbone.name=resnet18", "backbone.fpn_channels=32",
-    "transform.min_size=[96]", "transform.max_size=128", "roi_heads.representation_size=64",
-    "roi_heads.mask_channels=[16,16]", "rpn.pre_nms_top_n_test=200", "rpn.post_nms_top_n_test=50",
-    # an untrained tiny model scores ~1/4 for every class: keep them so there is something to check
-    "roi_heads.score_thresh=0.0",
-]
-
-
-def tiny_model(seed: int = 0) -> maskrcnn.MaskRCNN:
-    torch.manual_seed(seed)
-    return maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, tiny_model())
-    return path
+from .helpers import KUDZU, TV2_PARITY, need, tiny_model
 
 
 def test_checkpoint_round_trip_gives_the_same_detections(tiny_ckpt):
@@ -383,8 +363,6 @@ def test_a_mixed_batch_gives_each_image_its_own_detections(tv_checkpoint):
     """A 640 x 480 photo batched with a 300 x 1200 one was padded to their common 1344 x 1088 and
     lost or changed detections (as in torchvision); images are now batched only with others of
     the same padded size, so ``batch_size`` never changes a result (issue 17, item 13)."""
-    from .conftest import KUDZU, need
-
     photo = Image.open(need(KUDZU / "images" / "train_1.jpg")).convert("RGB")
     a, b = np.array(photo.resize((640, 480))), np.array(photo.resize((300, 1200)))
     a2 = a[:, ::-1].copy()  # another 640 x 480 image: batched with ``a``

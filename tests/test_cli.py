@@ -22,15 +22,7 @@ from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.data.synthetic import generate_shapes
 from maskrcnn.model.build import build_model
 
-from .conftest import KUDZU, need
-from .test_api import TINY, tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, tiny_model())
-    return path
+from .helpers import KUDZU, TINY, need
 
 
 @pytest.fixture

@@ -1,16 +1,26 @@
 """Measured agreement with the Detectron2 parity fixture, per family and case (the numbers the
-README quotes). Run from the repo root: ``PYTHONPATH=src:. python benchmarks/parity/d2_parity_report.py [r50 r101 x101]``."""
+README quotes). Runs our model only, against what Detectron2 recorded in tests/fixtures/d2_parity
+(our environment with the dev extra, no Detectron2); from anywhere:
+
+    python benchmarks/parity/d2_parity_report.py [r50 r101 x101]
+"""
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_util
 
-from maskrcnn.ops.paste import paste_masks
-from tests.model.parity import mask_iou, match_detections
-from tests.model.test_parity_d2 import FAMILY_CASES, run_family
+REPO = Path(__file__).resolve().parents[2]
+for p in (REPO, REPO / "src"):  # the tests package (fixture runner, matching) and maskrcnn
+    sys.path.insert(0, str(p))
+
+from maskrcnn.ops.paste import paste_masks  # noqa: E402
+from tests.model.parity import mask_iou, match_detections  # noqa: E402
+from tests.model.test_parity_d2 import FAMILY_CASES, run_family  # noqa: E402
 
 
 def main(families: list[str]) -> None:
@@ -36,4 +46,11 @@ def main(families: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or sorted(FAMILY_CASES))
+    parser = argparse.ArgumentParser(description="Measured agreement with the Detectron2 parity fixture, per family and case.")
+    parser.add_argument("families", nargs="*", metavar="FAMILY",
+                        help=f"fixture families to report, of {', '.join(sorted(FAMILY_CASES))} (default: all)")
+    args = parser.parse_args()
+    unknown = [f for f in args.families if f not in FAMILY_CASES]
+    if unknown:
+        parser.error(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; choose from {', '.join(sorted(FAMILY_CASES))}")
+    main(args.families or sorted(FAMILY_CASES))

@@ -6,7 +6,7 @@ proposals.
 The weights are the committed parity recipes with the FPN levels balanced: the output convs of
 P3..P5 scaled so that every level has P2's RMS on the recipe's calibration photo
 (``balance_fpn_levels`` of the generators; unbalanced, no P6 proposal reaches the top 1000). The
-factors go to ``scales.json``; ``tests/conftest.py::level_checkpoint`` applies them to the
+factors go to ``scales.json``; ``tests/helpers.py::level_checkpoint`` applies them to the
 recipe's file. Runs in the reference environment:
 
     PYTHONPATH=/work/d2src /work/venv-ref/bin/python benchmarks/parity/make_level_fixture.py [FAMILY ...] [--pick]

@@ -193,8 +193,6 @@ def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target:
     # One pass: each BatchNorm outside the body takes its input's statistics the first time it
     # runs, so every later layer sees calibrated layers before it; each output layer group is
     # rescaled to v1's spread as it runs (and what it returns is rescaled likewise).
-    handles = []
-
     def take_statistics(module, inputs):  # type: ignore[no-untyped-def]
         x = inputs[0].double()
         module.running_mean.copy_(x.mean(dim=(0, 2, 3)))

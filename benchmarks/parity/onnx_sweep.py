@@ -44,7 +44,7 @@ import maskrcnn  # noqa: E402
 from maskrcnn.weights.export import export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
-from tests.conftest import TV2_PARITY, TV_PARITY, build_checkpoint, d2_checkpoint  # noqa: E402
+from tests.helpers import TV2_PARITY, TV_PARITY, build_checkpoint, d2_checkpoint  # noqa: E402
 
 BOX_TOL, SCORE_TOL, MASK_IOU = 0.05, 1e-3, 0.98
 FAMILIES = ["tv1", "tv2", "r50", "r101", "x101"]

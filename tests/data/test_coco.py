@@ -14,7 +14,7 @@ from maskrcnn.data import CocoDataset, DatasetError
 from maskrcnn.data.transforms import RandomHorizontalFlip
 from maskrcnn.structures import Targets
 
-from .conftest import H10, H11, W10, W11, rle_block, write_images
+from .helpers import H10, H11, W10, W11, rle_block, write_images
 
 Make = Callable[..., tuple[Path, Path]]
 

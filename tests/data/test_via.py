@@ -11,7 +11,7 @@ from PIL import Image
 
 from maskrcnn.data import CocoDataset, DatasetError, via_to_coco
 
-# ../shared beside the repo root, or where MASKRCNN_SHARED points (as tests/conftest.py reads it).
+# ../shared beside the repo root, or where MASKRCNN_SHARED points (as tests/helpers.py reads it).
 SHARED = Path(os.environ.get("MASKRCNN_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
 KUDZU = SHARED / "data" / "kudzu_bug"
 

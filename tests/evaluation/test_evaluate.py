@@ -228,17 +228,6 @@ def _load_gt_dict() -> COCO:
 # ---- maskrcnn evaluate: images missing, unreadable, of the wrong size, outside the folder --
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> Path:
-    from maskrcnn.weights.checkpoint import save_checkpoint
-
-    from ..test_api import tiny_model
-
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, tiny_model())
-    return path
-
-
 @pytest.fixture()
 def eval_set(tmp_path) -> tuple[Path, Path]:
     """(gt.json, image folder) with both images written at the sizes the JSON says."""
@@ -277,27 +266,27 @@ def _evaluate(weights: Path, gt: Path, images: Path, out: Path, *extra: str) -> 
                  "--out", str(out), "--quiet", *extra])
 
 
-def test_perfect_detections_score_one_from_the_command_line(tiny_weights, eval_set, perfect_model, tmp_path) -> None:
-    assert _evaluate(tiny_weights, *eval_set, tmp_path / "out") == 0
+def test_perfect_detections_score_one_from_the_command_line(tiny_ckpt, eval_set, perfect_model, tmp_path) -> None:
+    assert _evaluate(tiny_ckpt, *eval_set, tmp_path / "out") == 0
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
 
 
-def test_a_missing_image_is_an_error_before_inference(tiny_weights, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_a_missing_image_is_an_error_before_inference(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
     gt, images = eval_set
     (images / "2.png").unlink()
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out") == 2
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "1 of 2 images are bad" in err and "2.png" in err and "not found" in err and "--skip-bad-images" in err
     assert perfect_model == []  # no inference ran
     assert not (tmp_path / "out").exists()
 
 
-def test_skip_bad_images_leaves_them_out_of_both_sides(tiny_weights, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_skip_bad_images_leaves_them_out_of_both_sides(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
     """Was: 'skipping' logged, the image's ground truth still counted, AP 0.5-ish, exit 0."""
     gt, images = eval_set
     (images / "2.png").unlink()
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out", "--skip-bad-images") == 1
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out", "--skip-bad-images") == 1
     assert perfect_model == [[1]]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["bbox"]["AP"] == pytest.approx(1.0) and metrics["segm"]["AP"] == pytest.approx(1.0)
@@ -305,63 +294,63 @@ def test_skip_bad_images_leaves_them_out_of_both_sides(tiny_weights, eval_set, p
     assert "1 of 2 images left out" in capsys.readouterr().err
 
 
-def test_a_wrong_images_folder_is_an_error(tiny_weights, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_a_wrong_images_folder_is_an_error(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
     gt, _ = eval_set
     (tmp_path / "elsewhere").mkdir()
     for extra in ([], ["--skip-bad-images"]):
-        assert _evaluate(tiny_weights, gt, tmp_path / "elsewhere", tmp_path / "out", *extra) == 2
+        assert _evaluate(tiny_ckpt, gt, tmp_path / "elsewhere", tmp_path / "out", *extra) == 2
         err = capsys.readouterr().err
         assert "2 of 2 images are bad" in err and "right folder" in err
     assert perfect_model == []
 
 
-def test_an_image_of_another_size_than_the_json_says_is_an_error(tiny_weights, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_an_image_of_another_size_than_the_json_says_is_an_error(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
     """Was: scored against masks rasterised at the JSON's size (AP 0.66 for perfect detections), exit 0."""
     from PIL import Image
 
     gt, images = eval_set
     Image.fromarray(np.zeros((80, 130, 3), np.uint8)).save(images / "2.png")  # the JSON says 100 x 80
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out") == 2
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "2.png is 130x80 (WxH)" in err and "says 100x80 for image id 2" in err
     assert perfect_model == []
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out", "--skip-bad-images") == 1
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out", "--skip-bad-images") == 1
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["bbox"]["AP"] == pytest.approx(1.0)
 
 
-def test_an_undecodable_image_stops_the_real_loop_or_is_left_out(tiny_weights, eval_set, tmp_path, capsys) -> None:
+def test_an_undecodable_image_stops_the_real_loop_or_is_left_out(tiny_ckpt, eval_set, tmp_path, capsys) -> None:
     """A truncated PNG passes the header check; the inference loop itself must not drop it quietly."""
     gt, images = eval_set
     data = (images / "2.png").read_bytes()
     (images / "2.png").write_bytes(data[: len(data) // 2])
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out") == 2
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out") == 2
     assert "2.png" in capsys.readouterr().err
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out", "--skip-bad-images") == 1
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out", "--skip-bad-images") == 1
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["excluded_images"] == ["2.png"]
     assert {e["image_id"] for e in json.loads((tmp_path / "out" / "results.json").read_text())} <= {1}
 
 
-def test_bad_ground_truth_from_the_command_line(tiny_weights, eval_set, tmp_path, capsys) -> None:
+def test_bad_ground_truth_from_the_command_line(tiny_ckpt, eval_set, tmp_path, capsys) -> None:
     gt, images = eval_set
     broken = _edit_gt(tmp_path, lambda d: d["annotations"][2].update(segmentation=[[5, 5, 60, 5]]))
-    assert _evaluate(tiny_weights, broken, images, tmp_path / "out") == 2
+    assert _evaluate(tiny_ckpt, broken, images, tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "broken_gt.json: annotation id 3" in err and "\n" not in err
 
 
-def test_file_names_outside_the_image_folder(tiny_weights, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_file_names_outside_the_image_folder(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
     gt, images = eval_set
     data = json.loads(gt.read_text())
     data["images"][0]["file_name"] = "../images/1.png"  # leaves the folder (and comes back)
     gt.write_text(json.dumps(data))
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out") == 2
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out") == 2
     assert "points outside the image folder" in capsys.readouterr().err
     assert perfect_model == []
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out", "--allow-outside-root") == 0
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out", "--allow-outside-root") == 0
 
 
-def test_a_model_that_predicts_none_of_the_categories_is_an_error(tiny_weights, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_a_model_that_predicts_none_of_the_categories_is_an_error(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
     """The tiny model predicts ids 1..3; a ground truth using ids 7 and 8 could only score AP 0."""
     gt, images = eval_set
     data = json.loads(gt.read_text())
@@ -369,7 +358,7 @@ def test_a_model_that_predicts_none_of_the_categories_is_an_error(tiny_weights, 
     for a in data["annotations"]:
         a["category_id"] += 6
     gt.write_text(json.dumps(data))
-    assert _evaluate(tiny_weights, gt, images, tmp_path / "out") == 2
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out") == 2
     assert "none of its category ids [7, 8] is one the model predicts [1, 2, 3]" in capsys.readouterr().err
 
 

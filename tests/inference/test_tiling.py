@@ -8,14 +8,13 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from maskrcnn.weights.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.inference.masks import crop_to_rle, decode_one
 from maskrcnn.inference.results import Result
 from maskrcnn.inference.tiling import PillowTiles, Tile, merge_tiles, preview, tile_grid
 
 from ..colour_detector import Scene, colour_forward, crop_iou
-from ..test_api import tiny_model
+from ..helpers import tiny_model
 
 
 def test_the_grid_by_hand():
@@ -195,13 +194,6 @@ def test_a_preview_is_the_image_shrunk_by_a_whole_factor():
     small = preview(ArrayTiles(rgb), 1000)  # factor 3: 834 x 334, built in strips
     assert small.shape == (834, 334, 3)
     assert (small[:, :166] == 0).all() and (small[:, 167:] == 200).all()
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, tiny_model())
-    return path
 
 
 def test_predict_tile_on_the_command_line(tiny_ckpt, tmp_path, capsys):

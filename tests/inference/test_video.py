@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from maskrcnn.weights.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.inference.masks import decode_one
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Detections, ModelOutput
 from maskrcnn.inference.video import is_video, output_name
 
-from ..test_api import tiny_model
+from ..helpers import tiny_model
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
@@ -55,13 +54,6 @@ def bright_forward(self, images, targets=None, propose=None, score_thresh=None):
         found.append(Detections(boxes=torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32), scores=torch.tensor([0.9]),
                                 labels=torch.tensor([1]), masks=mask))
     return ModelOutput(losses={}, detections=found)
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, tiny_model())
-    return path
 
 
 @pytest.mark.parametrize("stride", [1, 5])

@@ -11,7 +11,7 @@ from maskrcnn.model.matcher import sample_rois
 from maskrcnn.ops.roi_align import roi_align
 from maskrcnn.structures import Targets
 
-from ..test_api import TINY
+from ..helpers import TINY
 
 
 def tiny_train_model() -> maskrcnn.MaskRCNN:

@@ -6,7 +6,7 @@ layout; tolerances are the ones its README gives (the checks live in ``tests.mod
 Each stage is fed our own previous stage, except the box head, which is also checked on
 torchvision's proposals.
 
-Every test runs once per device of ``tests.conftest.DEVICES`` against the same fixture and
+Every test runs once per device of ``tests.helpers.DEVICES`` against the same fixture and
 tolerances. On CUDA, TF32 is switched off for the run: PyTorch lets cuDNN convolutions use
 TF32 by default (10-bit mantissa products), which is a different computation from the float32
 one the fixture records.
@@ -18,7 +18,7 @@ import torch
 
 import maskrcnn
 
-from ..conftest import DEVICES, TV_PARITY, need
+from ..helpers import DEVICES, TV_PARITY, need
 from .parity import (
     CASES,
     check_box_head_on_torchvision_proposals,

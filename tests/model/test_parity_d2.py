@@ -26,7 +26,7 @@ from maskrcnn.ops.paste import paste_masks
 from maskrcnn.inference.results import Result
 from maskrcnn.structures import Detections
 
-from ..conftest import D2_PARITY, DEVICES, TV_PARITY, d2_checkpoint, need
+from ..helpers import D2_PARITY, DEVICES, TV_PARITY, d2_checkpoint, need
 from .parity import check_features, float32_math, mask_iou, match_detections, matched_fraction, to_cpu
 
 FULL_CASES = ["single_a", "single_b", "batch_ab"]

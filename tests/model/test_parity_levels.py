@@ -4,7 +4,7 @@
 ``tests/fixtures/levels`` holds, per family, the reference's proposals for one kudzu photo and the
 FPN level each came from (benchmarks/parity/make_level_fixture.py: torchvision 0.28, Detectron2
 from source). The weights are the committed parity recipes with the FPN levels balanced
-(``conftest.level_checkpoint``): with the recipes as they are no P6 proposal reaches the top 1000,
+(``tests.helpers.level_checkpoint``): with the recipes as they are no P6 proposal reaches the top 1000,
 which is how Detectron2's P6 anchors sat 3 px a cell off (padded size // grid, not its fixed
 stride 64) while every parity test passed. Here every level must match on its own, so an anchor
 regression on one level fails. Backbone and RPN only: a few seconds per family.
@@ -19,7 +19,7 @@ from PIL import Image
 import maskrcnn
 from maskrcnn.ops.boxes import box_iou
 
-from ..conftest import KUDZU, LEVELS, level_checkpoint, need
+from ..helpers import KUDZU, LEVELS, level_checkpoint, need
 
 FAMILIES = ["tv1", "tv2", "r50", "r101", "x101"]
 

@@ -6,7 +6,7 @@ The fixture holds what torchvision 0.28 computed for a checkpoint laid out exact
 published ``maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth`` (current key names, BatchNorm step
 counters) with calibrated random weights; ``conftest.tv2_checkpoint`` rebuilds the file from
 the fixture's recipe. The model is loaded with ``maskrcnn.load`` and no hint: the v2 layout is
-read from the file's keys. Runs once per device of ``tests.conftest.DEVICES``, TF32 off.
+read from the file's keys. Runs once per device of ``tests.helpers.DEVICES``, TF32 off.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torch import nn
 
 import maskrcnn
 
-from ..conftest import DEVICES, TV2_PARITY
+from ..helpers import DEVICES, TV2_PARITY
 from .parity import (
     CASES,
     check_box_head_on_torchvision_proposals,

@@ -1,5 +1,5 @@
 """NMS against a one-box-at-a-time greedy reference, including ties and exact-threshold IoUs.
-Tests that take ``device`` run on every device of ``tests.conftest.DEVICES``."""
+Tests that take ``device`` run on every device of ``tests.helpers.DEVICES``."""
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,5 @@
 """Mask pasting against a per-pixel reference of the torchvision recipe. Tests that take
-``device`` run on every device of ``tests.conftest.DEVICES``."""
+``device`` run on every device of ``tests.helpers.DEVICES``."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,5 @@
 """FPN level assignment and multi-level pooling against per-RoI references. Tests that take
-``device`` run on every device of ``tests.conftest.DEVICES``."""
+``device`` run on every device of ``tests.helpers.DEVICES``."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,5 @@
 """RoIAlign against the loop reference; gradients by finite differences. Tests that take
-``device`` run on every device of ``tests.conftest.DEVICES`` against the same CPU reference."""
+``device`` run on every device of ``tests.helpers.DEVICES`` against the same CPU reference."""
 from __future__ import annotations
 
 import importlib

@@ -1,5 +1,5 @@
 """RoIPool against the loop reference; gradients to the first maximum. Tests that take ``device``
-run on every device of ``tests.conftest.DEVICES`` against the same CPU reference."""
+run on every device of ``tests.helpers.DEVICES`` against the same CPU reference."""
 from __future__ import annotations
 
 import importlib

@@ -15,9 +15,10 @@ from maskrcnn import precision
 from maskrcnn.train import trainer as train_module
 from maskrcnn.train.trainer import FIT_AT, VAL_COST, Trainer, train
 
-from .test_train import one_thread, shapes, tiny_train_config  # noqa: F401 - fixtures
+from .helpers import tiny_train_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.fixture

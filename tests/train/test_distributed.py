@@ -36,9 +36,8 @@ from maskrcnn.train.config import TrainConfig, check, load_training_config
 from maskrcnn.train.validate import validate
 from maskrcnn.model.mask_rcnn import MaskRCNN
 
-from .test_train import one_thread  # noqa: F401 - fixture
-
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 BOXES = [(8, 10, 36, 40, 1), (30, 28, 58, 56, 2)]  # x1 y1 x2 y2 label: the same in every image
 SIZE = 64

@@ -19,9 +19,10 @@ from maskrcnn.train.schedules import (
 from maskrcnn.train.trainer import train
 from maskrcnn.structures import Targets
 
-from .test_train import TINY_MODEL, one_thread, shapes, tiny_train_config  # noqa: F401  (fixtures)
+from .helpers import TINY_MODEL, tiny_train_config
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _model(trainable_layers: int = 3) -> maskrcnn.MaskRCNN:

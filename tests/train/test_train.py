@@ -1,7 +1,7 @@
 """The trainer on a tiny model and a tiny synthetic dataset: one step, outputs, resume, NaN,
 pretraining, checkpoint initialisation, configuration. The tests that take ``device`` (one
 step, a whole run with pretraining, resume, autocast) run on every device of
-``tests.conftest.DEVICES``; the others on the CPU."""
+``tests.helpers.DEVICES``; the others on the CPU."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,69 +17,22 @@ import yaml
 
 import maskrcnn
 from maskrcnn.weights.checkpoint import CheckpointError, init_from_checkpoint, read_file, save_checkpoint
-from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
-from maskrcnn.data import CocoDataset, DatasetError, generate_shapes
+from maskrcnn.config import ConfigError, to_dict
+from maskrcnn.data import CocoDataset, DatasetError
 from maskrcnn.train.pretrain import extract_crops, pretrain_body
 from maskrcnn.train.datasets import build_datasets
 from maskrcnn.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, main, train
-from maskrcnn.train.config import PretrainConfig, TrainConfig, check, load_training_config
+from maskrcnn.train.config import PretrainConfig, load_training_config
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Targets
+
+from .helpers import TINY_MODEL, tiny_model_config, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 # pycocotools.mask trips numpy 2's __array__(copy=) deprecation; not ours to fix
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
-
-TINY_MODEL = {
-    "backbone": {"name": "resnet18", "frozen_bn": False, "trainable_layers": 5, "fpn_channels": 32},
-    "anchors": {"sizes": [16, 32, 64, 128, 256]},
-    "rpn": {"pre_nms_top_n_train": 200, "post_nms_top_n_train": 100, "pre_nms_top_n_test": 100,
-            "post_nms_top_n_test": 50, "batch_size_per_image": 64},
-    "roi_heads": {"batch_size_per_image": 32, "representation_size": 32, "mask_channels": [8, 8]},
-    "transform": {"min_size": [64], "max_size": 96},
-}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: as fast on these tiny tensors, and immune to the 10-40x slowdown
-    measured when two OpenMP threads compete with other processes for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_model_config(num_classes: int = 3) -> ModelConfig:
-    return from_dict(ModelConfig, {**TINY_MODEL, "num_classes": num_classes})
-
-
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """6 training and 2 validation images of 64..96 px with 1-2 large shapes each."""
-    root = tmp_path_factory.mktemp("shapes")
-    return generate_shapes(root, num_train=6, num_val=2, image_size=(64, 96), objects_per_image=(1, 2),
-                           object_size=(24, 40), seed=0)
-
-
-def tiny_train_config(shapes: dict, out_dir: Path, device: str = "cpu", **sections: dict) -> TrainConfig:
-    """3 iterations per epoch (6 images, batch 2), workers 0, no progress bar."""
-    data = {
-        "device": device,
-        "model": TINY_MODEL,
-        "data": {"train_ann": str(shapes["train"].ann_file), "train_images": str(shapes["train"].image_dir),
-                 "val_ann": str(shapes["val"].ann_file), "val_images": str(shapes["val"].image_dir),
-                 "batch_size": 2, "workers": 0},
-        "solver": {"lr": 0.01, "epochs": 1, "warmup_iters": 2},
-        "eval": {"num_visualize": 2},
-        "out_dir": str(out_dir),
-        "log_every": 1,
-        "progress": False,
-    }
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values} if isinstance(values, dict) else values
-    return check(from_dict(TrainConfig, data))
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _square_targets(h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[int]) -> Targets:

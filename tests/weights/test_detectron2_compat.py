@@ -14,6 +14,8 @@ from maskrcnn.weights import checkpoint
 from maskrcnn.weights.checkpoint import CheckpointError, read_weights
 from maskrcnn.weights.detectron2 import PIXEL_STD_X101, convert_keys, load_pickle
 
+from ..helpers import D2_PARITY, TV_PARITY, d2_checkpoint, need
+
 
 class _RunsShell:
     """Unpickling this runs ``os.system(command)``: what a malicious weight file would do."""
@@ -173,8 +175,6 @@ def test_training_from_a_detectron2_file_warns_about_its_other_network(caplog):
     from maskrcnn.weights.checkpoint import init_from_checkpoint
     from maskrcnn.model.build import build_model
 
-    from ..conftest import D2_PARITY, d2_checkpoint, need
-
     need(D2_PARITY / "r50" / "spec.json")
     model = build_model()
     with caplog.at_level(logging.WARNING, logger="maskrcnn.weights.checkpoint"):
@@ -192,8 +192,6 @@ def test_detectron2_coco_labels_come_out_as_coco_category_ids():
     """Detectron2 predicts contiguous classes 0..79; a COCO results file needs COCO's ids (1..90),
     from ``predict`` as from the CLI, with no mapping passed by the user."""
     import maskrcnn
-
-    from ..conftest import D2_PARITY, TV_PARITY, d2_checkpoint, need
 
     assert len(COCO_IDS_BY_HAND) == 80
     need(D2_PARITY / "r50" / "spec.json")

@@ -35,8 +35,7 @@ from maskrcnn.weights.export import ExportError, check_exportable, export  # noq
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
 
-from ..conftest import KUDZU, TV_PARITY, d2_checkpoint, need  # noqa: E402
-from ..test_api import TINY  # noqa: E402
+from ..helpers import KUDZU, TINY, TV_PARITY, d2_checkpoint, need  # noqa: E402
 
 BOX_TOL, SCORE_TOL, MASK_IOU = 0.05, 1e-3, 0.98
 
