@@ -128,6 +128,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not (images or videos or streams):
         print(f"error: no images or videos found in {' '.join(args.inputs)}", file=sys.stderr)
         return 2
+    if not images and (args.labels or args.geojson or args.polygons):
+        args.parser.error("--labels, --geojson and --polygons apply to images; no image among the inputs")
     if args.tile_whole and (videos or streams):
         args.parser.error("--tile-whole applies to images only, not to videos, streams or cameras")
     from .engine.inference import PredictionFiles, coco_image_ids
@@ -141,8 +143,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
     results = PredictionFiles(out).paths() if images else []
+    from .applications import writers as app_writers
+
+    writers = app_writers.build_writers(out, args.labels, args.geojson, args.polygons, args.polygon_tolerance) if images else []
+    extra = app_writers.refuse_replacing_user_files(writers, [o.stem for o in overlays])
     # Before any work: no output replaces an input, or a file that predict did not write.
-    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files])
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *extra])
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
@@ -150,16 +156,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model = load(args.weights, device=args.device)
     videos_failed = predict_videos(args, model, sources, names) if sources else 0
-    failed += predict_images(args, model, images, overlays, gt_ids) if images else []
+    failed += predict_images(args, model, images, overlays, gt_ids, writers) if images else []
     if failed:
         print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
     return 1 if failed or videos_failed else 0
 
 
 def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", paths: list[Path], overlays: list[Path],
-                   gt_ids: tuple[list[int | None], int]) -> list[str]:
+                   gt_ids: tuple[list[int | None], int], writers: list | None = None) -> list[str]:
     """Each image -> ``overlays[i]``, and ``--out``'s results files; the messages of those that
-    failed. ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others."""
+    failed. ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others.
+    ``writers``: the ``--labels`` / ``--geojson`` / ``--polygons`` outputs (``applications``)."""
     from tqdm import tqdm
 
     from .data.images import MAX_PIXELS
@@ -174,7 +181,9 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
     stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
                           max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision,
                           tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole, progress=not args.quiet)
-    with results:
+    with results, contextlib.ExitStack() as closing:
+        for writer in writers or []:  # CSV and COCO files written once at the end, also after Ctrl-C
+            closing.callback(writer.close)
         for i, result in enumerate(stream):
             bar.update(1)
             if result.error is not None:  # logged as it happened; listed again at the end
@@ -183,6 +192,8 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
             image_id = ids[i] if ids[i] is not None else first_free + i
             result.save(overlays[i])
             results.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+            for writer in writers or []:
+                writer.add(image_id, overlays[i].stem, paths[i], result)
         bar.close()
     print(f"{results.images} images, {results.detections} detections -> {out}/ "
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
@@ -412,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
+    q.add_argument("--labels", action="store_true",
+                   help="images: OUT/labels/<image>.tif instance label images and OUT/measurements.csv (microscopy)")
+    q.add_argument("--geojson", action="store_true",
+                   help="images: OUT/<image>.geojson, one polygon per object, in the CRS of a GeoTIFF, else in pixels")
+    q.add_argument("--polygons", action="store_true", help="images: OUT/polygons.json, COCO results with polygon masks")
+    q.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
+                   help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
