@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from maskrcnn.engine.demo import run_demo
+from maskrcnn.train.demo import run_demo
 
 KEYS = ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "bbox_AP50", "iterations", "epochs", "stopped",
         "data_seconds", "train_seconds", "eval_seconds", "total_seconds", "threads")

@@ -23,7 +23,7 @@ import torch
 import maskrcnn
 from maskrcnn.data.images import load_rgb, to_tensor
 from maskrcnn.model.transform import to_original_frame
-from maskrcnn.results import Result
+from maskrcnn.inference.results import Result
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tv_parity"

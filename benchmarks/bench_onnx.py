@@ -24,7 +24,7 @@ import torch
 
 import maskrcnn
 from maskrcnn.data.images import load_rgb
-from maskrcnn.export import export
+from maskrcnn.weights.export import export
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import FIXTURE, parity_checkpoint  # noqa: E402

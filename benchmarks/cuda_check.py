@@ -734,9 +734,9 @@ def pytest_command(args: argparse.Namespace, junit: Path, rest: bool) -> list[st
     if rest:
         return cmd + ["-k", f"not {args.device}"] + (["tests/model", "tests/test_api.py"] if args.quick else [])
     if args.quick:
-        return cmd + ["-k", args.device, "tests/ops", "tests/engine/test_train.py::test_one_step_reaches_every_trainable_parameter",
-                      "tests/engine/test_train.py::test_autocast_training"]
-    return cmd + ["-k", args.device, "tests/ops", "tests/model/test_parity.py", "tests/engine/test_train.py"]
+        return cmd + ["-k", args.device, "tests/ops", "tests/train/test_train.py::test_one_step_reaches_every_trainable_parameter",
+                      "tests/train/test_train.py::test_autocast_training"]
+    return cmd + ["-k", args.device, "tests/ops", "tests/model/test_parity.py", "tests/train/test_train.py"]
 
 
 def junit_summary(path: Path) -> dict:

@@ -7,11 +7,11 @@ import torch
 from PIL import Image
 
 import maskrcnn
-from maskrcnn.checkpoint import CheckpointError, load, save_checkpoint
+from maskrcnn.weights.checkpoint import CheckpointError, load, save_checkpoint
 from maskrcnn.config import ConfigError, ModelConfig, apply_overrides
 from maskrcnn.model.build import build_model
-from maskrcnn.results import Result
-from maskrcnn.torchvision_compat import convert_keys, infer_config
+from maskrcnn.inference.results import Result
+from maskrcnn.weights.torchvision import convert_keys, infer_config
 
 from .conftest import TV2_PARITY
 
@@ -208,7 +208,7 @@ def test_a_score_threshold_outside_0_1_is_refused(tiny_ckpt, thresh):
 def test_pil_16_bit_images_are_scaled_like_16_bit_files(tmp_path):
     """A dark 16-bit frame (max 1000) as a file and as a PIL image: the same pixels, divided by
     257 (before, the PIL image was stretched by its own maximum to full white)."""
-    from maskrcnn.predictor import as_rgb
+    from maskrcnn.inference.predictor import as_rgb
 
     a = (np.arange(12 * 16) * 5).reshape(12, 16).astype(np.uint16)  # 0..955
     Image.fromarray(a).save(tmp_path / "dark.png")
@@ -368,7 +368,7 @@ def test_file_kinds_are_told_by_content_not_name(tiny_ckpt, tmp_path):
     """A checkpoint named .onnx or .pkl still loads; text named .pth is named as what it is not."""
     import shutil
 
-    from maskrcnn.checkpoint import file_kind
+    from maskrcnn.weights.checkpoint import file_kind
 
     for name in ("weights.onnx", "weights.pkl", "weights.bin"):
         shutil.copy(tiny_ckpt, tmp_path / name)

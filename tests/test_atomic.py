@@ -1,4 +1,4 @@
-"""The one atomic writer (results.atomic_write): file modes that follow the umask, and temp
+"""The one atomic writer (files.atomic_write): file modes that follow the umask, and temp
 files left by a killed save cleaned up by the next save of the same file."""
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maskrcnn import results
-from maskrcnn.results import Result, atomic_write, write_json
+from maskrcnn import files
+from maskrcnn.files import atomic_write, write_json
+from maskrcnn.inference.results import Result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +44,7 @@ def _mode(path: Path) -> int:
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
 def test_written_files_follow_the_umask_like_open(tmp_path: Path, umask, mask: int) -> None:
     """Was 0600 whatever the umask (mkstemp's mode): other users could not read a checkpoint."""
-    from maskrcnn.checkpoint import atomic_save
+    from maskrcnn.weights.checkpoint import atomic_save
 
     umask(mask)
     with open(tmp_path / "plain.txt", "w") as f:  # the reference: what a plain open() gives
@@ -60,7 +61,7 @@ def test_written_files_follow_the_umask_like_open(tmp_path: Path, umask, mask: i
 
 
 def test_downloads_follow_the_umask(tmp_path: Path, umask) -> None:
-    from maskrcnn.download import download
+    from maskrcnn.weights.download import download
 
     payload = b"weights" * 1000
     (tmp_path / "src").mkdir()
@@ -83,7 +84,7 @@ def test_a_save_killed_midway_leaves_a_temp_file_that_the_next_save_removes(tmp_
     child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO / 'src')!r})
-        from maskrcnn.results import atomic_write
+        from maskrcnn.files import atomic_write
         def write(f):
             f.write(b"half a checkpoint")
             f.flush()
@@ -102,7 +103,7 @@ def test_a_save_killed_midway_leaves_a_temp_file_that_the_next_save_removes(tmp_
 
     atomic_write(target, lambda f: f.write(b"new checkpoint"))  # minutes later in real life: aged below
     assert leftover.exists()  # too fresh to be sure its writer is gone
-    _age(leftover, 2 * results.STALE_TEMP_AGE_S)
+    _age(leftover, 2 * files.STALE_TEMP_AGE_S)
     atomic_write(target, lambda f: f.write(b"newer checkpoint"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
     assert target.read_bytes() == b"newer checkpoint"
@@ -121,7 +122,7 @@ def test_only_our_abandoned_temp_files_of_the_same_target_are_removed(tmp_path: 
     }
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-        _age(tmp_path / name, 10 * results.STALE_TEMP_AGE_S)
+        _age(tmp_path / name, 10 * files.STALE_TEMP_AGE_S)
     held = os.open(tmp_path / ".last.pth.held0000.tmp", os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)
     try:

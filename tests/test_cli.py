@@ -16,7 +16,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.checkpoint import save_checkpoint
+from maskrcnn.weights.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.data.synthetic import generate_shapes
@@ -161,7 +161,7 @@ def test_a_write_that_would_hit_an_input_is_refused_before_any_work(tiny_ckpt, t
 
 
 def test_results_are_written_as_they_come_and_kept_on_ctrl_c(tiny_ckpt, images, tmp_path, monkeypatch, capsys):
-    import maskrcnn.predictor as predictor
+    import maskrcnn.inference.predictor as predictor
 
     calls = []
     as_rgb = predictor.as_rgb
@@ -338,11 +338,11 @@ def test_evaluate_never_replaces_its_ground_truth_or_a_users_file(tmp_path, caps
 
 def test_evaluate_refuses_an_unwritable_out_before_evaluating(tmp_path, capsys, monkeypatch):
     """An ``--out`` that cannot be written failed only after the whole evaluation."""
-    import maskrcnn.checkpoint
+    import maskrcnn.weights.checkpoint
 
     split, ckpt = _tiny_eval_set(tmp_path)
     (tmp_path / "afile").write_text("x")
-    monkeypatch.setattr(maskrcnn.checkpoint, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(maskrcnn.weights.checkpoint, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     code = main(["evaluate", "--weights", str(ckpt), "--images", str(split.image_dir), "--quiet",
                  "--data", str(split.ann_file), "--out", str(tmp_path / "afile" / "sub")])
     assert code == 2 and "error:" in capsys.readouterr().err

@@ -41,7 +41,7 @@ from pycocotools import mask as mask_util  # noqa: E402
 from sweep_cases import IMAGES, load_case_image  # noqa: E402
 
 import maskrcnn  # noqa: E402
-from maskrcnn.export import export  # noqa: E402
+from maskrcnn.weights.export import export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
 from tests.conftest import TV2_PARITY, TV_PARITY, build_checkpoint, d2_checkpoint  # noqa: E402

@@ -47,7 +47,7 @@ from pycocotools import mask as mask_util  # noqa: E402
 import maskrcnn  # noqa: E402
 from maskrcnn.model.transform import to_original_frame  # noqa: E402
 from maskrcnn.ops.paste import paste_masks  # noqa: E402
-from maskrcnn.results import Result  # noqa: E402
+from maskrcnn.inference.results import Result  # noqa: E402
 from tests.model.parity import mask_iou, match_detections, matched_fraction, rms_of  # noqa: E402
 
 SHARED = REPO.parent / "shared"

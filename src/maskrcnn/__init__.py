@@ -11,13 +11,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .checkpoint import CheckpointError, load, save_checkpoint
+from .weights.checkpoint import CheckpointError, load, save_checkpoint
 from .config import ModelConfig
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
-from .onnx_model import OnnxModel
-from .predictor import predict
+from .weights.onnx_model import OnnxModel
+from .inference.predictor import predict
 from .structures import Detections, ImageBatch, ModelOutput, Targets
+from . import _moved
+
+_moved.install()  # maskrcnn.checkpoint, maskrcnn.engine.train, ...: the old paths, with a warning
 
 # ``model.predict(images)``: the user surface of the model, bound here rather than defined in
 # ``model/mask_rcnn.py`` so that the model package never imports the predictor above it.

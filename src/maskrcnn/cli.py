@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command runs, so --help stays fast
     from .model.mask_rcnn import MaskRCNN
-    from .onnx_model import OnnxModel
+    from .weights.onnx_model import OnnxModel
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
@@ -35,7 +35,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
         The paths, and one message (logged too) for each input skipped: a name that matches
         nothing, or an entry that is not a regular file (a FIFO would block the reader forever).
     """
-    from .video import is_video
+    from .inference.video import is_video
 
     paths: list[Path] = []
     skipped: list[str] = []
@@ -107,8 +107,8 @@ def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None
     earlier output of ``predict``: they go straight into ``--out``, which may be the input
     folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` being annotated.
     (``overlays/`` is predict's own folder: its files are replaced, as a rerun needs.)"""
-    from .engine.inference import PredictionFiles
-    from .video import written_by_predict
+    from .inference.outputs import PredictionFiles
+    from .inference.video import written_by_predict
 
     for out, ours in [*((p, PredictionFiles.written_by_predict) for p in results), *((p, written_by_predict) for p in videos)]:
         if (out.exists() or out.is_symlink()) and not ours(out):
@@ -119,7 +119,7 @@ def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None
 def cmd_predict(args: argparse.Namespace) -> int:
     """Images -> overlays and COCO results; videos, animated GIFs, streams, cameras -> an
     annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
-    from .video import is_animated_gif, is_stream, is_video
+    from .inference.video import is_animated_gif, is_stream, is_video
 
     streams = [i for i in args.inputs if is_stream(i)]
     paths, failed = expand_inputs([i for i in args.inputs if not is_stream(i)])
@@ -132,9 +132,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.parser.error("--labels, --geojson and --polygons apply to images; no image among the inputs")
     if args.tile_whole and (videos or streams):
         args.parser.error("--tile-whole applies to images only, not to videos, streams or cameras")
-    from .engine.inference import PredictionFiles, coco_image_ids
-    from .predictor import check_score_thresh
-    from .video import output_name
+    from .inference.outputs import PredictionFiles, coco_image_ids
+    from .inference.predictor import check_score_thresh
+    from .inference.video import output_name
 
     check_score_thresh(args.score_thresh)
     out = Path(args.out)
@@ -152,7 +152,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
-    from .checkpoint import load
+    from .weights.checkpoint import load
 
     model = load(args.weights, device=args.device)
     videos_failed = predict_videos(args, model, sources, names) if sources else 0
@@ -170,8 +170,8 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
     from tqdm import tqdm
 
     from .data.images import MAX_PIXELS
-    from .engine.inference import PredictionFiles, label_to_category
-    from .predictor import iter_predict
+    from .inference.outputs import PredictionFiles, label_to_category
+    from .inference.predictor import iter_predict
 
     out = Path(args.out)
     ids, first_free = gt_ids
@@ -203,8 +203,8 @@ def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", path
 def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sources: list[str], names: list[str]) -> int:
     """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``. Returns how
     many failed or ended before their header's frame count, each told in one line as it happens."""
-    from .engine.inference import label_to_category
-    from .video import predict_video
+    from .inference.outputs import label_to_category
+    from .inference.video import predict_video
 
     table = label_to_category(model)
     failed = 0
@@ -261,12 +261,13 @@ def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
-    from .checkpoint import load
+    from .weights.checkpoint import load
     from .data.coco import CocoDataset, describe_problems
     from .data.errors import DatasetError
-    from .engine.evaluate import coco_evaluate, format_metrics
-    from .engine.inference import coco_results, label_to_category
-    from .results import write_coco_results, write_json
+    from .evaluation.coco import coco_evaluate, format_metrics
+    from .inference.outputs import coco_results, label_to_category
+    from .files import write_json
+    from .inference.results import write_coco_results
 
     # The ground truth through the training parser; every image file checked (headers only)
     # before the model is loaded: a missing or mis-sized image would score its ground truth
@@ -313,7 +314,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .download import DownloadError, download, published_url
+    from .weights.download import DownloadError, download, published_url
 
     url = args.name if "://" in args.name else published_url(args.name)
     try:
@@ -345,19 +346,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine.train import main as train_main
+    from .train.trainer import main as train_main
 
     return train_main(args.config, args.overrides, resume=args.resume)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .engine.demo import run_demo
+    from .train.demo import run_demo
 
     return run_demo(args.out, args.overrides, minutes=args.minutes)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import DEFAULT_OPSET, export
+    from .weights.export import DEFAULT_OPSET, export
 
     path = export(args.weights, args.out, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
     print(f"{path} ({path.stat().st_size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
@@ -366,7 +367,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def tile_size(text: str) -> int:
     """``--tile``: a whole number of pixels that ``tiling.check_tiling`` accepts."""
-    from .tiling import check_tiling
+    from .inference.tiling import check_tiling
 
     value = positive_int(text)
     try:
@@ -378,7 +379,7 @@ def tile_size(text: str) -> int:
 
 def tile_overlap(text: str) -> float:
     """``--tile-overlap``: a number that ``tiling.check_tiling`` accepts (the API's one rule)."""
-    from .tiling import MIN_TILE, check_tiling
+    from .inference.tiling import MIN_TILE, check_tiling
 
     try:
         value = float(text)

@@ -2,7 +2,7 @@
 
 Defaults are torchvision's ``maskrcnn_resnet50_fpn`` settings, so a torchvision checkpoint
 loaded with the default config computes what torchvision computes. Only the builders
-(``maskrcnn.model.build``, ``maskrcnn.engine.train``) read a config; modules take explicit
+(``maskrcnn.model.build``, ``maskrcnn.train.trainer``) read a config; modules take explicit
 arguments.
 
 ``num_classes`` counts foreground classes. The predictors have ``num_classes + 1`` outputs and

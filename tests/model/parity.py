@@ -22,7 +22,7 @@ from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.transform import to_original_frame
 from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.paste import paste_masks
-from maskrcnn.results import Result
+from maskrcnn.inference.results import Result
 
 CASES = ["single_a", "single_b", "batch_ab"]
 

@@ -23,7 +23,7 @@ from pycocotools import mask as mask_util
 import maskrcnn
 from maskrcnn.model.transform import to_original_frame
 from maskrcnn.ops.paste import paste_masks
-from maskrcnn.results import Result
+from maskrcnn.inference.results import Result
 from maskrcnn.structures import Detections
 
 from ..conftest import D2_PARITY, DEVICES, TV_PARITY, d2_checkpoint, need
@@ -223,7 +223,7 @@ def test_detectron2_classes_come_out_as_coco_category_ids(device):
     uses (``label_to_category``: predict's JSON, ``evaluate``, ``Result.to_coco``) turns that label
     into COCO's category id: class 0 'person' -> 1, class 11 'stop sign' -> 13, class 79
     'toothbrush' -> 90. Checked on the fixture's real detections (9 classes, 16 to 66)."""
-    from maskrcnn.engine.inference import label_to_category
+    from maskrcnn.inference.outputs import label_to_category
 
     model = maskrcnn.load(d2_checkpoint("r50"))
     table = label_to_category(model)

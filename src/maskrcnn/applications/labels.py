@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..masks import decode_one
-from ..results import Result, atomic_write
+from ..inference.masks import decode_one
+from ..files import atomic_write
+from ..inference.results import Result
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..polygons import coco_polygons, result_polygons
-from ..results import Result, atomic_write, write_json
+from ..inference.polygons import coco_polygons, result_polygons
+from ..files import atomic_write, write_json
+from ..inference.results import Result
 
 TOLERANCE = 0.5  # pixels a simplified outline's vertex may move: within the half pixel of marching squares
 _MISSING = "polygon output needs shapely and scikit-image: pip install 'maskrcnn[geo]'"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from ..results import Result
+from ..inference.results import Result
 
 
 class Writer(Protocol):

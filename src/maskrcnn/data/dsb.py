@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_util
 
 from .errors import DatasetError
-from ..results import write_json
+from ..files import write_json
 from .images import image_size
 
 logger = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .coco import image_path, read_json
 from .errors import DatasetError
-from ..results import write_json
+from ..files import write_json
 from .images import image_size
 
 logger = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from .transform import Preprocessor
 def build_model(config: ModelConfig | None = None) -> MaskRCNN:
     """Mask R-CNN with randomly initialised weights.
 
-    Weights come from files in ``maskrcnn.checkpoint``: ``load`` (a trained model),
+    Weights come from files in ``maskrcnn.weights.checkpoint``: ``load`` (a trained model),
     ``load_backbone_weights`` (``backbone.weights``, which training loads before its first step)
     and ``init_from_checkpoint``.
     """

@@ -16,9 +16,9 @@ The contract of ``MaskRCNN.forward``:
 
 The return type never depends on ``self.training``; only which fields are filled does.
 ``forward`` is ``preprocess`` -> ``detect`` (the network on the resized, padded batch:
-detections in the resized frame, the graph that ``maskrcnn.export`` writes to ONNX) ->
+detections in the resized frame, the graph that ``maskrcnn.weights.export`` writes to ONNX) ->
 ``to_original_frame``. Thresholds are arguments, never module state set around a call.
-``model.predict`` (images in any form in, ``Result`` objects out) is ``maskrcnn.predictor.predict``,
+``model.predict`` (images in any form in, ``Result`` objects out) is ``maskrcnn.inference.predictor.predict``,
 bound to the class by the package's ``__init__``.
 """
 from __future__ import annotations

@@ -261,7 +261,7 @@ class _RoiAlignOp(torch.autograd.Function):
     The ONNX op computes what torchvision's CPU kernel does (tests/test_onnx.py compares them
     through whole models); from opset 16 it takes the half-pixel shift
     (``coordinate_transformation_mode``), so aligned RoIAlign (Detectron2) exports as aligned.
-    Before opset 16 it has only the non-aligned form: ``maskrcnn.export`` refuses aligned
+    Before opset 16 it has only the non-aligned form: ``maskrcnn.weights.export`` refuses aligned
     models there rather than export a different computation.
     """
 
