@@ -45,6 +45,11 @@ COLUMNS = ("image_id", "image", "object_id", "class", "category_id", "score", "a
 _MISSING = "--labels needs tifffile and scikit-image: pip install 'maskrcnn[microscopy]'"
 
 
+def label_dtype(n: int) -> type:
+    """uint16 for up to 65,535 objects (what every viewer reads), else uint32."""
+    return np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32
+
+
 def label_image(result: Result) -> np.ndarray:
     """(H, W) label image of ``result``: 0 background, detection i -> i + 1, overlaps to the
     higher score (then the lower index); uint16, uint32 past 65,535 detections.
@@ -52,7 +57,7 @@ def label_image(result: Result) -> np.ndarray:
     Built from each mask's box-sized crop: no (N, H, W) stack.
     """
     n = len(result)
-    labels = np.zeros(result.image_size, dtype=np.uint16 if n <= np.iinfo(np.uint16).max else np.uint32)
+    labels = np.zeros(result.image_size, dtype=label_dtype(n))
     if result.rles is None:
         return labels
     # Painted worst first, so a better object overwrites: lexsort's last key is the primary one.
@@ -209,8 +214,9 @@ class LabelWriter:
         finally:
             if pixels is not None:
                 pixels.close()
-        atomic_write(self.out / "labels" / f"{name}.tif",
-                     lambda f: tifffile.imwrite(f, labels, compression="zlib", software=SOFTWARE, metadata=None))
+        data = io.BytesIO()  # tifffile wants a named file or a buffer; the compressed labels are small
+        tifffile.imwrite(data, labels, compression="zlib", software=SOFTWARE, metadata=None)
+        atomic_write(self.out / "labels" / f"{name}.tif", lambda f: f.write(data.getbuffer()))
         self.rows.extend({"image_id": image_id, "image": name, **row} for row in rows)
 
     def close(self) -> None:
