@@ -71,7 +71,7 @@ def stretch(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     a = np.nan_to_num(np.asarray(pixels, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     if high <= low:
         return np.zeros(a.shape, dtype=np.uint8)
-    return np.rint((a - low) * (255.0 / (high - low))).clip(0, 255).astype(np.uint8)
+    return np.rint((a - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
 
 
 def strip_range(read_rows: Callable[[int, int], np.ndarray], height: int, width: int,
