@@ -192,3 +192,30 @@ def test_georeference_reads_the_crs_and_transform_and_plain_tiffs_have_none(tmp_
     assert ref.crs == "EPSG:32633" and ref.transform == (PIXEL, 0.0, X0, 0.0, -PIXEL, Y0)
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "plain.tif")
     assert geo.georeference(tmp_path / "plain.tif") is None and not geo.is_georeferenced(tmp_path / "plain.tif")
+
+
+def test_a_sixteen_bit_raster_is_read_by_windows_as_the_whole_image_is(tmp_path, monkeypatch):
+    from maskrcnn.data import normalize
+    from maskrcnn.data.images import normalized_rgb
+
+    monkeypatch.setattr(normalize, "MAX_SAMPLES", 2000)  # percentiles over every 2nd row and column
+    raw = np.random.default_rng(3).gamma(2.0, 300.0, (70, 90)).clip(0, 65535).astype(np.uint16)
+    with rasterio.open(tmp_path / "dem.tif", "w", driver="GTiff", height=70, width=90, count=1, dtype="uint16",
+                       crs="EPSG:32633", transform=from_origin(X0, Y0, PIXEL, PIXEL)) as ds:
+        ds.write(raw, 1)
+    for percentiles in (None, (1.0, 99.0)):
+        whole = normalized_rgb(raw, percentiles)
+        with geo.RasterioTiles.open(tmp_path / "dem.tif", None, percentiles) as source:
+            for t in tile_grid(70, 90, 32, 0.1):
+                assert np.array_equal(source.read(t), whole[t.y0 : t.y1, t.x0 : t.x1])
+
+
+def test_a_geotiff_without_rasterio_is_refused_in_one_line(tmp_path, monkeypatch):
+    import sys
+
+    write_geotiff(tmp_path / "g.tif", np.zeros((40, 50, 3), np.uint8))
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # import rasterio now raises ImportError
+    with pytest.raises(ValueError, match=r"needs rasterio: pip install 'maskrcnn\[geo\]'"):
+        geo.is_georeferenced(tmp_path / "g.tif")
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "plain.tif")
+    assert not geo.is_georeferenced(tmp_path / "plain.tif")

@@ -42,7 +42,7 @@ SOFTWARE = "maskrcnn predict --labels"
 COLUMNS = ("image_id", "image", "object_id", "class", "category_id", "score", "area", "area_in_labels",
            "centroid_x", "centroid_y", "box_x1", "box_y1", "box_x2", "box_y2", "perimeter", "eccentricity",
            "solidity", "mean_intensity", "max_intensity")
-_MISSING = "--labels needs tifffile and scikit-image: pip install 'maskrcnn[microscopy]'"
+_MISSING = "--labels needs tifffile: pip install 'maskrcnn[microscopy]'"
 
 
 def label_dtype(n: int) -> type:
@@ -175,7 +175,6 @@ class LabelWriter:
 
     def __init__(self, out: Path, intensities: bool = True) -> None:
         try:
-            import skimage  # noqa: F401
             import tifffile  # noqa: F401
         except ImportError:
             raise ValueError(_MISSING) from None

@@ -31,18 +31,9 @@ from ..files import atomic_write, write_json
 from ..inference.results import Result
 
 TOLERANCE = 0.5  # pixels a simplified outline's vertex may move: within the half pixel of marching squares
-_MISSING = "polygon output needs shapely and scikit-image: pip install 'maskrcnn[geo]'"
 # How the files begin: what tells an earlier run's output (replaced) from a user's own file (never).
 _GEOJSON_OPENING = b'{"type": "FeatureCollection", "generator": "maskrcnn predict"'
 _COCO_OPENINGS = (b'[{"image_id": ', b"[]")
-
-
-def _check_installed() -> None:
-    try:
-        import shapely  # noqa: F401
-        import skimage  # noqa: F401
-    except ImportError:
-        raise ValueError(_MISSING) from None
 
 
 def check_tolerance(tolerance: float) -> float:
@@ -65,7 +56,6 @@ class PolygonWriter:
     """``predict --polygons``: ``OUT/polygons.json``, COCO results with polygon segmentations."""
 
     def __init__(self, out: Path, tolerance: float = TOLERANCE) -> None:
-        _check_installed()
         self.out = Path(out)
         self.tolerance = check_tolerance(tolerance)
         self.entries: list[dict] = []
@@ -92,7 +82,6 @@ class GeoJSONWriter:
     """``predict --geojson``: ``OUT/<name>.geojson`` per image, in its CRS or in pixels."""
 
     def __init__(self, out: Path, tolerance: float = TOLERANCE) -> None:
-        _check_installed()
         self.out = Path(out)
         self.tolerance = check_tolerance(tolerance)
 
