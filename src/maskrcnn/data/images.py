@@ -11,6 +11,8 @@ Every image, read from a file or handed over as a PIL image or an array, goes th
 - Floats beyond 1 and wider integers (int32/int64 arrays, Pillow's I mode): divided by 257
   when every value fits 16 bits, else scaled by the image's own maximum, since no bit depth
   can be assumed. NaN and infinities become 0, negative values 0.
+- Or, for a model whose ``transform.percentiles`` are set (microscopy), every image's values
+  between those percentiles stretched to 0..255 (``data.normalize``), whatever its bit depth.
 
 Files are opened with EXIF orientation applied (pixels in the frame a photo viewer shows, the
 frame annotation tools use). Only regular files are opened (a FIFO or device would block
