@@ -5,6 +5,8 @@
     result = model.predict("photo.jpg")
     result.boxes, result.scores, result.labels, result.masks, result.class_names
     result.save("overlay.png")
+    predictor = maskrcnn.Predictor(model, maskrcnn.PredictOptions(score_thresh=0.5, tile=1024))
+    results = predictor(["a.jpg", "b.png"])   # the same options for every call
     maskrcnn.load("model.onnx").predict("photo.jpg")   # the same, on ONNX Runtime (maskrcnn export)
 """
 from __future__ import annotations
@@ -16,7 +18,9 @@ from .config import ModelConfig
 from .model.build import build_model
 from .model.mask_rcnn import MaskRCNN
 from .weights.onnx_model import OnnxModel
-from .inference.predictor import predict
+from .inference.options import PredictOptions
+from .inference.predictor import Predictor, predict
+from .inference.results import Result
 from .structures import Detections, ImageBatch, ModelOutput, Targets
 from . import _moved
 
@@ -28,6 +32,6 @@ MaskRCNN.predict = predict  # type: ignore[attr-defined]
 OnnxModel.predict = predict  # type: ignore[attr-defined]  an exported model predicts the same way
 
 __all__ = [
-    "CheckpointError", "Detections", "ImageBatch", "MaskRCNN", "ModelConfig", "ModelOutput", "OnnxModel", "Targets",
-    "build_model", "load", "save_checkpoint",
+    "CheckpointError", "Detections", "ImageBatch", "MaskRCNN", "ModelConfig", "ModelOutput", "OnnxModel", "PredictOptions",
+    "Predictor", "Result", "Targets", "build_model", "load", "save_checkpoint",
 ]

@@ -2,19 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the CLI imports torch only once a command runs, so --help stays fast
-    from .model.mask_rcnn import MaskRCNN
-    from .weights.onnx_model import OnnxModel
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+    from .inference.options import PredictOptions
 
 log = logging.getLogger("maskrcnn")
 
@@ -26,291 +19,49 @@ def positive_int(text: str) -> int:
     return value
 
 
-def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """Files, folders (their images and videos, by extension, sorted) and glob patterns -> file
-    paths, in order, unique. The one expansion of ``predict``'s inputs: images and videos are
-    told apart afterwards, whichever way they were named.
-
-    Returns:
-        The paths, and one message (logged too) for each input skipped: a name that matches
-        nothing, or an entry that is not a regular file (a FIFO would block the reader forever).
-    """
-    from .inference.video import is_video
-
-    paths: list[Path] = []
-    skipped: list[str] = []
-
-    def add(p: Path) -> None:
-        if p.is_file():  # a regular file, or a link to one
-            paths.append(p)
-        elif not p.is_dir():
-            skipped.append(f"not a regular file (FIFO, socket, device or broken link), skipped: {p}")
-            log.error("%s", skipped[-1])
-
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            for q in sorted(p.iterdir()):
-                if q.suffix.lower() in IMAGE_SUFFIXES or is_video(q.name):
-                    add(q)
-        elif p.exists() or p.is_symlink():
-            add(p)
-        else:
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                skipped.append(f"no such file, folder or pattern: {item}")
-                log.error("%s", skipped[-1])
-            for m in matches:
-                add(Path(m))
-    seen: set[Path] = set()
-    unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
-    return unique, skipped
+# PredictOptions' messages name its fields; the command line names flags. (The tile sizes and
+# counts are checked by the flags' argparse types, with the same rules.)
+_FLAG_NAMES = {"tile_whole needs tile": "--tile-whole needs --tile", "score threshold": "--score-thresh"}
 
 
-def unique_names(stems: list[str], taken: set[str] | frozenset[str] = frozenset()) -> list[str]:
-    """One output name per input (images and videos alike): its stem, with ``_2``, ``_3``, ...
-    where inputs share a stem or it is ``taken``, so that no output of a run replaces another."""
-    names, used = [], set(taken)
-    for stem in stems:
-        name, k = stem, 1
-        while name in used:
-            k += 1
-            name = f"{stem}_{k}"
-        used.add(name)
-        names.append(name)
-    return names
+def options_from_args(args: argparse.Namespace) -> "PredictOptions":
+    """``predict`` and ``evaluate``'s flags -> the one validated ``PredictOptions``; a bad value is a
+    one-line ValueError naming the flag (``main`` prints it, exit 2)."""
+    from .inference.options import PredictOptions
 
-
-def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
-    """ValueError if writing any of ``outputs`` would replace one of ``inputs``.
-
-    Compared by resolved path and, for files that exist, by device and inode, so links and
-    case-insensitive file systems cannot slip an input through.
-    """
-    resolved = {p.resolve(): p for p in inputs}
-    inodes = {}
-    for p in inputs:
-        with contextlib.suppress(OSError):
-            st = p.stat()
-            inodes[(st.st_dev, st.st_ino)] = p
-    for out in outputs:
-        hit = resolved.get(out.resolve())
-        if hit is None and out.exists():
-            st = out.stat()
-            hit = inodes.get((st.st_dev, st.st_ino))
-        if hit is not None:
-            raise ValueError(f"writing {out} would overwrite the input {hit}; choose another --out folder")
-
-
-def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None:
-    """ValueError if one of ``predict``'s results files or video outputs exists and is not an
-    earlier output of ``predict``: they go straight into ``--out``, which may be the input
-    folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` being annotated.
-    (``overlays/`` is predict's own folder: its files are replaced, as a rerun needs.)"""
-    from .inference.outputs import PredictionFiles
-    from .inference.video import written_by_predict
-
-    for out, ours in [*((p, PredictionFiles.written_by_predict) for p in results), *((p, written_by_predict) for p in videos)]:
-        if (out.exists() or out.is_symlink()) and not ours(out):
-            raise ValueError(f"{out} exists and was not written by maskrcnn predict, so it is not replaced; "
-                             "choose another --out folder")
+    fields = {k: getattr(args, k) for k in ("score_thresh", "batch_size", "max_pixels", "precision", "tile",
+                                              "tile_overlap", "tile_whole") if getattr(args, k, None) is not None}
+    try:
+        return PredictOptions(**fields, progress=not args.quiet)
+    except ValueError as e:  # the API's message, in the flags' names
+        message = str(e)
+        for api, flag in _FLAG_NAMES.items():
+            message = message.replace(api, flag)
+        raise ValueError(message) from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Images -> overlays and COCO results; videos, animated GIFs, streams, cameras -> an
     annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
-    from .inference.video import is_animated_gif, is_stream, is_video
+    from .applications.writers import build_writers
+    from .inference.predict_files import predict_files
 
-    streams = [i for i in args.inputs if is_stream(i)]
-    paths, failed = expand_inputs([i for i in args.inputs if not is_stream(i)])
-    videos = [p for p in paths if is_video(str(p)) or is_animated_gif(p)]
-    images = [p for p in paths if p not in set(videos)]
-    if not (images or videos or streams):
-        print(f"error: no images or videos found in {' '.join(args.inputs)}", file=sys.stderr)
-        return 2
-    if not images and (args.labels or args.geojson or args.polygons):
-        args.parser.error("--labels, --geojson and --polygons apply to images; no image among the inputs")
-    if args.tile_whole and (videos or streams):
-        args.parser.error("--tile-whole applies to images only, not to videos, streams or cameras")
-    from .inference.outputs import PredictionFiles, coco_image_ids
-    from .inference.predictor import check_score_thresh
-    from .inference.video import output_name
-
-    check_score_thresh(args.score_thresh)
-    out = Path(args.out)
-    overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
-    sources = [*streams, *map(str, videos)]
-    names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
-    video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
-    results = PredictionFiles(out).paths() if images else []
-    from .applications import writers as app_writers
-
-    writers = app_writers.build_writers(out, args.labels, args.geojson, args.polygons, args.polygon_tolerance) if images else []
-    extra = app_writers.refuse_replacing_user_files(writers, [o.stem for o in overlays])
-    # Before any work: no output replaces an input, or a file that predict did not write.
-    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *extra])
-    refuse_replacing_user_files(results, video_files)
-    # Images missing from the --coco file get ids past its largest, never one of its ids.
-    gt_ids = coco_image_ids(images, args.coco) if args.coco else ([None] * len(images), 1)
-    from .weights.checkpoint import load
-
-    model = load(args.weights, device=args.device)
-    videos_failed = predict_videos(args, model, sources, names) if sources else 0
-    failed += predict_images(args, model, images, overlays, gt_ids, writers) if images else []
-    if failed:
-        print(f"{len(failed)} input(s) could not be processed:", *failed, sep="\n  ", file=sys.stderr)
-    return 1 if failed or videos_failed else 0
-
-
-def predict_images(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", paths: list[Path], overlays: list[Path],
-                   gt_ids: tuple[list[int | None], int], writers: list | None = None) -> list[str]:
-    """Each image -> ``overlays[i]``, and ``--out``'s results files; the messages of those that
-    failed. ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others.
-    ``writers``: the ``--labels`` / ``--geojson`` / ``--polygons`` outputs (``applications``)."""
-    from tqdm import tqdm
-
-    from .data.images import MAX_PIXELS
-    from .inference.outputs import PredictionFiles, label_to_category
-    from .inference.predictor import iter_predict
-
-    out = Path(args.out)
-    ids, first_free = gt_ids
-    table = label_to_category(model)
-    results, failed = PredictionFiles(out), []
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=args.quiet)
-    stream = iter_predict(model, paths, batch_size=args.batch_size, score_thresh=args.score_thresh,
-                          max_pixels=args.max_pixels or MAX_PIXELS, precision=args.precision,
-                          tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole, progress=not args.quiet)
-    with results, contextlib.ExitStack() as closing:
-        for writer in writers or []:  # CSV and COCO files written once at the end, also after Ctrl-C
-            closing.callback(writer.close)
-        for i, result in enumerate(stream):
-            bar.update(1)
-            if result.error is not None:  # logged as it happened; listed again at the end
-                failed.append(result.error)
-                continue
-            image_id = ids[i] if ids[i] is not None else first_free + i
-            result.save(overlays[i])
-            results.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
-            for writer in writers or []:
-                writer.add(image_id, overlays[i].stem, paths[i], result)
-        bar.close()
-    print(f"{results.images} images, {results.detections} detections -> {out}/ "
-          "(overlays/, predictions.json, predictions.jsonl, images.json)")
-    return failed
-
-
-def predict_videos(args: argparse.Namespace, model: "MaskRCNN | OnnxModel", sources: list[str], names: list[str]) -> int:
-    """Each video, stream or camera -> ``--out/<name>.mp4`` and ``<name>.jsonl``. Returns how
-    many failed or ended before their header's frame count, each told in one line as it happens."""
-    from .inference.outputs import label_to_category
-    from .inference.video import predict_video
-
-    table = label_to_category(model)
-    failed = 0
-    for source, name in zip(sources, names):
-        try:
-            done = predict_video(model, source, args.out, stride=args.stride, batch_size=args.batch_size,
-                                 score_thresh=args.score_thresh, precision=args.precision, tile=args.tile,
-                                 tile_overlap=args.tile_overlap, category_ids=table, progress=not args.quiet, name=name)
-        except ValueError as e:  # cannot open, no video stream, no frame, PyAV missing: one line, go on
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        if done.problem is not None:  # truncated or broken off: what was decoded is kept, exit 1
-            print(f"warning: {source}: {done.problem}", file=sys.stderr)
-            failed += 1
-        print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
-              f"{done.video}, {done.jsonl}")
-    return failed
-
-
-# How ``evaluate``'s files begin (results.json: a compact COCO results list, metrics.json:
-# indented metrics), or the whole file when empty: an earlier evaluation's output is replaced,
-# a user's own file of that name is not.
-_EVALUATE_OPENINGS = {"results.json": (b'[{"image_id": ', b"[]"), "metrics.json": (b'{\n "bbox": {', None)}
-
-
-def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
-    """ValueError before any work if ``evaluate`` writing ``out/results.json`` and
-    ``out/metrics.json`` would replace an input (``--data``, ``--weights``) or a file that an
-    earlier ``evaluate`` did not write, or if ``out`` cannot be written (found only after an
-    evaluation that may take hours, otherwise)."""
-    outputs = [out / name for name in _EVALUATE_OPENINGS]
-    refuse_overwriting_inputs(inputs, outputs)
-    for path in outputs:
-        if not (path.exists() or path.is_symlink()):
-            continue
-        prefix, empty = _EVALUATE_OPENINGS[path.name]
-        try:
-            with open(path, "rb") as f:
-                head = f.read(len(prefix) + 1)
-        except OSError:
-            head = b""
-        if not (head.startswith(prefix) or head == empty):
-            raise ValueError(f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
-                             "choose another --out folder")
-    # Writable, told now rather than after the work, and nothing created on the way (the folder
-    # is made when the results are written): the nearest existing folder must take new files.
-    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} cannot be written (read-only or no permission)")
+    writers = build_writers(args.out, args.labels, args.geojson, args.polygons, args.polygon_tolerance)
+    done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
+                         coco=args.coco, stride=args.stride, quiet=args.quiet, writers=writers)
+    if done.failed:
+        print(f"{len(done.failed)} input(s) could not be processed:", *done.failed, sep="\n  ", file=sys.stderr)
+    return 1 if done.failed or done.videos_failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
-    from .weights.checkpoint import load
-    from .data.coco import CocoDataset, describe_problems
-    from .data.errors import DatasetError
-    from .evaluation.coco import coco_evaluate, format_metrics
-    from .inference.outputs import coco_results, label_to_category
-    from .files import write_json
-    from .inference.results import write_coco_results
+    from .evaluation.evaluate_files import evaluate_files
 
-    # The ground truth through the training parser; every image file checked (headers only)
-    # before the model is loaded: a missing or mis-sized image would score its ground truth
-    # against no detections, or against masks drawn at the wrong size.
-    if args.out:  # before any work: never an input, never a user's own file, and writable
-        check_evaluate_out(Path(args.out), [Path(args.data), Path(args.weights)])
-    gt = CocoDataset(args.data, args.images, allow_outside_root=args.allow_outside_root)
-    bad = gt.bad_images(decode=False)
-    if len(bad) == len(gt):
-        raise DatasetError(describe_problems(args.data, len(gt), bad) + f"\n  is --images {args.images} the right folder?")
-    if bad and not args.skip_bad_images:
-        raise DatasetError(describe_problems(args.data, len(gt), bad) + "\n  (--skip-bad-images leaves them out of "
-                           "both the ground truth and the detections)")
-    model = load(args.weights, device=args.device)
-    model_ids, gt_ids = set(label_to_category(model)[1:]), {a.category_id for a in gt.file.annotations}
-    if not model_ids & gt_ids:
-        raise DatasetError(f"{args.data}: none of its category ids {sorted(gt_ids)[:10]} is one the model predicts "
-                           f"{sorted(model_ids)[:10]}; every AP would be 0")
-    skipped: list[int] = []
-    keep = [i for i in gt.image_ids if i not in bad]
-    entries = coco_results(model, gt.coco, args.images, batch_size=args.batch_size, progress=not args.quiet,
-                           image_ids=keep, allow_outside_root=args.allow_outside_root,
-                           tile=args.tile, tile_overlap=args.tile_overlap, tile_whole=args.tile_whole,
-                           skipped=skipped if args.skip_bad_images else None)
-    excluded = [*bad, *skipped]
-    keep = [i for i in keep if i not in skipped]
-    if not keep:
-        raise DatasetError(f"{args.data}: no image could be read; nothing to evaluate")
-    iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
-    metrics = coco_evaluate(gt.coco, entries, iou_types=iou_types, image_ids=keep)
-    print(format_metrics(metrics))
-    if excluded:
-        names = [gt.file.images[i].file_name for i in excluded]
-        metrics["excluded_images"] = names
-        shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
-        print(f"{len(excluded)} of {len(gt)} images left out of both the ground truth and the detections: {shown}",
-              file=sys.stderr)
-    if args.out:
-        out = Path(args.out)
-        write_coco_results(entries, out / "results.json")
-        write_json(metrics, out / "metrics.json", indent=1)
-        print(f"results.json and metrics.json -> {out}/")
-    return 1 if excluded else 0
+    metrics = evaluate_files(args.weights, args.data, args.images, options_from_args(args), out=args.out,
+                             device=args.device, skip_bad_images=args.skip_bad_images,
+                             allow_outside_root=args.allow_outside_root)
+    return 1 if metrics.get("excluded_images") else 0
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -389,12 +140,6 @@ def tile_overlap(text: str) -> float:
     return value
 
 
-def check_tile_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """An argparse error (exit 2) for ``--tile-whole`` without ``--tile``, which would do nothing."""
-    if getattr(args, "tile_whole", False) and args.tile is None:
-        parser.error("--tile-whole needs --tile (it adds a whole-image pass to a tiled run)")
-
-
 def add_tile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tile", type=tile_size, default=None,
                    help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
@@ -433,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(func=cmd_predict, parser=q)
+    q.set_defaults(func=cmd_predict)
 
     e = sub.add_parser("evaluate", help="COCO box and mask AP of a model on an annotated image set")
     e.add_argument("--weights", required=True)
@@ -449,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "detections (exit code 1) instead of stopping with an error")
     e.add_argument("--allow-outside-root", action="store_true",
                    help="let file names in --data be absolute or lead out of --images ('../x.jpg')")
-    e.set_defaults(func=cmd_evaluate, parser=e)
+    e.set_defaults(func=cmd_evaluate)
 
     t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
     t.add_argument("config", help="YAML training config, or a built-in one: demo_shapes, kudzu, coco_r50")
@@ -494,8 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if hasattr(args, "parser"):
-        check_tile_options(args.parser, args)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

@@ -127,3 +127,24 @@ def write_json(obj: Any, path: str | Path, indent: int | None = None) -> Path:
     data = json.dumps(obj, indent=indent, default=str).encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
 
+
+
+def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:
+    """ValueError if writing any of ``outputs`` would replace one of ``inputs``.
+
+    Compared by resolved path and, for files that exist, by device and inode, so links and
+    case-insensitive file systems cannot slip an input through.
+    """
+    resolved = {p.resolve(): p for p in inputs}
+    inodes = {}
+    for p in inputs:
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            inodes[(st.st_dev, st.st_ino)] = p
+    for out in outputs:
+        hit = resolved.get(out.resolve())
+        if hit is None and out.exists():
+            st = out.stat()
+            hit = inodes.get((st.st_dev, st.st_ino))
+        if hit is not None:
+            raise ValueError(f"writing {out} would overwrite the input {hit}; choose another --out folder")

@@ -260,13 +260,13 @@ def perfect_model(monkeypatch):
     requested image whose file it can read (as the real loop does). Records the ids asked for."""
     calls: list[list[int]] = []
 
-    def fake(model, coco, image_dir, batch_size=1, progress=True, image_ids=None, **kwargs):
+    def fake(model, coco, image_dir, options=None, image_ids=None, **kwargs):
         ids = sorted(coco.getImgIds()) if image_ids is None else list(image_ids)
         calls.append(ids)
         readable = [i for i in ids if (Path(image_dir) / coco.imgs[i]["file_name"]).is_file()]
         return [e for e in _detections(coco) if e["image_id"] in readable]
 
-    monkeypatch.setattr("maskrcnn.inference.outputs.coco_results", fake)
+    monkeypatch.setattr("maskrcnn.evaluation.evaluate_files.coco_results", fake)
     return calls
 
 

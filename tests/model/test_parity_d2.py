@@ -220,13 +220,12 @@ COCO_THING_IDS = [
 
 def test_detectron2_classes_come_out_as_coco_category_ids(device):
     """Detectron2's contiguous class k (0..79) is our label k + 1, and the table every COCO writer
-    uses (``label_to_category``: predict's JSON, ``evaluate``, ``Result.to_coco``) turns that label
+    uses (``config.label_categories``: predict's JSON, ``evaluate``, ``Result.to_coco``) turns that label
     into COCO's category id: class 0 'person' -> 1, class 11 'stop sign' -> 13, class 79
     'toothbrush' -> 90. Checked on the fixture's real detections (9 classes, 16 to 66)."""
-    from maskrcnn.inference.outputs import label_to_category
 
     model = maskrcnn.load(d2_checkpoint("r50"))
-    table = label_to_category(model)
+    table = model.config.label_categories()
     assert table[1:] == COCO_THING_IDS
     assert (model.config.class_names[11], table[12]) == ("stop sign", 13)
     assert (model.config.class_names[79], table[80]) == ("toothbrush", 90)

@@ -15,12 +15,13 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
-def build_writers(out: Path, labels: bool = False, geojson: bool = False, polygons: bool = False,
+def build_writers(out: str | Path, labels: bool = False, geojson: bool = False, polygons: bool = False,
                   tolerance: float | None = None) -> list[Writer]:
     """The writers that ``--labels``, ``--geojson`` and ``--polygons`` ask for (a one-line
     ValueError naming the extra to install when a library is missing)."""
     from .polygon_files import TOLERANCE
 
+    out = Path(out)
     tolerance = TOLERANCE if tolerance is None else tolerance
     writers: list[Writer] = []
     if labels:

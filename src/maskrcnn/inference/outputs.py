@@ -1,5 +1,4 @@
-"""Running a model over images for the CLI: COCO results entries for an annotated image set
-(``evaluate``), the ground-truth ids of loose image files and ``predict``'s result files."""
+"""``predict``'s result files (``PredictionFiles``) and the ground-truth ids of loose image files."""
 from __future__ import annotations
 
 import json
@@ -8,63 +7,11 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-import torch
-from pycocotools.coco import COCO
-from tqdm import tqdm
-
-from ..data.coco import image_path, read_json
-from ..data.errors import DatasetError
-from ..model.mask_rcnn import MaskRCNN
-from .predictor import iter_predict
+from ..data.coco import read_json
 from ..files import atomic_write
 from .results import Result
 
 log = logging.getLogger(__name__)
-
-
-def label_to_category(model: MaskRCNN) -> list[int]:
-    """Table label -> dataset category id (index 0 unused); identity without ``category_ids``."""
-    return model.config.label_categories()
-
-
-@torch.inference_mode()
-def coco_results(
-    model: MaskRCNN,
-    coco: COCO,
-    image_dir: str | Path,
-    batch_size: int = 1,
-    progress: bool = True,
-    image_ids: list[int] | None = None,
-    *,
-    allow_outside_root: bool = False,
-    skipped: list[int] | None = None,
-    tile: int | None = None,
-    tile_overlap: float = 0.2,
-    tile_whole: bool = False,
-) -> list[dict]:
-    """Detections of ``model`` on every image of ``coco`` as COCO results entries (RLE masks).
-
-    File names must stay inside ``image_dir`` unless ``allow_outside_root`` (as in
-    ``CocoDataset``). An image that cannot be read raises ``DatasetError`` naming it, since
-    evaluating without its detections would still count its ground truth; with a ``skipped``
-    list it is logged and its id appended there instead, for the caller to leave out of the
-    ground truth too. ``tile``, ``tile_overlap``, ``tile_whole``: tiled inference (``model.predict(tile=)``).
-    """
-    ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
-    table = label_to_category(model)
-    paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
-    entries: list[dict] = []
-    stream = iter_predict(model, paths, batch_size=batch_size, keep_images=False, tile=tile, tile_overlap=tile_overlap,
-                          tile_whole=tile_whole)
-    for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img", disable=not progress, leave=False):
-        if result.error is not None:
-            if skipped is None:
-                raise DatasetError(result.error)
-            log.error("skipping %s", result.error)
-            skipped.append(image_id)
-            continue
-        entries.extend(result.to_coco(image_id, table))
-    return entries
 
 
 def coco_image_ids(paths: list[Path], coco_file: str) -> tuple[list[int | None], int]:

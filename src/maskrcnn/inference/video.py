@@ -2,7 +2,7 @@
 
 Decoding and encoding go through PyAV (FFmpeg), the optional extra ``maskrcnn[video]``: any
 file FFmpeg reads (animated GIFs too), a stream URL (``rtsp://``, ``http://``, ...) and, on
-Linux, a V4L2 camera (``/dev/video0``). Frames are run through ``predictor.iter_predict`` in
+Linux, a V4L2 camera (``/dev/video0``). Frames are run through ``Predictor.stream`` in
 batches, as images are (tiled too, with ``tile``), and for each processed frame:
 
 - ``<name>.jsonl`` gets one line, flushed at once (an interrupted run keeps every finished
@@ -35,8 +35,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from ..model.mask_rcnn import MaskRCNN
-from .predictor import iter_predict
+from .predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -241,16 +240,10 @@ def _shortfall(reading: _Reading, header: int | None) -> str | None:
 
 
 def predict_video(
-    model: MaskRCNN,
+    predictor: Predictor,
     source: str,
     out_dir: str | Path,
     stride: int = 1,
-    batch_size: int = 1,
-    score_thresh: float | None = None,
-    precision: str = "fp32",
-    tile: int | None = None,
-    tile_overlap: float = 0.2,
-    category_ids: list[int] | None = None,
     progress: bool = False,
     name: str | None = None,
 ) -> VideoSummary:
@@ -258,11 +251,11 @@ def predict_video(
     and ``out_dir/<name>.jsonl`` (module docstring), replacing files of those names.
 
     Args:
+        predictor: the model and its options (frames are images: tiling applies, the whole-image
+            pass and kept pixels do not).
         source: a video file, stream URL or camera device.
         stride: process frames 0, stride, 2 * stride, ...
-        category_ids: label -> category id table for the JSON entries (identity when None).
         name: the outputs' base name (default ``output_name(source)``).
-        Others: as for ``model.predict``.
 
     Raises:
         ValueError: PyAV missing, the source cannot be opened, holds no video stream or no
@@ -287,9 +280,8 @@ def predict_video(
         out_dir.mkdir(parents=True, exist_ok=True)
         video = AnnotatedVideo(av, out_dir / f"{name}.mp4", Fraction(fps / stride).limit_denominator(1001))
         total = -(-header // stride) if header else None
-        summary = _annotate(model, frames, video, out_dir / f"{name}.jsonl", category_ids, total, progress,
-                            dict(batch_size=batch_size, score_thresh=score_thresh, precision=precision, tile=tile,
-                                 tile_overlap=tile_overlap))
+        frame_predictor = Predictor(predictor.model, predictor.options, keep_images=False, tile_whole=False)
+        summary = _annotate(frame_predictor, frames, video, out_dir / f"{name}.jsonl", total, progress)
     finally:
         container.close()
     if not summary.frames_processed:
@@ -299,9 +291,8 @@ def predict_video(
     return summary
 
 
-def _annotate(model: MaskRCNN, frames: Iterator[tuple[int, float, float | None, np.ndarray]], video: AnnotatedVideo,
-              jsonl: Path, category_ids: list[int] | None, total: int | None, progress: bool,
-              options: dict[str, Any]) -> VideoSummary:
+def _annotate(predictor: Predictor, frames: Iterator[tuple[int, float, float | None, np.ndarray]], video: AnnotatedVideo,
+              jsonl: Path, total: int | None, progress: bool) -> VideoSummary:
     """Run the model over ``frames``; one JSON line and one annotated frame for each."""
     from tqdm import tqdm
 
@@ -316,7 +307,7 @@ def _annotate(model: MaskRCNN, frames: Iterator[tuple[int, float, float | None, 
     lines: IO[str] | None = None  # opened at the first frame: a source with none leaves no file
     try:
         with tqdm(total=total, desc=video.path.stem[-30:], unit="frame", disable=not progress) as bar:
-            for result in iter_predict(model, pixels(), keep_images=False, **options):
+            for result in predictor.stream(pixels()):
                 index, time, stamp, rgb = pending.popleft()
                 record: dict[str, Any] = {"frame": index, "time": round(time, 6),
                                           "pts_time": None if stamp is None else round(stamp, 6)}
@@ -324,7 +315,7 @@ def _annotate(model: MaskRCNN, frames: Iterator[tuple[int, float, float | None, 
                     record["error"] = result.error
                     summary.failed_frames += 1
                 else:
-                    record["detections"] = result.to_coco(index, category_ids)
+                    record["detections"] = result.to_coco(index)  # COCO category ids: Result's own table
                     summary.detections += len(result)
                 if lines is None:
                     lines = open(jsonl, "w", encoding="utf-8")  # noqa: SIM115  closed below

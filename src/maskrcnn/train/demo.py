@@ -39,7 +39,8 @@ from ..model.mask_rcnn import MaskRCNN
 from ..files import write_json
 from .distributed import resolve_device
 from ..evaluation.coco import coco_evaluate, flatten_metrics
-from ..inference.outputs import coco_results
+from ..evaluation.evaluate_files import coco_results
+from ..inference.options import PredictOptions
 from .trainer import NonFiniteLossError, train
 from .config import TrainConfig, load_training_config
 
@@ -79,7 +80,7 @@ def evaluate_model(model: MaskRCNN, val: SplitPaths, batch_size: int, progress: 
     """COCO box and mask AP (``coco_evaluate``'s dict) of ``model`` on every image of ``val``."""
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints while loading
         gt = COCO(str(val.ann_file))
-    entries = coco_results(model, gt, val.image_dir, batch_size=batch_size, progress=progress)
+    entries = coco_results(model, gt, val.image_dir, PredictOptions(batch_size=batch_size, progress=progress))
     return coco_evaluate(gt, entries, iou_types=("bbox", "segm") if model.config.masks else ("bbox",))
 
 

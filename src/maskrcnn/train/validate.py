@@ -17,13 +17,13 @@ from tqdm import tqdm
 
 from ..data import collate
 from ..model.mask_rcnn import MaskRCNN
-from ..inference.predictor import predict_batches
+from ..inference.options import PredictOptions
+from ..inference.predictor import Predictor
 from ..inference.results import Result
 from ..structures import Targets
 from . import distributed
 from .datasets import coco_and_indices
 from ..evaluation.coco import coco_evaluate, flatten_metrics
-from ..inference.outputs import label_to_category
 from .schedules import Stage, stage_loss
 from .state import preserved_rng
 from .config import TrainConfig
@@ -34,7 +34,7 @@ def validate(
     model: MaskRCNN, stage: Stage, dataset: Dataset, cfg: TrainConfig, device: torch.device
 ) -> tuple[dict[str, float], list[Result]]:
     """Validation losses and COCO AP in one pass through the package's one inference loop
-    (``predictor.predict_batches``): eval mode with targets gives both the losses and the
+    (``Predictor.batches``): eval mode with targets gives both the losses and the
     detections.
     The RNG streams are left as they were, so validating never changes how training goes on.
 
@@ -46,11 +46,10 @@ def validate(
     coco_ds, indices = coco_and_indices(dataset)
     loader = DataLoader(Subset(coco_ds, distributed.shard(indices)), batch_size=cfg.data.batch_size, collate_fn=collate,
                         num_workers=cfg.data.workers)
-    table = label_to_category(model)
     sums: dict[str, float] = {}
     batches, entries, pictures = 0, [], []
     with preserved_rng():
-        # The loader's batches stream through predict_batches: images in one argument, their
+        # The loader's batches stream through Predictor.batches: images in one argument, their
         # targets in the other, each batch's infos kept aside until its results come back.
         pending: collections.deque = collections.deque()
 
@@ -64,7 +63,8 @@ def validate(
             while True:
                 yield pending[0][0]
 
-        stream = predict_batches(model, image_batches(), target_batches(), keep_images=True, precision=cfg.solver.amp)
+        predictor = Predictor(model, PredictOptions(precision=cfg.solver.amp))
+        stream = predictor.batches(image_batches(), target_batches())
         for results, out_losses in stream:
             _, infos = pending.popleft()
             losses = {k: float(v) for k, v in out_losses.items()}
@@ -73,7 +73,7 @@ def validate(
                 sums[k] = sums.get(k, 0.0) + v
             batches += 1
             for info, result in zip(infos, results):
-                entries.extend(result.to_coco(info["image_id"], table))
+                entries.extend(result.to_coco(info["image_id"]))
                 if len(pictures) < cfg.eval.num_visualize:
                     pictures.append(result[result.scores >= cfg.eval.visualize_score])
     shares = distributed.gather((sums, batches, entries))

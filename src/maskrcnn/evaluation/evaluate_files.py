@@ -1,0 +1,160 @@
+"""``maskrcnn evaluate``: a model over an annotated image set, COCO box and mask AP.
+
+The ground truth is read with the training parser and every image file checked (headers
+only) before the model is loaded: a missing or mis-sized image would score its ground truth
+against no detections, or against masks drawn at the wrong size.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from pycocotools.coco import COCO
+from tqdm import tqdm
+
+from ..data.coco import CocoDataset, describe_problems, image_path
+from ..data.errors import DatasetError
+from ..files import refuse_overwriting_inputs, write_json
+from ..inference.options import PredictOptions
+from ..inference.predictor import Predictor
+from ..inference.results import write_coco_results
+from ..model.mask_rcnn import MaskRCNN
+from ..weights.checkpoint import load
+from ..weights.onnx_model import OnnxModel
+from .coco import coco_evaluate, format_metrics
+
+log = logging.getLogger(__name__)
+
+# How ``evaluate``'s files begin (results.json: a compact COCO results list, metrics.json:
+# indented metrics), or the whole file when empty: an earlier evaluation's output is replaced,
+# a user's own file of that name is not.
+_EVALUATE_OPENINGS = {"results.json": (b'[{"image_id": ', b"[]"), "metrics.json": (b'{\n "bbox": {', None)}
+
+
+@torch.inference_mode()
+def coco_results(
+    model: MaskRCNN | OnnxModel,
+    coco: COCO,
+    image_dir: str | Path,
+    options: PredictOptions | None = None,
+    image_ids: list[int] | None = None,
+    *,
+    allow_outside_root: bool = False,
+    skipped: list[int] | None = None,
+) -> list[dict]:
+    """Detections of ``model`` on every image of ``coco`` as COCO results entries (RLE masks).
+
+    File names must stay inside ``image_dir`` unless ``allow_outside_root`` (as in
+    ``CocoDataset``). An image that cannot be read raises ``DatasetError`` naming it, since
+    evaluating without its detections would still count its ground truth; with a ``skipped``
+    list it is logged and its id appended there instead, for the caller to leave out of the
+    ground truth too. ``options``: how the model runs (pixels are never kept); with
+    ``progress`` a bar counts the images.
+    """
+    options = options or PredictOptions()
+    ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
+    paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
+    entries: list[dict] = []
+    stream = Predictor(model, options, keep_images=False).stream(paths)
+    for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img",
+                                 disable=not options.progress, leave=False):
+        if result.error is not None:
+            if skipped is None:
+                raise DatasetError(result.error)
+            log.error("skipping %s", result.error)
+            skipped.append(image_id)
+            continue
+        entries.extend(result.to_coco(image_id))
+    return entries
+
+
+def evaluate_files(
+    weights: str,
+    data: str,
+    images: str,
+    options: PredictOptions,
+    *,
+    out: str | None = None,
+    device: str = "cpu",
+    skip_bad_images: bool = False,
+    allow_outside_root: bool = False,
+) -> dict[str, Any]:
+    """COCO AP of the model in ``weights`` on the annotated set ``data`` (images in ``images``);
+    printed, and with ``out`` written as ``out/results.json`` and ``out/metrics.json``.
+
+    Returns:
+        The metrics (``coco_evaluate``), with ``excluded_images`` naming the images that
+        ``skip_bad_images`` left out of both the ground truth and the detections.
+
+    Raises:
+        DatasetError: bad ground truth or images (nothing evaluated), or no category the
+            model predicts; ValueError: an ``out`` that would replace an input or a user's file.
+    """
+    if out:  # before any work: never an input, never a user's own file, and writable
+        check_evaluate_out(Path(out), [Path(data), Path(weights)])
+    gt = CocoDataset(data, images, allow_outside_root=allow_outside_root)
+    bad = gt.bad_images(decode=False)
+    if len(bad) == len(gt):
+        raise DatasetError(describe_problems(data, len(gt), bad) + f"\n  is --images {images} the right folder?")
+    if bad and not skip_bad_images:
+        raise DatasetError(describe_problems(data, len(gt), bad) + "\n  (--skip-bad-images leaves them out of "
+                           "both the ground truth and the detections)")
+    model = load(weights, device=device)
+    model_ids, gt_ids = set(model.config.label_categories()[1:]), {a.category_id for a in gt.file.annotations}
+    if not model_ids & gt_ids:
+        raise DatasetError(f"{data}: none of its category ids {sorted(gt_ids)[:10]} is one the model predicts "
+                           f"{sorted(model_ids)[:10]}; every AP would be 0")
+    skipped: list[int] = []
+    keep = [i for i in gt.image_ids if i not in bad]
+    entries = coco_results(model, gt.coco, images, options, image_ids=keep, allow_outside_root=allow_outside_root,
+                           skipped=skipped if skip_bad_images else None)
+    excluded = [*bad, *skipped]
+    keep = [i for i in keep if i not in skipped]
+    if not keep:
+        raise DatasetError(f"{data}: no image could be read; nothing to evaluate")
+    iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
+    metrics = coco_evaluate(gt.coco, entries, iou_types=iou_types, image_ids=keep)
+    print(format_metrics(metrics))
+    if excluded:
+        names = [gt.file.images[i].file_name for i in excluded]
+        metrics["excluded_images"] = names
+        shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+        print(f"{len(excluded)} of {len(gt)} images left out of both the ground truth and the detections: {shown}",
+              file=sys.stderr)
+    if out:
+        write_coco_results(entries, Path(out) / "results.json")
+        write_json(metrics, Path(out) / "metrics.json", indent=1)
+        print(f"results.json and metrics.json -> {out}/")
+    return metrics
+
+
+def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
+    """ValueError before any work if ``evaluate`` writing ``out/results.json`` and
+    ``out/metrics.json`` would replace an input (``--data``, ``--weights``) or a file that an
+    earlier ``evaluate`` did not write, or if ``out`` cannot be written (found only after an
+    evaluation that may take hours, otherwise)."""
+    outputs = [out / name for name in _EVALUATE_OPENINGS]
+    refuse_overwriting_inputs(inputs, outputs)
+    for path in outputs:
+        if not (path.exists() or path.is_symlink()):
+            continue
+        prefix, empty = _EVALUATE_OPENINGS[path.name]
+        try:
+            with open(path, "rb") as f:
+                head = f.read(len(prefix) + 1)
+        except OSError:
+            head = b""
+        if not (head.startswith(prefix) or head == empty):
+            raise ValueError(f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
+                             "choose another --out folder")
+    # Writable, told now rather than after the work, and nothing created on the way (the folder
+    # is made when the results are written): the nearest existing folder must take new files.
+    existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} cannot be written (read-only or no permission)")

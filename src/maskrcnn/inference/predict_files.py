@@ -1,0 +1,206 @@
+"""``maskrcnn predict``: image and video files in, result files out.
+
+Inputs are expanded (files, folders, glob patterns), checked against the outputs before any
+work (no output replaces an input or a file that predict did not write), then images go
+through one ``Predictor`` into ``PredictionFiles`` and overlays, and each video, stream or
+camera into an annotated video and JSON Lines (``video.predict_video``).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..applications.writers import Writer
+from ..applications.writers import refuse_replacing_user_files as refuse_replacing_writers_files
+from ..files import refuse_overwriting_inputs
+from ..weights.checkpoint import load
+from .options import PredictOptions
+from .outputs import PredictionFiles, coco_image_ids
+from .predictor import Predictor
+from .video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
+
+@dataclass
+class PredictSummary:
+    """What a ``predict_files`` run did: counts, and one message per input that failed."""
+
+    images: int = 0  # images with results written
+    detections: int = 0
+    failed: list[str] = field(default_factory=list)  # inputs skipped or failed, one line each
+    videos_failed: int = 0  # videos, streams, cameras that failed or ended early
+
+
+def predict_files(
+    weights: str,
+    inputs: list[str],
+    out: str | Path,
+    options: PredictOptions,
+    *,
+    device: str = "cpu",
+    coco: str | None = None,
+    stride: int = 1,
+    quiet: bool = False,
+    writers: Sequence[Writer] = (),
+) -> PredictSummary:
+    """Images -> ``out/overlays/<name>.png`` and ``out``'s COCO results files; videos, animated
+    GIFs, streams and cameras -> ``out/<name>.mp4`` and ``<name>.jsonl`` each.
+
+    Args:
+        weights: the model file (``maskrcnn.load``), loaded once the inputs are checked.
+        inputs: image or video files, folders, glob patterns, stream URLs, camera devices.
+        options: how the model runs (``tile_whole`` applies to images only).
+        coco: a COCO JSON whose image ids the images' results take, matched by file name.
+        stride: videos: every ``stride``-th frame.
+        writers: more per-image outputs (``applications``: ``--labels``, ``--geojson``, ``--polygons``).
+
+    Raises:
+        ValueError: nothing to predict on, bad options, an output that would replace an input
+            or a user's file: all before the model is loaded.
+    """
+    out = Path(out)
+    streams = [i for i in inputs if is_stream(i)]
+    paths, failed = expand_inputs([i for i in inputs if not is_stream(i)])
+    videos = [p for p in paths if is_video(str(p)) or is_animated_gif(p)]
+    images = [p for p in paths if p not in set(videos)]
+    if not (images or videos or streams):
+        raise ValueError(f"no images or videos found in {' '.join(inputs)}")
+    if options.tile_whole and (videos or streams):
+        raise ValueError("--tile-whole applies to images only, not to videos, streams or cameras")
+    if writers and not images:
+        raise ValueError("--labels, --geojson and --polygons apply to images; no image among the inputs")
+    overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
+    sources = [*streams, *map(str, videos)]
+    names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
+    video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
+    results = PredictionFiles(out).paths() if images else []
+    extra = refuse_replacing_writers_files(writers, [o.stem for o in overlays])
+    # Before any work: no output replaces an input, or a file that predict did not write.
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *extra])
+    refuse_replacing_user_files(results, video_files)
+    # Images missing from the --coco file get ids past its largest, never one of its ids.
+    gt_ids = coco_image_ids(images, coco) if coco else ([None] * len(images), 1)
+
+    model = load(weights, device=device)
+    predictor = Predictor(model, options)
+    summary = PredictSummary(failed=failed)
+    for source, name in zip(sources, names):
+        if not _predict_video(predictor, source, out, name, stride, quiet):
+            summary.videos_failed += 1
+    if images:
+        _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet, writers)
+    return summary
+
+
+def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path], gt_ids: tuple[list[int | None], int],
+                    out: Path, summary: PredictSummary, quiet: bool, writers: Sequence[Writer] = ()) -> None:
+    """Each image -> ``overlays[i]`` and ``out``'s results files; failures to ``summary.failed``.
+    ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others."""
+    ids, first_free = gt_ids
+    table = predictor.model.config.label_categories()
+    files = PredictionFiles(out)
+    with files, tqdm(total=len(paths), desc="predict", unit="img", disable=quiet) as bar, contextlib.ExitStack() as closing:
+        for writer in writers:  # their tables written once at the end, also after Ctrl-C
+            closing.callback(writer.close)
+        for i, result in enumerate(predictor.stream(paths)):
+            bar.update(1)
+            if result.error is not None:  # logged as it happened; listed again at the end
+                summary.failed.append(result.error)
+                continue
+            image_id = ids[i] if ids[i] is not None else first_free + i
+            result.save(overlays[i])
+            files.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+            for writer in writers:
+                writer.add(image_id, overlays[i].stem, paths[i], result)
+    summary.images, summary.detections = files.images, files.detections
+    print(f"{files.images} images, {files.detections} detections -> {out}/ "
+          "(overlays/, predictions.json, predictions.jsonl, images.json)")
+
+
+def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stride: int, quiet: bool) -> bool:
+    """One video, stream or camera -> ``out/<name>.mp4`` and ``<name>.jsonl``. False when it
+    failed or ended before its header's frame count, told in one line as it happens."""
+    try:
+        done = predict_video(predictor, source, out, stride=stride, progress=not quiet, name=name)
+    except ValueError as e:  # cannot open, no video stream, no frame, PyAV missing: one line, go on
+        print(f"error: {e}", file=sys.stderr)
+        return False
+    if done.problem is not None:  # truncated or broken off: what was decoded is kept
+        print(f"warning: {source}: {done.problem}", file=sys.stderr)
+    print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
+          f"{done.video}, {done.jsonl}")
+    return done.problem is None
+
+
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Files, folders (their images and videos, by extension, sorted) and glob patterns -> file
+    paths, in order, unique. The one expansion of ``predict``'s inputs: images and videos are
+    told apart afterwards, whichever way they were named.
+
+    Returns:
+        The paths, and one message (logged too) for each input skipped: a name that matches
+        nothing, or an entry that is not a regular file (a FIFO would block the reader forever).
+    """
+    paths: list[Path] = []
+    skipped: list[str] = []
+
+    def add(p: Path) -> None:
+        if p.is_file():  # a regular file, or a link to one
+            paths.append(p)
+        elif not p.is_dir():
+            skipped.append(f"not a regular file (FIFO, socket, device or broken link), skipped: {p}")
+            log.error("%s", skipped[-1])
+
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            for q in sorted(p.iterdir()):
+                if q.suffix.lower() in IMAGE_SUFFIXES or is_video(q.name):
+                    add(q)
+        elif p.exists() or p.is_symlink():
+            add(p)
+        else:
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                skipped.append(f"no such file, folder or pattern: {item}")
+                log.error("%s", skipped[-1])
+            for m in matches:
+                add(Path(m))
+    seen: set[Path] = set()
+    unique = [p for p in paths if not (p.resolve() in seen or seen.add(p.resolve()))]  # type: ignore[func-returns-value]
+    return unique, skipped
+
+
+def unique_names(stems: list[str], taken: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """One output name per input (images and videos alike): its stem, with ``_2``, ``_3``, ...
+    where inputs share a stem or it is ``taken``, so that no output of a run replaces another."""
+    names, used = [], set(taken)
+    for stem in stems:
+        name, k = stem, 1
+        while name in used:
+            k += 1
+            name = f"{stem}_{k}"
+        used.add(name)
+        names.append(name)
+    return names
+
+
+def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None:
+    """ValueError if one of ``predict``'s results files or video outputs exists and is not an
+    earlier output of ``predict``: they go straight into ``--out``, which may be the input
+    folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` being annotated.
+    (``overlays/`` is predict's own folder: its files are replaced, as a rerun needs.)"""
+    for out, ours in [*((p, PredictionFiles.written_by_predict) for p in results), *((p, written_by_predict) for p in videos)]:
+        if (out.exists() or out.is_symlink()) and not ours(out):
+            raise ValueError(f"{out} exists and was not written by maskrcnn predict, so it is not replaced; "
+                             "choose another --out folder")
