@@ -219,3 +219,15 @@ def test_a_geotiff_without_rasterio_is_refused_in_one_line(tmp_path, monkeypatch
         geo.is_georeferenced(tmp_path / "g.tif")
     Image.fromarray(np.zeros((40, 50), np.uint8)).save(tmp_path / "plain.tif")
     assert not geo.is_georeferenced(tmp_path / "plain.tif")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--geojson", "--polygon-tolerance", "-1"], "polygon tolerance must be a number of pixels >= 0, got -1.0"),
+    (["--polygons", "--polygon-tolerance", "nan"], "polygon tolerance must be a number of pixels >= 0, got nan"),
+])
+def test_bad_polygon_options_are_one_line_errors_before_any_work(tiny_ckpt, tmp_path, capsys, flags, message):
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
+    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "a.png"), *flags, "--out", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
