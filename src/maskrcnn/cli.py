@@ -21,12 +21,13 @@ def positive_int(text: str) -> int:
 
 # PredictOptions' messages name its fields; the command line names flags. (The tile sizes and
 # counts are checked by the flags' argparse types, with the same rules.)
-_FLAG_NAMES = {"tile_whole needs tile": "--tile-whole needs --tile", "score threshold": "--score-thresh"}
+_FLAG_NAMES = {"tile_whole needs tile": "--tile-whole needs --tile"}
 
 
 def options_from_args(args: argparse.Namespace) -> "PredictOptions":
-    """``predict`` and ``evaluate``'s flags -> the one validated ``PredictOptions``; a bad value is a
-    one-line ValueError naming the flag (``main`` prints it, exit 2)."""
+    """``predict`` and ``evaluate``'s flags -> the one validated ``PredictOptions``. A flag that
+    needs another is a usage error (argparse's, exit 2); a bad value a one-line ValueError
+    (``main`` prints it, exit 2)."""
     from .inference.options import PredictOptions
 
     fields = {k: getattr(args, k) for k in ("score_thresh", "batch_size", "max_pixels", "precision", "tile",
@@ -34,21 +35,24 @@ def options_from_args(args: argparse.Namespace) -> "PredictOptions":
     try:
         return PredictOptions(**fields, progress=not args.quiet)
     except ValueError as e:  # the API's message, in the flags' names
-        message = str(e)
         for api, flag in _FLAG_NAMES.items():
-            message = message.replace(api, flag)
-        raise ValueError(message) from None
+            if api in str(e):
+                args.parser.error(str(e).replace(api, flag))
+        raise
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """Images -> overlays and COCO results; videos, animated GIFs, streams, cameras -> an
     annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
     from .applications.writers import build_writers
-    from .inference.predict_files import predict_files
+    from .inference.predict_files import UsageError, predict_files
 
     writers = build_writers(args.out, args.labels, args.geojson, args.polygons, args.polygon_tolerance)
-    done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
-                         coco=args.coco, stride=args.stride, quiet=args.quiet, writers=writers)
+    try:
+        done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
+                             coco=args.coco, stride=args.stride, quiet=args.quiet, writers=writers)
+    except UsageError as e:
+        args.parser.error(str(e))
     if done.failed:
         print(f"{len(done.failed)} input(s) could not be processed:", *done.failed, sep="\n  ", file=sys.stderr)
     return 1 if done.failed or done.videos_failed else 0
@@ -178,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
-    q.set_defaults(func=cmd_predict)
+    q.set_defaults(func=cmd_predict, parser=q)
 
     e = sub.add_parser("evaluate", help="COCO box and mask AP of a model on an annotated image set")
     e.add_argument("--weights", required=True)
@@ -194,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "detections (exit code 1) instead of stopping with an error")
     e.add_argument("--allow-outside-root", action="store_true",
                    help="let file names in --data be absolute or lead out of --images ('../x.jpg')")
-    e.set_defaults(func=cmd_evaluate)
+    e.set_defaults(func=cmd_evaluate, parser=e)
 
     t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
     t.add_argument("config", help="YAML training config, or a built-in one: demo_shapes, kudzu, coco_r50")

@@ -260,12 +260,12 @@ def test_evaluate_tile_scores_the_merged_detections_against_the_annotations(tiny
 
 
 def test_a_tiled_run_raises_the_default_pixel_limit_but_keeps_an_explicit_one(tmp_path, monkeypatch):
-    import maskrcnn.inference.predictor as predictor
+    import maskrcnn.inference.options as options
     from maskrcnn.data.errors import DatasetError
 
     Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "wide.png")
     model = tiny_model()
-    monkeypatch.setattr(predictor, "MAX_PIXELS", 10_000)  # stands for the default: 60,000 pixels are over it
+    monkeypatch.setattr(options, "MAX_PIXELS", 10_000)  # stands for the default: 60,000 pixels are over it
     with pytest.raises(DatasetError, match="--tile"):
         model.predict(tmp_path / "wide.png", max_pixels=10_000)
     assert model.predict(tmp_path / "wide.png", max_pixels=10_000, tile=128).image_size == (200, 300)

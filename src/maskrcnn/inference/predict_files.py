@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
 
+class UsageError(ValueError):
+    """Options that cannot apply to these inputs (the command line shows its usage with it)."""
+
+
 @dataclass
 class PredictSummary:
     """What a ``predict_files`` run did: counts, and one message per input that failed."""
@@ -76,9 +80,9 @@ def predict_files(
     if not (images or videos or streams):
         raise ValueError(f"no images or videos found in {' '.join(inputs)}")
     if options.tile_whole and (videos or streams):
-        raise ValueError("--tile-whole applies to images only, not to videos, streams or cameras")
+        raise UsageError("--tile-whole applies to images only, not to videos, streams or cameras")
     if writers and not images:
-        raise ValueError("--labels, --geojson and --polygons apply to images; no image among the inputs")
+        raise UsageError("--labels, --geojson and --polygons apply to images; no image among the inputs")
     overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
     sources = [*streams, *map(str, videos)]
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'

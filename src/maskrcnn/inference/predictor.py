@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Optional, Union
 
@@ -28,7 +28,7 @@ from ..weights.onnx_model import OnnxModel
 from ..precision import autocast
 from ..precision import resolve as resolve_precision
 from .options import PredictOptions
-from .results import Result
+from .results import DISPLAY_SIZE, Result
 from ..structures import Targets
 
 log = logging.getLogger(__name__)
@@ -195,15 +195,15 @@ class Predictor:
 
             percentiles = check_percentiles(self.model.config.transform.percentiles)
             if path is None:
-                return tiling.predict_tiled(tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit, percentiles)[0]), run,
-                                            self.options, name=_name(item, index))
+                return _predict_tiled(tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit, percentiles)[0]), run,
+                                      self.options, name=_name(item, index))
             if is_georeferenced(path):  # read window by window, never whole (applications.geo)
                 with RasterioTiles.open(path, self.options.pixel_limit, percentiles) as source:
-                    return tiling.predict_tiled(source, run, self.options, path=path, name=_name(item, index))
+                    return _predict_tiled(source, run, self.options, path=path, name=_name(item, index))
             with open_image(path, self.options.pixel_limit) as img:
                 decode_in_place(img, path)  # no copy of a huge image
-                return tiling.predict_tiled(tiling.PillowTiles(img, percentiles), run, self.options, path=path,
-                                            name=_name(item, index))
+                return _predict_tiled(tiling.PillowTiles(img, percentiles), run, self.options, path=path,
+                                      name=_name(item, index))
         except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
             if raise_errors:
                 raise
@@ -304,6 +304,58 @@ class Predictor:
                 start += len(batch)
         finally:
             model.train(was_training)
+
+
+def _predict_tiled(
+    source: tiling.Source,
+    run: Callable[[Iterable[list[np.ndarray]]], Iterator[list[Result]]],
+    options: PredictOptions,
+    *,
+    path: str | None = None,
+    name: str = "image",
+) -> Result:
+    """Run a model over ``source`` tile by tile and merge the detections.
+
+    Args:
+        source: the image's pixels.
+        run: batches of (t, t, 3) uint8 tiles -> per batch, one tile-frame ``Result`` per
+            tile (``Predictor.batches``: the package's one inference loop).
+        options: the run's ``PredictOptions``: ``tile`` and ``tile_overlap`` give the grid
+            (``tiling.tile_grid``), ``batch_size`` the tiles per forward pass; with ``keep_images`` a
+            preview of at most ``DISPLAY_SIZE`` a side is kept in ``Result.image``;
+            ``tile_whole`` also runs the whole image shrunk to one tile, for objects larger
+            than a tile (``tiling.add_whole_image_pass``); ``progress`` shows a bar counting tiles.
+
+    Returns:
+        The merged ``Result``, or ``Result.failed`` naming the first tile that failed.
+    """
+    from tqdm import tqdm
+
+    tile, overlap, batch_size = options.tile, options.tile_overlap, options.batch_size
+    if tile is None:
+        raise ValueError("predict_tiled needs options.tile")
+    h, w = source.size
+    tiles = tiling.tile_grid(h, w, tile, overlap)
+
+    def batches() -> Iterator[list[np.ndarray]]:
+        for start in range(0, len(tiles), batch_size):
+            yield [source.read(t) for t in tiles[start : start + batch_size]]
+
+    results: list[Result] = []
+    with tqdm(total=len(tiles), desc=name[-40:], unit="tile", disable=not options.progress, leave=False) as bar:
+        for batch in run(batches()):
+            for r in batch:
+                if r.error is not None:
+                    t = tiles[len(results)]
+                    return Result.failed(f"{name}: tile at x={t.x0}, y={t.y0}: {r.error}", path=path)
+                results.append(r)
+            bar.update(len(batch))
+    image = tiling.preview(source, DISPLAY_SIZE) if options.keep_images else None
+    merged = tiling.merge_tiles(tiles, results, (h, w), path=path, image=image)
+    log.debug("%s: %d tiles, %d detections merged into %d", name, len(tiles), sum(map(len, results)), len(merged))
+    if options.tile_whole and len(tiles) > 1:
+        merged = tiling.add_whole_image_pass(source, run, tile, overlap, merged)
+    return merged
 
 
 def predict(model: MaskRCNN | OnnxModel, images: ImageLike | Iterable[ImageLike], **options: object) -> Result | list[Result]:

@@ -45,7 +45,6 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -54,10 +53,7 @@ from pycocotools import mask as mask_util
 from ..data.images import pixel_values, to_rgb
 from ..data.normalize import strip_range
 from .masks import crop_to_rle, decode_one
-from .results import DISPLAY_SIZE, Result
-
-if TYPE_CHECKING:  # options.py checks tiling options with this module's rules
-    from .options import PredictOptions
+from .results import Result
 
 log = logging.getLogger(__name__)
 
@@ -360,58 +356,6 @@ def _union_rle(group: list[_Part], image_size: tuple[int, int]) -> dict:
 
 
 # ---- the tiled run ------------------------------------------------------------------------
-
-
-def predict_tiled(
-    source: Source,
-    run: Callable[[Iterable[list[np.ndarray]]], Iterator[list[Result]]],
-    options: "PredictOptions",
-    *,
-    path: str | None = None,
-    name: str = "image",
-) -> Result:
-    """Run a model over ``source`` tile by tile and merge the detections.
-
-    Args:
-        source: the image's pixels.
-        run: batches of (t, t, 3) uint8 tiles -> per batch, one tile-frame ``Result`` per
-            tile (``Predictor.batches``: the package's one inference loop).
-        options: the run's ``PredictOptions``: ``tile`` and ``tile_overlap`` give the grid
-            (``tile_grid``), ``batch_size`` the tiles per forward pass; with ``keep_images`` a
-            preview of at most ``DISPLAY_SIZE`` a side is kept in ``Result.image``;
-            ``tile_whole`` also runs the whole image shrunk to one tile, for objects larger
-            than a tile (``add_whole_image_pass``); ``progress`` shows a bar counting tiles.
-
-    Returns:
-        The merged ``Result``, or ``Result.failed`` naming the first tile that failed.
-    """
-    from tqdm import tqdm
-
-    tile, overlap, batch_size = options.tile, options.tile_overlap, options.batch_size
-    if tile is None:
-        raise ValueError("predict_tiled needs options.tile")
-    h, w = source.size
-    tiles = tile_grid(h, w, tile, overlap)
-
-    def batches() -> Iterator[list[np.ndarray]]:
-        for start in range(0, len(tiles), batch_size):
-            yield [source.read(t) for t in tiles[start : start + batch_size]]
-
-    results: list[Result] = []
-    with tqdm(total=len(tiles), desc=name[-40:], unit="tile", disable=not options.progress, leave=False) as bar:
-        for batch in run(batches()):
-            for r in batch:
-                if r.error is not None:
-                    t = tiles[len(results)]
-                    return Result.failed(f"{name}: tile at x={t.x0}, y={t.y0}: {r.error}", path=path)
-                results.append(r)
-            bar.update(len(batch))
-    image = preview(source, DISPLAY_SIZE) if options.keep_images else None
-    merged = merge_tiles(tiles, results, (h, w), path=path, image=image)
-    log.debug("%s: %d tiles, %d detections merged into %d", name, len(tiles), sum(map(len, results)), len(merged))
-    if options.tile_whole and len(tiles) > 1:
-        merged = add_whole_image_pass(source, run, tile, overlap, merged)
-    return merged
 
 
 def add_whole_image_pass(

@@ -62,6 +62,11 @@ class Stage:
     losses: tuple[str, ...]
     separate_proposals: bool = False
 
+    @property
+    def trains_heads(self) -> bool:
+        """Its loss has a frontend term: it yields a detector worth validating for the best checkpoint."""
+        return any(name in FRONTEND_LOSSES for name in self.losses)
+
 
 def joint_schedule(epochs: int) -> list[Stage]:
     """End-to-end training of every trainable parameter on all losses."""

@@ -3,7 +3,8 @@ stands (``Progress``) and the random number streams.
 
 ``last.pth``'s ``train_state`` holds the fields of ``Progress`` and, beside them, the stage
 index, iterations per epoch, optimizer / loss-scaler / proposal-network states, the RNG states
-(``rng_state``), the size of metrics.jsonl and the resolved config.
+(``rng_state``), the resolved config, and under "hooks" each hook's ``state_dict()`` by class
+name (``hook_states`` reads it, also from checkpoints written before hooks).
 """
 from __future__ import annotations
 
@@ -27,9 +28,6 @@ class Progress:
     epoch: int = 0  # next epoch to run (0-based, over all stages)
     batch: int = 0  # batches of that epoch already done
     iteration: int = 0  # optimizer steps done in all
-    best_metric: float | None = None  # best value of eval.metric so far
-    best_epoch: int = 0  # 1-based epoch of best_metric
-    bad_evals: int = 0  # validations since the last improvement, in the current stage
     history: list = dataclasses.field(default_factory=list)  # epoch summaries
     epoch_loss: float = 0.0  # sum of the training loss over the batches of this epoch done so far
     epoch_steps: int = 0  # those batches (a resumed epoch reports its loss over all of them)
@@ -46,6 +44,20 @@ class Progress:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Progress:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+
+def hook_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each hook's saved state by class name. A checkpoint written before the hooks kept the
+    same values among its own fields: they are handed to the hooks that hold them now."""
+    if "hooks" in state:
+        return state["hooks"]
+    return {
+        "Validation": {"best_metric": state["best_metric"], "best_epoch": state["best_epoch"]},
+        # bad_evals counted in the checkpoint's stage, against the run's best
+        "EarlyStopping": {"best": state["best_metric"], "best_epoch": state["best_epoch"],
+                          "bad_evals": state["bad_evals"], "stage": state["stage"]},
+        "RunOutput": {"metrics_bytes": state["metrics_bytes"]},
+    }
 
 
 def read_train_state(out_dir: Path, resume: bool, exist_ok: bool) -> dict[str, Any] | None:
