@@ -159,3 +159,12 @@ def test_predict_labels_writes_a_label_image_and_measurements_that_match_the_pre
     err = capsys.readouterr().err
     assert code == 2 and "measurements.csv exists and was not written by maskrcnn predict" in err
     assert (out / "measurements.csv").read_text() == "my,own,table\n"
+
+
+def test_labels_without_tifffile_is_a_one_line_error_naming_the_extra(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile now raises ImportError
+    code = main(["predict", "--weights", str(tmp_path / "never-loaded.pth"), str(tmp_path), "--labels", "--out",
+                 str(tmp_path / "out"), "--quiet"])
+    assert code == 2 and capsys.readouterr().err.strip() == "error: --labels needs tifffile: pip install 'maskrcnn[microscopy]'"
