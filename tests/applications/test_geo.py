@@ -231,3 +231,23 @@ def test_bad_polygon_options_are_one_line_errors_before_any_work(tiny_ckpt, tmp_
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"error: {message}"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 0.5, 1.0, 3.0])
+def test_every_outline_is_valid_even_for_ragged_masks_with_holes_and_touching_parts(tolerance):
+    from maskrcnn.applications.geo import Georeference
+    from maskrcnn.applications.polygon_files import feature_collection
+    from maskrcnn.inference.results import Result
+
+    rng = np.random.default_rng(5)
+    masks = np.stack([rng.random((40, 60)) < p for p in (0.3, 0.5, 0.7)])  # noise: parts, holes, diagonal contacts
+    masks[0] = np.eye(40, 60, dtype=bool) | np.eye(40, 60, 2, dtype=bool)  # parts touching only at corners
+    result = Result(np.tile([0, 0, 60, 40], (3, 1)), np.array([0.9, 0.8, 0.7]), np.ones(3), (40, 60), masks=masks)
+    reference = Georeference("EPSG:32633", (PIXEL, 0.0, X0, 0.0, -PIXEL, Y0))
+    for ref in (None, reference):
+        for feature in feature_collection(result, tolerance, ref)["features"]:
+            geometry = shape(feature["geometry"])
+            assert geometry.is_valid, (tolerance, feature["id"], shapely.is_valid_reason(geometry))
+            if tolerance == 0 and ref is None:  # unsimplified: filled at pixel centres, the mask exactly
+                k = feature["id"] - 1
+                assert (filled(geometry, 0, 0, 40, 60, lambda x, y: (x, y)) == masks[k]).all()

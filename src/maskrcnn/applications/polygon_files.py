@@ -123,6 +123,7 @@ def feature_collection(result: Result, tolerance: float, reference: Any = None) 
     """
     from shapely.affinity import affine_transform
     from shapely.geometry import MultiPolygon, mapping
+    from shapely.ops import unary_union
 
     collection: dict[str, Any] = {"type": "FeatureCollection", "generator": "maskrcnn predict"}
     if reference is not None and reference.crs is not None:
@@ -133,6 +134,8 @@ def feature_collection(result: Result, tolerance: float, reference: Any = None) 
         if not polygons:  # an empty mask (or a box-only model): nothing to outline
             continue
         shape = polygons[0] if len(polygons) == 1 else MultiPolygon(polygons)
+        if not shape.is_valid:  # parts simplified one by one may cross where the mask's parts touch
+            shape = unary_union(polygons)
         if reference is not None:
             a, b, c, d, e, f = reference.transform
             shape = affine_transform(shape, [a, b, d, e, c, f])  # shapely's order: a, b, d, e, xoff, yoff
