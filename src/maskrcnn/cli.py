@@ -1,4 +1,4 @@
-"""Command line: ``maskrcnn predict | evaluate | train | demo | convert | download | export``."""
+"""Command line: ``maskrcnn predict | evaluate | train | demo | convert | download | export | push | serve``."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
@@ -50,7 +57,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     writers = build_writers(args.out, args.labels, args.geojson, args.polygons, args.polygon_tolerance)
     try:
         done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
-                             coco=args.coco, stride=args.stride, quiet=args.quiet, writers=writers)
+                             coco=args.coco, stride=args.stride, quiet=args.quiet, export=args.export or [],
+                             writers=writers)
     except UsageError as e:
         args.parser.error(str(e))
     if done.failed:
@@ -64,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_files(args.weights, args.data, args.images, options_from_args(args), out=args.out,
                              device=args.device, skip_bad_images=args.skip_bad_images,
-                             allow_outside_root=args.allow_outside_root)
+                             allow_outside_root=args.allow_outside_root, report_score=args.report_score, worst=args.worst)
     return 1 if metrics.get("excluded_images") else 0
 
 
@@ -93,11 +101,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
         coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
                            category_attribute=args.attribute, filename_map=args.prefix,
                            allow_outside_root=args.allow_outside_root)
-    else:
+    elif args.format == "dsb":
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
+    else:
+        coco = convert_tool(args)
     print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
           f"{len(coco['categories'])} categories -> {args.out}")
     return 0
+
+
+def convert_tool(args: argparse.Namespace) -> dict:
+    """``convert labelme|cvat|labelstudio|yolo``: the annotation tools' readers (``data.formats``)."""
+    from .data import formats
+
+    if args.format in ("cvat", "labelstudio") and not args.images:
+        raise ValueError(f"convert {args.format} needs --images (the folder of the export's images)")
+    if args.format == "labelme":
+        return formats.labelme_to_coco(args.source, args.out, args.images, args.allow_outside_root)
+    if args.format == "cvat":
+        return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root)
+    if args.format == "labelstudio":
+        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key)
+    coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root)
+    print(f"file names are relative to {root}: train with data.train_images={root}")
+    return coco
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -117,6 +144,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     path = export(args.weights, args.out, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
     print(f"{path} ({path.stat().st_size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from .weights.hub import PushOptions, push
+
+    url = push(args.weights, args.repo, PushOptions(private=args.private, metrics=args.metrics, message=args.message))
+    print(f"{args.weights} -> {url}: load it with maskrcnn.load(\"hf://{args.repo}\")")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve.app import ServeOptions, run
+
+    run(args.weights, ServeOptions(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
+                                   max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+                                   max_queue=args.max_queue, precision=args.precision))
     return 0
 
 
@@ -161,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("predict", help="detect objects in images; write overlays and COCO results JSON")
     q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; video files, stream URLs, /dev/videoN")
-    q.add_argument("--weights", required=True, help="our checkpoint or a torchvision Mask R-CNN .pth")
+    q.add_argument("--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth, or hf://owner/name")
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -180,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--polygons", action="store_true", help="images: OUT/polygons.json, COCO results with polygon masks")
     q.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
                    help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)")
+    q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat", "labelstudio"], default=None,
+                   help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
+                        "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)")
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
@@ -193,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=1)
     add_tile_options(e)
     e.add_argument("--quiet", action="store_true")
+    e.add_argument("--report-score", type=float, default=0.5,
+                   help="score threshold of the precision / recall / F1 table and the confusion matrix (default 0.5)")
+    e.add_argument("--worst", type=non_negative_int, default=6,
+                   help="with --out: draw this many images with the most missed or false objects (default 6)")
     e.add_argument("--skip-bad-images", action="store_true",
                    help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
                         "detections (exit code 1) instead of stopping with an error")
@@ -212,16 +263,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("convert", help="VIA polygons or a DSB mask folder -> COCO instances JSON")
-    c.add_argument("format", choices=["via", "dsb"], help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders")
-    c.add_argument("source", help="the VIA JSON file, or the DSB root folder")
+    c = sub.add_parser("convert", help="annotation tools' files (VIA, LabelMe, CVAT, Label Studio, YOLO) or a DSB mask folder -> COCO instances JSON")
+    c.add_argument("format", choices=["via", "dsb", "labelme", "cvat", "labelstudio", "yolo"],
+                   help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders; labelme: folder of LabelMe JSON; "
+                        "cvat: CVAT for images 1.1 XML; labelstudio: Label Studio JSON export; yolo: YOLO segmentation data.yaml")
+    c.add_argument("source", help="the VIA, CVAT or Label Studio file, the LabelMe folder (or file), the YOLO data.yaml, or the DSB root folder")
     c.add_argument("--out", required=True, help="COCO JSON to write")
-    c.add_argument("--images", default=None, help="via: folder holding the images named in the file")
+    c.add_argument("--images", default=None, help="via, cvat, labelstudio: folder holding the images named in the file; "
+                                                  "labelme: folder file names are relative to (default: the LabelMe folder)")
+    c.add_argument("--split", default="train", help="yolo: the data.yaml split to convert (default train)")
+    c.add_argument("--image-key", default="image", help="labelstudio: the task data key of the image URL (default image)")
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
     c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
     c.add_argument("--allow-outside-root", action="store_true",
-                   help="via: let file names be absolute or lead out of --images ('../x.jpg')")
+                   help="let file names be absolute or lead out of --images ('../x.jpg')")
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
@@ -231,6 +287,28 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file that is not an earlier maskrcnn export (never the --weights file)")
     x.set_defaults(func=cmd_export)
+
+    h = sub.add_parser("push", help="upload weights to the Hugging Face Hub as safetensors, with config and model card")
+    h.add_argument("weights", help="checkpoint to share (ours, torchvision's or Detectron2's)")
+    h.add_argument("repo", help="Hub repository id, owner/name (created if missing)")
+    h.add_argument("--private", action="store_true", help="create the repository as private")
+    h.add_argument("--metrics", default=None, help="metrics.json of maskrcnn evaluate, shown in the model card")
+    h.add_argument("--message", default="Upload Mask R-CNN model", help="commit message")
+    h.set_defaults(func=cmd_push)
+
+    s = sub.add_parser("serve", help="HTTP API and web page: POST /predict, GET /health, GET /model, / in a browser")
+    s.add_argument("--weights", required=True, help="model file, or hf://owner/name on the Hugging Face Hub")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together at most (default 4)")
+    s.add_argument("--max-queue", type=positive_int, default=16,
+                   help="requests read and held at once (default 16); later ones wait, unread")
+    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    s.add_argument("--max-pixels", type=positive_int, default=40_000_000,
+                   help="largest image accepted, in pixels (default 40,000,000)")
+    s.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="as for predict")
+    s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("download", help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)")
     w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")

@@ -25,6 +25,7 @@ from ..inference.results import write_coco_results
 from ..model.mask_rcnn import MaskRCNN
 from ..weights.checkpoint import load
 from ..weights.onnx_model import OnnxModel
+from .analysis import analyse, check_report_out, write_report
 from .coco import coco_evaluate, format_metrics
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,14 @@ def evaluate_files(
     device: str = "cpu",
     skip_bad_images: bool = False,
     allow_outside_root: bool = False,
+    report_score: float = 0.5,
+    worst: int = 6,
 ) -> dict[str, Any]:
-    """COCO AP of the model in ``weights`` on the annotated set ``data`` (images in ``images``);
-    printed, and with ``out`` written as ``out/results.json`` and ``out/metrics.json``.
+    """COCO AP of the model in ``weights`` on the annotated set ``data`` (images in ``images``),
+    per class, and what it gets wrong at the score ``report_score`` (``analysis.analyse``:
+    precision, recall, F1 per class, a confusion matrix); printed, and with ``out`` written as
+    ``out/results.json``, ``out/metrics.json`` and ``out/analysis/`` (the confusion matrix and
+    the ``worst`` images drawn with ground truth and detections side by side).
 
     Returns:
         The metrics (``coco_evaluate``), with ``excluded_images`` naming the images that
@@ -94,8 +100,11 @@ def evaluate_files(
         DatasetError: bad ground truth or images (nothing evaluated), or no category the
             model predicts; ValueError: an ``out`` that would replace an input or a user's file.
     """
+    if not 0.0 <= report_score <= 1.0:
+        raise ValueError(f"--report-score is a score in [0, 1], got {report_score}")
     if out:  # before any work: never an input, never a user's own file, and writable
         check_evaluate_out(Path(out), [Path(data), Path(weights)])
+        check_report_out(Path(out))
     gt = CocoDataset(data, images, allow_outside_root=allow_outside_root)
     bad = gt.bad_images(decode=False)
     if len(bad) == len(gt):
@@ -118,7 +127,10 @@ def evaluate_files(
         raise DatasetError(f"{data}: no image could be read; nothing to evaluate")
     iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
     metrics = coco_evaluate(gt.coco, entries, iou_types=iou_types, image_ids=keep)
-    print(format_metrics(metrics))
+    print(format_metrics(metrics, per_class=True))
+    analysis = analyse(gt.coco, entries, keep, score_thresh=report_score, iou_type=iou_types[-1])
+    print(analysis.format())
+    metrics["analysis"] = analysis.to_dict()
     if excluded:
         names = [gt.file.images[i].file_name for i in excluded]
         metrics["excluded_images"] = names
@@ -128,7 +140,8 @@ def evaluate_files(
     if out:
         write_coco_results(entries, Path(out) / "results.json")
         write_json(metrics, Path(out) / "metrics.json", indent=1)
-        print(f"results.json and metrics.json -> {out}/")
+        write_report(Path(out), analysis, gt.coco, entries, Path(images), worst=worst)
+        print(f"results.json, metrics.json, analysis/confusion_matrix.png and analysis/worst/ -> {out}/")
     return metrics
 
 

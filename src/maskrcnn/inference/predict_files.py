@@ -7,23 +7,23 @@ camera into an annotated video and JSON Lines (``video.predict_video``).
 """
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
-from ..applications.writers import Writer
 from ..applications.writers import refuse_replacing_user_files as refuse_replacing_writers_files
 from ..files import refuse_overwriting_inputs
 from ..weights.checkpoint import load
 from .options import PredictOptions
 from .outputs import PredictionFiles, coco_image_ids
 from .predictor import Predictor
+from .results import Result
 from .video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def predict_files(
     coco: str | None = None,
     stride: int = 1,
     quiet: bool = False,
-    writers: Sequence[Writer] = (),
+    export: Sequence[str] = (),
+    writers: Sequence[OutputWriter] = (),
 ) -> PredictSummary:
     """Images -> ``out/overlays/<name>.png`` and ``out``'s COCO results files; videos, animated
     GIFs, streams and cameras -> ``out/<name>.mp4`` and ``<name>.jsonl`` each.
@@ -66,7 +67,10 @@ def predict_files(
         options: how the model runs (``tile_whole`` applies to images only).
         coco: a COCO JSON whose image ids the images' results take, matched by file name.
         stride: videos: every ``stride``-th frame.
-        writers: more per-image outputs (``applications``: ``--labels``, ``--geojson``, ``--polygons``).
+        export: annotation tools to write the images' detections for, as pre-annotations:
+            ``labelme``, ``yolo``, ``cvat``, ``labelstudio`` (``data.formats``; ``out/<tool>/``).
+        writers: more per-image outputs (``applications.writers``: ``--labels``, ``--geojson``,
+            ``--polygons``), each with ``ours(path)`` telling its earlier files from a user's.
 
     Raises:
         ValueError: nothing to predict on, bad options, an output that would replace an input
@@ -88,34 +92,37 @@ def predict_files(
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
     results = PredictionFiles(out).paths() if images else []
-    extra = refuse_replacing_writers_files(writers, [o.stem for o in overlays])
+    exporters = export_writers(export, out, [o.stem for o in overlays])
+    exported = [p for w in exporters for p in w.targets([o.stem for o in overlays])]
+    exported += refuse_replacing_writers_files(writers, [o.stem for o in overlays])  # type: ignore[arg-type]
     # Before any work: no output replaces an input, or a file that predict did not write.
-    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *extra])
+    refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *exported])
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
     gt_ids = coco_image_ids(images, coco) if coco else ([None] * len(images), 1)
 
     model = load(weights, device=device)
+    if exporters and not model.config.masks:
+        raise ValueError("--export writes mask polygons, and this model predicts boxes only")
     predictor = Predictor(model, options)
     summary = PredictSummary(failed=failed)
     for source, name in zip(sources, names):
         if not _predict_video(predictor, source, out, name, stride, quiet):
             summary.videos_failed += 1
     if images:
-        _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet, writers)
+        _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet, [*exporters, *writers])
     return summary
 
 
 def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path], gt_ids: tuple[list[int | None], int],
-                    out: Path, summary: PredictSummary, quiet: bool, writers: Sequence[Writer] = ()) -> None:
-    """Each image -> ``overlays[i]`` and ``out``'s results files; failures to ``summary.failed``.
-    ``gt_ids``: each image's ``--coco`` id or None, and the first id free for the others."""
+                    out: Path, summary: PredictSummary, quiet: bool, writers: Sequence[OutputWriter] = ()) -> None:
+    """Each image -> ``overlays[i]``, ``out``'s results files and each of ``writers``; failures
+    to ``summary.failed``. ``gt_ids``: each image's ``--coco`` id or None, and the first id free
+    for the others."""
     ids, first_free = gt_ids
     table = predictor.model.config.label_categories()
     files = PredictionFiles(out)
-    with files, tqdm(total=len(paths), desc="predict", unit="img", disable=quiet) as bar, contextlib.ExitStack() as closing:
-        for writer in writers:  # their tables written once at the end, also after Ctrl-C
-            closing.callback(writer.close)
+    with files, tqdm(total=len(paths), desc="predict", unit="img", disable=quiet) as bar:
         for i, result in enumerate(predictor.stream(paths)):
             bar.update(1)
             if result.error is not None:  # logged as it happened; listed again at the end
@@ -126,9 +133,40 @@ def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path
             files.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
             for writer in writers:
                 writer.add(image_id, overlays[i].stem, paths[i], result)
+        for writer in writers:
+            writer.close()
     summary.images, summary.detections = files.images, files.detections
     print(f"{files.images} images, {files.detections} detections -> {out}/ "
           "(overlays/, predictions.json, predictions.jsonl, images.json)")
+
+
+class OutputWriter(Protocol):
+    """One more output of ``predict`` per image (pre-annotations for a tool, label images,
+    GeoJSON, ...), beside the COCO results files."""
+
+    def targets(self, names: list[str]) -> list[Path]:
+        """The files it will write for these image names (checked before any work)."""
+
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
+        """One finished image; ``name`` is its unique output stem."""
+
+    def close(self) -> None:
+        """Whatever is written once at the end, atomically."""
+
+
+def export_writers(formats: Sequence[str], out: Path, names: list[str]) -> list[OutputWriter]:
+    """``--export``: one pre-annotation writer per tool (``data.formats``), each checked before any
+    work not to replace a file the user edited."""
+    from ..data.formats import CvatWriter, LabelMeWriter, LabelStudioWriter, YoloWriter
+
+    kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter, "labelstudio": LabelStudioWriter}
+    unknown = sorted(set(formats) - set(kinds))
+    if unknown:
+        raise ValueError(f"--export {', '.join(unknown)}: not one of {', '.join(kinds)}")
+    writers = [kinds[f](out) for f in dict.fromkeys(formats)]
+    for w in writers:
+        w.check(names)
+    return writers
 
 
 def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stride: int, quiet: bool) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, ModelConfig, load_yaml
+from ..data.augment import AugmentConfig
 
 
 @dataclass
@@ -88,20 +89,32 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """``log``: what the run logs besides metrics.jsonl and the console."""
+
+    tensorboard: bool = False  # write TensorBoard events into <out_dir>/tensorboard
+    tb_images: int = 4  # validation images drawn with their predictions at each validation
+    tb_score: float = 0.5  # detections drawn only at or above this score
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # vertical flips, rotations, scale, crops, colour (data.augment)
     solver: SolverConfig = field(default_factory=SolverConfig)
     init: InitConfig = field(default_factory=InitConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)  # TensorBoard (train.tensorboard)
     out_dir: str = "runs/train"  # run folder: checkpoints, metrics.jsonl, plots, config.yaml
     exist_ok: bool = False  # start afresh in an out_dir that already holds a run (its files are replaced)
     seed: int = 0  # seeds weights, data order, augmentation and sampling
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch CPU threads (0 = torch's default); 1 avoids OpenMP slowdowns on a busy machine
     checkpoint_every_iters: int = 0  # also write last.pth every N iterations (0 = only at epoch ends)
+    checkpoint_format: str = "pth"  # pth (torch.save) or safetensors (last/best.safetensors: no pickle, loading runs no code)
     log_every: int = 20  # iterations averaged into one metrics.jsonl line
     progress: bool = True  # show a progress bar
     dist_timeout_minutes: float = 10.0  # torchrun: a collective fails after this long waiting for a stopped process (Gloo's own: 30)
@@ -148,8 +161,14 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"schedule.stage_epochs must all be at least 1, got {cfg.schedule.stage_epochs}")
     if not 0.0 <= cfg.data.hflip <= 1.0:
         raise ConfigError(f"data.hflip is a probability in [0, 1], got {cfg.data.hflip}")
+    try:
+        cfg.augment.check()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if cfg.solver.lr <= 0:
         raise ConfigError(f"solver.lr must be positive, got {cfg.solver.lr}")
+    if not 0.0 <= cfg.log.tb_score <= 1.0 or cfg.log.tb_images < 0:
+        raise ConfigError(f"log.tb_score must be in [0, 1] and log.tb_images >= 0, got {cfg.log.tb_score}, {cfg.log.tb_images}")
     return cfg
 
 

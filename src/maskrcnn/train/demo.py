@@ -50,7 +50,8 @@ DEMO_CONFIG = "demo_shapes"
 NUM_OVERLAYS = 8  # val images drawn into predictions/
 OVERLAY_SCORE = 0.5  # detections drawn at or above this score
 # Outputs of an earlier run in the same folder, removed so that every demo starts afresh.
-STALE = ("last.pth", "best.pth", "pretrain_body.pth", "metrics.jsonl", "metrics.png", "val_predictions.png",
+STALE = ("last.pth", "best.pth", "pretrain_body.pth", "last.safetensors", "best.safetensors", "pretrain_body.safetensors",
+         "metrics.jsonl", "metrics.png", "val_predictions.png",
          "config.yaml", "metrics.json", "predictions")
 
 

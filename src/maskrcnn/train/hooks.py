@@ -125,7 +125,7 @@ class Validation(HookBase):
         self.best_metric, self.best_epoch = value, trainer.record.values["epoch"]
         if distributed.rank() == 0:
             info = {"epoch": self.best_epoch, "iteration": trainer.iteration, "metrics": dict(trainer.record.values)}
-            save_checkpoint(trainer.out / "best.pth", trainer.model, info)
+            save_checkpoint(trainer.checkpoint("best"), trainer.model, info)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}

@@ -166,7 +166,7 @@ class RunOutput(HookBase):
         self.close_bar()
         if trainer.stop in (StopReason.MAX_ITERS, StopReason.MAX_MINUTES) and self.active:
             log.info("stopped (%s) at iteration %d; --resume continues from %s", trainer.stop.value, trainer.iteration,
-                     trainer.out / "last.pth")
+                     trainer.checkpoint("last"))
 
     def close_bar(self) -> None:
         if self.bar is not None:

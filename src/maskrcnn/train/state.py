@@ -60,20 +60,22 @@ def hook_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
-def read_train_state(out_dir: Path, resume: bool, exist_ok: bool) -> dict[str, Any] | None:
-    """The checkpoint ``out_dir/last.pth`` to resume from (with ``resume``), else None.
+def read_train_state(out_dir: Path, resume: bool, exist_ok: bool, suffix: str = ".pth") -> dict[str, Any] | None:
+    """The checkpoint ``out_dir/last.pth`` (``last.safetensors`` with that ``suffix``) to resume
+    from (with ``resume``), else None.
 
     Raises ``ConfigError`` when there is nothing to resume, or when a fresh run would replace a
     run already in ``out_dir`` without ``exist_ok``.
     """
-    last = out_dir / "last.pth"
+    last = out_dir / f"last{suffix}"
     if resume:
         saved = read_file(last) if last.is_file() else None
         if saved is None or "train_state" not in saved:
             raise ConfigError(f"nothing to resume: {last} is missing or holds no training state")
         return saved
-    if last.exists() and not exist_ok:
-        raise ConfigError(f"{out_dir} already holds a run (last.pth); use --resume to continue it, "
+    earlier = [p for p in (out_dir / "last.pth", out_dir / "last.safetensors") if p.exists()]  # either format
+    if earlier and not exist_ok:
+        raise ConfigError(f"{out_dir} already holds a run ({earlier[0].name}); use --resume to continue it, "
                           f"exist_ok=true to start it afresh, or another out_dir=...")
     return None
 

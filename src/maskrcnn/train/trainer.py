@@ -53,8 +53,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .. import precision
 from ..config import ConfigError, to_dict
 from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_groups, collate
+from ..data.augment import Augmented
 from ..data.coco import CocoDataset
 from ..model.build import build_model
+from ..weights.safetensors_io import checkpoint_suffix
 from ..weights.checkpoint import init_from_checkpoint, load_backbone_weights, load_state, save_checkpoint, with_layout_of
 from . import distributed, run_output
 from .budget import FIT_AT, VAL_COST, TimeBudget  # noqa: F401 - FIT_AT, VAL_COST: still importable from here
@@ -135,7 +137,8 @@ class Trainer:
         if cfg.model.backbone.sync_bn and distributed.launched() and device.type != "cuda":
             raise ConfigError("model.backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
         self.out = Path(cfg.out_dir)
-        saved = read_train_state(self.out, resume, cfg.exist_ok)
+        self.suffix = checkpoint_suffix(cfg.checkpoint_format)  # .pth or .safetensors
+        saved = read_train_state(self.out, resume, cfg.exist_ok, self.suffix)
         seed_everything(cfg.seed)
 
         # Data first: its categories size the class heads.
@@ -149,7 +152,7 @@ class Trainer:
             seed_everything(cfg.seed + distributed.rank())
         self.base_trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
         if saved is not None:
-            load_state(self.model, saved["model"], str(self.out / "last.pth"))
+            load_state(self.model, saved["model"], str(self.checkpoint("last")))
         else:
             if cfg.model.backbone.weights:
                 load_backbone_weights(self.model.backbone.body, cfg.model.backbone.weights)
@@ -164,7 +167,8 @@ class Trainer:
         self.sampler = DistributedGroupedBatchSampler(aspect_ratio_groups(self.train_data), cfg.data.batch_size, cfg.seed,
                                                       distributed.rank(), distributed.world_size())
         self.iters_per_epoch = self.sampler.batches_per_epoch
-        self.augmented = FlipAugmented(self.train_data, cfg.data.hflip, cfg.seed)
+        self.augmented = (Augmented(self.train_data, cfg.augment, cfg.data.hflip, cfg.seed) if cfg.augment.enabled
+                          else FlipAugmented(self.train_data, cfg.data.hflip, cfg.seed))
         self.progress = Progress()
         self.current: StageRun | None = None  # run_stage sets it
         self.lr = 0.0  # the learning rate of the step under way (or the last one)
@@ -197,7 +201,7 @@ class Trainer:
             if self.stop is StopReason.INTERRUPTED:
                 if self.current is not None:  # else no step was taken: nothing new to save
                     self.save_last()
-                raise TrainingInterrupted(self.iteration, self.out / "last.pth")
+                raise TrainingInterrupted(self.iteration, self.checkpoint("last"))
         finally:
             self.call("after_train")
         return self.summary()
@@ -261,6 +265,10 @@ class Trainer:
         if interrupted:  # Ctrl-C during validation: stop here, saved
             self.stop = StopReason.INTERRUPTED
 
+    def checkpoint(self, name: str) -> Path:
+        """The run folder's checkpoint ``name`` (last, best, pretrain_body) in ``checkpoint_format``."""
+        return self.out / f"{name}{self.suffix}"
+
     def call(self, event: str, *args: Any) -> None:
         """Every hook's method ``event`` (a ``HookBase`` method name), in order."""
         for hook in self.hooks:
@@ -298,7 +306,7 @@ class Trainer:
             scaler.update()
         elif not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at {where} (losses: {_loss_report(losses)}); no step taken, "
-                                     f"{self.out / 'last.pth'} left as it was. Set solver.grad_clip or lower solver.lr")
+                                     f"{self.checkpoint('last')} left as it was. Set solver.grad_clip or lower solver.lr")
         else:
             optimizer.step()
         values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
@@ -360,7 +368,7 @@ class Trainer:
                       cfg.model.num_classes, cfg.pretrain, t.image_mean, t.image_std, self.device, cfg.seed,
                       output.progress, output.log)
         if distributed.rank() == 0:
-            save_checkpoint(self.out / "pretrain_body.pth", self.model)
+            save_checkpoint(self.checkpoint("pretrain_body"), self.model)
 
     # ---- where the run stands, checkpoints --------------------------------------------------
 
@@ -405,14 +413,14 @@ class Trainer:
         reports = distributed.all_gather(report)
         if len(reports) > 1:
             reports = [f"rank {r}: {text}" for r, text in enumerate(reports) if text is not None]
-        last = self.out / "last.pth"
+        last = self.checkpoint("last")
         kept = f"{last} holds the last good checkpoint" if last.exists() else "no checkpoint was written yet"
         return NonFiniteLossError(f"non-finite loss at {where}: {'; '.join(reports)}. Training stopped; {kept}. "
                                   "Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
 
     def save_last(self) -> None:
         """Write last.pth with the training state and the hooks', only from finite weights."""
-        current, last = self.current, self.out / "last.pth"
+        current, last = self.current, self.checkpoint("last")
         assert current is not None, "save_last before the first stage started"
         if not _finite_weights(self.model):  # the same weights, so the same answer, in every process
             raise NonFiniteLossError(f"the weights are no longer finite after iteration {self.iteration}; "
@@ -438,8 +446,8 @@ class Trainer:
         p, best = self.progress, next(h for h in self.hooks if isinstance(h, Validation))
         return {
             "out_dir": str(self.out),
-            "last": str(self.out / "last.pth"),
-            "best": str(self.out / "best.pth") if (self.out / "best.pth").exists() else None,
+            "last": str(self.checkpoint("last")),
+            "best": str(self.checkpoint("best")) if (self.checkpoint("best")).exists() else None,
             "metric": self.cfg.eval.metric,
             "best_metric": best.best_metric,
             "best_epoch": best.best_epoch,
@@ -451,13 +459,20 @@ class Trainer:
 
 
 def default_hooks(cfg: TrainConfig) -> list[HookBase]:
-    """The trainer's own hooks, in the order they must run (see ``hooks.py``)."""
+    """The trainer's own hooks, in the order they must run (see ``hooks.py``), and those the
+    config asks for (``log.tensorboard``: ``tensorboard.TensorBoardHook``, process 0 only)."""
+    extra: list[HookBase] = []
+    if cfg.log.tensorboard and distributed.rank() == 0:
+        from .tensorboard import TensorBoardHook  # needs the tensorboard package: imported only when asked
+
+        extra.append(TensorBoardHook(cfg.log.tb_images, cfg.log.tb_score))
     return [
         TimeBudget(cfg.solver.max_minutes),  # before Validation: it times it
         Validation(cfg.eval.every, cfg.eval.metric),
         RunOutput(cfg.out_dir, active=distributed.rank() == 0, progress=cfg.progress, log_every=cfg.log_every),
         EarlyStopping(cfg.eval.metric, cfg.eval.patience),  # after RunOutput: its line follows the epoch's
         PeriodicCheckpoint(cfg.checkpoint_every_iters),
+        *extra,
     ]
 
 
@@ -571,5 +586,6 @@ def main(config_path: str, overrides: list[str], resume: bool = False) -> int:
         best = (f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}"
                 if result["best_metric"] is not None else "no validation")
         print(f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
-              f"checkpoints in {result['out_dir']}/ (last.pth{', best.pth' if result['best'] else ''})")
+              f"checkpoints in {result['out_dir']}/ ({Path(result['last']).name}"
+              f"{', ' + Path(result['best']).name if result['best'] else ''})")
     return 0

@@ -18,6 +18,7 @@ import copy
 import logging
 import math
 import numbers
+import os
 import pickle
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import detectron2 as detectron2_compat
+from . import hub, safetensors_io
 from ..config import ConfigError, ModelConfig, apply_overrides, check_probability, from_dict, to_dict
 from ..model.build import build_model
 from ..model.mask_rcnn import MaskRCNN
@@ -56,7 +58,11 @@ class CheckpointError(ValueError):
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it."""
+    """``torch.save`` to a temporary file beside ``path``, flushed, then renamed over it; a
+    ``.safetensors`` path gets a safetensors file instead (no pickle: ``safetensors_io``)."""
+    if Path(path).suffix.lower() == ".safetensors":
+        safetensors_io.save(obj, path)
+        return
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -75,15 +81,18 @@ def save_checkpoint(path: str | Path, model: MaskRCNN, train_state: dict[str, An
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ONNX_FIELD_TAGS = frozenset(b"\x12\x1a\x22\x28\x32\x3a\x42\x72\x7a\x82")  # ModelProto fields 2..16
-ACCEPTED = ("a maskrcnn checkpoint or a torchvision Mask R-CNN .pth (torch.save files), a Detectron2 model-zoo "
+ACCEPTED = ("a maskrcnn checkpoint or a torchvision Mask R-CNN .pth (torch.save or safetensors files), a Detectron2 model-zoo "
             ".pkl, or (to predict and evaluate only) an ONNX file written by maskrcnn export")
 
 
 def file_kind(path: str | Path) -> str:
     """What a model file is, by its first bytes, whatever its name: ``"torch"`` (a ``torch.save``
-    file), ``"pickle"`` (a plain pickle, as Detectron2's ``.pkl``), ``"onnx"`` or ``"unknown"``."""
+    file), ``"safetensors"``, ``"pickle"`` (a plain pickle, as Detectron2's ``.pkl``), ``"onnx"`` or ``"unknown"``."""
     with open(path, "rb") as f:
         head = f.read(16)
+        size = os.fstat(f.fileno()).st_size
+    if safetensors_io.looks_like(head, size):
+        return "safetensors"
     if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_TORCH_MAGIC):
         return "torch"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
@@ -110,6 +119,11 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if kind == "pickle" or (kind == "unknown" and path.suffix == ".pkl"):
         try:
             return {"model": detectron2_compat.read_pickle(path)}
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    if kind == "safetensors":  # a JSON header and raw tensor bytes: nothing to execute
+        try:
+            return safetensors_io.read(path)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
     if kind == "unknown":
@@ -233,7 +247,7 @@ def load(
     predicts the same way.
 
     Args:
-        path: checkpoint file.
+        path: checkpoint file, or ``hf://owner/name[@revision][/file]`` on the Hugging Face Hub.
         device: where to put the model (an ONNX model runs on the CPU).
         bn_eps: BatchNorm epsilon for torchvision files (default: as torchvision loads its
             published COCO weights, 0.0 for v1 and 1e-5 for v2).
@@ -243,6 +257,8 @@ def load(
     if bn_eps is not None and not (isinstance(bn_eps, numbers.Real) and not isinstance(bn_eps, bool)
                                    and math.isfinite(bn_eps) and bn_eps >= 0):
         raise ValueError(f"bn_eps must be a finite number >= 0, got {bn_eps!r}")  # -1 or NaN: no detections
+    if hub.is_hub(path):  # hf://owner/name: into huggingface_hub's cache, then read as any local file
+        path = hub.download(str(path))
     if Path(path).is_file() and file_kind(path) == "onnx":  # by content: an ONNX file need not end in .onnx
         if bn_eps is not None:
             raise ValueError(f"{path}: bn_eps applies to torchvision .pth files only; an exported model's BatchNorm is in its graph")

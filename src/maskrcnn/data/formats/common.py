@@ -1,0 +1,264 @@
+"""What the annotation-tool readers and writers share.
+
+Readers collect images and instances into a ``CocoBuilder``, which checks every image file
+(inside the image folder, present, of the size the tool says), clips polygons to the image,
+names each shape it could not convert, then writes the COCO dict and reads it back through
+``read_coco``: a converted file passes the same checks as any COCO file, wherever it came from.
+
+Writers of pre-annotations share ``ExportFolder``: every file goes through ``atomic_write``, and a
+file that is already there is replaced only if it is byte for byte what an earlier export wrote
+(a SHA-256 manifest in the folder). A file the user corrected in their tool is never replaced.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pycocotools import mask as mask_util
+
+from ...files import atomic_write, write_json
+from ..coco import EDGE_TOLERANCE, image_path, read_coco
+from ..errors import DatasetError
+from ..images import image_size
+
+if TYPE_CHECKING:
+    from ...inference.results import Result
+
+logger = logging.getLogger(__name__)
+
+# Vertices of the polygon that stands in for a circle or an ellipse (as ``via.py``).
+ELLIPSE_VERTICES = 32
+# Skipped shapes named in full in the warning; the rest are counted.
+SHOWN_SKIPPED = 10
+# How converted COCO files begin their description: such a file may be replaced by a new conversion.
+CONVERTED = "converted from "
+
+
+def number(value: Any, where: str, what: str = "coordinate") -> float:
+    """A finite float from a JSON/XML number or numeric string; anything else is a DatasetError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise DatasetError(f"{where}: {what} {value!r:.40} is not a number")
+    try:
+        v = float(value)
+    except ValueError:
+        raise DatasetError(f"{where}: {what} {value!r:.40} is not a number") from None
+    if not math.isfinite(v):
+        raise DatasetError(f"{where}: {what} {value!r} is not finite")
+    return v
+
+
+def ellipse(cx: float, cy: float, rx: float, ry: float, theta: float = 0.0) -> list[float]:
+    """Flat ``[x0, y0, ...]`` polygon of an ellipse rotated by ``theta`` radians (clockwise on screen)."""
+    t = np.linspace(0.0, 2 * math.pi, ELLIPSE_VERTICES, endpoint=False)
+    x = cx + rx * np.cos(t) * math.cos(theta) - ry * np.sin(t) * math.sin(theta)
+    y = cy + rx * np.cos(t) * math.sin(theta) + ry * np.sin(t) * math.cos(theta)
+    return [float(v) for xy in zip(x, y) for v in xy]
+
+
+def rotated_rect(x1: float, y1: float, x2: float, y2: float, theta: float = 0.0, about: str = "center") -> list[float]:
+    """Flat polygon of the box x1..x2, y1..y2 turned by ``theta`` radians (clockwise on screen,
+    y down) about its centre or its top-left corner (``about="corner"``, Label Studio's rule)."""
+    corners = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)  # (4, 2)
+    if theta:
+        origin = corners.mean(axis=0) if about == "center" else corners[0]
+        c, s = math.cos(theta), math.sin(theta)
+        corners = (corners - origin) @ np.array([[c, s], [-s, c]]) + origin
+    return [float(v) for v in corners.ravel()]
+
+
+@dataclass
+class _Image:
+    id: int
+    file_name: str
+    width: int
+    height: int
+
+
+@dataclass
+class CocoBuilder:
+    """Collects one source's images and instances and writes them as checked COCO JSON.
+
+    Args:
+        source: the tool's file or folder, named in messages and in ``info.description``.
+        image_dir: the folder COCO ``file_name`` is relative to.
+        allow_outside_root: accept file names that are absolute or lead out of ``image_dir``.
+    """
+
+    source: Path
+    image_dir: Path
+    allow_outside_root: bool = False
+    images: list[_Image] = field(default_factory=list)
+    instances: list[tuple[int, str, Any]] = field(default_factory=list)  # image id, category, segmentation
+    skipped: list[str] = field(default_factory=list)
+    clipped: int = 0
+    _names: dict[str, str] = field(default_factory=dict)  # file name -> where it was listed
+    _ids: dict[int, _Image] = field(default_factory=dict)
+
+    def add_image(self, file_name: str, width: int | None, height: int | None, where: str,
+                  image_id: int | None = None) -> _Image:
+        """Register an image; ``width``/``height`` (the tool's, or None to read them) must match
+        the file. ``image_id`` None: the next of 1, 2, ... Raises DatasetError."""
+        file_name = Path(os.path.normpath(file_name)).as_posix()
+        if file_name in self._names:
+            raise DatasetError(f"{where}: image {file_name} is already listed by {self._names[file_name]}")
+        path = image_path(self.image_dir, file_name, self.allow_outside_root, where)
+        try:
+            h, w = image_size(path)
+        except DatasetError as e:
+            raise DatasetError(f"{where}: {e}") from None
+        if (width, height) != (None, None) and (width, height) != (w, h):
+            raise DatasetError(f"{where}: the tool says {width}x{height} (WxH) but {path} is {w}x{h}")
+        if image_id is None:
+            image_id = max(self._ids, default=0) + 1
+        if image_id in self._ids:
+            raise DatasetError(f"{where}: image id {image_id} appears twice")
+        self._names[file_name] = where
+        self.images.append(_Image(image_id, file_name, w, h))
+        self._ids[image_id] = self.images[-1]
+        return self.images[-1]
+
+    def add_polygons(self, image: _Image, category: str, polygons: list[list[float]], where: str) -> None:
+        """One instance made of flat ``[x0, y0, ...]`` polygons (pixel edges), clipped to the image."""
+        kept = []
+        for poly in polygons:
+            if len(poly) < 6 or len(poly) % 2:
+                self.skip(where, f"a polygon of {len(poly) // 2} point(s)")
+                continue
+            bounded = [min(max(v, 0.0), float(image.width if i % 2 == 0 else image.height)) for i, v in enumerate(poly)]
+            if any(abs(a - b) > EDGE_TOLERANCE for a, b in zip(bounded, poly)):
+                self.clipped += 1
+            kept.append(bounded)
+        if kept:
+            self.instances.append((image.id, category, kept))
+
+    def add_mask(self, image: _Image, category: str, mask: np.ndarray, where: str) -> None:
+        """One instance from an (H, W) bool mask of the whole image."""
+        if mask.shape != (image.height, image.width):
+            raise DatasetError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.width}x{image.height}")
+        if not mask.any():
+            self.skip(where, "an empty mask")
+            return
+        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+        self.instances.append((image.id, category, {"size": [image.height, image.width], "counts": rle["counts"].decode("ascii")}))
+
+    def skip(self, where: str, what: str) -> None:
+        """Name a shape that cannot become an instance (no area, or a kind COCO has no form for)."""
+        self.skipped.append(f"{where}: {what}")
+
+    def write(self, out_json: str | Path, tool: str, category_order: list[str] | None = None) -> dict[str, Any]:
+        """Write the COCO JSON (categories in ``category_order``, then any other name sorted; ids
+        1..K) and read it back with ``read_coco``. Returns the dict written."""
+        out_json = Path(out_json)
+        refuse_replacing(out_json, self.source)
+        names = list(dict.fromkeys(category_order or []))
+        names += sorted({c for _, c, _ in self.instances} - set(names))
+        ids = {name: k + 1 for k, name in enumerate(names)}
+        annotations = []
+        for image_id, category, seg in self.instances:
+            im = self._ids[image_id]
+            rle = mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width)) if isinstance(seg, list) else \
+                {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": ids[category], "iscrowd": 0,
+                "segmentation": seg, "area": float(mask_util.area(rle)),
+                "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            })
+        coco = {
+            "info": {"description": f"{CONVERTED}{tool} {self.source.name}"},
+            "images": [vars(im) for im in self.images],
+            "annotations": annotations,
+            "categories": [{"id": i, "name": n} for n, i in ids.items()],
+        }
+        if self.clipped:
+            logger.warning("%s: clipped %d polygon(s) with vertices outside their image", self.source, self.clipped)
+        if self.skipped:
+            shown = "\n  ".join(self.skipped[:SHOWN_SKIPPED])
+            more = f"\n  ... and {len(self.skipped) - SHOWN_SKIPPED} more" if len(self.skipped) > SHOWN_SKIPPED else ""
+            logger.warning("%s: %d shape(s) not converted:\n  %s%s", self.source, len(self.skipped), shown, more)
+        write_json(coco, out_json)
+        read_coco(out_json)  # the COCO reader's checks, on what was written
+        logger.info("%s: %d images, %d instances -> %s", self.source, len(self.images), len(annotations), out_json)
+        return coco
+
+
+def refuse_replacing(out: Path, source: Path) -> None:
+    """ValueError if ``out`` is the source or an existing file that no conversion wrote."""
+    if out.exists() and source.exists() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {out} is the source file; choose another name")
+    if not out.exists():
+        return
+    try:
+        info = json.loads(out.read_text(encoding="utf-8")).get("info", {})
+        ours = str(info.get("description", "")).startswith(CONVERTED)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"{out} exists and was not written by maskrcnn convert, so it is not replaced; choose another --out")
+
+
+# ---- pre-annotation export --------------------------------------------------------------------
+
+
+class ExportFolder:
+    """Files of one pre-annotation export under ``root``, with the manifest of what it wrote.
+
+    ``check`` refuses (ValueError) to replace a file that the manifest does not vouch for;
+    ``write`` writes atomically and records the digest; ``close`` saves the manifest.
+    """
+
+    MANIFEST = ".maskrcnn-export.json"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        path = self.root / self.MANIFEST
+        try:
+            self.digests: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            self.digests = {}
+
+    def check(self, paths: list[Path]) -> None:
+        for p in paths:
+            if (p.exists() or p.is_symlink()) and self.digests.get(self._key(p)) != _digest(p):
+                raise ValueError(f"{p} exists and is not an unchanged file of an earlier maskrcnn export (edited in "
+                                 "the annotation tool?), so it is not replaced; choose another --out folder")
+
+    def write(self, path: Path, data: bytes) -> None:
+        self.check([path])
+        atomic_write(path, lambda f: f.write(data))
+        self.digests[self._key(path)] = hashlib.sha256(data).hexdigest()
+
+    def close(self) -> None:
+        write_json(self.digests, self.root / self.MANIFEST, indent=1)
+
+    def _key(self, path: Path) -> str:
+        return Path(os.path.relpath(path, self.root)).as_posix()
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def detection_rings(result: Result, tolerance: float) -> list[tuple[int, str, float, list[np.ndarray]]]:
+    """Per detection: label, class name (``class_<label>`` when unnamed), score and the exterior
+    rings of its mask's polygons as (K, 2) float arrays of pixel-edge x, y (no repeated last
+    vertex). Holes are left out: LabelMe, YOLO and CVAT polygons have none."""
+    from ...inference.polygons import result_polygons
+
+    if result.rles is None:
+        raise ValueError("the model has no masks: polygon pre-annotations need a mask model")
+    out = []
+    for k, polys in enumerate(result_polygons(result, tolerance)):
+        rings = [np.asarray(p.exterior.coords, dtype=np.float64)[:-1] for p in polys]
+        name = result.class_names[k] or f"class_{int(result.labels[k])}"
+        out.append((int(result.labels[k]), name, float(result.scores[k]), [r for r in rings if len(r) >= 3]))
+    return out

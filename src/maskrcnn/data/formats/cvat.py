@@ -1,0 +1,195 @@
+"""CVAT for images 1.1 XML <-> COCO: ``cvat_to_coco`` reads an export, ``CvatWriter`` writes
+predictions as an ``annotations.xml`` that CVAT imports into a task ("CVAT 1.1" format).
+
+The file: ``<annotations><version>1.1</version><meta>...<labels><label><name>`` ... ``</meta>``
+then one ``<image id name width height>`` per image holding its shapes:
+``<polygon label points="x0,y0;x1,y1;...">``, ``<box label xtl ytl xbr ybr rotation>`` (degrees,
+clockwise about the centre), ``<ellipse label cx cy rx ry rotation>`` and
+``<mask label rle left top width height>``: the pixels of the box ``left, top, width x height``
+in row-major order as alternating run lengths, the first run of zeros. ``polyline``, ``points``,
+``cuboid``, ``skeleton`` and ``tag`` have no area and are named as not converted.
+
+CVAT's image ids are kept, so ids match the task's frame numbers in both directions.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import DatasetError
+from .common import (
+    CocoBuilder,
+    ExportFolder,
+    detection_rings,
+    ellipse,
+    number,
+    rotated_rect,
+)
+
+if TYPE_CHECKING:
+    from ...inference.results import Result
+
+logger = logging.getLogger(__name__)
+
+NO_AREA = ("polyline", "points", "cuboid", "skeleton", "tag")
+
+
+def decode_cvat_rle(counts: list[int], width: int, height: int) -> np.ndarray:
+    """(height, width) bool from CVAT's mask RLE: alternating runs, zeros first, row-major."""
+    values = np.zeros(len(counts), dtype=bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape(height, width)
+
+
+def _attr(el: ET.Element, key: str, where: str) -> float:
+    if key not in el.attrib:
+        raise DatasetError(f"{where}: <{el.tag}> lacks the attribute {key!r}")
+    return number(el.attrib[key], where, key)
+
+
+def _mask(el: ET.Element, h: int, w: int, where: str) -> np.ndarray:
+    left, top, mw, mh = (int(_attr(el, k, where)) for k in ("left", "top", "width", "height"))
+    try:
+        counts = [int(c) for c in el.attrib.get("rle", "").split(",")]
+    except ValueError:
+        raise DatasetError(f"{where}: mask 'rle' must be comma-separated integers") from None
+    if any(c < 0 for c in counts) or sum(counts) != mw * mh:
+        raise DatasetError(f"{where}: mask rle counts sum to {sum(counts)}, not width*height = {mw}*{mh}")
+    if left < 0 or top < 0 or left + mw > w or top + mh > h:
+        raise DatasetError(f"{where}: mask box {left},{top} {mw}x{mh} is outside the {w}x{h} image")
+    full = np.zeros((h, w), dtype=bool)
+    full[top:top + mh, left:left + mw] = decode_cvat_rle(counts, mw, mh)
+    return full
+
+
+def _polygon(el: ET.Element, where: str) -> list[float]:
+    if el.tag == "polygon":
+        try:
+            pairs = [p.split(",") for p in el.attrib["points"].split(";") if p.strip()]
+        except KeyError:
+            raise DatasetError(f"{where}: <polygon> lacks 'points'") from None
+        if any(len(p) != 2 for p in pairs):
+            raise DatasetError(f"{where}: polygon points must be 'x,y;x,y;...'")
+        return [number(v, where) for p in pairs for v in p]
+    theta = math.radians(number(el.attrib.get("rotation", 0), where, "rotation"))
+    if el.tag == "box":
+        x1, y1, x2, y2 = (_attr(el, k, where) for k in ("xtl", "ytl", "xbr", "ybr"))
+        return rotated_rect(x1, y1, x2, y2, theta)
+    cx, cy, rx, ry = (_attr(el, k, where) for k in ("cx", "cy", "rx", "ry"))
+    return ellipse(cx, cy, rx, ry, theta)
+
+
+def cvat_to_coco(xml_file: str | Path, image_dir: str | Path, out_json: str | Path,
+                 allow_outside_root: bool = False) -> dict[str, Any]:
+    """Convert a CVAT for images 1.1 XML export to COCO JSON and write it.
+
+    Args:
+        xml_file: ``annotations.xml`` of the export.
+        image_dir: folder holding the images under the names in the file.
+        out_json: COCO JSON to write.
+        allow_outside_root: accept names that are absolute or lead out of ``image_dir``.
+
+    Returns:
+        The COCO dict: CVAT's image ids, one annotation per area shape, categories in the
+        order of the file's label list (then any other label, sorted).
+
+    Raises:
+        DatasetError: unparsable XML, a malformed shape (named by image and shape index), a
+            missing image, or one of another size than the file says.
+    """
+    xml_file = Path(xml_file)
+    try:
+        root = ET.parse(xml_file).getroot()
+    except FileNotFoundError:
+        raise DatasetError(f"annotation file not found: {xml_file}") from None
+    except ET.ParseError as e:
+        raise DatasetError(f"{xml_file}: invalid XML: {e}") from None
+    if root.tag != "annotations":
+        raise DatasetError(f"{xml_file}: not a CVAT for images export (root <{root.tag}>, expected <annotations>)")
+    if root.find("track") is not None:
+        raise DatasetError(f"{xml_file}: a CVAT for video export (<track>); export the task as 'CVAT for images 1.1'")
+    labels = [n.text.strip() for n in root.iterfind("meta/*/labels/label/name") if n.text]
+    builder = CocoBuilder(xml_file, Path(image_dir), allow_outside_root)
+    for el in root.iterfind("image"):
+        where = f"{xml_file}: image id {el.attrib.get('id')} ({el.attrib.get('name')})"
+        if "name" not in el.attrib or "id" not in el.attrib:
+            raise DatasetError(f"{where}: <image> needs 'id' and 'name'")
+        try:
+            image_id = int(el.attrib["id"])
+        except ValueError:
+            raise DatasetError(f"{where}: image id must be an integer") from None
+        w, h = (int(_attr(el, k, where)) for k in ("width", "height"))
+        image = builder.add_image(el.attrib["name"], w, h, where, image_id=image_id)
+        for k, shape in enumerate(el):
+            swhere = f"{where} shape {k} <{shape.tag}>"
+            label = shape.attrib.get("label", "").strip()
+            if shape.tag in NO_AREA:
+                builder.skip(swhere, f"a {shape.tag} has no area")
+                continue
+            if shape.tag not in ("polygon", "box", "ellipse", "mask"):
+                raise DatasetError(f"{swhere}: unknown shape; expected polygon, box, ellipse, mask or {', '.join(NO_AREA)}")
+            if not label:
+                raise DatasetError(f"{swhere}: shape has no 'label'")
+            if shape.tag == "mask":
+                builder.add_mask(image, label, _mask(shape, h, w, swhere), swhere)
+            else:
+                builder.add_polygons(image, label, [_polygon(shape, swhere)], swhere)
+    if not builder.images:
+        raise DatasetError(f"{xml_file}: no <image> elements")
+    return builder.write(out_json, "CVAT", labels)
+
+
+class CvatWriter:
+    """Predictions as ``out/cvat/annotations.xml`` (CVAT for images 1.1), one ``<polygon>`` per
+    mask part, written at ``close``. Upload it to the task made from the same images ("Upload
+    annotations", format "CVAT 1.1"); images are matched by file name, so ``name`` is the
+    image's file name. Scores are not written: an attribute the task's labels do not declare
+    would make CVAT refuse the file.
+
+    Args:
+        out: predict's output folder.
+        tolerance: polygon simplification in pixels.
+    """
+
+    def __init__(self, out: Path, tolerance: float = 1.0) -> None:
+        self.folder = ExportFolder(Path(out) / "cvat")
+        self.tolerance = tolerance
+        self.root = ET.Element("annotations")
+        ET.SubElement(self.root, "version").text = "1.1"
+        self.labels: list[str] = []
+        self.count = 0
+
+    def targets(self, names: list[str]) -> list[Path]:
+        return [self.folder.root / "annotations.xml"]
+
+    def check(self, names: list[str]) -> None:
+        self.folder.check(self.targets(names))
+
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
+        h, w = result.image_size
+        image = ET.SubElement(self.root, "image", id=str(self.count), name=Path(path).name, width=str(w), height=str(h))
+        self.count += 1
+        for _, label, _, rings in detection_rings(result, self.tolerance):
+            if label not in self.labels:
+                self.labels.append(label)
+            for ring in rings:
+                points = ";".join(f"{x:.2f},{y:.2f}" for x, y in ring)
+                ET.SubElement(image, "polygon", label=label, source="auto", occluded="0", points=points, z_order="0")
+
+    def close(self) -> None:
+        meta = ET.Element("meta")
+        labels = ET.SubElement(ET.SubElement(meta, "task"), "labels")
+        for name in self.labels:
+            label = ET.SubElement(labels, "label")
+            ET.SubElement(label, "name").text = name
+            ET.SubElement(label, "type").text = "polygon"
+        self.root.insert(1, meta)
+        ET.indent(self.root)
+        data = b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(self.root, encoding="unicode").encode("utf-8")
+        self.folder.write(self.folder.root / "annotations.xml", data)
+        self.folder.close()

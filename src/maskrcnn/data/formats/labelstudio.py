@@ -1,0 +1,229 @@
+"""Label Studio JSON export <-> COCO: ``labelstudio_to_coco`` reads an export,
+``LabelStudioWriter`` writes predictions as tasks with pre-annotations.
+
+The export is a list of tasks ``{"id", "data": {"image": url}, "annotations": [{"result":
+[...], "was_cancelled"}]}``. Each result has a ``type``, ``original_width`` /
+``original_height`` and a ``value`` in *percent* of the image size:
+``polygonlabels`` (``points`` [[x%, y%], ...]), ``rectanglelabels`` (``x, y, width, height,
+rotation``: degrees clockwise about the top-left corner), ``ellipselabels`` (``x, y`` centre,
+``radiusX, radiusY, rotation``) and ``brushlabels`` (``format: "rle"``, ``rle``: Label Studio's
+own bit-packed run-length code of the RGBA pixels, see ``decode_brush``). Other result types
+(keypoints, choices, text) are named as not converted.
+
+A task's first annotation that is not cancelled is used (Label Studio keeps one per annotator).
+Image URLs (``/data/upload/3/8f1e2d3c-photo.jpg``, ``/data/local-files/?d=dir/photo.jpg``, a
+path) are matched to files of the image folder by base name, without the 8-hex-digit prefix
+Label Studio puts in front of uploaded files when the name with it is not there.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import urllib.parse
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..coco import read_json
+from ..errors import DatasetError
+from .common import (
+    CocoBuilder,
+    ExportFolder,
+    detection_rings,
+    ellipse,
+    number,
+    rotated_rect,
+)
+
+if TYPE_CHECKING:
+    from ...inference.results import Result
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")
+TYPES = ("polygonlabels", "rectanglelabels", "ellipselabels", "brushlabels")
+
+
+def decode_brush(rle: list[int], height: int, width: int) -> np.ndarray:
+    """(height, width) bool of a Label Studio brush RLE (the alpha channel, non-zero = drawn).
+
+    The code (thi.ng ``rle-pack``): a bit stream of 32 bits value count, 5 bits word size - 1,
+    4 x 4 bits run-length field sizes - 1; then blocks of a flag bit, 2 bits choosing a size,
+    that many bits of length - 1, and either one word repeated (flag 1) or ``length`` words.
+    The values are the RGBA bytes of the image, row-major.
+    """
+    bits = np.unpackbits(np.asarray(rle, dtype=np.uint8))
+    pos = 0
+
+    def read(n: int) -> int:
+        nonlocal pos
+        if pos + n > len(bits):
+            raise ValueError("the brush RLE ends early")
+        v = int(bits[pos:pos + n].astype(np.int64) @ (1 << np.arange(n - 1, -1, -1, dtype=np.int64)))
+        pos += n
+        return v
+
+    num, word = read(32), read(5) + 1
+    sizes = [read(4) + 1 for _ in range(4)]
+    if num != height * width * 4:
+        raise ValueError(f"the brush RLE holds {num} values, not height*width*4 = {height}*{width}*4")
+    out = np.zeros(num, dtype=np.uint32)
+    i = 0
+    while i < num:
+        repeat = read(1)
+        j = min(i + 1 + read(sizes[read(2)]), num)
+        if repeat:
+            out[i:j] = read(word)
+        else:
+            out[i:j] = [read(word) for _ in range(j - i)]
+        i = j
+    return out.reshape(height, width, 4)[..., 3] > 0
+
+
+def _image_file(url: str, image_dir: Path) -> str:
+    """The file name under ``image_dir`` that a task's image URL names."""
+    parsed = urllib.parse.urlparse(url)
+    query = urllib.parse.parse_qs(parsed.query)
+    path = query["d"][0] if "d" in query else urllib.parse.unquote(parsed.path)
+    name = PurePosixPath(path).name
+    match = UPLOAD_PREFIX.match(name)
+    if match and not (image_dir / name).exists() and (image_dir / match[1]).exists():
+        return match[1]
+    return name
+
+
+def _shape(kind: str, value: dict[str, Any], w: int, h: int, where: str) -> list[float] | np.ndarray:
+    sx, sy = w / 100.0, h / 100.0
+    if kind == "brushlabels":
+        if value.get("format") != "rle" or not isinstance(value.get("rle"), list):
+            raise DatasetError(f"{where}: a brush result needs format 'rle' and an 'rle' list")
+        try:
+            return decode_brush(value["rle"], h, w)
+        except ValueError as e:
+            raise DatasetError(f"{where}: {e}") from None
+    if kind == "polygonlabels":
+        pts = value.get("points")
+        if not isinstance(pts, list) or not all(isinstance(p, list) and len(p) == 2 for p in pts):
+            raise DatasetError(f"{where}: 'points' must be a list of [x, y] pairs")
+        return [number(p[0], where) * sx if i == 0 else number(p[1], where) * sy for p in pts for i in (0, 1)]
+    v = {k: number(value.get(k, 0), where, k) for k in ("x", "y", "width", "height", "radiusX", "radiusY", "rotation")}
+    theta = math.radians(v["rotation"])
+    if kind == "rectanglelabels":
+        x, y = v["x"] * sx, v["y"] * sy
+        return rotated_rect(x, y, x + v["width"] * sx, y + v["height"] * sy, theta, about="corner")
+    return ellipse(v["x"] * sx, v["y"] * sy, v["radiusX"] * sx, v["radiusY"] * sy, theta)
+
+
+def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json: str | Path,
+                        image_key: str = "image") -> dict[str, Any]:
+    """Convert a Label Studio JSON export to COCO JSON and write it.
+
+    Args:
+        export_json: the "JSON" export (a list of tasks).
+        image_dir: folder holding the tasks' images (matched by base name).
+        out_json: COCO JSON to write.
+        image_key: the key of ``task["data"]`` holding the image URL (the ``<Image value="$image">``).
+
+    Returns:
+        The COCO dict: Label Studio's task ids as image ids, one annotation per area result.
+
+    Raises:
+        DatasetError: not a list of tasks, a malformed result (named by task and result index),
+            a missing image, or one of another size than ``original_width`` x ``original_height``.
+    """
+    export_json, image_dir = Path(export_json), Path(image_dir)
+    tasks = read_json(export_json)
+    if not isinstance(tasks, list):
+        raise DatasetError(f"{export_json}: expected the JSON export's list of tasks, got {type(tasks).__name__}")
+    builder = CocoBuilder(export_json, image_dir)  # base names only: never outside image_dir
+    order: list[str] = []
+    for n, task in enumerate(tasks):
+        where = f"{export_json}: task {task.get('id', f'[{n}]') if isinstance(task, dict) else f'[{n}]'}"
+        if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
+            raise DatasetError(f"{where}: a task needs a 'data' object")
+        url = task["data"].get(image_key)
+        if not isinstance(url, str):
+            raise DatasetError(f"{where}: data has no image URL under {image_key!r} (keys: {sorted(task['data'])}); "
+                               "set --image-key")
+        done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+        if len(done) > 1:
+            logger.warning("%s: %d annotations; the first is used", where, len(done))
+        results = done[0].get("result", []) if done else []
+        sizes = {(r.get("original_width"), r.get("original_height")) for r in results if isinstance(r, dict)}
+        w, h = sizes.pop() if len(sizes) == 1 else (None, None)
+        task_id = task.get("id")
+        image = builder.add_image(_image_file(url, image_dir), w, h, f"{where} ({url})",
+                                  image_id=task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None)
+        for k, r in enumerate(results):
+            rwhere = f"{where} result {k}"
+            kind = r.get("type") if isinstance(r, dict) else None
+            if kind not in TYPES:
+                builder.skip(rwhere, f"a {kind} result is not an area")
+                continue
+            value = r.get("value")
+            names = value.get(kind) if isinstance(value, dict) else None
+            if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
+                raise DatasetError(f"{rwhere}: value.{kind} must name exactly one label, got {names!r:.60}")
+            order.append(names[0])
+            part = _shape(kind, value, image.width, image.height, rwhere)
+            if isinstance(part, np.ndarray):
+                builder.add_mask(image, names[0], part, rwhere)
+            else:
+                builder.add_polygons(image, names[0], [part], rwhere)
+    if not builder.images:
+        raise DatasetError(f"{export_json}: no tasks")
+    return builder.write(out_json, "Label Studio", list(dict.fromkeys(order)))
+
+
+class LabelStudioWriter:
+    """Predictions as Label Studio tasks with pre-annotations, ``out/labelstudio/tasks.json``
+    (written at ``close``): one task per image, its ``predictions`` one ``polygonlabels``
+    result per mask part (points in percent of the image, the detection's score), for a
+    labelling config ``<Image name="image" value="$image"/><PolygonLabels name="label"
+    toName="image">...``. Import the file into the project ("Import", JSON).
+
+    The image URL is Label Studio's local-files URL of the image's path relative to
+    ``document_root``: start Label Studio with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``
+    and ``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT`` set to that folder.
+
+    Args:
+        out: predict's output folder.
+        document_root: the folder image paths are made relative to (default: the current one).
+        tolerance: polygon simplification in pixels.
+    """
+
+    def __init__(self, out: Path, document_root: Path | None = None, tolerance: float = 1.0) -> None:
+        self.folder = ExportFolder(Path(out) / "labelstudio")
+        self.root = Path(document_root or Path.cwd()).resolve()
+        self.tolerance = tolerance
+        self.tasks: list[dict[str, Any]] = []
+
+    def targets(self, names: list[str]) -> list[Path]:
+        return [self.folder.root / "tasks.json"]
+
+    def check(self, names: list[str]) -> None:
+        self.folder.check(self.targets(names))
+
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
+        h, w = result.image_size
+        results = []
+        for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
+            for j, ring in enumerate(rings):
+                pct = (ring / [w / 100.0, h / 100.0]).clip(0, 100)  # (K, 2) percent of width, height
+                results.append({"id": f"{image_id}_{k}_{j}", "type": "polygonlabels", "from_name": "label", "to_name": "image",
+                                "original_width": w, "original_height": h, "image_rotation": 0, "score": round(score, 4),
+                                "value": {"points": pct.round(4).tolist(), "polygonlabels": [label]}})
+        relative = os.path.relpath(Path(path).resolve(), self.root)
+        scores = [float(s) for s in result.scores]
+        self.tasks.append({"data": {"image": "/data/local-files/?d=" + urllib.parse.quote(Path(relative).as_posix())},
+                           "meta": {"image_id": image_id},
+                           "predictions": [{"model_version": "maskrcnn", "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+                                            "result": results}]})
+
+    def close(self) -> None:
+        self.folder.write(self.folder.root / "tasks.json", json.dumps(self.tasks, indent=1).encode("utf-8"))
+        self.folder.close()

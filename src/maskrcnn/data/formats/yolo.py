@@ -1,0 +1,179 @@
+"""YOLO segmentation datasets <-> COCO: ``yolo_to_coco`` reads one split of a ``data.yaml``
+dataset, ``YoloWriter`` writes predictions as YOLO label files.
+
+Layout (Ultralytics): ``data.yaml`` with ``path`` (the dataset root; default the YAML's folder,
+relative paths taken from the YAML's folder), ``train`` / ``val`` / ``test`` (a folder of images,
+a ``.txt`` list of image paths, or a list of either, relative to the root) and ``names`` (a
+list, or a dict class index -> name). An image ``.../images/<rest>/x.jpg`` has its labels in
+``.../labels/<rest>/x.txt`` (no file: no objects), one object a line:
+``class x0 y0 x1 y1 ...``, a polygon in coordinates normalised by the image width and height.
+A line of exactly four numbers after the class is a detection box, not a mask: named as not
+converted. Class ``c`` becomes COCO category id ``c + 1``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DatasetError
+from .common import CocoBuilder, ExportFolder, detection_rings, number
+
+if TYPE_CHECKING:
+    from ...inference.results import Result
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm"}
+
+
+def read_data_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DatasetError(f"dataset file not found: {path}") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise DatasetError(f"{path}: cannot read it as YAML: {e}") from None
+    if not isinstance(data, dict) or "names" not in data:
+        raise DatasetError(f"{path}: a YOLO data.yaml needs 'names' (and 'train' / 'val')")
+    return data
+
+
+def class_names(data: dict[str, Any], where: str) -> list[str]:
+    names = data["names"]
+    if isinstance(names, dict):
+        if sorted(names) != list(range(len(names))):
+            raise DatasetError(f"{where}: 'names' keys must be the class indices 0..{len(names) - 1}")
+        names = [names[k] for k in range(len(names))]
+    if not isinstance(names, list) or not names:
+        raise DatasetError(f"{where}: 'names' must be a non-empty list or dict")
+    return [str(n) for n in names]
+
+
+def label_path(image: Path) -> Path:
+    """Ultralytics' rule: the last ``images`` folder of the path becomes ``labels``, suffix ``.txt``."""
+    parts = list(image.parts)
+    for k in range(len(parts) - 2, -1, -1):
+        if parts[k] == "images":
+            parts[k] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _split_images(root: Path, entry: Any, where: str) -> list[Path]:
+    entries = entry if isinstance(entry, list) else [entry]
+    images: list[Path] = []
+    for e in entries:
+        p = root / str(e)
+        if p.is_dir():
+            images += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.suffix == ".txt" and p.is_file():
+            for line in p.read_text().splitlines():
+                if line.strip():
+                    q = Path(line.strip())
+                    images.append(q if q.is_absolute() else (p.parent / q))
+        else:
+            raise DatasetError(f"{where}: split entry {e!r} is neither a folder nor a .txt list under {root}")
+    return images
+
+
+def yolo_to_coco(data_yaml: str | Path, out_json: str | Path, split: str = "train",
+                 allow_outside_root: bool = False) -> tuple[dict[str, Any], Path]:
+    """Convert one split of a YOLO segmentation dataset to COCO JSON and write it.
+
+    Args:
+        data_yaml: the dataset's ``data.yaml``.
+        out_json: COCO JSON to write.
+        split: ``train``, ``val`` or ``test`` (a key of the YAML).
+        allow_outside_root: accept images listed outside the dataset root.
+
+    Returns:
+        The COCO dict (image ids 1.. in the split's order, ``file_name`` relative to the root,
+        every class of ``names`` a category) and the dataset root (the image folder to train with).
+
+    Raises:
+        DatasetError: a malformed YAML or label line (named by file and line), a class index
+            outside ``names``, a missing image.
+    """
+    data_yaml = Path(data_yaml)
+    data = read_data_yaml(data_yaml)
+    names = class_names(data, str(data_yaml))
+    root = data_yaml.parent / str(data.get("path") or ".")
+    if split not in data or data[split] in (None, ""):
+        raise DatasetError(f"{data_yaml}: no '{split}' split (has {', '.join(k for k in ('train', 'val', 'test') if data.get(k))})")
+    builder = CocoBuilder(data_yaml, root, allow_outside_root)
+    for path in _split_images(root, data[split], str(data_yaml)):
+        image = builder.add_image(os.path.relpath(path, root), None, None, f"{data_yaml}: {split} image {path}")
+        labels = label_path(path)
+        if not labels.is_file():
+            continue
+        for n, line in enumerate(labels.read_text().splitlines(), 1):
+            where = f"{labels} line {n}"
+            fields = line.split()
+            if not fields:
+                continue
+            try:
+                cls = int(fields[0])
+            except ValueError:
+                raise DatasetError(f"{where}: class {fields[0]!r} is not an integer") from None
+            if not 0 <= cls < len(names):
+                raise DatasetError(f"{where}: class {cls} is not one of the {len(names)} in {data_yaml}")
+            coords = [number(v, where) for v in fields[1:]]
+            if len(coords) == 4:
+                builder.skip(where, "a detection box (4 numbers), not a polygon")
+                continue
+            if len(coords) % 2:
+                raise DatasetError(f"{where}: {len(coords)} coordinates, not x y pairs")
+            poly = [v * (image.width if i % 2 == 0 else image.height) for i, v in enumerate(coords)]
+            builder.add_polygons(image, names[cls], [poly], where)
+    if not builder.images:
+        raise DatasetError(f"{data_yaml}: the {split} split holds no images")
+    return builder.write(out_json, "YOLO", names), root
+
+
+class YoloWriter:
+    """Predictions as YOLO segmentation labels ``out/yolo/labels/<name>.txt`` (one line per mask
+    part: ``class x0 y0 ...`` normalised) and, at ``close``, ``out/yolo/data.yaml`` naming the
+    classes. A detection of COCO category id ``c`` gets class ``c - 1`` (the reverse of
+    ``yolo_to_coco``). Copy the label files beside the images' ``images/`` folder as ``labels/``
+    for a YOLO tool to show them.
+
+    Args:
+        out: predict's output folder.
+        names: class names by class index (default: those seen in the predictions, ``class_<c>`` for gaps).
+        tolerance: polygon simplification in pixels.
+    """
+
+    def __init__(self, out: Path, names: list[str] | None = None, tolerance: float = 1.0) -> None:
+        self.folder = ExportFolder(Path(out) / "yolo")
+        self.names: dict[int, str] = dict(enumerate(names or []))
+        self.tolerance = tolerance
+
+    def targets(self, names: list[str]) -> list[Path]:
+        return [*(self.folder.root / "labels" / f"{n}.txt" for n in names), self.folder.root / "data.yaml"]
+
+    def check(self, names: list[str]) -> None:
+        self.folder.check(self.targets(names))
+
+    def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
+        h, w = result.image_size
+        lines = []
+        for category, (_, label, _, rings) in zip(result.category_ids, detection_rings(result, self.tolerance)):
+            cls = int(category) - 1
+            self.names.setdefault(cls, label)
+            for ring in rings:
+                xy = ring / [w, h]  # (K, 2) normalised
+                lines.append(" ".join([str(cls), *(f"{v:.6f}" for v in xy.clip(0, 1).ravel())]))
+        self.folder.write(self.folder.root / "labels" / f"{name}.txt", "".join(f"{s}\n" for s in lines).encode())
+
+    def close(self) -> None:
+        import yaml
+
+        count = max(self.names, default=-1) + 1
+        names = {c: self.names.get(c, f"class_{c}") for c in range(count)}
+        text = yaml.safe_dump({"path": ".", "names": names, "nc": count}, sort_keys=False)
+        self.folder.write(self.folder.root / "data.yaml", text.encode())
+        self.folder.close()

@@ -1,0 +1,152 @@
+"""Pre-annotation writers (``predict --export labelme|yolo|cvat``): the files, parsed here as
+each tool documents them and filled with pycocotools, give the predicted masks back; a file
+the user edited is never replaced."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from maskrcnn.cli import main
+from maskrcnn.data.formats import (
+    CvatWriter,
+    LabelMeWriter,
+    LabelStudioWriter,
+    YoloWriter,
+    cvat_to_coco,
+    labelme_to_coco,
+)
+from maskrcnn.inference.results import Result
+from tests.test_cli import tiny_ckpt  # noqa: F401  (fixture)
+
+H, W = 48, 64
+
+
+def fill(polys: list[list[float]]) -> np.ndarray:
+    """The pixels whose centres lie inside any of the polygons (matplotlib's point-in-polygon)."""
+    from matplotlib.path import Path as Polygon
+
+    ys, xs = np.mgrid[0:H, 0:W]
+    centres = np.stack([xs.ravel() + 0.5, ys.ravel() + 0.5], axis=1)  # (H*W, 2) x, y
+    inside = [Polygon(np.reshape(p, (-1, 2))).contains_points(centres) for p in polys]
+    return np.any(inside, axis=0).reshape(H, W)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.fixture
+def result(tmp_path: Path) -> Result:
+    """Two detections: a 12 x 20 block (class 'leaf', category 1) and a two-part mask ('bug', 2)."""
+    masks = np.zeros((2, H, W), dtype=bool)
+    masks[0, 5:17, 10:30] = True
+    masks[1, 30:40, 5:15] = True
+    masks[1, 25:45, 40:60] = True
+    image = tmp_path / "photos" / "p1.png"
+    image.parent.mkdir()
+    Image.new("RGB", (W, H)).save(image)
+    return Result(boxes=[[10, 5, 30, 17], [5, 25, 60, 45]], scores=[0.9, 0.6], labels=[1, 2], image_size=(H, W),
+                  masks=masks, class_names=["leaf", "bug"], path=str(image))
+
+
+def test_labelme_file_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
+    writer = LabelMeWriter(tmp_path / "out", tolerance=0.5)
+    writer.add(1, "p1", Path(result.path), result)
+    writer.close()
+    doc = json.loads((tmp_path / "out" / "labelme" / "p1.json").read_text())
+    assert (tmp_path / "out" / "labelme" / doc["imagePath"]).resolve() == Path(result.path).resolve()
+    assert (doc["imageHeight"], doc["imageWidth"], doc["imageData"]) == (H, W, None)
+    leaf = [s for s in doc["shapes"] if s["label"] == "leaf"]
+    bug = [s for s in doc["shapes"] if s["label"] == "bug"]
+    assert len(leaf) == 1 and len(bug) == 2 and bug[0]["group_id"] == bug[1]["group_id"] is not None
+    assert leaf[0]["description"] == "score 0.900" and leaf[0]["shape_type"] == "polygon"
+    masks = result.masks
+    for shapes, mask in ((leaf, masks[0]), (bug, masks[1])):
+        assert iou(fill([[v for p in s["points"] for v in p] for s in shapes]), mask) >= 0.98
+    # and our reader takes the file as a LabelMe file, the two parts as one instance
+    coco = labelme_to_coco(tmp_path / "out" / "labelme", tmp_path / "back.json", image_dir=tmp_path)
+    assert [len(a["segmentation"]) for a in coco["annotations"]] == [1, 2]
+
+
+def test_yolo_labels_give_the_masks_back(result: Result, tmp_path: Path) -> None:
+    writer = YoloWriter(tmp_path / "out", tolerance=0.5)
+    writer.add(1, "p1", Path(result.path), result)
+    writer.close()
+    lines = (tmp_path / "out" / "yolo" / "labels" / "p1.txt").read_text().splitlines()
+    polys: dict[int, list[list[float]]] = {}
+    for line in lines:
+        cls, *xy = line.split()
+        polys.setdefault(int(cls), []).append([float(v) * (W if i % 2 == 0 else H) for i, v in enumerate(xy)])
+    assert sorted(polys) == [0, 1] and len(polys[1]) == 2  # category c -> class c - 1
+    masks = result.masks
+    assert iou(fill(polys[0]), masks[0]) >= 0.98 and iou(fill(polys[1]), masks[1]) >= 0.98
+    assert yaml.safe_load((tmp_path / "out" / "yolo" / "data.yaml").read_text())["names"] == {0: "leaf", 1: "bug"}
+
+
+def test_cvat_xml_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
+    writer = CvatWriter(tmp_path / "out", tolerance=0.5)
+    writer.add(1, "p1", Path(result.path), result)
+    writer.close()
+    root = ET.parse(tmp_path / "out" / "cvat" / "annotations.xml").getroot()
+    assert root.findtext("version") == "1.1"
+    assert [n.text for n in root.iterfind("meta/task/labels/label/name")] == ["leaf", "bug"]
+    (image,) = root.iterfind("image")
+    assert (image.get("name"), image.get("width"), image.get("height")) == ("p1.png", str(W), str(H))
+    polys: dict[str, list[list[float]]] = {}
+    for p in image.iterfind("polygon"):
+        polys.setdefault(p.get("label"), []).append([float(v) for xy in p.get("points").split(";") for v in xy.split(",")])
+    masks = result.masks
+    assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
+    coco = cvat_to_coco(tmp_path / "out" / "cvat" / "annotations.xml", tmp_path / "photos", tmp_path / "back.json")
+    assert len(coco["annotations"]) == 3  # one per polygon: CVAT has no multi-part polygons
+
+
+def test_labelstudio_tasks_give_the_masks_back(result: Result, tmp_path: Path) -> None:
+    writer = LabelStudioWriter(tmp_path / "out", document_root=tmp_path, tolerance=0.5)
+    writer.add(5, "p1", Path(result.path), result)
+    writer.close()
+    (task,) = json.loads((tmp_path / "out" / "labelstudio" / "tasks.json").read_text())
+    assert task["data"]["image"] == "/data/local-files/?d=photos/p1.png"
+    (prediction,) = task["predictions"]
+    polys: dict[str, list[list[float]]] = {}
+    for r in prediction["result"]:
+        assert (r["type"], r["from_name"], r["to_name"], r["original_width"], r["original_height"]) == \
+            ("polygonlabels", "label", "image", W, H)
+        (label,) = r["value"]["polygonlabels"]
+        polys.setdefault(label, []).append([v * (W if i % 2 == 0 else H) / 100 for p in r["value"]["points"] for i, v in enumerate(p)])
+    masks = result.masks
+    assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
+    assert prediction["score"] == pytest.approx(0.75)
+
+
+def test_predict_export_end_to_end_and_edited_files_are_kept(tiny_ckpt: Path, result: Result, tmp_path: Path,  # noqa: F811
+                                                             capsys: pytest.CaptureFixture) -> None:
+    photos, out = Path(result.path).parent, tmp_path / "pred"
+    args = ["predict", str(photos), "--weights", str(tiny_ckpt), "--out", str(out), "--quiet", "--score-thresh", "0",
+            "--export", "labelme", "--export", "yolo", "--export", "cvat", "--export", "labelstudio"]
+    assert main(args) == 0
+    for f in ("labelme/p1.json", "yolo/labels/p1.txt", "yolo/data.yaml", "cvat/annotations.xml", "labelstudio/tasks.json"):
+        assert (out / f).is_file(), f
+    edited = out / "labelme" / "p1.json"
+    edited.write_text(edited.read_text().replace('"flags": {}', '"flags": {"checked": true}', 1))
+    before = edited.read_text()
+    assert main(args) == 2
+    assert "p1.json exists and is not an unchanged file of an earlier maskrcnn export" in capsys.readouterr().err
+    assert edited.read_text() == before
+
+
+def test_a_rerun_replaces_its_own_unchanged_files(result: Result, tmp_path: Path) -> None:
+    for _ in range(2):
+        writer = YoloWriter(tmp_path / "out")
+        writer.check(["p1"])
+        writer.add(1, "p1", Path(result.path), result)
+        writer.close()
+    (tmp_path / "out" / "yolo" / "data.yaml").write_text("names: [mine]\n")
+    with pytest.raises(ValueError, match="data.yaml exists and is not an unchanged file"):
+        YoloWriter(tmp_path / "out").check(["p1"])
