@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maskrcnn.data import generate_shapes
 from maskrcnn.weights.checkpoint import save_checkpoint
 
 from .helpers import DEVICES, TV2_PARITY, TV_PARITY, build_checkpoint, tiny_model
@@ -38,3 +39,12 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
     save_checkpoint(path, tiny_model())
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """6 training and 2 validation images of 64..96 px with 1-2 large shapes each (read only:
+    a test that breaks a split works on a copy)."""
+    root = tmp_path_factory.mktemp("shapes")
+    return generate_shapes(root, num_train=6, num_val=2, image_size=(64, 96), objects_per_image=(1, 2),
+                           object_size=(24, 40), seed=0)

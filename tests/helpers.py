@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import maskrcnn
 from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.data.synthetic import generate_shapes
+from maskrcnn.model.build import build_model
+from maskrcnn.structures import Detections, ModelOutput
+from maskrcnn.weights.checkpoint import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MASKRCNN_SHARED", REPO.parent / "shared"))
@@ -109,3 +114,25 @@ def tiny_model(seed: int = 0) -> maskrcnn.MaskRCNN:
     """The TINY model with weights drawn from ``seed``, in eval mode."""
     torch.manual_seed(seed)
     return maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).eval()
+
+
+def bright_forward(self, images, targets=None, propose=None, score_thresh=None):  # scores 0.9: above any threshold used here
+    """A stand-in detector: the bright pixels of each frame are one object of class 1."""
+    found = []
+    for im in images:
+        bright = im.float().mean(0) > 128  # (h, w)
+        ys, xs = torch.nonzero(bright, as_tuple=True)
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        mask = F.interpolate(bright[y0:y1, x0:x1].float()[None, None], size=(28, 28), mode="bilinear")[0]
+        found.append(Detections(boxes=torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32), scores=torch.tensor([0.9]),
+                                labels=torch.tensor([1]), masks=mask))
+    return ModelOutput(losses={}, detections=found)
+
+
+def tiny_eval_set(tmp_path):
+    """2 validation images of the synthetic shapes and an untrained tiny checkpoint with their categories."""
+    split = generate_shapes(tmp_path / "shapes", num_train=1, num_val=2, image_size=(64, 96), seed=3)["val"]
+    ids = [c["id"] for c in json.loads(split.ann_file.read_text())["categories"]]
+    cfg = apply_overrides(ModelConfig(), TINY + [f"category_ids={ids}"])
+    save_checkpoint(tmp_path / "m.pth", build_model(cfg))
+    return split, tmp_path / "m.pth"

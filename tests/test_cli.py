@@ -22,7 +22,7 @@ from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.data.synthetic import generate_shapes
 from maskrcnn.model.build import build_model
 
-from .helpers import KUDZU, TINY, need
+from .helpers import KUDZU, TINY, need, tiny_eval_set
 
 
 @pytest.fixture
@@ -297,18 +297,10 @@ def test_predict_never_replaces_a_users_results_file_but_replaces_its_own(tiny_c
     assert len(json.loads((images / "images.json").read_text())) == 1
 
 
-def _tiny_eval_set(tmp_path):
-    split = generate_shapes(tmp_path / "shapes", num_train=1, num_val=2, image_size=(64, 96), seed=3)["val"]
-    ids = [c["id"] for c in json.loads(split.ann_file.read_text())["categories"]]
-    cfg = apply_overrides(ModelConfig(), TINY + [f"category_ids={ids}"])
-    save_checkpoint(tmp_path / "m.pth", build_model(cfg))
-    return split, tmp_path / "m.pth"
-
-
 def test_evaluate_never_replaces_its_ground_truth_or_a_users_file(tmp_path, capsys):
     """Round 2 of issue 17: ``evaluate --out`` replaced the user's own ``results.json`` and
     ``metrics.json``, and even its ``--data`` file when that was named ``metrics.json``, exit 0."""
-    split, ckpt = _tiny_eval_set(tmp_path)
+    split, ckpt = tiny_eval_set(tmp_path)
     gt = tmp_path / "out" / "metrics.json"
     gt.parent.mkdir()
     gt.write_bytes(split.ann_file.read_bytes())
@@ -332,7 +324,7 @@ def test_evaluate_refuses_an_unwritable_out_before_evaluating(tmp_path, capsys, 
     """An ``--out`` that cannot be written failed only after the whole evaluation."""
     import maskrcnn.weights.checkpoint
 
-    split, ckpt = _tiny_eval_set(tmp_path)
+    split, ckpt = tiny_eval_set(tmp_path)
     (tmp_path / "afile").write_text("x")
     monkeypatch.setattr(maskrcnn.weights.checkpoint, "load", lambda *a, **k: pytest.fail("the model was loaded"))
     code = main(["evaluate", "--weights", str(ckpt), "--images", str(split.image_dir), "--quiet",

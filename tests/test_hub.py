@@ -20,7 +20,7 @@ from maskrcnn.cli import main
 from maskrcnn.weights.hub import HubRef, parse
 
 from .hub_standin import HubStandIn
-from .test_api import tiny_model
+from .helpers import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,7 +26,6 @@ from maskrcnn.serve.app import ServeOptions, create_app
 from maskrcnn.serve.worker import BatchWorker, RequestOptions
 
 from .serve_helpers import RunningServer
-from .test_cli import tiny_ckpt  # noqa: F401  the module's tiny checkpoint fixture
 
 MAX_UPLOAD_MB = 0.5
 MAX_PIXELS = 200_000

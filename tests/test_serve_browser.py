@@ -19,7 +19,6 @@ from maskrcnn.weights.checkpoint import load
 from maskrcnn.serve.app import ServeOptions, create_app
 
 from .serve_helpers import RunningServer
-from .test_cli import tiny_ckpt  # noqa: F401  the module's tiny checkpoint fixture
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 DRIVER = "/usr/bin/chromedriver"

@@ -51,13 +51,14 @@ def options_from_args(args: argparse.Namespace) -> "PredictOptions":
 def cmd_predict(args: argparse.Namespace) -> int:
     """Images -> overlays and COCO results; videos, animated GIFs, streams, cameras -> an
     annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
-    from .inference.predict_files import UsageError, predict_files
+    from .inference.predict_files import FileOutputs, UsageError, predict_files
 
+    outputs = FileOutputs(coco=args.coco, stride=args.stride, export=tuple(args.export or ()), labels=args.labels,
+                          geojson=args.geojson, polygons=args.polygons, polygon_tolerance=args.polygon_tolerance,
+                          track=args.track, count_line=args.count_line, quiet=args.quiet)
     try:
-        done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), device=args.device,
-                             coco=args.coco, stride=args.stride, quiet=args.quiet, export=args.export or [],
-                             track=args.track, count_line=args.count_line, input_size=args.input_size,
-                             max_detections=args.max_detections)
+        done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), outputs, device=args.device,
+                             input_size=args.input_size, max_detections=args.max_detections)
     except UsageError as e:
         args.parser.error(str(e))
     if done.failed:
@@ -216,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
                    help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
     add_tile_options(q)
+    q.add_argument("--labels", action="store_true",
+                   help="images: OUT/labels/<image>.tif instance label images and OUT/measurements.csv (microscopy)")
+    q.add_argument("--geojson", action="store_true",
+                   help="images: OUT/<image>.geojson, one polygon per object, in the CRS of a GeoTIFF, else in pixels")
+    q.add_argument("--polygons", action="store_true", help="images: OUT/polygons.json, COCO results with polygon masks")
+    q.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
+                   help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)")
     q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat", "labelstudio"], default=None,
                    help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
                         "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)")

@@ -100,6 +100,7 @@ class TransformConfig:
     bgr: bool = False  # feed channels as B, G, R (Detectron2's MSRA / caffe2-trained weights)
     pixel_scale: float = 1.0  # white is this value before normalisation: 1 (torchvision), 255 (Detectron2); mean and std in the same units
     resize: str = "torchvision"  # "torchvision": bilinear interpolate, sides floored; "detectron2": sides rounded, PIL bilinear on uint8 pixels
+    percentiles: tuple[float, ...] = ()  # (low, high), e.g. (1, 99.8): each image's values between these percentiles stretched to 0..255 when read (12/16-bit microscopy, data.normalize); () = the fixed rule of data.images
 
 
 @dataclass

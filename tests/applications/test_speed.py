@@ -13,8 +13,8 @@ from maskrcnn.cli import main
 from maskrcnn.config import TransformConfig
 from maskrcnn.model.mask_rcnn import MaskRCNN
 
-from ..inference.test_video import bright_forward, tiny_ckpt  # noqa: F401  (a fixture)
-from ..test_api import tiny_model
+from ..helpers import bright_forward
+from ..helpers import tiny_model
 
 
 @pytest.mark.parametrize(("size", "hw", "expected"), [

@@ -19,7 +19,6 @@ from maskrcnn.inference.results import label_color
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Detections, ModelOutput
 
-from ..inference.test_video import tiny_ckpt  # noqa: F401  (a fixture)
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 

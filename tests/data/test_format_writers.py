@@ -22,7 +22,6 @@ from maskrcnn.data.formats import (
     labelme_to_coco,
 )
 from maskrcnn.inference.results import Result
-from tests.test_cli import tiny_ckpt  # noqa: F401  (fixture)
 
 H, W = 48, 64
 

@@ -22,7 +22,7 @@ from maskrcnn.data.formats import (
     labelstudio_to_coco,
     yolo_to_coco,
 )
-from tests.conftest import KUDZU, need
+from tests.helpers import KUDZU, need
 
 IMAGES = KUDZU / "images"
 NUM_IMAGES = 5  # of the validation split: ~110 instances, a few seconds per format

@@ -96,9 +96,9 @@ def test_report_pictures(tmp_path: Path) -> None:
 
 
 def test_evaluate_cli_matrix_agrees_with_its_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from tests.test_cli import _tiny_eval_set
+    from tests.helpers import tiny_eval_set
 
-    split, weights = _tiny_eval_set(tmp_path)
+    split, weights = tiny_eval_set(tmp_path)
     out = tmp_path / "eval"
     assert main(["evaluate", "--weights", str(weights), "--data", str(split.ann_file), "--images", str(split.image_dir),
                  "--out", str(out), "--quiet", "--report-score", "0.0"]) == 0

@@ -6,17 +6,14 @@ import math
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from maskrcnn.cli import main
 from maskrcnn.inference.masks import decode_one
 from maskrcnn.model.mask_rcnn import MaskRCNN
-from maskrcnn.structures import Detections, ModelOutput
 from maskrcnn.inference.video import is_video, output_name
 
-from ..helpers import tiny_model
+from ..helpers import bright_forward, tiny_model
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
@@ -41,19 +38,6 @@ def write_clip(path, frames: int = FRAMES, **options) -> None:
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-
-
-def bright_forward(self, images, targets=None, propose=None, score_thresh=None):  # scores 0.9: above any threshold used here
-    """A stand-in detector: the bright pixels of each frame are one object of class 1."""
-    found = []
-    for im in images:
-        bright = im.float().mean(0) > 128  # (h, w)
-        ys, xs = torch.nonzero(bright, as_tuple=True)
-        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-        mask = F.interpolate(bright[y0:y1, x0:x1].float()[None, None], size=(28, 28), mode="bilinear")[0]
-        found.append(Detections(boxes=torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32), scores=torch.tensor([0.9]),
-                                labels=torch.tensor([1]), masks=mask))
-    return ModelOutput(losses={}, detections=found)
 
 
 @pytest.mark.parametrize("stride", [1, 5])

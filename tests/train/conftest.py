@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from maskrcnn.data import generate_shapes
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +16,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """6 training and 2 validation images of 64..96 px with 1-2 large shapes each (read only:
-    a test that breaks a split works on a copy)."""
-    root = tmp_path_factory.mktemp("shapes")
-    return generate_shapes(root, num_train=6, num_val=2, image_size=(64, 96), objects_per_image=(1, 2),
-                           object_size=(24, 40), seed=0)

@@ -14,7 +14,9 @@ from maskrcnn.train.hooks import HookBase, StopReason
 from maskrcnn.train.trainer import train
 from maskrcnn.weights.checkpoint import read_file
 
-from .test_train import one_thread, shapes, tiny_train_config  # noqa: F401 - fixtures
+from .helpers import tiny_train_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 

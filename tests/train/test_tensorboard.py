@@ -19,7 +19,7 @@ from maskrcnn.data import CocoDataset
 from maskrcnn.data.synthetic import generate_shapes
 from maskrcnn.model.build import build_model
 from maskrcnn.train.tensorboard import TensorBoardHook
-from tests.test_api import TINY
+from tests.helpers import TINY
 
 
 def read_events(folder: Path) -> EventAccumulator:
@@ -89,7 +89,7 @@ def test_log_tensorboard_in_the_config_logs_a_real_run(tmp_path: Path) -> None:
     """``log.tensorboard: true`` puts the hook into a real ``train`` run (process 0 only)."""
     from maskrcnn.train.trainer import train
 
-    from .test_train import tiny_train_config
+    from .helpers import tiny_train_config
 
     shapes = generate_shapes(tmp_path / "shapes", num_train=4, num_val=2, image_size=(64, 96), seed=5)
     cfg = tiny_train_config(shapes, tmp_path / "run", log={"tensorboard": True, "tb_images": 1},

@@ -372,8 +372,10 @@ class CocoDataset(Dataset):
         transforms: Transform | None = None,
         category_ids: list[int] | None = None,
         allow_outside_root: bool = False,
+        percentiles: tuple[float, float] | None = None,
     ) -> None:
         self.ann_file = Path(ann_file)
+        self.percentiles = percentiles  # the model's transform.percentiles: images read as predict reads them
         self.image_dir = Path(image_dir)
         self.transforms = transforms
         self.file = read_coco(self.ann_file)
@@ -458,7 +460,7 @@ class CocoDataset(Dataset):
     def load_image(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 RGB of image ``index``, checked against the JSON's size."""
         image_id = self.image_ids[index]
-        image = load_rgb(self.image_path(index))
+        image = load_rgb(self.image_path(index), percentiles=self.percentiles)
         self._check_size(image.shape[:2], image_id)
         return image
 

@@ -11,6 +11,8 @@ Every image, read from a file or handed over as a PIL image or an array, goes th
 - Floats beyond 1 and wider integers (int32/int64 arrays, Pillow's I mode): divided by 257
   when every value fits 16 bits, else scaled by the image's own maximum, since no bit depth
   can be assumed. NaN and infinities become 0, negative values 0.
+- Or, for a model whose ``transform.percentiles`` are set (microscopy), every image's values
+  between those percentiles stretched to 0..255 (``data.normalize``), whatever its bit depth.
 
 Files are opened with EXIF orientation applied (pixels in the frame a photo viewer shows, the
 frame annotation tools use). Only regular files are opened (a FIFO or device would block
@@ -31,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import DatasetError
+from .normalize import image_range, stretch
 
 log = logging.getLogger(__name__)
 _WARNED_ANIMATED: set[str] = set()  # animated images already warned about: only their first frame is read
@@ -64,7 +67,8 @@ def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool, peak: float | None = None) 
     return np.rint(a).clip(0, 255).astype(np.uint8)
 
 
-def to_rgb(image: Image.Image | np.ndarray, peak: float | None = None) -> np.ndarray:
+def to_rgb(image: Image.Image | np.ndarray, peak: float | None = None,
+           value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Pixels of a PIL image or an array -> (H, W, 3) uint8 RGB, by the rule in the module docstring.
 
     Args:
@@ -72,10 +76,19 @@ def to_rgb(image: Image.Image | np.ndarray, peak: float | None = None) -> np.nda
             (H, W, 3) or (H, W, 4) array of any numeric or bool dtype.
         peak: for wide data (more than 16 bits, floats), the maximum of the whole image when
             ``image`` is one tile of it, so that every tile is scaled alike (default: its own).
+        value_range: (low, high) pixel values to stretch to 0..255 instead of the fixed rule
+            (``data.normalize``: the image's percentiles, for microscopy).
 
     Raises:
         ValueError: an array of another shape, or an image with no pixels.
     """
+    if value_range is not None:
+        gray_or_rgb = stretch(pixel_values(image), *value_range)
+        if gray_or_rgb.ndim == 2:
+            gray_or_rgb = np.repeat(gray_or_rgb[:, :, None], 3, axis=2)
+        if gray_or_rgb.shape[0] == 0 or gray_or_rgb.shape[1] == 0:
+            raise ValueError(f"image has no pixels (size {gray_or_rgb.shape[0]}x{gray_or_rgb.shape[1]})")
+        return gray_or_rgb
     if isinstance(image, Image.Image):
         if image.mode in _WIDE_MODES:
             gray = _wide_to_uint8(np.asarray(image), sixteen_bit=image.mode in _16_BIT_MODES, peak=peak)
@@ -99,6 +112,33 @@ def to_rgb(image: Image.Image | np.ndarray, peak: float | None = None) -> np.nda
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise ValueError(f"image has no pixels (size {rgb.shape[0]}x{rgb.shape[1]})")
     return rgb
+
+
+def pixel_values(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The numbers ``to_rgb`` converts: (H, W) for one-channel wide data and gray arrays,
+    (H, W, 3) otherwise (alpha dropped, palettes and other 8-bit modes as RGB, bool as 0 / 255)."""
+    if isinstance(image, Image.Image):
+        if image.mode in _WIDE_MODES:
+            return np.asarray(image)
+        if image.mode == "P" and "transparency" in image.info:
+            image = image.convert("RGBA")
+        return np.asarray(image.convert("RGB"))
+    a = np.asarray(image)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise ValueError(f"array images must be (H, W), (H, W, 3) or (H, W, 4), got shape {a.shape}")
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+        raise ValueError(f"array images must hold numbers, got dtype {a.dtype}")
+    return a if a.ndim == 2 else a[:, :, :3]
+
+
+def normalized_rgb(image: Image.Image | np.ndarray, percentiles: tuple[float, float] | None) -> np.ndarray:
+    """``to_rgb`` of a whole image; with ``percentiles`` (``data.normalize``) its values
+    between those percentiles stretched to 0..255 instead of the fixed rule."""
+    if percentiles is None:
+        return to_rgb(image)
+    return to_rgb(image, value_range=image_range(pixel_values(image), percentiles))
 
 
 @contextlib.contextmanager
@@ -163,12 +203,15 @@ def decode_in_place(img: Image.Image, path: str | Path) -> None:
         raise DatasetError(f"cannot decode image {path}: {e}") from None
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS,
+             percentiles: tuple[float, float] | None = None) -> np.ndarray:
     """Read an image file as an EXIF-oriented 8-bit RGB array (``to_rgb``'s rule).
 
     Args:
         path: a regular file in any format Pillow decodes.
         max_pixels: refuse larger images before decoding them (None: no limit).
+        percentiles: (low, high) to stretch the image's own values by (``normalized_rgb``),
+            or None for the fixed rule.
 
     Returns:
         (H, W, 3) uint8 array, H x W after EXIF orientation.
@@ -184,7 +227,7 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarra
                         "as a video)", path, getattr(img, "n_frames", 0))
         try:
             img = ImageOps.exif_transpose(img)  # also forces the full decode
-            return to_rgb(img)
+            return normalized_rgb(img, percentiles)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             raise DatasetError(f"cannot decode image {path}: {e}") from None
 

@@ -105,7 +105,11 @@ class PredictionFiles:
     def add(self, image_id: int, file_name: str, result: Result, entries: list[dict]) -> None:
         """One finished image: its index record and its COCO results entries."""
         h, w = result.image_size
-        record = {"id": image_id, "file_name": file_name, "height": h, "width": w, "detections": len(entries), "results": entries}
+        counts: dict[str, int] = {}  # detections per class, by name (category id where unnamed)
+        for name, category in zip(result.class_names, result.category_ids):
+            counts[name or str(int(category))] = counts.get(name or str(int(category)), 0) + 1
+        record = {"id": image_id, "file_name": file_name, "height": h, "width": w, "detections": len(entries),
+                  "counts": counts, "results": entries}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.images += 1

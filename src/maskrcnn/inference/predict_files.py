@@ -19,6 +19,8 @@ from tqdm import tqdm
 
 from ..applications.speed import with_input_size
 from ..applications.tracking import VideoTracking, parse_line
+from ..applications.writers import build_writers
+from ..applications.writers import refuse_replacing_user_files as refuse_replacing_writers_files
 from ..files import refuse_overwriting_inputs
 from ..weights.checkpoint import load
 from .options import PredictOptions
@@ -53,43 +55,70 @@ class PredictSummary:
     videos_failed: int = 0  # videos, streams, cameras that failed or ended early
 
 
+@dataclass(frozen=True)
+class FileOutputs:
+    """What ``predict_files`` writes besides the overlays and COCO results, and how it reads
+    videos: the command's own options (how the model runs is ``PredictOptions``'). Checked when
+    made, before any input is read."""
+
+    coco: str | None = None  # a COCO JSON whose image ids the images' results take, matched by file name
+    stride: int = 1  # videos: every stride-th frame
+    export: tuple[str, ...] = ()  # pre-annotations for these tools: labelme, yolo, cvat, labelstudio (out/<tool>/)
+    labels: bool = False  # microscopy: out/labels/<name>.tif and out/measurements.csv (applications.labels)
+    geojson: bool = False  # out/<name>.geojson, in the raster's CRS for a GeoTIFF (applications.polygon_files)
+    polygons: bool = False  # out/polygons.json: COCO results with polygon segmentations
+    polygon_tolerance: float | None = None  # simplification of --geojson and --polygons outlines, pixels
+    track: bool = False  # videos: follow objects across frames (applications.tracking; <name>.tracks.json)
+    count_line: str | None = None  # videos: "x1,y1,x2,y2", count crossings per direction (implies track)
+    quiet: bool = False  # no progress bars
+
+    def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise ValueError(f"stride must be at least 1, got {self.stride}")
+        unknown = sorted(set(self.export) - set(EXPORT_TOOLS))
+        if unknown:
+            raise ValueError(f"--export {', '.join(unknown)}: not one of {', '.join(EXPORT_TOOLS)}")
+        if self.count_line:
+            parse_line(self.count_line)  # a bad line fails before any work
+
+    @property
+    def tracking(self) -> bool:
+        return self.track or bool(self.count_line)
+
+
+EXPORT_TOOLS = ("labelme", "yolo", "cvat", "labelstudio")
+
+
 def predict_files(
     weights: str,
     inputs: list[str],
     out: str | Path,
     options: PredictOptions,
+    outputs: FileOutputs = FileOutputs(),
     *,
     device: str = "cpu",
-    coco: str | None = None,
-    stride: int = 1,
-    quiet: bool = False,
-    export: Sequence[str] = (),
-    track: bool = False,
-    count_line: str | None = None,
     input_size: int | None = None,
     max_detections: int | None = None,
 ) -> PredictSummary:
-    """Images -> ``out/overlays/<name>.png`` and ``out``'s COCO results files; videos, animated
-    GIFs, streams and cameras -> ``out/<name>.mp4`` and ``<name>.jsonl`` each.
+    """Images -> ``out/overlays/<name>.png``, ``out``'s COCO results files and ``outputs``' files;
+    videos, animated GIFs, streams and cameras -> ``out/<name>.mp4`` and ``<name>.jsonl`` each.
 
     Args:
         weights: the model file (``maskrcnn.load``), loaded once the inputs are checked.
         inputs: image or video files, folders, glob patterns, stream URLs, camera devices.
         options: how the model runs (``tile_whole`` applies to images only).
-        coco: a COCO JSON whose image ids the images' results take, matched by file name.
-        stride: videos: every ``stride``-th frame.
-        export: annotation tools to write the images' detections for, as pre-annotations:
-            ``labelme``, ``yolo``, ``cvat``, ``labelstudio`` (``data.formats``; ``out/<tool>/``).
-        track: videos: follow objects across frames (``applications.tracking``; ``<name>.tracks.json``).
-        count_line: videos: "x1,y1,x2,y2", count tracks crossing it per direction (implies ``track``).
-        input_size: resize images to this short side (``applications.speed.with_input_size``).
-        max_detections: the model's ``detections_per_img`` (PyTorch models; an ONNX file has its own).
+        outputs: what else to write, and how to read videos.
+        device, input_size, max_detections: the model: where it runs, the short side images
+            are resized to (``applications.speed.with_input_size``), its ``detections_per_img``
+            (PyTorch models; an ONNX file has its own).
 
     Raises:
-        ValueError: nothing to predict on, bad options, an output that would replace an input
-            or a user's file: all before the model is loaded.
+        ValueError: nothing to predict on, options that do not apply to the inputs
+            (``UsageError``), an output that would replace an input or a user's file: all
+            before the model is loaded.
     """
     out = Path(out)
+    writers = build_writers(out, outputs.labels, outputs.geojson, outputs.polygons, outputs.polygon_tolerance)  # a missing library is told first
     streams = [i for i in inputs if is_stream(i)]
     paths, failed = expand_inputs([i for i in inputs if not is_stream(i)])
     videos = [p for p in paths if is_video(str(p)) or is_animated_gif(p)]
@@ -98,22 +127,25 @@ def predict_files(
         raise ValueError(f"no images or videos found in {' '.join(inputs)}")
     if options.tile_whole and (videos or streams):
         raise UsageError("--tile-whole applies to images only, not to videos, streams or cameras")
-    if (track or count_line) and not (videos or streams):
+    if outputs.tracking and not (videos or streams):
         raise UsageError("--track and --count-line apply to videos, streams and cameras")
-    line = parse_line(count_line) if count_line else None  # a bad line fails before the model loads
+    line = parse_line(outputs.count_line) if outputs.count_line else None
+    if writers and not images:
+        raise UsageError("--labels, --geojson and --polygons apply to images; no image among the inputs")
     overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
     sources = [*streams, *map(str, videos)]
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
-    video_files += [out / f"{n}.tracks.json" for n in names] if track or line else []
+    video_files += [out / f"{n}.tracks.json" for n in names] if outputs.tracking else []
     results = PredictionFiles(out).paths() if images else []
-    exporters = export_writers(export, out, [o.stem for o in overlays])
+    exporters = export_writers(outputs.export, out, [o.stem for o in overlays])
     exported = [p for w in exporters for p in w.targets([o.stem for o in overlays])]
+    exported += refuse_replacing_writers_files(writers, [o.stem for o in overlays])  # type: ignore[arg-type]
     # Before any work: no output replaces an input, or a file that predict did not write.
     refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *exported])
     refuse_replacing_user_files(results, video_files)
     # Images missing from the --coco file get ids past its largest, never one of its ids.
-    gt_ids = coco_image_ids(images, coco) if coco else ([None] * len(images), 1)
+    gt_ids = coco_image_ids(images, outputs.coco) if outputs.coco else ([None] * len(images), 1)
 
     model = load(weights, device=device, **({"detections_per_img": max_detections} if max_detections else {}))
     if input_size:
@@ -123,11 +155,11 @@ def predict_files(
     predictor = Predictor(model, options)
     summary = PredictSummary(failed=failed)
     for source, name in zip(sources, names):
-        tracking = VideoTracking(line=line) if track or line else None
-        if not _predict_video(predictor, source, out, name, stride, quiet, tracking):
+        tracking = VideoTracking(line=line) if outputs.tracking else None
+        if not _predict_video(predictor, source, out, name, outputs.stride, outputs.quiet, tracking):
             summary.videos_failed += 1
     if images:
-        _predict_images(predictor, images, overlays, gt_ids, out, summary, quiet, exporters)
+        _predict_images(predictor, images, overlays, gt_ids, out, summary, outputs.quiet, [*exporters, *writers])
     return summary
 
 
@@ -177,9 +209,6 @@ def export_writers(formats: Sequence[str], out: Path, names: list[str]) -> list[
     from ..data.formats import CvatWriter, LabelMeWriter, LabelStudioWriter, YoloWriter
 
     kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter, "labelstudio": LabelStudioWriter}
-    unknown = sorted(set(formats) - set(kinds))
-    if unknown:
-        raise ValueError(f"--export {', '.join(unknown)}: not one of {', '.join(kinds)}")
     writers = [kinds[f](out) for f in dict.fromkeys(formats)]
     for w in writers:
         w.check(names)

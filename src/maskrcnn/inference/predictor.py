@@ -21,7 +21,8 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from . import tiling
-from ..data.images import MAX_PIXELS, decode_in_place, load_rgb, open_image, to_rgb
+from ..data.images import MAX_PIXELS, decode_in_place, load_rgb, normalized_rgb, open_image
+from ..data.normalize import check_percentiles
 from ..model.mask_rcnn import MaskRCNN
 from ..weights.onnx_model import OnnxModel
 from ..precision import autocast
@@ -36,28 +37,32 @@ ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
 _Loaded = tuple[str, np.ndarray, Optional[str]]  # an input read: (name, (H, W, 3) uint8 RGB, path)
 
 
-def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS) -> tuple[np.ndarray, str | None]:
+def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS,
+           percentiles: tuple[float, float] | None = None) -> tuple[np.ndarray, str | None]:
     """Any supported image -> ((H, W, 3) uint8 RGB array, source path or None).
 
     Paths are decoded with EXIF orientation (refused above ``max_pixels``); PIL images (EXIF
     orientation applied) and arrays go through ``data.images.to_rgb``, the package's one rule
     for modes and bit depths (16-bit data is divided by 257, floats in 0..1 scaled by 255);
-    tensors are (3, H, W) float in 0..1.
+    tensors are (3, H, W) float in 0..1. With ``percentiles`` (the model's
+    ``transform.percentiles``) the values of a path, PIL image or array are stretched by its
+    own percentiles instead (``data.normalize``), as training read its images; a tensor is
+    taken as model input already read that way (training's validation passes the dataset's).
 
     Raises:
         ValueError (``DatasetError`` for files): an unreadable file, a wrong shape, no pixels.
         TypeError: an unsupported input type.
     """
     if isinstance(image, (str, Path)):
-        return load_rgb(image, max_pixels), str(image)
+        return load_rgb(image, max_pixels, percentiles), str(image)
     if isinstance(image, Image.Image):
-        return to_rgb(ImageOps.exif_transpose(image)), None
+        return normalized_rgb(ImageOps.exif_transpose(image), percentiles), None
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] == 0 or image.shape[2] == 0:
             raise ValueError(f"tensor images must be (3, H, W) floats in 0..1 with H, W > 0, got shape {tuple(image.shape)}")
         return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), None
     if isinstance(image, np.ndarray):
-        return to_rgb(image), None
+        return normalized_rgb(image, percentiles), None
     raise TypeError(f"unsupported image type {type(image).__name__}; pass a path, PIL image, array or tensor")
 
 
@@ -186,12 +191,19 @@ class Predictor:
                 yield results
 
         try:
+            from ..applications.geo import RasterioTiles, is_georeferenced
+
+            percentiles = check_percentiles(self.model.config.transform.percentiles)
             if path is None:
-                return _predict_tiled(tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit)[0]), run, self.options,
-                                            name=_name(item, index))
+                return _predict_tiled(tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit, percentiles)[0]), run,
+                                      self.options, name=_name(item, index))
+            if is_georeferenced(path):  # read window by window, never whole (applications.geo)
+                with RasterioTiles.open(path, self.options.pixel_limit, percentiles) as source:
+                    return _predict_tiled(source, run, self.options, path=path, name=_name(item, index))
             with open_image(path, self.options.pixel_limit) as img:
                 decode_in_place(img, path)  # no copy of a huge image
-                return _predict_tiled(tiling.PillowTiles(img), run, self.options, path=path, name=_name(item, index))
+                return _predict_tiled(tiling.PillowTiles(img, percentiles), run, self.options, path=path,
+                                      name=_name(item, index))
         except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
             if raise_errors:
                 raise
@@ -224,6 +236,7 @@ class Predictor:
         mask_thresh = cfg.roi_heads.mask_thresh if options.mask_thresh is None else options.mask_thresh
         names = cfg.label_names()
         categories = cfg.label_categories()
+        percentiles = check_percentiles(cfg.transform.percentiles)  # read as training read its images
         raise_errors = raise_errors or targets is not None
         # A threshold below the model's lets lower-scored candidates through its NMS too; a higher
         # one filters the model's detections (>=, as documented).
@@ -267,7 +280,7 @@ class Predictor:
             for index, item in enumerate(batch, start):
                 path = str(item) if isinstance(item, (str, Path)) else None
                 try:
-                    array, _ = as_rgb(item, options.max_pixels)
+                    array, _ = as_rgb(item, options.max_pixels, percentiles)
                     slots.append((_name(item, index), array, path))
                 except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
                     if raise_errors:

@@ -50,7 +50,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from ..data.images import to_rgb
+from ..data.images import pixel_values, to_rgb
+from ..data.normalize import strip_range
 from .masks import crop_to_rle, decode_one
 from .results import Result
 
@@ -150,16 +151,18 @@ class PillowTiles:
     The full image is never converted: a 20000 x 20000 RGB file costs Pillow's 1.6 GB
     (4 bytes a pixel) and no second copy; a 16-bit one 0.8 GB. For 32-bit integer and float
     images the peak that ``to_rgb``'s rule scales by is the whole image's, so every tile is
-    scaled alike.
+    scaled alike; so are the values that ``percentiles`` (``data.normalize``) stretch by.
     """
 
-    def __init__(self, image: Image.Image) -> None:
+    def __init__(self, image: Image.Image, percentiles: tuple[float, float] | None = None) -> None:
         self.image = image
         self.size = (image.height, image.width)
         self.peak = float(max(image.getextrema())) if image.mode in ("I", "F") else None
+        self.value_range = None if percentiles is None else strip_range(
+            lambda y0, y1: pixel_values(image.crop((0, y0, image.width, y1))), *self.size, percentiles)
 
     def read(self, box: Tile) -> np.ndarray:
-        return to_rgb(self.image.crop((box.x0, box.y0, box.x1, box.y1)), peak=self.peak)
+        return to_rgb(self.image.crop((box.x0, box.y0, box.x1, box.y1)), peak=self.peak, value_range=self.value_range)
 
 
 Source = ArrayTiles | PillowTiles

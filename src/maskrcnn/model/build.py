@@ -4,6 +4,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, TransformConfig
+from ..data.normalize import check_percentiles
 from .anchors import AnchorGenerator
 from .backbone import ResNetBody
 from .fpn import FPN
@@ -97,4 +98,8 @@ def _batchnorm(key: str, value: str) -> bool:
 
 def build_preprocessor(t: TransformConfig) -> Preprocessor:
     """The image normalisation and resizing of a model (also what an ONNX model runs before its graph)."""
+    try:  # applied when images are read (data.normalize); a bad value fails here, at build
+        check_percentiles(t.percentiles)
+    except ValueError as e:
+        raise ConfigError(f"transform.{e}") from None
     return Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.bgr, t.pixel_scale, t.resize)

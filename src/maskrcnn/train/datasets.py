@@ -6,6 +6,7 @@ import logging
 from torch.utils.data import Dataset, Subset
 
 from ..data import CocoDataset, ensure_dataset
+from ..data.normalize import check_percentiles
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -24,8 +25,10 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDataset, Dataset, Dataset | No
                                image_size=tuple(d.synthetic_size))
         train_ann, train_images = str(paths["train"].ann_file), str(paths["train"].image_dir)
         val_ann, val_images = str(paths["val"].ann_file), str(paths["val"].image_dir)
-    train = CocoDataset(train_ann, train_images, allow_outside_root=d.allow_outside_root)
-    val = CocoDataset(val_ann, val_images, category_ids=train.category_ids, allow_outside_root=d.allow_outside_root) if val_ann else None
+    percentiles = check_percentiles(cfg.model.transform.percentiles)  # read as predict will read them
+    train = CocoDataset(train_ann, train_images, allow_outside_root=d.allow_outside_root, percentiles=percentiles)
+    val = CocoDataset(val_ann, val_images, category_ids=train.category_ids, allow_outside_root=d.allow_outside_root,
+                      percentiles=percentiles) if val_ann else None
     for dataset, n in ((train, d.max_train_images), (val, cfg.eval.max_images)):
         if dataset is not None:  # every image file now, not when its batch comes up
             dataset.validate(decode=False, first=n)
