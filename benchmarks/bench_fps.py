@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import maskrcnn
-from maskrcnn.applications.speed import with_input_size
+from maskrcnn.inference.input_size import with_input_size
 from maskrcnn.data.images import load_rgb
 from maskrcnn.weights.download import cache_dir
 
@@ -114,7 +114,7 @@ def accuracy(weights: Path, work: Path, ratios: tuple[float, ...], coco_val: tup
 
     from maskrcnn.data.synthetic import ensure_dataset
     from maskrcnn.evaluation.coco import coco_evaluate
-    from maskrcnn.evaluation.evaluate_files import coco_results
+    from maskrcnn.evaluation.coco import coco_results
     from maskrcnn.train.config import load_training_config
 
     model = maskrcnn.load(weights)

@@ -1,4 +1,4 @@
-"""Peak memory of reading a large GeoTIFF tile by tile (``applications.geo.RasterioTiles``)
+"""Peak memory of reading a large GeoTIFF tile by tile (``inference.geotiff.RasterioTiles``)
 against the raster's own size: the windows keep it to a few tiles.
 
     python benchmarks/applications/bench_geotiff_windows.py /tmp/big.tif --side 12000 --tile 1024
@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     if not args.path.exists():
         write(args.path, args.side)
-    from maskrcnn.applications.geo import RasterioTiles
+    from maskrcnn.inference.geotiff import RasterioTiles
     from maskrcnn.inference.tiling import tile_grid
 
     before = peak_mb()

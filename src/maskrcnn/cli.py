@@ -51,7 +51,7 @@ def options_from_args(args: argparse.Namespace) -> "PredictOptions":
 def cmd_predict(args: argparse.Namespace) -> int:
     """Images -> overlays and COCO results; videos, animated GIFs, streams, cameras -> an
     annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
-    from .inference.predict_files import FileOutputs, UsageError, predict_files
+    from .commands.predict import FileOutputs, UsageError, predict_files
 
     outputs = FileOutputs(coco=args.coco, stride=args.stride, export=tuple(args.export or ()), labels=args.labels,
                           geojson=args.geojson, polygons=args.polygons, polygon_tolerance=args.polygon_tolerance,
@@ -68,7 +68,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
-    from .evaluation.evaluate_files import evaluate_files
+    from .commands.evaluate import evaluate_files
 
     metrics = evaluate_files(args.weights, args.data, args.images, options_from_args(args), out=args.out,
                              device=args.device, skip_bad_images=args.skip_bad_images,
@@ -148,7 +148,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .weights.hub import PushOptions, push
+    from .weights.share import PushOptions, push
 
     url = push(args.weights, args.repo, PushOptions(private=args.private, metrics=args.metrics, message=args.message))
     print(f"{args.weights} -> {url}: load it with maskrcnn.load(\"hf://{args.repo}\")")

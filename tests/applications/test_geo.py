@@ -19,7 +19,7 @@ from rasterio.transform import from_origin  # noqa: E402
 from scipy.ndimage import binary_fill_holes  # noqa: E402
 from shapely.geometry import shape  # noqa: E402
 
-from maskrcnn.applications import geo  # noqa: E402
+from maskrcnn.inference import geotiff as geo  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.inference.tiling import PREVIEW_STRIP, tile_grid  # noqa: E402
 from maskrcnn.weights.checkpoint import save_checkpoint  # noqa: E402
@@ -235,7 +235,7 @@ def test_bad_polygon_options_are_one_line_errors_before_any_work(tiny_ckpt, tmp_
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.5, 1.0, 3.0])
 def test_every_outline_is_valid_even_for_ragged_masks_with_holes_and_touching_parts(tolerance):
-    from maskrcnn.applications.geo import Georeference
+    from maskrcnn.inference.geotiff import Georeference
     from maskrcnn.applications.polygon_files import feature_collection
     from maskrcnn.inference.results import Result
 

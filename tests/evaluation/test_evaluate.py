@@ -255,7 +255,7 @@ def perfect_model(monkeypatch):
         readable = [i for i in ids if (Path(image_dir) / coco.imgs[i]["file_name"]).is_file()]
         return [e for e in _detections(coco) if e["image_id"] in readable]
 
-    monkeypatch.setattr("maskrcnn.evaluation.evaluate_files.coco_results", fake)
+    monkeypatch.setattr("maskrcnn.commands.evaluate.coco_results", fake)
     return calls
 
 

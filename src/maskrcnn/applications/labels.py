@@ -78,7 +78,7 @@ class OriginalPixels:
     """
 
     def __init__(self, path: str | Path, image_size: tuple[int, int]) -> None:
-        from .geo import RasterioTiles, _open_raster, is_georeferenced
+        from ..inference.geotiff import RasterioTiles, _open_raster, is_georeferenced
 
         self._stack = contextlib.ExitStack()
         self._raster: RasterioTiles | None = None

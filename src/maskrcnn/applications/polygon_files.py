@@ -93,7 +93,7 @@ class GeoJSONWriter:
         return _begins_with(path, _GEOJSON_OPENING)
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
-        from .geo import georeference
+        from ..inference.geotiff import georeference
 
         reference = georeference(path) if path is not None else None
         collection = feature_collection(result, self.tolerance, reference)

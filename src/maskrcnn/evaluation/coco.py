@@ -18,12 +18,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tqdm import tqdm
 
-from ..data.coco import read_coco
+from ..data.coco import image_path, read_coco
+from ..data.errors import DatasetError
+from ..inference.options import PredictOptions
+from ..inference.predictor import Predictor
+from ..model.mask_rcnn import MaskRCNN
+from ..weights.onnx_model import OnnxModel
 
-logger = logging.getLogger(__name__)
+logger = log = logging.getLogger(__name__)
 
 # Names of the 12 entries of COCOeval.stats, in order.
 STAT_NAMES: tuple[str, ...] = (
@@ -170,3 +177,40 @@ def _per_class_ap(evaluator: COCOeval, coco_gt: COCO) -> dict[str, float]:
         p = p[p > -1]
         out[coco_gt.cats[cat_id]["name"]] = float(np.mean(p)) if p.size else math.nan
     return out
+
+
+@torch.inference_mode()
+def coco_results(
+    model: MaskRCNN | OnnxModel,
+    coco: COCO,
+    image_dir: str | Path,
+    options: PredictOptions | None = None,
+    image_ids: list[int] | None = None,
+    *,
+    allow_outside_root: bool = False,
+    skipped: list[int] | None = None,
+) -> list[dict]:
+    """Detections of ``model`` on every image of ``coco`` as COCO results entries (RLE masks).
+
+    File names must stay inside ``image_dir`` unless ``allow_outside_root`` (as in
+    ``CocoDataset``). An image that cannot be read raises ``DatasetError`` naming it, since
+    evaluating without its detections would still count its ground truth; with a ``skipped``
+    list it is logged and its id appended there instead, for the caller to leave out of the
+    ground truth too. ``options``: how the model runs (pixels are never kept); with
+    ``progress`` a bar counts the images.
+    """
+    options = options or PredictOptions()
+    ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
+    paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
+    entries: list[dict] = []
+    stream = Predictor(model, options, keep_images=False).stream(paths)
+    for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img",
+                                 disable=not options.progress, leave=False):
+        if result.error is not None:
+            if skipped is None:
+                raise DatasetError(result.error)
+            log.error("skipping %s", result.error)
+            skipped.append(image_id)
+            continue
+        entries.extend(result.to_coco(image_id))
+    return entries

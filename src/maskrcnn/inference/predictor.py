@@ -191,13 +191,13 @@ class Predictor:
                 yield results
 
         try:
-            from ..applications.geo import RasterioTiles, is_georeferenced
+            from .geotiff import RasterioTiles, is_georeferenced
 
             percentiles = check_percentiles(self.model.config.transform.percentiles)
             if path is None:
                 return _predict_tiled(tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit, percentiles)[0]), run,
                                       self.options, name=_name(item, index))
-            if is_georeferenced(path):  # read window by window, never whole (applications.geo)
+            if is_georeferenced(path):  # read window by window, never whole (inference.geotiff)
                 with RasterioTiles.open(path, self.options.pixel_limit, percentiles) as source:
                     return _predict_tiled(source, run, self.options, path=path, name=_name(item, index))
             with open_image(path, self.options.pixel_limit) as img:

@@ -16,10 +16,10 @@ batches, as images are (tiled too, with ``tile``), and for each processed frame:
   size is scaled by one factor to fit it and centred on black (letterboxed), never cropped.
   The encoder is flushed on Ctrl-C too, so the video holds every frame the JSON Lines hold.
 
-With ``tracking`` (``applications.tracking.VideoTracking``) each detection also gets a
+With ``tracking`` (``inference.tracking.VideoTracking``) each detection also gets a
 ``"track_id"`` (null for a low-score one that matched no track), the video shows ids and
 trails, and ``<name>.tracks.json`` gets the counts. A live source (a stream or camera, by
-default) is read on a thread that keeps only the newest frame (``applications.live``): its
+default) is read on a thread that keeps only the newest frame (``inference.live``): its
 records get ``"dropped"``, the frames dropped just before this one, and the summary the total.
 
 Every ``stride``-th frame is processed (0, K, 2K, ...); the others are decoded and dropped.
@@ -41,8 +41,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from ..applications.live import Newest
-from ..applications.tracking import VideoTracking, summary_path
+from .live import Newest
+from .tracking import VideoTracking, summary_path
 from .predictor import Predictor
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def written_by_predict(path: Path) -> bool:
     carrying ``OUTPUT_TAG``, or JSON Lines whose first line is a frame record. Anything else
     (a user's own video, a file that cannot be read) is False."""
     if path.name.endswith(".tracks.json"):
-        from ..applications.tracking import written_by_tracking
+        from .tracking import written_by_tracking
 
         return written_by_tracking(path)
     if path.suffix == ".jsonl":

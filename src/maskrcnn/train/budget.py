@@ -21,14 +21,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 from . import distributed
-from .hooks import HookBase, StopReason
+from .hooks import HookBase, StopReason, Trainer
 from .schedules import fitted_lengths
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 

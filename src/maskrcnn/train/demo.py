@@ -39,7 +39,7 @@ from ..model.mask_rcnn import MaskRCNN
 from ..files import write_json
 from .distributed import resolve_device
 from ..evaluation.coco import coco_evaluate, flatten_metrics
-from ..evaluation.evaluate_files import coco_results
+from ..evaluation.coco import coco_results
 from ..inference.options import PredictOptions
 from .trainer import NonFiniteLossError, train
 from .config import TrainConfig, load_training_config

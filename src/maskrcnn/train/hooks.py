@@ -22,15 +22,17 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..inference.results import Result
 from ..weights.checkpoint import save_checkpoint
 from . import distributed
 from .validate import validate
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
+
+# The trainer as hooks see it: ``trainer.Trainer``, not imported here, so that the policies never
+# import the loop they watch (the loop imports them). What a hook may read and set: module docstring.
+Trainer = Any
 
 
 class StopReason(enum.Enum):

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from tqdm import tqdm
@@ -28,10 +28,8 @@ from tqdm import tqdm
 from ..config import to_dict
 from ..inference.results import Result
 from . import distributed
-from .hooks import HookBase, StopReason
+from .hooks import HookBase, StopReason, Trainer
 
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -89,7 +89,7 @@ class TensorBoardHook(HookBase):
         self.last_logged = it
 
     def _predict(self, trainer: Any, coco_ds: Any, image_ids: list[int]) -> list[dict]:
-        from ..evaluation.evaluate_files import coco_results
+        from ..evaluation.coco import coco_results
 
         model = trainer.model
         was_training = model.training

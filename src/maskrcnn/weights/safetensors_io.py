@@ -146,14 +146,3 @@ def read(path: str | Path) -> dict[str, Any]:
         return _decode(json.loads(metadata["maskrcnn"]), tensors)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"cannot read {path}: its maskrcnn metadata is damaged ({type(e).__name__}: {e})") from None
-
-
-def convert(source: str | Path, dest: str | Path) -> Path:
-    """Rewrite any model file the package reads (``checkpoint.read_file``) as safetensors at
-    ``dest``; refuses to replace an existing file."""
-    from .checkpoint import read_file
-
-    dest = Path(dest)
-    if dest.exists() or dest.is_symlink():
-        raise ValueError(f"{dest} exists; choose another name (a file is never replaced)")
-    return save(read_file(source), dest)

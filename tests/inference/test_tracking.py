@@ -5,7 +5,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
-from maskrcnn.applications.tracking import (
+from maskrcnn.inference.tracking import (
     KalmanBox,
     LineCounter,
     Tracker,

@@ -12,9 +12,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from maskrcnn.weights.checkpoint import CheckpointError, file_kind, load, read_file, read_weights, save_checkpoint
-from maskrcnn.weights.safetensors_io import convert, looks_like
+from maskrcnn.weights.safetensors_io import looks_like
+from maskrcnn.weights.share import convert
 
-from .helpers import tiny_model
+from ..helpers import tiny_model
 
 
 def test_a_checkpoint_with_training_state_round_trips(tmp_path):
@@ -109,7 +110,7 @@ def test_a_training_run_in_safetensors_resumes_exactly(shapes, tmp_path):  # noq
     where an uninterrupted .pth run ends (weights and SGD momenta; the .pth run is the reference)."""
     from maskrcnn.train.trainer import train
 
-    from .train.helpers import tiny_train_config
+    from ..train.helpers import tiny_train_config
 
     common = {"solver": {"lr": 0.01, "epochs": 1, "warmup_iters": 2}, "eval": {"every": 1, "num_visualize": 0},
               "data": {"max_train_images": 4}}  # 2 iterations

@@ -33,7 +33,7 @@ from PIL import Image
 from ..data.errors import DatasetError
 from ..data.images import _pillow_limit_off, to_rgb
 from ..data.normalize import strip_range
-from ..inference.tiling import PREVIEW_STRIP, Tile
+from .tiling import PREVIEW_STRIP, Tile
 
 # TIFF tags that georeference a file (GeoTIFF 1.1): pixel scale, tie points, transformation, GeoKeys.
 _GEO_TAGS = (33550, 33922, 34264, 34735)

@@ -378,7 +378,7 @@ class VideoTracking:
 
     def update(self, result: Any) -> list[int | None]:
         """Track one frame's ``Result``; each detection's track id, None for an untracked one."""
-        from ..inference.masks import decode_one
+        from .masks import decode_one
 
         crops = [decode_one(r) for r in result.rles] if result.rles is not None else None
         ids = self.tracker.update(result.boxes, result.scores, result.labels, crops)
@@ -402,7 +402,7 @@ class VideoTracking:
     def draw(self, picture: Image.Image) -> Image.Image:
         """Draw the line with its counts, each tracked object's "#id" and trail onto ``picture``
         (the frame at full size, as ``Result.plot(max_size=None)`` gives it); returns it."""
-        from ..inference.results import label_color
+        from .results import label_color
 
         draw = ImageDraw.Draw(picture)
         font = ImageFont.load_default()

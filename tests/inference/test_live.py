@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from maskrcnn.applications.live import Newest
+from maskrcnn.inference.live import Newest
 
 
 def test_a_slow_consumer_gets_the_newest_item_and_the_drops_are_counted():

@@ -1,4 +1,4 @@
-"""Sharing on the Hugging Face Hub, against a stand-in of its API on 127.0.0.1 (tests/hub_standin.py):
+"""Sharing on the Hugging Face Hub, against a stand-in of its API on 127.0.0.1 (tests/weights/hub_standin.py):
 ``maskrcnn push`` uploads safetensors, config and a model card; ``hf://`` loads it back."""
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from maskrcnn.cli import main
 from maskrcnn.weights.hub import HubRef, parse
 
 from .hub_standin import HubStandIn
-from .helpers import tiny_model
+from ..helpers import tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_cli(commands: list[list[str]], env: dict[str, str]) -> tuple[list[int], str, str]:
@@ -101,7 +101,7 @@ def test_push_refuses_a_bad_repo_id_before_any_work(tmp_path, capsys):
 
 
 def test_the_model_card_takes_evaluates_metrics_file(tmp_path):
-    from maskrcnn.weights.hub import _metrics
+    from maskrcnn.weights.share import _metrics
 
     nested = tmp_path / "metrics.json"  # maskrcnn evaluate's layout
     nested.write_text(json.dumps({"bbox": {"AP": 0.5, "AP50": 0.7, "APl": -1.0}, "segm": {"AP": 0.4, "AP75": -1.0}}))

@@ -12,21 +12,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from pycocotools.coco import COCO
-from tqdm import tqdm
 
-from ..data.coco import CocoDataset, describe_problems, image_path
+from ..data.coco import CocoDataset, describe_problems
 from ..data.errors import DatasetError
 from ..files import refuse_overwriting_inputs, write_json
 from ..inference.options import PredictOptions
-from ..inference.predictor import Predictor
 from ..inference.results import write_coco_results
-from ..model.mask_rcnn import MaskRCNN
 from ..weights.checkpoint import load
-from ..weights.onnx_model import OnnxModel
-from .analysis import analyse, check_report_out, write_report
-from .coco import coco_evaluate, format_metrics
+from ..evaluation.analysis import analyse, check_report_out, write_report
+from ..evaluation.coco import coco_evaluate, coco_results, format_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,43 +28,6 @@ log = logging.getLogger(__name__)
 # indented metrics), or the whole file when empty: an earlier evaluation's output is replaced,
 # a user's own file of that name is not.
 _EVALUATE_OPENINGS = {"results.json": (b'[{"image_id": ', b"[]"), "metrics.json": (b'{\n "bbox": {', None)}
-
-
-@torch.inference_mode()
-def coco_results(
-    model: MaskRCNN | OnnxModel,
-    coco: COCO,
-    image_dir: str | Path,
-    options: PredictOptions | None = None,
-    image_ids: list[int] | None = None,
-    *,
-    allow_outside_root: bool = False,
-    skipped: list[int] | None = None,
-) -> list[dict]:
-    """Detections of ``model`` on every image of ``coco`` as COCO results entries (RLE masks).
-
-    File names must stay inside ``image_dir`` unless ``allow_outside_root`` (as in
-    ``CocoDataset``). An image that cannot be read raises ``DatasetError`` naming it, since
-    evaluating without its detections would still count its ground truth; with a ``skipped``
-    list it is logged and its id appended there instead, for the caller to leave out of the
-    ground truth too. ``options``: how the model runs (pixels are never kept); with
-    ``progress`` a bar counts the images.
-    """
-    options = options or PredictOptions()
-    ids = sorted(coco.getImgIds()) if image_ids is None else image_ids
-    paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
-    entries: list[dict] = []
-    stream = Predictor(model, options, keep_images=False).stream(paths)
-    for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img",
-                                 disable=not options.progress, leave=False):
-        if result.error is not None:
-            if skipped is None:
-                raise DatasetError(result.error)
-            log.error("skipping %s", result.error)
-            skipped.append(image_id)
-            continue
-        entries.extend(result.to_coco(image_id))
-    return entries
 
 
 def evaluate_files(

@@ -18,7 +18,7 @@ from pycocotools import mask as mask_util
 from maskrcnn.weights.checkpoint import load
 from maskrcnn.serve.app import ServeOptions, create_app
 
-from .serve_helpers import RunningServer
+from .helpers import RunningServer
 
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
 DRIVER = "/usr/bin/chromedriver"

@@ -17,24 +17,17 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from ..applications.speed import with_input_size
-from ..applications.tracking import VideoTracking, parse_line
+from ..inference.input_size import with_input_size
+from ..inference.tracking import VideoTracking, parse_line
 from ..applications.writers import build_writers
 from ..applications.writers import refuse_replacing_user_files as refuse_replacing_writers_files
 from ..files import refuse_overwriting_inputs
 from ..weights.checkpoint import load
-from .options import PredictOptions
-from .outputs import PredictionFiles, coco_image_ids
-from .predictor import Predictor
-from .results import Result
-from .video import (
-    is_animated_gif,
-    is_stream,
-    is_video,
-    output_name,
-    predict_video,
-    written_by_predict,
-)
+from ..inference.options import PredictOptions
+from ..inference.outputs import PredictionFiles, coco_image_ids
+from ..inference.predictor import Predictor
+from ..inference.results import Result
+from ..inference.video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +61,7 @@ class FileOutputs:
     geojson: bool = False  # out/<name>.geojson, in the raster's CRS for a GeoTIFF (applications.polygon_files)
     polygons: bool = False  # out/polygons.json: COCO results with polygon segmentations
     polygon_tolerance: float | None = None  # simplification of --geojson and --polygons outlines, pixels
-    track: bool = False  # videos: follow objects across frames (applications.tracking; <name>.tracks.json)
+    track: bool = False  # videos: follow objects across frames (inference.tracking; <name>.tracks.json)
     count_line: str | None = None  # videos: "x1,y1,x2,y2", count crossings per direction (implies track)
     quiet: bool = False  # no progress bars
 
@@ -109,7 +102,7 @@ def predict_files(
         options: how the model runs (``tile_whole`` applies to images only).
         outputs: what else to write, and how to read videos.
         device, input_size, max_detections: the model: where it runs, the short side images
-            are resized to (``applications.speed.with_input_size``), its ``detections_per_img``
+            are resized to (``inference.input_size.with_input_size``), its ``detections_per_img``
             (PyTorch models; an ONNX file has its own).
 
     Raises:

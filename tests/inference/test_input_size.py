@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.applications.speed import with_input_size
+from maskrcnn.inference.input_size import with_input_size
 from maskrcnn.cli import main
 from maskrcnn.config import TransformConfig
 from maskrcnn.model.mask_rcnn import MaskRCNN

@@ -25,7 +25,7 @@ from maskrcnn.cli import main
 from maskrcnn.serve.app import ServeOptions, create_app
 from maskrcnn.serve.worker import BatchWorker, RequestOptions
 
-from .serve_helpers import RunningServer
+from .helpers import RunningServer
 
 MAX_UPLOAD_MB = 0.5
 MAX_PIXELS = 200_000
@@ -331,12 +331,12 @@ def test_the_serve_command_starts_answers_and_stops_on_sigterm(tiny_ckpt, tmp_pa
     import subprocess
     from pathlib import Path
 
-    from .serve_helpers import free_port
+    from .helpers import free_port
 
     assert main(["serve", "--weights", str(tmp_path / "missing.pth")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen([sys.executable, "-m", "maskrcnn.cli", "serve", "--weights", str(tiny_ckpt), "--port", str(port),
                                "--max-upload-mb", "0.001"], env=env, stderr=subprocess.PIPE, text=True)
     try:
