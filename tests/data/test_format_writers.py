@@ -149,3 +149,13 @@ def test_a_rerun_replaces_its_own_unchanged_files(result: Result, tmp_path: Path
     (tmp_path / "out" / "yolo" / "data.yaml").write_text("names: [mine]\n")
     with pytest.raises(ValueError, match="data.yaml exists and is not an unchanged file"):
         YoloWriter(tmp_path / "out").check(["p1"])
+
+
+def test_export_without_an_image_is_a_usage_error(tiny_ckpt, tmp_path, capsys):
+    """Found by a breaker: --export on videos only wrote nothing and said nothing (exit 0)."""
+    (tmp_path / "clip.mp4").write_bytes(b"refused before it is opened")
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "clip.mp4"), "--export", "labelme",
+              "--out", str(tmp_path / "out"), "--quiet"])
+    assert exit_.value.code == 2 and "--export apply to images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+from pycocotools import mask as mask_util
 import pytest
 
 from maskrcnn.cli import main
@@ -297,3 +298,30 @@ def test_cli_convert_and_refusing_a_user_file(tmp_path: Path, capsys: pytest.Cap
     assert main(["convert", "cvat", str(tmp_path / "a.json"), "--out", str(tmp_path / "t2.json")]) == 2  # no --images
     assert main(["convert", "cvat", str(tmp_path / "a.json"), "--images", str(tmp_path), "--out", str(tmp_path / "t2.json")]) == 2
     assert "invalid XML" in capsys.readouterr().err
+
+
+def test_an_edited_converted_file_is_never_replaced_and_empty_shapes_are_named(tmp_path: Path, capsys, caplog) -> None:
+    """Found by a breaker: convert replaced a train.json the user had edited since (it only looked
+    for convert's description), and kept degenerate shapes as instances with bbox [0, 0, 0, 0]."""
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    shapes = [{"label": "x", "points": [[1, 1], [9, 1], [9, 9]], "shape_type": "polygon"},
+              {"label": "x", "points": [[10, 10], [10, 10], [10, 10]], "shape_type": "polygon"},  # no area
+              {"label": "x", "points": [[50, 40], [60, 40], [60, 45]], "shape_type": "polygon"}]  # wholly outside
+    (tmp_path / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40}))
+    out = tmp_path / "train.json"
+    with caplog.at_level(logging.WARNING):
+        assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 0
+    written = json.loads(out.read_text())
+    triangle = mask_util.frPyObjects([[1, 1, 9, 1, 9, 9]], 30, 40)  # pycocotools' own fill of the one real shape
+    assert [a["bbox"] for a in written["annotations"]] == [[float(v) for v in mask_util.toBbox(mask_util.merge(triangle))]]
+    assert caplog.text.count("no pixel inside the image") == 2
+    assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 0  # unchanged: replaced
+    edited = json.loads(out.read_text())
+    edited["categories"][0]["name"] = "renamed by hand"
+    out.write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 2
+    assert "or was changed since" in capsys.readouterr().err
+    assert json.loads(out.read_text())["categories"][0]["name"] == "renamed by hand"

@@ -123,8 +123,8 @@ def predict_files(
     if outputs.tracking and not (videos or streams):
         raise UsageError("--track and --count-line apply to videos, streams and cameras")
     line = parse_line(outputs.count_line) if outputs.count_line else None
-    if writers and not images:
-        raise UsageError("--labels, --geojson and --polygons apply to images; no image among the inputs")
+    if (writers or outputs.export) and not images:
+        raise UsageError("--labels, --geojson, --polygons and --export apply to images; no image among the inputs")
     overlays = [out / "overlays" / f"{n}.png" for n in unique_names([p.stem for p in images])]
     sources = [*streams, *map(str, videos)]
     names = unique_names([output_name(s) for s in sources], taken={"predictions"})  # predictions.jsonl is the images'

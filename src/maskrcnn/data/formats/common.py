@@ -165,6 +165,9 @@ class CocoBuilder:
             im = self._ids[image_id]
             rle = mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width)) if isinstance(seg, list) else \
                 {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+            if not mask_util.area(rle):  # a degenerate shape, or one wholly outside its image
+                self.skip(f"{im.file_name}, {category}", "no pixel inside the image")
+                continue
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": ids[category], "iscrowd": 0,
                 "segmentation": seg, "area": float(mask_util.area(rle)),
@@ -182,25 +185,36 @@ class CocoBuilder:
             shown = "\n  ".join(self.skipped[:SHOWN_SKIPPED])
             more = f"\n  ... and {len(self.skipped) - SHOWN_SKIPPED} more" if len(self.skipped) > SHOWN_SKIPPED else ""
             logger.warning("%s: %d shape(s) not converted:\n  %s%s", self.source, len(self.skipped), shown, more)
+        coco["info"]["content_sha256"] = content_digest(coco)  # a later run replaces the file only unedited
         write_json(coco, out_json)
         read_coco(out_json)  # the COCO reader's checks, on what was written
         logger.info("%s: %d images, %d instances -> %s", self.source, len(self.images), len(annotations), out_json)
         return coco
 
 
+def content_digest(coco: dict[str, Any]) -> str:
+    """sha256 of the file's JSON without its own ``info.content_sha256``: tells a converted file
+    that was edited since (by hand or by a tool) from one as convert wrote it."""
+    info = {k: v for k, v in coco.get("info", {}).items() if k != "content_sha256"}
+    return hashlib.sha256(json.dumps({**coco, "info": info}, default=str).encode("utf-8")).hexdigest()
+
+
 def refuse_replacing(out: Path, source: Path) -> None:
-    """ValueError if ``out`` is the source or an existing file that no conversion wrote."""
+    """ValueError if ``out`` is the source, or an existing file that convert did not write or
+    that was changed since (an edited annotation file is work that must not be lost)."""
     if out.exists() and source.exists() and out.resolve() == source.resolve():
         raise ValueError(f"--out {out} is the source file; choose another name")
     if not out.exists():
         return
     try:
-        info = json.loads(out.read_text(encoding="utf-8")).get("info", {})
-        ours = str(info.get("description", "")).startswith(CONVERTED)
+        coco = json.loads(out.read_text(encoding="utf-8"))
+        info = coco.get("info", {})
+        ours = str(info.get("description", "")).startswith(CONVERTED) and info.get("content_sha256") == content_digest(coco)
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise ValueError(f"{out} exists and was not written by maskrcnn convert, so it is not replaced; choose another --out")
+        raise ValueError(f"{out} exists and was not written by maskrcnn convert, or was changed since, so it is not "
+                         "replaced; choose another --out")
 
 
 # ---- pre-annotation export --------------------------------------------------------------------
