@@ -50,6 +50,7 @@ class PredictOptions:
         if (self.precision or "fp32") not in PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         tiling.check_options(self.tile, self.tile_overlap, self.tile_whole)
+        tiling.check_tiling(tiling.MIN_TILE, self.tile_overlap)  # also without tile: a replace(tile=...) keeps it
 
     def replace(self, **changes: object) -> "PredictOptions":
         """A copy with ``changes``, validated again."""

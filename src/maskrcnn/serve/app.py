@@ -135,6 +135,7 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
     """The FastAPI application serving ``model``; its worker thread starts now and stops with the app."""
     try:
         from fastapi import FastAPI, Query, Request
+        from fastapi.exceptions import RequestValidationError
         from fastapi.responses import FileResponse, JSONResponse, Response
         from starlette.concurrency import run_in_threadpool
         from starlette.requests import ClientDisconnect
@@ -167,6 +168,13 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
     @app.exception_handler(Rejected)
     async def rejected(request: Request, e: Rejected) -> JSONResponse:
         return JSONResponse({"detail": e.message}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        """FastAPI's own parameter checks, told in one line like every other 4xx of this service."""
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return JSONResponse({"detail": f"{where}: {first.get('msg', 'invalid')}"}, status_code=422)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
