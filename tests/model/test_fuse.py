@@ -62,8 +62,10 @@ def test_pairs_found_are_every_conv_norm_pair():
     r50 = maskrcnn.build_model(apply_overrides(ModelConfig(), ["num_classes=3"]))
     assert len(conv_norm_pairs(r50)) == 53
     assert len(conv_norm_pairs(build([]))) == 20
-    assert len(conv_norm_pairs(build(V2))) == 20 + 8 + 4 + 2
-    names = {n for n, _, _ in conv_norm_pairs(build(V2))}
+    assert len(conv_norm_pairs(build(V2))) == 20  # trainable BatchNorms only when asked
+    assert len(conv_norm_pairs(build([], frozen=False))) == 0
+    assert len(conv_norm_pairs(build(V2), batchnorm=True)) == 20 + 8 + 4 + 2
+    names = {n for n, _, _ in conv_norm_pairs(build(V2), batchnorm=True)}
     assert {"backbone.body.conv1", "backbone.body.layer2.0.downsample.0", "backbone.fpn.inner_blocks.3",
             "backbone.fpn.layer_blocks.0", "roi_heads.box_head.conv4", "roi_heads.mask_head.mask_fcn2"} <= names
 
@@ -74,7 +76,7 @@ def test_folded_equals_unfolded_float64(overrides, frozen):
     network in float64 (the exact value of both computations)."""
     model = build(overrides, frozen)
     reference = copy.deepcopy(model).double()
-    assert fold_batchnorm(model) > 0
+    assert fold_batchnorm(model, batchnorm=True) > 0
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         got = features(model, x)
@@ -113,7 +115,7 @@ def test_training_and_eval_with_autograd_run_unfolded_bit_for_bit():
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     for train in (True, False):
         plain, folded = build([], frozen=False), build([], frozen=False)
-        fold_batchnorm(folded)
+        assert fold_batchnorm(folded, batchnorm=True) == 20
         outs = []
         for model in (plain, folded):
             model.train(train)
