@@ -42,6 +42,28 @@ def make_batch(n: int, size: int, objects: int = 5, seed: int = 0) -> tuple[list
     return images, targets
 
 
+def torchvision_step(images: list[torch.Tensor], targets: list[Targets], size: int, amp: str):  # type: ignore[no-untyped-def]
+    """One training step of torchvision's Mask R-CNN as ``references/detection/train.py`` runs it."""
+    from torchvision.models.detection import MaskRCNN as TorchvisionMaskRCNN
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    model = TorchvisionMaskRCNN(backbone, num_classes=91, min_size=size, max_size=size).train()
+    opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    tv_targets = [{"boxes": t.boxes, "labels": t.labels, "masks": t.masks} for t in targets]
+
+    def step() -> None:
+        with precision.autocast("cpu", amp):
+            loss = sum(model(images, tv_targets).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (Linux), else the platform's word for it."""
     try:
@@ -62,6 +84,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--amp", default="fp32", choices=["auto", "fp32", "bf16"], help="autocast on the CPU (default fp32)")
     p.add_argument("--json", default=None)
+    p.add_argument("--torchvision", action="store_true", help="also time torchvision's step, interleaved")
     args = p.parse_args()
     amp = precision.resolve(args.amp, "cpu")
     torch.manual_seed(0)
@@ -71,7 +94,10 @@ def main() -> int:
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     images, targets = make_batch(args.images, args.size)
     parts: dict[str, list[float]] = {"forward": [], "backward": [], "step": [], "total": []}
+    tv_step = torchvision_step(images, targets, args.size, amp) if args.torchvision else None
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     for i in range(args.runs + 1):
+        c0 = time.process_time()
         t0 = time.perf_counter()
         with precision.autocast("cpu", amp):
             loss = model(images, targets).total_loss
@@ -81,6 +107,13 @@ def main() -> int:
         t2 = time.perf_counter()
         opt.step()
         t3 = time.perf_counter()
+        c3 = time.process_time()
+        if tv_step is not None:
+            tv_step()
+            t4, c4 = time.perf_counter(), time.process_time()
+            if i:
+                ratios["wall"].append((t3 - t0) / (t4 - t3))
+                ratios["cpu"].append((c3 - c0) / (c4 - c3))
         if i:  # the first step warms up allocators and kernels
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 parts[k].append(v * 1000)
@@ -93,6 +126,10 @@ def main() -> int:
     for k, v in med.items():
         print(f"  {k:<9} {v:9.1f} ms")
     print(f"  peak RSS  {out['peak_rss_mb']:9d} MB")
+    if tv_step is not None:
+        out["ratio_to_torchvision"] = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
+        print(f"  ours / torchvision, median of per-step ratios: {out['ratio_to_torchvision']['wall']:.2f} wall, "
+              f"{out['ratio_to_torchvision']['cpu']:.2f} CPU")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -142,7 +142,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .weights.export import DEFAULT_OPSET, export
 
-    path = export(args.weights, args.out, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
+    if args.int8 or args.calib:
+        from pathlib import Path
+
+        from .weights.quantize import Int8Options, export_int8
+
+        if not (args.int8 and args.calib):
+            raise ValueError("--int8 and --calib DIR go together: INT8 export calibrates on the images of DIR")
+        options = Int8Options(Path(args.calib), args.calib_images)
+        path = export_int8(args.weights, args.out, options, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
+    else:
+        path = export(args.weights, args.out, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
     print(f"{path} ({path.stat().st_size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
     return 0
 
@@ -294,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--opset", type=positive_int, default=None, help="ONNX opset, 11 to 20 (default 17; at least 16 for aligned RoIAlign)")
     x.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out file that is not an earlier maskrcnn export (never the --weights file)")
+    x.add_argument("--int8", action="store_true", help="quantise the convolutions to INT8 (ONNX Runtime static quantisation; needs --calib)")
+    x.add_argument("--calib", default=None, help="with --int8: a folder of images like those the model will see, to calibrate on")
+    x.add_argument("--calib-images", type=positive_int, default=32, help="with --int8: calibrate on at most this many images of --calib")
     x.set_defaults(func=cmd_export)
 
     h = sub.add_parser("push", help="upload weights to the Hugging Face Hub as safetensors, with config and model card")

@@ -21,6 +21,7 @@ from ..inference.input_size import with_input_size
 from ..inference.tracking import VideoTracking, parse_line
 from ..applications.writers import build_writers
 from ..applications.writers import refuse_replacing_user_files as refuse_replacing_writers_files
+from ..data.images import IMAGE_SUFFIXES
 from ..files import refuse_overwriting_inputs
 from ..weights.checkpoint import load
 from ..inference.options import PredictOptions
@@ -30,9 +31,6 @@ from ..inference.results import Result
 from ..inference.video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
-
 
 class UsageError(ValueError):
     """Options that cannot apply to these inputs (the command line shows its usage with it)."""

@@ -51,6 +51,9 @@ _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 _16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+# The suffixes of the image files that a folder given to `maskrcnn predict` (or a calibration folder) holds.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
+
 def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool, peak: float | None = None) -> np.ndarray:
     """(H, W[, C]) uint8 from 16-bit, wider integer or float values, by the module's rule;
     ``peak``: the maximum to decide and scale by, when ``a`` is one part of a larger image."""

@@ -32,6 +32,7 @@ from . import detectron2 as detectron2_compat
 from . import hub, safetensors_io
 from ..config import ConfigError, ModelConfig, apply_overrides, check_probability, from_dict, to_dict
 from ..model.build import build_model
+from ..model.fuse import fold_batchnorm
 from ..model.mask_rcnn import MaskRCNN
 from .onnx_model import OnnxModel
 from ..files import atomic_write
@@ -240,7 +241,8 @@ def torchvision_config(state: dict[str, Tensor], path: str | Path, bn_eps: float
 
 
 def load(
-    path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, **overrides: Any
+    path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, fold_bn: bool = True,
+    **overrides: Any,
 ) -> MaskRCNN | OnnxModel:
     """Load a model from our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, in eval mode; a
     ``.onnx`` file from ``maskrcnn export`` gives an ``OnnxModel`` (ONNX Runtime, CPU) that
@@ -251,6 +253,8 @@ def load(
         device: where to put the model (an ONNX model runs on the CPU).
         bn_eps: BatchNorm epsilon for torchvision files (default: as torchvision loads its
             published COCO weights, 0.0 for v1 and 1e-5 for v2).
+        fold_bn: run each BatchNorm folded into the convolution before it whenever the model
+            is in eval mode without autograd (``model.fuse``; the weights stay as read).
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
             (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
@@ -274,6 +278,8 @@ def load(
     config = with_head_overrides(config, overrides)
     model = build_model(config)
     load_state(model, state, str(path))
+    if fold_bn:
+        fold_batchnorm(model)
     return model.to(device).eval()
 
 
