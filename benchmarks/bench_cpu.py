@@ -24,6 +24,7 @@ the per-pair ratios ours / reference, the detection counts, the CPU, torch's ker
 average before and after. ``--profile`` adds a ``torch.profiler`` table of one ``predict``;
 ``--no-fold`` loads our model without BatchNorm folding (``maskrcnn.load(fold_bn=False)``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,9 +126,16 @@ def compare(name: str, ours: Callable, ref: Callable, images: list[np.ndarray], 
         row = {who: timed(run, images) for who, run in order}
         if i:
             rows.append(row)
-            print(f"  pair {i}: ours {row['ours'][0]:7.0f} ms, {name} {row[name][0]:7.0f} ms wall; "
-                  f"CPU {row['ours'][1]:7.0f} / {row[name][1]:7.0f} ms", flush=True)
-    out: dict[str, Any] = {"reference": name, "pairs": pairs, "detections": {"ours": rows[0]["ours"][2], name: rows[0][name][2]}}
+            print(
+                f"  pair {i}: ours {row['ours'][0]:7.0f} ms, {name} {row[name][0]:7.0f} ms wall; "
+                f"CPU {row['ours'][1]:7.0f} / {row[name][1]:7.0f} ms",
+                flush=True,
+            )
+    out: dict[str, Any] = {
+        "reference": name,
+        "pairs": pairs,
+        "detections": {"ours": rows[0]["ours"][2], name: rows[0][name][2]},
+    }
     for k, label in ((0, "wall"), (1, "cpu")):
         out[f"ours_{label}_ms"] = statistics.median(r["ours"][k] for r in rows)
         out[f"{name}_{label}_ms"] = statistics.median(r[name][k] for r in rows)
@@ -159,10 +168,20 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images = [np.array(Image.open(path).convert("RGB")) for path in args.images]
-    info = {"cpu": cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-            "torch": torch.__version__, "images": args.images, "fold_bn": not args.no_fold, "load_before": os.getloadavg()[0]}
-    print(f"CPU: {info['cpu']} ({info['capability']} kernels), {args.threads} threads, torch {torch.__version__}; "
-          f"{len(images)} images per run, BatchNorm {'folded' if not args.no_fold else 'not folded'}", flush=True)
+    info = {
+        "cpu": cpu_model(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "images": args.images,
+        "fold_bn": not args.no_fold,
+        "load_before": os.getloadavg()[0],
+    }
+    print(
+        f"CPU: {info['cpu']} ({info['capability']} kernels), {args.threads} threads, torch {torch.__version__}; "
+        f"{len(images)} images per run, BatchNorm {'folded' if not args.no_fold else 'not folded'}",
+        flush=True,
+    )
     results = []
     if args.only in (None, "tv"):
         weights = args.tv_weights or cached("tv_parity_r50*.pth", "torchvision-layout parity checkpoint")
@@ -174,14 +193,20 @@ def main() -> int:
     if args.only in (None, "d2"):
         weights = args.d2_weights or cached("d2_parity_r50*.pkl", "Detectron2-layout parity checkpoint")
         print(f"ours vs Detectron2 ({weights.name}):", flush=True)
-        results.append(compare("detectron2", ours_runner(weights, not args.no_fold), detectron2_runner(weights), images, args.pairs))
+        results.append(
+            compare(
+                "detectron2", ours_runner(weights, not args.no_fold), detectron2_runner(weights), images, args.pairs
+            )
+        )
     info["load_after"] = os.getloadavg()[0]
     print(f"load average {info['load_before']:.1f} -> {info['load_after']:.1f}")
     for r in results:
         ref = r["reference"]
-        print(f"{ref:>12}: ours {r['ours_wall_ms']:.0f} ms, {ref} {r[f'{ref}_wall_ms']:.0f} ms wall, ratio {r['ratio_wall']:.2f}; "
-              f"CPU {r['ours_cpu_ms']:.0f} / {r[f'{ref}_cpu_ms']:.0f} ms, ratio {r['ratio_cpu']:.2f}; "
-              f"detections {r['detections']['ours']} / {r['detections'][ref]}")
+        print(
+            f"{ref:>12}: ours {r['ours_wall_ms']:.0f} ms, {ref} {r[f'{ref}_wall_ms']:.0f} ms wall, ratio {r['ratio_wall']:.2f}; "
+            f"CPU {r['ours_cpu_ms']:.0f} / {r[f'{ref}_cpu_ms']:.0f} ms, ratio {r['ratio_cpu']:.2f}; "
+            f"detections {r['detections']['ours']} / {r['detections'][ref]}"
+        )
     if args.json:
         args.json.write_text(json.dumps({**info, "results": results}, indent=1))
     return 0

@@ -7,6 +7,7 @@ generation is timed too) and reports total and training time, iterations, box AP
 (AP, AP50) on the val split. The demo's aim: mask AP >= 0.5 with about 5 minutes of training
 on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,21 @@ import torch
 
 from maskrcnn.train.demo import run_demo
 
-KEYS = ("segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "bbox_AP50", "iterations", "epochs", "stopped",
-        "data_seconds", "train_seconds", "eval_seconds", "total_seconds", "threads")
+KEYS = (
+    "segm_AP",
+    "segm_AP50",
+    "segm_AP75",
+    "bbox_AP",
+    "bbox_AP50",
+    "iterations",
+    "epochs",
+    "stopped",
+    "data_seconds",
+    "train_seconds",
+    "eval_seconds",
+    "total_seconds",
+    "threads",
+)
 
 
 def main() -> int:
@@ -42,12 +56,19 @@ def main() -> int:
         print(f"demo failed with exit code {code}", file=sys.stderr)
         return code
     report = json.loads((out / "metrics.json").read_text())
-    result = {"wall_seconds": round(wall, 1), **{k: report[k] for k in KEYS if k in report},
-              "overrides": args.overrides, "minutes": args.minutes, "torch": torch.__version__}
+    result = {
+        "wall_seconds": round(wall, 1),
+        **{k: report[k] for k in KEYS if k in report},
+        "overrides": args.overrides,
+        "minutes": args.minutes,
+        "torch": torch.__version__,
+    }
     print(json.dumps(result, indent=1))
-    print(f"demo: mask AP {result['segm_AP']:.3f} (AP50 {result['segm_AP50']:.3f}), box AP {result['bbox_AP']:.3f}; "
-          f"training {result['train_seconds'] / 60:.1f} min, {result['iterations']} iterations; "
-          f"total {wall / 60:.1f} min ({'meets' if result['segm_AP'] >= 0.5 else 'misses'} the 0.5 mask AP aim)")
+    print(
+        f"demo: mask AP {result['segm_AP']:.3f} (AP50 {result['segm_AP50']:.3f}), box AP {result['bbox_AP']:.3f}; "
+        f"training {result['train_seconds'] / 60:.1f} min, {result['iterations']} iterations; "
+        f"total {wall / 60:.1f} min ({'meets' if result['segm_AP'] >= 0.5 else 'misses'} the 0.5 mask AP aim)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0

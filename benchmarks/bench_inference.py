@@ -7,6 +7,7 @@ calibrated so an 800-pixel image yields 100 detections, as trained weights do).
 Stages: preprocess, backbone (ResNet + FPN), rpn (head + proposal selection), box head
 (+ postprocessing), mask head, paste (each mask into its box in the original image, as RLE).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ import torch
 
 import maskrcnn
 from maskrcnn.data.images import load_rgb, to_tensor
-from maskrcnn.model.transform import to_original_frame
 from maskrcnn.inference.results import Result
+from maskrcnn.model.transform import to_original_frame
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tv_parity"
@@ -101,16 +102,26 @@ def main() -> int:
     med = {s: statistics.median(r[0][s] for r in runs) for s in stages}
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {
-        "image": args.image, "size_hw": list(image.shape[-2:]), "device": str(device),
-        "threads": torch.get_num_threads(), "detections": runs[0][1], "runs": args.runs,
-        "median_ms": {k: round(v, 1) for k, v in med.items()}, "peak_rss_mb": round(peak_rss_mb),
+        "image": args.image,
+        "size_hw": list(image.shape[-2:]),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "detections": runs[0][1],
+        "runs": args.runs,
+        "median_ms": {k: round(v, 1) for k, v in med.items()},
+        "peak_rss_mb": round(peak_rss_mb),
     }
     if device.type == "cuda":
         out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-    print(f"image {out['size_hw']} on {device} ({out['threads']} threads), {out['detections']} detections, median of {args.runs} runs")
+    print(
+        f"image {out['size_hw']} on {device} ({out['threads']} threads), {out['detections']} detections, median of {args.runs} runs"
+    )
     for k, v in out["median_ms"].items():
         print(f"  {k:<11} {v:9.1f} ms")
-    print(f"  peak RSS    {out['peak_rss_mb']:9d} MB" + (f", peak CUDA {out['peak_cuda_mb']} MB" if "peak_cuda_mb" in out else ""))
+    print(
+        f"  peak RSS    {out['peak_rss_mb']:9d} MB"
+        + (f", peak CUDA {out['peak_cuda_mb']} MB" if "peak_cuda_mb" in out else "")
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

@@ -6,6 +6,7 @@ For each image: detection counts, how many float32 detections have an INT8 one o
 at box IoU >= 0.5, and the median box and mask IoU of the best matches. (For accuracy on
 labelled data, run ``maskrcnn evaluate`` on both files.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,16 @@ def main() -> int:
         iou = box_iou(torch.from_numpy(ref.boxes), torch.from_numpy(got.boxes))  # (N_fp32, N_int8)
         iou[torch.from_numpy(ref.labels)[:, None] != torch.from_numpy(got.labels)[None, :]] = 0
         best, j = iou.max(1)
-        masks = [float(mask_util.iou([got.rles[k]], [ref.rles[i]], [0])[0, 0])
-                 for i, k in enumerate(j.tolist()) if best[i] >= 0.5]
-        print(f"{path}: fp32 {len(ref)}, int8 {len(got)} detections; matched (same label, box IoU >= 0.5) "
-              f"{int((best >= 0.5).sum())}/{len(ref)}; median best box IoU {best.median():.3f}, "
-              f"median mask IoU of the matched {np.median(masks) if masks else float('nan'):.3f}")
+        masks = [
+            float(mask_util.iou([got.rles[k]], [ref.rles[i]], [0])[0, 0])
+            for i, k in enumerate(j.tolist())
+            if best[i] >= 0.5
+        ]
+        print(
+            f"{path}: fp32 {len(ref)}, int8 {len(got)} detections; matched (same label, box IoU >= 0.5) "
+            f"{int((best >= 0.5).sum())}/{len(ref)}; median best box IoU {best.median():.3f}, "
+            f"median mask IoU of the matched {np.median(masks) if masks else float('nan'):.3f}"
+        )
     return 0
 
 

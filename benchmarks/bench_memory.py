@@ -10,6 +10,7 @@ in torchvision's layout, calibrated to give about 100 detections on such photos)
 detections scale with the image as real ones do. The aim: a 24 MP photo within 1.5x of a
 0.4 MP one, i.e. no memory that grows with detections x pixels.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,7 +42,18 @@ def make_image(megapixels: float, path: Path) -> tuple[int, int]:
 def measure(weights: Path, image: Path, out: Path, threads: int) -> dict:
     """Run ``maskrcnn predict`` in a child process; its peak RSS (MB), wall time and detections."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else dict(os.environ)
-    cmd = [sys.executable, "-m", "maskrcnn", "predict", "--weights", str(weights), str(image), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "maskrcnn",
+        "predict",
+        "--weights",
+        str(weights),
+        str(image),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not every child's maximum
@@ -51,7 +63,11 @@ def measure(weights: Path, image: Path, out: Path, threads: int) -> dict:
     if child.returncode != 0:
         raise RuntimeError(f"predict failed ({child.returncode}) on {image}:\n{stdout}\n{stderr}")
     index = json.loads((out / "images.json").read_text())
-    return {"peak_rss_mb": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1), "detections": index[0]["detections"]}
+    return {
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "seconds": round(seconds, 1),
+        "detections": index[0]["detections"],
+    }
 
 
 def main() -> int:
@@ -67,14 +83,23 @@ def main() -> int:
         for mp in args.sizes:
             image = Path(tmp) / f"photo_{mp:g}mp.jpg"
             h, w = make_image(mp, image)
-            row = {"megapixels": round(h * w / 1e6, 2), "size_hw": [h, w], **measure(weights, image, Path(tmp) / f"out_{mp:g}", args.threads)}
+            row = {
+                "megapixels": round(h * w / 1e6, 2),
+                "size_hw": [h, w],
+                **measure(weights, image, Path(tmp) / f"out_{mp:g}", args.threads),
+            }
             rows.append(row)
-            print(f"{row['megapixels']:>6.2f} MP  {h}x{w}: peak RSS {row['peak_rss_mb']} MB, {row['detections']} detections, {row['seconds']} s", file=sys.stderr)
+            print(
+                f"{row['megapixels']:>6.2f} MP  {h}x{w}: peak RSS {row['peak_rss_mb']} MB, {row['detections']} detections, {row['seconds']} s",
+                file=sys.stderr,
+            )
     base = rows[0]["peak_rss_mb"]
     print("| image | pixels (h x w) | detections | peak RSS (MB) | vs first | time (s) |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['megapixels']:.1f} MP | {r['size_hw'][0]} x {r['size_hw'][1]} | {r['detections']} | {r['peak_rss_mb']} | {r['peak_rss_mb'] / base:.2f}x | {r['seconds']} |")
+        print(
+            f"| {r['megapixels']:.1f} MP | {r['size_hw'][0]} x {r['size_hw'][1]} | {r['detections']} | {r['peak_rss_mb']} | {r['peak_rss_mb'] / base:.2f}x | {r['seconds']} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -9,6 +9,7 @@ in the machine's load hits both alike; the first pair warms up and is not counte
 fixture image); with no --onnx it exports one into a temporary folder first. Both run with the
 same number of threads (default: PyTorch's).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,15 +80,21 @@ def main() -> int:
         load_after = os.getloadavg()[0]
     med = {k: statistics.median(v) for k, v in times.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    print(f"CPU: {cpu_model()}, {threads} threads; torch {torch.__version__}, "
-          f"onnxruntime {__import__('onnxruntime').__version__}")
-    print(f"image {args.image} {image.shape[1]}x{image.shape[0]}, {counts['pytorch']} / {counts['onnxruntime']} "
-          f"detections, median of {args.runs} interleaved runs of predict (load average {load_before:.1f} -> {load_after:.1f})")
+    print(
+        f"CPU: {cpu_model()}, {threads} threads; torch {torch.__version__}, "
+        f"onnxruntime {__import__('onnxruntime').__version__}"
+    )
+    print(
+        f"image {args.image} {image.shape[1]}x{image.shape[0]}, {counts['pytorch']} / {counts['onnxruntime']} "
+        f"detections, median of {args.runs} interleaved runs of predict (load average {load_before:.1f} -> {load_after:.1f})"
+    )
     for name in times:
         spread = f"{min(times[name]):.0f}-{max(times[name]):.0f}"
         print(f"  {name:<12} {med[name]:8.0f} ms wall (range {spread} ms), {med_cpu[name]:8.0f} ms CPU")
-    print(f"  onnxruntime / pytorch: {med['onnxruntime'] / med['pytorch']:.2f} wall, "
-          f"{med_cpu['onnxruntime'] / med_cpu['pytorch']:.2f} CPU")
+    print(
+        f"  onnxruntime / pytorch: {med['onnxruntime'] / med['pytorch']:.2f} wall, "
+        f"{med_cpu['onnxruntime'] / med_cpu['pytorch']:.2f} CPU"
+    )
     return 0
 
 

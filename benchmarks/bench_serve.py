@@ -10,6 +10,7 @@ server's resident memory sampled every second (first and last 10 % of the run, t
 each quarter, and the overall peak: flat means no leak). The baseline runs ``model.predict`` on the same image back to back
 for the same number of images, in this process, with the same thread count.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 # R18-FPN at 320 px with random weights; score_thresh 0 keeps all 100 detections (masks pasted
 # and encoded, as a trained model's), so the answer is as heavy as a busy real image's.
-TINY = ["num_classes=3", "class_names=[circle,square,triangle]", "backbone.name=resnet18", "backbone.fpn_channels=64",
-        "transform.min_size=[320]", "transform.max_size=512", "rpn.post_nms_top_n_test=300",
-        "roi_heads.representation_size=256", "roi_heads.mask_channels=[64,64]", "roi_heads.score_thresh=0.0"]
+TINY = [
+    "num_classes=3",
+    "class_names=[circle,square,triangle]",
+    "backbone.name=resnet18",
+    "backbone.fpn_channels=64",
+    "transform.min_size=[320]",
+    "transform.max_size=512",
+    "rpn.post_nms_top_n_test=300",
+    "roi_heads.representation_size=256",
+    "roi_heads.mask_channels=[64,64]",
+    "roi_heads.score_thresh=0.0",
+]
 
 
 def free_port() -> int:
@@ -73,8 +83,23 @@ def main() -> int:
 
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    server = subprocess.Popen([sys.executable, "-m", "maskrcnn.cli", "serve", "--weights", weights, "--port", str(port),
-                               "--max-batch", str(args.max_batch)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "maskrcnn.cli",
+            "serve",
+            "--weights",
+            weights,
+            "--port",
+            str(port),
+            "--max-batch",
+            str(args.max_batch),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -133,15 +158,27 @@ def main() -> int:
     tenth = max(1, len(memory) // 10)
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else [float("nan")] * 19
     report = {
-        "clients": args.clients, "seconds": round(wall, 1), "requests": len(latencies), "errors": len(errors),
-        "first_errors": errors[:3], "server_batches": health["batches"], "server_images": health["images"],
-        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None, "latency_p95_s": round(q[18], 3),
+        "clients": args.clients,
+        "seconds": round(wall, 1),
+        "requests": len(latencies),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "server_batches": health["batches"],
+        "server_images": health["images"],
+        "latency_p50_s": round(statistics.median(latencies), 3) if latencies else None,
+        "latency_p95_s": round(q[18], 3),
         "throughput_img_s": round(len(latencies) / wall, 2),
-        "rss_mb_first10pct": round(statistics.mean(memory[:tenth]), 1), "rss_mb_last10pct": round(statistics.mean(memory[-tenth:]), 1),
-        "rss_mb_by_quarter": [round(max(memory[i * len(memory) // 4:(i + 1) * len(memory) // 4] or [0]), 1) for i in range(4)],
+        "rss_mb_first10pct": round(statistics.mean(memory[:tenth]), 1),
+        "rss_mb_last10pct": round(statistics.mean(memory[-tenth:]), 1),
+        "rss_mb_by_quarter": [
+            round(max(memory[i * len(memory) // 4 : (i + 1) * len(memory) // 4] or [0]), 1) for i in range(4)
+        ],
         "rss_mb_peak": round(max(memory), 1),
-        "predict_one_at_a_time": {"images": n, "latency_p50_s": round(statistics.median(single), 3),
-                                  "throughput_img_s": round(n / sum(single), 2)},
+        "predict_one_at_a_time": {
+            "images": n,
+            "latency_p50_s": round(statistics.median(single), 3),
+            "throughput_img_s": round(n / sum(single), 2),
+        },
         "torch_threads": __import__("torch").get_num_threads(),
     }
     print(json.dumps(report, indent=1))

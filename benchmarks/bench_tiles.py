@@ -12,6 +12,7 @@ the process's peak resident set size is read from ``wait4``. With no --weights t
 checkpoint is used (R50-FPN in torchvision's layout, about 100 detections per photo-sized
 input). The aim: a 20000 x 20000 image under 4 GiB peak, its COCO results JSON written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,7 +43,18 @@ def make_image(side: int, path: Path) -> None:
 
 def measure(weights: Path, image: Path, out: Path, tile: int | None, overlap: float) -> dict:
     """Run ``maskrcnn predict`` in a child process; its peak RSS (MB), wall time and detections."""
-    cmd = [sys.executable, "-m", "maskrcnn", "predict", "--weights", str(weights), str(image), "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "maskrcnn",
+        "predict",
+        "--weights",
+        str(weights),
+        str(image),
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if tile:
         cmd += ["--tile", str(tile), "--tile-overlap", str(overlap)]
     t0 = time.perf_counter()
@@ -55,8 +67,12 @@ def measure(weights: Path, image: Path, out: Path, tile: int | None, overlap: fl
         raise RuntimeError(f"predict failed ({code}) on {image}:\n{stdout}\n{stderr}")
     index = json.loads((out / "images.json").read_text())
     results = out / "predictions.json"
-    return {"peak_rss_mb": round(usage.ru_maxrss / 1024), "seconds": round(seconds, 1),
-            "detections": index[0]["detections"], "results_json_mb": round(results.stat().st_size / 2**20, 1)}
+    return {
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "seconds": round(seconds, 1),
+        "detections": index[0]["detections"],
+        "results_json_mb": round(results.stat().st_size / 2**20, 1),
+    }
 
 
 def main() -> int:
@@ -89,7 +105,9 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
             image.unlink()
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; tile {args.tile}, overlap {args.overlap}")
+    print(
+        f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; tile {args.tile}, overlap {args.overlap}"
+    )
     print("| side (px) | mode | detections | peak RSS (MB) | time (s) | predictions.json (MB) |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
@@ -97,7 +115,9 @@ def main() -> int:
         if "skipped" in r:
             print(f"| {r['side']} | {mode} | - | - | - | not run: {r['skipped']} |")
         else:
-            print(f"| {r['side']} | {mode} | {r['detections']} | {r['peak_rss_mb']} | {r['seconds']} | {r['results_json_mb']} |")
+            print(
+                f"| {r['side']} | {mode} | {r['detections']} | {r['peak_rss_mb']} | {r['seconds']} | {r['results_json_mb']} |"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -7,6 +7,7 @@ frozen BatchNorm, the 3 top ResNet stages trainable, 91 class slots, a few objec
 image with masks. Reports the median step time and its parts, and the CPU it ran on (with
 ``--amp auto``, what ``maskrcnn.precision`` picks there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def make_batch(n: int, size: int, objects: int = 5, seed: int = 0) -> tuple[list
             boxes.append([x1, y1, x1 + w, y1 + h])
             masks[k, y1 : y1 + h, x1 : x1 + w] = 1
             img[:, y1 : y1 + h, x1 : x1 + w] = torch.rand(3, 1, 1, generator=g)
-        targets.append(Targets(torch.tensor(boxes, dtype=torch.float32), torch.randint(1, 91, (objects,), generator=g), masks))
+        targets.append(
+            Targets(torch.tensor(boxes, dtype=torch.float32), torch.randint(1, 91, (objects,), generator=g), masks)
+        )
         images.append(img)
     return images, targets
 
@@ -49,7 +52,9 @@ def torchvision_step(images: list[torch.Tensor], targets: list[Targets], size: i
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
     model = TorchvisionMaskRCNN(backbone, num_classes=91, min_size=size, max_size=size).train()
     opt = torch.optim.SGD([q for q in model.parameters() if q.requires_grad], lr=1e-3, momentum=0.9, weight_decay=1e-4)
     tv_targets = [{"boxes": t.boxes, "labels": t.labels, "masks": t.masks} for t in targets]
@@ -118,9 +123,17 @@ def main() -> int:
             for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                 parts[k].append(v * 1000)
     med = {k: round(statistics.median(v), 1) for k, v in parts.items()}
-    out = {"images": args.images, "size": args.size, "amp": amp, "cpu": cpu_model(), "kernels": precision.describe("cpu"),
-           "threads": torch.get_num_threads(),
-           "runs": args.runs, "median_ms": med, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    out = {
+        "images": args.images,
+        "size": args.size,
+        "amp": amp,
+        "cpu": cpu_model(),
+        "kernels": precision.describe("cpu"),
+        "threads": torch.get_num_threads(),
+        "runs": args.runs,
+        "median_ms": med,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
     print(f"train step, {args.images} images {args.size}px, {amp}, {out['threads']} threads, median of {args.runs}")
     print(f"  on {out['cpu']}, kernels {out['kernels']}")
     for k, v in med.items():
@@ -128,8 +141,10 @@ def main() -> int:
     print(f"  peak RSS  {out['peak_rss_mb']:9d} MB")
     if tv_step is not None:
         out["ratio_to_torchvision"] = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
-        print(f"  ours / torchvision, median of per-step ratios: {out['ratio_to_torchvision']['wall']:.2f} wall, "
-              f"{out['ratio_to_torchvision']['cpu']:.2f} CPU")
+        print(
+            f"  ours / torchvision, median of per-step ratios: {out['ratio_to_torchvision']['wall']:.2f} wall, "
+            f"{out['ratio_to_torchvision']['cpu']:.2f} CPU"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0

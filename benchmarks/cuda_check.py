@@ -32,6 +32,7 @@ Sections, in order:
 ``--quick`` shrinks everything (320 px images, 100 proposals, 20 detections, batches 1-2, one
 timed run, fewer tests) into a smoke test of every section: about 3 minutes on 2 CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,15 +50,22 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # this checkout's package, not an installed one
 
 SECTIONS = ("pytest", "parity", "inference", "training", "pytest_rest")
 # Seconds each section may take at most (full run, quick run). The whole run also has --budget.
-CAPS = {"pytest": (150, 150), "parity": (60, 90), "inference": (150, 150), "training": (120, 120), "pytest_rest": (120, 60)}
+CAPS = {
+    "pytest": (150, 150),
+    "parity": (60, 90),
+    "inference": (150, 150),
+    "training": (120, 120),
+    "pytest_rest": (120, 60),
+}
 FLOOR = 40  # seconds kept for each later section when an earlier one runs long
 CASES = ("single_a", "single_b", "batch_ab")
 
@@ -142,8 +150,12 @@ def measure(fn: Callable[[], Any], device: Any) -> tuple[float, float | None]:
 
 def summary(times: list[float], peaks: list[float | None], images: int) -> dict:
     med = statistics.median(times)
-    out = {"median_s": round(med, 5), "min_s": round(min(times), 5), "runs": len(times),
-           "images_per_s": round(images / med, 2)}
+    out = {
+        "median_s": round(med, 5),
+        "min_s": round(min(times), 5),
+        "runs": len(times),
+        "images_per_s": round(images / med, 2),
+    }
     if peaks and peaks[0] is not None:
         out["peak_mib"] = round(max(p for p in peaks if p is not None))
     return out
@@ -217,8 +229,14 @@ def env_info(device_name: str) -> dict:
     import numpy
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device_name}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device_name,
+    }
     try:
         import torchvision
 
@@ -227,10 +245,15 @@ def env_info(device_name: str) -> dict:
         info["torchvision"] = f"unavailable: {type(e).__name__}: {e}"[:200]
     if device_name.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version(), cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
-                    matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
-                    cudnn_benchmark=torch.backends.cudnn.benchmark)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
     return info
 
 
@@ -238,8 +261,9 @@ def env_info(device_name: str) -> dict:
 # Detection comparison (the fixture README's tolerances)
 
 
-def compare_detections(ours: Any, ref_boxes: Any, ref_scores: Any, ref_labels: Any, ref_masks: Any | None = None,
-                       iou: float = 0.99) -> dict:
+def compare_detections(
+    ours: Any, ref_boxes: Any, ref_scores: Any, ref_labels: Any, ref_masks: Any | None = None, iou: float = 0.99
+) -> dict:
     """Matching in both directions (same label, box IoU >= ``iou``), box and score differences
     of the matched pairs, the share of matched masks with IoU >= 0.98, and whether all of it is
     within the parity fixture's tolerances (with the default ``iou``)."""
@@ -260,8 +284,12 @@ def compare_detections(ours: Any, ref_boxes: Any, ref_scores: Any, ref_labels: A
     fwd = match(boxes, labels, ref_boxes, ref_labels)
     back = match(ref_boxes, ref_labels, boxes, labels)
     m = fwd >= 0
-    out = {"ours": len(boxes), "reference": len(ref_boxes), "matched": float(m.mean()) if len(m) else 1.0,
-           "matched_back": float((back >= 0).mean()) if len(back) else 1.0}
+    out = {
+        "ours": len(boxes),
+        "reference": len(ref_boxes),
+        "matched": float(m.mean()) if len(m) else 1.0,
+        "matched_back": float((back >= 0).mean()) if len(back) else 1.0,
+    }
     if m.any():
         out["max_box_diff"] = float((boxes[fwd[m]] - ref_boxes[m]).abs().max())
         out["max_score_diff"] = float((scores[fwd[m]] - ref_scores[m]).abs().max())
@@ -273,9 +301,14 @@ def compare_detections(ours: Any, ref_boxes: Any, ref_scores: Any, ref_labels: A
             union = np.logical_or(a, b).sum()
             ious.append(1.0 if union == 0 else np.logical_and(a, b).sum() / union)
         out["masks_iou_ge_0.98"] = float(np.mean(np.array(ious) >= 0.98))
-    out["within_tolerance"] = bool(iou >= 0.99 and out["matched"] >= 0.98 and out["matched_back"] >= 0.98
-                                   and out.get("max_box_diff", 0) <= 0.05 and out.get("max_score_diff", 0) <= 1e-3
-                                   and out.get("masks_iou_ge_0.98", 1.0) >= 0.98)
+    out["within_tolerance"] = bool(
+        iou >= 0.99
+        and out["matched"] >= 0.98
+        and out["matched_back"] >= 0.98
+        and out.get("max_box_diff", 0) <= 0.05
+        and out.get("max_score_diff", 0) <= 1e-3
+        and out.get("masks_iou_ge_0.98", 1.0) >= 0.98
+    )
     return out
 
 
@@ -312,8 +345,11 @@ def section_parity(args: argparse.Namespace, part: Part) -> None:
                     seconds = time.perf_counter() - t
                 for i, det in enumerate(dets):
                     ref_masks = mask_util.decode(rles[i]).transpose(2, 0, 1).astype(bool)
-                    entry = compare_detections(det, *(torch.from_numpy(ref[f"final_{k}_{i}"]) for k in ("boxes", "scores", "labels")),
-                                               ref_masks=ref_masks)
+                    entry = compare_detections(
+                        det,
+                        *(torch.from_numpy(ref[f"final_{k}_{i}"]) for k in ("boxes", "scores", "labels")),
+                        ref_masks=ref_masks,
+                    )
                     entry.update(mode=mode, case=name, image=i, seconds=round(seconds, 3))
                     part.add("results", entry)
                     log(f"parity {mode} {name}[{i}]: {entry}")
@@ -334,7 +370,9 @@ def torchvision_model(checkpoint: Path, device: Any) -> Any:
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3)
+    backbone = resnet_fpn_backbone(
+        backbone_name="resnet50", weights=None, norm_layer=FrozenBatchNorm2d, trainable_layers=3
+    )
     model = TorchvisionMaskRCNN(backbone, num_classes=91)
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     overwrite_eps(model, 0.0)
@@ -393,6 +431,7 @@ def nms_calls(model: Any, images: list) -> list[tuple[str, tuple]]:
         def wrapped(boxes, scores, idxs, thresh, **kw):  # type: ignore[no-untyped-def]
             calls.append((where, (boxes.clone(), scores.clone(), idxs.clone(), thresh)))
             return fn(boxes, scores, idxs, thresh, **kw)
+
         return wrapped
 
     rpn_module.batched_nms = recorder("rpn", originals[0])
@@ -415,13 +454,19 @@ def nms_block_sizes(model: Any, images: list, device: Any, runs: int, tv_nms: Ca
     sizes = (256, 1024, 2048, 4096) if device.type == "cuda" else (256,)
     for where in ("rpn", "box_head"):
         mine = [c for w, c in calls if w == where]
-        entry: dict[str, Any] = {"where": where, "calls": len(mine), "boxes": [int(c[0].shape[0]) for c in mine][:4],
-                                 "groups": [int(c[2].unique().numel()) for c in mine][:4]}
+        entry: dict[str, Any] = {
+            "where": where,
+            "calls": len(mine),
+            "boxes": [int(c[0].shape[0]) for c in mine][:4],
+            "groups": [int(c[2].unique().numel()) for c in mine][:4],
+        }
         reference = [nms_module.batched_nms(*c).cpu() for c in mine]
         for size in sizes:
             nms_module._BLOCK_GPU = nms_module._BLOCK = size
             try:
-                times = [measure(lambda: [nms_module.batched_nms(*c) for c in mine], device)[0] for _ in range(runs + 1)][1:]
+                times = [
+                    measure(lambda: [nms_module.batched_nms(*c) for c in mine], device)[0] for _ in range(runs + 1)
+                ][1:]
                 entry[f"ms_block_{size}"] = round(statistics.median(times) * 1000, 3)
             finally:
                 nms_module._BLOCK_GPU, nms_module._BLOCK = saved
@@ -450,13 +495,19 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
     batches = (1, 2) if args.quick else (1, 8)
     precisions = ("fp32", "bf16") if args.quick else ("fp32", "fp32_strict", "bf16", "fp16")
     warmup, runs = (1, 1) if args.quick else (2, 5)
-    part["setup"] = {"min_size": model.preprocess.min_size[-1], "max_size": model.preprocess.max_size,
-                     "precisions": "fp32: PyTorch's defaults (cuDNN convolutions may use TF32); fp32_strict: TF32 off; "
-                                   "bf16/fp16: autocast",
-                     "peak_mib": "torch.cuda.max_memory_allocated over one call; includes both models' weights (~0.35 GB)",
-                     "proposals": model.rpn.post_nms_top_n["test"], "detections": model.roi_heads.detections_per_img,
-                     "images": "fixture image_a / image_b alternating", "warmup": warmup, "runs": runs,
-                     "original_sizes": {k: list(v.shape[:2]) for k, v in pics.items()}}
+    part["setup"] = {
+        "min_size": model.preprocess.min_size[-1],
+        "max_size": model.preprocess.max_size,
+        "precisions": "fp32: PyTorch's defaults (cuDNN convolutions may use TF32); fp32_strict: TF32 off; "
+        "bf16/fp16: autocast",
+        "peak_mib": "torch.cuda.max_memory_allocated over one call; includes both models' weights (~0.35 GB)",
+        "proposals": model.rpn.post_nms_top_n["test"],
+        "detections": model.roi_heads.detections_per_img,
+        "images": "fixture image_a / image_b alternating",
+        "warmup": warmup,
+        "runs": runs,
+        "original_sizes": {k: list(v.shape[:2]) for k, v in pics.items()},
+    }
 
     tv = None
     try:
@@ -494,7 +545,9 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
         if tv is not None:
             ours32 = model(tensors1).detections[0]
             theirs = tv(tensors1)[0]
-            part["torchvision_agreement_fp32"] = compare_detections(ours32, theirs["boxes"].cpu(), theirs["scores"].cpu(), theirs["labels"].cpu())
+            part["torchvision_agreement_fp32"] = compare_detections(
+                ours32, theirs["boxes"].cpu(), theirs["scores"].cpu(), theirs["labels"].cpu()
+            )
             log(f"torchvision agreement: {part.data['torchvision_agreement_fp32']}")
     # The parity checkpoint is calibrated, not trained: its scores crowd together, so AMP
     # reorders and replaces many detections, in torchvision as in ours; compare the two drifts.
@@ -505,10 +558,19 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
                 low = model(tensors1).detections[0]
                 tv_low = tv(tensors1)[0] if tv is not None and theirs is not None else None
             for iou in (0.9, 0.5):
-                entry = {"ours": compare_detections(low, ours32.boxes.cpu(), ours32.scores.cpu(), ours32.labels.cpu(), iou=iou)}
+                entry = {
+                    "ours": compare_detections(
+                        low, ours32.boxes.cpu(), ours32.scores.cpu(), ours32.labels.cpu(), iou=iou
+                    )
+                }
                 if tv_low is not None:
-                    entry["torchvision"] = compare_detections(Detections(tv_low["boxes"], tv_low["scores"], tv_low["labels"]),
-                                                              theirs["boxes"].cpu(), theirs["scores"].cpu(), theirs["labels"].cpu(), iou=iou)
+                    entry["torchvision"] = compare_detections(
+                        Detections(tv_low["boxes"], tv_low["scores"], tv_low["labels"]),
+                        theirs["boxes"].cpu(),
+                        theirs["scores"].cpu(),
+                        theirs["labels"].cpu(),
+                        iou=iou,
+                    )
                 part[f"{precision}_agreement_with_fp32_iou{iou}"] = entry
                 log(f"{precision} vs fp32 (same label, box IoU >= {iou}): {entry}")
 
@@ -519,8 +581,7 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
         for precision in precisions:
             if out_of_time():
                 return
-            fns = {"ours_forward": lambda: model(tensors),
-                   "ours_predict": lambda: model.predict(arrays, batch_size=n)}
+            fns = {"ours_forward": lambda: model(tensors), "ours_predict": lambda: model.predict(arrays, batch_size=n)}
             if tv is not None:
                 fns["torchvision"] = lambda: tv(tensors)
             names = list(fns)
@@ -529,7 +590,7 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
             entry: dict[str, Any] = {"batch": n, "precision": precision}
             with tf32(precision_flags(precision)), autocast(device, precision), torch.inference_mode():
                 for r in range(warmup + runs):
-                    for k in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+                    for k in names[r % len(names) :] + names[: r % len(names)]:  # rotate who goes first
                         if k in entry:  # failed before
                             continue
                         try:
@@ -545,7 +606,9 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
                 if k not in entry:
                     entry[k] = summary(times[k], peaks[k], n)
             if "median_s" in entry.get("torchvision", {}) and "median_s" in entry["ours_forward"]:
-                entry["speedup_vs_torchvision"] = round(entry["torchvision"]["median_s"] / entry["ours_forward"]["median_s"], 3)
+                entry["speedup_vs_torchvision"] = round(
+                    entry["torchvision"]["median_s"] / entry["ours_forward"]["median_s"], 3
+                )
             part.add("throughput", entry)
             log(f"inference {entry}")
     if device.type != "cuda":
@@ -573,7 +636,10 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
             entry = {"batch": n, "precision": precision}
             with autocast(device, precision), torch.inference_mode():
                 for name, x in layouts.items():
-                    times = [measure(lambda: model.backbone.fpn(model.backbone.body(x)), device)[0] for _ in range(warmup + runs)][warmup:]
+                    times = [
+                        measure(lambda: model.backbone.fpn(model.backbone.body(x)), device)[0]
+                        for _ in range(warmup + runs)
+                    ][warmup:]
                     entry[f"{name}_ms"] = round(statistics.median(times) * 1000, 2)
             part.add("backbone_layout", entry)
             log(f"backbone layout {entry}")
@@ -585,9 +651,15 @@ def section_inference(args: argparse.Namespace, part: Part) -> None:
             return
         with guarded(part, f"backbone_frozen_bn_dtype_{precision}"):
             entry = {"batch": n, "precision": precision}
-            for variant, ctx in (("float32_out", contextlib.nullcontext), ("input_dtype_out", frozen_bn_in_input_dtype)):
+            for variant, ctx in (
+                ("float32_out", contextlib.nullcontext),
+                ("input_dtype_out", frozen_bn_in_input_dtype),
+            ):
                 with ctx(), autocast(device, precision), torch.inference_mode():
-                    got = [measure(lambda: model.backbone.fpn(model.backbone.body(x)), device) for _ in range(warmup + runs)][warmup:]
+                    got = [
+                        measure(lambda: model.backbone.fpn(model.backbone.body(x)), device)
+                        for _ in range(warmup + runs)
+                    ][warmup:]
                 entry[variant] = summary([t for t, _ in got], [m for _, m in got], n)
             part.add("backbone_frozen_bn_dtype", entry)
             log(f"frozen BN dtype {entry}")
@@ -621,7 +693,9 @@ def synthetic_targets(image: Any, objects: int, generator: Any) -> Any:
     return Targets(boxes=torch.tensor(boxes, dtype=torch.float32), labels=labels, masks=masks)
 
 
-def train_step(model: Any, optimizer: Any, scaler: Any, params: list, images: list, targets: list, precision: str) -> dict:
+def train_step(
+    model: Any, optimizer: Any, scaler: Any, params: list, images: list, targets: list, precision: str
+) -> dict:
     """One SGD step the way ``Trainer.step`` takes it: autocast forward, float32 loss terms,
     (scaled) backward, unscale, gradient norm, (scaler) step; loss values read back."""
     import torch
@@ -662,10 +736,16 @@ def section_training(args: argparse.Namespace, part: Part) -> None:
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    part["setup"] = {"min_size": model.preprocess.min_size[-1], "max_size": model.preprocess.max_size, "trainable_tensors": len(params),
-                     "trainable_params": sum(p.numel() for p in params), "frozen_params": frozen,
-                     "optimizer": "SGD lr 1e-3 momentum 0.9 wd 1e-4", "targets": "6 synthetic objects per image",
-                     "data_loading": "excluded (images and targets already on the device)"}
+    part["setup"] = {
+        "min_size": model.preprocess.min_size[-1],
+        "max_size": model.preprocess.max_size,
+        "trainable_tensors": len(params),
+        "trainable_params": sum(p.numel() for p in params),
+        "frozen_params": frozen,
+        "optimizer": "SGD lr 1e-3 momentum 0.9 wd 1e-4",
+        "targets": "6 synthetic objects per image",
+        "data_loading": "excluded (images and targets already on the device)",
+    }
     pics = fixture_images(args.fixtures)
     g = torch.Generator().manual_seed(0)
     batches = (1, 2) if args.quick else (2, 8)
@@ -686,15 +766,23 @@ def section_training(args: argparse.Namespace, part: Part) -> None:
                 times, peaks, steps = [], [], []
                 for r in range(warmup + runs):
                     holder: dict = {}
-                    seconds, peak = measure(lambda: holder.update(train_step(model, optimizer, scaler, params, images, targets, precision)), device)
+                    seconds, peak = measure(
+                        lambda: holder.update(train_step(model, optimizer, scaler, params, images, targets, precision)),
+                        device,
+                    )
                     if r >= warmup:
                         times.append(seconds)
                         peaks.append(peak)
                     steps.append(holder)
                     if time.time() > args.deadline - 20:
                         break
-                entry = {"images": n, "precision": precision, **summary(times or [seconds], peaks or [peak], n),
-                         "losses": [round(s["loss"], 4) for s in steps], "all_finite": all(s["finite"] for s in steps)}
+                entry = {
+                    "images": n,
+                    "precision": precision,
+                    **summary(times or [seconds], peaks or [peak], n),
+                    "losses": [round(s["loss"], 4) for s in steps],
+                    "all_finite": all(s["finite"] for s in steps),
+                }
                 if scaler is not None:
                     entry["grad_scale"] = float(scaler.get_scale())
             except Exception as e:  # noqa: BLE001
@@ -710,10 +798,16 @@ def section_training(args: argparse.Namespace, part: Part) -> None:
             with frozen_bn_in_input_dtype():
                 model.load_state_dict(initial)
                 optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
-                got = [measure(lambda: train_step(model, optimizer, None, params, images, targets, "bf16"), device)
-                       for _ in range(warmup + runs)][warmup:]
-            entry = {"images": n, "precision": "bf16", "variant": "frozen BN returns bf16",
-                     **summary([t for t, _ in got], [m for _, m in got], n)}
+                got = [
+                    measure(lambda: train_step(model, optimizer, None, params, images, targets, "bf16"), device)
+                    for _ in range(warmup + runs)
+                ][warmup:]
+            entry = {
+                "images": n,
+                "precision": "bf16",
+                "variant": "frozen BN returns bf16",
+                **summary([t for t, _ in got], [m for _, m in got], n),
+            }
         except Exception as e:  # noqa: BLE001
             entry = {"variant": "frozen BN returns bf16", "error": f"{type(e).__name__}: {e}"[:500]}
         part.add("throughput_variants", entry)
@@ -734,8 +828,13 @@ def pytest_command(args: argparse.Namespace, junit: Path, rest: bool) -> list[st
     if rest:
         return cmd + ["-k", f"not {args.device}"] + (["tests/model", "tests/test_api.py"] if args.quick else [])
     if args.quick:
-        return cmd + ["-k", args.device, "tests/ops", "tests/train/test_train.py::test_one_step_reaches_every_trainable_parameter",
-                      "tests/train/test_train.py::test_autocast_training"]
+        return cmd + [
+            "-k",
+            args.device,
+            "tests/ops",
+            "tests/train/test_train.py::test_one_step_reaches_every_trainable_parameter",
+            "tests/train/test_train.py::test_autocast_training",
+        ]
     return cmd + ["-k", args.device, "tests/ops", "tests/model/test_parity.py", "tests/train/test_train.py"]
 
 
@@ -767,17 +866,27 @@ def run_parent(args: argparse.Namespace) -> int:
     started = time.time()
     end = started + args.budget
     sections = [s for s in SECTIONS if not args.only or s in args.only.split(",")]
-    results: dict[str, Any] = {"command": sys.argv, "device": args.device, "quick": args.quick, "budget_s": args.budget,
-                               "sections": {}}
+    results: dict[str, Any] = {
+        "command": sys.argv,
+        "device": args.device,
+        "quick": args.quick,
+        "budget_s": args.budget,
+        "sections": {},
+    }
     work = Path(tempfile.mkdtemp(prefix="cuda_check_"))
     # pytest reads the fixture from $MASKRCNN_SHARED/fixtures/tv_parity
     shared = work / "shared"
     (shared / "fixtures").mkdir(parents=True)
     (shared / "fixtures" / "tv_parity").symlink_to(args.fixtures.resolve())
-    env = {**os.environ, "MASKRCNN_SHARED": str(shared), "MASKRCNN_TEST_CACHE": str(args.cache),
-           "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {
+        **os.environ,
+        "MASKRCNN_SHARED": str(shared),
+        "MASKRCNN_TEST_CACHE": str(args.cache),
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
 
     with open(log_path, "a", buffering=1) as logf:
+
         def say(msg: str) -> None:
             line = f"[{time.strftime('%H:%M:%S')}] {msg}"
             print(line, flush=True)
@@ -812,9 +921,24 @@ def run_parent(args: argparse.Namespace) -> int:
                 junit = out / ("junit_rest.xml" if name == "pytest_rest" else "junit_device.xml")
                 cmd = pytest_command(args, junit, rest=name == "pytest_rest")
             else:
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--section", name, "--device", args.device,
-                       "--fixtures", str(args.fixtures), "--out", str(out), "--cache", str(args.cache),
-                       "--part", str(part_path), "--deadline", str(time.time() + timeout)] + (["--quick"] if args.quick else [])
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--section",
+                    name,
+                    "--device",
+                    args.device,
+                    "--fixtures",
+                    str(args.fixtures),
+                    "--out",
+                    str(out),
+                    "--cache",
+                    str(args.cache),
+                    "--part",
+                    str(part_path),
+                    "--deadline",
+                    str(time.time() + timeout),
+                ] + (["--quick"] if args.quick else [])
             t = time.time()
             try:
                 proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
@@ -848,29 +972,41 @@ def headlines(results: dict) -> list[str]:
     for name, e in results["sections"].items():
         lines.append(f"{name}: {e.get('status')}, {e.get('seconds', 0)} s")
         if "tests" in e:
-            lines.append(f"  {e['tests']} tests, {e['failures']} failures, {e['errors']} errors, {e['skipped']} skipped")
+            lines.append(
+                f"  {e['tests']} tests, {e['failures']} failures, {e['errors']} errors, {e['skipped']} skipped"
+            )
             lines += [f"  NOT PASSED {t}" for t in e.get("not_passed", [])[:8]]
         for r in e.get("results", []):  # parity
-            lines.append(f"  {r['mode']} {r['case']}[{r['image']}]: within tolerance {r['within_tolerance']}, matched "
-                         f"{r['matched']:.2f}/{r['matched_back']:.2f}, box {r.get('max_box_diff', 0):.4f} px, "
-                         f"score {r.get('max_score_diff', 0):.1e}, masks {r.get('masks_iou_ge_0.98', 0):.2f}")
+            lines.append(
+                f"  {r['mode']} {r['case']}[{r['image']}]: within tolerance {r['within_tolerance']}, matched "
+                f"{r['matched']:.2f}/{r['matched_back']:.2f}, box {r.get('max_box_diff', 0):.4f} px, "
+                f"score {r.get('max_score_diff', 0):.1e}, masks {r.get('masks_iou_ge_0.98', 0):.2f}"
+            )
         for r in e.get("stages_ms_fp32", []):
-            lines.append(f"  stages ms, batch {r['batch']} fp32: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "batch"))
+            lines.append(
+                f"  stages ms, batch {r['batch']} fp32: " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "batch")
+            )
         if "torchvision_agreement_fp32" in e:
             a = e["torchvision_agreement_fp32"]
-            lines.append(f"  same detections as torchvision (fp32): {a['matched']:.2f}/{a['matched_back']:.2f}, box {a.get('max_box_diff', 0):.4f} px")
+            lines.append(
+                f"  same detections as torchvision (fp32): {a['matched']:.2f}/{a['matched_back']:.2f}, box {a.get('max_box_diff', 0):.4f} px"
+            )
         for r in e.get("throughput", []):
             if "error" in r:
                 lines.append(f"  {r} ")
             elif "ours_forward" in r:
                 fwd, pred, tv = (r.get(k, {}) for k in ("ours_forward", "ours_predict", "torchvision"))
-                lines.append(f"  infer b{r['batch']} {r['precision']}: forward {fwd.get('images_per_s', fwd.get('error'))} img/s "
-                             f"({fwd.get('peak_mib', '-')} MiB), predict {pred.get('images_per_s', pred.get('error'))} img/s, "
-                             f"torchvision {tv.get('images_per_s', tv.get('error', '-'))} img/s ({tv.get('peak_mib', '-')} MiB), "
-                             f"speed-up {r.get('speedup_vs_torchvision', '-')}")
+                lines.append(
+                    f"  infer b{r['batch']} {r['precision']}: forward {fwd.get('images_per_s', fwd.get('error'))} img/s "
+                    f"({fwd.get('peak_mib', '-')} MiB), predict {pred.get('images_per_s', pred.get('error'))} img/s, "
+                    f"torchvision {tv.get('images_per_s', tv.get('error', '-'))} img/s ({tv.get('peak_mib', '-')} MiB), "
+                    f"speed-up {r.get('speedup_vs_torchvision', '-')}"
+                )
             else:
-                lines.append(f"  train {r.get('images')} img {r.get('precision')}: {r.get('images_per_s')} img/s, "
-                             f"{r.get('peak_mib', '-')} MiB, finite {r.get('all_finite')}")
+                lines.append(
+                    f"  train {r.get('images')} img {r.get('precision')}: {r.get('images_per_s')} img/s, "
+                    f"{r.get('peak_mib', '-')} MiB, finite {r.get('all_finite')}"
+                )
         if e.get("truncated"):
             lines.append("  (cut short by its time budget)")
     return lines
@@ -884,8 +1020,12 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few runs: a smoke test of every section")
     p.add_argument("--budget", type=float, default=400, help="seconds for the whole run")
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--cache", type=Path, default=Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests")),
-                   help="where the parity checkpoint is built (shared with the tests)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("MASKRCNN_TEST_CACHE", Path.home() / ".cache" / "maskrcnn-tests")),
+        help="where the parity checkpoint is built (shared with the tests)",
+    )
     p.add_argument("--section", default="", help=argparse.SUPPRESS)
     p.add_argument("--part", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)

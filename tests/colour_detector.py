@@ -6,6 +6,7 @@ frame) it returns one detection per colour present, with the box and the mask of
 it sees, clipped at the image edge as a real detector's would be. The truth is known
 independently of the code under test, so a merge can be checked object by object.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

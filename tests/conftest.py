@@ -1,6 +1,7 @@
 """Shared test fixtures: the torchvision-format parity checkpoints (v1 from ../shared, v2 from
 tests/fixtures), the devices that device-parametrised tests run on, and a saved tiny model.
 Plain helpers and paths are in tests/helpers.py."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,5 +47,6 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """6 training and 2 validation images of 64..96 px with 1-2 large shapes each (read only:
     a test that breaks a split works on a copy)."""
     root = tmp_path_factory.mktemp("shapes")
-    return generate_shapes(root, num_train=6, num_val=2, image_size=(64, 96), objects_per_image=(1, 2),
-                           object_size=(24, 40), seed=0)
+    return generate_shapes(
+        root, num_train=6, num_val=2, image_size=(64, 96), objects_per_image=(1, 2), object_size=(24, 40), seed=0
+    )

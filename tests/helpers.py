@@ -1,6 +1,7 @@
 """Plain helpers that tests import (fixtures live in the conftest.py files): the ../shared
 folder and the parity fixtures' paths, the devices that device-parametrised tests run on, the
 checkpoints of the parity recipes (built once per machine), and the tiny model of the API tests."""
+
 from __future__ import annotations
 
 import hashlib
@@ -80,7 +81,11 @@ def level_checkpoint(family: str) -> Path:
     if family in ("r50", "r101", "x101"):
         base = d2_checkpoint(family)
     else:
-        base = build_checkpoint(TV_PARITY, "tv_parity_r50") if family == "tv1" else build_checkpoint(TV2_PARITY, "tv2_parity_r50")
+        base = (
+            build_checkpoint(TV_PARITY, "tv_parity_r50")
+            if family == "tv1"
+            else build_checkpoint(TV2_PARITY, "tv2_parity_r50")
+        )
     scales = json.loads((LEVELS / "scales.json").read_text())[family]
     tag = hashlib.sha256(json.dumps(scales, sort_keys=True).encode()).hexdigest()[:8]
     path = base.with_name(f"{base.stem}-levels-{tag}{base.suffix}")
@@ -102,9 +107,16 @@ def level_checkpoint(family: str) -> Path:
 
 # The tiny model of the API, CLI, inference and export tests: overrides on ModelConfig's defaults.
 TINY = [
-    "num_classes=3", "class_names=[circle,square,triangle]", "backbone.name=resnet18", "backbone.fpn_channels=32",
-    "transform.min_size=[96]", "transform.max_size=128", "roi_heads.representation_size=64",
-    "roi_heads.mask_channels=[16,16]", "rpn.pre_nms_top_n_test=200", "rpn.post_nms_top_n_test=50",
+    "num_classes=3",
+    "class_names=[circle,square,triangle]",
+    "backbone.name=resnet18",
+    "backbone.fpn_channels=32",
+    "transform.min_size=[96]",
+    "transform.max_size=128",
+    "roi_heads.representation_size=64",
+    "roi_heads.mask_channels=[16,16]",
+    "rpn.pre_nms_top_n_test=200",
+    "rpn.post_nms_top_n_test=50",
     # an untrained tiny model scores ~1/4 for every class: keep them so there is something to check
     "roi_heads.score_thresh=0.0",
 ]
@@ -116,7 +128,9 @@ def tiny_model(seed: int = 0) -> maskrcnn.MaskRCNN:
     return maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)).eval()
 
 
-def bright_forward(self, images, targets=None, propose=None, score_thresh=None):  # scores 0.9: above any threshold used here
+def bright_forward(
+    self, images, targets=None, propose=None, score_thresh=None
+):  # scores 0.9: above any threshold used here
     """A stand-in detector: the bright pixels of each frame are one object of class 1."""
     found = []
     for im in images:
@@ -124,8 +138,14 @@ def bright_forward(self, images, targets=None, propose=None, score_thresh=None):
         ys, xs = torch.nonzero(bright, as_tuple=True)
         x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
         mask = F.interpolate(bright[y0:y1, x0:x1].float()[None, None], size=(28, 28), mode="bilinear")[0]
-        found.append(Detections(boxes=torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32), scores=torch.tensor([0.9]),
-                                labels=torch.tensor([1]), masks=mask))
+        found.append(
+            Detections(
+                boxes=torch.tensor([[x0, y0, x1, y1]], dtype=torch.float32),
+                scores=torch.tensor([0.9]),
+                labels=torch.tensor([1]),
+                masks=mask,
+            )
+        )
     return ModelOutput(losses={}, detections=found)
 
 

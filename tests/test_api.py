@@ -1,4 +1,5 @@
 """The Python API: load, predict on every kind of input, checkpoints round trip and errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +8,10 @@ import torch
 from PIL import Image
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import CheckpointError, load
 from maskrcnn.config import ConfigError, ModelConfig, apply_overrides
-from maskrcnn.model.build import build_model
 from maskrcnn.inference.results import Result
+from maskrcnn.model.build import build_model
+from maskrcnn.weights.checkpoint import CheckpointError, load
 from maskrcnn.weights.torchvision import convert_keys, infer_config
 
 from .helpers import KUDZU, TV2_PARITY, need, tiny_model
@@ -32,7 +33,13 @@ def test_predict_accepts_paths_pil_arrays_and_tensors(tiny_ckpt, tmp_path):
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 255, (70, 90, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "x.png")
-    inputs = [tmp_path / "x.png", str(tmp_path / "x.png"), Image.fromarray(rgb), rgb, torch.from_numpy(rgb).permute(2, 0, 1) / 255.0]
+    inputs = [
+        tmp_path / "x.png",
+        str(tmp_path / "x.png"),
+        Image.fromarray(rgb),
+        rgb,
+        torch.from_numpy(rgb).permute(2, 0, 1) / 255.0,
+    ]
     results = model.predict(inputs)
     assert len(results) == 5 and all(isinstance(r, Result) for r in results)
     ref = results[0]
@@ -80,7 +87,9 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, tiny_ckpt):
     del obj["model"]["roi_heads.box_head.fc6.weight"]
     obj["model"]["extra.weight"] = torch.zeros(1)
     torch.save(obj, tmp_path / "partial.pth")
-    with pytest.raises(CheckpointError, match=r"missing keys: roi_heads\.box_head\.fc6\.weight.*unexpected keys: extra\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"missing keys: roi_heads\.box_head\.fc6\.weight.*unexpected keys: extra\.weight"
+    ):
         load(tmp_path / "partial.pth")
 
 
@@ -97,13 +106,20 @@ def test_pickled_code_is_never_executed(tmp_path):
 
 def test_current_torchvision_key_names_convert_to_2019_names():
     current = {
-        "backbone.fpn.inner_blocks.2.0.weight": 1, "backbone.fpn.layer_blocks.0.0.bias": 2,
-        "rpn.head.conv.0.0.weight": 3, "roi_heads.mask_head.0.0.weight": 4, "roi_heads.mask_head.3.0.bias": 5,
-        "backbone.body.layer1.0.bn1.num_batches_tracked": 6, "backbone.body.conv1.weight": 7,
+        "backbone.fpn.inner_blocks.2.0.weight": 1,
+        "backbone.fpn.layer_blocks.0.0.bias": 2,
+        "rpn.head.conv.0.0.weight": 3,
+        "roi_heads.mask_head.0.0.weight": 4,
+        "roi_heads.mask_head.3.0.bias": 5,
+        "backbone.body.layer1.0.bn1.num_batches_tracked": 6,
+        "backbone.body.conv1.weight": 7,
     }
     assert convert_keys(current) == {
-        "backbone.fpn.inner_blocks.2.weight": 1, "backbone.fpn.layer_blocks.0.bias": 2,
-        "rpn.head.conv.weight": 3, "roi_heads.mask_head.mask_fcn1.weight": 4, "roi_heads.mask_head.mask_fcn4.bias": 5,
+        "backbone.fpn.inner_blocks.2.weight": 1,
+        "backbone.fpn.layer_blocks.0.bias": 2,
+        "rpn.head.conv.weight": 3,
+        "roi_heads.mask_head.mask_fcn1.weight": 4,
+        "roi_heads.mask_head.mask_fcn4.bias": 5,
         "backbone.body.conv1.weight": 7,
     }
 
@@ -114,7 +130,9 @@ def test_torchvision_file_with_current_names_loads_like_the_2019_file(tv_checkpo
     for k, v in state.items():
         k = k.replace("rpn.head.conv.", "rpn.head.conv.0.0.")
         for i in range(4):
-            k = k.replace(f"fpn.inner_blocks.{i}.", f"fpn.inner_blocks.{i}.0.").replace(f"fpn.layer_blocks.{i}.", f"fpn.layer_blocks.{i}.0.")
+            k = k.replace(f"fpn.inner_blocks.{i}.", f"fpn.inner_blocks.{i}.0.").replace(
+                f"fpn.layer_blocks.{i}.", f"fpn.layer_blocks.{i}.0."
+            )
             k = k.replace(f"mask_head.mask_fcn{i + 1}.", f"mask_head.{i}.0.")
         renamed[k] = v
     torch.save(renamed, tmp_path / "current.pth")
@@ -278,7 +296,12 @@ def test_torchvision_v2_key_list_maps_onto_the_v2_model_one_to_one():
     own = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     assert own == {k: v.shape for k, v in state.items()}
     v1 = ModelConfig()
-    assert (v1.backbone.fpn_norm, v1.rpn.conv_depth, v1.roi_heads.box_head, v1.roi_heads.mask_head_norm) == ("none", 1, "2fc", "none")
+    assert (v1.backbone.fpn_norm, v1.rpn.conv_depth, v1.roi_heads.box_head, v1.roi_heads.mask_head_norm) == (
+        "none",
+        1,
+        "2fc",
+        "none",
+    )
 
 
 def test_unknown_norm_or_box_head_names_the_field():
@@ -291,8 +314,16 @@ def test_unknown_norm_or_box_head_names_the_field():
 # ---- issue 17: thresholds, file kinds, state dicts, batching ---------------------------------
 
 
-@pytest.mark.parametrize("key,value", [("score_thresh", 2), ("score_thresh", float("nan")), ("score_thresh", -0.5),
-                                       ("mask_thresh", 1.5), ("mask_thresh", "nan")])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("score_thresh", 2),
+        ("score_thresh", float("nan")),
+        ("score_thresh", -0.5),
+        ("mask_thresh", 1.5),
+        ("mask_thresh", "nan"),
+    ],
+)
 def test_load_refuses_thresholds_outside_0_1(tiny_ckpt, key, value):
     """``load(score_thresh=2)`` gave 0 detections and ``mask_thresh=1.5`` empty masks, silently;
     they are refused as ``predict(score_thresh=2)`` is (issue 17, item 2)."""
@@ -300,12 +331,16 @@ def test_load_refuses_thresholds_outside_0_1(tiny_ckpt, key, value):
         load(tiny_ckpt, **{key: value})
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("detections_per_img", -1, "detections_per_img must be an integer >= 1, got -1"),
-    ("detections_per_img", 0, "detections_per_img must be an integer >= 1, got 0"),
-    ("nms_thresh", 1.5, r"nms_thresh must be a number in \[0, 1\], got 1.5"),
-    ("bn_eps", -1.0, "bn_eps must be a finite number >= 0, got -1.0"),
-    ("bn_eps", float("nan"), "bn_eps must be a finite number >= 0, got nan")])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("detections_per_img", -1, "detections_per_img must be an integer >= 1, got -1"),
+        ("detections_per_img", 0, "detections_per_img must be an integer >= 1, got 0"),
+        ("nms_thresh", 1.5, r"nms_thresh must be a number in \[0, 1\], got 1.5"),
+        ("bn_eps", -1.0, "bn_eps must be a finite number >= 0, got -1.0"),
+        ("bn_eps", float("nan"), "bn_eps must be a finite number >= 0, got nan"),
+    ],
+)
 def test_load_refuses_head_values_that_silently_change_the_detections(tiny_ckpt, key, value, message):
     """Round 2 of issue 17: ``load(p, detections_per_img=-1)`` kept all but the last detection
     (a ``[:-1]`` slice), ``nms_thresh=1.5`` suppressed nothing, and ``bn_eps=-1`` or NaN gave a

@@ -1,5 +1,6 @@
 """The one atomic writer (files.atomic_write): file modes that follow the umask, and temp
 files left by a killed save cleaned up by the next save of the same file."""
+
 from __future__ import annotations
 
 import fcntl
@@ -54,7 +55,9 @@ def test_written_files_follow_the_umask_like_open(tmp_path: Path, umask, mask: i
     atomic_write(tmp_path / "raw.bin", lambda f: f.write(b"abc"))
     write_json({"a": 1}, tmp_path / "metrics.json")
     atomic_save({"w": 1}, tmp_path / "last.pth")
-    Result(np.zeros((0, 4)), np.zeros(0), np.zeros(0), (4, 5)).save(tmp_path / "overlay.png", np.zeros((4, 5, 3), np.uint8))
+    Result(np.zeros((0, 4)), np.zeros(0), np.zeros(0), (4, 5)).save(
+        tmp_path / "overlay.png", np.zeros((4, 5, 3), np.uint8)
+    )
     for name in ("raw.bin", "metrics.json", "last.pth", "overlay.png"):
         assert _mode(tmp_path / name) == expected, name
     assert (tmp_path / "raw.bin").read_bytes() == b"abc"
@@ -67,8 +70,12 @@ def test_downloads_follow_the_umask(tmp_path: Path, umask) -> None:
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "w.pth").write_bytes(payload)
     umask(0o022)
-    path = download((tmp_path / "src" / "w.pth").as_uri(), tmp_path / "cache",
-                    sha256=hashlib.sha256(payload).hexdigest(), progress=False)
+    path = download(
+        (tmp_path / "src" / "w.pth").as_uri(),
+        tmp_path / "cache",
+        sha256=hashlib.sha256(payload).hexdigest(),
+        progress=False,
+    )
     assert path.read_bytes() == payload and _mode(path) == 0o644
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["w.pth"]  # no temp file left
 
@@ -81,9 +88,13 @@ def _age(path: Path, seconds: float) -> None:
 def test_a_save_killed_midway_leaves_a_temp_file_that_the_next_save_removes(tmp_path: Path) -> None:
     target = tmp_path / "last.pth"
     target.write_bytes(b"good checkpoint")
-    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import sys, time
-        sys.path.insert(0, {str(REPO / 'src')!r})
+        sys.path.insert(0, {str(REPO / "src")!r})
         from maskrcnn.files import atomic_write
         def write(f):
             f.write(b"half a checkpoint")
@@ -91,7 +102,11 @@ def test_a_save_killed_midway_leaves_a_temp_file_that_the_next_save_removes(tmp_
             print("writing", flush=True)
             time.sleep(60)
         atomic_write({str(target)!r}, write)
-    """)], stdout=subprocess.PIPE, text=True)
+    """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "writing"
     finally:

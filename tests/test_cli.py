@@ -1,4 +1,5 @@
 """The command line as a user runs it: predict on files/folders/globs, bad images, evaluate."""
+
 from __future__ import annotations
 
 import contextlib
@@ -16,11 +17,11 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from maskrcnn.weights.checkpoint import save_checkpoint
 from maskrcnn.cli import main
 from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.data.synthetic import generate_shapes
 from maskrcnn.model.build import build_model
+from maskrcnn.weights.checkpoint import save_checkpoint
 
 from .helpers import KUDZU, TINY, need, tiny_eval_set
 
@@ -39,7 +40,20 @@ def images(tmp_path):
 
 def test_predict_writes_overlays_and_results_and_survives_a_bad_image(tiny_ckpt, images, tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["predict", "--weights", str(tiny_ckpt), str(images), str(images / "sub" / "*.png"), "--out", str(out), "--quiet", "--batch-size", "2"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(images),
+            str(images / "sub" / "*.png"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--batch-size",
+            "2",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1  # one unreadable image: reported, the others still processed
     assert "broken.png" in captured.err or "broken.png" in captured.out
@@ -60,7 +74,9 @@ def test_predict_with_no_images_fails_clearly(tiny_ckpt, tmp_path, capsys):
 
 
 def test_missing_weights_give_an_error_not_a_traceback(tmp_path, images, capsys):
-    assert main(["predict", "--weights", str(tmp_path / "none.pth"), str(images / "a.png"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(["predict", "--weights", str(tmp_path / "none.pth"), str(images / "a.png"), "--out", str(tmp_path)]) == 2
+    )
     assert "checkpoint not found" in capsys.readouterr().err
 
 
@@ -74,7 +90,20 @@ def test_predict_with_the_torchvision_checkpoint_on_kudzu_photos(tv_checkpoint, 
     """The README's example: torchvision-format R50-FPN weights on real photos."""
     images = need(KUDZU / "images")
     out = tmp_path / "kudzu"
-    code = main(["predict", "--weights", str(tv_checkpoint), str(images / "val_27.jpg"), str(images / "val_29.jpg"), "--out", str(out), "--quiet", "--coco", str(KUDZU / "annotations" / "instances_val.json")])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tv_checkpoint),
+            str(images / "val_27.jpg"),
+            str(images / "val_29.jpg"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--coco",
+            str(KUDZU / "annotations" / "instances_val.json"),
+        ]
+    )
     assert code == 0
     assert (out / "overlays" / "val_27.png").stat().st_size > 0 and (out / "overlays" / "val_29.png").stat().st_size > 0
     entries = json.loads((out / "predictions.json").read_text())
@@ -92,7 +121,20 @@ def test_evaluate_matches_pycocotools_on_the_written_results(tmp_path, capsys):
     cfg = apply_overrides(ModelConfig(), TINY + [f"category_ids={ids}"])
     save_checkpoint(tmp_path / "m.pth", build_model(cfg))
     out = tmp_path / "eval"
-    code = main(["evaluate", "--weights", str(tmp_path / "m.pth"), "--data", str(split.ann_file), "--images", str(split.image_dir), "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "evaluate",
+            "--weights",
+            str(tmp_path / "m.pth"),
+            "--data",
+            str(split.ann_file),
+            "--images",
+            str(split.image_dir),
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     gt = COCO(str(split.ann_file))
@@ -109,10 +151,29 @@ def test_evaluate_matches_pycocotools_on_the_written_results(tmp_path, capsys):
 def test_convert_via_reproduces_the_shipped_kudzu_annotations(tmp_path):
     via = need(KUDZU / "via" / "val" / "via_region_data.json")
     out = tmp_path / "val.json"
-    assert main(["convert", "via", str(via), "--images", str(KUDZU / "images"), "--prefix", "val_", "--category", "kudzu", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "via",
+                str(via),
+                "--images",
+                str(KUDZU / "images"),
+                "--prefix",
+                "val_",
+                "--category",
+                "kudzu",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     ours, shipped = json.loads(out.read_text()), json.loads((KUDZU / "annotations" / "instances_val.json").read_text())
     assert len(ours["images"]) == len(shipped["images"]) and len(ours["annotations"]) == len(shipped["annotations"])
-    assert sorted(a["area"] for a in ours["annotations"]) == pytest.approx(sorted(a["area"] for a in shipped["annotations"]))
+    assert sorted(a["area"] for a in ours["annotations"]) == pytest.approx(
+        sorted(a["area"] for a in shipped["annotations"])
+    )
 
 
 # ---- bad input: nothing of the user's lost, no wrong number reported as success ---------------
@@ -171,7 +232,10 @@ def test_results_are_written_as_they_come_and_kept_on_ctrl_c(tiny_ckpt, images, 
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [Path(r["file_name"]).name for r in records] == ["a.png", "b.jpg"]
     entries = json.loads((out / "predictions.json").read_text())
-    assert entries == [e for r in records for e in r["results"]] and len(entries) == sum(r["detections"] for r in records) > 0
+    assert (
+        entries == [e for r in records for e in r["results"]]
+        and len(entries) == sum(r["detections"] for r in records) > 0
+    )
     index = json.loads((out / "images.json").read_text())
     assert [im["id"] for im in index] == [r["id"] for r in records] and "results" not in index[0]
 
@@ -191,7 +255,19 @@ def test_an_image_the_model_fails_on_is_named_and_skipped(tiny_ckpt, tmp_path, m
     for name, width in (("a.png", 50), ("narrow.png", 13), ("c.png", 60)):
         Image.fromarray(rng.integers(0, 255, (40, width, 3), dtype=np.uint8)).save(tmp_path / name)
     out = tmp_path / "out"
-    assert _predict(tiny_ckpt, tmp_path / "a.png", tmp_path / "narrow.png", tmp_path / "c.png", "--out", out, "--batch-size", "2") == 1
+    assert (
+        _predict(
+            tiny_ckpt,
+            tmp_path / "a.png",
+            tmp_path / "narrow.png",
+            tmp_path / "c.png",
+            "--out",
+            out,
+            "--batch-size",
+            "2",
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "narrow.png" in err and "RuntimeError: Input and output sizes" in err
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["a.png", "c.png"]
@@ -236,9 +312,13 @@ def test_a_score_threshold_outside_0_1_is_a_one_line_error(tiny_ckpt, images, tm
 
 def test_images_over_max_pixels_are_named_and_skipped(tiny_ckpt, images, tmp_path, capsys):
     # a.png is 80x60 = 4800 pixels, b.jpg 70x50 = 3500
-    assert _predict(tiny_ckpt, images / "a.png", images / "b.jpg", "--out", tmp_path / "out", "--max-pixels", "4000") == 1
+    assert (
+        _predict(tiny_ckpt, images / "a.png", images / "b.jpg", "--out", tmp_path / "out", "--max-pixels", "4000") == 1
+    )
     assert "a.png is 80x60 = 4,800 pixels, more than the limit of 4,000" in capsys.readouterr().err
-    assert [Path(im["file_name"]).name for im in json.loads((tmp_path / "out" / "images.json").read_text())] == ["b.jpg"]
+    assert [Path(im["file_name"]).name for im in json.loads((tmp_path / "out" / "images.json").read_text())] == [
+        "b.jpg"
+    ]
 
 
 def test_a_device_this_machine_lacks_is_a_one_line_error(tiny_ckpt, images, tmp_path, capsys):
@@ -261,12 +341,20 @@ def test_coco_ids_follow_the_folders_not_just_the_base_name(tiny_ckpt, tmp_path,
     for sub in ("a", "b"):
         (root / sub).mkdir(parents=True)
         Image.fromarray(np.full((30, 40, 3), 90 if sub == "a" else 160, np.uint8)).save(root / sub / "x.png")
-    gt = {"images": [{"id": 7, "file_name": "a/x.png", "height": 30, "width": 40},
-                     {"id": 9, "file_name": "b/x.png", "height": 30, "width": 40}],
-          "annotations": [], "categories": [{"id": 1, "name": "thing"}]}
+    gt = {
+        "images": [
+            {"id": 7, "file_name": "a/x.png", "height": 30, "width": 40},
+            {"id": 9, "file_name": "b/x.png", "height": 30, "width": 40},
+        ],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     out = tmp_path / "out"
-    assert _predict(tiny_ckpt, root / "b" / "x.png", root / "a" / "x.png", "--out", out, "--coco", tmp_path / "gt.json") == 0
+    assert (
+        _predict(tiny_ckpt, root / "b" / "x.png", root / "a" / "x.png", "--out", out, "--coco", tmp_path / "gt.json")
+        == 0
+    )
     ids = {Path(im["file_name"]).parent.name: im["id"] for im in json.loads((out / "images.json").read_text())}
     assert ids == {"a": 7, "b": 9}
     # A copy in a folder the GT file does not name matches both by base name: refused.
@@ -293,7 +381,9 @@ def test_predict_never_replaces_a_users_results_file_but_replaces_its_own(tiny_c
     assert (images / "predictions.json").read_text() == '{"mine": true}' and not (images / "overlays").exists()
     (images / "predictions.json").unlink()
     for _ in range(2):  # a rerun replaces what the first run wrote
-        assert main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 0
+        assert (
+            main(["predict", "--weights", str(tiny_ckpt), str(images / "a.png"), "--out", str(images), "--quiet"]) == 0
+        )
     assert len(json.loads((images / "images.json").read_text())) == 1
 
 
@@ -327,6 +417,18 @@ def test_evaluate_refuses_an_unwritable_out_before_evaluating(tmp_path, capsys, 
     split, ckpt = tiny_eval_set(tmp_path)
     (tmp_path / "afile").write_text("x")
     monkeypatch.setattr(maskrcnn.weights.checkpoint, "load", lambda *a, **k: pytest.fail("the model was loaded"))
-    code = main(["evaluate", "--weights", str(ckpt), "--images", str(split.image_dir), "--quiet",
-                 "--data", str(split.ann_file), "--out", str(tmp_path / "afile" / "sub")])
+    code = main(
+        [
+            "evaluate",
+            "--weights",
+            str(ckpt),
+            "--images",
+            str(split.image_dir),
+            "--quiet",
+            "--data",
+            str(split.ann_file),
+            "--out",
+            str(tmp_path / "afile" / "sub"),
+        ]
+    )
     assert code == 2 and "error:" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Modules that moved into folders stay importable by their old names, with a warning."""
+
 import importlib
 import sys
 

@@ -1,4 +1,5 @@
 """Precision chosen by the hardware: the capability probe mocked for each kind of machine."""
+
 from __future__ import annotations
 
 import logging
@@ -13,8 +14,13 @@ from maskrcnn import precision
 def cpu(monkeypatch: pytest.MonkeyPatch):
     """Set what the probes see: cpu(avx512_bf16=..., amx=..., capability=..., isa=..., speedup=...)."""
 
-    def set_cpu(avx512_bf16: bool = False, amx: bool = False, capability: str = "AVX512", isa: str | None = None,
-                speedup: float = 2.0) -> None:
+    def set_cpu(
+        avx512_bf16: bool = False,
+        amx: bool = False,
+        capability: str = "AVX512",
+        isa: str | None = None,
+        speedup: float = 2.0,
+    ) -> None:
         flags = {"avx512_bf16": avx512_bf16, "amx_tile": amx}
         monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: speedup)
         monkeypatch.setattr(precision, "_cpu_flag", lambda name: flags.get(name, False))

@@ -7,6 +7,7 @@ Writes a 3-band uint8 GeoTIFF of SIDE x SIDE pixels (deflate, 512-px blocks) if 
 absent, then reads every tile of a ``tile_grid`` with 20% overlap and reports the peak resident
 memory of the process before and after.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,21 @@ def write(path: Path, side: int) -> None:
     from rasterio.windows import Window
 
     rng = np.random.default_rng(0)
-    with rasterio.open(path, "w", driver="GTiff", height=side, width=side, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_650_000, 0.5, 0.5), tiled=True, blockxsize=512,
-                       blockysize=512, compress="deflate") as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=side,
+        width=side,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_650_000, 0.5, 0.5),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+    ) as ds:
         for y in range(0, side, 512):  # strip by strip: the writer never holds the raster either
             h = min(512, side - y)
             ds.write(rng.integers(0, 255, (3, h, side), dtype=np.uint8), window=Window(0, y, side, h))
@@ -53,8 +66,10 @@ def main() -> None:
         tiles = tile_grid(h, w, args.tile, 0.2)
         checksum = sum(int(source.read(t)[::97, ::89].sum()) for t in tiles)
     seconds = time.perf_counter() - start
-    print(f"{w} x {h} x 3 raster ({h * w * 3 / 1e6:.0f} MB as uint8), {len(tiles)} tiles of {args.tile}: "
-          f"{seconds:.1f} s, peak RSS {before:.0f} MB before reading, {peak_mb():.0f} MB after (checksum {checksum})")
+    print(
+        f"{w} x {h} x 3 raster ({h * w * 3 / 1e6:.0f} MB as uint8), {len(tiles)} tiles of {args.tile}: "
+        f"{seconds:.1f} s, peak RSS {before:.0f} MB before reading, {peak_mb():.0f} MB after (checksum {checksum})"
+    )
 
 
 if __name__ == "__main__":

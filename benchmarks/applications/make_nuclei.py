@@ -6,6 +6,7 @@ crowns, for trying ``docs/applications.md``'s recipes without a dataset of your 
 writes ``train/`` and ``val/`` (``cell_000.tif`` ...), ``train.json``, ``val.json`` and
 ``field.tif`` (3-band uint8, EPSG:32633, 0.5 m pixels) under the folder given.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,9 +59,17 @@ def write_split(root: Path, split: str, n: int, rng: np.random.Generator, size: 
         images.append({"id": i + 1, "file_name": name, "height": image.shape[0], "width": image.shape[1]})
         for mask in masks:
             rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
-                                "area": int(mask.sum()), "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "area": int(mask.sum()),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                }
+            )
     coco = {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": "nucleus"}]}
     (root / f"{split}.json").write_text(json.dumps(coco))
 
@@ -74,8 +83,18 @@ def write_field(path: Path, rng: np.random.Generator, h: int = 1500, w: int = 20
     for mask in ellipses(rng, h, w, 120, (8, 20)):
         ground[mask] = rng.uniform(150, 230)
     rgb = np.stack([ground * 0.8, ground, ground * 0.6]).clip(0, 255).astype(np.uint8)  # (3, H, W)
-    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=3, dtype="uint8", crs="EPSG:32633",
-                       transform=from_origin(500_000, 4_650_000, 0.5, 0.5), tiled=True) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=h,
+        width=w,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 4_650_000, 0.5, 0.5),
+        tiled=True,
+    ) as ds:
         ds.write(rgb)
 
 

@@ -4,6 +4,7 @@ README quotes). Runs our model only, against what Detectron2 recorded in tests/f
 
     python benchmarks/parity/d2_parity_report.py [r50 r101 x101]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,33 @@ def main(families: list[str]) -> None:
                     m = fwd >= 0
                     box = np.abs(ours.boxes[fwd[m]].numpy() - ref_boxes[m].numpy()).max()
                     score = np.abs(ours.scores[fwd[m]].numpy() - r["ref"][f"{stage}_scores_{i}"][m]).max()
-                    line.append(f"{stage}: {m.sum()}/{len(m)} matched (ours {len(ours)}), box {box:.2g} px, score {score:.2g}")
+                    line.append(
+                        f"{stage}: {m.sum()}/{len(m)} matched (ours {len(ours)}), box {box:.2g} px, score {score:.2g}"
+                    )
                     if stage == "final":
                         ref_masks = mask_util.decode(r["masks_json"][i]).transpose(2, 0, 1).astype(bool)
-                        pasted = paste_masks(ours.masks, ours.boxes, ref_masks.shape[1:], threshold=0.5, mode="detectron2").numpy()
+                        pasted = paste_masks(
+                            ours.masks, ours.boxes, ref_masks.shape[1:], threshold=0.5, mode="detectron2"
+                        ).numpy()
                         ious = [mask_iou(ref_masks[j], pasted[k]) for j, k in enumerate(fwd) if k >= 0]
                         line.append(f"mask IoU min {min(ious):.4f}, {sum(v == 1.0 for v in ious)} identical")
                 print("; ".join(line), flush=True)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Measured agreement with the Detectron2 parity fixture, per family and case.")
-    parser.add_argument("families", nargs="*", metavar="FAMILY",
-                        help=f"fixture families to report, of {', '.join(sorted(FAMILY_CASES))} (default: all)")
+    parser = argparse.ArgumentParser(
+        description="Measured agreement with the Detectron2 parity fixture, per family and case."
+    )
+    parser.add_argument(
+        "families",
+        nargs="*",
+        metavar="FAMILY",
+        help=f"fixture families to report, of {', '.join(sorted(FAMILY_CASES))} (default: all)",
+    )
     args = parser.parse_args()
     unknown = [f for f in args.families if f not in FAMILY_CASES]
     if unknown:
-        parser.error(f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; choose from {', '.join(sorted(FAMILY_CASES))}")
+        parser.error(
+            f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; choose from {', '.join(sorted(FAMILY_CASES))}"
+        )
     main(args.families or sorted(FAMILY_CASES))

@@ -17,6 +17,7 @@ spread; (3) writes keys.txt, spec.json and bn.npz (the recipe), builds the .pkl 
 loads it with ``DetectionCheckpointer``; (4) runs the model like ``DefaultPredictor`` on the
 tv_parity images (BGR uint8, ``ResizeShortestEdge(800, 1333)``) and records every stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,18 +30,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import detectron2.data.transforms as T
 import numpy as np
 import torch
-from PIL import Image
-from pycocotools import mask as mask_util
-
-import detectron2.data.transforms as T
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.layers.mask_ops import _do_paste_mask
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes
+from PIL import Image
+from pycocotools import mask as mask_util
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = REPO / "tests" / "fixtures" / "d2_parity"
@@ -127,14 +127,16 @@ def balance_fpn_levels(model, inp: dict) -> dict[str, float]:
     return {f"backbone.fpn_output{k}.{p}": rms["p2"] / rms[f"p{k}"] for k in (3, 4, 5) for p in ("weight", "bias")}
 
 
-def calibrate(family: str, model, photo: Path, cfg, seed: int = SEED, balance_levels: bool = False) -> tuple[list, dict, dict]:
+def calibrate(
+    family: str, model, photo: Path, cfg, seed: int = SEED, balance_levels: bool = False
+) -> tuple[list, dict, dict]:
     """Draw the weights with ``seed`` and calibrate them on ``photo``; leaves them in ``model``.
     ``balance_levels``: scale the FPN outputs to one spread first (``balance_fpn_levels``)."""
     rule = load_rule()
     own = {k: v for k, v in model.state_dict().items()}
     keys = [(k, tuple(v.shape)) for k, v in own.items()]
     mult = base_multipliers(model, keys)
-    for layer, target in OUTPUT_TARGETS.items():
+    for layer in OUTPUT_TARGETS:
         mult[layer + ".weight"] = 1.0
         mult[layer + ".bias"] = 0.0
     weights = {n: rule.draw(n, s, seed, mult[n]) for n, s in keys if not is_bn(n)}
@@ -170,13 +172,18 @@ def calibrate(family: str, model, photo: Path, cfg, seed: int = SEED, balance_le
     if balance_levels:
         for name, f in balance_fpn_levels(model, inp).items():
             mult[name] *= f
-            model.get_parameter(name).data.copy_(torch.from_numpy(rule.draw(name, tuple(own[name].shape), seed, mult[name])))
+            model.get_parameter(name).data.copy_(
+                torch.from_numpy(rule.draw(name, tuple(own[name].shape), seed, mult[name]))
+            )
     # Output layers: measure the std of each output with the current multiplier, rescale, repeat
     # (the later heads see proposals and detections that depend on the earlier ones).
     mods = dict(model.named_modules())
     for it in range(3):
         seen: dict[str, list] = {k: [] for k in OUTPUT_TARGETS}
-        hooks = [mods[k].register_forward_hook(lambda m, a, o, k=k: seen[k].append(o.detach().double().flatten())) for k in OUTPUT_TARGETS]
+        hooks = [
+            mods[k].register_forward_hook(lambda m, a, o, k=k: seen[k].append(o.detach().double().flatten()))
+            for k in OUTPUT_TARGETS
+        ]
         with torch.no_grad():
             model([inp])
         for h in hooks:
@@ -191,7 +198,9 @@ def calibrate(family: str, model, photo: Path, cfg, seed: int = SEED, balance_le
             log.info("pass %d: %s output std %.4g -> multiplier %.4g", it, k, std, w)
             for p in ("weight", "bias"):
                 name = f"{k}.{p}"
-                getattr(mods[k], p).data.copy_(torch.from_numpy(rule.draw(name, tuple(own[name].shape), seed, mult[name])))
+                getattr(mods[k], p).data.copy_(
+                    torch.from_numpy(rule.draw(name, tuple(own[name].shape), seed, mult[name]))
+                )
     return keys, mult, bn
 
 
@@ -241,7 +250,9 @@ def run_case(model, cfg, images: list[Path], full: bool, check_whole: bool = Tru
             out[f"proposals_{i}"] = p.proposal_boxes.tensor.numpy()
         if full and len(images) == 1:
             rh = model.roi_heads
-            pooled = rh.box_pooler([feats[f] for f in rh.box_in_features], [Boxes(proposals[0].proposal_boxes.tensor[:300])])
+            pooled = rh.box_pooler(
+                [feats[f] for f in rh.box_in_features], [Boxes(proposals[0].proposal_boxes.tensor[:300])]
+            )
             scores, deltas = rh.box_predictor(rh.box_head(pooled))
             out["class_logits_0"] = scores.numpy()
             out["box_regression_0"] = deltas.numpy()
@@ -264,7 +275,9 @@ def run_case(model, cfg, images: list[Path], full: bool, check_whole: bool = Tru
         rles = []
         for i, (f, w) in enumerate(zip(finals, whole)):
             inst, other = f["instances"], w["instances"]
-            assert torch.equal(inst.pred_boxes.tensor, other.pred_boxes.tensor) and torch.equal(inst.pred_masks, other.pred_masks)
+            assert torch.equal(inst.pred_boxes.tensor, other.pred_boxes.tensor) and torch.equal(
+                inst.pred_masks, other.pred_masks
+            )
             out[f"final_boxes_{i}"] = inst.pred_boxes.tensor.numpy()
             out[f"final_scores_{i}"] = inst.scores.numpy()
             out[f"final_labels_{i}"] = inst.pred_classes.numpy()
@@ -273,8 +286,14 @@ def run_case(model, cfg, images: list[Path], full: bool, check_whole: bool = Tru
             probs = dets[i].pred_masks[:, 0]  # (N, 28, 28); postprocess dropped no box (checked)
             assert len(probs) == len(inst), "detector_postprocess dropped an empty box"
             h, w = inputs[i]["height"], inputs[i]["width"]
-            sums = [float(_do_paste_mask(probs[j : j + 1, None], inst.pred_boxes.tensor[j : j + 1], h, w, skip_empty=True)[0].double().sum())
-                    for j in range(len(inst))]
+            sums = [
+                float(
+                    _do_paste_mask(probs[j : j + 1, None], inst.pred_boxes.tensor[j : j + 1], h, w, skip_empty=True)[0]
+                    .double()
+                    .sum()
+                )
+                for j in range(len(inst))
+            ]
             out[f"final_mask_soft_sum_{i}"] = np.array(sums)
             enc = [mask_util.encode(np.asfortranarray(m.numpy().astype(np.uint8))) for m in inst.pred_masks]
             rles.append([{"size": list(r["size"]), "counts": r["counts"].decode()} for r in enc])
@@ -285,8 +304,12 @@ def run_case(model, cfg, images: list[Path], full: bool, check_whole: bool = Tru
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("family", choices=sorted(FAMILIES))
-    ap.add_argument("--calib", type=Path, default=REPO.parent / "shared" / "data" / "kudzu_bug" / "images" / "train_1.jpg")
-    ap.add_argument("--cases", nargs="*", default=None, help="default: all three for r50, single_a and single_b otherwise")
+    ap.add_argument(
+        "--calib", type=Path, default=REPO.parent / "shared" / "data" / "kudzu_bug" / "images" / "train_1.jpg"
+    )
+    ap.add_argument(
+        "--cases", nargs="*", default=None, help="default: all three for r50, single_a and single_b otherwise"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.manual_seed(0)
@@ -312,15 +335,28 @@ def main() -> None:
         np.savez_compressed(folder / f"{name}.npz", **out)
         (folder / f"{name}_masks.json").write_text(json.dumps(rles))
         summary[name] = {"images": CASES[name], "detections": [len(r) for r in rles]}
-        log.info("%s: detections %s, scores %s", name, summary[name]["detections"],
-                 [f"{out[f'final_scores_{i}'].min():.3f}..{out[f'final_scores_{i}'].max():.3f}" for i in range(len(rles))])
+        log.info(
+            "%s: detections %s, scores %s",
+            name,
+            summary[name]["detections"],
+            [f"{out[f'final_scores_{i}'].min():.3f}..{out[f'final_scores_{i}'].max():.3f}" for i in range(len(rles))],
+        )
     (folder / "cases.json").write_text(json.dumps(summary, indent=1))
     import detectron2
-    (folder / "versions.json").write_text(json.dumps({
-        "detectron2": detectron2.__version__, "torch": torch.__version__, "numpy": np.__version__,
-        "config": f"COCO-InstanceSegmentation/{FAMILIES[args.family]}", "python": sys.version.split()[0],
-        "threads": torch.get_num_threads(),
-    }, indent=1))
+
+    (folder / "versions.json").write_text(
+        json.dumps(
+            {
+                "detectron2": detectron2.__version__,
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "config": f"COCO-InstanceSegmentation/{FAMILIES[args.family]}",
+                "python": sys.version.split()[0],
+                "threads": torch.get_num_threads(),
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

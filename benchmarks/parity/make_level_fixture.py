@@ -17,6 +17,7 @@ reference's proposals, resized frame, its order), ``levels_0`` (0..4 = P2..P6), 
 and ``image`` (the photo's name under ../shared/data/kudzu_bug/images). ``--pick`` first counts
 P6 proposals on every candidate photo and takes the one with the most.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-
 import sweep
+import torch
 
 OUT = sweep.REPO / "tests" / "fixtures" / "levels"
 CANDIDATES = ["train_2.jpg", "train_5.jpg", "train_8.jpg", "val_25.jpg"]
@@ -63,7 +63,9 @@ def balanced(family: str, model, cfg, path: Path) -> dict[str, float]:  # type: 
     out = {}
     for name, f in scales.items():
         model.get_parameter(name).data.mul_(f)
-        key = name if name in keys else name.replace(".0.weight", ".weight").replace(".0.bias", ".bias")  # v1's 2019 names
+        key = (
+            name if name in keys else name.replace(".0.weight", ".weight").replace(".0.bias", ".bias")
+        )  # v1's 2019 names
         assert key in keys, name
         out[key] = f
     return out
@@ -79,7 +81,11 @@ def reference_proposals(family: str, model, cfg, photo: Path, capture: sweep.Lev
         batch, _ = model.transform([sweep.tvgen.read_image(photo)])
         proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
         props, shape = proposals[0].numpy().copy(), batch.tensors.shape
-    return {"proposals_0": props, "levels_0": capture.levels([props])[0].astype(np.int8), "batch_shape": np.array(shape)}
+    return {
+        "proposals_0": props,
+        "levels_0": capture.levels([props])[0].astype(np.int8),
+        "batch_shape": np.array(shape),
+    }
 
 
 def main() -> None:
@@ -100,16 +106,27 @@ def main() -> None:
             capture = sweep.LevelCapture(family, model)
             image = args.image
             if args.pick:
-                counts = {c: int((reference_proposals(family, model, cfg, sweep.PHOTOS / c, capture)["levels_0"] == 4).sum())
-                          for c in CANDIDATES}
+                counts = {
+                    c: int((reference_proposals(family, model, cfg, sweep.PHOTOS / c, capture)["levels_0"] == 4).sum())
+                    for c in CANDIDATES
+                }
                 print(family, "P6 proposals per photo:", json.dumps(counts))
                 image = max(counts, key=counts.get)
             out = reference_proposals(family, model, cfg, sweep.PHOTOS / image, capture)
             assert (out["levels_0"] >= 0).all()
             side = np.sqrt((out["proposals_0"][:, 2:] - out["proposals_0"][:, :2]).prod(1))
-            print(family, image, "batch", out["batch_shape"].tolist(), "proposals per level",
-                  np.bincount(out["levels_0"], minlength=5).tolist(), "P6 sqrt(area) range",
-                  [round(float(v)) for v in np.percentile(side[out["levels_0"] == 4], [0, 50, 100])] if (out["levels_0"] == 4).any() else [])
+            print(
+                family,
+                image,
+                "batch",
+                out["batch_shape"].tolist(),
+                "proposals per level",
+                np.bincount(out["levels_0"], minlength=5).tolist(),
+                "P6 sqrt(area) range",
+                [round(float(v)) for v in np.percentile(side[out["levels_0"] == 4], [0, 50, 100])]
+                if (out["levels_0"] == 4).any()
+                else [],
+            )
             np.savez_compressed(OUT / f"levels_{family}.npz", image=np.array(image), **out)
             scales_path.write_text(json.dumps(scales, indent=1, sort_keys=True) + "\n")
 

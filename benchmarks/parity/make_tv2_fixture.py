@@ -28,6 +28,7 @@ Weights (``--calibrate``, written to keys.txt, spec.json, bn.npz; rebuilt by wei
 checkpoint and compares with the v1 fixture's files: proof that the recorded stages mean what
 the v1 README says they mean.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,8 +65,11 @@ BN_STEPS = 1000  # num_batches_tracked in the file, as a trained file has some c
 # to the README's 0.05 px and 1e-3 to test anything; a box moved by 0.006 px (a float32
 # difference) moved a small detection's mask logits by 0.011, over the README's 1e-2. At half the
 # regression spread, boxes still moved by up to 0.028 px and mask logits at them by 0.027.
-SPREAD_FACTOR = {"rpn.head.bbox_pred": 0.25, "roi_heads.box_predictor.bbox_pred": 0.25,
-                 "roi_heads.mask_predictor.mask_fcn_logits": 0.5}
+SPREAD_FACTOR = {
+    "rpn.head.bbox_pred": 0.25,
+    "roi_heads.box_predictor.bbox_pred": 0.25,
+    "roi_heads.mask_predictor.mask_fcn_logits": 0.5,
+}
 OUTPUT_LAYERS = {  # module path -> its weight / bias key prefixes
     "rpn.head": ("rpn.head.cls_logits", "rpn.head.bbox_pred"),
     "roi_heads.box_predictor": ("roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"),
@@ -113,6 +117,7 @@ def output_spreads(model: nn.Module, image: torch.Tensor) -> dict[str, float]:
         def record(module, inputs, out):  # type: ignore[no-untyped-def]
             for prefix, t in zip(OUTPUT_LAYERS[name], flat_outputs(name, out)):
                 spreads[prefix] = float(t.double().std())
+
         return record
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in OUTPUT_LAYERS]
@@ -138,15 +143,25 @@ def balance_fpn_levels(model: nn.Module, image: torch.Tensor) -> dict[str, float
     out = {}
     for i in range(1, 4):
         block = model.backbone.fpn.layer_blocks[i]
-        last = [n for n, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d))][-1]
+        last = [n for n, m in block.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, FrozenBatchNorm2d))][
+            -1
+        ]
         for p in ("weight", "bias"):
             out[f"backbone.fpn.layer_blocks.{i}.{last}.{p}"] = rms[0] / rms[i]
     return out
 
 
-def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target: dict[str, float], rule,  # type: ignore[no-untyped-def]
-                       given_bn: dict[str, np.ndarray] | None = None, given_mult: dict[str, float] | None = None,
-                       factors: dict[str, float] | None = None, balance_levels: bool = False) -> tuple[list, dict[str, float], dict[str, np.ndarray]]:
+def draw_and_calibrate(
+    model: nn.Module,
+    image: torch.Tensor,
+    seed: int,
+    target: dict[str, float],
+    rule,  # type: ignore[no-untyped-def]
+    given_bn: dict[str, np.ndarray] | None = None,
+    given_mult: dict[str, float] | None = None,
+    factors: dict[str, float] | None = None,
+    balance_levels: bool = False,
+) -> tuple[list, dict[str, float], dict[str, np.ndarray]]:
     """Draw a torchvision Mask R-CNN's weights (``rule.draw``, seeded by ``seed`` and the name) and
     calibrate them on ``image``; loads them into ``model`` and returns (keys, multipliers, bn).
 
@@ -162,8 +177,12 @@ def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target:
     state = model.state_dict()
     keys = [(k, tuple(v.shape)) for k, v in state.items()]
     norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
-    bn_names = {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, norms)
-                for p in ("weight", "bias", "running_mean", "running_var")}
+    bn_names = {
+        f"{n}.{p}"
+        for n, m in model.named_modules()
+        if isinstance(m, norms)
+        for p in ("weight", "bias", "running_mean", "running_var")
+    }
     multipliers: dict[str, float] = {}
     bn: dict[str, np.ndarray] = {}
     for name, shape in keys:
@@ -190,6 +209,7 @@ def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target:
             multipliers[name] = math.sqrt(2.0 / fan_in)
     spec = {"seed": seed, "bn_steps": BN_STEPS, "multipliers": multipliers, "bn": bn, "keys": keys}
     model.load_state_dict({k: torch.from_numpy(v) for k, v in rule.state_arrays(spec).items()})
+
     # One pass: each BatchNorm outside the body takes its input's statistics the first time it
     # runs, so every later layer sees calibrated layers before it; each output layer group is
     # rescaled to v1's spread as it runs (and what it returns is rescaled likewise).
@@ -217,6 +237,7 @@ def draw_and_calibrate(model: nn.Module, image: torch.Tensor, seed: int, target:
             if name == "roi_heads.box_predictor":
                 return out[0] * scales[0], out[1] * scales[1]
             return out * scales[0]
+
         return hook
 
     def rescale_outputs() -> None:
@@ -270,8 +291,10 @@ def calibrate(shared: Path, photo: Path) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "keys.txt").write_text("".join(f"{k} {','.join(map(str, s))}\n" for k, s in keys))
     np.savez_compressed(OUT / "bn.npz", **bn)
-    (OUT / "spec.json").write_text(json.dumps(
-        {"seed": SEED, "bn_steps": BN_STEPS, "sha256": spec["sha256"], "multipliers": multipliers}, indent=1) + "\n")
+    (OUT / "spec.json").write_text(
+        json.dumps({"seed": SEED, "bn_steps": BN_STEPS, "sha256": spec["sha256"], "multipliers": multipliers}, indent=1)
+        + "\n"
+    )
     print("calibrated; spreads now:", json.dumps(output_spreads(model, image), indent=1))
 
 
@@ -340,13 +363,24 @@ def write_cases(shared: Path) -> None:
         (OUT / f"{name}_masks.json").write_text(json.dumps(rles))
         cases[name] = {"images": files, "detections": [len(r) for r in rles]}
         scores = [arrays[f"final_scores_{i}"] for i in range(len(files))]
-        print(name, "detections", cases[name]["detections"], "scores", [f"{s.min():.3f}..{s.max():.3f}" for s in scores])
+        print(
+            name, "detections", cases[name]["detections"], "scores", [f"{s.min():.3f}..{s.max():.3f}" for s in scores]
+        )
     (OUT / "cases.json").write_text(json.dumps(cases, indent=1) + "\n")
-    (OUT / "generated_with.json").write_text(json.dumps({
-        "torch": torch.__version__, "torchvision": torchvision.__version__, "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-        "command": "python benchmarks/parity/make_tv2_fixture.py " + " ".join(sys.argv[1:]),
-    }, indent=1) + "\n")
+    (OUT / "generated_with.json").write_text(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "threads": torch.get_num_threads(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "python": platform.python_version(),
+                "command": "python benchmarks/parity/make_tv2_fixture.py " + " ".join(sys.argv[1:]),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 def check_v1(shared: Path) -> None:
@@ -384,12 +418,16 @@ def check_v1(shared: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "fixtures" / "tv_parity")
-    parser.add_argument("--photo", type=Path, default=REPO.parent / "shared" / "data" / "kudzu_bug" / "images" / "train_10.jpg")
+    parser.add_argument(
+        "--photo", type=Path, default=REPO.parent / "shared" / "data" / "kudzu_bug" / "images" / "train_10.jpg"
+    )
     parser.add_argument("--calibrate", action="store_true", help="draw and calibrate new weights first")
     parser.add_argument("--check-v1", action="store_true", help="only check the recorder against the v1 fixture")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, {torch.get_num_threads()} threads, "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
+    )
     if args.check_v1:
         check_v1(args.shared)
         return

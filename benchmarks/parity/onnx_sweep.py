@@ -19,6 +19,7 @@ grids (it grows a box by (M + 2) / M and truncates it, so float noise on a corne
 thousandths of an integer moves the whole mask by a pixel). Anything else is a mismatch. One
 table is printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,9 @@ from pycocotools import mask as mask_util  # noqa: E402
 from sweep_cases import IMAGES, load_case_image  # noqa: E402
 
 import maskrcnn  # noqa: E402
-from maskrcnn.weights.export import export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
+from maskrcnn.weights.export import export  # noqa: E402
 from tests.helpers import TV2_PARITY, TV_PARITY, build_checkpoint, d2_checkpoint  # noqa: E402
 
 BOX_TOL, SCORE_TOL, MASK_IOU = 0.05, 1e-3, 0.98
@@ -75,7 +76,9 @@ def case_images(names: list[str]) -> dict[str, np.ndarray]:
 
             out[name] = np.ascontiguousarray(data.hubble_deep_field())
         elif name == "kudzu_dense":
-            out[name] = np.array(Image.open(REPO.parent / "shared" / "data" / "kudzu_bug" / "images" / "val_30.jpg").convert("RGB"))
+            out[name] = np.array(
+                Image.open(REPO.parent / "shared" / "data" / "kudzu_bug" / "images" / "val_30.jpg").convert("RGB")
+            )
         else:
             out[name] = load_case_image(name)
     return out
@@ -89,8 +92,18 @@ def grids_differ(a: np.ndarray, b: np.ndarray, m: int = 28) -> bool:
 def compare(ours, onnx, paste: str) -> dict:
     """Greedy one-to-one matching of PyTorch's detections (best first) to ONNX Runtime's;
     ``paste``: the model's paste rule (only torchvision's truncates to an integer grid)."""
-    row = {"n_ours": len(ours), "n_onnx": len(onnx), "matched": 0, "box": 0.0, "score": 0.0,
-           "masks_same": 0, "mask_iou_min": 1.0, "one_pixel": 0, "grid": 0, "unexplained": 0}
+    row = {
+        "n_ours": len(ours),
+        "n_onnx": len(onnx),
+        "matched": 0,
+        "box": 0.0,
+        "score": 0.0,
+        "masks_same": 0,
+        "mask_iou_min": 1.0,
+        "one_pixel": 0,
+        "grid": 0,
+        "unexplained": 0,
+    }
     if not len(ours) or not len(onnx):
         return row
     iou = box_iou(torch.from_numpy(ours.boxes), torch.from_numpy(onnx.boxes))  # (N, M)
@@ -145,22 +158,36 @@ def main() -> int:
             paste = ours.config.roi_heads.paste
             for name in names:
                 t0 = time.perf_counter()
-                row = {"family": family, "case": name, "size": list(images[name].shape[:2]),
-                       **compare(ours.predict(images[name]), theirs.predict(images[name]), paste)}
+                row = {
+                    "family": family,
+                    "case": name,
+                    "size": list(images[name].shape[:2]),
+                    **compare(ours.predict(images[name]), theirs.predict(images[name]), paste),
+                }
                 row["verdict"], row["seconds"] = verdict(row), round(time.perf_counter() - t0, 1)
                 rows.append(row)
-                print(f"{family:5s} {name:16s} {row['size'][1]:>5d}x{row['size'][0]:<5d} {row['matched']:>3d}/{row['n_ours']:<3d}"
-                      f" (onnx {row['n_onnx']:>3d})  box {row['box']:.4f}  score {row['score']:.1e}"
-                      f"  masks same {row['masks_same']:>3d}  IoU min {row['mask_iou_min']:.3f}"
-                      f"  <0.98: 1px {row['one_pixel']} grid {row['grid']}  {row['verdict']}", flush=True)
+                print(
+                    f"{family:5s} {name:16s} {row['size'][1]:>5d}x{row['size'][0]:<5d} {row['matched']:>3d}/{row['n_ours']:<3d}"
+                    f" (onnx {row['n_onnx']:>3d})  box {row['box']:.4f}  score {row['score']:.1e}"
+                    f"  masks same {row['masks_same']:>3d}  IoU min {row['mask_iou_min']:.3f}"
+                    f"  <0.98: 1px {row['one_pixel']} grid {row['grid']}  {row['verdict']}",
+                    flush=True,
+                )
             batch = [images[n] for n in names[:3]]  # a mixed-size batch through both runtimes
             for n, a, b in zip(names[:3], ours.predict(batch, batch_size=3), theirs.predict(batch, batch_size=3)):
-                row = {"family": family, "case": f"batch[{n}]", "size": list(images[n].shape[:2]), **compare(a, b, paste)}
+                row = {
+                    "family": family,
+                    "case": f"batch[{n}]",
+                    "size": list(images[n].shape[:2]),
+                    **compare(a, b, paste),
+                }
                 row["verdict"] = verdict(row)
                 rows.append(row)
                 print(f"{family:5s} batch[{n}] {row['matched']}/{row['n_ours']} {row['verdict']}", flush=True)
     bad = [r for r in rows if r["verdict"] != "ok"]
-    print(f"{len(rows)} cases, {len(bad)} mismatches; CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(
+        f"{len(rows)} cases, {len(bad)} mismatches; CPU: {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if bad else 0

@@ -19,6 +19,7 @@ not identical is explained only if every differing pixel has a reference probabi
 a mismatch, and the case is then compared stage by stage (input, FPN levels, proposals, box head
 on the reference's proposals) to locate it. One table is printed; ``--json`` keeps every number.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,13 @@ for p in (HERE, REPO, REPO / "src"):
 
 import make_d2_fixture as d2gen  # noqa: E402
 import make_tv2_fixture as tvgen  # noqa: E402
-from sweep_cases import IMAGES, load_case_image  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
+from sweep_cases import IMAGES, load_case_image  # noqa: E402
 
 import maskrcnn  # noqa: E402
+from maskrcnn.inference.results import Result  # noqa: E402
 from maskrcnn.model.transform import to_original_frame  # noqa: E402
 from maskrcnn.ops.paste import paste_masks  # noqa: E402
-from maskrcnn.inference.results import Result  # noqa: E402
 from tests.model.parity import mask_iou, match_detections, matched_fraction, rms_of  # noqa: E402
 
 SHARED = REPO.parent / "shared"
@@ -115,13 +116,16 @@ def checkpoint(family: str, seed: int, photo: Path, cache: Path) -> Path:
         d2gen.calibrate(family, model, photo, cfg, seed=seed, balance_levels=True)
         arrays = {k: v.numpy().copy() for k, v in model.state_dict().items()}
         with open(path.with_suffix(".tmp"), "wb") as f:
-            pickle.dump({"model": arrays, "__author__": f"maskrcnn parity sweep (seed {seed}, not trained)"}, f, protocol=3)
+            pickle.dump(
+                {"model": arrays, "__author__": f"maskrcnn parity sweep (seed {seed}, not trained)"}, f, protocol=3
+            )
     else:
         model = tv_reference(family)
         rule = tvgen.load_rule(REPO / "tests" / "fixtures" / "tv2_parity")
         factors = tvgen.SPREAD_FACTOR if family == "tv2" else {}
-        tvgen.draw_and_calibrate(model, tvgen.read_image(photo), seed, tv_targets(photo, cache), rule, factors=factors,
-                                 balance_levels=True)
+        tvgen.draw_and_calibrate(
+            model, tvgen.read_image(photo), seed, tv_targets(photo, cache), rule, factors=factors, balance_levels=True
+        )
         torch.save(model.state_dict(), path.with_suffix(".tmp"))
     path.with_suffix(".tmp").replace(path)
     return path
@@ -187,7 +191,7 @@ class LevelCapture:
             model.rpn.filter_proposals = wrapped
 
     def levels(self, proposals: list[np.ndarray]) -> list[np.ndarray]:
-        calls, self.calls = self.calls[-len(proposals):], []
+        calls, self.calls = self.calls[-len(proposals) :], []
         out = []
         for props, (boxes, lvl) in zip(proposals, calls):
             lookup = {row.tobytes(): int(level) for row, level in zip(boxes, lvl)}
@@ -261,8 +265,13 @@ def compare_image(family: str, ref: dict, rles: list, ours, i: int) -> dict:  # 
             margin = float(np.abs(soft[a != b] - 0.5).max())
             worst_margin = max(worst_margin, margin)
             ties += margin <= NEAR_TIE
-        r.update(masks=len(ious), masks_identical=identical, masks_near_tie=ties, mask_iou_min=min(ious, default=1.0),
-                 worst_margin=worst_margin)
+        r.update(
+            masks=len(ious),
+            masks_identical=identical,
+            masks_near_tie=ties,
+            mask_iou_min=min(ious, default=1.0),
+            worst_margin=worst_margin,
+        )
     else:
         r.update(masks=0, masks_identical=0, masks_near_tie=0, mask_iou_min=1.0, worst_margin=0.0)
     explained_misses = all(t for _, t in r["unmatched_ref"]) and all(t for _, t in r["unmatched_ours"])
@@ -281,8 +290,10 @@ def compare_stages(family: str, ref: dict, rles: list, ours: dict, model) -> dic
     ``ok``, the difference is in the proposals alone)."""
     d2 = family in d2gen.FAMILIES
     batch, feats = ours["batch"], ours["feats"]
-    st: dict = {"batch_shape": [list(batch.tensors.shape), ref["batch_shape"].tolist()],
-                "image_sizes_equal": [list(s) for s in batch.image_sizes] == ref["image_sizes"].tolist()}
+    st: dict = {
+        "batch_shape": [list(batch.tensors.shape), ref["batch_shape"].tolist()],
+        "image_sizes_equal": [list(s) for s in batch.image_sizes] == ref["image_sizes"].tolist(),
+    }
     if "input_crop" in ref and ref["input_crop"].size:
         st["input_crop"] = float(np.abs(batch.tensors[:, :, 96:160, 96:160].numpy() - ref["input_crop"]).max())
     for i, level in enumerate(["0", "1", "2", "3", "pool"]):
@@ -291,22 +302,30 @@ def compare_stages(family: str, ref: dict, rles: list, ours: dict, model) -> dic
         f, rms = feats[i], rms_of(ref, level)
         h, w = f.shape[-2:]
         corner = np.abs(f[:, :, :8, :8].numpy() - ref[f"feature_{level}_crop_corner"]).max()
-        centre = np.abs(f[:, :, h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].numpy() - ref[f"feature_{level}_crop_center"]).max()
+        centre = np.abs(
+            f[:, :, h // 2 - 4 : h // 2 + 4, w // 2 - 4 : w // 2 + 4].numpy() - ref[f"feature_{level}_crop_center"]
+        ).max()
         st[f"P{i + 2}_crop_rel"] = float(max(corner, centre) / rms)
-    st["proposals_matched"] = [matched_fraction(p, torch.from_numpy(ref[f"proposals_{i}"])) for i, p in enumerate(ours["proposals"])]
+    st["proposals_matched"] = [
+        matched_fraction(p, torch.from_numpy(ref[f"proposals_{i}"])) for i, p in enumerate(ours["proposals"])
+    ]
     if "class_logits_0" in ref:
         props = torch.from_numpy(ref["proposals_0"])[:300]
         with torch.no_grad():
             logits, deltas = model.roi_heads.box_outputs(feats[:-1], [props], batch.image_sizes[:1])
         if d2:
             logits, deltas = torch.cat([logits[:, 1:], logits[:, :1]], 1), deltas[:, 4:]
-        st["box_head_on_ref_proposals"] = [float(np.abs(logits.numpy() - ref["class_logits_0"]).max()),
-                                           float(np.abs(deltas.numpy() - ref["box_regression_0"]).max())]
+        st["box_head_on_ref_proposals"] = [
+            float(np.abs(logits.numpy() - ref["class_logits_0"]).max()),
+            float(np.abs(deltas.numpy() - ref["box_regression_0"]).max()),
+        ]
     if batch.tensors.shape[0] == 1:
         with torch.no_grad():
             dets = model.roi_heads.detect(feats[:-1], [torch.from_numpy(ref["proposals_0"])], batch.image_sizes)
         r = compare_image(family, ref, rles, to_original_frame(dets, batch)[0], 0)
-        st["heads_on_ref_proposals"] = {k: r[k] for k in ("matched", "ref", "box", "score", "masks_identical", "masks_near_tie", "verdict")}
+        st["heads_on_ref_proposals"] = {
+            k: r[k] for k in ("matched", "ref", "box", "score", "masks_identical", "masks_near_tie", "verdict")
+        }
     return st
 
 
@@ -317,7 +336,9 @@ def level_summary(levels: list[np.ndarray], proposals: list[np.ndarray]) -> dict
     out = {}
     for level in range(5):
         s = side[lv == level]
-        out[f"P{level + 2}"] = [int(len(s))] + ([float(np.percentile(s, q)) for q in (10, 50, 90)] if len(s) else [0.0] * 3)
+        out[f"P{level + 2}"] = [int(len(s))] + (
+            [float(np.percentile(s, q)) for q in (10, 50, 90)] if len(s) else [0.0] * 3
+        )
     return out
 
 
@@ -339,8 +360,12 @@ def main() -> None:
     torch.set_grad_enabled(False)
     args.cache.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
-    meta = {"torch": torch.__version__, "threads": args.threads, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.processor() or platform.machine()}
+    meta = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "machine": platform.processor() or platform.machine(),
+    }
     print(json.dumps(meta), flush=True)
     for family in args.families:
         for draw, (seed, photo) in enumerate(DRAWS[: args.draws]):
@@ -363,16 +388,26 @@ def main() -> None:
                 ours = run_ours(ours_model, family, paths)
                 for i in range(n):
                     r = compare_image(family, ref, rles, ours["final"][i], i)
-                    r.update(family=family, draw=f"s{seed}", case=case, image=i, size=list(Image.open(paths[i]).size),
-                             resized=list(ours["batch"].image_sizes[i]), padded=list(ours["batch"].tensors.shape[-2:]))
+                    r.update(
+                        family=family,
+                        draw=f"s{seed}",
+                        case=case,
+                        image=i,
+                        size=list(Image.open(paths[i]).size),
+                        resized=list(ours["batch"].image_sizes[i]),
+                        padded=list(ours["batch"].tensors.shape[-2:]),
+                    )
                     if r["verdict"] == "MISMATCH":
                         r["stages"] = compare_stages(family, ref, rles, ours, ours_model) if n == 1 or i == 0 else {}
                     results.append(r)
                     print(row(r), f"({time.time() - t1:.0f} s)", flush=True)
             summary = level_summary(levels, props)
             results.append({"family": family, "draw": f"s{seed}", "proposals_per_level": summary})
-            print(f"# {family} s{seed} proposals per level [count, p10, p50, p90 of sqrt(area)]:",
-                  ", ".join(f"{k} {v[0]} [{v[1]:.0f}, {v[2]:.0f}, {v[3]:.0f}]" for k, v in summary.items()), flush=True)
+            print(
+                f"# {family} s{seed} proposals per level [count, p10, p50, p90 of sqrt(area)]:",
+                ", ".join(f"{k} {v[0]} [{v[1]:.0f}, {v[2]:.0f}, {v[3]:.0f}]" for k, v in summary.items()),
+                flush=True,
+            )
             if args.json:
                 args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print()
@@ -387,16 +422,20 @@ def main() -> None:
 def report(paths: list[Path]) -> None:
     """The results and proposals-per-level tables of earlier runs, as markdown."""
     runs = [json.loads(p.read_text()) for p in paths]
-    print("| family | draw | case | size (w x h) | padded (w x h) | matched | max box diff (px) | max score diff | masks same / tie / n | min mask IoU | verdict |")
+    print(
+        "| family | draw | case | size (w x h) | padded (w x h) | matched | max box diff (px) | max score diff | masks same / tie / n | min mask IoU | verdict |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in runs:
         for r in run["results"]:
             if "verdict" not in r:
                 continue
             case = r["case"] + (f"[{r['image']}]" if r["case"].startswith("batch") else "")
-            print(f"| {r['family']} | {r['draw']} | {case} | {r['size'][0]}x{r['size'][1]} | {r['padded'][1]}x{r['padded'][0]} | "
-                  f"{r['matched']}/{r['ref']} | {r['box']:.1e} | {r['score']:.1e} | {r['masks_identical']}/{r['masks_near_tie']}/{r['masks']} | "
-                  f"{r['mask_iou_min']:.4f} | {r['verdict']} |")
+            print(
+                f"| {r['family']} | {r['draw']} | {case} | {r['size'][0]}x{r['size'][1]} | {r['padded'][1]}x{r['padded'][0]} | "
+                f"{r['matched']}/{r['ref']} | {r['box']:.1e} | {r['score']:.1e} | {r['masks_identical']}/{r['masks_near_tie']}/{r['masks']} | "
+                f"{r['mask_iou_min']:.4f} | {r['verdict']} |"
+            )
     print()
     print("Reference proposals per FPN level over each draw's cases: count (10th-90th percentile of sqrt(area), px).")
     print()
@@ -418,8 +457,10 @@ def row(r: dict) -> str:
     case = r["case"] + (f"[{r['image']}]" if r["case"].startswith("batch") else "")
     size, padded = f"{w}x{h}", f"{pw}x{ph}"
     matched, masks = f"{r['matched']}/{r['ref']}", f"{r['masks_identical']}/{r['masks_near_tie']}/{r['masks']}"
-    line = (f"{r['family']:6} {r['draw']:5} {case:22} {size:>10} {padded:>10} {matched:>9} "
-            f"{r['box']:8.1e} {r['score']:8.1e} {masks:>16} {r['mask_iou_min']:7.4f}  {r['verdict']}")
+    line = (
+        f"{r['family']:6} {r['draw']:5} {case:22} {size:>10} {padded:>10} {matched:>9} "
+        f"{r['box']:8.1e} {r['score']:8.1e} {masks:>16} {r['mask_iou_min']:7.4f}  {r['verdict']}"
+    )
     if r["verdict"] == "MISMATCH" and r.get("stages"):
         line += "  stages: " + json.dumps(r["stages"])
     return line

@@ -4,6 +4,7 @@
 for one release: a finder placed before the normal one answers those names with the module at
 its new path, the same module object (so patching either name patches both), and warns once.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -48,7 +49,9 @@ class _MovedFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(name, self) if name in MOVED else None
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        warnings.warn(f"{spec.name} moved to {MOVED[spec.name]}; the old name goes in 0.3", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"{spec.name} moved to {MOVED[spec.name]}; the old name goes in 0.3", DeprecationWarning, stacklevel=2
+        )
         module = importlib.import_module(MOVED[spec.name])
         self._spec = module.__spec__  # the import system sets __spec__ to ours next: put it back in exec_module
         return module

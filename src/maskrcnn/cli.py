@@ -1,4 +1,5 @@
 """Command line: ``maskrcnn predict | evaluate | train | demo | convert | download | export | push | serve``."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,17 @@ def non_negative_int(text: str) -> int:
 _FLAG_NAMES = {"tile_whole needs tile": "--tile-whole needs --tile"}
 
 
-def options_from_args(args: argparse.Namespace) -> "PredictOptions":
+def options_from_args(args: argparse.Namespace) -> PredictOptions:
     """``predict`` and ``evaluate``'s flags -> the one validated ``PredictOptions``. A flag that
     needs another is a usage error (argparse's, exit 2); a bad value a one-line ValueError
     (``main`` prints it, exit 2)."""
     from .inference.options import PredictOptions
 
-    fields = {k: getattr(args, k) for k in ("score_thresh", "batch_size", "max_pixels", "precision", "tile",
-                                              "tile_overlap", "tile_whole") if getattr(args, k, None) is not None}
+    fields = {
+        k: getattr(args, k)
+        for k in ("score_thresh", "batch_size", "max_pixels", "precision", "tile", "tile_overlap", "tile_whole")
+        if getattr(args, k, None) is not None
+    }
     try:
         return PredictOptions(**fields, progress=not args.quiet)
     except ValueError as e:  # the API's message, in the flags' names
@@ -53,12 +57,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     annotated video and JSON Lines each. Exit 1 when an input was skipped or failed."""
     from .commands.predict import FileOutputs, UsageError, predict_files
 
-    outputs = FileOutputs(coco=args.coco, stride=args.stride, export=tuple(args.export or ()), labels=args.labels,
-                          geojson=args.geojson, polygons=args.polygons, polygon_tolerance=args.polygon_tolerance,
-                          track=args.track, count_line=args.count_line, quiet=args.quiet)
+    outputs = FileOutputs(
+        coco=args.coco,
+        stride=args.stride,
+        export=tuple(args.export or ()),
+        labels=args.labels,
+        geojson=args.geojson,
+        polygons=args.polygons,
+        polygon_tolerance=args.polygon_tolerance,
+        track=args.track,
+        count_line=args.count_line,
+        quiet=args.quiet,
+    )
     try:
-        done = predict_files(args.weights, args.inputs, args.out, options_from_args(args), outputs, device=args.device,
-                             input_size=args.input_size, max_detections=args.max_detections)
+        done = predict_files(
+            args.weights,
+            args.inputs,
+            args.out,
+            options_from_args(args),
+            outputs,
+            device=args.device,
+            input_size=args.input_size,
+            max_detections=args.max_detections,
+        )
     except UsageError as e:
         args.parser.error(str(e))
     if done.failed:
@@ -70,9 +91,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Exit 0; 1 when ``--skip-bad-images`` left images out; 2 on bad input (nothing evaluated)."""
     from .commands.evaluate import evaluate_files
 
-    metrics = evaluate_files(args.weights, args.data, args.images, options_from_args(args), out=args.out,
-                             device=args.device, skip_bad_images=args.skip_bad_images,
-                             allow_outside_root=args.allow_outside_root, report_score=args.report_score, worst=args.worst)
+    metrics = evaluate_files(
+        args.weights,
+        args.data,
+        args.images,
+        options_from_args(args),
+        out=args.out,
+        device=args.device,
+        skip_bad_images=args.skip_bad_images,
+        allow_outside_root=args.allow_outside_root,
+        report_score=args.report_score,
+        worst=args.worst,
+    )
     return 1 if metrics.get("excluded_images") else 0
 
 
@@ -98,15 +128,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if not args.images:
             print("error: convert via needs --images (the folder of the VIA file's images)", file=sys.stderr)
             return 2
-        coco = via_to_coco(args.source, args.images, args.out, category_name=args.category or "object",
-                           category_attribute=args.attribute, filename_map=args.prefix,
-                           allow_outside_root=args.allow_outside_root)
+        coco = via_to_coco(
+            args.source,
+            args.images,
+            args.out,
+            category_name=args.category or "object",
+            category_attribute=args.attribute,
+            filename_map=args.prefix,
+            allow_outside_root=args.allow_outside_root,
+        )
     elif args.format == "dsb":
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
     else:
         coco = convert_tool(args)
-    print(f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
-          f"{len(coco['categories'])} categories -> {args.out}")
+    print(
+        f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
+        f"{len(coco['categories'])} categories -> {args.out}"
+    )
     return 0
 
 
@@ -161,16 +199,26 @@ def cmd_push(args: argparse.Namespace) -> int:
     from .weights.share import PushOptions, push
 
     url = push(args.weights, args.repo, PushOptions(private=args.private, metrics=args.metrics, message=args.message))
-    print(f"{args.weights} -> {url}: load it with maskrcnn.load(\"hf://{args.repo}\")")
+    print(f'{args.weights} -> {url}: load it with maskrcnn.load("hf://{args.repo}")')
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve.app import ServeOptions, run
 
-    run(args.weights, ServeOptions(host=args.host, port=args.port, device=args.device, max_batch=args.max_batch,
-                                   max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
-                                   max_queue=args.max_queue, precision=args.precision))
+    run(
+        args.weights,
+        ServeOptions(
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            max_batch=args.max_batch,
+            max_upload_mb=args.max_upload_mb,
+            max_pixels=args.max_pixels,
+            max_queue=args.max_queue,
+            precision=args.precision,
+        ),
+    )
     return 0
 
 
@@ -199,13 +247,24 @@ def tile_overlap(text: str) -> float:
 
 
 def add_tile_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tile", type=tile_size, default=None,
-                   help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
-                        "(very large images; the pixel limit becomes 1,000,000,000)")
-    p.add_argument("--tile-overlap", type=tile_overlap, default=0.2,
-                   help="fraction of a tile that neighbours share, at most 0.75 (default 0.2)")
-    p.add_argument("--tile-whole", action="store_true",
-                   help="with --tile, one more pass over the whole image shrunk to a tile, for objects larger than a tile")
+    p.add_argument(
+        "--tile",
+        type=tile_size,
+        default=None,
+        help="cut each image into TILE x TILE tiles at native resolution and merge the detections "
+        "(very large images; the pixel limit becomes 1,000,000,000)",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=tile_overlap,
+        default=0.2,
+        help="fraction of a tile that neighbours share, at most 0.75 (default 0.2)",
+    )
+    p.add_argument(
+        "--tile-whole",
+        action="store_true",
+        help="with --tile, one more pass over the whole image shrunk to a tile, for objects larger than a tile",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,38 +273,85 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("predict", help="detect objects in images; write overlays and COCO results JSON")
-    q.add_argument("inputs", nargs="+", help="image files, folders or glob patterns; video files, stream URLs, /dev/videoN")
+    q.add_argument(
+        "inputs", nargs="+", help="image files, folders or glob patterns; video files, stream URLs, /dev/videoN"
+    )
     q.add_argument("--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth, or hf://owner/name")
     q.add_argument("--out", default="predictions", help="output folder (default: predictions)")
     q.add_argument("--score-thresh", type=float, default=None, help="keep detections scoring at least this")
     q.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    q.add_argument("--batch-size", type=positive_int, default=1,
-                   help="images per forward pass, at most: only images of the same padded size share one")
+    q.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=1,
+        help="images per forward pass, at most: only images of the same padded size share one",
+    )
     q.add_argument("--coco", default=None, help="COCO JSON whose image ids to use in predictions.json")
-    q.add_argument("--max-pixels", type=positive_int, default=None,
-                   help="refuse images with more pixels than this (default 178956970, Pillow's own limit)")
-    q.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively")
+    q.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=None,
+        help="refuse images with more pixels than this (default 178956970, Pillow's own limit)",
+    )
+    q.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="fp32 (default, torchvision's numbers); auto: bf16 where the CPU or GPU computes it natively",
+    )
     add_tile_options(q)
-    q.add_argument("--labels", action="store_true",
-                   help="images: OUT/labels/<image>.tif instance label images and OUT/measurements.csv (microscopy)")
-    q.add_argument("--geojson", action="store_true",
-                   help="images: OUT/<image>.geojson, one polygon per object, in the CRS of a GeoTIFF, else in pixels")
+    q.add_argument(
+        "--labels",
+        action="store_true",
+        help="images: OUT/labels/<image>.tif instance label images and OUT/measurements.csv (microscopy)",
+    )
+    q.add_argument(
+        "--geojson",
+        action="store_true",
+        help="images: OUT/<image>.geojson, one polygon per object, in the CRS of a GeoTIFF, else in pixels",
+    )
     q.add_argument("--polygons", action="store_true", help="images: OUT/polygons.json, COCO results with polygon masks")
-    q.add_argument("--polygon-tolerance", type=float, default=None, metavar="PX",
-                   help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)")
-    q.add_argument("--export", action="append", choices=["labelme", "yolo", "cvat", "labelstudio"], default=None,
-                   help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
-                        "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)")
+    q.add_argument(
+        "--polygon-tolerance",
+        type=float,
+        default=None,
+        metavar="PX",
+        help="--geojson, --polygons: simplify outlines moving no vertex more than PX pixels (default 0.5)",
+    )
+    q.add_argument(
+        "--export",
+        action="append",
+        choices=["labelme", "yolo", "cvat", "labelstudio"],
+        default=None,
+        help="images: also write the masks as polygons that the tool opens as pre-annotations, in "
+        "--out/labelme/, --out/yolo/, --out/cvat/ or --out/labelstudio/ (repeat for several)",
+    )
     q.add_argument("--stride", type=positive_int, default=1, help="videos: process every K-th frame (default 1)")
-    q.add_argument("--input-size", type=positive_int, default=None, metavar="PIXELS",
-                   help="resize to this short side instead of the model's (e.g. 512: faster, less accurate)")
-    q.add_argument("--max-detections", type=positive_int, default=None, metavar="N",
-                   help="keep at most N detections per image (default the model's, 100): fewer masks to compute")
-    q.add_argument("--track", action="store_true",
-                   help="videos: follow objects across frames (track_id in the JSON Lines, <name>.tracks.json)")
-    q.add_argument("--count-line", default=None, metavar="X1,Y1,X2,Y2",
-                   help="videos: count tracks crossing this segment, per direction (implies --track)")
+    q.add_argument(
+        "--input-size",
+        type=positive_int,
+        default=None,
+        metavar="PIXELS",
+        help="resize to this short side instead of the model's (e.g. 512: faster, less accurate)",
+    )
+    q.add_argument(
+        "--max-detections",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="keep at most N detections per image (default the model's, 100): fewer masks to compute",
+    )
+    q.add_argument(
+        "--track",
+        action="store_true",
+        help="videos: follow objects across frames (track_id in the JSON Lines, <name>.tracks.json)",
+    )
+    q.add_argument(
+        "--count-line",
+        default=None,
+        metavar="X1,Y1,X2,Y2",
+        help="videos: count tracks crossing this segment, per direction (implies --track)",
+    )
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict, parser=q)
 
@@ -258,15 +364,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=positive_int, default=1)
     add_tile_options(e)
     e.add_argument("--quiet", action="store_true")
-    e.add_argument("--report-score", type=float, default=0.5,
-                   help="score threshold of the precision / recall / F1 table and the confusion matrix (default 0.5)")
-    e.add_argument("--worst", type=non_negative_int, default=6,
-                   help="with --out: draw this many images with the most missed or false objects (default 6)")
-    e.add_argument("--skip-bad-images", action="store_true",
-                   help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
-                        "detections (exit code 1) instead of stopping with an error")
-    e.add_argument("--allow-outside-root", action="store_true",
-                   help="let file names in --data be absolute or lead out of --images ('../x.jpg')")
+    e.add_argument(
+        "--report-score",
+        type=float,
+        default=0.5,
+        help="score threshold of the precision / recall / F1 table and the confusion matrix (default 0.5)",
+    )
+    e.add_argument(
+        "--worst",
+        type=non_negative_int,
+        default=6,
+        help="with --out: draw this many images with the most missed or false objects (default 6)",
+    )
+    e.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave missing, unreadable or wrongly sized images out of both the ground truth and the "
+        "detections (exit code 1) instead of stopping with an error",
+    )
+    e.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="let file names in --data be absolute or lead out of --images ('../x.jpg')",
+    )
     e.set_defaults(func=cmd_evaluate, parser=e)
 
     t = sub.add_parser("train", help="train on COCO-format data: maskrcnn train CONFIG.yaml key=value ...")
@@ -281,32 +401,71 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="key=value overrides of the training config")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("convert", help="annotation tools' files (VIA, LabelMe, CVAT, Label Studio, YOLO) or a DSB mask folder -> COCO instances JSON")
-    c.add_argument("format", choices=["via", "dsb", "labelme", "cvat", "labelstudio", "yolo"],
-                   help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders; labelme: folder of LabelMe JSON; "
-                        "cvat: CVAT for images 1.1 XML; labelstudio: Label Studio JSON export; yolo: YOLO segmentation data.yaml")
-    c.add_argument("source", help="the VIA, CVAT or Label Studio file, the LabelMe folder (or file), the YOLO data.yaml, or the DSB root folder")
+    c = sub.add_parser(
+        "convert",
+        help="annotation tools' files (VIA, LabelMe, CVAT, Label Studio, YOLO) or a DSB mask folder -> COCO instances JSON",
+    )
+    c.add_argument(
+        "format",
+        choices=["via", "dsb", "labelme", "cvat", "labelstudio", "yolo"],
+        help="via: VGG Image Annotator JSON; dsb: ID/images, ID/masks folders; labelme: folder of LabelMe JSON; "
+        "cvat: CVAT for images 1.1 XML; labelstudio: Label Studio JSON export; yolo: YOLO segmentation data.yaml",
+    )
+    c.add_argument(
+        "source",
+        help="the VIA, CVAT or Label Studio file, the LabelMe folder (or file), the YOLO data.yaml, or the DSB root folder",
+    )
     c.add_argument("--out", required=True, help="COCO JSON to write")
-    c.add_argument("--images", default=None, help="via, cvat, labelstudio: folder holding the images named in the file; "
-                                                  "labelme: folder file names are relative to (default: the LabelMe folder)")
+    c.add_argument(
+        "--images",
+        default=None,
+        help="via, cvat, labelstudio: folder holding the images named in the file; "
+        "labelme: folder file names are relative to (default: the LabelMe folder)",
+    )
     c.add_argument("--split", default="train", help="yolo: the data.yaml split to convert (default train)")
-    c.add_argument("--image-key", default="image", help="labelstudio: the task data key of the image URL (default image)")
+    c.add_argument(
+        "--image-key", default="image", help="labelstudio: the task data key of the image URL (default image)"
+    )
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")
     c.add_argument("--attribute", default=None, help="via: region attribute holding the category name")
-    c.add_argument("--allow-outside-root", action="store_true",
-                   help="let file names be absolute or lead out of --images ('../x.jpg')")
+    c.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="let file names be absolute or lead out of --images ('../x.jpg')",
+    )
     c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
-    x.add_argument("--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth or a Detectron2 .pkl")
+    x.add_argument(
+        "--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth or a Detectron2 .pkl"
+    )
     x.add_argument("--out", required=True, help="the .onnx file to write")
-    x.add_argument("--opset", type=positive_int, default=None, help="ONNX opset, 11 to 20 (default 17; at least 16 for aligned RoIAlign)")
-    x.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out file that is not an earlier maskrcnn export (never the --weights file)")
-    x.add_argument("--int8", action="store_true", help="quantise the convolutions to INT8 (ONNX Runtime static quantisation; needs --calib)")
-    x.add_argument("--calib", default=None, help="with --int8: a folder of images like those the model will see, to calibrate on")
-    x.add_argument("--calib-images", type=positive_int, default=32, help="with --int8: calibrate on at most this many images of --calib")
+    x.add_argument(
+        "--opset",
+        type=positive_int,
+        default=None,
+        help="ONNX opset, 11 to 20 (default 17; at least 16 for aligned RoIAlign)",
+    )
+    x.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing --out file that is not an earlier maskrcnn export (never the --weights file)",
+    )
+    x.add_argument(
+        "--int8",
+        action="store_true",
+        help="quantise the convolutions to INT8 (ONNX Runtime static quantisation; needs --calib)",
+    )
+    x.add_argument(
+        "--calib", default=None, help="with --int8: a folder of images like those the model will see, to calibrate on"
+    )
+    x.add_argument(
+        "--calib-images",
+        type=positive_int,
+        default=32,
+        help="with --int8: calibrate on at most this many images of --calib",
+    )
     x.set_defaults(func=cmd_export)
 
     h = sub.add_parser("push", help="upload weights to the Hugging Face Hub as safetensors, with config and model card")
@@ -323,15 +482,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together at most (default 4)")
-    s.add_argument("--max-queue", type=positive_int, default=16,
-                   help="requests read and held at once (default 16); later ones wait, unread")
+    s.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=16,
+        help="requests read and held at once (default 16); later ones wait, unread",
+    )
     s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
-    s.add_argument("--max-pixels", type=positive_int, default=40_000_000,
-                   help="largest image accepted, in pixels (default 40,000,000)")
+    s.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=40_000_000,
+        help="largest image accepted, in pixels (default 40,000,000)",
+    )
     s.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="as for predict")
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("download", help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)")
+    w = sub.add_parser(
+        "download",
+        help="fetch published torchvision or Detectron2 weights into the cache (torchvision's sha256-checked)",
+    )
     w.add_argument("name", nargs="?", default="maskrcnn_resnet50_fpn_coco", help="a known name or a URL")
     w.add_argument("--dir", default=None, help="cache folder (default $MASKRCNN_HOME or ~/.cache/maskrcnn)")
     w.add_argument("--sha256", default=None, help="expected digest (default: the hash prefix in the file name)")
@@ -342,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ arguments.
 ``num_classes`` counts foreground classes. The predictors have ``num_classes + 1`` outputs and
 index 0 is background, everywhere in this package.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,12 @@ class BackboneConfig:
     trainable_layers: int = 3  # ResNet stages trained counting from the top (0..5); the rest frozen
     fpn_channels: int = 256  # channels of every FPN output P2..P6
     stride_in_1x1: bool = False  # a downsampling bottleneck strides in its first 1x1 conv, not the 3x3 (MSRA ResNets: Detectron2's R50/R101)
-    fpn_norm: str = "none"  # "none" (convs with bias, torchvision v1) or "batchnorm" after each FPN conv (torchvision v2)
-    weights: str = ""  # optional ImageNet-classifier state dict for the body (torchvision key names), loaded when training starts
+    fpn_norm: str = (
+        "none"  # "none" (convs with bias, torchvision v1) or "batchnorm" after each FPN conv (torchvision v2)
+    )
+    weights: str = (
+        ""  # optional ImageNet-classifier state dict for the body (torchvision key names), loaded when training starts
+    )
 
 
 @dataclass
@@ -40,7 +45,9 @@ class AnchorConfig:
     sizes: tuple[int, ...] = (32, 64, 128, 256, 512)  # one anchor size (sqrt area, pixels) per level P2..P6
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width, the same on every level
     round_cells: bool = True  # cell anchor corners rounded to integers (torchvision); Detectron2 keeps them exact
-    strides: tuple[int, ...] = ()  # cell step per level in pixels (Detectron2: 4..64); () = padded size // grid (torchvision)
+    strides: tuple[
+        int, ...
+    ] = ()  # cell step per level in pixels (Detectron2: 4..64); () = padded size // grid (torchvision)
 
 
 @dataclass
@@ -51,7 +58,9 @@ class RPNConfig:
     post_nms_top_n_test: int = 1000  # same, inference
     nms_thresh: float = 0.7  # IoU above which a lower-scored proposal is dropped
     score_thresh: float = 0.0  # minimum objectness probability of a proposal
-    min_size: float = 1e-3  # proposals narrower or shorter than this (pixels) are dropped; 0 drops only empty ones (Detectron2)
+    min_size: float = (
+        1e-3  # proposals narrower or shorter than this (pixels) are dropped; 0 drops only empty ones (Detectron2)
+    )
     rank_by: str = "prob"  # proposals ordered for NMS by sigmoid "prob" (torchvision) or raw "logit" (Detectron2; saturated probabilities tie)
     fg_iou_thresh: float = 0.7  # anchor is positive at IoU >= this (or if best for a ground-truth box)
     bg_iou_thresh: float = 0.3  # anchor is negative at IoU < this; neutral in between
@@ -71,8 +80,15 @@ class RoIHeadsConfig:
     aligned: bool = False  # RoIAlign half-pixel shift: False as torchvision, True as Detectron2
     level_mapper: str = "torchvision"  # FPN level of a RoI: floor(4 + log2(s/224) + 1e-6) ("torchvision") or floor(4 + log2(s/224 + 1e-8)) ("detectron2")
     pooler: str = "align"  # "align" (RoIAlign, seed 3.4.2) or "pool" (quantised max, seed 3.4.1)
-    pooler_strides: tuple[int, ...] = (4, 8, 16, 32)  # pooling scale 1/stride per level P2..P5, as Detectron2 and torchvision after its first call; () = inferred per batch from the height
-    box_head: str = "2fc"  # "2fc" (two FC layers, the paper) or "4conv1fc" (four 3x3 convs of 256, one FC: torchvision v2)
+    pooler_strides: tuple[int, ...] = (
+        4,
+        8,
+        16,
+        32,
+    )  # pooling scale 1/stride per level P2..P5, as Detectron2 and torchvision after its first call; () = inferred per batch from the height
+    box_head: str = (
+        "2fc"  # "2fc" (two FC layers, the paper) or "4conv1fc" (four 3x3 convs of 256, one FC: torchvision v2)
+    )
     box_head_norm: str = "none"  # "none" or "batchnorm" after each 3x3 conv of a "4conv1fc" box head
     representation_size: int = 1024  # width of the FC layers of the box head
     mask_channels: tuple[int, ...] = (256, 256, 256, 256)  # 3x3 convs of the mask head
@@ -100,7 +116,9 @@ class TransformConfig:
     bgr: bool = False  # feed channels as B, G, R (Detectron2's MSRA / caffe2-trained weights)
     pixel_scale: float = 1.0  # white is this value before normalisation: 1 (torchvision), 255 (Detectron2); mean and std in the same units
     resize: str = "torchvision"  # "torchvision": bilinear interpolate, sides floored; "detectron2": sides rounded, PIL bilinear on uint8 pixels
-    percentiles: tuple[float, ...] = ()  # (low, high), e.g. (1, 99.8): each image's values between these percentiles stretched to 0..255 when read (12/16-bit microscopy, data.normalize); () = the fixed rule of data.images
+    percentiles: tuple[
+        float, ...
+    ] = ()  # (low, high), e.g. (1, 99.8): each image's values between these percentiles stretched to 0..255 when read (12/16-bit microscopy, data.normalize); () = the fixed rule of data.images
 
 
 @dataclass
@@ -141,7 +159,9 @@ def check_probability(name: str, value: Any) -> Any:
     overrides, ``predict`` arguments, the command line): a threshold of 2 or NaN would silently
     give no detections or empty masks.
     """
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
+    ok = (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and 0.0 <= value <= 1.0
+    )
     if value is not None and not ok:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
     return value
@@ -232,7 +252,7 @@ def apply_overrides(config: Any, overrides: list[str]) -> Any:
             else:
                 cls = hints[part]
                 if not dataclasses.is_dataclass(cls):
-                    raise ConfigError(f"'{'.'.join(parts[:depth + 1])}' is a value, not a section")
+                    raise ConfigError(f"'{'.'.join(parts[: depth + 1])}' is a value, not a section")
                 node = node[part]
     return from_dict(type(config), data)
 

@@ -4,6 +4,7 @@
 only once complete, so a reader sees the old file or the new one, never a mix; every file the
 package writes (checkpoints, results, metrics, exports, converted annotations) goes through it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -121,12 +122,10 @@ def _remove_if_abandoned(tmp: str) -> bool:
     return True
 
 
-
 def write_json(obj: Any, path: str | Path, indent: int | None = None) -> Path:
     """Write ``obj`` as JSON atomically (values JSON cannot hold are written with ``str``)."""
     data = json.dumps(obj, indent=indent, default=str).encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
-
 
 
 def refuse_overwriting_inputs(inputs: list[Path], outputs: list[Path]) -> None:

@@ -18,6 +18,7 @@ kernels plus the reorders around them), so on the CPU ``auto`` measures before i
 ``ONEDNN_MAX_CPU_ISA``, which restrict PyTorch's kernels (``avx2`` / ``AVX2`` run an AVX-512
 machine as an AVX2 one), so what it reports is what the kernels will use.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,9 +33,19 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # oneDNN ISA names at or above the first one with bf16 instructions (``ONEDNN_MAX_CPU_ISA``).
-_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX",
-                     "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "AVX10_2_512",
-                     "AVX10_2_512_AMX_2", "ALL", "DEFAULT")
+_ONEDNN_BF16_ISAS = (
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX512_CORE_FP16",
+    "AVX10_1_512_AMX",
+    "AVX512_CORE_AMX",
+    "AVX512_CORE_AMX_FP16",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+    "ALL",
+    "DEFAULT",
+)
 _warned: set[str] = set()
 
 
@@ -95,9 +106,12 @@ def cpu_bf16_pays() -> bool:
     pays = speedup >= PROBE_MARGIN
     if "probe" not in _warned:
         _warned.add("probe")
-        log.info("precision auto: this CPU computes bf16 natively, and a probe ran %.2fx %s in bf16: %s",
-                 speedup if speedup >= 1 else 1 / speedup, "faster" if speedup >= 1 else "slower",
-                 "bf16" if pays else "float32")
+        log.info(
+            "precision auto: this CPU computes bf16 natively, and a probe ran %.2fx %s in bf16: %s",
+            speedup if speedup >= 1 else 1 / speedup,
+            "faster" if speedup >= 1 else "slower",
+            "bf16" if pays else "float32",
+        )
     return pays
 
 
@@ -128,8 +142,10 @@ def resolve(precision: str, device: torch.device | str) -> str:
         raise ValueError(f"fp16 needs a CUDA device (this run is on {device.type}); use bf16 or fp32")
     if name == "bf16" and device.type == "cpu" and not cpu_has_native_bf16() and "bf16-cpu" not in _warned:
         _warned.add("bf16-cpu")
-        log.warning("bf16 on a CPU without AVX512-BF16 or AMX is emulated and slow (a training step "
-                    "measured 19x slower than float32 on an AVX2-only CPU); precision auto picks float32 here")
+        log.warning(
+            "bf16 on a CPU without AVX512-BF16 or AMX is emulated and slow (a training step "
+            "measured 19x slower than float32 on an AVX2-only CPU); precision auto picks float32 here"
+        )
     return name
 
 

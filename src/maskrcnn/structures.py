@@ -7,6 +7,7 @@ background and never appears in targets or detections.
 
 Shape shorthand: N instances, H x W image, B images in a batch.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,7 +59,7 @@ class Targets(_Instances):
     masks: Tensor | None = None
 
     @staticmethod
-    def empty(height: int, width: int, with_masks: bool = True) -> "Targets":
+    def empty(height: int, width: int, with_masks: bool = True) -> Targets:
         return Targets(
             boxes=torch.zeros((0, 4), dtype=torch.float32),
             labels=torch.zeros((0,), dtype=torch.int64),
@@ -86,7 +87,7 @@ class Detections(_Instances):
     masks: Tensor | None = None
 
     @staticmethod
-    def empty(device: torch.device | str = "cpu") -> "Detections":
+    def empty(device: torch.device | str = "cpu") -> Detections:
         return Detections(
             boxes=torch.zeros((0, 4), device=device),
             scores=torch.zeros((0,), device=device),
@@ -111,7 +112,7 @@ class ImageBatch:
     def __len__(self) -> int:
         return len(self.image_sizes)
 
-    def to(self, device: torch.device | str) -> "ImageBatch":
+    def to(self, device: torch.device | str) -> ImageBatch:
         return dataclasses.replace(self, tensors=self.tensors.to(device))
 
 

@@ -1,5 +1,6 @@
 """GeoTIFF inputs read window by window, and --geojson / --polygons outlines checked against the
 truth painted into a synthetic raster with a known CRS and transform."""
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,8 @@ from rasterio.transform import from_origin  # noqa: E402
 from scipy.ndimage import binary_fill_holes  # noqa: E402
 from shapely.geometry import shape  # noqa: E402
 
-from maskrcnn.inference import geotiff as geo  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
+from maskrcnn.inference import geotiff as geo  # noqa: E402
 from maskrcnn.inference.tiling import PREVIEW_STRIP, tile_grid  # noqa: E402
 from maskrcnn.weights.checkpoint import save_checkpoint  # noqa: E402
 
@@ -51,8 +52,20 @@ def raster_scene() -> Scene:
 
 def write_geotiff(path, rgb: np.ndarray) -> None:
     transform = from_origin(X0, Y0, PIXEL, PIXEL)  # x = X0 + 0.5 col, y = Y0 - 0.5 row
-    with rasterio.open(path, "w", driver="GTiff", height=rgb.shape[0], width=rgb.shape[1], count=3, dtype="uint8",
-                       crs="EPSG:32633", transform=transform, tiled=True, blockxsize=256, blockysize=256) as ds:
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        height=rgb.shape[0],
+        width=rgb.shape[1],
+        count=3,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=transform,
+        tiled=True,
+        blockxsize=256,
+        blockysize=256,
+    ) as ds:
         ds.write(np.moveaxis(rgb, -1, 0))
 
 
@@ -95,7 +108,9 @@ def test_a_geotiff_is_tiled_by_windows_and_outlined_in_its_crs(tiny_ckpt, tmp_pa
     scene = raster_scene()
     write_geotiff(tmp_path / "field.tif", scene.image)
     forward = colour_forward()
-    monkeypatch.setattr(MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images))
+    monkeypatch.setattr(
+        MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images)
+    )
     opened = []
     real_open = geo._open_raster
 
@@ -107,8 +122,23 @@ def test_a_geotiff_is_tiled_by_windows_and_outlined_in_its_crs(tiny_ckpt, tmp_pa
 
     monkeypatch.setattr(geo, "_open_raster", recording_open)
     out = tmp_path / "out"
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "field.tif"), "--tile", str(TILE), "--tile-overlap",
-                 str(OVERLAP), "--geojson", "--polygons", "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(tmp_path / "field.tif"),
+            "--tile",
+            str(TILE),
+            "--tile-overlap",
+            str(OVERLAP),
+            "--geojson",
+            "--polygons",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
 
     # Never the whole raster: one window per tile, and the preview's strips of rows.
@@ -140,7 +170,11 @@ def test_a_geotiff_is_tiled_by_windows_and_outlined_in_its_crs(tiny_ckpt, tmp_pa
         back = filled(geometry, y - 2, x - 2, h + 4, w + 4, to_map)
         assert iou(back, predicted[y - 2 : y + h + 2, x - 2 : x + w + 2]) > 0.97
         # And it is the object painted there (the stand-in detector's masks are 56 x 56 a box).
-        k = next(i for i, (ty, tx, c) in enumerate(scene.masks) if ty <= y + h / 2 < ty + c.shape[0] and tx <= x + w / 2 < tx + c.shape[1])
+        k = next(
+            i
+            for i, (ty, tx, c) in enumerate(scene.masks)
+            if ty <= y + h / 2 < ty + c.shape[0] and tx <= x + w / 2 < tx + c.shape[1]
+        )
         ty, tx, truth = scene.masks[k]
         assert feature["properties"]["class"] == ("circle", "square", "triangle")[scene.labels[k] - 1]
         assert iou(filled(geometry, ty, tx, *truth.shape, to_map), truth) > 0.9
@@ -152,8 +186,11 @@ def test_a_geotiff_is_tiled_by_windows_and_outlined_in_its_crs(tiny_ckpt, tmp_pa
 
     # polygons.json: COCO results that pycocotools reads, each polygon the RLE mask's outline.
     gt = COCO()
-    gt.dataset = {"images": [{"id": entries[0]["image_id"], "height": H, "width": W}],
-                  "categories": [{"id": i} for i in (1, 2, 3)], "annotations": []}
+    gt.dataset = {
+        "images": [{"id": entries[0]["image_id"], "height": H, "width": W}],
+        "categories": [{"id": i} for i in (1, 2, 3)],
+        "annotations": [],
+    }
     gt.createIndex()
     polys = gt.loadRes(str(out / "polygons.json"))
     for ann, entry in zip(polys.loadAnns(polys.getAnnIds()), entries):
@@ -170,9 +207,25 @@ def test_an_image_without_georeferencing_is_outlined_in_pixels(tiny_ckpt, tmp_pa
     scene.add(2, "rect", (30, 20, 90, 70))
     Image.fromarray(scene.image).save(tmp_path / "plain.png")
     forward = colour_forward()
-    monkeypatch.setattr(MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images))
+    monkeypatch.setattr(
+        MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images)
+    )
     out = tmp_path / "out"
-    assert main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "plain.png"), "--geojson", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(tiny_ckpt),
+                str(tmp_path / "plain.png"),
+                "--geojson",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     collection = json.loads((out / "plain.geojson").read_text())
     assert "crs" not in collection
     (feature,) = collection["features"]
@@ -181,7 +234,18 @@ def test_an_image_without_georeferencing_is_outlined_in_pixels(tiny_ckpt, tmp_pa
     (tmp_path / "mine.geojson").write_text("{}")
     capsys.readouterr()
     Image.fromarray(scene.image).save(tmp_path / "mine.png")
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "mine.png"), "--geojson", "--out", str(tmp_path), "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(tmp_path / "mine.png"),
+            "--geojson",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
     assert code == 2 and "mine.geojson exists and was not written by maskrcnn predict" in capsys.readouterr().err
     assert (tmp_path / "mine.geojson").read_text() == "{}"
 
@@ -200,8 +264,17 @@ def test_a_sixteen_bit_raster_is_read_by_windows_as_the_whole_image_is(tmp_path,
 
     monkeypatch.setattr(normalize, "MAX_SAMPLES", 2000)  # percentiles over every 2nd row and column
     raw = np.random.default_rng(3).gamma(2.0, 300.0, (70, 90)).clip(0, 65535).astype(np.uint16)
-    with rasterio.open(tmp_path / "dem.tif", "w", driver="GTiff", height=70, width=90, count=1, dtype="uint16",
-                       crs="EPSG:32633", transform=from_origin(X0, Y0, PIXEL, PIXEL)) as ds:
+    with rasterio.open(
+        tmp_path / "dem.tif",
+        "w",
+        driver="GTiff",
+        height=70,
+        width=90,
+        count=1,
+        dtype="uint16",
+        crs="EPSG:32633",
+        transform=from_origin(X0, Y0, PIXEL, PIXEL),
+    ) as ds:
         ds.write(raw, 1)
     for percentiles in (None, (1.0, 99.0)):
         whole = normalized_rgb(raw, percentiles)
@@ -221,13 +294,27 @@ def test_a_geotiff_without_rasterio_is_refused_in_one_line(tmp_path, monkeypatch
     assert not geo.is_georeferenced(tmp_path / "plain.tif")
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--geojson", "--polygon-tolerance", "-1"], "polygon tolerance must be a number of pixels >= 0, got -1.0"),
-    (["--polygons", "--polygon-tolerance", "nan"], "polygon tolerance must be a number of pixels >= 0, got nan"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--geojson", "--polygon-tolerance", "-1"], "polygon tolerance must be a number of pixels >= 0, got -1.0"),
+        (["--polygons", "--polygon-tolerance", "nan"], "polygon tolerance must be a number of pixels >= 0, got nan"),
+    ],
+)
 def test_bad_polygon_options_are_one_line_errors_before_any_work(tiny_ckpt, tmp_path, capsys, flags, message):
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "a.png")
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "a.png"), *flags, "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(tmp_path / "a.png"),
+            *flags,
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == f"error: {message}"
     assert not (tmp_path / "out").exists()
@@ -235,8 +322,8 @@ def test_bad_polygon_options_are_one_line_errors_before_any_work(tiny_ckpt, tmp_
 
 @pytest.mark.parametrize("tolerance", [0.0, 0.5, 1.0, 3.0])
 def test_every_outline_is_valid_even_for_ragged_masks_with_holes_and_touching_parts(tolerance):
-    from maskrcnn.inference.geotiff import Georeference
     from maskrcnn.applications.polygon_files import feature_collection
+    from maskrcnn.inference.geotiff import Georeference
     from maskrcnn.inference.results import Result
 
     rng = np.random.default_rng(5)

@@ -1,5 +1,6 @@
 """predict --labels on nucleus-like 12-bit images: the label image and the measurements are
 checked against the masks of predictions.json (decoded by pycocotools) and the raw pixels."""
+
 from __future__ import annotations
 
 import csv
@@ -14,10 +15,10 @@ tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("skimage")
 from skimage.measure import perimeter  # noqa: E402
 
-from maskrcnn.cli import main  # noqa: E402
-from maskrcnn.inference.results import Result  # noqa: E402
 from maskrcnn.applications import labels as labels_module  # noqa: E402
 from maskrcnn.applications.labels import COLUMNS, label_dtype, label_image  # noqa: E402
+from maskrcnn.cli import main  # noqa: E402
+from maskrcnn.inference.results import Result  # noqa: E402
 from maskrcnn.structures import Detections, ModelOutput  # noqa: E402
 from maskrcnn.weights.checkpoint import save_checkpoint  # noqa: E402
 
@@ -25,8 +26,13 @@ from ..helpers import tiny_model  # noqa: E402
 
 M = 28  # the stand-in's mask resolution over each box
 # Nuclei: (cx, cy, semi-axis x, semi-axis y, 12-bit brightness, label, score). The first two overlap.
-NUCLEI = [(50, 40, 22, 15, 3000, 1, 0.95), (75, 50, 14, 14, 1800, 2, 0.80), (140, 60, 18, 25, 2500, 1, 0.70),
-          (40, 120, 12, 9, 1200, 1, 0.60), (150, 130, 25, 12, 3500, 2, 0.55)]
+NUCLEI = [
+    (50, 40, 22, 15, 3000, 1, 0.95),
+    (75, 50, 14, 14, 1800, 2, 0.80),
+    (140, 60, 18, 25, 2500, 1, 0.70),
+    (40, 120, 12, 9, 1200, 1, 0.60),
+    (150, 130, 25, 12, 3500, 2, 0.55),
+]
 H, W = 160, 200
 
 
@@ -48,11 +54,17 @@ def nucleus_forward():
 
     def forward(images, targets=None, propose=None, score_thresh=None):
         seen.extend(im.clone() for im in images)
-        boxes = torch.tensor([[cx - ax, cy - ay, cx + ax, cy + ay] for cx, cy, ax, ay, *_ in NUCLEI], dtype=torch.float32)
+        boxes = torch.tensor(
+            [[cx - ax, cy - ay, cx + ax, cy + ay] for cx, cy, ax, ay, *_ in NUCLEI], dtype=torch.float32
+        )
         g = (torch.arange(M) + 0.5) / M * 2 - 1  # cell centres in [-1, 1]
         ellipse = ((g[None, :] ** 2 + g[:, None] ** 2) <= 1).float()  # (M, M)
-        det = Detections(boxes=boxes, scores=torch.tensor([n[6] for n in NUCLEI]),
-                         labels=torch.tensor([n[5] for n in NUCLEI]), masks=ellipse.expand(len(NUCLEI), M, M).clone())
+        det = Detections(
+            boxes=boxes,
+            scores=torch.tensor([n[6] for n in NUCLEI]),
+            labels=torch.tensor([n[5] for n in NUCLEI]),
+            masks=ellipse.expand(len(NUCLEI), M, M).clone(),
+        )
         return ModelOutput(losses={}, detections=[det for _ in images])
 
     forward.seen = seen
@@ -72,7 +84,9 @@ def test_overlaps_go_to_the_higher_score_whatever_the_order():
     b = np.zeros((6, 8), bool)
     b[2:5, 3:7] = True
     # b is listed first but scores lower: the shared pixels are a's (label 2).
-    result = Result(np.array([[3, 2, 7, 5], [1, 1, 5, 4]]), np.array([0.3, 0.9]), np.array([1, 1]), (6, 8), masks=np.stack([b, a]))
+    result = Result(
+        np.array([[3, 2, 7, 5], [1, 1, 5, 4]]), np.array([0.3, 0.9]), np.array([1, 1]), (6, 8), masks=np.stack([b, a])
+    )
     labels = label_image(result)
     expected = np.zeros((6, 8), np.uint16)
     expected[b] = 1
@@ -93,20 +107,30 @@ def test_more_than_65535_objects_give_a_uint32_label_image(monkeypatch):
     assert labels.dtype == np.uint32 and labels[3, 3] == 3 and labels.sum() == 6
 
 
-def test_predict_labels_writes_a_label_image_and_measurements_that_match_the_predicted_masks(tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_predict_labels_writes_a_label_image_and_measurements_that_match_the_predicted_masks(
+    tiny_ckpt, tmp_path, monkeypatch, capsys
+):
     from maskrcnn.model.mask_rcnn import MaskRCNN
 
     raw = nucleus_image()
     tifffile.imwrite(tmp_path / "cells.tif", raw)
     forward = nucleus_forward()
-    monkeypatch.setattr(MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images))
+    monkeypatch.setattr(
+        MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images)
+    )
     out = tmp_path / "out"
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "cells.tif"), "--labels", "--out", str(out), "--quiet"])
+    code = main(
+        ["predict", "--weights", str(tiny_ckpt), str(tmp_path / "cells.tif"), "--labels", "--out", str(out), "--quiet"]
+    )
     assert code == 0, capsys.readouterr().err
 
     entries = json.loads((out / "predictions.json").read_text())
-    masks = [mask_util.decode({"size": e["segmentation"]["size"], "counts": e["segmentation"]["counts"].encode()}).astype(bool)
-             for e in entries]
+    masks = [
+        mask_util.decode({"size": e["segmentation"]["size"], "counts": e["segmentation"]["counts"].encode()}).astype(
+            bool
+        )
+        for e in entries
+    ]
     assert len(masks) == len(NUCLEI) and (masks[0] & masks[1]).any(), "the first two nuclei overlap"
 
     # The label image, read back by tifffile: each pixel is 1 + the best-scored mask covering it.
@@ -125,13 +149,18 @@ def test_predict_labels_writes_a_label_image_and_measurements_that_match_the_pre
     for k, (row, mask, entry) in enumerate(zip(rows, masks, entries)):
         ys, xs = np.nonzero(mask)
         assert int(row["object_id"]) == k + 1 and row["image"] == "cells" and int(row["image_id"]) == entry["image_id"]
-        assert row["class"] == ("circle", "square")[NUCLEI[k][5] - 1] and float(row["score"]) == pytest.approx(NUCLEI[k][6])
-        assert int(row["area"]) == int(mask_util.area({"size": [H, W], "counts": entry["segmentation"]["counts"].encode()}))
+        assert row["class"] == ("circle", "square")[NUCLEI[k][5] - 1] and float(row["score"]) == pytest.approx(
+            NUCLEI[k][6]
+        )
+        assert int(row["area"]) == int(
+            mask_util.area({"size": [H, W], "counts": entry["segmentation"]["counts"].encode()})
+        )
         assert int(row["area_in_labels"]) == int((expected == k + 1).sum())
         assert float(row["centroid_x"]) == pytest.approx(xs.mean(), abs=1e-3)
         assert float(row["centroid_y"]) == pytest.approx(ys.mean(), abs=1e-3)
-        assert [float(row[c]) for c in ("box_x1", "box_y1", "box_x2", "box_y2")] == pytest.approx(entry["bbox"][:2] + [
-            entry["bbox"][0] + entry["bbox"][2], entry["bbox"][1] + entry["bbox"][3]], abs=1e-3)
+        assert [float(row[c]) for c in ("box_x1", "box_y1", "box_x2", "box_y2")] == pytest.approx(
+            entry["bbox"][:2] + [entry["bbox"][0] + entry["bbox"][2], entry["bbox"][1] + entry["bbox"][3]], abs=1e-3
+        )
         # Intensities of the raw 12-bit pixels, not of the 8-bit picture the model saw.
         assert float(row["mean_intensity"]) == pytest.approx(raw[mask].astype(np.float64).mean(), rel=1e-9)
         assert float(row["max_intensity"]) == raw[mask].max()
@@ -151,10 +180,26 @@ def test_predict_labels_writes_a_label_image_and_measurements_that_match_the_pre
     assert record["counts"] == {"circle": 3, "square": 2}
 
     # A rerun replaces its own files; a user's own measurements.csv is never replaced.
-    assert main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "cells.tif"), "--labels", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--weights",
+                str(tiny_ckpt),
+                str(tmp_path / "cells.tif"),
+                "--labels",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     (out / "measurements.csv").write_text("my,own,table\n")
     capsys.readouterr()
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "cells.tif"), "--labels", "--out", str(out), "--quiet"])
+    code = main(
+        ["predict", "--weights", str(tiny_ckpt), str(tmp_path / "cells.tif"), "--labels", "--out", str(out), "--quiet"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "measurements.csv exists and was not written by maskrcnn predict" in err
     assert (out / "measurements.csv").read_text() == "my,own,table\n"
@@ -164,6 +209,19 @@ def test_labels_without_tifffile_is_a_one_line_error_naming_the_extra(tmp_path, 
     import sys
 
     monkeypatch.setitem(sys.modules, "tifffile", None)  # import tifffile now raises ImportError
-    code = main(["predict", "--weights", str(tmp_path / "never-loaded.pth"), str(tmp_path), "--labels", "--out",
-                 str(tmp_path / "out"), "--quiet"])
-    assert code == 2 and capsys.readouterr().err.strip() == "error: --labels needs tifffile: pip install 'maskrcnn[microscopy]'"
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tmp_path / "never-loaded.pth"),
+            str(tmp_path),
+            "--labels",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
+    assert (
+        code == 2
+        and capsys.readouterr().err.strip() == "error: --labels needs tifffile: pip install 'maskrcnn[microscopy]'"
+    )

@@ -1,5 +1,6 @@
 """``maskrcnn predict clip.mp4 --track --count-line ...``: a clip of moving objects whose ids
 and line crossings are known, through the command line; a live source faster than the model."""
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,6 @@ from maskrcnn.cli import main
 from maskrcnn.inference.results import label_color
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Detections, ModelOutput
-
 
 av = pytest.importorskip("av", reason="PyAV (the 'video' extra) is not installed")
 
@@ -67,9 +67,14 @@ def colour_blobs(self, images, targets=None, propose=None, score_thresh=None):  
                 boxes.append([xs.start, ys.start, xs.stop, ys.stop])
                 labels.append(label)
         n = len(boxes)
-        found.append(Detections(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
-                                scores=torch.full((n,), 0.9), labels=torch.tensor(labels, dtype=torch.int64),
-                                masks=torch.stack(masks) if n else torch.zeros((0, 28, 28))))
+        found.append(
+            Detections(
+                boxes=torch.tensor(boxes, dtype=torch.float32).reshape(n, 4),
+                scores=torch.full((n,), 0.9),
+                labels=torch.tensor(labels, dtype=torch.int64),
+                masks=torch.stack(masks) if n else torch.zeros((0, 28, 28)),
+            )
+        )
     return ModelOutput(losses={}, detections=found)
 
 
@@ -100,7 +105,9 @@ def test_tracks_keep_ids_and_line_crossings_are_counted_per_direction(tiny_ckpt,
         assert sorted(which(d) for d in r["detections"]) == sorted(name for name, _, _ in objects_at(r["frame"]))
         for d in r["detections"]:
             ids[which(d)].add(d["track_id"])
-    assert all(len(v) == 1 for v in ids.values()) and len(set.union(*ids.values())) == 3, ids  # A keeps its id over the gap
+    assert all(len(v) == 1 for v in ids.values()) and len(set.union(*ids.values())) == 3, (
+        ids
+    )  # A keeps its id over the gap
 
     summary = json.loads((out / "clip.tracks.json").read_text())
     assert summary["tracks"] == 3 and summary["objects"] == {"circle": 2, "square": 1}
@@ -152,7 +159,9 @@ def served(tmp_path):
     thread.join()
 
 
-def test_a_stream_faster_than_the_model_drops_frames_and_says_how_many(tiny_ckpt, tmp_path, monkeypatch, capsys, served):  # noqa: F811
+def test_a_stream_faster_than_the_model_drops_frames_and_says_how_many(
+    tiny_ckpt, tmp_path, monkeypatch, capsys, served
+):  # noqa: F811
     def slow(self, images, *args, **kwargs):
         time.sleep(0.15 * len(images))  # far slower than decoding a 96 x 192 frame
         return colour_blobs(self, images, *args, **kwargs)

@@ -1,10 +1,12 @@
 """The ``coco_dir`` fixture: tiny hand-made COCO datasets (tests/data/helpers.py) written to disk."""
+
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -1,5 +1,6 @@
 """Tiny hand-made COCO datasets whose masks can be counted by hand: the sizes, masks and
 annotations that the ``coco_dir`` fixture (conftest.py) writes, for the tests to check against."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,14 +50,33 @@ def base_coco() -> dict[str, Any]:
             {"id": 7, "name": "dog"},
         ],
         "annotations": [
-            {"id": 1, "image_id": 10, "category_id": 7, "iscrowd": 0, "segmentation": [list(SQUARE)],
-             "bbox": [2.0, 3.0, 4.0, 5.0], "area": 20.0},
-            {"id": 2, "image_id": 10, "category_id": 3, "iscrowd": 0,
-             "segmentation": {"size": [H10, W10], "counts": rle_counts_by_hand(rle_block())},
-             "bbox": [12, 10, 3, 2], "area": 6},
-            {"id": 3, "image_id": 10, "category_id": 42, "iscrowd": 1,
-             "segmentation": {"size": [H10, W10], "counts": rle_counts_by_hand(np.ones((H10, W10), np.uint8))},
-             "bbox": [0, 0, W10, H10], "area": W10 * H10},
+            {
+                "id": 1,
+                "image_id": 10,
+                "category_id": 7,
+                "iscrowd": 0,
+                "segmentation": [list(SQUARE)],
+                "bbox": [2.0, 3.0, 4.0, 5.0],
+                "area": 20.0,
+            },
+            {
+                "id": 2,
+                "image_id": 10,
+                "category_id": 3,
+                "iscrowd": 0,
+                "segmentation": {"size": [H10, W10], "counts": rle_counts_by_hand(rle_block())},
+                "bbox": [12, 10, 3, 2],
+                "area": 6,
+            },
+            {
+                "id": 3,
+                "image_id": 10,
+                "category_id": 42,
+                "iscrowd": 1,
+                "segmentation": {"size": [H10, W10], "counts": rle_counts_by_hand(np.ones((H10, W10), np.uint8))},
+                "bbox": [0, 0, W10, H10],
+                "area": W10 * H10,
+            },
         ],
     }
 

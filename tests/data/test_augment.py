@@ -1,5 +1,6 @@
 """Augmentation keeps image, boxes and masks consistent: boxes equal the masks' tight boxes after
 every transform (computed here with numpy, independently), rotations match ``np.rot90``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,8 +19,8 @@ from maskrcnn.data.augment import (
     vflip,
 )
 from maskrcnn.data.transforms import hflip
-from maskrcnn.train.config import ConfigError, TrainConfig, check
 from maskrcnn.structures import Targets
+from maskrcnn.train.config import ConfigError, TrainConfig, check
 
 
 def np_tight(mask: np.ndarray) -> list[float]:
@@ -79,7 +80,10 @@ def test_geometric_transforms_keep_boxes_tight(name: str) -> None:
         assert out.shape == (3, 30, 40) and ot.labels.tolist() == [1, 2]
         np.testing.assert_array_equal(out.numpy(), image.numpy()[:, 2:32, 3:43])
     if name.startswith("scale"):
-        assert out.shape[-2:] == (round(37 * (0.6 if name == "scale_down" else 1.7)), round(53 * (0.6 if name == "scale_down" else 1.7)))
+        assert out.shape[-2:] == (
+            round(37 * (0.6 if name == "scale_down" else 1.7)),
+            round(53 * (0.6 if name == "scale_down" else 1.7)),
+        )
 
 
 def test_random_pipeline_keeps_boxes_tight_over_many_draws() -> None:

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -100,8 +101,15 @@ def test_transforms_are_applied(coco_dir: Make) -> None:
 
 def test_degenerate_annotations_dropped_with_warning(coco_dir: Make, caplog: pytest.LogCaptureFixture) -> None:
     def edit(d: dict[str, Any]) -> None:
-        d["annotations"].append({"id": 77, "image_id": 10, "category_id": 3, "segmentation": [[1, 1, 1.5, 1, 1.5, 5]],
-                                 "bbox": [1, 1, 0.5, 4]})
+        d["annotations"].append(
+            {
+                "id": 77,
+                "image_id": 10,
+                "category_id": 3,
+                "segmentation": [[1, 1, 1.5, 1, 1.5, 5]],
+                "bbox": [1, 1, 0.5, 4],
+            }
+        )
         d["annotations"].append({"id": 78, "image_id": 11, "category_id": 3, "segmentation": [], "bbox": [1, 1, 4, 4]})
 
     with caplog.at_level(logging.WARNING, logger="maskrcnn.data.coco"):
@@ -150,13 +158,32 @@ MALFORMED = [
     ("missing image key", _delete("images.1.height"), ["image id 11", "'height'"]),
     ("missing annotation key", _delete("annotations.0.bbox"), ["annotation id 1", "image id 10", "'bbox'"]),
     ("unknown image id", _set("annotations.1.image_id", 999), ["annotation id 2", "unknown image id 999"]),
-    ("unknown category id", _set("annotations.1.category_id", 5), ["annotation id 2", "image id 10", "unknown category id 5"]),
-    ("odd polygon", _set("annotations.0.segmentation", [[1, 1, 5, 1, 5]]), ["annotation id 1", "image id 10", "odd number"]),
+    (
+        "unknown category id",
+        _set("annotations.1.category_id", 5),
+        ["annotation id 2", "image id 10", "unknown category id 5"],
+    ),
+    (
+        "odd polygon",
+        _set("annotations.0.segmentation", [[1, 1, 5, 1, 5]]),
+        ["annotation id 1", "image id 10", "odd number"],
+    ),
     ("two-point polygon", _set("annotations.0.segmentation", [[1, 1, 5, 1]]), ["annotation id 1", "at least 3"]),
-    ("polygon out of range", _set("annotations.0.segmentation", [[2, 3, 6, 3, 6, 18]]),
-     ["annotation id 1", "image id 10", "outside the 20x16 image"]),
-    ("polygon not numbers", _set("annotations.0.segmentation", [[2, 3, "6", 3, 6, 8]]), ["annotation id 1", "finite numbers"]),
-    ("bbox out of range", _set("annotations.0.bbox", [15, 3, 8, 5]), ["annotation id 1", "image id 10", "bbox", "outside"]),
+    (
+        "polygon out of range",
+        _set("annotations.0.segmentation", [[2, 3, 6, 3, 6, 18]]),
+        ["annotation id 1", "image id 10", "outside the 20x16 image"],
+    ),
+    (
+        "polygon not numbers",
+        _set("annotations.0.segmentation", [[2, 3, "6", 3, 6, 8]]),
+        ["annotation id 1", "finite numbers"],
+    ),
+    (
+        "bbox out of range",
+        _set("annotations.0.bbox", [15, 3, 8, 5]),
+        ["annotation id 1", "image id 10", "bbox", "outside"],
+    ),
     ("bbox wrong length", _set("annotations.0.bbox", [1, 2, 3]), ["annotation id 1", "4 finite numbers"]),
     ("RLE size mismatch", _set("annotations.1.segmentation.size", [16, 21]), ["annotation id 2", "RLE size"]),
     ("RLE counts sum", _set("annotations.1.segmentation.counts", [10, 5]), ["annotation id 2", "sum to 15"]),
@@ -217,7 +244,9 @@ def test_image_size_mismatch(coco_dir: Make) -> None:
     data["annotations"] = data["annotations"][:1]  # the polygon fits either way; the RLEs would not
     ann_file.write_text(json.dumps(data))
     ds = CocoDataset(ann_file, image_dir)
-    with pytest.raises(DatasetError, match=r"a\.png is 20x16 .* says 16x20 for image id 10; height and width are swapped"):
+    with pytest.raises(
+        DatasetError, match=r"a\.png is 20x16 .* says 16x20 for image id 10; height and width are swapped"
+    ):
         ds[0]
     with pytest.raises(DatasetError, match="image id 10"):
         ds.validate(decode=False)
@@ -278,12 +307,16 @@ def test_names_that_stay_inside_and_symlinks_inside_the_folder(coco_dir: Make, t
 # ---- empty datasets -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda d: d.update(images=[], annotations=[]), "no images"),
-    (lambda d: d.update(categories=[], annotations=[]), "no categories"),
-    (lambda d: d.update(annotations=[]), "no instances"),
-    (lambda d: d.update(annotations=[dict(d["annotations"][2])]), "no instances"),  # only a crowd region
-], ids=["no images", "no categories", "no annotations", "crowd only"])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda d: d.update(images=[], annotations=[]), "no images"),
+        (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+        (lambda d: d.update(annotations=[]), "no instances"),
+        (lambda d: d.update(annotations=[dict(d["annotations"][2])]), "no instances"),  # only a crowd region
+    ],
+    ids=["no images", "no categories", "no annotations", "crowd only"],
+)
 def test_empty_dataset_is_an_error(coco_dir: Make, edit: Callable[[dict[str, Any]], None], fragment: str) -> None:
     ann_file, image_dir = coco_dir(edit, name="empty.json")
     with pytest.raises(DatasetError, match=rf"empty\.json: {fragment}"):
@@ -313,8 +346,13 @@ def test_one_parser_for_training_and_evaluation(coco_dir: Make) -> None:
     parsed = read_coco(ann_file)
     assert parsed.categories == {42: "zebra", 3: "cat", 7: "dog"}
     assert [(i, r.file_name, r.height, r.width) for i, r in parsed.images.items()] == [
-        (10, "a.png", H10, W10), (11, "sub/b.png", H11, W11)]
+        (10, "a.png", H10, W10),
+        (11, "sub/b.png", H11, W11),
+    ]
     assert [(a.ann_id, a.iscrowd, a.box) for a in parsed.annotations] == [
-        (1, False, (2.0, 3.0, 6.0, 8.0)), (2, False, (12.0, 10.0, 15.0, 12.0)), (3, True, (0.0, 0.0, W10, H10))]
+        (1, False, (2.0, 3.0, 6.0, 8.0)),
+        (2, False, (12.0, 10.0, 15.0, 12.0)),
+        (3, True, (0.0, 0.0, W10, H10)),
+    ]
     coco = parsed.to_pycocotools()
     assert sorted(coco.getImgIds()) == [10, 11] and len(coco.getAnnIds()) == 3

@@ -1,6 +1,7 @@
 """Pre-annotation writers (``predict --export labelme|yolo|cvat``): the files, parsed here as
 each tool documents them and filled with pycocotools, give the predicted masks back; a file
 the user edited is never replaced."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,15 @@ def result(tmp_path: Path) -> Result:
     image = tmp_path / "photos" / "p1.png"
     image.parent.mkdir()
     Image.new("RGB", (W, H)).save(image)
-    return Result(boxes=[[10, 5, 30, 17], [5, 25, 60, 45]], scores=[0.9, 0.6], labels=[1, 2], image_size=(H, W),
-                  masks=masks, class_names=["leaf", "bug"], path=str(image))
+    return Result(
+        boxes=[[10, 5, 30, 17], [5, 25, 60, 45]],
+        scores=[0.9, 0.6],
+        labels=[1, 2],
+        image_size=(H, W),
+        masks=masks,
+        class_names=["leaf", "bug"],
+        path=str(image),
+    )
 
 
 def test_labelme_file_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
@@ -99,7 +107,9 @@ def test_cvat_xml_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
     assert (image.get("name"), image.get("width"), image.get("height")) == ("p1.png", str(W), str(H))
     polys: dict[str, list[list[float]]] = {}
     for p in image.iterfind("polygon"):
-        polys.setdefault(p.get("label"), []).append([float(v) for xy in p.get("points").split(";") for v in xy.split(",")])
+        polys.setdefault(p.get("label"), []).append(
+            [float(v) for xy in p.get("points").split(";") for v in xy.split(",")]
+        )
     masks = result.masks
     assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
     coco = cvat_to_coco(tmp_path / "out" / "cvat" / "annotations.xml", tmp_path / "photos", tmp_path / "back.json")
@@ -115,22 +125,56 @@ def test_labelstudio_tasks_give_the_masks_back(result: Result, tmp_path: Path) -
     (prediction,) = task["predictions"]
     polys: dict[str, list[list[float]]] = {}
     for r in prediction["result"]:
-        assert (r["type"], r["from_name"], r["to_name"], r["original_width"], r["original_height"]) == \
-            ("polygonlabels", "label", "image", W, H)
+        assert (r["type"], r["from_name"], r["to_name"], r["original_width"], r["original_height"]) == (
+            "polygonlabels",
+            "label",
+            "image",
+            W,
+            H,
+        )
         (label,) = r["value"]["polygonlabels"]
-        polys.setdefault(label, []).append([v * (W if i % 2 == 0 else H) / 100 for p in r["value"]["points"] for i, v in enumerate(p)])
+        polys.setdefault(label, []).append(
+            [v * (W if i % 2 == 0 else H) / 100 for p in r["value"]["points"] for i, v in enumerate(p)]
+        )
     masks = result.masks
     assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
     assert prediction["score"] == pytest.approx(0.75)
 
 
-def test_predict_export_end_to_end_and_edited_files_are_kept(tiny_ckpt: Path, result: Result, tmp_path: Path,  # noqa: F811
-                                                             capsys: pytest.CaptureFixture) -> None:
+def test_predict_export_end_to_end_and_edited_files_are_kept(
+    tiny_ckpt: Path,
+    result: Result,
+    tmp_path: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture,
+) -> None:
     photos, out = Path(result.path).parent, tmp_path / "pred"
-    args = ["predict", str(photos), "--weights", str(tiny_ckpt), "--out", str(out), "--quiet", "--score-thresh", "0",
-            "--export", "labelme", "--export", "yolo", "--export", "cvat", "--export", "labelstudio"]
+    args = [
+        "predict",
+        str(photos),
+        "--weights",
+        str(tiny_ckpt),
+        "--out",
+        str(out),
+        "--quiet",
+        "--score-thresh",
+        "0",
+        "--export",
+        "labelme",
+        "--export",
+        "yolo",
+        "--export",
+        "cvat",
+        "--export",
+        "labelstudio",
+    ]
     assert main(args) == 0
-    for f in ("labelme/p1.json", "yolo/labels/p1.txt", "yolo/data.yaml", "cvat/annotations.xml", "labelstudio/tasks.json"):
+    for f in (
+        "labelme/p1.json",
+        "yolo/labels/p1.txt",
+        "yolo/data.yaml",
+        "cvat/annotations.xml",
+        "labelstudio/tasks.json",
+    ):
         assert (out / f).is_file(), f
     edited = out / "labelme" / "p1.json"
     edited.write_text(edited.read_text().replace('"flags": {}', '"flags": {"checked": true}', 1))
@@ -155,7 +199,18 @@ def test_export_without_an_image_is_a_usage_error(tiny_ckpt, tmp_path, capsys):
     """Found by a breaker: --export on videos only wrote nothing and said nothing (exit 0)."""
     (tmp_path / "clip.mp4").write_bytes(b"refused before it is opened")
     with pytest.raises(SystemExit) as exit_:
-        main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "clip.mp4"), "--export", "labelme",
-              "--out", str(tmp_path / "out"), "--quiet"])
+        main(
+            [
+                "predict",
+                "--weights",
+                str(tiny_ckpt),
+                str(tmp_path / "clip.mp4"),
+                "--export",
+                "labelme",
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
     assert exit_.value.code == 2 and "--export apply to images" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -2,6 +2,7 @@
 here (from each tool's documented format, not the package's writers), converted back, give the
 same instances (mask IoU >= 0.98, same image, same category). Plus hand-computed shapes, the
 shapes that cannot be converted, and one-line errors."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from pycocotools import mask as mask_util
 import pytest
+from pycocotools import mask as mask_util
 
 from maskrcnn.cli import main
 from maskrcnn.data.coco import segmentation_to_mask
@@ -75,11 +76,21 @@ def points(poly: list[float]) -> list[list[float]]:
 
 def test_labelme_round_trip(kudzu: dict, tmp_path: Path) -> None:
     for im in kudzu["images"]:
-        shapes = [{"label": a["category"], "points": points(p), "group_id": None, "shape_type": "polygon", "flags": {}}
-                  for a in kudzu["annotations"] if a["image_id"] == im["id"] for p in a["segmentation"]]
-        doc = {"version": "5.4.1", "flags": {}, "shapes": shapes,
-               "imagePath": os.path.relpath(IMAGES / im["file_name"], tmp_path / "lm"), "imageData": None,
-               "imageHeight": im["height"], "imageWidth": im["width"]}
+        shapes = [
+            {"label": a["category"], "points": points(p), "group_id": None, "shape_type": "polygon", "flags": {}}
+            for a in kudzu["annotations"]
+            if a["image_id"] == im["id"]
+            for p in a["segmentation"]
+        ]
+        doc = {
+            "version": "5.4.1",
+            "flags": {},
+            "shapes": shapes,
+            "imagePath": os.path.relpath(IMAGES / im["file_name"], tmp_path / "lm"),
+            "imageData": None,
+            "imageHeight": im["height"],
+            "imageWidth": im["width"],
+        }
         (tmp_path / "lm").mkdir(exist_ok=True)
         (tmp_path / "lm" / (Path(im["file_name"]).stem + ".json")).write_text(json.dumps(doc))
     coco = labelme_to_coco(tmp_path / "lm", tmp_path / "out.json", image_dir=IMAGES)
@@ -101,12 +112,19 @@ def test_labelme_shapes_hand_computed(tmp_path: Path, caplog: pytest.LogCaptureF
     shapes = [
         {"label": "box", "points": [[30, 20], [10, 5]], "shape_type": "rectangle"},  # corners in any order
         {"label": "disc", "points": [[20, 15], [25, 15]], "shape_type": "circle"},
-        {"label": "blob", "points": [[3, 7], [8, 10]], "shape_type": "mask", "mask": base64.b64encode(buf.getvalue()).decode()},
+        {
+            "label": "blob",
+            "points": [[3, 7], [8, 10]],
+            "shape_type": "mask",
+            "mask": base64.b64encode(buf.getvalue()).decode(),
+        },
         {"label": "two", "points": [[0, 0], [4, 0], [4, 4]], "shape_type": "polygon", "group_id": 1},
         {"label": "two", "points": [[10, 0], [14, 0], [14, 4]], "shape_type": "polygon", "group_id": 1},
         {"label": "tip", "points": [[1, 1]], "shape_type": "point"},
     ]
-    (tmp_path / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40}))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40})
+    )
     with caplog.at_level(logging.WARNING):
         coco = labelme_to_coco(tmp_path / "a.json", tmp_path / "out.json")
     cats = {c["id"]: c["name"] for c in coco["categories"]}
@@ -145,11 +163,15 @@ def test_cvat_round_trip_polygons_and_masks(kudzu: dict, tmp_path: Path) -> None
     for name in ("kudzu", "other"):
         ET.SubElement(ET.SubElement(labels, "label"), "name").text = name
     for im in kudzu["images"]:
-        el = ET.SubElement(root, "image", id=str(im["id"]), name=im["file_name"], width=str(im["width"]), height=str(im["height"]))
+        el = ET.SubElement(
+            root, "image", id=str(im["id"]), name=im["file_name"], width=str(im["width"]), height=str(im["height"])
+        )
         for k, a in enumerate(a for a in kudzu["annotations"] if a["image_id"] == im["id"]):
             if k % 2:  # every other instance as a CVAT mask
                 rle, left, top, w, h = cvat_rle(mask_of(a["segmentation"], im["height"], im["width"]))
-                ET.SubElement(el, "mask", label=a["category"], rle=rle, left=str(left), top=str(top), width=str(w), height=str(h))
+                ET.SubElement(
+                    el, "mask", label=a["category"], rle=rle, left=str(left), top=str(top), width=str(w), height=str(h)
+                )
             else:
                 pts = ";".join(f"{x},{y}" for x, y in points(a["segmentation"][0]))
                 ET.SubElement(el, "polygon", label=a["category"], points=pts, occluded="0")
@@ -164,13 +186,19 @@ def test_cvat_box_rotation_and_bad_rle(tmp_path: Path) -> None:
     from PIL import Image
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
-    xml = ('<annotations><image id="0" name="a.png" width="40" height="30">'
-           '<box label="b" xtl="10" ytl="10" xbr="20" ybr="14" rotation="90"/></image></annotations>')
+    xml = (
+        '<annotations><image id="0" name="a.png" width="40" height="30">'
+        '<box label="b" xtl="10" ytl="10" xbr="20" ybr="14" rotation="90"/></image></annotations>'
+    )
     (tmp_path / "a.xml").write_text(xml)
     coco = cvat_to_coco(tmp_path / "a.xml", tmp_path, tmp_path / "out.json")
     assert coco["annotations"][0]["bbox"] == [13, 7, 4, 10]  # 10 x 4 turned about its centre (15, 12)
-    (tmp_path / "b.xml").write_text(xml.replace('<box label="b" xtl="10" ytl="10" xbr="20" ybr="14" rotation="90"/>',
-                                                '<mask label="b" rle="3, 4" left="0" top="0" width="3" height="3"/>'))
+    (tmp_path / "b.xml").write_text(
+        xml.replace(
+            '<box label="b" xtl="10" ytl="10" xbr="20" ybr="14" rotation="90"/>',
+            '<mask label="b" rle="3, 4" left="0" top="0" width="3" height="3"/>',
+        )
+    )
     with pytest.raises(DatasetError, match=r"image id 0 \(a.png\) shape 0 <mask>: mask rle counts sum to 7, not"):
         cvat_to_coco(tmp_path / "b.xml", tmp_path, tmp_path / "out2.json")
 
@@ -192,7 +220,7 @@ def brush_rle(mask: np.ndarray) -> list[int]:
             n -= chunk
     s = "".join(bits)
     s += "0" * (-len(s) % 8)
-    return [int(s[i:i + 8], 2) for i in range(0, len(s), 8)]
+    return [int(s[i : i + 8], 2) for i in range(0, len(s), 8)]
 
 
 def test_labelstudio_round_trip_polygons_and_brush(kudzu: dict, tmp_path: Path) -> None:
@@ -201,16 +229,35 @@ def test_labelstudio_round_trip_polygons_and_brush(kudzu: dict, tmp_path: Path) 
         w, h = im["width"], im["height"]
         results = []
         for k, a in enumerate(a for a in kudzu["annotations"] if a["image_id"] == im["id"]):
-            common = {"original_width": w, "original_height": h, "image_rotation": 0, "from_name": "label", "to_name": "image"}
+            common = {
+                "original_width": w,
+                "original_height": h,
+                "image_rotation": 0,
+                "from_name": "label",
+                "to_name": "image",
+            }
             if k % 2:
                 rle = brush_rle(mask_of(a["segmentation"], h, w))
-                results.append({**common, "type": "brushlabels", "value": {"format": "rle", "rle": rle, "brushlabels": [a["category"]]}})
+                results.append(
+                    {
+                        **common,
+                        "type": "brushlabels",
+                        "value": {"format": "rle", "rle": rle, "brushlabels": [a["category"]]},
+                    }
+                )
             else:
                 pts = [[x / w * 100, y / h * 100] for x, y in points(a["segmentation"][0])]
-                results.append({**common, "type": "polygonlabels", "value": {"points": pts, "polygonlabels": [a["category"]]}})
+                results.append(
+                    {**common, "type": "polygonlabels", "value": {"points": pts, "polygonlabels": [a["category"]]}}
+                )
         results.append({"type": "choices", "value": {"choices": ["ok"]}})
-        tasks.append({"id": im["id"], "data": {"image": f"/data/upload/1/0a1b2c3d-{im['file_name']}"},
-                      "annotations": [{"id": 1, "result": results, "was_cancelled": False}]})
+        tasks.append(
+            {
+                "id": im["id"],
+                "data": {"image": f"/data/upload/1/0a1b2c3d-{im['file_name']}"},
+                "annotations": [{"id": 1, "result": results, "was_cancelled": False}],
+            }
+        )
     (tmp_path / "export.json").write_text(json.dumps(tasks))
     coco = labelstudio_to_coco(tmp_path / "export.json", IMAGES, tmp_path / "out.json")
     assert_same_instances(kudzu, coco, same_ids=True)
@@ -220,9 +267,15 @@ def test_labelstudio_rectangle_rotates_about_its_corner(tmp_path: Path) -> None:
     from PIL import Image
 
     Image.new("RGB", (200, 100)).save(tmp_path / "a.png")
-    r = {"type": "rectanglelabels", "original_width": 200, "original_height": 100,
-         "value": {"x": 50, "y": 50, "width": 10, "height": 20, "rotation": 90, "rectanglelabels": ["r"]}}
-    (tmp_path / "e.json").write_text(json.dumps([{"id": 7, "data": {"image": "a.png"}, "annotations": [{"result": [r]}]}]))
+    r = {
+        "type": "rectanglelabels",
+        "original_width": 200,
+        "original_height": 100,
+        "value": {"x": 50, "y": 50, "width": 10, "height": 20, "rotation": 90, "rectanglelabels": ["r"]},
+    }
+    (tmp_path / "e.json").write_text(
+        json.dumps([{"id": 7, "data": {"image": "a.png"}, "annotations": [{"result": [r]}]}])
+    )
     coco = labelstudio_to_coco(tmp_path / "e.json", tmp_path, tmp_path / "out.json")
     # x, y = 100, 50 px; 20 x 20 px turned 90 degrees clockwise about (100, 50): x 80..100, y 50..70
     assert coco["images"][0]["id"] == 7 and coco["annotations"][0]["bbox"] == [80, 50, 20, 20]
@@ -244,7 +297,9 @@ def test_yolo_round_trip(kudzu: dict, tmp_path: Path) -> None:
             lines.append(" ".join([str(names.index(a["category"]))] + [f"{v:.6f}" for v in xy]))
         lines.append("0 0.5 0.5 0.1 0.1")  # a detection box: named, not converted
         (root / "labels" / "val" / (Path(im["file_name"]).stem + ".txt")).write_text("\n".join(lines) + "\n")
-    (tmp_path / "data.yaml").write_text("path: ds\ntrain: images/train\nval: images/val\nnames:\n  0: kudzu\n  1: other\n")
+    (tmp_path / "data.yaml").write_text(
+        "path: ds\ntrain: images/train\nval: images/val\nnames:\n  0: kudzu\n  1: other\n"
+    )
     coco, images = yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json", split="val")
     assert images == tmp_path / "ds"
     coco["images"] = [{**im, "file_name": Path(im["file_name"]).name} for im in coco["images"]]
@@ -287,16 +342,25 @@ def test_cli_convert_and_refusing_a_user_file(tmp_path: Path, capsys: pytest.Cap
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     shape = {"label": "x", "points": [[1, 1], [9, 1], [9, 9]], "shape_type": "polygon"}
-    (tmp_path / "a.json").write_text(json.dumps({"shapes": [shape], "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40}))
+    (tmp_path / "a.json").write_text(
+        json.dumps({"shapes": [shape], "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40})
+    )
     assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(tmp_path / "train.json")]) == 0
     assert "1 images, 1 instances, 1 categories" in capsys.readouterr().out
-    assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(tmp_path / "train.json")]) == 0  # ours: replaced
+    assert (
+        main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(tmp_path / "train.json")]) == 0
+    )  # ours: replaced
     (tmp_path / "mine.json").write_text("{}")
     assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(tmp_path / "mine.json")]) == 2
     assert "mine.json exists and was not written by maskrcnn convert" in capsys.readouterr().err
     assert (tmp_path / "mine.json").read_text() == "{}"
     assert main(["convert", "cvat", str(tmp_path / "a.json"), "--out", str(tmp_path / "t2.json")]) == 2  # no --images
-    assert main(["convert", "cvat", str(tmp_path / "a.json"), "--images", str(tmp_path), "--out", str(tmp_path / "t2.json")]) == 2
+    assert (
+        main(
+            ["convert", "cvat", str(tmp_path / "a.json"), "--images", str(tmp_path), "--out", str(tmp_path / "t2.json")]
+        )
+        == 2
+    )
     assert "invalid XML" in capsys.readouterr().err
 
 
@@ -306,16 +370,22 @@ def test_an_edited_converted_file_is_never_replaced_and_empty_shapes_are_named(t
     from PIL import Image
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
-    shapes = [{"label": "x", "points": [[1, 1], [9, 1], [9, 9]], "shape_type": "polygon"},
-              {"label": "x", "points": [[10, 10], [10, 10], [10, 10]], "shape_type": "polygon"},  # no area
-              {"label": "x", "points": [[50, 40], [60, 40], [60, 45]], "shape_type": "polygon"}]  # wholly outside
-    (tmp_path / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40}))
+    shapes = [
+        {"label": "x", "points": [[1, 1], [9, 1], [9, 9]], "shape_type": "polygon"},
+        {"label": "x", "points": [[10, 10], [10, 10], [10, 10]], "shape_type": "polygon"},  # no area
+        {"label": "x", "points": [[50, 40], [60, 40], [60, 45]], "shape_type": "polygon"},
+    ]  # wholly outside
+    (tmp_path / "a.json").write_text(
+        json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40})
+    )
     out = tmp_path / "train.json"
     with caplog.at_level(logging.WARNING):
         assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 0
     written = json.loads(out.read_text())
     triangle = mask_util.frPyObjects([[1, 1, 9, 1, 9, 9]], 30, 40)  # pycocotools' own fill of the one real shape
-    assert [a["bbox"] for a in written["annotations"]] == [[float(v) for v in mask_util.toBbox(mask_util.merge(triangle))]]
+    assert [a["bbox"] for a in written["annotations"]] == [
+        [float(v) for v in mask_util.toBbox(mask_util.merge(triangle))]
+    ]
     assert caplog.text.count("no pixel inside the image") == 2
     assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 0  # unchanged: replaced
     edited = json.loads(out.read_text())

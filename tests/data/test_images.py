@@ -183,7 +183,9 @@ def test_images_over_the_pixel_limit_are_refused_by_name_and_limit(tmp_path: Pat
     # `train` and `convert`); the package's limit must say which file and what limit.
     _png_header_only(tmp_path / "huge.png", 20000, 10000)
     for read in (load_rgb, image_size):
-        with pytest.raises(DatasetError, match=r"huge\.png is 20000x10000 = 200,000,000 pixels, more than the limit of 178,956,970"):
+        with pytest.raises(
+            DatasetError, match=r"huge\.png is 20000x10000 = 200,000,000 pixels, more than the limit of 178,956,970"
+        ):
             read(tmp_path / "huge.png")
     Image.fromarray(_rgb(20, 30)).save(tmp_path / "small.png")
     with pytest.raises(DatasetError, match=r"small\.png is 30x20 = 600 pixels, more than the limit of 599"):

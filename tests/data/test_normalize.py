@@ -1,4 +1,5 @@
 """Percentile intensity normalisation: by hand, and the same pixels in training, prediction and tiles."""
+
 from __future__ import annotations
 
 import json
@@ -73,10 +74,21 @@ def test_the_checkpoint_carries_the_percentiles_and_training_and_prediction_read
     assert expected.max() == 255, "the bright region is white, not 2500 / 257 = 10"
 
     # Training reads the file the same way (the dataset gets the model's percentiles).
-    coco = {"images": [{"id": 1, "file_name": "cells.png", "height": 60, "width": 80}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [20, 10, 30, 20], "area": 600, "iscrowd": 0,
-                             "segmentation": [[20, 10, 50, 10, 50, 30, 20, 30]]}],
-            "categories": [{"id": 1, "name": "cell"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "cells.png", "height": 60, "width": 80}],
+        "annotations": [
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [20, 10, 30, 20],
+                "area": 600,
+                "iscrowd": 0,
+                "segmentation": [[20, 10, 50, 10, 50, 30, 20, 30]],
+            }
+        ],
+        "categories": [{"id": 1, "name": "cell"}],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(coco))
     dataset = CocoDataset(tmp_path / "gt.json", tmp_path, percentiles=(1.0, 99.8))
     assert np.array_equal(dataset.load_image(0), expected)

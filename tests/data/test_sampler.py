@@ -58,7 +58,9 @@ def test_aspect_ratio_groups_from_json_sizes(tmp_path: Path) -> None:
             {"id": 2, "file_name": "b.png", "width": 20, "height": 30},  # portrait
             {"id": 3, "file_name": "c.png", "width": 20, "height": 20},  # square counts as landscape
         ],
-        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "segmentation": [[0, 0, 5, 0, 5, 5]]}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "segmentation": [[0, 0, 5, 0, 5, 5]]}
+        ],
         "categories": [{"id": 1, "name": "x"}],
     }
     (tmp_path / "a.json").write_text(json.dumps(data))
@@ -70,8 +72,10 @@ def test_aspect_ratio_groups_from_json_sizes(tmp_path: Path) -> None:
 
 
 def test_collate() -> None:
-    batch = [(torch.zeros(3, 4, 5), Targets.empty(4, 5), {"image_id": 1}),
-             (torch.zeros(3, 6, 2), Targets.empty(6, 2), {"image_id": 2})]
+    batch = [
+        (torch.zeros(3, 4, 5), Targets.empty(4, 5), {"image_id": 1}),
+        (torch.zeros(3, 6, 2), Targets.empty(6, 2), {"image_id": 2}),
+    ]
     images, targets, infos = collate(batch)
     assert [im.shape[1:] for im in images] == [(4, 5), (6, 2)]
     assert len(targets) == 2 and infos == [{"image_id": 1}, {"image_id": 2}]
@@ -85,8 +89,9 @@ def test_data_loader_with_workers(tmp_path: Path) -> None:
     paths = generate_shapes(tmp_path, num_train=10, num_val=0, image_size=(64, 96), seed=1)
     ds = CocoDataset(paths["train"].ann_file, paths["train"].image_dir, transforms=RandomHorizontalFlip())
     groups = aspect_ratio_groups(ds)
-    loader = DataLoader(ds, batch_sampler=GroupedBatchSampler(RandomSampler(ds), groups, 3),
-                        collate_fn=collate, num_workers=2)
+    loader = DataLoader(
+        ds, batch_sampler=GroupedBatchSampler(RandomSampler(ds), groups, 3), collate_fn=collate, num_workers=2
+    )
     seen = []
     for images, targets, infos in loader:
         assert len(images) == len(targets) == len(infos) <= 3

@@ -52,8 +52,17 @@ def test_deterministic_given_seed(tmp_path: Path) -> None:
 
 def test_occlusion_drops_hidden_objects(tmp_path: Path) -> None:
     # Many large objects in a small image: some are covered until < min_visible pixels remain.
-    paths = generate_shapes(tmp_path, num_train=10, num_val=0, image_size=(40, 40), objects_per_image=(8, 8),
-                            object_size=(30, 40), max_overlap=1.0, min_visible=60, seed=0)
+    paths = generate_shapes(
+        tmp_path,
+        num_train=10,
+        num_val=0,
+        image_size=(40, 40),
+        objects_per_image=(8, 8),
+        object_size=(30, 40),
+        max_overlap=1.0,
+        min_visible=60,
+        seed=0,
+    )
     data = json.loads(paths["train"].ann_file.read_text())
     assert len(data["annotations"]) < 80
     assert min(a["area"] for a in data["annotations"]) >= 60

@@ -31,7 +31,9 @@ def via_file(tmp_path: Path) -> Path:
     _write_images(tmp_path / "img", {"p_one.png": (16, 20), "p_two.png": (30, 10)})
     via = {
         "one.png123": {
-            "filename": "one.png", "size": 123, "file_attributes": {},
+            "filename": "one.png",
+            "size": 123,
+            "file_attributes": {},
             "regions": [
                 _region({"name": "rect", "x": 2, "y": 3, "width": 4, "height": 5}, kind="bug"),
                 _region({"name": "polygon", "all_points_x": [10, 14, 14], "all_points_y": [2, 2, 6]}, kind="leaf"),
@@ -40,9 +42,13 @@ def via_file(tmp_path: Path) -> Path:
             ],
         },
         "two.png9": {
-            "filename": "two.png", "size": 9, "file_attributes": {},
+            "filename": "two.png",
+            "size": 9,
+            "file_attributes": {},
             # VIA 1.x style: regions keyed by index; vertices slightly outside get clipped.
-            "regions": {"0": _region({"name": "polygon", "all_points_x": [-1, 5, 5], "all_points_y": [0, 0, 31]}, kind="bug")},
+            "regions": {
+                "0": _region({"name": "polygon", "all_points_x": [-1, 5, 5], "all_points_y": [0, 0, 31]}, kind="bug")
+            },
         },
     }
     path = tmp_path / "via.json"
@@ -74,8 +80,13 @@ def test_conversion_by_hand(via_file: Path, tmp_path: Path) -> None:
 
 
 def test_category_attribute_and_callable_map(via_file: Path, tmp_path: Path) -> None:
-    coco = via_to_coco(via_file, tmp_path / "img", tmp_path / "c.json", category_attribute="kind",
-                       filename_map=lambda name: "p_" + name)
+    coco = via_to_coco(
+        via_file,
+        tmp_path / "img",
+        tmp_path / "c.json",
+        category_attribute="kind",
+        filename_map=lambda name: "p_" + name,
+    )
     assert coco["categories"] == [{"id": 1, "name": "bug"}, {"id": 2, "name": "leaf"}]
     assert [a["category_id"] for a in coco["annotations"]] == [1, 2, 1, 1]
 
@@ -94,16 +105,25 @@ def _broken(via_file: Path, edit: Any) -> Path:
     return via_file
 
 
-@pytest.mark.parametrize("edit, fragments", [
-    (lambda v: v["one.png123"]["regions"][1]["shape_attributes"].pop("all_points_y"),
-     ["entry 'one.png123' region 1", "'all_points_y'"]),
-    (lambda v: v["one.png123"]["regions"][0]["shape_attributes"].update(name="blob"),
-     ["entry 'one.png123' region 0", "unsupported region shape 'blob'"]),
-    (lambda v: v["two.png9"].pop("regions"), ["entry 'two.png9'", "'regions'"]),
-    (lambda v: v["two.png9"].update(filename="three.png"), ["entry 'two.png9'", "not found", "p_three.png"]),
-    (lambda v: v["one.png123"]["regions"][1]["shape_attributes"].update(all_points_y=[1, 2]),
-     ["region 1", "3 x but 2 y"]),
-])
+@pytest.mark.parametrize(
+    "edit, fragments",
+    [
+        (
+            lambda v: v["one.png123"]["regions"][1]["shape_attributes"].pop("all_points_y"),
+            ["entry 'one.png123' region 1", "'all_points_y'"],
+        ),
+        (
+            lambda v: v["one.png123"]["regions"][0]["shape_attributes"].update(name="blob"),
+            ["entry 'one.png123' region 0", "unsupported region shape 'blob'"],
+        ),
+        (lambda v: v["two.png9"].pop("regions"), ["entry 'two.png9'", "'regions'"]),
+        (lambda v: v["two.png9"].update(filename="three.png"), ["entry 'two.png9'", "not found", "p_three.png"]),
+        (
+            lambda v: v["one.png123"]["regions"][1]["shape_attributes"].update(all_points_y=[1, 2]),
+            ["region 1", "3 x but 2 y"],
+        ),
+    ],
+)
 def test_malformed_via(via_file: Path, tmp_path: Path, edit: Any, fragments: list[str]) -> None:
     with pytest.raises(DatasetError) as e:
         via_to_coco(_broken(via_file, edit), tmp_path / "img", tmp_path / "c.json", filename_map="p_")
@@ -127,8 +147,13 @@ def test_invalid_via_json(tmp_path: Path) -> None:
 @pytest.mark.skipif(not KUDZU.is_dir(), reason=f"shared kudzu data not present at {KUDZU}")
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_kudzu_matches_shipped_coco(tmp_path: Path, split: str) -> None:
-    coco = via_to_coco(KUDZU / "via" / split / "via_region_data.json", KUDZU / "images",
-                       tmp_path / "c.json", category_name="kudzu", filename_map=f"{split}_")
+    coco = via_to_coco(
+        KUDZU / "via" / split / "via_region_data.json",
+        KUDZU / "images",
+        tmp_path / "c.json",
+        category_name="kudzu",
+        filename_map=f"{split}_",
+    )
     shipped = json.loads((KUDZU / "annotations" / f"instances_{split}.json").read_text())
     assert [c["name"] for c in coco["categories"]] == [c["name"] for c in shipped["categories"]] == ["kudzu"]
 
@@ -148,7 +173,9 @@ def test_kudzu_matches_shipped_coco(tmp_path: Path, split: str) -> None:
 
 @pytest.mark.skipif(not KUDZU.is_dir(), reason=f"shared kudzu data not present at {KUDZU}")
 def test_kudzu_loads(tmp_path: Path) -> None:
-    via_to_coco(KUDZU / "via" / "val" / "via_region_data.json", KUDZU / "images", tmp_path / "c.json", filename_map="val_")
+    via_to_coco(
+        KUDZU / "via" / "val" / "via_region_data.json", KUDZU / "images", tmp_path / "c.json", filename_map="val_"
+    )
     ds = CocoDataset(tmp_path / "c.json", KUDZU / "images")
     image, t, info = ds[0]
     assert info["file_name"].startswith("val_") and image.shape[1:] == info["orig_size"]
@@ -161,17 +188,25 @@ def test_kudzu_loads(tmp_path: Path) -> None:
 # ---- values that are not coordinates ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, fragment", [
-    ({"name": "polygon", "all_points_x": [10, "nan", 14], "all_points_y": [2, 2, 6]}, "not finite"),
-    ({"name": "polygon", "all_points_x": [10, float("nan"), 14], "all_points_y": [2, 2, 6]}, "not finite"),
-    ({"name": "polygon", "all_points_x": [10, 12, 14], "all_points_y": [2, float("inf"), 6]}, "not finite"),
-    ({"name": "rect", "x": "nan", "y": 3, "width": 4, "height": 5}, "not finite"),
-    ({"name": "circle", "cx": 10, "cy": 10, "r": float("inf")}, "not finite"),
-    # a string where the list of points belongs was read character by character: x = 1, 0, 1, 2, 1, 4
-    ({"name": "polygon", "all_points_x": "101214", "all_points_y": [2, 2, 6, 6, 2, 2]}, "'all_points_x' must be a list"),
-    ({"name": "polygon", "all_points_x": [10, 12, 14], "all_points_y": [2, True, 6]}, "not a number"),
-])
-def test_coordinates_must_be_finite_numbers(via_file: Path, tmp_path: Path, shape: dict[str, Any], fragment: str) -> None:
+@pytest.mark.parametrize(
+    "shape, fragment",
+    [
+        ({"name": "polygon", "all_points_x": [10, "nan", 14], "all_points_y": [2, 2, 6]}, "not finite"),
+        ({"name": "polygon", "all_points_x": [10, float("nan"), 14], "all_points_y": [2, 2, 6]}, "not finite"),
+        ({"name": "polygon", "all_points_x": [10, 12, 14], "all_points_y": [2, float("inf"), 6]}, "not finite"),
+        ({"name": "rect", "x": "nan", "y": 3, "width": 4, "height": 5}, "not finite"),
+        ({"name": "circle", "cx": 10, "cy": 10, "r": float("inf")}, "not finite"),
+        # a string where the list of points belongs was read character by character: x = 1, 0, 1, 2, 1, 4
+        (
+            {"name": "polygon", "all_points_x": "101214", "all_points_y": [2, 2, 6, 6, 2, 2]},
+            "'all_points_x' must be a list",
+        ),
+        ({"name": "polygon", "all_points_x": [10, 12, 14], "all_points_y": [2, True, 6]}, "not a number"),
+    ],
+)
+def test_coordinates_must_be_finite_numbers(
+    via_file: Path, tmp_path: Path, shape: dict[str, Any], fragment: str
+) -> None:
     def edit(v: dict[str, Any]) -> None:
         v["one.png123"]["regions"][1]["shape_attributes"] = shape
 
@@ -212,10 +247,21 @@ def test_convert_via_command_line_refuses_names_outside_the_folder(via_file: Pat
     from maskrcnn.cli import main
 
     _write_images(tmp_path / "secret", {"one.png": (16, 20), "two.png": (30, 10)})
-    args = ["convert", "via", str(via_file), "--images", str(tmp_path / "img"), "--prefix", "../secret/",
-            "--out", str(tmp_path / "c.json")]
+    args = [
+        "convert",
+        "via",
+        str(via_file),
+        "--images",
+        str(tmp_path / "img"),
+        "--prefix",
+        "../secret/",
+        "--out",
+        str(tmp_path / "c.json"),
+    ]
     assert main(args) == 2
     assert "outside the image folder" in capsys.readouterr().err
     assert main([*args, "--allow-outside-root"]) == 0
     assert [im["file_name"] for im in json.loads((tmp_path / "c.json").read_text())["images"]] == [
-        "../secret/one.png", "../secret/two.png"]
+        "../secret/one.png",
+        "../secret/two.png",
+    ]

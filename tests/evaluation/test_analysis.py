@@ -1,5 +1,6 @@
 """Precision / recall / F1, the confusion matrix and the worst images: a hand-computed case,
 and ``maskrcnn evaluate`` whose matrix agrees with the files it wrote."""
+
 from __future__ import annotations
 
 import contextlib
@@ -32,12 +33,28 @@ def box(y0: int, y1: int, x0: int, x1: int) -> list[float]:
 
 def gt_coco() -> COCO:
     anns = [  # image 1: a at rows/cols 0..9, b at 20..29; image 2: a at 5..14, a crowd region of b at 25..39
-        (1, 1, (0, 10, 0, 10), 0), (2, 1, (20, 30, 20, 30), 0), (3, 2, (5, 15, 5, 15), 0), (4, 2, (25, 40, 25, 40), 1)]
+        (1, 1, (0, 10, 0, 10), 0),
+        (2, 1, (20, 30, 20, 30), 0),
+        (3, 2, (5, 15, 5, 15), 0),
+        (4, 2, (25, 40, 25, 40), 1),
+    ]
     cat = {1: 1, 2: 2, 3: 1, 4: 2}
-    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": S, "height": S} for i in (1, 2)],
-            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
-            "annotations": [{"id": k, "image_id": img, "category_id": cat[k], "iscrowd": crowd, "segmentation": rle(*r),
-                             "bbox": box(*r), "area": float((r[1] - r[0]) * (r[3] - r[2]))} for k, img, r, crowd in anns]}
+    data = {
+        "images": [{"id": i, "file_name": f"{i}.png", "width": S, "height": S} for i in (1, 2)],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {
+                "id": k,
+                "image_id": img,
+                "category_id": cat[k],
+                "iscrowd": crowd,
+                "segmentation": rle(*r),
+                "bbox": box(*r),
+                "area": float((r[1] - r[0]) * (r[3] - r[2])),
+            }
+            for k, img, r, crowd in anns
+        ],
+    }
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):
@@ -46,12 +63,48 @@ def gt_coco() -> COCO:
 
 
 DETS = [
-    {"image_id": 1, "category_id": 1, "score": 0.9, "segmentation": rle(0, 10, 0, 10), "bbox": box(0, 10, 0, 10)},  # TP a
-    {"image_id": 1, "category_id": 1, "score": 0.8, "segmentation": rle(20, 30, 20, 30), "bbox": box(20, 30, 20, 30)},  # a on b
-    {"image_id": 1, "category_id": 2, "score": 0.7, "segmentation": rle(30, 40, 0, 10), "bbox": box(30, 40, 0, 10)},  # nothing
-    {"image_id": 1, "category_id": 1, "score": 0.3, "segmentation": rle(0, 5, 30, 35), "bbox": box(0, 5, 30, 35)},  # below 0.5
-    {"image_id": 2, "category_id": 1, "score": 0.6, "segmentation": rle(5, 15, 5, 14), "bbox": box(5, 15, 5, 14)},  # IoU 0.9
-    {"image_id": 2, "category_id": 2, "score": 0.9, "segmentation": rle(26, 36, 26, 36), "bbox": box(26, 36, 26, 36)},  # crowd
+    {
+        "image_id": 1,
+        "category_id": 1,
+        "score": 0.9,
+        "segmentation": rle(0, 10, 0, 10),
+        "bbox": box(0, 10, 0, 10),
+    },  # TP a
+    {
+        "image_id": 1,
+        "category_id": 1,
+        "score": 0.8,
+        "segmentation": rle(20, 30, 20, 30),
+        "bbox": box(20, 30, 20, 30),
+    },  # a on b
+    {
+        "image_id": 1,
+        "category_id": 2,
+        "score": 0.7,
+        "segmentation": rle(30, 40, 0, 10),
+        "bbox": box(30, 40, 0, 10),
+    },  # nothing
+    {
+        "image_id": 1,
+        "category_id": 1,
+        "score": 0.3,
+        "segmentation": rle(0, 5, 30, 35),
+        "bbox": box(0, 5, 30, 35),
+    },  # below 0.5
+    {
+        "image_id": 2,
+        "category_id": 1,
+        "score": 0.6,
+        "segmentation": rle(5, 15, 5, 14),
+        "bbox": box(5, 15, 5, 14),
+    },  # IoU 0.9
+    {
+        "image_id": 2,
+        "category_id": 2,
+        "score": 0.9,
+        "segmentation": rle(26, 36, 26, 36),
+        "bbox": box(26, 36, 26, 36),
+    },  # crowd
 ]
 
 
@@ -87,7 +140,10 @@ def test_report_pictures(tmp_path: Path) -> None:
         Image.new("RGB", (S, S), "gray").save(tmp_path / f"{i}.png")
     a = analyse(gt_coco(), DETS)
     paths = write_report(tmp_path / "out", a, gt_coco(), DETS, tmp_path, worst=3)
-    assert [p.relative_to(tmp_path / "out").as_posix() for p in paths] == ["analysis/confusion_matrix.png", "analysis/worst/01_1.png"]
+    assert [p.relative_to(tmp_path / "out").as_posix() for p in paths] == [
+        "analysis/confusion_matrix.png",
+        "analysis/worst/01_1.png",
+    ]
     with Image.open(paths[1]) as im:
         assert im.width > 2 * S  # two panels side by side
     (tmp_path / "out" / "analysis" / "confusion_matrix.png").write_bytes(b"mine")
@@ -100,8 +156,25 @@ def test_evaluate_cli_matrix_agrees_with_its_files(tmp_path: Path, capsys: pytes
 
     split, weights = tiny_eval_set(tmp_path)
     out = tmp_path / "eval"
-    assert main(["evaluate", "--weights", str(weights), "--data", str(split.ann_file), "--images", str(split.image_dir),
-                 "--out", str(out), "--quiet", "--report-score", "0.0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(weights),
+                "--data",
+                str(split.ann_file),
+                "--images",
+                str(split.image_dir),
+                "--out",
+                str(out),
+                "--quiet",
+                "--report-score",
+                "0.0",
+            ]
+        )
+        == 0
+    )
     assert "F1" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     gt = json.loads(split.ann_file.read_text())
@@ -131,7 +204,23 @@ def test_pr_curves_hand_computed_and_agree_with_the_operating_point() -> None:
     assert [a.tp[5], b.tp[5]] == op.tp.tolist() and [a.fp[5], b.fp[5]] == op.fp.tolist()
 
 
-def test_evaluate_refuses_a_report_score_outside_0_1_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["evaluate", "--weights", str(tmp_path / "none.pth"), "--data", str(tmp_path / "none.json"),
-                 "--images", str(tmp_path), "--report-score", "1.5"]) == 2
+def test_evaluate_refuses_a_report_score_outside_0_1_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert (
+        main(
+            [
+                "evaluate",
+                "--weights",
+                str(tmp_path / "none.pth"),
+                "--data",
+                str(tmp_path / "none.json"),
+                "--images",
+                str(tmp_path),
+                "--report-score",
+                "1.5",
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.strip() == "error: --report-score is a score in [0, 1], got 1.5"

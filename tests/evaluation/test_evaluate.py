@@ -1,4 +1,5 @@
 """coco_evaluate against pycocotools run by hand on a tiny ground truth."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,7 +27,7 @@ SIZES = {1: (100, 120), 2: (80, 100)}  # image id -> (h, w)
 def _rle(h: int, w: int, y1: int, y2: int, x1: int, x2: int) -> dict:
     m = np.zeros((h, w), dtype=np.uint8)
     m[y1:y2, x1:x2] = 1
-    m[y1:y1 + 3, x1:x1 + 3] = 0  # not a plain box, so segm and bbox IoU differ
+    m[y1 : y1 + 3, x1 : x1 + 3] = 0  # not a plain box, so segm and bbox IoU differ
     rle = mask_util.encode(np.asfortranarray(m))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
@@ -44,10 +45,17 @@ def _gt_dict() -> dict:
     for n, (image_id, cat, seg) in enumerate(anns, 1):
         h, w = SIZES[image_id]
         rle = mask_util.merge(mask_util.frPyObjects(seg, h, w)) if isinstance(seg, list) else seg
-        annotations.append({
-            "id": n, "image_id": image_id, "category_id": cat, "segmentation": seg, "iscrowd": 0,
-            "area": float(mask_util.area(rle)), "bbox": [float(v) for v in mask_util.toBbox(rle)],
-        })
+        annotations.append(
+            {
+                "id": n,
+                "image_id": image_id,
+                "category_id": cat,
+                "segmentation": seg,
+                "iscrowd": 0,
+                "area": float(mask_util.area(rle)),
+                "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            }
+        )
     return {
         "images": [{"id": i, "height": h, "width": w, "file_name": f"{i}.png"} for i, (h, w) in SIZES.items()],
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}],
@@ -195,10 +203,22 @@ def _edit_gt(tmp_path: Path, edit) -> Path:
 BAD_GT = [
     # (what, edit, fragments of the one-line error): each gave a traceback or passed silently
     ("missing key", lambda d: d["annotations"][0].pop("category_id"), ["annotation id 1", "'category_id'"]),
-    ("2-point polygon", lambda d: d["annotations"][2].update(segmentation=[[5, 5, 60, 5]]), ["annotation id 3", "at least 3"]),
-    ("unknown category", lambda d: d["annotations"][1].update(category_id=9), ["annotation id 2", "unknown category id 9"]),
+    (
+        "2-point polygon",
+        lambda d: d["annotations"][2].update(segmentation=[[5, 5, 60, 5]]),
+        ["annotation id 3", "at least 3"],
+    ),
+    (
+        "unknown category",
+        lambda d: d["annotations"][1].update(category_id=9),
+        ["annotation id 2", "unknown category id 9"],
+    ),
     ("unknown image", lambda d: d["annotations"][3].update(image_id=7), ["annotation id 4", "unknown image id 7"]),
-    ("RLE size", lambda d: d["annotations"][1]["segmentation"].update(size=[100, 121]), ["annotation id 2", "RLE size"]),
+    (
+        "RLE size",
+        lambda d: d["annotations"][1]["segmentation"].update(size=[100, 121]),
+        ["annotation id 2", "RLE size"],
+    ),
     ("duplicate annotation id", lambda d: d["annotations"][3].update(id=1), ["annotation id 1", "twice"]),
     ("duplicate image id", lambda d: d["images"][1].update(id=1), ["image id 1", "twice"]),
 ]
@@ -262,8 +282,21 @@ def perfect_model(monkeypatch):
 def _evaluate(weights: Path, gt: Path, images: Path, out: Path, *extra: str) -> int:
     from maskrcnn.cli import main
 
-    return main(["evaluate", "--weights", str(weights), "--data", str(gt), "--images", str(images),
-                 "--out", str(out), "--quiet", *extra])
+    return main(
+        [
+            "evaluate",
+            "--weights",
+            str(weights),
+            "--data",
+            str(gt),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_perfect_detections_score_one_from_the_command_line(tiny_ckpt, eval_set, perfect_model, tmp_path) -> None:
@@ -304,7 +337,9 @@ def test_a_wrong_images_folder_is_an_error(tiny_ckpt, eval_set, perfect_model, t
     assert perfect_model == []
 
 
-def test_an_image_of_another_size_than_the_json_says_is_an_error(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_an_image_of_another_size_than_the_json_says_is_an_error(
+    tiny_ckpt, eval_set, perfect_model, tmp_path, capsys
+) -> None:
     """Was: scored against masks rasterised at the JSON's size (AP 0.66 for perfect detections), exit 0."""
     from PIL import Image
 
@@ -350,7 +385,9 @@ def test_file_names_outside_the_image_folder(tiny_ckpt, eval_set, perfect_model,
     assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out", "--allow-outside-root") == 0
 
 
-def test_a_model_that_predicts_none_of_the_categories_is_an_error(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys) -> None:
+def test_a_model_that_predicts_none_of_the_categories_is_an_error(
+    tiny_ckpt, eval_set, perfect_model, tmp_path, capsys
+) -> None:
     """The tiny model predicts ids 1..3; a ground truth using ids 7 and 8 could only score AP 0."""
     gt, images = eval_set
     data = json.loads(gt.read_text())
@@ -372,8 +409,17 @@ def test_a_dropped_degenerate_box_is_not_scored_as_ground_truth(tmp_path, caplog
 
     data = _gt_dict()
     perfect = _detections(_load_gt_dict())  # the four real instances, found exactly
-    data["annotations"].append({"id": 99, "image_id": 2, "category_id": 1, "iscrowd": 0, "area": 0.0,
-                                "bbox": [30.0, 20.0, 0.0, 15.0], "segmentation": [[30, 20, 30, 35, 30, 27]]})
+    data["annotations"].append(
+        {
+            "id": 99,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 0,
+            "area": 0.0,
+            "bbox": [30.0, 20.0, 0.0, 15.0],
+            "segmentation": [[30, 20, 30, 35, 30, 27]],
+        }
+    )
     gt = tmp_path / "gt.json"
     gt.write_text(json.dumps(data))
     for source in (gt, CocoDataset(gt, tmp_path).coco):

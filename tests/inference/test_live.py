@@ -1,4 +1,5 @@
 """``Newest``: a reader that keeps only the newest frame, against a synthetic fast source."""
+
 from __future__ import annotations
 
 import time

@@ -1,4 +1,5 @@
 """Masks as RLE: encoding a crop in its frame, against pycocotools' encoding of the full frame."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,7 +38,10 @@ def test_hand_computed_runs() -> None:
     crop = np.array([[False, True], [False, True], [True, False]])
     rle = crop_to_rle(crop, 0, 0, (3, 4))
     assert rle["counts"] == mask_util.frPyObjects({"size": [3, 4], "counts": [2, 3, 7]}, 3, 4)["counts"]
-    assert crop_to_rle(np.zeros((0, 0), bool), 0, 0, (3, 4))["counts"] == mask_util.encode(np.zeros((3, 4), np.uint8, order="F"))["counts"]
+    assert (
+        crop_to_rle(np.zeros((0, 0), bool), 0, 0, (3, 4))["counts"]
+        == mask_util.encode(np.zeros((3, 4), np.uint8, order="F"))["counts"]
+    )
     with pytest.raises(ValueError, match="not inside"):
         crop_to_rle(np.ones((2, 2), bool), 2, 0, (3, 4))
 

@@ -1,5 +1,6 @@
 """Masks -> polygons, checked by filling the polygons again with matplotlib's point-in-polygon
 test (independent of the tracing) and against hand-computed areas."""
+
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
@@ -72,7 +73,9 @@ def test_result_polygons_and_coco_rings_rasterise_back():
     masks = np.zeros((2, h, w), dtype=bool)
     masks[0, 5:20, 10:30] = True
     masks[1, 25:38, 3:9] = True
-    result = Result(np.array([[10, 5, 30, 20], [3, 25, 9, 38]]), np.array([0.9, 0.8]), np.array([1, 2]), (h, w), masks=masks)
+    result = Result(
+        np.array([[10, 5, 30, 20], [3, 25, 9, 38]]), np.array([0.9, 0.8]), np.array([1, 2]), (h, w), masks=masks
+    )
     per_det = result_polygons(result)
     assert [len(p) for p in per_det] == [1, 1]
     for k, polys in enumerate(per_det):

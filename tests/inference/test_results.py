@@ -1,4 +1,5 @@
 """Result: COCO export, overlay drawing, saving; visualize: training curves and grids."""
+
 from __future__ import annotations
 
 import json
@@ -9,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from maskrcnn.ops.paste import paste_masks
 from maskrcnn.inference.results import MASK_ALPHA, Result, label_color, write_coco_results
-from maskrcnn.structures import Detections
 from maskrcnn.inference.visualize import draw_grid, plot_metrics
+from maskrcnn.ops.paste import paste_masks
+from maskrcnn.structures import Detections
 
 # pycocotools.mask.decode trips numpy 2's __array__(copy=) deprecation; not ours to fix
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -144,14 +145,16 @@ def test_from_detections_pastes_box_by_box_exactly_as_paste_masks() -> None:
     and the RLE bytes must be those of thresholding paste_masks' full frames (pycocotools encode)."""
     g = torch.Generator().manual_seed(0)
     probs = torch.rand(6, 28, 28, generator=g)
-    boxes = torch.tensor([
-        [3.2, 4.7, 20.1, 15.3],    # inside
-        [-6.3, -2.5, 8.0, 9.9],    # over the top-left corner
-        [60.0, 40.0, 79.9, 59.9],  # reaching the bottom-right corner: runs wrap across columns
-        [10.0, 10.0, 10.4, 10.2],  # tiny
-        [90.0, 70.0, 99.0, 80.0],  # outside
-        [-0.4, 0.0, 79.9, 59.9],   # whole image
-    ])
+    boxes = torch.tensor(
+        [
+            [3.2, 4.7, 20.1, 15.3],  # inside
+            [-6.3, -2.5, 8.0, 9.9],  # over the top-left corner
+            [60.0, 40.0, 79.9, 59.9],  # reaching the bottom-right corner: runs wrap across columns
+            [10.0, 10.0, 10.4, 10.2],  # tiny
+            [90.0, 70.0, 99.0, 80.0],  # outside
+            [-0.4, 0.0, 79.9, 59.9],  # whole image
+        ]
+    )
     det = Detections(boxes, torch.linspace(0.9, 0.4, 6), torch.ones(6, dtype=torch.int64), probs)
     res = Result.from_detections(det, (H, W), mask_thresh=0.5)
     dense = (paste_masks(probs, boxes, (H, W)) > 0.5).numpy()
@@ -183,7 +186,9 @@ def test_memory_follows_the_objects_not_the_image() -> None:
     g = torch.Generator().manual_seed(0)
     xy = torch.rand(n, 2, generator=g) * torch.tensor([w - 300.0, h - 300.0])
     boxes = torch.cat([xy, xy + 200.0], dim=1)
-    det = Detections(boxes, torch.linspace(0.9, 0.5, n), torch.ones(n, dtype=torch.int64), torch.rand(n, 28, 28, generator=g))
+    det = Detections(
+        boxes, torch.linspace(0.9, 0.5, n), torch.ones(n, dtype=torch.int64), torch.rand(n, 28, 28, generator=g)
+    )
     image = np.zeros((h, w, 3), np.uint8)
     tracemalloc.start()
     try:

@@ -1,4 +1,5 @@
 """Tiled inference: the grid by hand, and a large scene of known objects found once each."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,11 @@ from ..helpers import tiny_model
 
 def test_the_grid_by_hand():
     # 2500 wide: a step of at most 1024 - 205 = 819 needs 2 gaps; spread evenly they are 738.
-    assert tile_grid(1000, 2500, 1024, 0.2) == [Tile(0, 0, 1024, 1000), Tile(738, 0, 1762, 1000), Tile(1476, 0, 2500, 1000)]
+    assert tile_grid(1000, 2500, 1024, 0.2) == [
+        Tile(0, 0, 1024, 1000),
+        Tile(738, 0, 1762, 1000),
+        Tile(1476, 0, 2500, 1000),
+    ]
     assert [t.x0 for t in tile_grid(10, 1024 + 819, 1024, 0.2)] == [0, 819]  # exactly one step
     assert [t.x0 for t in tile_grid(10, 2048, 1024, 0.0)] == [0, 1024]
     assert tile_grid(300, 200, 1024) == [Tile(0, 0, 200, 300)]  # smaller than a tile: one tile, the image
@@ -55,8 +60,12 @@ def big_scene() -> tuple[Scene, dict[str, int]]:
     edge = xs[1] + TILE
     scene.add(1, "rect", (edge - 40, 150, edge + 4, 200))
     scene.add(1, "rect", (edge + 12, 150, edge + 60, 200))
-    reserved = [(190, 1410, 1410, 1470), (1190, 690, 1860, 1360), (cx - 55, cy - 55, cx + 55, cy + 55),
-                (edge - 50, 140, edge + 70, 210)]
+    reserved = [
+        (190, 1410, 1410, 1470),
+        (1190, 690, 1860, 1360),
+        (cx - 55, cy - 55, cx + 55, cy + 55),
+        (edge - 50, 140, edge + 70, 210),
+    ]
     rng = np.random.default_rng(0)
     kinds = ("rect", "ellipse", "triangle")
     for y in range(0, 1380, 110):
@@ -147,12 +156,19 @@ def test_tiles_that_saw_one_object_whole_and_cut_give_one_detection_with_the_bes
     mask = np.ones((20, 50), dtype=bool)  # rows 10..29, columns 80..129
 
     def tile_result(tile: Tile, boxes, scores, crops):
-        rles = [crop_to_rle(c, y - tile.y0, x - tile.x0, (50, 100))
-                for y, x, c in crops]
-        return Result(np.array(boxes, np.float32) - [tile.x0, tile.y0, tile.x0, tile.y0], scores, [1] * len(scores),
-                      (50, 100), rles=rles, class_names=["x"] * len(scores))
+        rles = [crop_to_rle(c, y - tile.y0, x - tile.x0, (50, 100)) for y, x, c in crops]
+        return Result(
+            np.array(boxes, np.float32) - [tile.x0, tile.y0, tile.x0, tile.y0],
+            scores,
+            [1] * len(scores),
+            (50, 100),
+            rles=rles,
+            class_names=["x"] * len(scores),
+        )
 
-    ra = tile_result(a, [[80, 10, 100, 30], [5, 5, 25, 25]], [0.6, 0.7], [(10, 80, mask[:, :20]), (5, 5, np.ones((20, 20), bool))])
+    ra = tile_result(
+        a, [[80, 10, 100, 30], [5, 5, 25, 25]], [0.6, 0.7], [(10, 80, mask[:, :20]), (5, 5, np.ones((20, 20), bool))]
+    )
     rb = tile_result(b, [[80, 10, 130, 30]], [0.9], [(10, 80, mask)])
     merged = merge_tiles([a, b], [ra, rb], size)
     assert len(merged) == 2
@@ -200,8 +216,21 @@ def test_predict_tile_on_the_command_line(tiny_ckpt, tmp_path, capsys):
     rgb = np.random.default_rng(2).integers(0, 255, (500, 700, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "big.png")
     out = tmp_path / "out"
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "big.png"), "--tile", "256", "--tile-overlap", "0.2",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(tmp_path / "big.png"),
+            "--tile",
+            "256",
+            "--tile-overlap",
+            "0.2",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     entries = json.loads((out / "predictions.json").read_text())
     assert entries, "the untrained tiny model keeps every candidate (score_thresh 0)"
@@ -215,8 +244,19 @@ def test_predict_tile_on_the_command_line(tiny_ckpt, tmp_path, capsys):
 
 def test_the_pixel_limit_names_the_file_and_the_tile_flag(tiny_ckpt, tmp_path, capsys):
     Image.fromarray(np.zeros((200, 300, 3), np.uint8)).save(tmp_path / "wide.png")
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "wide.png"), "--max-pixels", "10000",
-                 "--out", str(tmp_path / "out"), "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(tmp_path / "wide.png"),
+            "--max-pixels",
+            "10000",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "wide.png" in err and "--tile" in err and "60,000" in err
 
@@ -230,18 +270,45 @@ def test_evaluate_tile_scores_the_merged_detections_against_the_annotations(tiny
     annotations = []
     for k, ((y, x, crop), label) in enumerate(zip(scene.masks, scene.labels)):
         rle = crop_to_rle(crop, y, x, (scene.height, scene.width))
-        annotations.append({"id": k + 1, "image_id": 1, "category_id": label, "iscrowd": 0, "area": int(crop.sum()),
-                            "bbox": [int(x), int(y), crop.shape[1], crop.shape[0]],
-                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
-    gt = {"images": [{"id": 1, "file_name": "scene.png", "height": scene.height, "width": scene.width}],
-          "annotations": annotations,
-          "categories": [{"id": i, "name": n} for i, n in enumerate(("circle", "square", "triangle"), 1)]}
+        annotations.append(
+            {
+                "id": k + 1,
+                "image_id": 1,
+                "category_id": label,
+                "iscrowd": 0,
+                "area": int(crop.sum()),
+                "bbox": [int(x), int(y), crop.shape[1], crop.shape[0]],
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+            }
+        )
+    gt = {
+        "images": [{"id": 1, "file_name": "scene.png", "height": scene.height, "width": scene.width}],
+        "annotations": annotations,
+        "categories": [{"id": i, "name": n} for i, n in enumerate(("circle", "square", "triangle"), 1)],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     forward = colour_forward()
-    monkeypatch.setattr(MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images))
-    code = main(["evaluate", "--weights", str(tiny_ckpt), "--data", str(tmp_path / "gt.json"), "--images",
-                 str(tmp_path / "images"), "--tile", str(TILE), "--tile-overlap", str(OVERLAP), "--out", str(tmp_path / "ev"),
-                 "--quiet"])
+    monkeypatch.setattr(
+        MaskRCNN, "forward", lambda self, images, targets=None, propose=None, score_thresh=None: forward(images)
+    )
+    code = main(
+        [
+            "evaluate",
+            "--weights",
+            str(tiny_ckpt),
+            "--data",
+            str(tmp_path / "gt.json"),
+            "--images",
+            str(tmp_path / "images"),
+            "--tile",
+            str(TILE),
+            "--tile-overlap",
+            str(OVERLAP),
+            "--out",
+            str(tmp_path / "ev"),
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert all(size == (TILE, TILE) for call in forward.calls for size in call)  # tiles went to the model
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())

@@ -1,4 +1,5 @@
 """The tracker and the line counter on hand-made sequences whose true identities are known."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -46,7 +47,9 @@ def test_crop_iou_equals_pycocotools_on_the_full_frames():
             f[y : y + h, x : x + w] = c
             crops.append((int(y), int(x), c))
             frames.append(mask_util.encode(np.asfortranarray(f)))
-        expected = mask_util.iou([frames[0]], [frames[1]], [0])[0, 0] if crops[0][2].any() and crops[1][2].any() else 0.0
+        expected = (
+            mask_util.iou([frames[0]], [frames[1]], [0])[0, 0] if crops[0][2].any() and crops[1][2].any() else 0.0
+        )
         assert crop_iou(*crops) == pytest.approx(expected)
 
 
@@ -111,15 +114,19 @@ def test_an_object_whose_class_flips_keeps_its_id_and_takes_its_most_confident_c
 
 
 def test_class_aware_matching_keeps_classes_apart():
-    ids = run(Tracker(TrackerOptions(class_aware=True)),
-              [[(square(0, 0), 0.9, 1)], [(square(2, 0), 0.9, 2)], [(square(4, 0), 0.9, 1)]])
+    ids = run(
+        Tracker(TrackerOptions(class_aware=True)),
+        [[(square(0, 0), 0.9, 1)], [(square(2, 0), 0.9, 2)], [(square(4, 0), 0.9, 1)]],
+    )
     assert ids == [[1], [2], [1]]
 
 
 def test_one_object_detected_under_two_classes_is_one_track():
     """Per-class NMS keeps a "car" and a "truck" box on one vehicle: the second gets the
     first one's id (it is the same object), and starts no track; a car beside it does."""
-    frames = [[(square(5 * t, 0), 0.9, 3), (square(5 * t + 1, 1), 0.6, 8), (square(5 * t, 100), 0.7, 8)] for t in range(4)]
+    frames = [
+        [(square(5 * t, 0), 0.9, 3), (square(5 * t + 1, 1), 0.6, 8), (square(5 * t, 100), 0.7, 8)] for t in range(4)
+    ]
     tracker = Tracker()
     assert run(tracker, frames) == [[1, 1, 2]] * 4
     assert [t.voted_label for t in tracker.tracks] == [3, 8]

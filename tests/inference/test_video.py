@@ -1,4 +1,5 @@
 """``maskrcnn predict clip.mp4``: a synthetic clip of a moving square through the command line."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ from PIL import Image
 
 from maskrcnn.cli import main
 from maskrcnn.inference.masks import decode_one
-from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.inference.video import is_video, output_name
+from maskrcnn.model.mask_rcnn import MaskRCNN
 
 from ..helpers import bright_forward, tiny_model
 
@@ -41,13 +42,28 @@ def write_clip(path, frames: int = FRAMES, **options) -> None:
 
 
 @pytest.mark.parametrize("stride", [1, 5])
-def test_a_clip_gives_an_annotated_video_and_one_json_line_per_processed_frame(tiny_ckpt, tmp_path, monkeypatch, capsys, stride):
+def test_a_clip_gives_an_annotated_video_and_one_json_line_per_processed_frame(
+    tiny_ckpt, tmp_path, monkeypatch, capsys, stride
+):
     clip = tmp_path / "clip.mp4"
     write_clip(clip)
     monkeypatch.setattr(MaskRCNN, "forward", bright_forward)
     out = tmp_path / "out"
-    code = main(["predict", "--weights", str(tiny_ckpt), str(clip), "--out", str(out), "--stride", str(stride),
-                 "--batch-size", "2", "--quiet"])
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(clip),
+            "--out",
+            str(out),
+            "--stride",
+            str(stride),
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     expected = list(range(0, FRAMES, stride))  # 0..11, or 0, 5, 10
 
@@ -60,7 +76,9 @@ def test_a_clip_gives_an_annotated_video_and_one_json_line_per_processed_frame(t
         # The stand-in sees the decoded (lossy) frame: the square within a pixel or two.
         np.testing.assert_allclose(det["bbox"], [x, y, SIDE, SIDE], atol=2)
         assert det["image_id"] == r["frame"] and det["category_id"] == 1
-        top, left, crop = decode_one({"size": det["segmentation"]["size"], "counts": det["segmentation"]["counts"].encode()})
+        top, left, crop = decode_one(
+            {"size": det["segmentation"]["size"], "counts": det["segmentation"]["counts"].encode()}
+        )
         assert det["segmentation"]["size"] == [H, W]
         assert abs(top - y) <= 2 and abs(left - x) <= 2 and crop.mean() > 0.9
 
@@ -79,7 +97,9 @@ def test_a_clip_gives_an_annotated_video_and_one_json_line_per_processed_frame(t
 
 def test_a_file_that_is_not_a_video_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
-    code = main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "broken.mp4"), "--out", str(tmp_path / "o"), "--quiet"])
+    code = main(
+        ["predict", "--weights", str(tiny_ckpt), str(tmp_path / "broken.mp4"), "--out", str(tmp_path / "o"), "--quiet"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "broken.mp4" in err and len(err.strip().splitlines()) == 1
 
@@ -140,7 +160,9 @@ def test_two_videos_of_one_name_get_two_outputs_as_images_do(tiny_ckpt, tmp_path
     write_clip(tmp_path / "b" / "clip.mp4", 3)
     write_clip(tmp_path / "b" / "clip.mkv", 2)
     out = tmp_path / "out"
-    code = predict(tiny_ckpt, tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4", tmp_path / "b" / "clip.mkv", "--out", out)
+    code = predict(
+        tiny_ckpt, tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4", tmp_path / "b" / "clip.mkv", "--out", out
+    )
     assert code == 0, capsys.readouterr().err
     for name, frames in (("clip", 4), ("clip_2", 3), ("clip_3", 2)):  # each its own, in input order
         assert len(lines_of(out / f"{name}.jsonl")) == frames and len(frames_of(out / f"{name}.mp4")) == frames
@@ -180,7 +202,9 @@ def test_ctrl_c_keeps_every_finished_frame_in_the_video_too(tiny_ckpt, tmp_path,
 
 
 @pytest.mark.parametrize("how", ["folder", "glob"])
-def test_videos_in_a_folder_or_a_glob_are_run_as_videos_beside_its_images(tiny_ckpt, tmp_path, monkeypatch, capsys, how):
+def test_videos_in_a_folder_or_a_glob_are_run_as_videos_beside_its_images(
+    tiny_ckpt, tmp_path, monkeypatch, capsys, how
+):
     monkeypatch.setattr(MaskRCNN, "forward", bright_forward)
     folder = tmp_path / "vfolder"
     folder.mkdir()
@@ -236,8 +260,9 @@ def test_frames_larger_than_the_first_are_scaled_to_fit_not_cropped(tiny_ckpt, t
         parts.append((tmp_path / f"part{k}.ts").read_bytes())
     (tmp_path / "grow.ts").write_bytes(b"".join(parts))
     assert predict(tiny_ckpt, tmp_path / "grow.ts", "--out", tmp_path / "out") == 0, capsys.readouterr().err
-    assert [r["detections"][0]["segmentation"]["size"] for r in lines_of(tmp_path / "out" / "grow.jsonl")] == \
-        [[H, W]] * 3 + [[2 * H, 2 * W]] * 3  # detections stay in each frame's own pixels
+    assert [r["detections"][0]["segmentation"]["size"] for r in lines_of(tmp_path / "out" / "grow.jsonl")] == [
+        [H, W]
+    ] * 3 + [[2 * H, 2 * W]] * 3  # detections stay in each frame's own pixels
     frames = frames_of(tmp_path / "out" / "grow.mp4")
     assert len(frames) == 6 and all(f.shape == (H, W, 3) for f in frames)
     for f in frames:  # the corner shows in every frame: the large ones shrunk by 2 (a 5-px corner)

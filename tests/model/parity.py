@@ -5,6 +5,7 @@ tolerances of ../shared/fixtures/tv_parity/README.md), shared by the v1 and v2 p
 ``check_*`` functions hold one stage of one case to the README's tolerances. Each stage is fed
 our own previous stage, except the box head, which is also checked on torchvision's proposals.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -18,11 +19,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from maskrcnn.inference.results import Result
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.model.transform import to_original_frame
 from maskrcnn.ops.boxes import box_iou
 from maskrcnn.ops.paste import paste_masks
-from maskrcnn.inference.results import Result
 
 CASES = ["single_a", "single_b", "batch_ab"]
 
@@ -54,7 +55,8 @@ def run_cases(model: MaskRCNN, folder: Path) -> dict[str, dict[str, Any]]:
     with torch.no_grad():
         for name in CASES:
             images = [
-                torch.from_numpy(np.array(Image.open(folder / f).convert("RGB"))).permute(2, 0, 1).float().to(device) / 255
+                torch.from_numpy(np.array(Image.open(folder / f).convert("RGB"))).permute(2, 0, 1).float().to(device)
+                / 255
                 for f in cases[name]["images"]
             ]
             batch, _ = model.preprocess(images)
@@ -62,10 +64,14 @@ def run_cases(model: MaskRCNN, folder: Path) -> dict[str, dict[str, Any]]:
             proposals, _ = model.rpn(batch, feats)
             ref = dict(np.load(folder / f"{name}.npz"))
             tv_props = [torch.from_numpy(ref[f"proposals_{i}"]).to(device) for i in range(len(images))]
-            head_on_tv = [
-                model.roi_heads.box_outputs(feats[:-1], [p[:300]], [size])
-                for p, size in zip(tv_props, batch.image_sizes)
-            ] if len(images) == 1 else None
+            head_on_tv = (
+                [
+                    model.roi_heads.box_outputs(feats[:-1], [p[:300]], [size])
+                    for p, size in zip(tv_props, batch.image_sizes)
+                ]
+                if len(images) == 1
+                else None
+            )
             dets = model.roi_heads.detect(feats[:-1], proposals, batch.image_sizes)
             mask_logits = model.roi_heads.mask_logits(feats[:-1], [d.boxes for d in dets], batch.image_sizes)
             labels = torch.cat([d.labels for d in dets])
@@ -73,9 +79,16 @@ def run_cases(model: MaskRCNN, folder: Path) -> dict[str, dict[str, Any]]:
             final = to_original_frame(dets, batch)  # the same last step as model(images)
             masks_json = json.loads((folder / f"{name}_masks.json").read_text())
             out[name] = dict(
-                ref=ref, batch=batch.to("cpu"), feats=to_cpu(feats), proposals=to_cpu(proposals),
-                head_on_tv=to_cpu(head_on_tv), dets=to_cpu(dets), own_logits=to_cpu(own_logits), final=to_cpu(final),
-                masks_json=masks_json, n=len(images),
+                ref=ref,
+                batch=batch.to("cpu"),
+                feats=to_cpu(feats),
+                proposals=to_cpu(proposals),
+                head_on_tv=to_cpu(head_on_tv),
+                dets=to_cpu(dets),
+                own_logits=to_cpu(own_logits),
+                final=to_cpu(final),
+                masks_json=masks_json,
+                n=len(images),
             )
     return out
 
@@ -204,7 +217,9 @@ def check_pasting_torchvision_masks(folder: Path, case: str) -> None:
     h, w = rles[0]["size"]
     probs = torch.from_numpy(ref["dets_mask_logits_0"]).sigmoid()
     pasted = paste_masks(probs, torch.from_numpy(ref["final_boxes_0"]), (h, w))
-    np.testing.assert_allclose(pasted.double().sum(dim=(1, 2)).numpy(), ref["final_mask_soft_sum_0"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        pasted.double().sum(dim=(1, 2)).numpy(), ref["final_mask_soft_sum_0"], rtol=1e-4, atol=1e-3
+    )
     ours = (pasted > 0.5).numpy()
     theirs = mask_util.decode(rles).transpose(2, 0, 1).astype(bool)
     assert (ours == theirs).mean(axis=(1, 2)).min() == 1.0

@@ -1,4 +1,5 @@
 """Backbone bodies, FPN and anchors on tiny shapes, against hand-computed facts."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,7 +12,11 @@ from maskrcnn.model.fpn import FPN
 
 # Parameter counts of the ImageNet classifiers without their fc layer (published figures:
 # resnet18 11.69M, resnet50 25.56M, resnext50_32x4d 25.03M, minus fc = 512*1000+1000 or 2048*1000+1000).
-BODY_PARAMS = {"resnet18": 11_689_512 - 513_000, "resnet50": 25_557_032 - 2_049_000, "resnext50_32x4d": 25_028_904 - 2_049_000}
+BODY_PARAMS = {
+    "resnet18": 11_689_512 - 513_000,
+    "resnet50": 25_557_032 - 2_049_000,
+    "resnext50_32x4d": 25_028_904 - 2_049_000,
+}
 
 
 @pytest.mark.parametrize("name", sorted(RESNETS))
@@ -88,7 +93,9 @@ def test_p6_anchor_step_torchvision_vs_detectron2():
     torchvision steps by 800 // 13 = 61 px there, Detectron2 by its nominal stride 64."""
     sizes, hw = (32, 64, 128, 256, 512), [(200, 304), (100, 152), (50, 76), (25, 38), (13, 19)]
     tv = AnchorGenerator(sizes, (1.0,))((800, 1216), hw, torch.device("cpu"))
-    d2 = AnchorGenerator(sizes, (1.0,), round_cells=False, strides=(4, 8, 16, 32, 64))((800, 1216), hw, torch.device("cpu"))
+    d2 = AnchorGenerator(sizes, (1.0,), round_cells=False, strides=(4, 8, 16, 32, 64))(
+        (800, 1216), hw, torch.device("cpu")
+    )
     cell = 19 + 1  # P6 cell (row 1, col 1)
     assert tv[4][cell].tolist() == [64 - 256, 61 - 256, 64 + 256, 61 + 256]  # x step 1216 // 19 = 64, y 61
     assert d2[4][cell].tolist() == [64 - 256, 64 - 256, 64 + 256, 64 + 256]

@@ -1,6 +1,7 @@
 """BatchNorm folding (``maskrcnn.model.fuse``): the folded network against the unfolded one in
 float64, for every kind of pair the package builds; training, gradients and checkpoints as
 without folding."""
+
 from __future__ import annotations
 
 import copy
@@ -10,16 +11,27 @@ import torch
 from torch import nn
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import save_checkpoint
 from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.model.backbone import FrozenBatchNorm2d
 from maskrcnn.model.fuse import FoldedConv2d, conv_norm_pairs, fold_batchnorm
+from maskrcnn.weights.checkpoint import save_checkpoint
 
-SMALL = ["num_classes=3", "backbone.name=resnet18", "backbone.fpn_channels=16", "transform.min_size=[64]",
-         "transform.max_size=96", "roi_heads.representation_size=32", "roi_heads.mask_channels=[8,8]"]
+SMALL = [
+    "num_classes=3",
+    "backbone.name=resnet18",
+    "backbone.fpn_channels=16",
+    "transform.min_size=[64]",
+    "transform.max_size=96",
+    "roi_heads.representation_size=32",
+    "roi_heads.mask_channels=[8,8]",
+]
 # torchvision v2's layout: BatchNorm in the FPN, a 4conv1fc box head with norms, mask head norms.
-V2 = ["backbone.fpn_norm=batchnorm", "roi_heads.box_head=4conv1fc", "roi_heads.box_head_norm=batchnorm",
-      "roi_heads.mask_head_norm=batchnorm"]
+V2 = [
+    "backbone.fpn_norm=batchnorm",
+    "roi_heads.box_head=4conv1fc",
+    "roi_heads.box_head_norm=batchnorm",
+    "roi_heads.mask_head_norm=batchnorm",
+]
 
 
 def randomise_norms(model: nn.Module, seed: int = 0) -> None:
@@ -66,11 +78,19 @@ def test_pairs_found_are_every_conv_norm_pair():
     assert len(conv_norm_pairs(build([], frozen=False))) == 0
     assert len(conv_norm_pairs(build(V2), batchnorm=True)) == 20 + 8 + 4 + 2
     names = {n for n, _, _ in conv_norm_pairs(build(V2), batchnorm=True)}
-    assert {"backbone.body.conv1", "backbone.body.layer2.0.downsample.0", "backbone.fpn.inner_blocks.3",
-            "backbone.fpn.layer_blocks.0", "roi_heads.box_head.conv4", "roi_heads.mask_head.mask_fcn2"} <= names
+    assert {
+        "backbone.body.conv1",
+        "backbone.body.layer2.0.downsample.0",
+        "backbone.fpn.inner_blocks.3",
+        "backbone.fpn.layer_blocks.0",
+        "roi_heads.box_head.conv4",
+        "roi_heads.mask_head.mask_fcn2",
+    } <= names
 
 
-@pytest.mark.parametrize("overrides,frozen", [([], True), (V2, True), ([], False)], ids=["frozen", "v2", "trainable-bn"])
+@pytest.mark.parametrize(
+    "overrides,frozen", [([], True), (V2, True), ([], False)], ids=["frozen", "v2", "trainable-bn"]
+)
 def test_folded_equals_unfolded_float64(overrides, frozen):
     """Backbone + FPN features and both heads' features, folded in float32, against the unfolded
     network in float64 (the exact value of both computations)."""
@@ -121,8 +141,13 @@ def test_training_and_eval_with_autograd_run_unfolded_bit_for_bit():
             model.train(train)
             loss = sum(f.square().mean() for f in features(model, x))
             loss.backward()
-            outs.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None],
-                         [b.clone() for b in model.buffers()]))
+            outs.append(
+                (
+                    loss.detach(),
+                    [p.grad.clone() for p in model.parameters() if p.grad is not None],
+                    [b.clone() for b in model.buffers()],
+                )
+            )
         assert torch.equal(outs[0][0], outs[1][0])
         assert len(outs[0][1]) == len(outs[1][1]) > 0
         assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))

@@ -1,4 +1,5 @@
 """Losses and mask targets, on hand-computed numbers and a float64 bilinear reference."""
+
 import math
 
 import pytest

@@ -1,4 +1,5 @@
 """The assembled model: mixed precision keeps boxes exact, input checks, degenerate batches."""
+
 from __future__ import annotations
 
 import pytest
@@ -106,13 +107,17 @@ def test_detectron2_preprocessing_by_hand():
     assert resized_size(576, 768, resize_scale(576, 768, 800, 1333)) == (800, 1066)
     assert detectron2_resized_size(768, 509, 800, 1333) == (1207, 800)
     assert detectron2_resized_size(100, 1000, 800, 1333) == (133, 1333)  # long side capped
-    pre = Preprocessor((8,), 1333, (1.0, 2.0, 3.0), (2.0, 2.0, 2.0), 32, bgr=True, pixel_scale=255.0, resize="detectron2").eval()
+    pre = Preprocessor(
+        (8,), 1333, (1.0, 2.0, 3.0), (2.0, 2.0, 2.0), 32, bgr=True, pixel_scale=255.0, resize="detectron2"
+    ).eval()
     rgb = torch.tensor([10, 20, 30], dtype=torch.uint8).view(3, 1, 1).expand(3, 4, 6).contiguous()
     for image in (rgb, rgb.float() / 255):  # uint8, or floats that are k / 255
         batch, _ = pre([image])
         assert batch.image_sizes == [(8, 12)]
         x = batch.tensors[0, :, :8, :12]
-        torch.testing.assert_close(x, torch.tensor([(30 - 1) / 2, (20 - 2) / 2, (10 - 3) / 2]).view(3, 1, 1).expand_as(x))
+        torch.testing.assert_close(
+            x, torch.tensor([(30 - 1) / 2, (20 - 2) / 2, (10 - 3) / 2]).view(3, 1, 1).expand_as(x)
+        )
     with pytest.raises(ValueError, match="resize"):
         Preprocessor(resize="cv2")
 
@@ -129,8 +134,14 @@ def test_rpn_ranks_by_logit_where_probabilities_saturate():
     deltas = torch.zeros(1, 2, 4)
     assert torch.sigmoid(logits).eq(1.0).all()
     for rank_by, first in (("prob", 10.0), ("logit", 11.0)):
-        rpn = RegionProposalNetwork(AnchorGenerator(), RPNHead(4, 3), {"train": 10, "test": 10}, {"train": 10, "test": 10},
-                                    min_size=0.0, rank_by=rank_by).eval()
+        rpn = RegionProposalNetwork(
+            AnchorGenerator(),
+            RPNHead(4, 3),
+            {"train": 10, "test": 10},
+            {"train": 10, "test": 10},
+            min_size=0.0,
+            rank_by=rank_by,
+        ).eval()
         (props,) = rpn.select_proposals(anchors, logits, deltas, [(20, 20)])
         assert props.shape == (2, 4) and props[0, 3] == first, rank_by
 

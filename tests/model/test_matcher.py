@@ -1,4 +1,5 @@
 """Anchor / proposal matching and balanced sampling, on hand-computed cases."""
+
 import pytest
 import torch
 

@@ -11,6 +11,7 @@ tolerances. On CUDA, TF32 is switched off for the run: PyTorch lets cuDNN convol
 TF32 by default (10-bit mantissa products), which is a different computation from the float32
 one the fixture records.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -10,6 +10,7 @@ Detectron2 numbers classes 0..K-1 with background last; ours are 1..K with backg
 so a reference label ``c`` is our ``c + 1`` and the reference class logits are ours with the
 first column moved last.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,9 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 import maskrcnn
+from maskrcnn.inference.results import Result
 from maskrcnn.model.transform import to_original_frame
 from maskrcnn.ops.paste import paste_masks
-from maskrcnn.inference.results import Result
 from maskrcnn.structures import Detections
 
 from ..helpers import D2_PARITY, DEVICES, TV_PARITY, d2_checkpoint, need
@@ -68,8 +69,16 @@ def run_case(model, family: str, name: str, files: list[str]) -> dict:
     final = to_original_frame(dets, batch)  # the same last step as model(images)
     masks_json = json.loads((D2_PARITY / family / f"{name}_masks.json").read_text())
     return dict(
-        ref=ref, batch=batch.to("cpu"), feats=to_cpu(feats), proposals=to_cpu(proposals), head_on_ref=to_cpu(head_on_ref),
-        dets=to_cpu(dets), own_logits=to_cpu(own_logits), final=to_cpu(final), masks_json=masks_json, n=len(images),
+        ref=ref,
+        batch=batch.to("cpu"),
+        feats=to_cpu(feats),
+        proposals=to_cpu(proposals),
+        head_on_ref=to_cpu(head_on_ref),
+        dets=to_cpu(dets),
+        own_logits=to_cpu(own_logits),
+        final=to_cpu(final),
+        masks_json=masks_json,
+        n=len(images),
     )
 
 
@@ -178,7 +187,9 @@ def check_detections(r: dict, stage: str) -> None:
         ious = np.array([mask_iou(ref_masks[j], our_masks[k]) if k >= 0 else 0.0 for j, k in enumerate(fwd)])
         with_mask = ious >= 0.98
         soft = our_soft.double().sum(dim=(1, 2)).numpy()
-        np.testing.assert_allclose(soft[fwd[with_mask]], r["ref"][f"final_mask_soft_sum_{i}"][with_mask], rtol=1e-3, atol=0.5)
+        np.testing.assert_allclose(
+            soft[fwd[with_mask]], r["ref"][f"final_mask_soft_sum_{i}"][with_mask], rtol=1e-3, atol=0.5
+        )
         ref_probs = torch.from_numpy(r["ref"][f"dets_mask_logits_{i}"]).sigmoid()
         for j in np.where(m & ~with_mask)[0]:
             # Detectron2's own probabilities at its own box (test_pasting_... shows that our
@@ -203,7 +214,9 @@ def test_pasting_detectron2_masks_at_its_boxes_gives_its_rles(family):
     h, w = rles[0]["size"]
     probs = torch.from_numpy(ref["dets_mask_logits_0"]).sigmoid()
     pasted = paste_masks(probs, torch.from_numpy(ref["final_boxes_0"]), (h, w), mode="detectron2")
-    np.testing.assert_allclose(pasted.double().sum(dim=(1, 2)).numpy(), ref["final_mask_soft_sum_0"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(
+        pasted.double().sum(dim=(1, 2)).numpy(), ref["final_mask_soft_sum_0"], rtol=1e-4, atol=1e-3
+    )
     ours = (pasted >= 0.5).numpy()
     theirs = mask_util.decode(rles).transpose(2, 0, 1).astype(bool)
     assert (ours == theirs).mean(axis=(1, 2)).min() == 1.0
@@ -212,9 +225,86 @@ def test_pasting_detectron2_masks_at_its_boxes_gives_its_rles(family):
 # COCO's 80 thing category ids in Detectron2's contiguous class order (thing_dataset_id_to_contiguous_id
 # of detectron2/data/datasets/builtin_meta.py): class k has category id COCO_THING_IDS[k].
 COCO_THING_IDS = [
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32, 33, 34,
-    35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64,
-    65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90,
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    8,
+    9,
+    10,
+    11,
+    13,
+    14,
+    15,
+    16,
+    17,
+    18,
+    19,
+    20,
+    21,
+    22,
+    23,
+    24,
+    25,
+    27,
+    28,
+    31,
+    32,
+    33,
+    34,
+    35,
+    36,
+    37,
+    38,
+    39,
+    40,
+    41,
+    42,
+    43,
+    44,
+    46,
+    47,
+    48,
+    49,
+    50,
+    51,
+    52,
+    53,
+    54,
+    55,
+    56,
+    57,
+    58,
+    59,
+    60,
+    61,
+    62,
+    63,
+    64,
+    65,
+    67,
+    70,
+    72,
+    73,
+    74,
+    75,
+    76,
+    77,
+    78,
+    79,
+    80,
+    81,
+    82,
+    84,
+    85,
+    86,
+    87,
+    88,
+    89,
+    90,
 ]
 
 
@@ -232,7 +322,9 @@ def test_detectron2_classes_come_out_as_coco_category_ids(device):
     r = runs("r50", device)["single_a"]
     ref_classes = r["ref"]["final_labels_0"]
     ours: Detections = r["final"][0]
-    fwd = match_detections(ours.boxes, ours.labels, torch.from_numpy(r["ref"]["final_boxes_0"]), torch.from_numpy(ref_classes) + 1)
+    fwd = match_detections(
+        ours.boxes, ours.labels, torch.from_numpy(r["ref"]["final_boxes_0"]), torch.from_numpy(ref_classes) + 1
+    )
     assert (fwd >= 0).mean() >= 0.98
     # Several classes, and ones past the first gap in COCO's ids (class 11 and up: id != k + 1).
     assert len(set(ref_classes.tolist())) >= 5 and (np.array(COCO_THING_IDS)[ref_classes] != ref_classes + 1).any()

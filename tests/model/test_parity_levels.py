@@ -9,6 +9,7 @@ which is how Detectron2's P6 anchors sat 3 px a cell off (padded size // grid, n
 stride 64) while every parity test passed. Here every level must match on its own, so an anchor
 regression on one level fails. Backbone and RPN only: a few seconds per family.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,9 @@ FAMILIES = ["tv1", "tv2", "r50", "r101", "x101"]
 
 def proposals(family: str) -> tuple[dict, torch.Tensor, torch.Size]:
     ref = dict(np.load(need(LEVELS / f"levels_{family}.npz")))
-    image = torch.from_numpy(np.array(Image.open(need(KUDZU / "images" / str(ref["image"]))).convert("RGB"))).permute(2, 0, 1)
+    image = torch.from_numpy(np.array(Image.open(need(KUDZU / "images" / str(ref["image"]))).convert("RGB"))).permute(
+        2, 0, 1
+    )
     if family.startswith("tv"):
         image = image.float() / 255  # what the torchvision reference was given
     model = maskrcnn.load(level_checkpoint(family))

@@ -8,6 +8,7 @@ counters) with calibrated random weights; ``conftest.tv2_checkpoint`` rebuilds t
 the fixture's recipe. The model is loaded with ``maskrcnn.load`` and no hint: the v2 layout is
 read from the file's keys. Runs once per device of ``tests.helpers.DEVICES``, TF32 off.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -61,8 +62,12 @@ def test_every_batchnorm_is_in_eval_mode_and_holds_the_file_statistics(model, tv
     assert len(norms) == 53 + 8 + 4 + 4  # ResNet-50 body, FPN, box head, mask head
     assert not any(m.training for m in norms)
     ours = model.state_dict()
-    assert torch.equal(ours["backbone.fpn.layer_norms.3.running_var"].cpu(), state["backbone.fpn.layer_blocks.3.1.running_var"])
-    assert torch.equal(ours["roi_heads.box_head.norm4.running_mean"].cpu(), state["roi_heads.box_head.3.1.running_mean"])
+    assert torch.equal(
+        ours["backbone.fpn.layer_norms.3.running_var"].cpu(), state["backbone.fpn.layer_blocks.3.1.running_var"]
+    )
+    assert torch.equal(
+        ours["roi_heads.box_head.norm4.running_mean"].cpu(), state["roi_heads.box_head.3.1.running_mean"]
+    )
     assert torch.equal(ours["roi_heads.mask_head.mask_norm1.weight"].cpu(), state["roi_heads.mask_head.0.1.weight"])
 
 

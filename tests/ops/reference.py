@@ -3,6 +3,7 @@
 Plain Python loops over float64 (Python floats) or numpy, sharing no code with
 ``maskrcnn.ops``. Each takes and returns plain lists / numpy arrays.
 """
+
 from __future__ import annotations
 
 import math
@@ -170,9 +171,8 @@ def resize_bilinear(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     out = np.zeros((out_h, out_w))
     for r, (r0, r1, ly) in enumerate(taps(out_h, in_h)):
         for c, (c0, c1, lx) in enumerate(taps(out_w, in_w)):
-            out[r, c] = (
-                (1 - ly) * ((1 - lx) * img[r0, c0] + lx * img[r0, c1])
-                + ly * ((1 - lx) * img[r1, c0] + lx * img[r1, c1])
+            out[r, c] = (1 - ly) * ((1 - lx) * img[r0, c0] + lx * img[r0, c1]) + ly * (
+                (1 - lx) * img[r1, c0] + lx * img[r1, c1]
             )
     return out
 

@@ -1,5 +1,6 @@
 """Box encoding/decoding against per-box float64 formulas. Tests that take ``device`` run on
 every device of ``tests.helpers.DEVICES``."""
+
 from __future__ import annotations
 
 import math

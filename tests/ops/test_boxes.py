@@ -1,5 +1,6 @@
 """Box geometry against loop references and hand-computed values. Tests that take ``device``
 run on every device of ``tests.helpers.DEVICES``."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """NMS against a one-box-at-a-time greedy reference, including ties and exact-threshold IoUs.
 Tests that take ``device`` run on every device of ``tests.helpers.DEVICES``."""
+
 from __future__ import annotations
 
 import importlib
@@ -82,7 +83,9 @@ def test_nms_chain_and_ties(device: torch.device) -> None:
 def test_nms_empty_and_single(device: torch.device) -> None:
     empty = nms(torch.zeros(0, 4, device=device), torch.zeros(0, device=device), 0.5)
     assert empty.shape == (0,) and empty.dtype == torch.int64 and empty.device.type == device.type
-    assert nms(torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device), torch.tensor([0.3], device=device), 0.5).tolist() == [0]
+    assert nms(
+        torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=device), torch.tensor([0.3], device=device), 0.5
+    ).tolist() == [0]
 
 
 def test_nms_degenerate_boxes(device: torch.device) -> None:
@@ -137,6 +140,10 @@ def test_batched_nms_torchvision_compat(device: torch.device) -> None:
 
 
 def test_batched_nms_empty(device: torch.device) -> None:
-    keep = batched_nms(torch.zeros(0, 4, device=device), torch.zeros(0, device=device),
-                       torch.zeros(0, dtype=torch.int64, device=device), 0.5)
+    keep = batched_nms(
+        torch.zeros(0, 4, device=device),
+        torch.zeros(0, device=device),
+        torch.zeros(0, dtype=torch.int64, device=device),
+        0.5,
+    )
     assert keep.shape == (0,) and keep.dtype == torch.int64

@@ -1,5 +1,6 @@
 """Mask pasting against a per-pixel reference of the torchvision recipe. Tests that take
 ``device`` run on every device of ``tests.helpers.DEVICES``."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -99,7 +100,7 @@ def test_detectron2_mode_by_hand() -> None:
     assert torch.equal(half, half_soft >= 0.5)  # ... and those are foreground
     assert paste_masks(ones * 0.5, box, (30, 30), threshold=0.5)[0].sum() == 0  # torchvision: 0.5 > 0.5 is false
     # Crops start one pixel outside the box's integer hull and stop at the image border.
-    (y0, x0, crop), = paste_crops(ones, torch.tensor([[2.5, 3.5, 29.5, 12.0]]), (30, 30), mode="detectron2")
+    ((y0, x0, crop),) = paste_crops(ones, torch.tensor([[2.5, 3.5, 29.5, 12.0]]), (30, 30), mode="detectron2")
     assert (y0, x0, tuple(crop.shape)) == (2, 1, (11, 29))
     with pytest.raises(ValueError, match="paste mode"):
         paste_masks(ones, box, (30, 30), mode="opencv")

@@ -1,5 +1,6 @@
 """FPN level assignment and multi-level pooling against per-RoI references. Tests that take
 ``device`` run on every device of ``tests.helpers.DEVICES``."""
+
 from __future__ import annotations
 
 import math
@@ -57,7 +58,9 @@ def test_multiscale_matches_per_roi_reference(pool: str, device: torch.device) -
         xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * 50
         side = torch.exp(torch.rand(n, 1, generator=g, dtype=torch.float64) * math.log(700 / 4)) * 4
         boxes.append(torch.cat([xy, xy + side * torch.tensor([1.0, 0.7], dtype=torch.float64)], dim=1))
-    out = multiscale_roi_align([f.to(device) for f in features], [b.to(device) for b in boxes], image_sizes, (3, 2), 2, pool=pool)
+    out = multiscale_roi_align(
+        [f.to(device) for f in features], [b.to(device) for b in boxes], image_sizes, (3, 2), 2, pool=pool
+    )
     assert out.shape == (16, 3, 3, 2) and out.dtype == torch.float64 and out.device.type == device.type
     out = out.cpu()
 
@@ -80,7 +83,9 @@ def test_multiscale_single_level_and_empty(device: torch.device) -> None:
     out = multiscale_roi_align([features[0].to(device)], [boxes[0].to(device)], [(32, 32)], 2, -1, aligned=True)
     ref = reference.roi_align(features[0].numpy(), [[0.0, 1.0, 1.0, 20.0, 30.0]], (2, 2), 0.25, -1, True)
     torch.testing.assert_close(out.cpu(), torch.from_numpy(ref), rtol=0, atol=1e-12)
-    empty = multiscale_roi_align([features[0].to(device)] * 2, [torch.zeros(0, 4, dtype=torch.float64, device=device)], [(32, 32)], 2, 2)
+    empty = multiscale_roi_align(
+        [features[0].to(device)] * 2, [torch.zeros(0, 4, dtype=torch.float64, device=device)], [(32, 32)], 2, 2
+    )
     assert empty.shape == (0, 2, 2, 2)
 
 
@@ -115,9 +120,13 @@ def test_fixed_strides_pool_a_thin_image_at_one_quarter_on_p2() -> None:
     features = [torch.randn(1, 2, 64 // s, 1344 // s) for s in (4, 8, 16, 32)]
     boxes = [torch.tensor([[10.0, 5.0, 60.0, 40.0], [100.0, 0.0, 700.0, 44.0]])]  # on P2 and on P3
     assert infer_scale(tuple(features[0].shape[-2:]), sizes[0]) == 0.5  # torchvision's rule, kept for it
-    got = multiscale_roi_align(features, boxes, sizes, 7, 0, aligned=True, level_mapper="detectron2", strides=(4, 8, 16, 32))
+    got = multiscale_roi_align(
+        features, boxes, sizes, 7, 0, aligned=True, level_mapper="detectron2", strides=(4, 8, 16, 32)
+    )
     levels = assign_fpn_levels(boxes[0], 2, 5, mapper="detectron2")
     assert levels.tolist() == [0, 1]
     for i, level in enumerate(levels.tolist()):
-        want = reference.roi_align(features[level].double().numpy(), [[0.0] + boxes[0][i].tolist()], (7, 7), 1 / 2 ** (level + 2), 0, True)
+        want = reference.roi_align(
+            features[level].double().numpy(), [[0.0] + boxes[0][i].tolist()], (7, 7), 1 / 2 ** (level + 2), 0, True
+        )
         torch.testing.assert_close(got[i].double(), torch.from_numpy(want[0]), atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 """RoIAlign against the loop reference; gradients by finite differences. Tests that take
 ``device`` run on every device of ``tests.helpers.DEVICES`` against the same CPU reference."""
+
 from __future__ import annotations
 
 import importlib
@@ -72,7 +73,9 @@ def test_hand_computed(device: torch.device) -> None:
 
 def test_outside_map_is_zero(device: torch.device) -> None:
     features = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=device)
-    rois = torch.tensor([[0.0, 20.0, 20.0, 30.0, 30.0], [0.0, -30.0, -30.0, -10.0, -10.0]], dtype=torch.float64, device=device)
+    rois = torch.tensor(
+        [[0.0, 20.0, 20.0, 30.0, 30.0], [0.0, -30.0, -30.0, -10.0, -10.0]], dtype=torch.float64, device=device
+    )
     assert torch.equal(roi_align(features, rois, 2, 1.0, 2).cpu(), torch.zeros(2, 2, 2, 2, dtype=torch.float64))
 
 
@@ -119,7 +122,8 @@ def test_gradcheck(aligned: bool, sampling_ratio: int, device: torch.device) -> 
     features = torch.randn(2, 1, 5, 6, generator=g, dtype=torch.float64).to(device).requires_grad_(True)
     rois = torch.tensor(
         [[0, 0.3, 0.2, 4.7, 3.9], [1, -1.5, 1.0, 3.0, 6.5], [1, 2.2, 2.1, 9.0, 4.0], [0, 1.0, 1.0, 1.2, 1.1]],
-        dtype=torch.float64, device=device,
+        dtype=torch.float64,
+        device=device,
     )
     torch.autograd.gradcheck(lambda x: roi_align(x, rois, (2, 3), 1.0, sampling_ratio, aligned), (features,))
 

@@ -1,5 +1,6 @@
 """RoIPool against the loop reference; gradients to the first maximum. Tests that take ``device``
 run on every device of ``tests.helpers.DEVICES`` against the same CPU reference."""
+
 from __future__ import annotations
 
 import importlib
@@ -75,7 +76,9 @@ def test_gradcheck(device: torch.device) -> None:
     features = torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64)  # distinct values: no ties
     features = features.to(device).requires_grad_(True)
     rois = torch.tensor(
-        [[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, 2.0, 7.0, 4.0], [1, -2.0, -1.0, 1.0, 9.0]], dtype=torch.float64, device=device
+        [[0, 0.0, 0.0, 4.0, 5.0], [1, 1.2, 2.0, 7.0, 4.0], [1, -2.0, -1.0, 1.0, 9.0]],
+        dtype=torch.float64,
+        device=device,
     )
     torch.autograd.gradcheck(lambda x: roi_pool(x, rois, (2, 3), 1.0), (features,))
 

@@ -1,4 +1,5 @@
 """A ``maskrcnn serve`` app on a free 127.0.0.1 port, served by uvicorn from a thread, for tests."""
+
 from __future__ import annotations
 
 import socket

@@ -3,6 +3,7 @@ pick an image, see the masks drawn where the API says they are, switch a class o
 
 Chromium comes from ``.ci/install-browser``; without it this test fails (it is never skipped).
 """
+
 from __future__ import annotations
 
 import io
@@ -15,8 +16,8 @@ import requests
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from maskrcnn.weights.checkpoint import load
 from maskrcnn.serve.app import ServeOptions, create_app
+from maskrcnn.weights.checkpoint import load
 
 from .helpers import RunningServer
 
@@ -33,8 +34,14 @@ def browser():
     assert binary is not None and shutil.which(DRIVER), "Chromium and chromedriver are needed: run .ci/install-browser"
     options = webdriver.ChromeOptions()
     options.binary_location = binary
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--force-device-scale-factor=1", "--window-size=1200,900"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--force-device-scale-factor=1",
+        "--window-size=1200,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     yield driver
@@ -56,12 +63,15 @@ def test_the_page_draws_the_masks_and_hides_a_class(browser, tiny_ckpt, tmp_path
     Image.fromarray(picture).save(path)
     app = create_app(load(tiny_ckpt), ServeOptions(), weights="tiny.pth")
     with RunningServer(app) as url:
-        reference = requests.post(f"{url}/predict", data=path.read_bytes(), headers={"Content-Type": "image/png"}).json()
+        reference = requests.post(
+            f"{url}/predict", data=path.read_bytes(), headers={"Content-Type": "image/png"}
+        ).json()
         browser.get(url + "/")
-        WebDriverWait(browser, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        WebDriverWait(browser, 30).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1"
+        )
         browser.find_element(By.ID, "pick").send_keys(str(path))
-        canvas = WebDriverWait(browser, 60).until(
-            lambda d: d.find_element(By.CSS_SELECTOR, "canvas[data-done='1']"))
+        canvas = WebDriverWait(browser, 60).until(lambda d: d.find_element(By.CSS_SELECTOR, "canvas[data-done='1']"))
         shot = _canvas_pixels(browser, canvas)
         assert shot.shape[:2] == (h, w)
         # Where the API's masks are (decoded by pycocotools), the page tints; away from every
@@ -72,7 +82,7 @@ def test_the_page_draws_the_masks_and_hides_a_class(browser, tiny_ckpt, tmp_path
         boxes = np.zeros((h, w), bool)
         for e in reference["results"]:
             x, y, bw, bh = e["bbox"]
-            boxes[max(0, int(y) - 20):int(y + bh) + 3, max(0, int(x) - 3):int(x + bw) + 100] = True
+            boxes[max(0, int(y) - 20) : int(y + bh) + 3, max(0, int(x) - 3) : int(x + bw) + 100] = True
         changed = np.abs(shot - 200).sum(-1) > 6
         assert changed[covered].mean() > 0.95
         assert not changed[~covered & ~boxes].any()

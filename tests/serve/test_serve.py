@@ -1,5 +1,6 @@
 """``maskrcnn serve`` over real HTTP on 127.0.0.1: the same answers as ``maskrcnn predict``,
 batching, per-request options, and every limit answered with a clear 4xx that keeps nothing."""
+
 from __future__ import annotations
 
 import base64
@@ -20,10 +21,10 @@ from PIL import Image
 from pycocotools import mask as mask_util
 from scipy.ndimage import binary_fill_holes
 
-from maskrcnn.weights.checkpoint import load
 from maskrcnn.cli import main
 from maskrcnn.serve.app import ServeOptions, create_app
 from maskrcnn.serve.worker import BatchWorker, RequestOptions
+from maskrcnn.weights.checkpoint import load
 
 from .helpers import RunningServer
 
@@ -33,8 +34,11 @@ MAX_PIXELS = 200_000
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):  # noqa: F811
-    app = create_app(load(tiny_ckpt), ServeOptions(max_batch=4, max_wait_ms=20, max_upload_mb=MAX_UPLOAD_MB,
-                                                   max_pixels=MAX_PIXELS), weights="tiny.pth")
+    app = create_app(
+        load(tiny_ckpt),
+        ServeOptions(max_batch=4, max_wait_ms=20, max_upload_mb=MAX_UPLOAD_MB, max_pixels=MAX_PIXELS),
+        weights="tiny.pth",
+    )
     with RunningServer(app) as url:
         yield url, app.state.worker
 
@@ -46,7 +50,9 @@ def _png(h: int, w: int, seed: int = 0) -> bytes:
 
 
 def _post(url: str, data: bytes, params: dict | None = None, **kw) -> requests.Response:
-    return requests.post(f"{url}/predict", data=data, headers={"Content-Type": "image/png"}, params=params, timeout=60, **kw)
+    return requests.post(
+        f"{url}/predict", data=data, headers={"Content-Type": "image/png"}, params=params, timeout=60, **kw
+    )
 
 
 def test_answers_equal_maskrcnn_predicts_files(server, tiny_ckpt, tmp_path):  # noqa: F811
@@ -54,12 +60,17 @@ def test_answers_equal_maskrcnn_predicts_files(server, tiny_ckpt, tmp_path):  # 
     (tmp_path / "in").mkdir()
     png = _png(90, 120, seed=1)
     (tmp_path / "in" / "a.png").write_bytes(png)
-    assert main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(["predict", "--weights", str(tiny_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"])
+        == 0
+    )
     expected = json.loads((tmp_path / "out" / "predictions.json").read_text())
     image_id = json.loads((tmp_path / "out" / "images.json").read_text())[0]["id"]
     assert len(expected) > 0
     raw = _post(url, png, {"image_id": image_id})
-    form = requests.post(f"{url}/predict", files={"image": ("a.png", png, "image/png")}, params={"image_id": image_id}, timeout=60)
+    form = requests.post(
+        f"{url}/predict", files={"image": ("a.png", png, "image/png")}, params={"image_id": image_id}, timeout=60
+    )
     for r in (raw, form):
         assert r.status_code == 200, r.text
         got = r.json()
@@ -153,19 +164,22 @@ def _temp_files() -> set[str]:
     return set(os.listdir(tempfile.gettempdir()))
 
 
-@pytest.mark.parametrize("case, status, words", [
-    ("too_big", 413, "over this server's limit"),
-    ("too_big_chunked", 413, "over this server's limit"),
-    ("too_many_pixels", 413, "pixels"),
-    ("not_an_image", 415, "not an image"),
-    ("truncated", 400, "truncated"),
-    ("empty", 400, "empty"),
-    ("text_body", 415, "Content-Type text/plain"),
-    ("form_without_file", 400, "no file"),
-    ("bad_threshold", 422, "score_thresh"),
-    ("bad_tile", 422, "tile"),
-    ("bad_flag", 422, "polygons"),  # FastAPI's own type check: one line too (a breaker found a list)
-])
+@pytest.mark.parametrize(
+    "case, status, words",
+    [
+        ("too_big", 413, "over this server's limit"),
+        ("too_big_chunked", 413, "over this server's limit"),
+        ("too_many_pixels", 413, "pixels"),
+        ("not_an_image", 415, "not an image"),
+        ("truncated", 400, "truncated"),
+        ("empty", 400, "empty"),
+        ("text_body", 415, "Content-Type text/plain"),
+        ("form_without_file", 400, "no file"),
+        ("bad_threshold", 422, "score_thresh"),
+        ("bad_tile", 422, "tile"),
+        ("bad_flag", 422, "polygons"),  # FastAPI's own type check: one line too (a breaker found a list)
+    ],
+)
 def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, words):
     url, worker = server
     before, done_before = _temp_files(), worker.images
@@ -174,8 +188,12 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, wor
     if case == "too_big":
         r = _post(url, big)
     elif case == "too_big_chunked":  # no Content-Length: refused while counting
-        r = requests.post(f"{url}/predict", data=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
-                          headers={"Content-Type": "image/png"}, timeout=60)
+        r = requests.post(
+            f"{url}/predict",
+            data=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+            headers={"Content-Type": "image/png"},
+            timeout=60,
+        )
     elif case == "too_many_pixels":  # 600 x 400 = 240,000 > 200,000; a flat PNG is small on the wire
         buffer = io.BytesIO()
         Image.new("RGB", (600, 400)).save(buffer, format="PNG")
@@ -213,9 +231,11 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_the_server_goes
             s.sendall(_png(90, 120)[:5000])
         # and a multipart upload cut inside its file part
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
-                      b"Content-Length: 400000\r\n\r\n--zz\r\nContent-Disposition: form-data; name=\"image\"; "
-                      b"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n" + os.urandom(200000))
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                b'Content-Length: 400000\r\n\r\n--zz\r\nContent-Disposition: form-data; name="image"; '
+                b'filename="a.png"\r\nContent-Type: image/png\r\n\r\n' + os.urandom(200000)
+            )
     time.sleep(0.5)
     assert _post(url, _png(60, 80)).status_code == 200  # still serving
     assert worker.images == done_before + 1 and worker.pending() == 0
@@ -238,7 +258,10 @@ class _GatedModel:
 def test_the_worker_skips_cancelled_jobs_and_batches_by_options():
     model = _GatedModel()
     worker = BatchWorker(model, max_batch=8, max_wait_s=0.05)
-    image = lambda v: np.full((4, 4, 3), v, np.uint8)
+
+    def image(v):
+        return np.full((4, 4, 3), v, np.uint8)
+
     first = worker.submit(image(0), RequestOptions())  # the worker takes it and waits at the gate
     time.sleep(0.2)
     jobs = [worker.submit(image(v), RequestOptions(score_thresh=0.5 if v % 2 else None)) for v in range(1, 6)]
@@ -294,8 +317,12 @@ def test_a_client_that_disconnects_while_queued_is_never_run(tiny_ckpt):  # noqa
         time.sleep(0.5)
         quitter = _png(70, 90)  # told apart by its size
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
-                      + str(len(quitter)).encode() + b"\r\n\r\n" + quitter)
+            s.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: "
+                + str(len(quitter)).encode()
+                + b"\r\n\r\n"
+                + quitter
+            )
             time.sleep(0.5)  # fully sent and queued behind the first
         time.sleep(1.0)  # the server polls for a disconnect every 0.25 s
         held.gate.set()
@@ -311,7 +338,9 @@ def test_requests_past_max_queue_wait_unread_and_then_run(tiny_ckpt):  # noqa: F
     app = create_app(held, ServeOptions(max_batch=1, max_queue=1))
     with RunningServer(app) as url:
         answers: list = []
-        threads = [threading.Thread(target=lambda i=i: answers.append(_post(url, _png(60 + 10 * i, 80)))) for i in range(2)]
+        threads = [
+            threading.Thread(target=lambda i=i: answers.append(_post(url, _png(60 + 10 * i, 80)))) for i in range(2)
+        ]
         for t in threads:
             t.start()
             time.sleep(0.5)
@@ -341,8 +370,23 @@ def test_the_serve_command_starts_answers_and_stops_on_sigterm(tiny_ckpt, tmp_pa
     assert "checkpoint not found" in capsys.readouterr().err
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src"), "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "maskrcnn.cli", "serve", "--weights", str(tiny_ckpt), "--port", str(port),
-                               "--max-upload-mb", "0.001"], env=env, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "maskrcnn.cli",
+            "serve",
+            "--weights",
+            str(tiny_ckpt),
+            "--port",
+            str(port),
+            "--max-upload-mb",
+            "0.001",
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         for _ in range(600):

@@ -1,10 +1,10 @@
 """Fixtures of the trainer tests: one intra-op thread, and the tiny synthetic dataset they
 train on (helpers.py holds the model and training configuration)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Time budgets and stops: ``solver.max_minutes`` fits the schedule, a stopped run validates its
 last weights, ``solver.amp=auto`` is resolved and recorded. The clock is faked: every training
 step takes exactly one second, so the fitted lengths can be computed by hand."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,10 @@ from maskrcnn.train.trainer import FIT_AT, VAL_COST, Trainer, train
 
 from .helpers import tiny_train_config
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 @pytest.fixture
@@ -44,16 +47,23 @@ def lrs(out_dir) -> dict[int, float]:
 
 def test_budget_that_fits_changes_nothing(shapes, tmp_path, clock):
     # 6 images, batch 2: 3 iterations an epoch; 9 epochs = 27 iterations of 1 s in a 10-minute budget
-    cfg = tiny_train_config(shapes, tmp_path / "run", solver={"epochs": 9, "schedule": "cosine", "max_minutes": 10},
-                            eval={"every": 9, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        solver={"epochs": 9, "schedule": "cosine", "max_minutes": 10},
+        eval={"every": 9, "num_visualize": 0},
+    )
     result = train(cfg)
     assert result["iterations"] == 27 and result["stopped"] == "completed" and result["epochs"] == 9
 
 
 def test_short_budget_fits_the_cosine_to_the_time_left(shapes, tmp_path, clock):
-    cfg = tiny_train_config(shapes, tmp_path / "run", solver={"epochs": 12, "schedule": "cosine", "max_minutes": 0.5,
-                                                                "warmup_iters": 2, "lr": 0.01},
-                            eval={"every": 4, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        solver={"epochs": 12, "schedule": "cosine", "max_minutes": 0.5, "warmup_iters": 2, "lr": 0.01},
+        eval={"every": 4, "num_visualize": 0},
+    )
     result = train(cfg)
     # At iteration 25, 25 s of the 30 are spent; the one validation still to come (the stage's
     # last; epochs 4 and 8 are past), 1 batch at VAL_COST steps, is set aside, which leaves room
@@ -93,8 +103,12 @@ def test_steps_that_slow_down_are_caught_by_a_refit(shapes, tmp_path, monkeypatc
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "step", timed_step)
-    cfg = tiny_train_config(shapes, tmp_path / "run", solver={"epochs": 40, "schedule": "cosine", "max_minutes": 100 / 60},
-                            eval={"every": 40, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        solver={"epochs": 40, "schedule": "cosine", "max_minutes": 100 / 60},
+        eval={"every": 40, "num_visualize": 0},
+    )
     result = train(cfg)
     # At 25 (25 s spent): 100 - 25 - 0.5 s of validation leave 74 iterations -> end at 99.
     # At 50 (75 s spent, 2 s a step since): 100 - 75 - 0.5 * 2 leave 12 -> end at 62, which
@@ -115,7 +129,9 @@ def test_a_stop_inside_an_epoch_validates_the_last_weights_and_resume_finishes_t
     # The weights after iteration 4 (inside epoch 2) were validated, and best.pth considered them.
     assert last["epoch"] == 2 and last["partial"] and "segm_AP" in last and last["iter"] == 4
     assert stopped["best_epoch"] in (1, 2) and stopped["best"] is not None
-    resumed = train(tiny_train_config(shapes, tmp_path / "cut", solver={"epochs": 3}, eval={"num_visualize": 0}), resume=True)
+    resumed = train(
+        tiny_train_config(shapes, tmp_path / "cut", solver={"epochs": 3}, eval={"num_visualize": 0}), resume=True
+    )
     assert resumed["iterations"] == 9
     full = [h for h in resumed["history"] if not h.get("partial")]
     assert [h["epoch"] for h in full] == [1, 2, 3]
@@ -127,8 +143,13 @@ def test_a_stop_inside_an_epoch_validates_the_last_weights_and_resume_finishes_t
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_amp_auto_is_resolved_and_recorded(shapes, tmp_path, monkeypatch, native, expected):
     monkeypatch.setattr(precision, "cpu_bf16_pays", lambda: native)
-    cfg = tiny_train_config(shapes, tmp_path / "run", solver={"amp": "auto", "max_iters": 1},
-                            data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        solver={"amp": "auto", "max_iters": 1},
+        data={"max_train_images": 2},
+        eval={"max_images": 1, "num_visualize": 0},
+    )
     train(cfg)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["solver"]["amp"] == expected

@@ -1,4 +1,5 @@
 """The demo end to end on a tiny model and dataset: outputs, a fresh re-run, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,25 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 
 # A few seconds: 6 training images of 80x80 px (one aspect-ratio group), a tiny model, 2 iterations.
 TINY = [
-    "data.synthetic_train=6", "data.synthetic_val=3", "data.synthetic_size=[80,80]", "data.batch_size=2",
-    "model.backbone.fpn_channels=16", "model.roi_heads.representation_size=16", "model.roi_heads.mask_channels=[8]",
-    "model.rpn.pre_nms_top_n_train=100", "model.rpn.post_nms_top_n_train=50", "model.rpn.pre_nms_top_n_test=50",
-    "model.rpn.post_nms_top_n_test=20", "model.roi_heads.batch_size_per_image=16",
-    "model.transform.min_size=[64]", "model.transform.max_size=96",
-    "solver.epochs=1", "solver.warmup_iters=1", "eval.num_visualize=2", "threads=1", "progress=false",
+    "data.synthetic_train=6",
+    "data.synthetic_val=3",
+    "data.synthetic_size=[80,80]",
+    "data.batch_size=2",
+    "model.backbone.fpn_channels=16",
+    "model.roi_heads.representation_size=16",
+    "model.roi_heads.mask_channels=[8]",
+    "model.rpn.pre_nms_top_n_train=100",
+    "model.rpn.post_nms_top_n_train=50",
+    "model.rpn.pre_nms_top_n_test=50",
+    "model.rpn.post_nms_top_n_test=20",
+    "model.roi_heads.batch_size_per_image=16",
+    "model.transform.min_size=[64]",
+    "model.transform.max_size=96",
+    "solver.epochs=1",
+    "solver.warmup_iters=1",
+    "eval.num_visualize=2",
+    "threads=1",
+    "progress=false",
 ]
 
 
@@ -41,7 +55,9 @@ def test_demo_config_puts_everything_under_out(tmp_path: Path) -> None:
     assert cfg.solver.epochs == 2 and cfg.solver.max_minutes == 1.5
 
 
-def test_run_demo_end_to_end_and_rerun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_run_demo_end_to_end_and_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.chdir(tmp_path)  # any working directory: nothing is read relative to the repo
     out = Path("runs") / "demo"
     assert run_demo(out, TINY) == 0
@@ -73,7 +89,9 @@ def test_demo_cli_help() -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--help"])
     assert exit_info.value.code == 0
-    done = subprocess.run([sys.executable, "-m", "maskrcnn", "demo", "--help"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "maskrcnn", "demo", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0
     assert "--minutes" in done.stdout and "--out" in done.stdout
 

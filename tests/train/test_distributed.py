@@ -7,6 +7,7 @@ both images: every image has the same boxes at the same size (the same number of
 anchors and RoIs), every candidate is sampled (no random subset), the RoI foreground threshold
 keeps only the ground-truth boxes themselves as positives, and BatchNorm is frozen.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,17 +28,19 @@ from PIL import Image
 from torch import nn
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import read_file
 from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
+from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.train import distributed
+from maskrcnn.train.config import TrainConfig, check, load_training_config
 from maskrcnn.train.schedules import joint_schedule
 from maskrcnn.train.trainer import NonFiniteLossError, train
-from maskrcnn.train.config import TrainConfig, check, load_training_config
 from maskrcnn.train.validate import validate
-from maskrcnn.model.mask_rcnn import MaskRCNN
+from maskrcnn.weights.checkpoint import read_file
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 BOXES = [(8, 10, 36, 40, 1), (30, 28, 58, 56, 2)]  # x1 y1 x2 y2 label: the same in every image
 SIZE = 64
@@ -45,10 +48,20 @@ SIZE = 64
 MODEL = {
     "backbone": {"name": "resnet18", "frozen_bn": True, "trainable_layers": 5, "fpn_channels": 16},
     "anchors": {"sizes": [16, 32, 64, 128, 256]},
-    "rpn": {"pre_nms_top_n_train": 100, "post_nms_top_n_train": 16, "pre_nms_top_n_test": 50,
-            "post_nms_top_n_test": 10, "batch_size_per_image": 100_000},  # every anchor that is not neutral
-    "roi_heads": {"batch_size_per_image": 100_000, "fg_iou_thresh": 0.99, "bg_iou_thresh": 0.99,  # every RoI; gt boxes the positives
-                  "representation_size": 16, "mask_channels": [8]},
+    "rpn": {
+        "pre_nms_top_n_train": 100,
+        "post_nms_top_n_train": 16,
+        "pre_nms_top_n_test": 50,
+        "post_nms_top_n_test": 10,
+        "batch_size_per_image": 100_000,
+    },  # every anchor that is not neutral
+    "roi_heads": {
+        "batch_size_per_image": 100_000,
+        "fg_iou_thresh": 0.99,
+        "bg_iou_thresh": 0.99,  # every RoI; gt boxes the positives
+        "representation_size": 16,
+        "mask_channels": [8],
+    },
     "transform": {"min_size": [SIZE], "max_size": SIZE},
 }
 
@@ -64,28 +77,61 @@ def write_coco(root: Path, images: int, seed: int, empty: tuple[int, ...] = ()) 
         if i not in empty:
             for x1, y1, x2, y2, label in BOXES:
                 pixels[y1:y2, x1:x2] = rng.integers(0, 256, 3, dtype=np.uint8)
-                annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label, "iscrowd": 0,
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
-                                    "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]]})
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": label,
+                        "iscrowd": 0,
+                        "bbox": [x1, y1, x2 - x1, y2 - y1],
+                        "area": (x2 - x1) * (y2 - y1),
+                        "segmentation": [[x1, y1, x2, y1, x2, y2, x1, y2]],
+                    }
+                )
         Image.fromarray(pixels).save(root / f"{i}.png")
         entries.append({"id": i + 1, "file_name": f"{i}.png", "width": SIZE, "height": SIZE})
     ann = root / "annotations.json"
-    ann.write_text(json.dumps({"images": entries, "annotations": annotations,
-                               "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    ann.write_text(
+        json.dumps(
+            {
+                "images": entries,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            }
+        )
+    )
     return str(ann), str(root)
 
 
-def run_config(train_data: tuple[str, str], out_dir: Path, val_data: tuple[str, str] | None = None, batch_size: int = 1,
-               **top) -> TrainConfig:
+def run_config(
+    train_data: tuple[str, str], out_dir: Path, val_data: tuple[str, str] | None = None, batch_size: int = 1, **top
+) -> TrainConfig:
     """2 epochs, fp32, no warm-up, no flips, a metrics line per step; ``top``: other top-level fields."""
-    data = {"train_ann": train_data[0], "train_images": train_data[1], "batch_size": batch_size, "workers": 0, "hflip": 0.0}
+    data = {
+        "train_ann": train_data[0],
+        "train_images": train_data[1],
+        "batch_size": batch_size,
+        "workers": 0,
+        "hflip": 0.0,
+    }
     if val_data is not None:
         data.update(val_ann=val_data[0], val_images=val_data[1])
-    return check(from_dict(TrainConfig, {
-        "model": MODEL, "data": data, "solver": {"lr": 0.02, "epochs": 2, "warmup_iters": 0},
-        "eval": {"metric": "bbox_AP", "num_visualize": 0}, "out_dir": str(out_dir), "threads": 1, "log_every": 1,
-        "progress": False, **top,
-    }))
+    return check(
+        from_dict(
+            TrainConfig,
+            {
+                "model": MODEL,
+                "data": data,
+                "solver": {"lr": 0.02, "epochs": 2, "warmup_iters": 0},
+                "eval": {"metric": "bbox_AP", "num_visualize": 0},
+                "out_dir": str(out_dir),
+                "threads": 1,
+                "log_every": 1,
+                "progress": False,
+                **top,
+            },
+        )
+    )
 
 
 def free_port() -> int:
@@ -94,13 +140,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(config: Path, overrides: list[str], processes: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+def torchrun(
+    config: Path, overrides: list[str], processes: int = 2, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node=N -m maskrcnn train CONFIG ...`` on 127.0.0.1; killed (a
     hang) after ``timeout`` seconds."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={processes}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "maskrcnn", "train", str(config), *overrides]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={processes}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        "-m",
+        "maskrcnn",
+        "train",
+        str(config),
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -113,7 +175,10 @@ def torchrun(config: Path, overrides: list[str], processes: int = 2, timeout: fl
 def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     for key, value in a.items():
-        assert torch.allclose(value.float(), b[key].float(), rtol=1e-4, atol=2e-6), (key, float((value - b[key]).abs().max()))
+        assert torch.allclose(value.float(), b[key].float(), rtol=1e-4, atol=2e-6), (
+            key,
+            float((value - b[key]).abs().max()),
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,7 +204,9 @@ def test_two_processes_of_one_image_train_as_one_process_of_two(tmp_path):
 
     two, single = read_file(tmp_path / "two" / "last.pth"), read_file(tmp_path / "one" / "last.pth")
     same_weights(two["model"], single["model"])
-    momenta = [[s["momentum_buffer"] for s in ckpt["train_state"]["optimizer"]["state"].values()] for ckpt in (two, single)]
+    momenta = [
+        [s["momentum_buffer"] for s in ckpt["train_state"]["optimizer"]["state"].values()] for ckpt in (two, single)
+    ]
     assert len(momenta[0]) == len(momenta[1]) > 0
     assert all(torch.allclose(x, y, rtol=1e-4, atol=2e-6) for x, y in zip(*momenta))
 
@@ -167,8 +234,9 @@ def test_a_process_whose_batch_has_no_object_does_not_stop_the_others(tmp_path):
 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
-    assert len(steps) == 2 and all(set(r) >= {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
-                                   for r in steps)
+    assert len(steps) == 2 and all(
+        set(r) >= {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"} for r in steps
+    )
     epoch = [r for r in records if "val_loss" in r][-1]
     model = maskrcnn.load(tmp_path / "run" / "last.pth")
     resolved = load_training_config(tmp_path / "run" / "config.yaml")  # solver.amp as the run resolved it
@@ -188,8 +256,14 @@ def _val_set(val_data: tuple[str, str]):
 
 
 def _nan_in_process_1(rank: int, port: int, cfg: TrainConfig, out: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     forward, calls = MaskRCNN.forward, [0]
 
@@ -213,7 +287,9 @@ def _nan_in_process_1(rank: int, port: int, cfg: TrainConfig, out: str) -> None:
 def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
     data = write_coco(tmp_path / "train", 4, seed=3)
     cfg = run_config(data, tmp_path / "run", checkpoint_every_iters=1)
-    context = mp.start_processes(_nan_in_process_1, args=(free_port(), cfg, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _nan_in_process_1, args=(free_port(), cfg, str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + 120
     while not context.join(timeout=max(1.0, deadline - time.monotonic())):
         if time.monotonic() > deadline:
@@ -222,13 +298,17 @@ def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
             pytest.fail("the processes did not stop within 120 s")
     messages = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert messages[0] == messages[1]
-    assert "non-finite loss at iteration 2" in messages[0] and "rank 1: " in messages[0] and "loss_mask=nan" in messages[0]
+    assert (
+        "non-finite loss at iteration 2" in messages[0] and "rank 1: " in messages[0] and "loss_mask=nan" in messages[0]
+    )
     assert "rank 0:" not in messages[0]
     assert read_file(tmp_path / "run" / "last.pth")["train_state"]["iteration"] == 1  # the last good state
 
 
 def test_sync_bn_replaces_trainable_batchnorm_only():
-    trainable = from_dict(ModelConfig, {**MODEL, "num_classes": 2, "backbone": {**MODEL["backbone"], "frozen_bn": False}})
+    trainable = from_dict(
+        ModelConfig, {**MODEL, "num_classes": 2, "backbone": {**MODEL["backbone"], "frozen_bn": False}}
+    )
     synced = dataclasses.replace(trainable, backbone=dataclasses.replace(trainable.backbone, sync_bn=True))
     torch.manual_seed(0)
     plain = maskrcnn.build_model(trainable).backbone.body.train()
@@ -241,7 +321,9 @@ def test_sync_bn_replaces_trainable_batchnorm_only():
     assert body.state_dict().keys() == plain.state_dict().keys()  # checkpoints load either way
 
     frozen = dataclasses.replace(synced, backbone=dataclasses.replace(synced.backbone, frozen_bn=True))
-    assert not any(isinstance(m, nn.SyncBatchNorm) for m in maskrcnn.build_model(frozen).modules())  # frozen stays frozen
+    assert not any(
+        isinstance(m, nn.SyncBatchNorm) for m in maskrcnn.build_model(frozen).modules()
+    )  # frozen stays frozen
     with pytest.raises(ConfigError, match="sync_bn=true needs trainable BatchNorm"):
         check(from_dict(TrainConfig, {"model": to_dict(frozen), "data": {"synthetic": "shapes"}}))
 
@@ -271,7 +353,13 @@ def test_the_configured_timeout_reaches_init_process_group(monkeypatch):
         seen.append({"backend": backend, **kwargs})
         raise Joined  # stop before any training
 
-    for key, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(distributed.dist, "init_process_group", record)
     for overrides, minutes in (({}, 10), ({"dist_timeout_minutes": 2.5}, 2.5)):

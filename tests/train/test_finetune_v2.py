@@ -7,6 +7,7 @@ heads are re-initialised for 3 classes, everything else is the file's; the backb
 is frozen (``model.backbone.frozen_bn``, the default, keeps the file's statistics), the FPN's and
 the heads' train on batch statistics as in torchvision.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,12 +18,12 @@ import torch
 import yaml
 from torch import nn
 
-from maskrcnn.weights.checkpoint import read_file
 from maskrcnn.config import from_dict
 from maskrcnn.data import generate_shapes
-from maskrcnn.train.trainer import train
-from maskrcnn.train.config import TrainConfig, check
 from maskrcnn.model.backbone import FrozenBatchNorm2d
+from maskrcnn.train.config import TrainConfig, check
+from maskrcnn.train.trainer import train
+from maskrcnn.weights.checkpoint import read_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -37,22 +38,42 @@ def one_thread():
 
 
 def test_fine_tuning_from_the_v2_layout_lowers_the_loss(tv2_checkpoint, tmp_path, one_thread):
-    shapes = generate_shapes(tmp_path / "shapes", num_train=2, num_val=0, image_size=(96, 96), objects_per_image=(2, 2),
-                             object_size=(28, 40), seed=0)
+    shapes = generate_shapes(
+        tmp_path / "shapes",
+        num_train=2,
+        num_val=0,
+        image_size=(96, 96),
+        objects_per_image=(2, 2),
+        object_size=(28, 40),
+        seed=0,
+    )
     out = tmp_path / "run"
-    cfg = check(from_dict(TrainConfig, {
-        "model": {
-            "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 100, "batch_size_per_image": 64},
-            "roi_heads": {"batch_size_per_image": 32},
-            "transform": {"min_size": [96], "max_size": 128},
-        },
-        "data": {"train_ann": str(shapes["train"].ann_file), "train_images": str(shapes["train"].image_dir),
-                 "batch_size": 2, "workers": 0, "hflip": 0.0},
-        "init": {"weights": str(tv2_checkpoint)},
-        # one batch (two square images: one aspect-ratio group), seen 8 times: the loss must fall
-        "solver": {"lr": 0.005, "epochs": 8, "warmup_iters": 0, "milestones": []},
-        "out_dir": str(out), "log_every": 1, "progress": False, "device": "cpu",
-    }))
+    cfg = check(
+        from_dict(
+            TrainConfig,
+            {
+                "model": {
+                    "rpn": {"pre_nms_top_n_train": 300, "post_nms_top_n_train": 100, "batch_size_per_image": 64},
+                    "roi_heads": {"batch_size_per_image": 32},
+                    "transform": {"min_size": [96], "max_size": 128},
+                },
+                "data": {
+                    "train_ann": str(shapes["train"].ann_file),
+                    "train_images": str(shapes["train"].image_dir),
+                    "batch_size": 2,
+                    "workers": 0,
+                    "hflip": 0.0,
+                },
+                "init": {"weights": str(tv2_checkpoint)},
+                # one batch (two square images: one aspect-ratio group), seen 8 times: the loss must fall
+                "solver": {"lr": 0.005, "epochs": 8, "warmup_iters": 0, "milestones": []},
+                "out_dir": str(out),
+                "log_every": 1,
+                "progress": False,
+                "device": "cpu",
+            },
+        )
+    )
     result = train(cfg)
     assert result["iterations"] == 8
 
@@ -69,7 +90,9 @@ def test_fine_tuning_from_the_v2_layout_lowers_the_loss(tv2_checkpoint, tmp_path
     start = torch.load(tv2_checkpoint, weights_only=True)
     # frozen body: the file's statistics, untouched; the FPN's BatchNorm learned from the batches
     assert torch.equal(state["backbone.body.layer1.0.bn1.running_var"], start["backbone.body.layer1.0.bn1.running_var"])
-    assert not torch.equal(state["backbone.fpn.inner_norms.0.running_mean"], start["backbone.fpn.inner_blocks.0.1.running_mean"])
+    assert not torch.equal(
+        state["backbone.fpn.inner_norms.0.running_mean"], start["backbone.fpn.inner_blocks.0.1.running_mean"]
+    )
     assert state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
 
 

@@ -1,6 +1,7 @@
 """Hooks (``maskrcnn.train.hooks``): a hook passed to ``train`` sees the run's events and the
 trainer's attributes, its state goes into last.pth under its class name and comes back on
 resume; a last.pth written before hooks (their states among the progress fields) resumes."""
+
 from __future__ import annotations
 
 import json
@@ -70,7 +71,14 @@ def test_a_hook_sees_the_run_and_its_state_survives_resume(shapes, tmp_path):
     result = train(_config(shapes, tmp_path / "run", max_iters=1), hooks=[first])
     assert result["stopped"] == StopReason.MAX_ITERS.value == "max_iters"
     # the trainer's Validation hook validates inside after_epoch, before this hook's turn
-    assert first.events == ["before_train", "before_step", "after_step 1", "after_validation", "after_epoch", "after_train"]
+    assert first.events == [
+        "before_train",
+        "before_step",
+        "after_step 1",
+        "after_validation",
+        "after_epoch",
+        "after_train",
+    ]
     state = read_file(tmp_path / "run" / "last.pth")["train_state"]
     assert state["hooks"]["Recorder"] == {"steps": 1}
     assert set(state["hooks"]) >= {"TimeBudget", "Validation", "RunOutput", "EarlyStopping", "PeriodicCheckpoint"}
@@ -95,8 +103,12 @@ def test_a_checkpoint_from_before_hooks_resumes(shapes, tmp_path):
     saved = read_file(last)
     state = saved["train_state"]
     hooks = state.pop("hooks")
-    state.update(best_metric=hooks["Validation"]["best_metric"], best_epoch=hooks["Validation"]["best_epoch"],
-                 bad_evals=hooks["EarlyStopping"]["bad_evals"], metrics_bytes=hooks["RunOutput"]["metrics_bytes"])
+    state.update(
+        best_metric=hooks["Validation"]["best_metric"],
+        best_epoch=hooks["Validation"]["best_epoch"],
+        bad_evals=hooks["EarlyStopping"]["bad_evals"],
+        metrics_bytes=hooks["RunOutput"]["metrics_bytes"],
+    )
     torch.save(saved, last)
     with open(out / "metrics.jsonl", "a") as f:  # a line written after the checkpoint: the resume drops it
         f.write(json.dumps({"iter": 99, "loss": 1.0}) + "\n")

@@ -1,5 +1,6 @@
 """Training schedules: what each stage trains and sums, the learning-rate curve, and an
 alternating run end to end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,19 +11,32 @@ import torch
 from torch import nn
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import read_file
 from maskrcnn.config import ModelConfig, from_dict
+from maskrcnn.structures import Targets
 from maskrcnn.train.schedules import (
-    ALL_LOSSES, FRONTEND_LOSSES, RPN_LOSSES, LRSchedule, ProposalNet, alternating_schedule, apply_stage,
-    build_schedule, forward_with_proposals, joint_schedule, set_train_mode, stage_at, stage_loss,
+    ALL_LOSSES,
+    FRONTEND_LOSSES,
+    RPN_LOSSES,
+    LRSchedule,
+    ProposalNet,
+    alternating_schedule,
+    apply_stage,
+    build_schedule,
+    forward_with_proposals,
+    joint_schedule,
+    set_train_mode,
+    stage_at,
+    stage_loss,
 )
 from maskrcnn.train.trainer import train
-from maskrcnn.structures import Targets
+from maskrcnn.weights.checkpoint import read_file
 
 from .helpers import TINY_MODEL, tiny_train_config
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _model(trainable_layers: int = 3) -> maskrcnn.MaskRCNN:
@@ -34,7 +48,9 @@ def _batch() -> tuple[list[torch.Tensor], list[Targets]]:
     masks = torch.zeros((2, 80, 96), dtype=torch.uint8)
     masks[0, 10:60, 10:50] = 1
     masks[1, 20:70, 50:90] = 1
-    targets = Targets(boxes=torch.tensor([[10.0, 10, 50, 60], [50, 20, 90, 70]]), labels=torch.tensor([1, 2]), masks=masks)
+    targets = Targets(
+        boxes=torch.tensor([[10.0, 10, 50, 60], [50, 20, 90, 70]]), labels=torch.tensor([1, 2]), masks=masks
+    )
     return [torch.rand(3, 80, 96)], [targets]
 
 
@@ -52,12 +68,15 @@ def test_schedules_as_data():
     assert [stage_at(stages, e) for e in range(8)] == [(0, 0), (0, 0), (1, 2), (1, 2), (1, 2), (2, 5), (3, 6), (4, 7)]
 
 
-@pytest.mark.parametrize("index, must_train, must_not_train", [
-    (0, ("backbone.body.layer4.", "backbone.fpn.", "rpn.head."), ("roi_heads.",)),
-    (1, ("backbone.body.layer4.", "backbone.fpn.", "roi_heads.box_head.", "roi_heads.mask_head."), ("rpn.",)),
-    (2, ("rpn.head.",), ("backbone.", "roi_heads.")),
-    (3, ("roi_heads.box_head.", "roi_heads.box_predictor.", "roi_heads.mask_predictor."), ("backbone.", "rpn.")),
-])
+@pytest.mark.parametrize(
+    "index, must_train, must_not_train",
+    [
+        (0, ("backbone.body.layer4.", "backbone.fpn.", "rpn.head."), ("roi_heads.",)),
+        (1, ("backbone.body.layer4.", "backbone.fpn.", "roi_heads.box_head.", "roi_heads.mask_head."), ("rpn.",)),
+        (2, ("rpn.head.",), ("backbone.", "roi_heads.")),
+        (3, ("roi_heads.box_head.", "roi_heads.box_predictor.", "roi_heads.mask_predictor."), ("backbone.", "rpn.")),
+    ],
+)
 def test_alternating_stages_freeze_what_they_claim(index, must_train, must_not_train):
     torch.manual_seed(0)
     model = _model(trainable_layers=3)
@@ -69,7 +88,9 @@ def test_alternating_stages_freeze_what_they_claim(index, must_train, must_not_t
     for prefix in must_train:
         assert any(n.startswith(prefix) for n in trainable), prefix
     assert not any(n.startswith(must_not_train) for n in trainable)
-    assert not any(n.startswith(("backbone.body.conv1", "backbone.body.layer1.")) for n in trainable)  # trainable_layers 3
+    assert not any(
+        n.startswith(("backbone.body.conv1", "backbone.body.layer1.")) for n in trainable
+    )  # trainable_layers 3
     assert trainable == {n for n in base if n.startswith(stage.trainable)}
 
     # one step: gradients reach exactly the stage's parameters, from the stage's losses only
@@ -83,7 +104,9 @@ def test_alternating_stages_freeze_what_they_claim(index, must_train, must_not_t
         assert loss < out.total_loss  # the other stage's terms are left out
     loss.backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == trainable  # every parameter that trains is in the graph, as DDP without find_unused_parameters needs
+    assert (
+        with_grad == trainable
+    )  # every parameter that trains is in the graph, as DDP without find_unused_parameters needs
     assert any(n.startswith(must_train[0]) for n in with_grad)
     if proposal_net is not None:
         assert set(out.losses) == set(FRONTEND_LOSSES)
@@ -113,7 +136,9 @@ def test_frozen_batchnorm_stays_in_eval_mode():
 
 
 def test_lr_schedule():
-    step = LRSchedule(iters_per_epoch=10, epochs=12, kind="step", milestones=(8, 11), gamma=0.1, warmup_iters=5, warmup_factor=0.001)
+    step = LRSchedule(
+        iters_per_epoch=10, epochs=12, kind="step", milestones=(8, 11), gamma=0.1, warmup_iters=5, warmup_factor=0.001
+    )
     assert step(0) == pytest.approx(0.001)
     assert step(5) == 1.0 and step(79) == 1.0
     assert step(80) == pytest.approx(0.1) and step(110) == pytest.approx(0.01)
@@ -126,8 +151,11 @@ def test_lr_schedule():
 
 
 def test_alternating_training_runs_every_stage_and_resumes_inside_stage_2(shapes, tmp_path):  # noqa: F811
-    sections = {"schedule": {"kind": "alternating", "stage_epochs": [1, 1, 1, 1]},
-                "data": {"max_train_images": 4}, "eval": {"every": 1, "num_visualize": 0}}  # 2 iterations per epoch
+    sections = {
+        "schedule": {"kind": "alternating", "stage_epochs": [1, 1, 1, 1]},
+        "data": {"max_train_images": 4},
+        "eval": {"every": 1, "num_visualize": 0},
+    }  # 2 iterations per epoch
     result = train(tiny_train_config(shapes, tmp_path / "full", **sections))
     assert result["stopped"] == "completed" and result["epochs"] == 4 and result["iterations"] == 8
     assert [h["stage"] for h in result["history"]] == ["rpn", "frontend", "rpn_finetune", "frontend_finetune"]

@@ -1,5 +1,6 @@
 """TensorBoardHook: the event file, read back with TensorBoard's own EventAccumulator, holds the
 losses and learning rate of every step, per-class AP, PR curves and images at validation."""
+
 from __future__ import annotations
 
 import json
@@ -53,13 +54,18 @@ def test_hook_writes_what_tensorboard_reads_back(tmp_path: Path) -> None:
     assert [(e.step, e.value) for e in acc.Scalars("val/loss")] == [(3, 4.0)]
     tags = acc.Tags()
     names = [c["name"] for c in json.loads(split.ann_file.read_text())["categories"]]
-    with_gt = {c["name"] for c in json.loads(split.ann_file.read_text())["categories"]
-               if any(a["category_id"] == c["id"] for a in json.loads(split.ann_file.read_text())["annotations"])}
+    with_gt = {
+        c["name"]
+        for c in json.loads(split.ann_file.read_text())["categories"]
+        if any(a["category_id"] == c["id"] for a in json.loads(split.ann_file.read_text())["annotations"])
+    }
     assert {f"val_AP_per_class/segm/{n}" for n in with_gt} <= set(tags["scalars"])
     assert {f"val_pr/{n}" for n in names} <= set(tags["tensors"])
     pr = acc.Tensors(f"val_pr/{names[0]}")[0]
     data = tensor_util.make_ndarray(pr.tensor_proto)  # (6, thresholds): tp fp tn fn precision recall
-    assert data.shape[1] == 101 and (data[0] + data[3] == data[0, 0] + data[3, 0]).all()  # TP + FN = instances at every threshold
+    assert (
+        data.shape[1] == 101 and (data[0] + data[3] == data[0, 0] + data[3, 0]).all()
+    )  # TP + FN = instances at every threshold
     assert tags["images"] == ["val_images/0", "val_images/1"]
     assert hook.state_dict() == {"last_logged": 3}
 
@@ -92,8 +98,12 @@ def test_log_tensorboard_in_the_config_logs_a_real_run(tmp_path: Path) -> None:
     from .helpers import tiny_train_config
 
     shapes = generate_shapes(tmp_path / "shapes", num_train=4, num_val=2, image_size=(64, 96), seed=5)
-    cfg = tiny_train_config(shapes, tmp_path / "run", log={"tensorboard": True, "tb_images": 1},
-                            solver={"lr": 0.01, "epochs": 1, "warmup_iters": 2, "max_iters": 2})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        log={"tensorboard": True, "tb_images": 1},
+        solver={"lr": 0.01, "epochs": 1, "warmup_iters": 2, "max_iters": 2},
+    )
     train(cfg)
     acc = read_events(tmp_path / "run" / "tensorboard")
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]

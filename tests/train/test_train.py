@@ -2,6 +2,7 @@
 pretraining, checkpoint initialisation, configuration. The tests that take ``device`` (one
 step, a whole run with pretraining, resume, autocast) run on every device of
 ``tests.helpers.DEVICES``; the others on the CPU."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,31 +17,36 @@ import torch
 import yaml
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import CheckpointError, init_from_checkpoint, read_file, save_checkpoint
 from maskrcnn.config import ConfigError, to_dict
 from maskrcnn.data import CocoDataset, DatasetError
-from maskrcnn.train.pretrain import extract_crops, pretrain_body
-from maskrcnn.train.datasets import build_datasets
-from maskrcnn.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, main, train
-from maskrcnn.train.config import PretrainConfig, load_training_config
 from maskrcnn.model.mask_rcnn import MaskRCNN
 from maskrcnn.structures import Targets
+from maskrcnn.train.config import PretrainConfig, load_training_config
+from maskrcnn.train.datasets import build_datasets
+from maskrcnn.train.pretrain import extract_crops, pretrain_body
+from maskrcnn.train.trainer import NonFiniteLossError, Trainer, TrainingInterrupted, main, train
+from maskrcnn.weights.checkpoint import CheckpointError, init_from_checkpoint, read_file, save_checkpoint
 
 from .helpers import TINY_MODEL, tiny_model_config, tiny_train_config
 
 REPO = Path(__file__).resolve().parents[2]
 
 # pycocotools.mask trips numpy 2's __array__(copy=) deprecation; not ours to fix
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _square_targets(h: int, w: int, boxes: list[tuple[int, int, int, int]], labels: list[int]) -> Targets:
     masks = torch.zeros((len(boxes), h, w), dtype=torch.uint8)
     for k, (x1, y1, x2, y2) in enumerate(boxes):
         masks[k, y1:y2, x1:x2] = 1
-    return Targets(boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                   labels=torch.tensor(labels, dtype=torch.int64), masks=masks)
+    return Targets(
+        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        masks=masks,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,8 +57,10 @@ def test_one_step_reaches_every_trainable_parameter(device):
     torch.manual_seed(0)
     model = maskrcnn.build_model(tiny_model_config()).train().to(device)
     images = [torch.rand(3, 80, 96).to(device), torch.rand(3, 64, 64).to(device)]
-    targets = [_square_targets(80, 96, [(10, 10, 50, 60), (50, 20, 90, 70)], [1, 2]).to(device),
-               _square_targets(64, 64, [(8, 8, 40, 48)], [3]).to(device)]
+    targets = [
+        _square_targets(80, 96, [(10, 10, 50, 60), (50, 20, 90, 70)], [1, 2]).to(device),
+        _square_targets(64, 64, [(8, 8, 40, 48)], [3]).to(device),
+    ]
     out = model(images, targets)
     assert set(out.losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
     loss = out.total_loss
@@ -71,8 +79,10 @@ def test_images_without_objects_train():
     torch.manual_seed(0)
     model = maskrcnn.build_model(tiny_model_config()).train()
     images = [torch.rand(3, 64, 80), torch.rand(3, 64, 64)]
-    for targets in ([Targets.empty(64, 80), Targets.empty(64, 64)],  # no object in the batch
-                    [Targets.empty(64, 80), _square_targets(64, 64, [(8, 8, 40, 48)], [1])]):  # half empty
+    for targets in (
+        [Targets.empty(64, 80), Targets.empty(64, 64)],  # no object in the batch
+        [Targets.empty(64, 80), _square_targets(64, 64, [(8, 8, 40, 48)], [1])],
+    ):  # half empty
         model.zero_grad()
         out = model(images, targets)
         loss = out.total_loss
@@ -81,7 +91,13 @@ def test_images_without_objects_train():
         # every parameter takes part in the graph (zero-weighted where there is nothing to learn),
         # as DistributedDataParallel without find_unused_parameters needs
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-        assert set(out.losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask"}
+        assert set(out.losses) == {
+            "loss_objectness",
+            "loss_rpn_box_reg",
+            "loss_classifier",
+            "loss_box_reg",
+            "loss_mask",
+        }
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,11 +105,24 @@ def test_images_without_objects_train():
 
 
 def test_run_writes_checkpoints_metrics_and_pictures(shapes, tmp_path, device):
-    cfg = tiny_train_config(shapes, tmp_path / "run", str(device), data={"max_train_images": 4},
-                            pretrain={"epochs": 1, "crop_size": 32, "batch_size": 8})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        str(device),
+        data={"max_train_images": 4},
+        pretrain={"epochs": 1, "crop_size": 32, "batch_size": 8},
+    )
     result = train(cfg)
     out = tmp_path / "run"
-    for name in ("last.pth", "best.pth", "config.yaml", "metrics.jsonl", "metrics.png", "val_predictions.png", "pretrain_body.pth"):
+    for name in (
+        "last.pth",
+        "best.pth",
+        "config.yaml",
+        "metrics.jsonl",
+        "metrics.png",
+        "val_predictions.png",
+        "pretrain_body.pth",
+    ):
         assert (out / name).is_file(), name
     assert result["stopped"] == "completed" and result["iterations"] == 2 and result["epochs"] == 1
     assert result["best"] == str(out / "best.pth") and result["best_epoch"] == 1
@@ -104,7 +133,12 @@ def test_run_writes_checkpoints_metrics_and_pictures(shapes, tmp_path, device):
     assert all(math.isfinite(r["loss"]) and r["sec_per_iter"] > 0 for r in steps)
     assert [r["pretrain_epoch"] for r in records if "pretrain_epoch" in r] == [1]
     (epoch,) = [r for r in records if "train_loss" in r]
-    assert epoch["epoch"] == 1 and math.isfinite(epoch["val_loss"]) and 0.0 <= epoch["segm_AP"] <= 1.0 and "bbox_AP" in epoch
+    assert (
+        epoch["epoch"] == 1
+        and math.isfinite(epoch["val_loss"])
+        and 0.0 <= epoch["segm_AP"] <= 1.0
+        and "bbox_AP" in epoch
+    )
 
     # the resolved config names the data's classes; the checkpoints load as models
     resolved = load_training_config(out / "config.yaml")
@@ -151,11 +185,15 @@ def test_missing_image_files_fail_before_the_first_iteration(shapes, tmp_path, m
     assert not (tmp_path / "run" / "last.pth").exists()
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda d: d.update(annotations=[]), "no instances"),
-    (lambda d: d.update(images=[], annotations=[]), "no images"),
-    (lambda d: d.update(categories=[], annotations=[]), "no categories"),
-], ids=["no annotations", "no images", "no categories"])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda d: d.update(annotations=[]), "no instances"),
+        (lambda d: d.update(images=[], annotations=[]), "no images"),
+        (lambda d: d.update(categories=[], annotations=[]), "no categories"),
+    ],
+    ids=["no annotations", "no images", "no categories"],
+)
 def test_an_empty_dataset_is_an_error_not_a_zero_iteration_run(shapes, tmp_path, edit, fragment):
     ann, images = _copy_split(shapes["train"], tmp_path / "data", edit)
     cfg = tiny_train_config(shapes, tmp_path / "run", data={"train_ann": str(ann), "train_images": str(images)})
@@ -169,7 +207,9 @@ def test_file_names_outside_the_image_folder_need_allow_outside_root(shapes, tmp
 
     ann, images = _copy_split(shapes["train"], tmp_path / "data", escape)
     cfg = tiny_train_config(shapes, tmp_path / "run", data={"train_ann": str(ann), "train_images": str(images)})
-    with pytest.raises(DatasetError, match=r"image id \d+: file_name '\.\./images/.*' points outside .*allow_outside_root"):
+    with pytest.raises(
+        DatasetError, match=r"image id \d+: file_name '\.\./images/.*' points outside .*allow_outside_root"
+    ):
         build_datasets(cfg)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, allow_outside_root=True))
     full, _, _ = build_datasets(cfg)
@@ -191,12 +231,22 @@ def test_resume_continues_exactly(shapes, tmp_path, device, monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     rtol, atol, loss_rel = (1e-4, 1e-6, 1e-3) if device.type == "cpu" else (1e-3, 1e-5, 1e-2)
-    common = {"solver": {"lr": 0.01, "epochs": 2, "warmup_iters": 2}, "eval": {"every": 2, "num_visualize": 0},
-              "data": {"max_train_images": 4}}  # 2 iterations per epoch
+    common = {
+        "solver": {"lr": 0.01, "epochs": 2, "warmup_iters": 2},
+        "eval": {"every": 2, "num_visualize": 0},
+        "data": {"max_train_images": 4},
+    }  # 2 iterations per epoch
     full = train(tiny_train_config(shapes, tmp_path / "full", str(device), **common))
 
-    cut = tiny_train_config(shapes, tmp_path / "cut", str(device), checkpoint_every_iters=1,
-                            solver={**common["solver"], "max_iters": 3}, eval=common["eval"], data=common["data"])
+    cut = tiny_train_config(
+        shapes,
+        tmp_path / "cut",
+        str(device),
+        checkpoint_every_iters=1,
+        solver={**common["solver"], "max_iters": 3},
+        eval=common["eval"],
+        data=common["data"],
+    )
     first = train(cut)
     assert first["stopped"] == "max_iters" and first["iterations"] == 3
     state = read_file(tmp_path / "cut" / "last.pth")["train_state"]
@@ -218,7 +268,9 @@ def test_resume_continues_exactly(shapes, tmp_path, device, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["iter"] for r in records if "loss" in r]
     assert steps == [1, 2, 3, 4]
-    assert a["train_state"]["history"][-1]["val_loss"] == pytest.approx(b["train_state"]["history"][-1]["val_loss"], rel=loss_rel)
+    assert a["train_state"]["history"][-1]["val_loss"] == pytest.approx(
+        b["train_state"]["history"][-1]["val_loss"], rel=loss_rel
+    )
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
@@ -253,8 +305,11 @@ def test_ctrl_c_saves_the_current_iteration_and_resume_continues_exactly(shapes,
     """A SIGINT lets the step under way finish; a KeyboardInterrupt raised inside the step loses
     that step. Either way last.pth holds a whole state, and resuming from it ends where an
     uninterrupted run ends."""
-    common = {"solver": {"lr": 0.01, "epochs": 2, "warmup_iters": 2}, "eval": {"every": 2, "num_visualize": 0},
-              "data": {"max_train_images": 4}}  # 2 iterations per epoch
+    common = {
+        "solver": {"lr": 0.01, "epochs": 2, "warmup_iters": 2},
+        "eval": {"every": 2, "num_visualize": 0},
+        "data": {"max_train_images": 4},
+    }  # 2 iterations per epoch
     train(tiny_train_config(shapes, tmp_path / "full", **common))
     cut = tiny_train_config(shapes, tmp_path / "cut", **common)
     with monkeypatch.context() as m:
@@ -289,12 +344,18 @@ def test_ctrl_c_on_the_command_line_prints_the_resume_command(shapes, tmp_path, 
 
 
 def test_a_resume_that_does_not_fit_leaves_the_run_folder_as_it_was(shapes, tmp_path):
-    cfg = tiny_train_config(shapes, tmp_path / "run", data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes, tmp_path / "run", data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0}
+    )
     train(cfg)
     out = tmp_path / "run"
     before = {name: (out / name).read_bytes() for name in ("config.yaml", "metrics.jsonl", "last.pth")}
-    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, roi_heads=dataclasses.replace(
-        cfg.model.roi_heads, representation_size=48)))  # a changed model override
+    other = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model, roi_heads=dataclasses.replace(cfg.model.roi_heads, representation_size=48)
+        ),
+    )  # a changed model override
     with pytest.raises(CheckpointError, match="does not fit the model"):
         train(other, resume=True)
     assert {name: (out / name).read_bytes() for name in before} == before
@@ -306,13 +367,28 @@ def test_training_starts_from_the_imagenet_body_weights(shapes, tmp_path):
 
     imagenet = ResNetBody("resnet18", frozen_bn=False).state_dict()
     torch.save(imagenet, tmp_path / "imagenet.pth")
-    backbone = {**TINY_MODEL["backbone"], "frozen_bn": True, "trainable_layers": 0, "weights": str(tmp_path / "imagenet.pth")}
-    cfg = tiny_train_config(shapes, tmp_path / "run", model={**TINY_MODEL, "backbone": backbone},
-                            data={"max_train_images": 2}, eval={"max_images": 1, "num_visualize": 0})
+    backbone = {
+        **TINY_MODEL["backbone"],
+        "frozen_bn": True,
+        "trainable_layers": 0,
+        "weights": str(tmp_path / "imagenet.pth"),
+    }
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        model={**TINY_MODEL, "backbone": backbone},
+        data={"max_train_images": 2},
+        eval={"max_images": 1, "num_visualize": 0},
+    )
     train(cfg)
-    body = {k.removeprefix("backbone.body."): v for k, v in read_file(tmp_path / "run" / "last.pth")["model"].items()
-            if k.startswith("backbone.body.")}
-    assert all(torch.equal(body[k], v) for k, v in imagenet.items() if not k.endswith("num_batches_tracked"))  # frozen: as loaded
+    body = {
+        k.removeprefix("backbone.body."): v
+        for k, v in read_file(tmp_path / "run" / "last.pth")["model"].items()
+        if k.startswith("backbone.body.")
+    }
+    assert all(
+        torch.equal(body[k], v) for k, v in imagenet.items() if not k.endswith("num_batches_tracked")
+    )  # frozen: as loaded
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path, monkeypatch):
@@ -350,8 +426,13 @@ def test_divergence_exits_non_zero_from_the_command_line(shapes, tmp_path):
 
 def test_early_stopping_ends_the_run_for_good(shapes, tmp_path):
     # APl is -1 on every validation (no large objects), so it never improves after the first
-    cfg = tiny_train_config(shapes, tmp_path / "run", data={"max_train_images": 2}, solver={"epochs": 4},
-                            eval={"metric": "bbox_APl", "patience": 1, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / "run",
+        data={"max_train_images": 2},
+        solver={"epochs": 4},
+        eval={"metric": "bbox_APl", "patience": 1, "num_visualize": 0},
+    )
     result = train(cfg)
     assert result["stopped"] == "early_stopping" and result["epochs"] == 2 and result["best_epoch"] == 1
     again = train(cfg, resume=True)  # nothing left to do
@@ -361,8 +442,14 @@ def test_early_stopping_ends_the_run_for_good(shapes, tmp_path):
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_autocast_training(shapes, tmp_path, device, amp):
     """bf16 autocast trains on any device; fp16 (with a gradient scaler) needs CUDA."""
-    cfg = tiny_train_config(shapes, tmp_path / amp, str(device), solver={"amp": amp}, data={"max_train_images": 2},
-                            eval={"max_images": 1, "num_visualize": 0})
+    cfg = tiny_train_config(
+        shapes,
+        tmp_path / amp,
+        str(device),
+        solver={"amp": amp},
+        data={"max_train_images": 2},
+        eval={"max_images": 1, "num_visualize": 0},
+    )
     if amp == "fp16" and device.type == "cpu":
         with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
             train(cfg)
@@ -385,14 +472,26 @@ def test_pretrain_gives_body_weights_that_load_into_the_detector(shapes):
     model_cfg = tiny_model_config()
     detector = maskrcnn.build_model(model_cfg)
     before = {k: v.clone() for k, v in detector.backbone.body.state_dict().items()}
-    history = pretrain_body(detector.backbone.body, "resnet18", 1e-5, dataset, 3, cfg, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25),
-                            torch.device("cpu"), progress=False)
+    history = pretrain_body(
+        detector.backbone.body,
+        "resnet18",
+        1e-5,
+        dataset,
+        3,
+        cfg,
+        (0.5, 0.5, 0.5),
+        (0.25, 0.25, 0.25),
+        torch.device("cpu"),
+        progress=False,
+    )
     assert len(history) == 1 and math.isfinite(history[0]["pretrain_loss"])
     after = detector.backbone.body.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("conv1.weight"))
 
     # the body's weights (BatchNorm statistics included) load into a detector with frozen BatchNorm too
-    frozen = maskrcnn.build_model(dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, frozen_bn=True)))
+    frozen = maskrcnn.build_model(
+        dataclasses.replace(model_cfg, backbone=dataclasses.replace(model_cfg.backbone, frozen_bn=True))
+    )
     frozen.backbone.body.load_state_dict(after)
     assert torch.equal(frozen.backbone.body.layer1[0].bn1.running_var, after["layer1.0.bn1.running_var"])
 
@@ -405,7 +504,10 @@ def test_init_from_a_checkpoint_with_other_classes_renews_the_class_heads(tmp_pa
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
     reinit = init_from_checkpoint(target, tmp_path / "five.pth", 1e-5)
     assert sorted({k.rsplit(".", 1)[0] for k in reinit}) == [
-        "roi_heads.box_predictor.bbox_pred", "roi_heads.box_predictor.cls_score", "roi_heads.mask_predictor.mask_fcn_logits"]
+        "roi_heads.box_predictor.bbox_pred",
+        "roi_heads.box_predictor.cls_score",
+        "roi_heads.mask_predictor.mask_fcn_logits",
+    ]
     src = source.state_dict()
     for key, value in target.state_dict().items():
         assert torch.equal(value, fresh[key] if key in reinit else src[key]), key
@@ -432,13 +534,25 @@ def test_config_unknown_key_fails_with_a_suggestion(tmp_path):
 def test_config_overrides_apply_and_values_are_checked(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text("data: {synthetic: shapes}\nsolver: {lr: 0.01}\n")
-    cfg = load_training_config(path, ["solver.lr=0.5", "model.backbone.name=resnet18", "solver.milestones=[3, 4]",
-                                      "schedule.kind=alternating", "solver.amp=bf16"])
+    cfg = load_training_config(
+        path,
+        [
+            "solver.lr=0.5",
+            "model.backbone.name=resnet18",
+            "solver.milestones=[3, 4]",
+            "schedule.kind=alternating",
+            "solver.amp=bf16",
+        ],
+    )
     assert cfg.solver.lr == 0.5 and cfg.model.backbone.name == "resnet18" and cfg.solver.milestones == (3, 4)
     assert cfg.schedule.kind == "alternating" and cfg.solver.amp == "bf16"
-    for override, message in (("solver.amp=fp8", "solver.amp"), ("schedule.kind=staged", "schedule.kind"),
-                              ("eval.metric=mAP", "eval.metric"), ("data.synthetic=", "no training data"),
-                              ("data.train_ann=x.json", "either data.synthetic")):
+    for override, message in (
+        ("solver.amp=fp8", "solver.amp"),
+        ("schedule.kind=staged", "schedule.kind"),
+        ("eval.metric=mAP", "eval.metric"),
+        ("data.synthetic=", "no training data"),
+        ("data.train_ann=x.json", "either data.synthetic"),
+    ):
         with pytest.raises(ConfigError, match=message):
             load_training_config(path, [override])
 
@@ -458,11 +572,15 @@ def test_shipped_configs_load(name):
 @pytest.mark.slow
 def test_overfits_two_images(shapes, tmp_path):
     cfg = tiny_train_config(
-        shapes, tmp_path / "run",
+        shapes,
+        tmp_path / "run",
         data={"train_ann": str(shapes["val"].ann_file), "train_images": str(shapes["val"].image_dir), "hflip": 0.0},
         solver={"lr": 0.01, "epochs": 150, "warmup_iters": 20, "milestones": [120], "grad_clip": 5.0},
         eval={"every": 50, "metric": "bbox_AP50"},
-        model={**TINY_MODEL, "roi_heads": {**TINY_MODEL["roi_heads"], "representation_size": 128, "mask_channels": [32, 32]}},
+        model={
+            **TINY_MODEL,
+            "roi_heads": {**TINY_MODEL["roi_heads"], "representation_size": 128, "mask_channels": [32, 32]},
+        },
         log_every=10,
     )
     result = train(cfg)

@@ -11,6 +11,7 @@ the test sees as a failure.
     with HubStandIn() as hub:
         env = {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": "test-token"}
 """
+
 from __future__ import annotations
 
 import base64
@@ -62,7 +63,7 @@ class HubStandIn:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubStandIn":
+    def __enter__(self) -> HubStandIn:
         self._thread.start()
         return self
 
@@ -97,8 +98,14 @@ class HubStandIn:
         self._send(h, 404, {"error": f"stand-in has no route for {method} {path}"})
 
     @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, obj: Any = None, headers: dict[str, str] | None = None,
-              raw: bytes | None = None, head_only: bool = False) -> None:
+    def _send(
+        h: BaseHTTPRequestHandler,
+        status: int,
+        obj: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        head_only: bool = False,
+    ) -> None:
         data = raw if raw is not None else json.dumps(obj).encode()
         h.send_response(status)
         h.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -123,7 +130,9 @@ class HubStandIn:
         if repo_id in self.repos:
             self._send(h, 409, {"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"})
             return
-        self.repos[repo_id] = Repo(commits=[hashlib.sha1(repo_id.encode()).hexdigest()], commit_messages=["initial commit"])
+        self.repos[repo_id] = Repo(
+            commits=[hashlib.sha1(repo_id.encode()).hexdigest()], commit_messages=["initial commit"]
+        )
         self._send(h, 200, {"url": f"{self.url}/{repo_id}", "name": repo_id})
 
     def _validate_yaml(self, h: BaseHTTPRequestHandler, method: str, body: bytes) -> None:
@@ -141,21 +150,37 @@ class HubStandIn:
         found = self._repo(h, repo)
         if found is not None:
             siblings = [{"rfilename": name, "size": len(data)} for name, data in sorted(found.files.items())]
-            self._send(h, 200, {"id": repo, "modelId": repo, "sha": found.commits[-1], "siblings": siblings, "private": False})
+            self._send(
+                h, 200, {"id": repo, "modelId": repo, "sha": found.commits[-1], "siblings": siblings, "private": False}
+            )
 
     def _preupload(self, h: BaseHTTPRequestHandler, method: str, body: bytes, repo: str, rev: str) -> None:
         if self._repo(h, repo) is not None:
             files = json.loads(body)["files"]
             # The Hub stores binary files (and large ones) with LFS: safetensors goes that way.
-            modes = [{"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
-                      "shouldIgnore": False, "oid": None} for f in files]
+            modes = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if f["path"].endswith(".safetensors") else "regular",
+                    "shouldIgnore": False,
+                    "oid": None,
+                }
+                for f in files
+            ]
             self._send(h, 200, {"files": modes})
 
     def _lfs_batch(self, h: BaseHTTPRequestHandler, method: str, body: bytes, repo: str) -> None:
         request = json.loads(body)
-        objects = [{"oid": o["oid"], "size": o["size"], "authenticated": True,
-                    "actions": {"upload": {"href": f"{self.url}/lfs-upload/{o['oid']}"}}}
-                   for o in request["objects"] if o["oid"] not in self.lfs]
+        objects = [
+            {
+                "oid": o["oid"],
+                "size": o["size"],
+                "authenticated": True,
+                "actions": {"upload": {"href": f"{self.url}/lfs-upload/{o['oid']}"}},
+            }
+            for o in request["objects"]
+            if o["oid"] not in self.lfs
+        ]
         self._send(h, 200, {"transfer": "basic", "objects": objects})
 
     def _lfs_put(self, h: BaseHTTPRequestHandler, method: str, body: bytes, oid: str) -> None:
@@ -189,8 +214,15 @@ class HubStandIn:
         found.files.update(files)
         found.commits.append(hashlib.sha1(b"".join([found.commits[-1].encode(), *files.values()])).hexdigest())
         found.commit_messages.append(message)
-        self._send(h, 200, {"commitUrl": f"{self.url}/{repo}/commit/{found.commits[-1]}", "commitOid": found.commits[-1],
-                            "pullRequestUrl": None})
+        self._send(
+            h,
+            200,
+            {
+                "commitUrl": f"{self.url}/{repo}/commit/{found.commits[-1]}",
+                "commitOid": found.commits[-1],
+                "pullRequestUrl": None,
+            },
+        )
 
     def _resolve(self, h: BaseHTTPRequestHandler, method: str, body: bytes, repo: str, rev: str, file: str) -> None:
         found = self._repo(h, repo)

@@ -1,4 +1,5 @@
 """Weight files: what a trained checkpoint needs to load, and the ImageNet body weights."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,12 +7,17 @@ import dataclasses
 import torch
 
 import maskrcnn
-from maskrcnn.weights.checkpoint import load_backbone_weights, save_checkpoint
 from maskrcnn.config import ModelConfig, apply_overrides
 from maskrcnn.model.backbone import ResNetBody
+from maskrcnn.weights.checkpoint import load_backbone_weights, save_checkpoint
 
-TINY = ["num_classes=2", "backbone.name=resnet18", "backbone.fpn_channels=32", "roi_heads.representation_size=32",
-        "roi_heads.mask_channels=[8,8]"]
+TINY = [
+    "num_classes=2",
+    "backbone.name=resnet18",
+    "backbone.fpn_channels=32",
+    "roi_heads.representation_size=32",
+    "roi_heads.mask_channels=[8,8]",
+]
 
 
 def test_a_trained_checkpoint_loads_without_the_imagenet_file_it_started_from(tmp_path):

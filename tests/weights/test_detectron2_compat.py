@@ -1,5 +1,6 @@
 """Reading Detectron2 model zoo files: the restricted unpickler, key and slot conversion, and
 the config a file's architecture implies."""
+
 from __future__ import annotations
 
 import os
@@ -77,11 +78,17 @@ def test_keys_and_background_slot_follow_our_layout():
     state = _d2_r50_like_state(np.random.default_rng(0))
     out = convert_keys(state)
     assert set(out) == {
-        "roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
-        "roi_heads.box_predictor.bbox_pred.weight", "roi_heads.box_predictor.bbox_pred.bias",
-        "roi_heads.mask_predictor.mask_fcn_logits.weight", "roi_heads.mask_predictor.mask_fcn_logits.bias",
-        "backbone.body.layer2.0.downsample.1.running_var", "backbone.body.layer4.2.bn3.weight",
-        "backbone.fpn.inner_blocks.2.weight", "rpn.head.cls_logits.bias", "roi_heads.mask_predictor.conv5_mask.weight",
+        "roi_heads.box_predictor.cls_score.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.mask_predictor.mask_fcn_logits.weight",
+        "roi_heads.mask_predictor.mask_fcn_logits.bias",
+        "backbone.body.layer2.0.downsample.1.running_var",
+        "backbone.body.layer4.2.bn3.weight",
+        "backbone.fpn.inner_blocks.2.weight",
+        "rpn.head.cls_logits.bias",
+        "roi_heads.mask_predictor.conv5_mask.weight",
     }
     # Background logit: Detectron2's last row is our row 0; foreground rows keep their order.
     w = state["roi_heads.box_predictor.cls_score.weight"]
@@ -121,8 +128,11 @@ def _tiny_d2_file(tmp_path, name: str, depth_blocks: int, groups: int, extra: di
 
 @pytest.mark.parametrize(
     "blocks,groups,backbone,stride_in_1x1,std",
-    [(6, 1, "resnet50", True, (1.0, 1.0, 1.0)), (23, 1, "resnet101", True, (1.0, 1.0, 1.0)),
-     (23, 32, "resnext101_32x8d", False, PIXEL_STD_X101)],
+    [
+        (6, 1, "resnet50", True, (1.0, 1.0, 1.0)),
+        (23, 1, "resnet101", True, (1.0, 1.0, 1.0)),
+        (23, 32, "resnext101_32x8d", False, PIXEL_STD_X101),
+    ],
 )
 def test_config_from_the_architecture(tmp_path, blocks, groups, backbone, stride_in_1x1, std):
     config, state = read_weights(_tiny_d2_file(tmp_path, "model_final_x.pkl", blocks, groups))
@@ -172,8 +182,8 @@ def test_training_from_a_detectron2_file_warns_about_its_other_network(caplog):
     the tensors, re-initialises the class heads, and says which settings the file differs in."""
     import logging
 
-    from maskrcnn.weights.checkpoint import init_from_checkpoint
     from maskrcnn.model.build import build_model
+    from maskrcnn.weights.checkpoint import init_from_checkpoint
 
     need(D2_PARITY / "r50" / "spec.json")
     model = build_model()
@@ -185,7 +195,18 @@ def test_training_from_a_detectron2_file_warns_about_its_other_network(caplog):
 
 # COCO's 80 category ids in Detectron2's contiguous order, written out by hand from the COCO
 # 2017 annotation file (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 are unused there).
-COCO_IDS_BY_HAND = [*range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70, *range(72, 83), *range(84, 91)]
+COCO_IDS_BY_HAND = [
+    *range(1, 12),
+    *range(13, 26),
+    27,
+    28,
+    *range(31, 45),
+    *range(46, 66),
+    67,
+    70,
+    *range(72, 83),
+    *range(84, 91),
+]
 
 
 def test_detectron2_coco_labels_come_out_as_coco_category_ids():

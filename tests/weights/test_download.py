@@ -1,4 +1,5 @@
 """download(): against a real local HTTP server, counting the requests it serves."""
+
 from __future__ import annotations
 
 import functools
@@ -150,12 +151,16 @@ def test_detectron2_names(server, tmp_path, monkeypatch, capsys) -> None:
 
     import numpy as np
 
+    from maskrcnn.cli import main
     from maskrcnn.weights import download as download_module
     from maskrcnn.weights.checkpoint import read_weights
-    from maskrcnn.cli import main
 
-    assert published_url("detectron2_mask_rcnn_R_50_FPN_3x").endswith("mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl")
-    assert published_url("detectron2_mask_rcnn_R_101_FPN_3x").endswith("mask_rcnn_R_101_FPN_3x/138205316/model_final_a3ec72.pkl")
+    assert published_url("detectron2_mask_rcnn_R_50_FPN_3x").endswith(
+        "mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl"
+    )
+    assert published_url("detectron2_mask_rcnn_R_101_FPN_3x").endswith(
+        "mask_rcnn_R_101_FPN_3x/138205316/model_final_a3ec72.pkl"
+    )
     assert published_url("detectron2_mask_rcnn_X_101_32x8d_FPN_3x").endswith("139653917/model_final_2d9806.pkl")
     assert expected_hash("model_final_f10217.pkl") is None  # no digest to check: fetched as is
     state = {

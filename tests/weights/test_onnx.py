@@ -14,6 +14,7 @@ differ by float noise (on scikit-image's ``hubble_deep_field`` a corner 0.003 px
 a 0.006 px move of that box alone gives IoU 0.899, 879 of 8252 pixels, in PyTorch itself). A mask
 below the IoU is accepted only when the two boxes truncate to different integers.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,12 @@ pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install 'maskrcnn[onnx]')")
 
 import maskrcnn  # noqa: E402
-from maskrcnn.weights.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.config import ConfigError, ModelConfig, apply_overrides  # noqa: E402
-from maskrcnn.weights.export import ExportError, check_exportable, export  # noqa: E402
 from maskrcnn.ops.boxes import box_iou  # noqa: E402
 from maskrcnn.ops.paste import _expand_boxes  # noqa: E402
+from maskrcnn.weights.checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from maskrcnn.weights.export import ExportError, check_exportable, export  # noqa: E402
 
 from ..helpers import KUDZU, TINY, TV_PARITY, d2_checkpoint, need  # noqa: E402
 
@@ -62,8 +63,11 @@ def assert_same_results(ours, onnx) -> None:
             m_iou = float(mask_util.iou([onnx.rles[j]], [ours.rles[i]], [0])[0, 0])
             # A pixel whose probability is within ~1e-4 of the threshold can flip either way, and
             # in a mask under 50 pixels one pixel is more than 1 - MASK_IOU: those may differ by one.
-            assert (m_iou >= MASK_IOU or pixels_differing(onnx.rles[j], ours.rles[i]) <= 1
-                    or paste_grids_differ(onnx.boxes[j], ours.boxes[i])), (i, m_iou)
+            assert (
+                m_iou >= MASK_IOU
+                or pixels_differing(onnx.rles[j], ours.rles[i]) <= 1
+                or paste_grids_differ(onnx.boxes[j], ours.boxes[i])
+            ), (i, m_iou)
 
 
 def paste_grids_differ(a: np.ndarray, b: np.ndarray, m: int = 28) -> bool:
@@ -119,8 +123,20 @@ def kudzu_photo(width: int, height: int) -> np.ndarray:
 # 480 x 640's: 1, 1/2, 1/4, 1/8 at 6 px), the transposes, 30:1 and 1:30 (1333 x 44), and ordinary
 # photos whose padded grids are odd or even on P5 and P6: 1088 x 800 (P5 34 x 25, P6 17 x 13),
 # 800 x 800 (25 x 25, 13 x 13), 1333 x 800 (42 x 25, 21 x 13), 704 x 1333 (22 x 42).
-SHAPES = [(2000, 10), (2000, 30), (2000, 60), (1280, 200), (10, 2000), (60, 2000), (3000, 100), (100, 3000),
-          (640, 480), (500, 500), (1000, 600), (400, 757)]
+SHAPES = [
+    (2000, 10),
+    (2000, 30),
+    (2000, 60),
+    (1280, 200),
+    (10, 2000),
+    (60, 2000),
+    (3000, 100),
+    (100, 3000),
+    (640, 480),
+    (500, 500),
+    (1000, 600),
+    (400, 757),
+]
 
 
 @pytest.mark.parametrize("width,height", SHAPES, ids=[f"{w}x{h}" for w, h in SHAPES])
@@ -183,12 +199,17 @@ def test_file_carries_class_names_and_thresholds(models, tv_onnx):
 def test_predict_command_runs_the_onnx_file_unchanged(pytorch_results, tv_onnx, tmp_path):
     out = tmp_path / "out"
     image = need(TV_PARITY / "image_b.png")
-    assert main(["predict", str(image), "--weights", str(tv_onnx), "--out", str(out), "--quiet", "--score-thresh", "0.3"]) == 0
+    assert (
+        main(["predict", str(image), "--weights", str(tv_onnx), "--out", str(out), "--quiet", "--score-thresh", "0.3"])
+        == 0
+    )
     entries = json.loads((out / "predictions.json").read_text())
     expected = pytorch_results["image_b.png"]
     expected = expected[expected.scores >= 0.3]
     assert len(entries) == len(expected) > 0
-    assert sorted(e["category_id"] for e in entries) == sorted(expected.labels.tolist())  # a COCO checkpoint: label = id
+    assert sorted(e["category_id"] for e in entries) == sorted(
+        expected.labels.tolist()
+    )  # a COCO checkpoint: label = id
     assert (out / "overlays" / "image_b.png").is_file()
 
 
@@ -232,7 +253,14 @@ def test_detectron2_model_zoo_pkl(tmp_path):
     pytorch, onnx = maskrcnn.load(weights), maskrcnn.load(tmp_path / "d2.onnx")
     assert onnx.config == pytorch.config
     t, h = onnx.config.transform, onnx.config.roi_heads
-    assert (t.bgr, t.pixel_scale, t.resize, h.paste, h.sampling_ratio, h.aligned) == (True, 255.0, "detectron2", "detectron2", 0, True)
+    assert (t.bgr, t.pixel_scale, t.resize, h.paste, h.sampling_ratio, h.aligned) == (
+        True,
+        255.0,
+        "detectron2",
+        "detectron2",
+        0,
+        True,
+    )
     image = fixture_image("image_a.png")
     ours = pytorch.predict(image)
     assert len(ours) == 100
@@ -249,10 +277,20 @@ def test_roi_align_adaptive_sampling_is_onnx_sampling_ratio_0(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(1, 4, 24, 32, generator=g)
-    rois = torch.tensor([[0, 1.0, 1.0, 5.0, 5.0], [0, 2.5, 3.0, 30.0, 18.0], [0, 0.0, 0.0, 20.0, 40.0], [0, 10.2, 4.7, 11.0, 5.1], [0, 0.0, 0.0, 63.0, 47.0]])
+    rois = torch.tensor(
+        [
+            [0, 1.0, 1.0, 5.0, 5.0],
+            [0, 2.5, 3.0, 30.0, 18.0],
+            [0, 0.0, 0.0, 20.0, 40.0],
+            [0, 10.2, 4.7, 11.0, 5.1],
+            [0, 0.0, 0.0, 63.0, 47.0],
+        ]
+    )
     for aligned in (False, True):
         op = RoIAlign(7, spatial_scale=0.5, sampling_ratio=0, aligned=aligned)
-        torch.onnx.export(op, (feats, rois), tmp_path / "ra.onnx", dynamo=False, opset_version=16, input_names=["x", "r"])
+        torch.onnx.export(
+            op, (feats, rois), tmp_path / "ra.onnx", dynamo=False, opset_version=16, input_names=["x", "r"]
+        )
         session = onnxruntime.InferenceSession(str(tmp_path / "ra.onnx"), providers=["CPUExecutionProvider"])
         (theirs,) = session.run(None, {"x": feats.numpy(), "r": rois.numpy()})
         np.testing.assert_allclose(theirs, op(feats, rois).numpy(), atol=1e-5)
@@ -284,9 +322,12 @@ def test_load_refuses_other_onnx_files_and_fixed_settings(tmp_path, tv_onnx):
     import onnx
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
     with pytest.raises(CheckpointError, match="other.onnx: not an ONNX model written by maskrcnn export"):
         maskrcnn.load(tmp_path / "other.onnx")
@@ -370,8 +411,22 @@ def test_reduced_precision_with_an_onnx_model_is_refused(tiny_files, tmp_path, c
             model.predict(image, precision=precision)
     assert model.predict(image, precision="auto").error is None
     Image.fromarray(image).save(tmp_path / "x.png")
-    assert main(["predict", str(tmp_path / "x.png"), "--weights", str(tiny_files[1]), "--out", str(tmp_path / "out"),
-                 "--precision", "bf16", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                str(tmp_path / "x.png"),
+                "--weights",
+                str(tiny_files[1]),
+                "--out",
+                str(tmp_path / "out"),
+                "--precision",
+                "bf16",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "an ONNX model runs in float32" in capsys.readouterr().err
 
 
@@ -401,9 +456,15 @@ def test_multiscale_roi_align_graph_follows_the_image_height(tmp_path, aligned):
 
     g = torch.Generator().manual_seed(0)
     pooler = Pooler()
-    torch.onnx.export(pooler, (torch.randn(1, 2, 480, 640, generator=g), torch.tensor([[0.0, 0.0, 50.0, 40.0]])),
-                      tmp_path / "pool.onnx", dynamo=False, opset_version=17, input_names=["image", "boxes"],
-                      dynamic_axes={"image": {2: "h", 3: "w"}, "boxes": {0: "n"}})
+    torch.onnx.export(
+        pooler,
+        (torch.randn(1, 2, 480, 640, generator=g), torch.tensor([[0.0, 0.0, 50.0, 40.0]])),
+        tmp_path / "pool.onnx",
+        dynamo=False,
+        opset_version=17,
+        input_names=["image", "boxes"],
+        dynamic_axes={"image": {2: "h", 3: "w"}, "boxes": {0: "n"}},
+    )
     session = onnxruntime.InferenceSession(str(tmp_path / "pool.onnx"), providers=["CPUExecutionProvider"])
     for h in (6, 19, 39, 44, 46, 64, 200):
         image = torch.randn(1, 2, h, 1333, generator=g)

@@ -1,5 +1,6 @@
 """INT8 export (``maskrcnn.weights.quantize``, ``maskrcnn export --int8 --calib DIR``): the file read back
 by onnx and run by ONNX Runtime; its int8 weights against the float32 export's; bad input."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ import onnx  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 import maskrcnn  # noqa: E402
-from maskrcnn.weights.checkpoint import save_checkpoint  # noqa: E402
 from maskrcnn.cli import main  # noqa: E402
 from maskrcnn.config import ModelConfig, apply_overrides  # noqa: E402
+from maskrcnn.weights.checkpoint import save_checkpoint  # noqa: E402
 from maskrcnn.weights.export import export  # noqa: E402
 from maskrcnn.weights.quantize import Int8Options, calibration_images, int8_record, quantize  # noqa: E402
 
@@ -35,7 +36,7 @@ def write_images(folder, n: int, seed: int = 0) -> None:
         image = np.stack([(xx * 2 + i * 30) % 256, (yy * 2) % 256, np.full_like(xx, 60 * i % 256)], -1).astype(np.uint8)
         for _ in range(3):
             y, x = rng.integers(0, h - 30), rng.integers(0, w - 30)
-            image[y:y + 25, x:x + 25] = rng.integers(0, 256, size=3)
+            image[y : y + 25, x : x + 25] = rng.integers(0, 256, size=3)
         Image.fromarray(image).save(folder / f"im{i}.png")
 
 
@@ -96,8 +97,20 @@ def test_int8_model_predicts_through_load_and_predict(files, tmp_path):
     assert (result.boxes[:, [0, 2]] >= 0).all() and (result.boxes[:, [0, 2]] <= w).all()
     assert (result.boxes[:, [1, 3]] >= 0).all() and (result.boxes[:, [1, 3]] <= h).all()
     assert set(result.class_names) <= {"circle", "square", "triangle"}
-    assert main(["predict", str(files / "calib" / "im0.png"), "--weights", str(files / "int8.onnx"),
-                 "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(files / "calib" / "im0.png"),
+                "--weights",
+                str(files / "int8.onnx"),
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len(json.loads((tmp_path / "out" / "predictions.json").read_text())) == len(result)
 
 
@@ -132,7 +145,22 @@ def test_bad_int8_input_is_one_line(files, tmp_path, capsys):
 def test_export_int8_command(files, tmp_path):
     """``maskrcnn export --int8 --calib DIR`` end to end (a second export: about a minute)."""
     out = tmp_path / "cli.onnx"
-    assert main(["export", "--weights", str(files / "tiny.pth"), "--out", str(out), "--int8",
-                 "--calib", str(files / "calib"), "--calib-images", "2"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--weights",
+                str(files / "tiny.pth"),
+                "--out",
+                str(out),
+                "--int8",
+                "--calib",
+                str(files / "calib"),
+                "--calib-images",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert int8_record(out)["images"] == 2
     assert len(maskrcnn.load(out).predict(np.array(Image.open(files / "calib" / "im1.png")))) > 0

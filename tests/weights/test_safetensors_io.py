@@ -1,5 +1,6 @@
 """Checkpoints as safetensors: written for a .safetensors path, read by content, read back by
 the safetensors library itself, and never a way to run code."""
+
 from __future__ import annotations
 
 import json
@@ -87,7 +88,9 @@ def test_damaged_files_are_one_line_errors(tmp_path):
         read_weights(path)
     assert "\n" not in str(e.value) and "safetensors" in str(e.value)
     # Our metadata names a tensor the file lacks.
-    save_file({"a": torch.zeros(2)}, str(path), metadata={"maskrcnn": json.dumps({"model": {"x": {"__tensor__": "b"}}})})
+    save_file(
+        {"a": torch.zeros(2)}, str(path), metadata={"maskrcnn": json.dumps({"model": {"x": {"__tensor__": "b"}}})}
+    )
     with pytest.raises(CheckpointError, match="damaged"):
         read_file(path)
 
@@ -112,20 +115,34 @@ def test_a_training_run_in_safetensors_resumes_exactly(shapes, tmp_path):  # noq
 
     from ..train.helpers import tiny_train_config
 
-    common = {"solver": {"lr": 0.01, "epochs": 1, "warmup_iters": 2}, "eval": {"every": 1, "num_visualize": 0},
-              "data": {"max_train_images": 4}}  # 2 iterations
+    common = {
+        "solver": {"lr": 0.01, "epochs": 1, "warmup_iters": 2},
+        "eval": {"every": 1, "num_visualize": 0},
+        "data": {"max_train_images": 4},
+    }  # 2 iterations
     train(tiny_train_config(shapes, tmp_path / "pth", **common))
-    cut = tiny_train_config(shapes, tmp_path / "st", checkpoint_format="safetensors", checkpoint_every_iters=1,
-                            solver={**common["solver"], "max_iters": 1}, eval=common["eval"], data=common["data"])
+    cut = tiny_train_config(
+        shapes,
+        tmp_path / "st",
+        checkpoint_format="safetensors",
+        checkpoint_every_iters=1,
+        solver={**common["solver"], "max_iters": 1},
+        eval=common["eval"],
+        data=common["data"],
+    )
     assert train(cut)["iterations"] == 1
-    assert file_kind(tmp_path / "st" / "last.safetensors") == "safetensors" and not list((tmp_path / "st").glob("*.pth"))
+    assert file_kind(tmp_path / "st" / "last.safetensors") == "safetensors" and not list(
+        (tmp_path / "st").glob("*.pth")
+    )
     resumed = train(tiny_train_config(shapes, tmp_path / "st", checkpoint_format="safetensors", **common), resume=True)
     assert resumed["iterations"] == 2
     a, b = read_file(tmp_path / "pth" / "last.pth"), read_file(tmp_path / "st" / "last.safetensors")
     for key, value in a["model"].items():
         assert torch.allclose(value.float(), b["model"][key].float(), rtol=1e-4, atol=1e-6), key
-    momenta = [(s["momentum_buffer"], b["train_state"]["optimizer"]["state"][k]["momentum_buffer"])
-               for k, s in a["train_state"]["optimizer"]["state"].items()]
+    momenta = [
+        (s["momentum_buffer"], b["train_state"]["optimizer"]["state"][k]["momentum_buffer"])
+        for k, s in a["train_state"]["optimizer"]["state"].items()
+    ]
     assert momenta and all(torch.allclose(x, y, rtol=1e-4, atol=1e-6) for x, y in momenta)
     assert (tmp_path / "st" / "best.safetensors").is_file()
     with pytest.raises(ValueError, match=r"already holds a run \(last.pth\)"):  # a run in the other format counts

@@ -22,6 +22,7 @@ detection's box as in ``predictions.json`` (pixel edges). ``perimeter`` is regio
 
 Shape shorthand: H x W image, h x w an object's box-sized crop.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,16 +33,34 @@ from pathlib import Path
 
 import numpy as np
 
-from ..inference.masks import decode_one
 from ..files import atomic_write
+from ..inference.masks import decode_one
 from ..inference.results import Result
 
 log = logging.getLogger(__name__)
 
 SOFTWARE = "maskrcnn predict --labels"
-COLUMNS = ("image_id", "image", "object_id", "class", "category_id", "score", "area", "area_in_labels",
-           "centroid_x", "centroid_y", "box_x1", "box_y1", "box_x2", "box_y2", "perimeter", "eccentricity",
-           "solidity", "mean_intensity", "max_intensity")
+COLUMNS = (
+    "image_id",
+    "image",
+    "object_id",
+    "class",
+    "category_id",
+    "score",
+    "area",
+    "area_in_labels",
+    "centroid_x",
+    "centroid_y",
+    "box_x1",
+    "box_y1",
+    "box_x2",
+    "box_y2",
+    "perimeter",
+    "eccentricity",
+    "solidity",
+    "mean_intensity",
+    "max_intensity",
+)
 _MISSING = "--labels needs tifffile: pip install 'maskrcnn[microscopy]'"
 
 
@@ -97,7 +116,9 @@ class OriginalPixels:
         if pixels.ndim == 3 and pixels.shape[1:] == tuple(image_size) and pixels.shape[0] <= 4:
             pixels = np.moveaxis(pixels, 0, -1)  # (C, H, W) -> (H, W, C)
         if pixels.shape[:2] != tuple(image_size):
-            log.warning("%s: pixels of shape %s, detections for %s: no intensities measured", path, pixels.shape, image_size)
+            log.warning(
+                "%s: pixels of shape %s, detections for %s: no intensities measured", path, pixels.shape, image_size
+            )
             return
         self.pixels = pixels
 
@@ -144,9 +165,14 @@ def measure(result: Result, labels: np.ndarray, pixels: OriginalPixels | None) -
     category_ids = result.category_ids
     rows = []
     for i in range(len(result)):
-        row: dict = {"object_id": i + 1, "class": result.class_names[i] or str(int(result.labels[i])),
-                     "category_id": int(category_ids[i]), "score": round(float(result.scores[i]), 6),
-                     "area": 0, "area_in_labels": int(in_labels[i + 1])}
+        row: dict = {
+            "object_id": i + 1,
+            "class": result.class_names[i] or str(int(result.labels[i])),
+            "category_id": int(category_ids[i]),
+            "score": round(float(result.scores[i]), 6),
+            "area": 0,
+            "area_in_labels": int(in_labels[i + 1]),
+        }
         row.update(zip(("box_x1", "box_y1", "box_x2", "box_y2"), (round(float(v), 3) for v in result.boxes[i])))
         y0, x0, crop = decode_one(result.rles[i]) if result.rles is not None else (0, 0, np.zeros((0, 0), bool))
         if crop.any():
@@ -155,9 +181,14 @@ def measure(result: Result, labels: np.ndarray, pixels: OriginalPixels | None) -
             intensity = None if values is None else np.pad(values, 1)
             (props,) = regionprops(padded, intensity_image=intensity)
             cy, cx = props.centroid
-            row.update(area=int(props.area), centroid_x=round(x0 + cx - 1, 3), centroid_y=round(y0 + cy - 1, 3),
-                       perimeter=round(float(props.perimeter), 3), eccentricity=round(float(props.eccentricity), 6),
-                       solidity=round(float(props.solidity), 6))
+            row.update(
+                area=int(props.area),
+                centroid_x=round(x0 + cx - 1, 3),
+                centroid_y=round(y0 + cy - 1, 3),
+                perimeter=round(float(props.perimeter), 3),
+                eccentricity=round(float(props.eccentricity), 6),
+                solidity=round(float(props.solidity), 6),
+            )
             if intensity is not None:
                 row.update(mean_intensity=float(props.intensity_mean), max_intensity=float(props.intensity_max))
         rows.append(row)

@@ -20,14 +20,15 @@ holes kept), simplified so that no vertex moves more than ``tolerance`` pixels (
 
 Shape shorthand: N detections.
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-from ..inference.polygons import coco_polygons, result_polygons
 from ..files import atomic_write, write_json
+from ..inference.polygons import coco_polygons, result_polygons
 from ..inference.results import Result
 
 TOLERANCE = 0.5  # pixels a simplified outline's vertex may move: within the half pixel of marching squares
@@ -140,8 +141,18 @@ def feature_collection(result: Result, tolerance: float, reference: Any = None) 
             a, b, c, d, e, f = reference.transform
             shape = affine_transform(shape, [a, b, d, e, c, f])  # shapely's order: a, b, d, e, xoff, yoff
             shape = _counter_clockwise(shape)  # a north-up map flips y: exteriors back to RFC 7946's orientation
-        features.append({"type": "Feature", "id": i + 1, "geometry": mapping(shape),
-                         "properties": {"object_id": i + 1, "class": result.class_names[i] or str(int(result.labels[i])),
-                                        "category_id": int(category_ids[i]), "score": float(result.scores[i])}})
+        features.append(
+            {
+                "type": "Feature",
+                "id": i + 1,
+                "geometry": mapping(shape),
+                "properties": {
+                    "object_id": i + 1,
+                    "class": result.class_names[i] or str(int(result.labels[i])),
+                    "category_id": int(category_ids[i]),
+                    "score": float(result.scores[i]),
+                },
+            }
+        )
     collection["features"] = features
     return collection

@@ -1,5 +1,6 @@
 """The optional per-image outputs of ``maskrcnn predict``, built from its flags and checked
 before any work (``applications`` describes the writers' one interface)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,9 @@ class Writer(Protocol):
     def close(self) -> None: ...
 
 
-def build_writers(out: str | Path, labels: bool = False, geojson: bool = False, polygons: bool = False,
-                  tolerance: float | None = None) -> list[Writer]:
+def build_writers(
+    out: str | Path, labels: bool = False, geojson: bool = False, polygons: bool = False, tolerance: float | None = None
+) -> list[Writer]:
     """The writers that ``--labels``, ``--geojson`` and ``--polygons`` ask for (a one-line
     ValueError naming the extra to install when a library is missing)."""
     from .polygon_files import TOLERANCE
@@ -46,7 +48,9 @@ def refuse_replacing_user_files(writers: list[Writer], names: list[str]) -> list
     for writer in writers:
         for path in writer.targets(names):
             if (path.exists() or path.is_symlink()) and not writer.ours(path):
-                raise ValueError(f"{path} exists and was not written by maskrcnn predict, so it is not replaced; "
-                                 "choose another --out folder")
+                raise ValueError(
+                    f"{path} exists and was not written by maskrcnn predict, so it is not replaced; "
+                    "choose another --out folder"
+                )
             paths.append(path)
     return paths

@@ -4,6 +4,7 @@ The ground truth is read with the training parser and every image file checked (
 only) before the model is loaded: a missing or mis-sized image would score its ground truth
 against no detections, or against masks drawn at the wrong size.
 """
+
 from __future__ import annotations
 
 import logging
@@ -12,15 +13,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
 from ..data.coco import CocoDataset, describe_problems
 from ..data.errors import DatasetError
+from ..evaluation.analysis import analyse, check_report_out, write_report
+from ..evaluation.coco import coco_evaluate, coco_results, format_metrics
 from ..files import refuse_overwriting_inputs, write_json
 from ..inference.options import PredictOptions
 from ..inference.results import write_coco_results
 from ..weights.checkpoint import load
-from ..evaluation.analysis import analyse, check_report_out, write_report
-from ..evaluation.coco import coco_evaluate, coco_results, format_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +67,28 @@ def evaluate_files(
     if len(bad) == len(gt):
         raise DatasetError(describe_problems(data, len(gt), bad) + f"\n  is --images {images} the right folder?")
     if bad and not skip_bad_images:
-        raise DatasetError(describe_problems(data, len(gt), bad) + "\n  (--skip-bad-images leaves them out of "
-                           "both the ground truth and the detections)")
+        raise DatasetError(
+            describe_problems(data, len(gt), bad) + "\n  (--skip-bad-images leaves them out of "
+            "both the ground truth and the detections)"
+        )
     model = load(weights, device=device)
     model_ids, gt_ids = set(model.config.label_categories()[1:]), {a.category_id for a in gt.file.annotations}
     if not model_ids & gt_ids:
-        raise DatasetError(f"{data}: none of its category ids {sorted(gt_ids)[:10]} is one the model predicts "
-                           f"{sorted(model_ids)[:10]}; every AP would be 0")
+        raise DatasetError(
+            f"{data}: none of its category ids {sorted(gt_ids)[:10]} is one the model predicts "
+            f"{sorted(model_ids)[:10]}; every AP would be 0"
+        )
     skipped: list[int] = []
     keep = [i for i in gt.image_ids if i not in bad]
-    entries = coco_results(model, gt.coco, images, options, image_ids=keep, allow_outside_root=allow_outside_root,
-                           skipped=skipped if skip_bad_images else None)
+    entries = coco_results(
+        model,
+        gt.coco,
+        images,
+        options,
+        image_ids=keep,
+        allow_outside_root=allow_outside_root,
+        skipped=skipped if skip_bad_images else None,
+    )
     excluded = [*bad, *skipped]
     keep = [i for i in keep if i not in skipped]
     if not keep:
@@ -92,8 +103,10 @@ def evaluate_files(
         names = [gt.file.images[i].file_name for i in excluded]
         metrics["excluded_images"] = names
         shown = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
-        print(f"{len(excluded)} of {len(gt)} images left out of both the ground truth and the detections: {shown}",
-              file=sys.stderr)
+        print(
+            f"{len(excluded)} of {len(gt)} images left out of both the ground truth and the detections: {shown}",
+            file=sys.stderr,
+        )
     if out:
         write_coco_results(entries, Path(out) / "results.json")
         write_json(metrics, Path(out) / "metrics.json", indent=1)
@@ -119,8 +132,10 @@ def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
         except OSError:
             head = b""
         if not (head.startswith(prefix) or head == empty):
-            raise ValueError(f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
-                             "choose another --out folder")
+            raise ValueError(
+                f"{path} exists and was not written by maskrcnn evaluate, so it is not replaced; "
+                "choose another --out folder"
+            )
     # Writable, told now rather than after the work, and nothing created on the way (the folder
     # is made when the results are written): the nearest existing folder must take new files.
     existing = next(p for p in (out, *out.parents) if p.exists() or p.is_symlink())

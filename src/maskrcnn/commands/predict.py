@@ -5,6 +5,7 @@ work (no output replaces an input or a file that predict did not write), then im
 through one ``Predictor`` into ``PredictionFiles`` and overlays, and each video, stream or
 camera into an annotated video and JSON Lines (``video.predict_video``).
 """
+
 from __future__ import annotations
 
 import glob
@@ -17,20 +18,21 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from ..inference.input_size import with_input_size
-from ..inference.tracking import VideoTracking, parse_line
 from ..applications.writers import build_writers
 from ..applications.writers import refuse_replacing_user_files as refuse_replacing_writers_files
 from ..data.images import IMAGE_SUFFIXES
 from ..files import refuse_overwriting_inputs
-from ..weights.checkpoint import load
+from ..inference.input_size import with_input_size
 from ..inference.options import PredictOptions
 from ..inference.outputs import PredictionFiles, coco_image_ids
 from ..inference.predictor import Predictor
 from ..inference.results import Result
+from ..inference.tracking import VideoTracking, parse_line
 from ..inference.video import is_animated_gif, is_stream, is_video, output_name, predict_video, written_by_predict
+from ..weights.checkpoint import load
 
 log = logging.getLogger(__name__)
+
 
 class UsageError(ValueError):
     """Options that cannot apply to these inputs (the command line shows its usage with it)."""
@@ -109,7 +111,9 @@ def predict_files(
             before the model is loaded.
     """
     out = Path(out)
-    writers = build_writers(out, outputs.labels, outputs.geojson, outputs.polygons, outputs.polygon_tolerance)  # a missing library is told first
+    writers = build_writers(
+        out, outputs.labels, outputs.geojson, outputs.polygons, outputs.polygon_tolerance
+    )  # a missing library is told first
     streams = [i for i in inputs if is_stream(i)]
     paths, failed = expand_inputs([i for i in inputs if not is_stream(i)])
     videos = [p for p in paths if is_video(str(p)) or is_animated_gif(p)]
@@ -154,8 +158,16 @@ def predict_files(
     return summary
 
 
-def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path], gt_ids: tuple[list[int | None], int],
-                    out: Path, summary: PredictSummary, quiet: bool, writers: Sequence[OutputWriter] = ()) -> None:
+def _predict_images(
+    predictor: Predictor,
+    paths: list[Path],
+    overlays: list[Path],
+    gt_ids: tuple[list[int | None], int],
+    out: Path,
+    summary: PredictSummary,
+    quiet: bool,
+    writers: Sequence[OutputWriter] = (),
+) -> None:
     """Each image -> ``overlays[i]``, ``out``'s results files and each of ``writers``; failures
     to ``summary.failed``. ``gt_ids``: each image's ``--coco`` id or None, and the first id free
     for the others."""
@@ -176,8 +188,10 @@ def _predict_images(predictor: Predictor, paths: list[Path], overlays: list[Path
         for writer in writers:
             writer.close()
     summary.images, summary.detections = files.images, files.detections
-    print(f"{files.images} images, {files.detections} detections -> {out}/ "
-          "(overlays/, predictions.json, predictions.jsonl, images.json)")
+    print(
+        f"{files.images} images, {files.detections} detections -> {out}/ "
+        "(overlays/, predictions.json, predictions.jsonl, images.json)"
+    )
 
 
 class OutputWriter(Protocol):
@@ -206,8 +220,15 @@ def export_writers(formats: Sequence[str], out: Path, names: list[str]) -> list[
     return writers
 
 
-def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stride: int, quiet: bool,
-                   tracking: VideoTracking | None = None) -> bool:
+def _predict_video(
+    predictor: Predictor,
+    source: str,
+    out: Path,
+    name: str,
+    stride: int,
+    quiet: bool,
+    tracking: VideoTracking | None = None,
+) -> bool:
     """One video, stream or camera -> ``out/<name>.mp4`` and ``<name>.jsonl``. False when it
     failed or ended before its header's frame count, told in one line as it happens."""
     try:
@@ -217,13 +238,17 @@ def _predict_video(predictor: Predictor, source: str, out: Path, name: str, stri
         return False
     if done.problem is not None:  # truncated or broken off: what was decoded is kept
         print(f"warning: {source}: {done.problem}", file=sys.stderr)
-    print(f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
-          f"{done.video}, {done.jsonl}")
+    print(
+        f"{source}: {done.frames_processed} of {done.frames_read} frames, {done.detections} detections -> "
+        f"{done.video}, {done.jsonl}"
+    )
     if done.frames_dropped:
         print(f"{source}: {done.frames_dropped} frames dropped: the model was slower than the source")
     if done.tracks is not None:
-        print(f"{source}: {done.tracks['tracks']} tracks {done.tracks['objects']}"
-              + (f", crossings {done.tracks['crossings']}" if "crossings" in done.tracks else ""))
+        print(
+            f"{source}: {done.tracks['tracks']} tracks {done.tracks['objects']}"
+            + (f", crossings {done.tracks['crossings']}" if "crossings" in done.tracks else "")
+        )
     return done.problem is None
 
 
@@ -285,7 +310,12 @@ def refuse_replacing_user_files(results: list[Path], videos: list[Path]) -> None
     earlier output of ``predict``: they go straight into ``--out``, which may be the input
     folder, where a user's own ``clip.mp4`` can sit beside the ``clip.mkv`` being annotated.
     (``overlays/`` is predict's own folder: its files are replaced, as a rerun needs.)"""
-    for out, ours in [*((p, PredictionFiles.written_by_predict) for p in results), *((p, written_by_predict) for p in videos)]:
+    for out, ours in [
+        *((p, PredictionFiles.written_by_predict) for p in results),
+        *((p, written_by_predict) for p in videos),
+    ]:
         if (out.exists() or out.is_symlink()) and not ours(out):
-            raise ValueError(f"{out} exists and was not written by maskrcnn predict, so it is not replaced; "
-                             "choose another --out folder")
+            raise ValueError(
+                f"{out} exists and was not written by maskrcnn predict, so it is not replaced; "
+                "choose another --out folder"
+            )

@@ -5,6 +5,7 @@ Every dataset yields ``(image, targets, info)``: image (3, H, W) float32 RGB in 
 dict (``image_id``, ``file_name``, ``orig_size``). Other formats (VIA, DSB 2018) are converted
 to COCO JSON once and read with ``CocoDataset``.
 """
+
 from __future__ import annotations
 
 from .coco import CocoDataset, read_coco, read_json, segmentation_to_mask

@@ -13,6 +13,7 @@ geometric transforms that need masks.
 Written in torch rather than with albumentations: the five transforms are a few lines each, and
 this keeps the exact pixel-edge box rules of ``transforms.hflip`` and no extra dependency.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,8 +40,13 @@ class AugmentConfig:
 
     vflip: float = 0.0  # probability of an up-down flip
     rot90: float = 0.0  # probability of a rotation by 90, 180 or 270 degrees (one of the three, uniformly)
-    scale: tuple[float, float] = (1.0, 1.0)  # image scaled by a factor drawn log-uniformly from this range (before cropping)
-    crop: int = 0  # random crop of at most crop x crop pixels at native resolution (0 = off): large images train as tiles
+    scale: tuple[float, float] = (
+        1.0,
+        1.0,
+    )  # image scaled by a factor drawn log-uniformly from this range (before cropping)
+    crop: int = (
+        0  # random crop of at most crop x crop pixels at native resolution (0 = off): large images train as tiles
+    )
     brightness: float = 0.0  # multiply by b ~ U[1 - brightness, 1 + brightness]
     contrast: float = 0.0  # blend with the mean grey level by c ~ U[1 - contrast, 1 + contrast]
     saturation: float = 0.0  # blend with the grey image by s ~ U[1 - saturation, 1 + saturation]
@@ -122,7 +128,8 @@ def rot90(image: Tensor, targets: Targets, k: int = 1) -> tuple[Tensor, Targets]
         image = torch.rot90(image, 1, dims=(-2, -1))
         targets = dataclasses.replace(targets, boxes=boxes, masks=masks)
     return image.contiguous(), dataclasses.replace(
-        targets, masks=targets.masks.contiguous() if targets.masks is not None else None)
+        targets, masks=targets.masks.contiguous() if targets.masks is not None else None
+    )
 
 
 def scale(image: Tensor, targets: Targets, factor: float) -> tuple[Tensor, Targets]:

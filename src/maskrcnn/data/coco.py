@@ -21,6 +21,7 @@ Image file names stay inside the image folder: a name that is absolute or climbs
 while the folder is the user's. For the same reason symbolic links *inside* the folder are
 followed: the user put them there (image folders are often linked in from another disk).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -219,9 +220,17 @@ def _read_annotations(
         where = f"{where} ({im.file_name}, {im.width}x{im.height})"
         box = _check_bbox(a["bbox"], im.height, im.width, where)
         empty = _check_segmentation(a["segmentation"], im.height, im.width, where)
-        out.append(AnnotationRecord(
-            a["id"], a["image_id"], a["category_id"], box, a["segmentation"], bool(a.get("iscrowd", 0)), empty,
-        ))
+        out.append(
+            AnnotationRecord(
+                a["id"],
+                a["image_id"],
+                a["category_id"],
+                box,
+                a["segmentation"],
+                bool(a.get("iscrowd", 0)),
+                empty,
+            )
+        )
     return out
 
 
@@ -334,7 +343,10 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
         rle = mask_util.frPyObjects(segmentation, height, width)
     else:
         counts = segmentation["counts"]
-        rle = {"size": list(segmentation["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        rle = {
+            "size": list(segmentation["size"]),
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
     return mask_util.decode(rle)
 
 
@@ -394,8 +406,8 @@ class CocoDataset(Dataset):
         if len(set(ids)) != len(ids):
             raise ValueError(f"category_ids has duplicates: {ids}")
         self.category_ids: list[int] = ids
-        self.label_to_category_id: dict[int, int] = {l + 1: c for l, c in enumerate(ids)}
-        self.category_id_to_label: dict[int, int] = {c: l for l, c in self.label_to_category_id.items()}
+        self.label_to_category_id: dict[int, int] = {k + 1: c for k, c in enumerate(ids)}
+        self.category_id_to_label: dict[int, int] = {c: k for k, c in self.label_to_category_id.items()}
         self.class_names: list[str] = [names.get(c, "") for c in ids]
 
     def _select_instances(self) -> dict[int, list[_Instance]]:
@@ -412,7 +424,9 @@ class CocoDataset(Dataset):
             if a.iscrowd:
                 continue
             if a.degenerate:
-                dropped.append(f"{a.ann_id} (image {a.image_id}: {'empty segmentation' if a.empty else 'bbox narrower than 1 px'})")
+                dropped.append(
+                    f"{a.ann_id} (image {a.image_id}: {'empty segmentation' if a.empty else 'bbox narrower than 1 px'})"
+                )
                 continue
             label = self.category_id_to_label[a.category_id]
             instances[a.image_id].append(_Instance(a.ann_id, label, a.box, a.segmentation))  # type: ignore[arg-type]
@@ -429,7 +443,11 @@ class CocoDataset(Dataset):
             raise DatasetError(f"{self.ann_file}: no categories ('categories' is empty)")
         if not any(self._instances.values()):
             n, crowd = len(self.file.annotations), sum(a.iscrowd for a in self.file.annotations)
-            why = f"all {n} annotations are crowd ({crowd}) or degenerate ({n - crowd})" if n else "'annotations' is empty"
+            why = (
+                f"all {n} annotations are crowd ({crowd}) or degenerate ({n - crowd})"
+                if n
+                else "'annotations' is empty"
+            )
             raise DatasetError(f"{self.ann_file}: no instances ({why})")
 
     # ------------------------------------------------------------------------------------
@@ -470,7 +488,8 @@ class CocoDataset(Dataset):
         if tuple(hw) != (h, w):
             hint = (
                 "; height and width are swapped: EXIF orientation? annotations must be in the rotated frame"
-                if tuple(hw) == (w, h) else ""
+                if tuple(hw) == (w, h)
+                else ""
             )
             raise DatasetError(
                 f"{self._paths[image_id]} is {hw[1]}x{hw[0]} (WxH) but {self.ann_file} "
@@ -515,11 +534,15 @@ class CocoDataset(Dataset):
         targets = self.get_targets(index)
         if self.transforms is not None:
             image, targets = self.transforms(image, targets)
-        return image, targets, {
-            "image_id": image_id,
-            "file_name": info.file_name,
-            "orig_size": (info.height, info.width),
-        }
+        return (
+            image,
+            targets,
+            {
+                "image_id": image_id,
+                "file_name": info.file_name,
+                "orig_size": (info.height, info.width),
+            },
+        )
 
     def bad_images(self, decode: bool = False, first: int = 0) -> dict[int, str]:
         """Every image whose file is missing, unreadable or of another size than the JSON says.
@@ -561,7 +584,4 @@ class CocoDataset(Dataset):
 
     def __repr__(self) -> str:
         n = sum(len(v) for v in self._instances.values())
-        return (
-            f"CocoDataset({str(self.ann_file)!r}, {len(self)} images, {n} instances, "
-            f"{self.num_classes} classes)"
-        )
+        return f"CocoDataset({str(self.ann_file)!r}, {len(self)} images, {n} instances, {self.num_classes} classes)"

@@ -10,6 +10,7 @@ non-zero), and an opaque alpha channel does not make the whole image an instance
 PNG, TIFF, BMP or GIF (lossless); a JPEG mask is an error, since its compression noise would
 become instance pixels; other files in ``masks/`` are skipped with a warning.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_util
 
-from .errors import DatasetError
 from ..files import write_json
+from .errors import DatasetError
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,10 @@ def _mask_files(masks: Path, ignored: list[str]) -> list[Path]:
     for path in sorted(masks.iterdir()) if masks.is_dir() else []:
         suffix = path.suffix.lower()
         if suffix in LOSSY_SUFFIXES:
-            raise DatasetError(f"{path}: a {suffix} mask is lossy (its noise would become instance pixels); "
-                               f"save masks as {', '.join(MASK_SUFFIXES)}")
+            raise DatasetError(
+                f"{path}: a {suffix} mask is lossy (its noise would become instance pixels); "
+                f"save masks as {', '.join(MASK_SUFFIXES)}"
+            )
         if suffix in MASK_SUFFIXES and path.is_file():
             files.append(path)
         elif not path.name.startswith("."):
@@ -100,22 +103,29 @@ def dsb_to_coco(root: str | Path, out_json: str | Path, category_name: str = "nu
                 empty += 1
                 continue
             rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": 1,
-                "iscrowd": 0,
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": 1,
+                    "iscrowd": 0,
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                }
+            )
     if not images:
         raise DatasetError(f"{root}: no sample folders <ID>/images/<ID>.png found")
     if empty:
         logger.warning("%s: skipped %d empty mask file(s)", root, empty)
     if ignored:
-        logger.warning("%s: ignored %d file(s) in masks/ folders that are not mask images: %s%s", root, len(ignored),
-                       ", ".join(ignored[:5]), ", ..." if len(ignored) > 5 else "")
+        logger.warning(
+            "%s: ignored %d file(s) in masks/ folders that are not mask images: %s%s",
+            root,
+            len(ignored),
+            ", ".join(ignored[:5]),
+            ", ..." if len(ignored) > 5 else "",
+        )
     coco = {
         "info": {"description": f"converted from DSB 2018 folder {root.name}"},
         "images": images,

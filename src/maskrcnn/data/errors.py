@@ -1,4 +1,5 @@
 """The one exception type the data package raises for bad input files."""
+
 from __future__ import annotations
 
 

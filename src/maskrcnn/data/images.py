@@ -19,6 +19,7 @@ frame annotation tools use). Only regular files are opened (a FIFO or device wou
 forever), and an image with more than ``max_pixels`` pixels is refused by name before it is
 decoded; ``MAX_PIXELS`` is the default for every reader in the package.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,6 +55,7 @@ _16_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 # The suffixes of the image files that a folder given to `maskrcnn predict` (or a calibration folder) holds.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 
+
 def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool, peak: float | None = None) -> np.ndarray:
     """(H, W[, C]) uint8 from 16-bit, wider integer or float values, by the module's rule;
     ``peak``: the maximum to decide and scale by, when ``a`` is one part of a larger image."""
@@ -70,8 +72,9 @@ def _wide_to_uint8(a: np.ndarray, sixteen_bit: bool, peak: float | None = None) 
     return np.rint(a).clip(0, 255).astype(np.uint8)
 
 
-def to_rgb(image: Image.Image | np.ndarray, peak: float | None = None,
-           value_range: tuple[float, float] | None = None) -> np.ndarray:
+def to_rgb(
+    image: Image.Image | np.ndarray, peak: float | None = None, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
     """Pixels of a PIL image or an array -> (H, W, 3) uint8 RGB, by the rule in the module docstring.
 
     Args:
@@ -206,8 +209,9 @@ def decode_in_place(img: Image.Image, path: str | Path) -> None:
         raise DatasetError(f"cannot decode image {path}: {e}") from None
 
 
-def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS,
-             percentiles: tuple[float, float] | None = None) -> np.ndarray:
+def load_rgb(
+    path: str | Path, max_pixels: int | None = MAX_PIXELS, percentiles: tuple[float, float] | None = None
+) -> np.ndarray:
     """Read an image file as an EXIF-oriented 8-bit RGB array (``to_rgb``'s rule).
 
     Args:
@@ -226,8 +230,12 @@ def load_rgb(path: str | Path, max_pixels: int | None = MAX_PIXELS,
     with open_image(path, max_pixels) as img:
         if getattr(img, "is_animated", False) and str(path) not in _WARNED_ANIMATED:  # once a file (training rereads)
             _WARNED_ANIMATED.add(str(path))
-            log.warning("%s has %d frames; only the first is read as an image (maskrcnn predict runs an animated GIF "
-                        "as a video)", path, getattr(img, "n_frames", 0))
+            log.warning(
+                "%s has %d frames; only the first is read as an image (maskrcnn predict runs an animated GIF "
+                "as a video)",
+                path,
+                getattr(img, "n_frames", 0),
+            )
         try:
             img = ImageOps.exif_transpose(img)  # also forces the full decode
             return normalized_rgb(img, percentiles)

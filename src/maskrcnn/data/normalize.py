@@ -18,6 +18,7 @@ the image is read (whole, tile by tile, or window by window from a GeoTIFF).
 
 Shape shorthand: H x W image, C channels.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,7 +38,9 @@ def check_percentiles(percentiles: Sequence[float]) -> tuple[float, float] | Non
     if not values:
         return None
     if len(values) != 2 or not all(math.isfinite(p) for p in values) or not 0.0 <= values[0] < values[1] <= 100.0:
-        raise ValueError(f"percentiles must be two numbers low < high in [0, 100] (e.g. [1, 99.8]) or [], got {list(percentiles)}")
+        raise ValueError(
+            f"percentiles must be two numbers low < high in [0, 100] (e.g. [1, 99.8]) or [], got {list(percentiles)}"
+        )
     return values[0], values[1]
 
 
@@ -74,8 +77,13 @@ def stretch(pixels: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.rint((a - low) / (high - low) * 255.0).clip(0, 255).astype(np.uint8)
 
 
-def strip_range(read_rows: Callable[[int, int], np.ndarray], height: int, width: int,
-                percentiles: tuple[float, float], strip: int = 1024) -> tuple[float, float]:
+def strip_range(
+    read_rows: Callable[[int, int], np.ndarray],
+    height: int,
+    width: int,
+    percentiles: tuple[float, float],
+    strip: int = 1024,
+) -> tuple[float, float]:
     """``image_range`` of an image read a strip of rows at a time (a tiled run, a GeoTIFF):
     the same sampled pixels, never the whole image in memory.
 

@@ -4,10 +4,12 @@ and the collate function.
 Grouping portrait and landscape images into separate batches keeps the zero padding of a
 batch (padded to its largest height and width) small.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -47,7 +49,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
         drop_last: drop the incomplete batch of each group.
     """
 
-    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, drop_last: bool = False) -> None:
+    def __init__(
+        self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, drop_last: bool = False
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = sampler
@@ -108,7 +112,9 @@ class DistributedGroupedBatchSampler(Sampler[list[int]]):
         rank, world_size: this process and how many there are.
     """
 
-    def __init__(self, group_ids: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, group_ids: Sequence[int], batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
         self.group_ids = list(group_ids)
@@ -126,7 +132,7 @@ class DistributedGroupedBatchSampler(Sampler[list[int]]):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(len(self.group_ids), generator=g).tolist()
         batches = list(GroupedBatchSampler(order, self.group_ids, self.batch_size * self.world_size))  # type: ignore[arg-type]
-        for batch in batches[self.start:]:
+        for batch in batches[self.start :]:
             share = -(-len(batch) // self.world_size)  # ceil
             padded = (batch * self.world_size)[: share * self.world_size]
             yield padded[self.rank * share : (self.rank + 1) * share]
@@ -135,7 +141,9 @@ class DistributedGroupedBatchSampler(Sampler[list[int]]):
         return max(0, self.batches_per_epoch - self.start)
 
 
-def collate(batch: Sequence[tuple[Tensor, Targets, dict[str, Any]]]) -> tuple[list[Tensor], list[Targets], list[dict[str, Any]]]:
+def collate(
+    batch: Sequence[tuple[Tensor, Targets, dict[str, Any]]],
+) -> tuple[list[Tensor], list[Targets], list[dict[str, Any]]]:
     """DataLoader ``collate_fn``: lists of images (3, H_i, W_i), targets and info dicts.
 
     Images keep their own sizes; the model pads them into one batch tensor.

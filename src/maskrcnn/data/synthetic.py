@@ -13,6 +13,7 @@ deterministic given the seed. Layout::
     out_dir/{train,val}/images/000000.png ...
     out_dir/{train,val}/annotations.json
 """
+
 from __future__ import annotations
 
 import difflib
@@ -22,9 +23,10 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -126,7 +128,9 @@ def _shape_alpha(kind: str, size: int, angle: float) -> np.ndarray:
         v = -xx * math.sin(angle) + yy * math.cos(angle)
         inside = (np.abs(u) <= half) & (np.abs(v) <= half)
     elif kind == "triangle":
-        corners = [(r * math.cos(angle + k * 2 * math.pi / 3), r * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)]
+        corners = [
+            (r * math.cos(angle + k * 2 * math.pi / 3), r * math.sin(angle + k * 2 * math.pi / 3)) for k in range(3)
+        ]
         inside = np.ones((size, size), dtype=bool)
         for (ax, ay), (bx, by) in zip(corners, corners[1:] + corners[:1]):
             # Counter-clockwise corners: the inside is left of every edge.
@@ -174,18 +178,24 @@ def _write_split(
         images.append({"id": index + 1, "file_name": file_name, "width": w, "height": h})
         for mask, category_id in kept:
             rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append({
-                "id": len(annotations) + 1,
-                "image_id": index + 1,
-                "category_id": category_id,
-                "iscrowd": 0,
-                "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": category_id,
+                    "iscrowd": 0,
+                    "segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                }
+            )
     ann_file = out_dir / split / "annotations.json"
-    coco = {"info": {"description": f"synthetic {split} split"}, "images": images,
-            "annotations": annotations, "categories": categories}
+    coco = {
+        "info": {"description": f"synthetic {split} split"},
+        "images": images,
+        "annotations": annotations,
+        "categories": categories,
+    }
     ann_file.write_text(json.dumps(coco))
     logger.info("wrote %d images, %d instances to %s", len(images), len(annotations), out_dir / split)
     return SplitPaths(image_dir=image_dir, ann_file=ann_file)
@@ -233,6 +243,7 @@ def generate_shapes(
                 alpha = _shape_alpha(SHAPE_NAMES[kind], size, float(rng.uniform(0, 2 * math.pi)))
                 y0, x0 = canvas.place(size, max_overlap)
                 canvas.paint(y0, x0, alpha, canvas.colour(), kind + 1)
+
         return _draw
 
     paths = {}
@@ -280,12 +291,15 @@ def generate_digits(
                 alpha = _digit_alpha(samples[k], size)
                 y0, x0 = canvas.place(size, max_overlap)
                 canvas.paint(y0, x0, alpha, canvas.colour(), int(targets[k]) + 1)
+
         return _draw
 
     paths = {}
     for split, n in (("train", num_train), ("val", num_val)):
         rng = _split_rng(seed, split)
-        paths[split] = _write_split(out_dir, split, n, rng, image_size, draw(rng, pools[split]), categories, min_visible)
+        paths[split] = _write_split(
+            out_dir, split, n, rng, image_size, draw(rng, pools[split]), categories, min_visible
+        )
     return paths
 
 
@@ -331,8 +345,9 @@ def ensure_dataset(kind: str, out_dir: str | Path, **params: Any) -> dict[str, S
         for split in paths:  # ours (it has our manifest): safe to replace
             shutil.rmtree(out_dir / split, ignore_errors=True)
     elif any((out_dir / s).exists() for s in paths):
-        raise FileExistsError(f"{out_dir} has train/ or val/ but no {_MANIFEST}; not overwriting a folder "
-                              f"this function did not create")
+        raise FileExistsError(
+            f"{out_dir} has train/ or val/ but no {_MANIFEST}; not overwriting a folder this function did not create"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest.write_text(json.dumps({**wanted, "complete": False}))
     logger.info("generating %s dataset in %s", kind, out_dir)

@@ -4,10 +4,12 @@ Images are (3, H, W) float32 in [0, 1]; boxes (N, 4) x1 y1 x2 y2 in pixel-edge c
 (0 <= x1 < x2 <= W). Resizing is not done here: the model resizes (and, in training, picks a
 random short side), so targets stay in the original image frame until then.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -95,7 +97,9 @@ class ColorJitter:
     The result is clamped to [0, 1].
     """
 
-    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, brightness: float = 0.2, contrast: float = 0.2, generator: torch.Generator | None = None
+    ) -> None:
         if not 0 <= brightness <= 1 or not 0 <= contrast <= 1:
             raise ValueError(f"brightness and contrast must be in [0, 1], got {brightness}, {contrast}")
         self.brightness = brightness

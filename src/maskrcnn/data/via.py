@@ -15,18 +15,20 @@ Every coordinate must be a finite number (a numeric string is accepted, ``"nan"`
 a polygon's ``all_points_x`` / ``all_points_y`` must be lists. File names must stay inside the
 image folder, as for ``CocoDataset``, unless ``allow_outside_root``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from ..files import write_json
 from .coco import image_path, read_json
 from .errors import DatasetError
-from ..files import write_json
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -109,7 +111,9 @@ def _polygon_area(poly: list[float]) -> float:
 def _category_name(region: dict[str, Any], attribute: str, where: str) -> str:
     attrs = region.get("region_attributes") or {}
     if attribute not in attrs:
-        raise DatasetError(f"{where}: region_attributes lack the category attribute {attribute!r} (has {sorted(attrs)})")
+        raise DatasetError(
+            f"{where}: region_attributes lack the category attribute {attribute!r} (has {sorted(attrs)})"
+        )
     value = attrs[attribute]
     if isinstance(value, dict):  # VIA checkbox attribute: {"option": true, ...}
         chosen = [k for k, on in value.items() if on]
@@ -206,15 +210,17 @@ def via_to_coco(
     annotations = []
     for image_id, _, poly, name in records:
         xs, ys = poly[0::2], poly[1::2]
-        annotations.append({
-            "id": len(annotations) + 1,
-            "image_id": image_id,
-            "category_id": category_ids[name],
-            "iscrowd": 0,
-            "segmentation": [poly],
-            "area": _polygon_area(poly),
-            "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-        })
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": category_ids[name],
+                "iscrowd": 0,
+                "segmentation": [poly],
+                "area": _polygon_area(poly),
+                "bbox": [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+            }
+        )
     coco = {
         "info": {"description": f"converted from VIA file {via_json.name}"},
         "images": images,

@@ -15,6 +15,7 @@ background).
 
 Shape shorthand: K classes, D detections and G ground-truth instances of one image.
 """
+
 from __future__ import annotations
 
 import io
@@ -70,28 +71,46 @@ class ErrorAnalysis:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per-class counts and P/R/F1 (None for NaN), the matrix and its labels."""
+
         def num(v: float) -> float | None:
             return None if np.isnan(v) else float(v)
 
         per_class = {
-            name: {"tp": int(self.tp[k]), "fp": int(self.fp[k]), "fn": int(self.fn[k]), "precision": num(self.precision[k]),
-                   "recall": num(self.recall[k]), "f1": num(self.f1[k])}
+            name: {
+                "tp": int(self.tp[k]),
+                "fp": int(self.fp[k]),
+                "fn": int(self.fn[k]),
+                "precision": num(self.precision[k]),
+                "recall": num(self.recall[k]),
+                "f1": num(self.f1[k]),
+            }
             for k, name in enumerate(self.class_names)
         }
         return {
-            "score_thresh": self.score_thresh, "iou_thresh": self.iou_thresh, "iou_type": self.iou_type,
+            "score_thresh": self.score_thresh,
+            "iou_thresh": self.iou_thresh,
+            "iou_type": self.iou_type,
             "per_class": per_class,
-            "confusion_matrix": {"labels": [*self.class_names, "background"], "rows": "ground truth",
-                                 "columns": "prediction", "matrix": self.confusion.tolist()},
+            "confusion_matrix": {
+                "labels": [*self.class_names, "background"],
+                "rows": "ground truth",
+                "columns": "prediction",
+                "matrix": self.confusion.tolist(),
+            },
         }
 
     def format(self) -> str:
         """A table of P/R/F1 per class, in percent."""
         width = max([len(n) for n in self.class_names] + [5])
-        lines = [f"at score >= {self.score_thresh:g}, {self.iou_type} IoU >= {self.iou_thresh:g}:",
-                 f"{'class':{width}}{'TP':>7}{'FP':>7}{'FN':>7}{'P':>7}{'R':>7}{'F1':>7}"]
+        lines = [
+            f"at score >= {self.score_thresh:g}, {self.iou_type} IoU >= {self.iou_thresh:g}:",
+            f"{'class':{width}}{'TP':>7}{'FP':>7}{'FN':>7}{'P':>7}{'R':>7}{'F1':>7}",
+        ]
         for k, name in enumerate(self.class_names):
-            pct = [f"{'-':>7}" if np.isnan(v) else f"{100 * v:7.1f}" for v in (self.precision[k], self.recall[k], self.f1[k])]
+            pct = [
+                f"{'-':>7}" if np.isnan(v) else f"{100 * v:7.1f}"
+                for v in (self.precision[k], self.recall[k], self.f1[k])
+            ]
             lines.append(f"{name:{width}}{self.tp[k]:7d}{self.fp[k]:7d}{self.fn[k]:7d}" + "".join(pct))
         return "\n".join(lines)
 
@@ -99,8 +118,15 @@ class ErrorAnalysis:
 def _segmentations(entries: list[dict], iou_type: str) -> list[Any]:
     if iou_type == "bbox":
         return [e["bbox"] for e in entries]
-    return [{"size": e["segmentation"]["size"], "counts": e["segmentation"]["counts"].encode("ascii")
-             if isinstance(e["segmentation"]["counts"], str) else e["segmentation"]["counts"]} for e in entries]
+    return [
+        {
+            "size": e["segmentation"]["size"],
+            "counts": e["segmentation"]["counts"].encode("ascii")
+            if isinstance(e["segmentation"]["counts"], str)
+            else e["segmentation"]["counts"],
+        }
+        for e in entries
+    ]
 
 
 def _greedy(iou: np.ndarray, allowed: np.ndarray, crowd: np.ndarray, thresh: float) -> tuple[np.ndarray, np.ndarray]:
@@ -127,8 +153,14 @@ def _greedy(iou: np.ndarray, allowed: np.ndarray, crowd: np.ndarray, thresh: flo
     return match, taken
 
 
-def analyse(coco_gt: COCO, entries: list[dict], image_ids: list[int] | None = None, score_thresh: float = 0.5,
-            iou_thresh: float = 0.5, iou_type: str = "segm") -> ErrorAnalysis:
+def analyse(
+    coco_gt: COCO,
+    entries: list[dict],
+    image_ids: list[int] | None = None,
+    score_thresh: float = 0.5,
+    iou_thresh: float = 0.5,
+    iou_type: str = "segm",
+) -> ErrorAnalysis:
     """Match detections to ground truth at one operating point (module docstring).
 
     Args:
@@ -160,8 +192,11 @@ def analyse(coco_gt: COCO, entries: list[dict], image_ids: list[int] | None = No
         gts = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=[image_id]))
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in gts], dtype=bool)  # (G,)
         gt_seg = [a["bbox"] for a in gts] if iou_type == "bbox" else [coco_gt.annToRLE(a) for a in gts]
-        iou = np.asarray(mask_util.iou(_segmentations(dets, iou_type), gt_seg, crowd.astype(np.uint8).tolist())) \
-            if dets and gts else np.zeros((len(dets), len(gts)))  # (D, G)
+        iou = (
+            np.asarray(mask_util.iou(_segmentations(dets, iou_type), gt_seg, crowd.astype(np.uint8).tolist()))
+            if dets and gts
+            else np.zeros((len(dets), len(gts)))
+        )  # (D, G)
         det_cls = np.array([index[e["category_id"]] for e in dets], dtype=np.int64)  # (D,)
         gt_cls = np.array([index[a["category_id"]] for a in gts], dtype=np.int64)  # (G,)
         same = det_cls[:, None] == gt_cls[None, :]  # (D, G)
@@ -226,10 +261,23 @@ def side_by_side(image: np.ndarray, gt: list[dict], dets: list[dict], names: dic
 
     def draw(items: list[dict], scores: list[float]) -> Image.Image:
         boxes = [[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in items)]
-        rles = [{"size": [h, w], "counts": a["segmentation"]["counts"] if isinstance(a["segmentation"]["counts"], bytes)
-                 else a["segmentation"]["counts"].encode("ascii")} for a in items]
-        r = Result(np.reshape(boxes, (-1, 4)), scores, [a["category_id"] for a in items], (h, w), rles=rles,
-                   class_names=[names.get(a["category_id"], "") for a in items])
+        rles = [
+            {
+                "size": [h, w],
+                "counts": a["segmentation"]["counts"]
+                if isinstance(a["segmentation"]["counts"], bytes)
+                else a["segmentation"]["counts"].encode("ascii"),
+            }
+            for a in items
+        ]
+        r = Result(
+            np.reshape(boxes, (-1, 4)),
+            scores,
+            [a["category_id"] for a in items],
+            (h, w),
+            rles=rles,
+            class_names=[names.get(a["category_id"], "") for a in items],
+        )
         return r.plot(image, max_size=1024)
 
     left, right = draw(gt, [1.0] * len(gt)), draw(dets, [e["score"] for e in dets])
@@ -252,8 +300,9 @@ def check_report_out(out: Path) -> None:
         folder.check([p for p in folder.root.rglob("*") if p.is_file() and p.name != ExportFolder.MANIFEST])
 
 
-def write_report(out: Path, analysis: ErrorAnalysis, coco_gt: COCO, entries: list[dict], image_dir: Path,
-                 worst: int = 6) -> list[Path]:
+def write_report(
+    out: Path, analysis: ErrorAnalysis, coco_gt: COCO, entries: list[dict], image_dir: Path, worst: int = 6
+) -> list[Path]:
     """``out/analysis/confusion_matrix.png`` and ``out/analysis/worst/<rank>_<name>.png`` for the
     ``worst`` images with the most errors. Files a user changed are not replaced. Returns the paths."""
     from ..data.formats.common import ExportFolder
@@ -275,7 +324,9 @@ def write_report(out: Path, analysis: ErrorAnalysis, coco_gt: COCO, entries: lis
         dets = [e for e in entries if e["image_id"] == image_id and e["score"] >= analysis.score_thresh]
         missed, false = analysis.per_image[image_id]
         title = f"{coco_gt.imgs[image_id]['file_name']}: ground truth (left), predictions (right): {missed} missed, {false} false"
-        folder.write(path, side_by_side(load_rgb(image_dir / coco_gt.imgs[image_id]["file_name"]), gts, dets, names, title))
+        folder.write(
+            path, side_by_side(load_rgb(image_dir / coco_gt.imgs[image_id]["file_name"]), gts, dets, names, title)
+        )
     folder.close()
     return list(pngs)
 
@@ -305,13 +356,21 @@ class PRCurve:
             return np.where(self.tp + self.fn > 0, self.tp / (self.tp + self.fn), 0.0)
 
 
-def pr_curves(coco_gt: COCO, entries: list[dict], image_ids: list[int] | None = None, iou_thresh: float = 0.5,
-              iou_type: str = "segm", num_thresholds: int = 101) -> dict[str, PRCurve]:
+def pr_curves(
+    coco_gt: COCO,
+    entries: list[dict],
+    image_ids: list[int] | None = None,
+    iou_thresh: float = 0.5,
+    iou_type: str = "segm",
+    num_thresholds: int = 101,
+) -> dict[str, PRCurve]:
     """Per class name, TP / FP / FN at ``num_thresholds`` score thresholds 0..1, matched as
     ``analyse`` matches (greedy, best score first, so a detection's match does not depend on
     the detections below it: one matching at score 0 gives every threshold's counts)."""
     cat_ids = sorted(coco_gt.getCatIds())
-    thresholds = np.arange(num_thresholds) / (num_thresholds - 1)  # k / n exactly: 0.6, not linspace's 0.6000000000000001
+    thresholds = np.arange(num_thresholds) / (
+        num_thresholds - 1
+    )  # k / n exactly: 0.6, not linspace's 0.6000000000000001
     scored: dict[int, list[tuple[float, bool]]] = {c: [] for c in cat_ids}
     gt_count = dict.fromkeys(cat_ids, 0)
     image_ids = sorted(coco_gt.getImgIds()) if image_ids is None else list(image_ids)
@@ -327,9 +386,14 @@ def pr_curves(coco_gt: COCO, entries: list[dict], image_ids: list[int] | None = 
         for a, c in zip(gts, crowd):
             gt_count[a["category_id"]] += int(not c)
         gt_seg = [a["bbox"] for a in gts] if iou_type == "bbox" else [coco_gt.annToRLE(a) for a in gts]
-        iou = np.asarray(mask_util.iou(_segmentations(dets, iou_type), gt_seg, crowd.astype(np.uint8).tolist())) \
-            if dets and gts else np.zeros((len(dets), len(gts)))  # (D, G)
-        same = np.array([[e["category_id"] == a["category_id"] for a in gts] for e in dets], dtype=bool).reshape(len(dets), len(gts))
+        iou = (
+            np.asarray(mask_util.iou(_segmentations(dets, iou_type), gt_seg, crowd.astype(np.uint8).tolist()))
+            if dets and gts
+            else np.zeros((len(dets), len(gts)))
+        )  # (D, G)
+        same = np.array([[e["category_id"] == a["category_id"] for a in gts] for e in dets], dtype=bool).reshape(
+            len(dets), len(gts)
+        )
         match, _ = _greedy(iou, same, crowd, iou_thresh)
         for e, m in zip(dets, match):
             if m != -2:
@@ -340,5 +404,7 @@ def pr_curves(coco_gt: COCO, entries: list[dict], image_ids: list[int] | None = 
         hit = np.array([t for _, t in scored[c]], dtype=bool)
         above = s[None, :] >= thresholds[:, None]  # (T, D)
         tp = (above & hit).sum(axis=1)
-        curves[coco_gt.cats[c].get("name", str(c))] = PRCurve(thresholds, tp, (above & ~hit).sum(axis=1), gt_count[c] - tp)
+        curves[coco_gt.cats[c].get("name", str(c))] = PRCurve(
+            thresholds, tp, (above & ~hit).sum(axis=1), gt_count[c] - tp
+        )
     return curves

@@ -5,6 +5,7 @@ match published COCO results computed the same way. A ground-truth file is read 
 training parser (``data.coco.read_coco``): a malformed record is a ``DatasetError`` naming the
 file and the record, never a pycocotools traceback or a silently wrong number.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,18 @@ logger = log = logging.getLogger(__name__)
 
 # Names of the 12 entries of COCOeval.stats, in order.
 STAT_NAMES: tuple[str, ...] = (
-    "AP", "AP50", "AP75", "APs", "APm", "APl",
-    "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
 )
 
 
@@ -93,7 +104,7 @@ def coco_evaluate(
             print(f"IoU metric: {iou_type}")
             evaluator.summarize()
         summary = text.getvalue()
-        summaries.append(summary[summary.index(f"IoU metric: {iou_type}"):])
+        summaries.append(summary[summary.index(f"IoU metric: {iou_type}") :])
         stats = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
         stats["per_class"] = _per_class_ap(evaluator, coco_gt)
         metrics[iou_type] = stats
@@ -204,8 +215,9 @@ def coco_results(
     paths = [image_path(image_dir, coco.imgs[i]["file_name"], allow_outside_root, f"image id {i}") for i in ids]
     entries: list[dict] = []
     stream = Predictor(model, options, keep_images=False).stream(paths)
-    for image_id, result in tqdm(zip(ids, stream), total=len(ids), desc="evaluate", unit="img",
-                                 disable=not options.progress, leave=False):
+    for image_id, result in tqdm(
+        zip(ids, stream), total=len(ids), desc="evaluate", unit="img", disable=not options.progress, leave=False
+    ):
         if result.error is not None:
             if skipped is None:
                 raise DatasetError(result.error)

@@ -18,6 +18,7 @@ map coordinates: x_map = a x + b y + c, y_map = d x + e y + f.
 
 Shape shorthand: H x W raster, C bands, h x w window.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -157,20 +158,25 @@ class RasterioTiles:
 
     @classmethod
     @contextlib.contextmanager
-    def open(cls, path: str | Path, max_pixels: int | None, percentiles: tuple[float, float] | None = None
-             ) -> Iterator["RasterioTiles"]:
+    def open(
+        cls, path: str | Path, max_pixels: int | None, percentiles: tuple[float, float] | None = None
+    ) -> Iterator[RasterioTiles]:
         """The source of a GeoTIFF file, refused above ``max_pixels`` before any pixel is read."""
         with _open_raster(path) as ds:
             if max_pixels is not None and ds.width * ds.height > max_pixels:
-                raise DatasetError(f"image {path} is {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels, "
-                                   f"more than the limit of {max_pixels:,} (raise it with --max-pixels)")
+                raise DatasetError(
+                    f"image {path} is {ds.width}x{ds.height} = {ds.width * ds.height:,} pixels, "
+                    f"more than the limit of {max_pixels:,} (raise it with --max-pixels)"
+                )
             yield cls(ds, percentiles)
 
     def _window(self, box: Tile) -> np.ndarray:
         """The selected bands of ``box``: (h, w, C) values in the raster's dtype."""
         from rasterio.windows import Window
 
-        data = self.dataset.read(self.bands, window=Window(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0))  # (C, h, w)
+        data = self.dataset.read(
+            self.bands, window=Window(box.x0, box.y0, box.x1 - box.x0, box.y1 - box.y0)
+        )  # (C, h, w)
         return np.moveaxis(data, 0, -1)  # (h, w, C)
 
     def _strip(self, y0: int, y1: int) -> np.ndarray:

@@ -6,6 +6,7 @@ changes the size a loaded model resizes images to (its ``Preprocessor``, shared 
 and the ONNX Runtime model), keeping the long-side cap in proportion (1333 at 800 -> 853 at 512).
 ``benchmarks/bench_fps.py`` measures frames per second and mask AP at each size.
 """
+
 from __future__ import annotations
 
 from dataclasses import replace

@@ -5,6 +5,7 @@ would fall further behind with every frame (and memory would grow without bound)
 decodes the source on a reader thread into a one-frame slot; each new frame replaces an
 unread one, which is counted as dropped; the model always gets the newest frame there is.
 """
+
 from __future__ import annotations
 
 import threading

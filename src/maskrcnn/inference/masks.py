@@ -9,6 +9,7 @@ only when asked for (``decode``) and one mask at a time for drawing (``decode_on
 
 Shape shorthand: N masks, H x W image, h x w crop.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -65,7 +66,12 @@ def crop_to_rle(crop: np.ndarray, y0: int, x0: int, image_size: tuple[int, int])
 
 
 def paste_to_rles(
-    masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float, padding: int = 1, mode: str = "torchvision"
+    masks: Tensor,
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    threshold: float,
+    padding: int = 1,
+    mode: str = "torchvision",
 ) -> list[RLE]:
     """Per-box mask probabilities pasted into the image (``ops.paste``) and thresholded, as RLEs.
 

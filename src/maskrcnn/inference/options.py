@@ -6,6 +6,7 @@ precision and tiling. It is checked once, when made (a bad value is a one-line V
 before any image is read), and every stage (``Predictor``, tiling, video, evaluation,
 ``maskrcnn predict``) reads the same object.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,7 +53,7 @@ class PredictOptions:
         tiling.check_options(self.tile, self.tile_overlap, self.tile_whole)
         tiling.check_tiling(tiling.MIN_TILE, self.tile_overlap)  # also without tile: a replace(tile=...) keeps it
 
-    def replace(self, **changes: object) -> "PredictOptions":
+    def replace(self, **changes: object) -> PredictOptions:
         """A copy with ``changes``, validated again."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

@@ -1,4 +1,5 @@
 """``predict``'s result files (``PredictionFiles``) and the ground-truth ids of loose image files."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def coco_image_ids(paths: list[Path], coco_file: str) -> tuple[list[int | None],
         parts = p.absolute().parts
         full = sorted(((len(c), i) for c, i in candidates if parts[-len(c) :] == c), reverse=True)
         if len(full) > 1 and full[0][0] == full[1][0]:
-            raise ValueError(f"{coco_file} has two images with file_name matching {p}: ids {full[0][1]} and {full[1][1]}")
+            raise ValueError(
+                f"{coco_file} has two images with file_name matching {p}: ids {full[0][1]} and {full[1][1]}"
+            )
         if full:
             image_id: int | None = full[0][1]
         elif len(candidates) == 1:
@@ -80,8 +83,11 @@ class PredictionFiles:
 
     # How each file that ``__exit__`` and ``add`` write begins (or the whole file, when empty):
     # what tells an earlier run's output, which a new run replaces, from a user's own file.
-    _OPENINGS = {"predictions.jsonl": (b'{"id": ', b""), "predictions.json": (b'[{"image_id": ', b"[]"),
-                 "images.json": (b'[\n {\n  "id": ', b"[]")}
+    _OPENINGS = {
+        "predictions.jsonl": (b'{"id": ', b""),
+        "predictions.json": (b'[{"image_id": ', b"[]"),
+        "images.json": (b'[\n {\n  "id": ', b"[]"),
+    }
 
     def paths(self) -> list[Path]:
         return [self.lines, self.out / "predictions.json", self.out / "images.json"]
@@ -97,7 +103,7 @@ class PredictionFiles:
             return False
         return head.startswith(prefix) or head == empty
 
-    def __enter__(self) -> "PredictionFiles":
+    def __enter__(self) -> PredictionFiles:
         (self.out / "overlays").mkdir(parents=True, exist_ok=True)
         self._file = open(self.lines, "w", encoding="utf-8")  # noqa: SIM115  closed in __exit__
         return self
@@ -108,8 +114,15 @@ class PredictionFiles:
         counts: dict[str, int] = {}  # detections per class, by name (category id where unnamed)
         for name, category in zip(result.class_names, result.category_ids):
             counts[name or str(int(category))] = counts.get(name or str(int(category)), 0) + 1
-        record = {"id": image_id, "file_name": file_name, "height": h, "width": w, "detections": len(entries),
-                  "counts": counts, "results": entries}
+        record = {
+            "id": image_id,
+            "file_name": file_name,
+            "height": h,
+            "width": w,
+            "detections": len(entries),
+            "counts": counts,
+            "results": entries,
+        }
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.images += 1
@@ -134,4 +147,6 @@ class PredictionFiles:
         atomic_write(self.out / "predictions.json", write_results)
         atomic_write(self.out / "images.json", lambda f: f.write(json.dumps(index, indent=1).encode("utf-8")))
         if kind is KeyboardInterrupt:
-            print(f"interrupted: the {self.images} finished image(s) are in {self.out}/predictions.json", file=sys.stderr)
+            print(
+                f"interrupted: the {self.images} finished image(s) are in {self.out}/predictions.json", file=sys.stderr
+            )

@@ -11,6 +11,7 @@ Rings nest (an object, a hole in it, an island in the hole): their symmetric dif
 
 Shape shorthand: h x w mask (or box-sized crop), K vertices.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from .results import Result
 
 
-def mask_polygons(mask: np.ndarray, offset: tuple[float, float] = (0.0, 0.0), tolerance: float = 0.0) -> list["Polygon"]:
+def mask_polygons(mask: np.ndarray, offset: tuple[float, float] = (0.0, 0.0), tolerance: float = 0.0) -> list[Polygon]:
     """The polygons, with holes, whose filled pixel centres are ``mask``.
 
     Args:
@@ -65,13 +66,13 @@ def mask_polygons(mask: np.ndarray, offset: tuple[float, float] = (0.0, 0.0), to
     return sorted(parts, key=lambda p: -p.area)
 
 
-def rle_polygons(rle: RLE, tolerance: float = 0.0) -> list["Polygon"]:
+def rle_polygons(rle: RLE, tolerance: float = 0.0) -> list[Polygon]:
     """``mask_polygons`` of one full-image RLE, traced in its box-sized crop only."""
     y0, x0, crop = decode_one(rle)
     return mask_polygons(crop, (x0, y0), tolerance) if crop.size else []
 
 
-def result_polygons(result: "Result", tolerance: float = 0.0) -> list[list["Polygon"]]:
+def result_polygons(result: Result, tolerance: float = 0.0) -> list[list[Polygon]]:
     """Each detection's polygons in image pixel-edge coordinates; [] per detection for a
     box-only model (no masks)."""
     if result.rles is None:
@@ -79,7 +80,7 @@ def result_polygons(result: "Result", tolerance: float = 0.0) -> list[list["Poly
     return [rle_polygons(rle, tolerance) for rle in result.rles]
 
 
-def coco_polygons(polygons: list["Polygon"]) -> list[list[float]]:
+def coco_polygons(polygons: list[Polygon]) -> list[list[float]]:
     """COCO ``segmentation`` polygons ``[[x1, y1, x2, y2, ...], ...]``: one exterior ring each.
 
     COCO's polygon form has no holes (pycocotools fills every ring and unions them), so a

@@ -7,38 +7,39 @@ its batch comes up, so memory holds one batch, and an input that cannot be read 
 model fails on becomes a ``Result`` with ``error`` set while the others go on (validation,
 which also computes losses, raises instead).
 """
+
 from __future__ import annotations
 
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from . import tiling
 from ..data.images import MAX_PIXELS, decode_in_place, load_rgb, normalized_rgb, open_image
 from ..data.normalize import check_percentiles
 from ..model.mask_rcnn import MaskRCNN
-from ..weights.onnx_model import OnnxModel
 from ..precision import autocast
 from ..precision import resolve as resolve_precision
+from ..structures import Targets
+from ..weights.onnx_model import OnnxModel
+from . import tiling
 from .options import PredictOptions
 from .results import DISPLAY_SIZE, Result
-from ..structures import Targets
 
 log = logging.getLogger(__name__)
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray, torch.Tensor]
-_Loaded = tuple[str, np.ndarray, Optional[str]]  # an input read: (name, (H, W, 3) uint8 RGB, path)
+ImageLike = str | Path | Image.Image | np.ndarray | torch.Tensor
+_Loaded = tuple[str, np.ndarray, str | None]  # an input read: (name, (H, W, 3) uint8 RGB, path)
 
 
-def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS,
-           percentiles: tuple[float, float] | None = None) -> tuple[np.ndarray, str | None]:
+def as_rgb(
+    image: ImageLike, max_pixels: int | None = MAX_PIXELS, percentiles: tuple[float, float] | None = None
+) -> tuple[np.ndarray, str | None]:
     """Any supported image -> ((H, W, 3) uint8 RGB array, source path or None).
 
     Paths are decoded with EXIF orientation (refused above ``max_pixels``); PIL images (EXIF
@@ -59,7 +60,9 @@ def as_rgb(image: ImageLike, max_pixels: int | None = MAX_PIXELS,
         return normalized_rgb(ImageOps.exif_transpose(image), percentiles), None
     if isinstance(image, torch.Tensor):
         if image.dim() != 3 or image.shape[0] != 3 or image.shape[1] == 0 or image.shape[2] == 0:
-            raise ValueError(f"tensor images must be (3, H, W) floats in 0..1 with H, W > 0, got shape {tuple(image.shape)}")
+            raise ValueError(
+                f"tensor images must be (3, H, W) floats in 0..1 with H, W > 0, got shape {tuple(image.shape)}"
+            )
         return (image.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()), None
     if isinstance(image, np.ndarray):
         return normalized_rgb(image, percentiles), None
@@ -81,8 +84,10 @@ def model_precision(model: MaskRCNN | OnnxModel, precision: str) -> str:
     only: "auto" means fp32 there, and bf16 or fp16 are refused rather than silently ignored."""
     if isinstance(model, OnnxModel):
         if precision in ("bf16", "fp16"):
-            raise ValueError(f"precision {precision}: an ONNX model runs in float32 on ONNX Runtime; "
-                             "bf16 and fp16 apply to PyTorch checkpoints (use fp32 or auto)")
+            raise ValueError(
+                f"precision {precision}: an ONNX model runs in float32 on ONNX Runtime; "
+                "bf16 and fp16 apply to PyTorch checkpoints (use fp32 or auto)"
+            )
         if precision not in ("auto", "fp32", ""):
             resolve_precision(precision, "cpu")  # the one message for an unknown name
         return "fp32"
@@ -178,7 +183,7 @@ class Predictor:
         for results, _ in self.batches(chunks(), raise_errors=raise_errors):
             yield from results
 
-    def _tiled(self, tiles: "Predictor", item: ImageLike, index: int, raise_errors: bool) -> Result:
+    def _tiled(self, tiles: Predictor, item: ImageLike, index: int, raise_errors: bool) -> Result:
         """One image by tiles (``maskrcnn.inference.tiling``), its tiles run by ``tiles``.
 
         A file is decoded by Pillow once and cut tile by tile, never converted whole; the
@@ -195,15 +200,20 @@ class Predictor:
 
             percentiles = check_percentiles(self.model.config.transform.percentiles)
             if path is None:
-                return _predict_tiled(tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit, percentiles)[0]), run,
-                                      self.options, name=_name(item, index))
+                return _predict_tiled(
+                    tiling.ArrayTiles(as_rgb(item, self.options.pixel_limit, percentiles)[0]),
+                    run,
+                    self.options,
+                    name=_name(item, index),
+                )
             if is_georeferenced(path):  # read window by window, never whole (inference.geotiff)
                 with RasterioTiles.open(path, self.options.pixel_limit, percentiles) as source:
                     return _predict_tiled(source, run, self.options, path=path, name=_name(item, index))
             with open_image(path, self.options.pixel_limit) as img:
                 decode_in_place(img, path)  # no copy of a huge image
-                return _predict_tiled(tiling.PillowTiles(img, percentiles), run, self.options, path=path,
-                                      name=_name(item, index))
+                return _predict_tiled(
+                    tiling.PillowTiles(img, percentiles), run, self.options, path=path, name=_name(item, index)
+                )
         except (ValueError, TypeError, OSError) as e:  # DatasetError (a ValueError) names the file
             if raise_errors:
                 raise
@@ -249,15 +259,28 @@ class Predictor:
                     # (3, H, W) uint8 views: the model divides by 255 itself, so no float copy of
                     # a 24 MP photo (288 MB) is held here.
                     tensors = [_as_tensor(array).permute(2, 0, 1).to(model.device) for _, array, _ in loaded]
-                    out = model(tensors, None if truth is None else [t.to(model.device) for t in truth],
-                                score_thresh=head_thresh)
+                    out = model(
+                        tensors,
+                        None if truth is None else [t.to(model.device) for t in truth],
+                        score_thresh=head_thresh,
+                    )
                     results = []
                     for (_, array, path), det in zip(loaded, out.detections or []):
                         if score_thresh is not None:
                             det = det[det.scores >= score_thresh]
                         image = array if options.keep_images else None
-                        results.append(Result.from_detections(det, array.shape[:2], names, mask_thresh, path=path, image=image,
-                                                              paste=cfg.roi_heads.paste, category_table=categories))
+                        results.append(
+                            Result.from_detections(
+                                det,
+                                array.shape[:2],
+                                names,
+                                mask_thresh,
+                                path=path,
+                                image=image,
+                                paste=cfg.roi_heads.paste,
+                                category_table=categories,
+                            )
+                        )
                     return results, out.losses
             except Exception as e:  # noqa: BLE001  one image that breaks the model must not cost the others
                 if raise_errors:
@@ -275,7 +298,9 @@ class Predictor:
                     found[i] = result
             return found  # type: ignore[return-value]
 
-        def process(batch: Sequence[ImageLike], start: int, truth: Sequence[Targets] | None) -> tuple[list[Result], dict[str, Tensor]]:
+        def process(
+            batch: Sequence[ImageLike], start: int, truth: Sequence[Targets] | None
+        ) -> tuple[list[Result], dict[str, Tensor]]:
             slots: list[Result | _Loaded] = []
             for index, item in enumerate(batch, start):
                 path = str(item) if isinstance(item, (str, Path)) else None
@@ -358,7 +383,9 @@ def _predict_tiled(
     return merged
 
 
-def predict(model: MaskRCNN | OnnxModel, images: ImageLike | Iterable[ImageLike], **options: object) -> Result | list[Result]:
+def predict(
+    model: MaskRCNN | OnnxModel, images: ImageLike | Iterable[ImageLike], **options: object
+) -> Result | list[Result]:
     """``model.predict(images, **options)``: ``Predictor(model, PredictOptions(**options))(images)``.
 
     Args:

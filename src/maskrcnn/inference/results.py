@@ -5,13 +5,14 @@ numpy arrays, so a ``Result`` outlives the model and the device it ran on.
 
 Shape shorthand: N detections, H x W original image.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -23,7 +24,7 @@ from maskrcnn.structures import Detections
 logger = logging.getLogger(__name__)
 
 # label -> COCO category id: a function, a table indexed by label, or a dict.
-CategoryMap = Union[Callable[[int], int], Sequence[int], Mapping[int, int]]
+CategoryMap = Callable[[int], int] | Sequence[int] | Mapping[int, int]
 
 MASK_ALPHA = 0.45  # opacity of the mask overlay: the image stays readable underneath
 # Overlays of larger images are drawn on a copy shrunk to this side: a 20000-px overlay is a
@@ -32,10 +33,26 @@ DISPLAY_SIZE = 4096
 
 # 20 well-separated colours (RGB); label k is drawn in _PALETTE[k % 20], the same in every run.
 _PALETTE: tuple[tuple[int, int, int], ...] = (
-    (255, 56, 56), (255, 157, 151), (255, 112, 31), (255, 178, 29), (207, 210, 49),
-    (72, 249, 10), (146, 204, 23), (61, 219, 134), (26, 147, 52), (0, 212, 187),
-    (44, 153, 168), (0, 194, 255), (52, 69, 147), (100, 115, 255), (0, 24, 236),
-    (132, 56, 255), (82, 0, 133), (203, 56, 255), (255, 149, 200), (255, 55, 199),
+    (255, 56, 56),
+    (255, 157, 151),
+    (255, 112, 31),
+    (255, 178, 29),
+    (207, 210, 49),
+    (72, 249, 10),
+    (146, 204, 23),
+    (61, 219, 134),
+    (26, 147, 52),
+    (0, 212, 187),
+    (44, 153, 168),
+    (0, 194, 255),
+    (52, 69, 147),
+    (100, 115, 255),
+    (0, 24, 236),
+    (132, 56, 255),
+    (82, 0, 133),
+    (203, 56, 255),
+    (255, 149, 200),
+    (255, 55, 199),
 )
 
 
@@ -133,7 +150,7 @@ class Result:
         self.rles = rle_masks.encode(masks)
 
     @classmethod
-    def failed(cls, error: str, path: str | None = None) -> "Result":
+    def failed(cls, error: str, path: str | None = None) -> Result:
         """A ``Result`` with no detections that says why (``error``)."""
         empty = np.zeros((0,))
         return cls(empty, empty, empty, (0, 0), path=path, error=error)
@@ -149,7 +166,7 @@ class Result:
         image: np.ndarray | Image.Image | None = None,
         paste: str = "torchvision",
         category_table: Sequence[int] | None = None,
-    ) -> "Result":
+    ) -> Result:
         """Convert the model's ``Detections`` for one image to a ``Result``, pasting the masks.
 
         Args:
@@ -192,7 +209,7 @@ class Result:
         masks = "" if self.rles is None else ", masks"
         return f"Result({state}, image_size={self.image_size}{masks}, path={self.path!r})"
 
-    def __getitem__(self, index: Any) -> "Result":
+    def __getitem__(self, index: Any) -> Result:
         """Select detections with an int, slice, bool mask or index array."""
         if isinstance(index, (int, np.integer)):
             index = [int(index)]
@@ -213,7 +230,10 @@ class Result:
     # ---- drawing -------------------------------------------------------------------------
 
     def plot(
-        self, image: np.ndarray | Image.Image | None = None, score_thresh: float = 0.0, max_size: int | None = DISPLAY_SIZE
+        self,
+        image: np.ndarray | Image.Image | None = None,
+        score_thresh: float = 0.0,
+        max_size: int | None = DISPLAY_SIZE,
     ) -> Image.Image:
         """Draw masks, boxes and "name score" labels over the image.
 
@@ -292,7 +312,9 @@ class Result:
             x1, y1, x2, y2 = (float(v) for v in self.boxes[i])
             entry: dict[str, Any] = {
                 "image_id": int(image_id),
-                "category_id": _map_category(category_ids if category_ids is not None else self.category_table, int(self.labels[i])),
+                "category_id": _map_category(
+                    category_ids if category_ids is not None else self.category_table, int(self.labels[i])
+                ),
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "score": float(self.scores[i]),
             }
@@ -342,10 +364,14 @@ def _shrunk(image: np.ndarray, max_size: int | None) -> np.ndarray:
     scale = max_size / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     step = max(1, int(1 / scale) // 2)  # skip rows and columns first: no full-size PIL copy
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image[::step, ::step])).resize(size, Image.Resampling.BOX)).copy()
+    return np.asarray(
+        Image.fromarray(np.ascontiguousarray(image[::step, ::step])).resize(size, Image.Resampling.BOX)
+    ).copy()
 
 
-def _scaled_crop(y0: int, x0: int, crop: np.ndarray, sy: float, sx: float, size: tuple[int, int]) -> tuple[int, int, np.ndarray]:
+def _scaled_crop(
+    y0: int, x0: int, crop: np.ndarray, sy: float, sx: float, size: tuple[int, int]
+) -> tuple[int, int, np.ndarray]:
     """A mask crop at (y0, x0) moved to a picture scaled by (sy, sx) of ``size``: nearest pixels."""
     if (sy, sx) == (1.0, 1.0) or not crop.size:
         return y0, x0, crop

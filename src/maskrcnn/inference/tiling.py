@@ -39,6 +39,7 @@ drawing is a preview no larger than ``results.DISPLAY_SIZE`` a side.
 
 Shape shorthand: H x W full image, T tile side.
 """
+
 from __future__ import annotations
 
 import logging
@@ -70,7 +71,7 @@ class Tile:
     x1: int
     y1: int
 
-    def intersect(self, other: "Tile") -> "Tile | None":
+    def intersect(self, other: Tile) -> Tile | None:
         """The shared rectangle, or None when the two do not overlap."""
         x0, y0, x1, y1 = max(self.x0, other.x0), max(self.y0, other.y0), min(self.x1, other.x1), min(self.y1, other.y1)
         return Tile(x0, y0, x1, y1) if x1 > x0 and y1 > y0 else None
@@ -92,8 +93,10 @@ def check_tiling(tile: int, overlap: float) -> None:
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise ValueError(f"tile must be a positive number of pixels, got {tile!r}")
     if tile < MIN_TILE:  # --tile 1 planned 24,165 one-pixel tiles for a 179 x 135 image, without a word
-        raise ValueError(f"tile must be at least {MIN_TILE} pixels (the coarsest feature stride), got {tile}; "
-                         "tiles are for images much larger than the model's input, e.g. 512 to 2048")
+        raise ValueError(
+            f"tile must be at least {MIN_TILE} pixels (the coarsest feature stride), got {tile}; "
+            "tiles are for images much larger than the model's input, e.g. 512 to 2048"
+        )
     if not (isinstance(overlap, (int, float)) and 0.0 <= overlap <= MAX_TILE_OVERLAP):
         raise ValueError(
             f"tile_overlap must be a fraction of the tile in [0, {MAX_TILE_OVERLAP}], got {overlap!r} (an overlap o "
@@ -158,8 +161,11 @@ class PillowTiles:
         self.image = image
         self.size = (image.height, image.width)
         self.peak = float(max(image.getextrema())) if image.mode in ("I", "F") else None
-        self.value_range = None if percentiles is None else strip_range(
-            lambda y0, y1: pixel_values(image.crop((0, y0, image.width, y1))), *self.size, percentiles)
+        self.value_range = (
+            None
+            if percentiles is None
+            else strip_range(lambda y0, y1: pixel_values(image.crop((0, y0, image.width, y1))), *self.size, percentiles)
+        )
 
     def read(self, box: Tile) -> np.ndarray:
         return to_rgb(self.image.crop((box.x0, box.y0, box.x1, box.y1)), peak=self.peak, value_range=self.value_range)
@@ -227,8 +233,16 @@ def _parts(tiles: Sequence[Tile], results: Sequence[Result]) -> list[_Part]:
         shift = np.array([tile.x0, tile.y0, tile.x0, tile.y0], dtype=np.float32)
         for i in range(len(result)):
             rle = None if result.rles is None else result.rles[i]
-            parts.append(_Part(tile, int(result.labels[i]), float(result.scores[i]), result.boxes[i] + shift,
-                               result.class_names[i], rle))
+            parts.append(
+                _Part(
+                    tile,
+                    int(result.labels[i]),
+                    float(result.scores[i]),
+                    result.boxes[i] + shift,
+                    result.class_names[i],
+                    rle,
+                )
+            )
     return parts
 
 
@@ -242,8 +256,12 @@ def _overlap_within(a: _Part, b: _Part, shared: Tile) -> float:
         return float(inter / areas.min()) if areas.min() > 0 else 0.0
     ca, cb = a.crop(), b.crop()
     # Only the part of ``shared`` that either mask's crop reaches needs looking at.
-    reach = Tile(min(ca[1], cb[1]), min(ca[0], cb[0]), max(ca[1] + ca[2].shape[1], cb[1] + cb[2].shape[1]),
-                 max(ca[0] + ca[2].shape[0], cb[0] + cb[2].shape[0]))
+    reach = Tile(
+        min(ca[1], cb[1]),
+        min(ca[0], cb[0]),
+        max(ca[1] + ca[2].shape[1], cb[1] + cb[2].shape[1]),
+        max(ca[0] + ca[2].shape[0], cb[0] + cb[2].shape[0]),
+    )
     region = reach.intersect(shared)
     if region is None:
         return 0.0
@@ -335,8 +353,17 @@ def merge_tiles(
         if has_masks:
             rles.append(_union_rle(group, image_size))
     table = next((r.category_table for r in results), None)
-    return Result(np.array(boxes, dtype=np.float32).reshape(-1, 4), np.array(scores), np.array(labels), image_size,
-                  rles=rles if has_masks else None, class_names=names, path=path, image=image, category_table=table)
+    return Result(
+        np.array(boxes, dtype=np.float32).reshape(-1, 4),
+        np.array(scores),
+        np.array(labels),
+        image_size,
+        rles=rles if has_masks else None,
+        class_names=names,
+        path=path,
+        image=image,
+        category_table=table,
+    )
 
 
 def _union_rle(group: list[_Part], image_size: tuple[int, int]) -> dict:
@@ -347,8 +374,12 @@ def _union_rle(group: list[_Part], image_size: tuple[int, int]) -> dict:
     crops = [c for c in (p.crop() for p in group) if c[2].size]
     if not crops:
         return crop_to_rle(np.zeros((0, 0), dtype=bool), 0, 0, image_size)
-    frame = Tile(min(x for _, x, _ in crops), min(y for y, _, _ in crops),
-                 max(x + c.shape[1] for _, x, c in crops), max(y + c.shape[0] for y, _, c in crops))
+    frame = Tile(
+        min(x for _, x, _ in crops),
+        min(y for y, _, _ in crops),
+        max(x + c.shape[1] for _, x, c in crops),
+        max(y + c.shape[0] for y, _, c in crops),
+    )
     union = np.zeros((frame.y1 - frame.y0, frame.x1 - frame.x0), dtype=bool)
     for y, x, c in crops:
         union[y - frame.y0 : y - frame.y0 + c.shape[0], x - frame.x0 : x - frame.x0 + c.shape[1]] |= c
@@ -398,16 +429,23 @@ def add_whole_image_pass(
         inside = mask_util.iou(_xywh(merged.boxes), _xywh(boxes), [1] * len(boxes))
     else:
         inside = np.zeros((0, len(big)))
-    pieces = ((np.asarray(inside).reshape(len(merged), len(big)) >= 0.5)
-              & (merged.labels[:, None] == big.labels[None, :])).any(axis=1)
+    pieces = (
+        (np.asarray(inside).reshape(len(merged), len(big)) >= 0.5) & (merged.labels[:, None] == big.labels[None, :])
+    ).any(axis=1)
     kept = merged[np.flatnonzero(~pieces)]
     order = np.argsort(-np.concatenate([kept.scores, big.scores]), kind="stable")
     has_masks = kept.rles is not None and rles is not None
-    joined = Result(np.concatenate([kept.boxes, boxes])[order], np.concatenate([kept.scores, big.scores])[order],
-                    np.concatenate([kept.labels, big.labels])[order], (h, w),
-                    rles=[(kept.rles + rles)[i] for i in order] if has_masks else None,  # type: ignore[operator]
-                    class_names=[(kept.class_names + big.class_names)[i] for i in order], path=merged.path, image=merged.image,
-                    category_table=merged.category_table or big.category_table)
+    joined = Result(
+        np.concatenate([kept.boxes, boxes])[order],
+        np.concatenate([kept.scores, big.scores])[order],
+        np.concatenate([kept.labels, big.labels])[order],
+        (h, w),
+        rles=[(kept.rles + rles)[i] for i in order] if has_masks else None,  # type: ignore[operator]
+        class_names=[(kept.class_names + big.class_names)[i] for i in order],
+        path=merged.path,
+        image=merged.image,
+        category_table=merged.category_table or big.category_table,
+    )
     log.debug("whole-image pass: %d large objects replace %d tile detections", len(big), int(pieces.sum()))
     return joined
 

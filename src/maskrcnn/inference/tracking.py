@@ -30,6 +30,7 @@ for ``predict_video``: ids in the JSON Lines, ids and trails in the annotated vi
 
 Shape shorthand: N detections, T tracks; boxes are float (x1, y1, x2, y2) pixels of the frame.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -100,15 +101,31 @@ class KalmanBox:
     def start(cls, box: np.ndarray) -> KalmanBox:
         z = to_xyah(box)
         h = z[3]
-        std = [2 * _STD_POSITION * h, 2 * _STD_POSITION * h, 1e-2, 2 * _STD_POSITION * h,
-               10 * _STD_VELOCITY * h, 10 * _STD_VELOCITY * h, 1e-5, 10 * _STD_VELOCITY * h]
+        std = [
+            2 * _STD_POSITION * h,
+            2 * _STD_POSITION * h,
+            1e-2,
+            2 * _STD_POSITION * h,
+            10 * _STD_VELOCITY * h,
+            10 * _STD_VELOCITY * h,
+            1e-5,
+            10 * _STD_VELOCITY * h,
+        ]
         return cls(np.r_[z, np.zeros(4)], np.diag(np.square(std)))
 
     def predict(self) -> None:
         """Advance one frame."""
         h = self.mean[3]
-        std = [_STD_POSITION * h, _STD_POSITION * h, 1e-2, _STD_POSITION * h,
-               _STD_VELOCITY * h, _STD_VELOCITY * h, 1e-5, _STD_VELOCITY * h]
+        std = [
+            _STD_POSITION * h,
+            _STD_POSITION * h,
+            1e-2,
+            _STD_POSITION * h,
+            _STD_VELOCITY * h,
+            _STD_VELOCITY * h,
+            1e-5,
+            _STD_VELOCITY * h,
+        ]
         self.mean = _F @ self.mean
         self.cov = _F @ self.cov @ _F.T + np.diag(np.square(std))
 
@@ -185,8 +202,9 @@ class Tracker:
         self.tracks: list[Track] = []  # kept and lost
         self.next_id = 1
 
-    def update(self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-               crops: list[Crop] | None = None) -> np.ndarray:
+    def update(
+        self, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, crops: list[Crop] | None = None
+    ) -> np.ndarray:
         """Match one frame's detections to the tracks.
 
         Args:
@@ -226,8 +244,14 @@ class Tracker:
         for d in high[np.argsort(-scores[high], kind="stable")]:  # the best first: its duplicates follow it
             if ids[d] >= 0:
                 continue
-            track = Track(self.next_id, int(labels[d]), KalmanBox.start(boxes[d]), float(scores[d]),
-                          crops[d] if crops is not None else None, boxes[d])
+            track = Track(
+                self.next_id,
+                int(labels[d]),
+                KalmanBox.start(boxes[d]),
+                float(scores[d]),
+                crops[d] if crops is not None else None,
+                boxes[d],
+            )
             track.vote(int(labels[d]), float(scores[d]))
             self.tracks.append(track)
             ids[d] = track.id
@@ -235,8 +259,9 @@ class Tracker:
             self._mark_duplicates(ids, boxes, scores, labels, crops)
         return ids
 
-    def _mark_duplicates(self, ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                         crops: list[Crop] | None) -> None:
+    def _mark_duplicates(
+        self, ids: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, crops: list[Crop] | None
+    ) -> None:
         """Give each untracked detection (of at least ``low_thresh``) that covers a tracked one by
         ``duplicate_iou`` (box IoU, or its mean with the mask IoU, as matching measures) that one's
         id, and a vote for its class: one object, one track."""
@@ -256,8 +281,15 @@ class Tracker:
                 ids[d] = ids[tracked[k]]
                 by_id[int(ids[d])].vote(int(labels[d]), float(scores[d]))
 
-    def _match(self, tracks: list[int], dets: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
-               crops: list[Crop] | None, least_iou: float) -> list[tuple[int, int]]:
+    def _match(
+        self,
+        tracks: list[int],
+        dets: np.ndarray,
+        boxes: np.ndarray,
+        labels: np.ndarray,
+        crops: list[Crop] | None,
+        least_iou: float,
+    ) -> list[tuple[int, int]]:
         """Hungarian assignment of ``dets`` (indices into boxes) to ``tracks`` (indices into
         self.tracks) on 1 - IoU; pairs under ``least_iou`` are refused. Returns (track, det) pairs."""
         try:
@@ -267,8 +299,12 @@ class Tracker:
 
         if not tracks or not len(dets):
             return []
-        iou = self._iou([self.tracks[t] for t in tracks], boxes[dets], labels[dets],
-                        None if crops is None else [crops[d] for d in dets])  # (T, N)
+        iou = self._iou(
+            [self.tracks[t] for t in tracks],
+            boxes[dets],
+            labels[dets],
+            None if crops is None else [crops[d] for d in dets],
+        )  # (T, N)
         rows, cols = linear_sum_assignment(1.0 - iou)
         return [(tracks[r], int(dets[c])) for r, c in zip(rows, cols) if iou[r, c] >= least_iou and iou[r, c] > 0]
 
@@ -368,7 +404,9 @@ class VideoTracking:
     each detection's id for the JSON Lines, ``draw`` adds ids, trails and the line to a frame,
     ``summary`` counts objects per class and crossings per direction."""
 
-    def __init__(self, options: TrackerOptions | None = None, line: tuple[float, float, float, float] | None = None) -> None:
+    def __init__(
+        self, options: TrackerOptions | None = None, line: tuple[float, float, float, float] | None = None
+    ) -> None:
         self.tracker = Tracker(options)
         self.counter = LineCounter(line) if line is not None else None
         self.classes: dict[int, str] = {}  # track id -> class name (by its votes)
@@ -436,13 +474,16 @@ class VideoTracking:
             out["crossings"] = {k: dict(sorted(v.items())) for k, v in self.counter.counts.items()}
         return out
 
-
     def write(self, path: Path, frames_processed: int, frames_dropped: int) -> dict[str, Any]:
         """Write ``summary()`` with the frame counts to ``path`` (JSON, atomically); returns what was written."""
         from ..files import write_json
 
-        out = {"written_by": SUMMARY_TAG, "frames_processed": frames_processed, "frames_dropped": frames_dropped,
-               **self.summary()}
+        out = {
+            "written_by": SUMMARY_TAG,
+            "frames_processed": frames_processed,
+            "frames_dropped": frames_dropped,
+            **self.summary(),
+        }
         write_json(out, path, indent=1)
         return out
 

@@ -27,6 +27,7 @@ Both files are created at the first decoded frame: a source with none raises Val
 leaves no file. A source that stops before the frame count its header states (a truncated
 file) or breaks off with a decoding error is reported in ``VideoSummary.problem``.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,8 @@ import numpy as np
 from PIL import Image
 
 from .live import Newest
-from .tracking import VideoTracking, summary_path
 from .predictor import Predictor
+from .tracking import VideoTracking, summary_path
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,9 @@ def _frames(av: Any, container: Any, stream: Any, reading: _Reading) -> Iterator
             reading.error = reading.error or str(e)
 
 
-def _decode(av: Any, container: Any, stream: Any, stride: int, fps: float,
-            reading: _Reading) -> Iterator[tuple[int, float, float | None, np.ndarray]]:
+def _decode(
+    av: Any, container: Any, stream: Any, stride: int, fps: float, reading: _Reading
+) -> Iterator[tuple[int, float, float | None, np.ndarray]]:
     """(index, seconds from the first frame, container time stamp, (H, W, 3) uint8 RGB) of
     frames 0, stride, 2 * stride, ...; frames read and errors are counted in ``reading``."""
     start: float | None = None
@@ -302,8 +304,9 @@ def predict_video(
         video = AnnotatedVideo(av, out_dir / f"{name}.mp4", Fraction(fps / stride).limit_denominator(1001))
         total = -(-header // stride) if header else None
         frame_predictor = Predictor(predictor.model, predictor.options, keep_images=False, tile_whole=False)
-        summary = _annotate(frame_predictor, newest or frames, video, out_dir / f"{name}.jsonl", total, progress,
-                            tracking, newest)
+        summary = _annotate(
+            frame_predictor, newest or frames, video, out_dir / f"{name}.jsonl", total, progress, tracking, newest
+        )
     finally:
         if newest is not None:
             newest.close()  # the reader thread lets go of the container first
@@ -315,9 +318,16 @@ def predict_video(
     return summary
 
 
-def _annotate(predictor: Predictor, frames: Iterable[tuple[int, float, float | None, np.ndarray]], video: AnnotatedVideo,
-              jsonl: Path, total: int | None, progress: bool, tracking: VideoTracking | None = None,
-              newest: Newest | None = None) -> VideoSummary:
+def _annotate(
+    predictor: Predictor,
+    frames: Iterable[tuple[int, float, float | None, np.ndarray]],
+    video: AnnotatedVideo,
+    jsonl: Path,
+    total: int | None,
+    progress: bool,
+    tracking: VideoTracking | None = None,
+    newest: Newest | None = None,
+) -> VideoSummary:
     """Run the model over ``frames``; one JSON line and one annotated frame for each."""
     from tqdm import tqdm
 
@@ -334,8 +344,11 @@ def _annotate(predictor: Predictor, frames: Iterable[tuple[int, float, float | N
         with tqdm(total=total, desc=video.path.stem[-30:], unit="frame", disable=not progress) as bar:
             for result in predictor.stream(pixels()):
                 index, time, stamp, rgb = pending.popleft()
-                record: dict[str, Any] = {"frame": index, "time": round(time, 6),
-                                          "pts_time": None if stamp is None else round(stamp, 6)}
+                record: dict[str, Any] = {
+                    "frame": index,
+                    "time": round(time, 6),
+                    "pts_time": None if stamp is None else round(stamp, 6),
+                }
                 if result.error is not None:
                     record["error"] = result.error
                     summary.failed_frames += 1
@@ -358,7 +371,9 @@ def _annotate(predictor: Predictor, frames: Iterable[tuple[int, float, float | N
                 summary.frames_processed += 1
                 bar.update(1)
     except KeyboardInterrupt:
-        log.warning("interrupted: the %d finished frame(s) are in %s and %s", summary.frames_processed, video.path, jsonl)
+        log.warning(
+            "interrupted: the %d finished frame(s) are in %s and %s", summary.frames_processed, video.path, jsonl
+        )
         raise
     finally:
         video.close()  # flushed on every exit, Ctrl-C included
@@ -366,6 +381,7 @@ def _annotate(predictor: Predictor, frames: Iterable[tuple[int, float, float | N
             lines.close()
         summary.frames_dropped = newest.dropped if newest is not None else 0
         if tracking is not None and summary.frames_processed:  # the counts so far, on Ctrl-C too
-            summary.tracks = tracking.write(summary_path(jsonl.parent, jsonl.stem), summary.frames_processed,
-                                            summary.frames_dropped)
+            summary.tracks = tracking.write(
+                summary_path(jsonl.parent, jsonl.stem), summary.frames_processed, summary.frames_dropped
+            )
     return summary

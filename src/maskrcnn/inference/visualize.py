@@ -4,6 +4,7 @@ The per-image overlay (masks, boxes, labels) is ``Result.plot``; this module onl
 pictures out. Matplotlib is used through the Agg canvas directly, so importing this module
 never changes the process-wide pyplot backend.
 """
+
 from __future__ import annotations
 
 import io
@@ -76,12 +77,18 @@ def plot_metrics(metrics_jsonl: str | Path, out_png: str | Path) -> Path:
             if "epoch" in r:
                 epoch_end[r["epoch"]] = max(epoch_end.get(r["epoch"], it), it)
         if all(r["epoch"] in epoch_end for r in val):
-            ax_loss.plot([epoch_end[r["epoch"]] for r in val], [r["val_loss"] for r in val],
-                         "o-", color="tab:red", label="val_loss")
+            ax_loss.plot(
+                [epoch_end[r["epoch"]] for r in val],
+                [r["val_loss"] for r in val],
+                "o-",
+                color="tab:red",
+                label="val_loss",
+            )
         else:
             ax_epoch = ax_loss.twiny()
-            ax_epoch.plot([r["epoch"] for r in val], [r["val_loss"] for r in val],
-                          "o-", color="tab:red", label="val_loss")
+            ax_epoch.plot(
+                [r["epoch"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:red", label="val_loss"
+            )
             ax_epoch.set_xlabel("epoch (val_loss)")
             ax_epoch.legend(loc="upper center", fontsize=8)
     ax_loss.set_xlabel("iteration")

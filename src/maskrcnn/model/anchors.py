@@ -10,6 +10,7 @@ They agree wherever the padded side divides evenly, but not on P6 when padded si
 
 Shape shorthand: A anchors per cell, H_l x W_l cells on level l.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,7 +70,9 @@ class AnchorGenerator(nn.Module):
     def num_anchors_per_cell(self) -> int:
         return self.cells[0].shape[0]
 
-    def forward(self, padded_hw: tuple[int, int], feature_hws: list[tuple[int, int]], device: torch.device) -> list[Tensor]:
+    def forward(
+        self, padded_hw: tuple[int, int], feature_hws: list[tuple[int, int]], device: torch.device
+    ) -> list[Tensor]:
         """Anchors of every level for a padded input of size ``padded_hw``.
 
         Returns: one (H_l * W_l * A, 4) float32 tensor per level, ordered by row, column, then
@@ -77,8 +80,10 @@ class AnchorGenerator(nn.Module):
         """
         key = (tuple(padded_hw), tuple(map(tuple, feature_hws)), str(device))
         if key not in self._cache:
-            self._cache[key] = [self._grid(self._stride(padded_hw, hw, level), hw, cell.to(device))
-                                for level, (hw, cell) in enumerate(zip(feature_hws, self.cells))]
+            self._cache[key] = [
+                self._grid(self._stride(padded_hw, hw, level), hw, cell.to(device))
+                for level, (hw, cell) in enumerate(zip(feature_hws, self.cells))
+            ]
             if len(self._cache) > 32:  # multi-scale training sees many sizes; keep memory bounded
                 self._cache.pop(next(iter(self._cache)))
         return self._cache[key]

@@ -5,6 +5,7 @@ Layer names follow the ImageNet classifiers torchvision publishes (``conv1``, ``
 
 Shape shorthand: B batch, H x W input; C2..C5 have strides 4, 8, 16, 32.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -86,7 +87,16 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, in_ch: int, planes: int, stride: int, norm, groups: int = 1, base_width: int = 64, stride_in_1x1: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        in_ch: int,
+        planes: int,
+        stride: int,
+        norm,
+        groups: int = 1,
+        base_width: int = 64,
+        stride_in_1x1: bool = False,
+    ) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         out_ch = planes * self.expansion
@@ -138,7 +148,14 @@ class ResNetBody(nn.Module):
         stride_in_1x1: bottlenecks downsample in their first 1x1 conv (MSRA ResNets).
     """
 
-    def __init__(self, name: str = "resnet50", frozen_bn: bool = True, bn_eps: float = 1e-5, trainable_layers: int = 3, stride_in_1x1: bool = False) -> None:
+    def __init__(
+        self,
+        name: str = "resnet50",
+        frozen_bn: bool = True,
+        bn_eps: float = 1e-5,
+        trainable_layers: int = 3,
+        stride_in_1x1: bool = False,
+    ) -> None:
         super().__init__()
         if name not in RESNETS:
             raise ValueError(f"unknown backbone '{name}'; choose one of {', '.join(RESNETS)}")

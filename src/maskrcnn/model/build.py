@@ -1,4 +1,5 @@
 """The one place that reads a ``ModelConfig`` and assembles the modules."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -24,7 +25,13 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
     """
     cfg = config or ModelConfig()
     b = cfg.backbone
-    body = ResNetBody(b.name, frozen_bn=b.frozen_bn, bn_eps=b.bn_eps, trainable_layers=b.trainable_layers, stride_in_1x1=b.stride_in_1x1)
+    body = ResNetBody(
+        b.name,
+        frozen_bn=b.frozen_bn,
+        bn_eps=b.bn_eps,
+        trainable_layers=b.trainable_layers,
+        stride_in_1x1=b.stride_in_1x1,
+    )
     backbone = Backbone(body, FPN(body.out_channels, b.fpn_channels, _batchnorm("backbone.fpn_norm", b.fpn_norm)))
 
     a, r = cfg.anchors, cfg.rpn
@@ -59,7 +66,9 @@ def build_model(config: ModelConfig | None = None) -> MaskRCNN:
         raise ConfigError(f"roi_heads.box_head: {h.box_head!r} is not one of '2fc', '4conv1fc'")
     mask_head = mask_predictor = None
     if cfg.masks:
-        mask_head = MaskHead(b.fpn_channels, h.mask_channels, batchnorm=_batchnorm("roi_heads.mask_head_norm", h.mask_head_norm))
+        mask_head = MaskHead(
+            b.fpn_channels, h.mask_channels, batchnorm=_batchnorm("roi_heads.mask_head_norm", h.mask_head_norm)
+        )
         mask_predictor = MaskPredictor(mask_head.out_channels, mask_head.out_channels, slots)
     roi_heads = RoIHeads(
         box_head,
@@ -102,4 +111,6 @@ def build_preprocessor(t: TransformConfig) -> Preprocessor:
         check_percentiles(t.percentiles)
     except ValueError as e:
         raise ConfigError(f"transform.{e}") from None
-    return Preprocessor(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.bgr, t.pixel_scale, t.resize)
+    return Preprocessor(
+        t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.bgr, t.pixel_scale, t.resize
+    )

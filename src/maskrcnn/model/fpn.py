@@ -6,6 +6,7 @@ RPN for the largest anchors (as in the FPN paper and torchvision).
 
 Shape shorthand: B batch, F = out_channels; P2..P6 have strides 4, 8, 16, 32, 64.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -25,7 +26,9 @@ class FPN(nn.Module):
         # Names as in torchvision's 2019 checkpoints: inner = lateral 1x1, layer = output 3x3.
         bias = not batchnorm
         self.inner_blocks = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=bias) for c in in_channels)
-        self.layer_blocks = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels)
+        self.layer_blocks = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels
+        )
         self.inner_norms = self.layer_norms = None
         if batchnorm:
             self.inner_norms = nn.ModuleList(nn.BatchNorm2d(out_channels) for _ in in_channels)

@@ -20,6 +20,7 @@ Rounding: ``(W s) * z`` and ``(W * z) s`` differ by float32 rounding only (about
 feature's scale); the parity tests against torchvision and Detectron2 hold with the frozen
 BatchNorms folded, on the AVX-512 and the AVX2 kernels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -110,8 +111,8 @@ def conv_norm_pairs(model: nn.Module, batchnorm: bool = False) -> list[tuple[str
         dot = f"{prefix}." if prefix else ""
         for name, child in children.items():
             for conv_word, norm_word in _NORM_OF_CONV:
-                if name.startswith(conv_word) and name[len(conv_word):].isdigit():
-                    add(dot + name, child, children.get(norm_word + name[len(conv_word):]))
+                if name.startswith(conv_word) and name[len(conv_word) :].isdigit():
+                    add(dot + name, child, children.get(norm_word + name[len(conv_word) :]))
         for convs, norms in _NORM_LISTS:
             if isinstance(children.get(convs), nn.ModuleList) and isinstance(children.get(norms), nn.ModuleList):
                 for i, (conv, norm) in enumerate(zip(children[convs], children[norms])):
@@ -124,8 +125,7 @@ def conv_norm_pairs(model: nn.Module, batchnorm: bool = False) -> list[tuple[str
 def _foldable(norm: nn.Module | None, batchnorm: bool) -> bool:
     if type(norm) is FrozenBatchNorm2d:
         return True
-    return (batchnorm and type(norm) is nn.BatchNorm2d and norm.track_running_stats
-            and norm.running_mean is not None)
+    return batchnorm and type(norm) is nn.BatchNorm2d and norm.track_running_stats and norm.running_mean is not None
 
 
 def fold_batchnorm(model: nn.Module, batchnorm: bool = False) -> int:

@@ -12,6 +12,7 @@ Shape shorthand:
     M  mask resolution (28)
     G  ground-truth instances of all images, concatenated
 """
+
 from __future__ import annotations
 
 import torch

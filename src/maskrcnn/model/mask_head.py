@@ -3,6 +3,7 @@ predicts one 28x28 sigmoid mask per class, decoupled from classification.
 
 Shape shorthand: R RoIs, F feature channels, K+1 class slots (0 = background), M = 28.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,13 @@ class MaskHead(nn.Module):
     (torchvision v2) each conv loses its bias and is followed by ``mask_norm1..``.
     """
 
-    def __init__(self, in_channels: int, layers: tuple[int, ...] = (256, 256, 256, 256), dilation: int = 1,
-                 batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        layers: tuple[int, ...] = (256, 256, 256, 256),
+        dilation: int = 1,
+        batchnorm: bool = False,
+    ) -> None:
         super().__init__()
         self.num_layers = len(layers)
         self.batchnorm = batchnorm

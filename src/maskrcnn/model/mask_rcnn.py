@@ -21,9 +21,10 @@ detections in the resized frame, the graph that ``maskrcnn.weights.export`` writ
 ``model.predict`` (images in any form in, ``Result`` objects out) is ``maskrcnn.inference.predictor.predict``,
 bound to the class by the package's ``__init__``.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +86,9 @@ class MaskRCNN(nn.Module):
         if targets is not None and self.roi_heads.has_mask:
             for i, t in enumerate(targets):
                 if t.masks is None:
-                    raise ValueError(f"targets[{i}] has no masks, but this model has a mask head (build it with masks=False)")
+                    raise ValueError(
+                        f"targets[{i}] has no masks, but this model has a mask head (build it with masks=False)"
+                    )
         if self.training and targets is None:
             raise ValueError("training mode needs targets; call model.eval() for detections")
         batch, targets = self.preprocess(images, targets)

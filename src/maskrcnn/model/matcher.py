@@ -18,6 +18,7 @@ Shape shorthand:
 
 Boxes are float32 ``(x1, y1, x2, y2)`` pixels in the resized (model input) frame.
 """
+
 from __future__ import annotations
 
 import torch

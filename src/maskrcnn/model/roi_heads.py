@@ -5,6 +5,7 @@ the detection postprocessing (score threshold, per-class NMS, top detections).
 Shape shorthand: R RoIs over the batch, F feature channels, K foreground classes (K+1 slots,
 slot 0 = background), P = pooled size (7 boxes, 14 masks), M = 28 mask size.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,14 @@ class ConvFCBoxHead(nn.Module):
     followed by BatchNorm has no bias: the norm's shift replaces it.
     """
 
-    def __init__(self, in_channels: int, roi_size: int, conv_channels: tuple[int, ...] = (256, 256, 256, 256),
-                 representation_size: int = 1024, batchnorm: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        roi_size: int,
+        conv_channels: tuple[int, ...] = (256, 256, 256, 256),
+        representation_size: int = 1024,
+        batchnorm: bool = False,
+    ) -> None:
         super().__init__()
         self.num_convs = len(conv_channels)
         for i, out in enumerate(conv_channels, 1):
@@ -140,14 +147,25 @@ class RoIHeads(nn.Module):
     def has_mask(self) -> bool:
         return self.mask_head is not None
 
-    def pool(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]], size: int) -> Tensor:
+    def pool(
+        self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]], size: int
+    ) -> Tensor:
         """RoI features (R, F, size, size) from P2..P5, each box on its FPN level."""
         return multiscale_roi_align(
-            features, boxes, image_sizes, size, self.sampling_ratio, aligned=self.aligned, pool=self.pooler,
-            level_mapper=self.level_mapper, strides=self.pooler_strides,
+            features,
+            boxes,
+            image_sizes,
+            size,
+            self.sampling_ratio,
+            aligned=self.aligned,
+            pool=self.pooler,
+            level_mapper=self.level_mapper,
+            strides=self.pooler_strides,
         )
 
-    def box_outputs(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    def box_outputs(
+        self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
         """Class logits (R, K+1) and box deltas (R, (K+1)*4) for RoIs ``boxes``."""
         x = self.box_head(self.pool(features, boxes, image_sizes, self.box_roi_size))
         return self.box_predictor(x)
@@ -185,7 +203,10 @@ class RoIHeads(nn.Module):
 
     # ------------------------------------------------------------------ inference
     def detect(
-        self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
         score_thresh: float | Tensor | None = None,
     ) -> list[Detections]:
         class_logits, box_deltas = self.box_outputs(features, proposals, image_sizes)
@@ -200,7 +221,11 @@ class RoIHeads(nn.Module):
         return detections
 
     def postprocess(
-        self, class_logits: Tensor, box_deltas: Tensor, proposals: list[Tensor], image_sizes: list[tuple[int, int]],
+        self,
+        class_logits: Tensor,
+        box_deltas: Tensor,
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
         score_thresh: float | Tensor | None = None,
     ) -> list[Detections]:
         """Decode per-class boxes, drop background and scores not above ``score_thresh`` (default
@@ -231,22 +256,33 @@ class RoIHeads(nn.Module):
 
     # ------------------------------------------------------------------ training
     def losses(
-        self, features: list[Tensor], proposals: list[Tensor], image_sizes: list[tuple[int, int]], targets: list[Targets]
+        self,
+        features: list[Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[Targets],
     ) -> dict[str, Tensor]:
         rois, labels, matched = [], [], []
         for props, t in zip(proposals, targets):
             r, lab, m = sample_rois(
-                props.detach(), t.boxes, t.labels, self.fg_iou_thresh, self.bg_iou_thresh,
-                self.batch_size_per_image, self.positive_fraction,
+                props.detach(),
+                t.boxes,
+                t.labels,
+                self.fg_iou_thresh,
+                self.bg_iou_thresh,
+                self.batch_size_per_image,
+                self.positive_fraction,
             )
             rois.append(r)
             labels.append(lab)
             matched.append(m)
         class_logits, box_deltas = self.box_outputs(features, rois, image_sizes)
-        reg_targets = torch.cat([
-            self.box_coder.encode(t.boxes[m] if len(t) else torch.zeros_like(r), r)
-            for t, r, m in zip(targets, rois, matched)
-        ])
+        reg_targets = torch.cat(
+            [
+                self.box_coder.encode(t.boxes[m] if len(t) else torch.zeros_like(r), r)
+                for t, r, m in zip(targets, rois, matched)
+            ]
+        )
         loss_cls, loss_box = fast_rcnn_losses(class_logits, box_deltas, torch.cat(labels), reg_targets)
         losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
         if self.has_mask:

@@ -4,6 +4,7 @@ then proposal selection (seed 3.3.7).
 Shape shorthand: B images, A anchors per cell, L levels, N_l = H_l * W_l * A anchors on level
 l, C = 1 objectness logit per anchor ("sigmoid") or 2 ("softmax": non-object, object).
 """
+
 from __future__ import annotations
 
 import torch
@@ -184,7 +185,12 @@ class RegionProposalNetwork(nn.Module):
         return out
 
     def losses(
-        self, anchors: Tensor, logits: Tensor, deltas: Tensor, targets: list[Targets], image_sizes: list[tuple[int, int]]
+        self,
+        anchors: Tensor,
+        logits: Tensor,
+        deltas: Tensor,
+        targets: list[Targets],
+        image_sizes: list[tuple[int, int]],
     ) -> dict[str, Tensor]:
         labels, reg_targets, pos, neg = [], [], [], []
         offset = 0

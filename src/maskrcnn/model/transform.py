@@ -8,6 +8,7 @@ bilinear on the uint8 pixels, before normalisation), which its checkpoints were 
 
 Shape shorthand: B images, Hp x Wp padded batch size.
 """
+
 from __future__ import annotations
 
 import math
@@ -106,7 +107,9 @@ class Preprocessor(nn.Module):
         self.register_buffer("std", torch.tensor(image_std).view(3, 1, 1), persistent=False)
         self.size_divisible = size_divisible
 
-    def forward(self, images: list[Tensor], targets: list[Targets] | None = None) -> tuple[ImageBatch, list[Targets] | None]:
+    def forward(
+        self, images: list[Tensor], targets: list[Targets] | None = None
+    ) -> tuple[ImageBatch, list[Targets] | None]:
         """Normalise, resize and batch ``images``; bring ``targets`` into the resized frame.
 
         ``images`` are (3, H, W) floats in 0..1, or uint8 in 0..255 (divided by 255 here: the
@@ -216,6 +219,8 @@ def to_original_frame(detections: list[Detections], batch: ImageBatch) -> list[D
     full frames when they are wanted.
     """
     return [
-        Detections(boxes=resize_boxes(det.boxes, resized_hw, orig_hw), scores=det.scores, labels=det.labels, masks=det.masks)
+        Detections(
+            boxes=resize_boxes(det.boxes, resized_hw, orig_hw), scores=det.scores, labels=det.labels, masks=det.masks
+        )
         for det, resized_hw, orig_hw in zip(detections, batch.image_sizes, batch.original_sizes)
     ]

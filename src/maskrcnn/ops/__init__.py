@@ -3,6 +3,7 @@
 Boxes are ``(x1, y1, x2, y2)`` pixels with width ``x2 - x1``. Every function works on CPU and
 CUDA tensors; see each module for shapes and coordinate rules.
 """
+
 from __future__ import annotations
 
 from .box_coder import BoxCoder

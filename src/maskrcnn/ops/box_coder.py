@@ -11,6 +11,7 @@ every expression follows torchvision's ``BoxCoder`` so that decoded boxes agree 
 
 Shape shorthand: N boxes, K classes (sets of 4 codes per box).
 """
+
 from __future__ import annotations
 
 import math

@@ -7,6 +7,7 @@ so results agree bit for bit.
 
 Shape shorthand: N, M boxes.
 """
+
 from __future__ import annotations
 
 import torch

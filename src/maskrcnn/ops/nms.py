@@ -22,6 +22,7 @@ out, instead of one pass per group (up to 90 per image in the box head's per-cla
 
 Shape shorthand: N boxes, K kept boxes.
 """
+
 from __future__ import annotations
 
 import torch
@@ -239,7 +240,9 @@ class _NonMaxSuppression(torch.autograd.Function):
         # The ONNX op's IoU test is ``iou > threshold`` in float32, as :func:`nms`'s. Members
         # only: ``-inf`` is not above the lowest float32, every real score is.
         return g.op(
-            "NonMaxSuppression", boxes, scores,
+            "NonMaxSuppression",
+            boxes,
+            scores,
             const(torch.tensor([2**31 - 1], dtype=torch.int64)),
             const(torch.tensor([iou_threshold], dtype=torch.float32)),
             const(torch.tensor([torch.finfo(torch.float32).min], dtype=torch.float32)),

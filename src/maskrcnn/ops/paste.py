@@ -15,6 +15,7 @@ is foreground where the probability is at least the threshold.
 
 Shape shorthand: N masks, M x M mask resolution, h x w image.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator

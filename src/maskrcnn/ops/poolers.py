@@ -11,6 +11,7 @@ constants or from the traced sizes (``_multiscale_roi_align_traced``).
 
 Shape shorthand: B images, C channels, L levels, K RoIs over the batch, PH x PW output bins.
 """
+
 from __future__ import annotations
 
 import math
@@ -122,7 +123,9 @@ def multiscale_roi_align(
     if strides and len(strides) != len(features):
         raise ValueError(f"{len(strides)} strides for {len(features)} feature levels")
     if torch.onnx.is_in_onnx_export():
-        return _multiscale_roi_align_traced(features, rois, image_sizes, pooled, sampling_ratio, aligned, level_mapper, strides)
+        return _multiscale_roi_align_traced(
+            features, rois, image_sizes, pooled, sampling_ratio, aligned, level_mapper, strides
+        )
     padded_hw = (max(s[0] for s in image_sizes), max(s[1] for s in image_sizes))
     scales = [1.0 / s for s in strides] if strides else [infer_scale(tuple(f.shape[-2:]), padded_hw) for f in features]
 
@@ -168,8 +171,14 @@ def _log2_scales(features: list[Tensor], image_h: Tensor) -> Tensor:
 
 
 def _multiscale_roi_align_traced(
-    features: list[Tensor], rois: Tensor, image_sizes: list[tuple[int, int]], pooled: tuple[int, int],
-    sampling_ratio: int, aligned: bool, level_mapper: str, strides: tuple[int, ...] = (),
+    features: list[Tensor],
+    rois: Tensor,
+    image_sizes: list[tuple[int, int]],
+    pooled: tuple[int, int],
+    sampling_ratio: int,
+    aligned: bool,
+    level_mapper: str,
+    strides: tuple[int, ...] = (),
 ) -> Tensor:
     """:func:`multiscale_roi_align` (``pool="align"``) for ``torch.onnx.export``: the scales, the
     level range and the level of each RoI are computed in the graph from the traced sizes, so
@@ -192,8 +201,10 @@ def _multiscale_roi_align_traced(
     k_min, k_max = -log2_scales[0], -log2_scales[-1]  # () float32 each
     levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, mapper=level_mapper)  # (K,)
     idx = [torch.where(levels == level)[0] for level in range(len(features))]
-    parts = [roi_align(f, _scaled(rois[i], scales[level]), pooled, 1.0, sampling_ratio, aligned)
-             for level, (f, i) in enumerate(zip(features, idx))]
+    parts = [
+        roi_align(f, _scaled(rois[i], scales[level]), pooled, 1.0, sampling_ratio, aligned)
+        for level, (f, i) in enumerate(zip(features, idx))
+    ]
     return torch.cat(parts)[torch.argsort(torch.cat(idx))]  # (K, C, PH, PW)
 
 

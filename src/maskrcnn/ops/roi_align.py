@@ -28,6 +28,7 @@ errors of ~1e-5 pixel, hence ~1e-5 in the outputs, and it was 3x slower here.
 Shape shorthand: B images, C channels, H x W feature map, K RoIs, PH x PW output bins,
 G = grid_h * grid_w samples per bin, E = 4 * G table rows per bin.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,7 +61,9 @@ def rois_from_boxes(boxes: list[Tensor]) -> Tensor:
     return torch.cat([ids, concat], dim=1)
 
 
-def roi_inputs(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int]) -> tuple[tuple[int, int], Tensor, Tensor]:
+def roi_inputs(
+    input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int]
+) -> tuple[tuple[int, int], Tensor, Tensor]:
     """Common preparation of the RoI ops: ``(PH, PW)``, ``rois`` as ``Tensor[K, 5]`` in the
     input's dtype (no gradient), and the maps as a channels-last table ``(B*H*W, C)``.
 
@@ -74,9 +77,7 @@ def roi_inputs(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tu
     return _pair(output_size), rois.detach().to(input.dtype), table
 
 
-def _axis_taps(
-    start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int
-) -> tuple[Tensor, Tensor]:
+def _axis_taps(start: Tensor, bin_size: Tensor, grid: int, pooled: int, size: int) -> tuple[Tensor, Tensor]:
     """Bilinear taps along one axis for RoIs that share a grid size.
 
     Args:
@@ -228,8 +229,12 @@ def roi_align(
 
 
 def _roi_align(
-    input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int],
-    spatial_scale: float, sampling_ratio: int, aligned: bool,
+    input: Tensor,
+    rois: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
 ) -> Tensor:
     """:func:`roi_align` computed in PyTorch."""
     if input.dtype in (torch.float16, torch.bfloat16):
@@ -266,28 +271,61 @@ class _RoiAlignOp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input: Tensor, boxes: Tensor, batch_index: Tensor, pooled: tuple[int, int],  # type: ignore[override]
-                spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+    def forward(
+        ctx,
+        input: Tensor,
+        boxes: Tensor,
+        batch_index: Tensor,
+        pooled: tuple[int, int],  # type: ignore[override]
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool,
+    ) -> Tensor:
         rois = torch.cat((batch_index[:, None].to(boxes.dtype), boxes), 1)
         return _roi_align(input, rois, pooled, spatial_scale, sampling_ratio, aligned)
 
     @staticmethod
     def symbolic(g, input, boxes, batch_index, pooled, spatial_scale, sampling_ratio, aligned):  # type: ignore[no-untyped-def]
-        mode = {"coordinate_transformation_mode_s": "half_pixel" if aligned else "output_half_pixel"} if g.opset >= 16 else {}
+        mode = (
+            {"coordinate_transformation_mode_s": "half_pixel" if aligned else "output_half_pixel"}
+            if g.opset >= 16
+            else {}
+        )
         return g.op(
-            "RoiAlign", input, boxes, batch_index, mode_s="avg", output_height_i=pooled[0], output_width_i=pooled[1],
-            sampling_ratio_i=max(sampling_ratio, 0), spatial_scale_f=spatial_scale, **mode,
+            "RoiAlign",
+            input,
+            boxes,
+            batch_index,
+            mode_s="avg",
+            output_height_i=pooled[0],
+            output_width_i=pooled[1],
+            sampling_ratio_i=max(sampling_ratio, 0),
+            spatial_scale_f=spatial_scale,
+            **mode,
         )
 
 
-def _roi_align_onnx(input: Tensor, rois: Tensor | list[Tensor], output_size: int | tuple[int, int],
-                    spatial_scale: float, sampling_ratio: int, aligned: bool) -> Tensor:
+def _roi_align_onnx(
+    input: Tensor,
+    rois: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
     """:func:`roi_align` as the ONNX ``RoiAlign`` operator, for ``torch.onnx.export``."""
     if not isinstance(rois, Tensor):
         rois = rois_from_boxes(list(rois))
     rois = rois.to(input.dtype)
-    return _RoiAlignOp.apply(input, rois[:, 1:], rois[:, 0].to(torch.int64), _pair(output_size),
-                             float(spatial_scale), int(sampling_ratio), bool(aligned))
+    return _RoiAlignOp.apply(
+        input,
+        rois[:, 1:],
+        rois[:, 0].to(torch.int64),
+        _pair(output_size),
+        float(spatial_scale),
+        int(sampling_ratio),
+        bool(aligned),
+    )
 
 
 class RoIAlign(nn.Module):

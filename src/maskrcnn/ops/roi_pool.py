@@ -23,6 +23,7 @@ time, and large RoIs on a fine map are slow (seconds for 1000 RoIs of ~50 x 50 c
 Shape shorthand: B images, C channels, H x W feature map, K RoIs, PH x PW output bins,
 WH x WW the largest bin window.
 """
+
 from __future__ import annotations
 
 import torch

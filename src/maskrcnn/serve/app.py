@@ -82,7 +82,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         with img:
             w, h = img.size
             if w * h > max_pixels:
-                raise Rejected(413, f"image is {w}x{h} = {w * h:,} pixels, more than this server's limit of {max_pixels:,}")
+                raise Rejected(
+                    413, f"image is {w}x{h} = {w * h:,} pixels, more than this server's limit of {max_pixels:,}"
+                )
             try:
                 return to_rgb(ImageOps.exif_transpose(img))  # decodes: a truncated file fails here
             except (OSError, ValueError, SyntaxError) as e:
@@ -128,7 +130,9 @@ async def image_bytes(request: Any, body: bytes) -> tuple[bytes, str]:
             await form.close()
     if kind.startswith("image/") or kind in ("application/octet-stream", ""):
         return body, request.query_params.get("filename", "upload")
-    raise Rejected(415, f"Content-Type {kind} is not an image: send multipart/form-data, image/* or application/octet-stream")
+    raise Rejected(
+        415, f"Content-Type {kind} is not an image: send multipart/form-data, image/* or application/octet-stream"
+    )
 
 
 def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str = "") -> Any:
@@ -187,9 +191,15 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
     @app.get("/model")
     async def model_info() -> dict[str, Any]:
         classes = [{"label": k, "name": names[k], "category_id": categories[k]} for k in range(1, len(names))]
-        return {"weights": weights, "classes": classes, "score_thresh": cfg.roi_heads.score_thresh,
-                "mask_thresh": cfg.roi_heads.mask_thresh, "masks": cfg.masks, "config": to_dict(cfg),
-                "limits": {"max_upload_bytes": limit, "max_pixels": options.max_pixels, "max_batch": options.max_batch}}
+        return {
+            "weights": weights,
+            "classes": classes,
+            "score_thresh": cfg.roi_heads.score_thresh,
+            "mask_thresh": cfg.roi_heads.mask_thresh,
+            "masks": cfg.masks,
+            "config": to_dict(cfg),
+            "limits": {"max_upload_bytes": limit, "max_pixels": options.max_pixels, "max_batch": options.max_batch},
+        }
 
     @app.post("/predict")
     async def predict(
@@ -233,11 +243,16 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
     return app
 
 
-def _answer(result: Any, file_name: str, image_id: int, polygons: bool, tolerance: float, overlay: bool) -> dict[str, Any]:
+def _answer(
+    result: Any, file_name: str, image_id: int, polygons: bool, tolerance: float, overlay: bool
+) -> dict[str, Any]:
     """The JSON of one prediction (see the module docstring)."""
     h, w = result.image_size
-    answer: dict[str, Any] = {"image": {"file_name": file_name, "width": w, "height": h},
-                              "results": result.to_coco(image_id), "class_names": list(result.class_names)}
+    answer: dict[str, Any] = {
+        "image": {"file_name": file_name, "width": w, "height": h},
+        "results": result.to_coco(image_id),
+        "class_names": list(result.class_names),
+    }
     if polygons and result.rles is not None:
         from ..inference.polygons import coco_polygons, result_polygons
 

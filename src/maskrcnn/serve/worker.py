@@ -7,6 +7,7 @@ and tiling differ per request; ``predict`` itself groups images of the same padd
 one forward pass, so an image's detections never depend on what it was batched with). A job
 whose client has gone away is cancelled in the queue and never runs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -95,8 +96,13 @@ class BatchWorker:
     def _run(self, options: RequestOptions, jobs: list[Job]) -> None:
         try:
             results: list[Result] = self.model.predict(
-                [job.image for job in jobs], batch_size=len(jobs), score_thresh=options.score_thresh,
-                precision=self.precision, tile=options.tile, tile_overlap=options.tile_overlap)
+                [job.image for job in jobs],
+                batch_size=len(jobs),
+                score_thresh=options.score_thresh,
+                precision=self.precision,
+                tile=options.tile,
+                tile_overlap=options.tile_overlap,
+            )
         except Exception as e:  # noqa: BLE001  never let the worker die: every waiting client gets the error
             log.exception("prediction failed")
             for job in jobs:

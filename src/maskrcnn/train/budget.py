@@ -17,6 +17,7 @@ new one. The fitted lengths are where the run stands, so they live in the traine
 ``Progress`` and are saved with it; the pace is measured afresh in each command, so this hook
 saves no state of its own.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,6 @@ import math
 from . import distributed
 from .hooks import HookBase, StopReason, Trainer
 from .schedules import fitted_lengths
-
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,9 @@ class TimeBudget(HookBase):
         if not self.max_minutes:
             return
         self.fit(trainer)
-        (out_of_time,) = distributed.any_rank(trainer.clock() - trainer.started >= 60 * self.max_minutes)  # one decision for all
+        (out_of_time,) = distributed.any_rank(
+            trainer.clock() - trainer.started >= 60 * self.max_minutes
+        )  # one decision for all
         if out_of_time:
             trainer.stop = StopReason.MAX_MINUTES
 
@@ -81,7 +83,7 @@ class TimeBudget(HookBase):
         sec_per_iter, elapsed, val_s = distributed.from_first((pace, now - trainer.started, self.last_val_seconds))
         index, it, cfg = trainer.current.index, trainer.stage_iteration(), trainer.cfg
         planned = [s.epochs * trainer.iters_per_epoch for s in trainer.stages]
-        remaining = planned[index] - it + sum(planned[index + 1:])
+        remaining = planned[index] - it + sum(planned[index + 1 :])
         if trainer.val_data is not None and not val_s:  # no validation timed yet: estimate it
             val_share = math.ceil(len(trainer.val_data) / distributed.world_size())  # sharded
             val_s = math.ceil(val_share / cfg.data.batch_size) * VAL_COST * sec_per_iter
@@ -96,9 +98,16 @@ class TimeBudget(HookBase):
         if done > FIT_AT and abs(sum(lengths[index:]) - before) < 0.05 * before:  # a small correction
             log.debug("time budget: refitted to %d iterations at %.2f s each", end, sec_per_iter)
             return
-        trainer.info("time budget: solver.max_minutes=%g at %.2f s per iteration fits %d of the %d planned iterations "
-                     "left; the learning-rate schedule is fitted to end at iteration %d instead of %d",
-                     self.max_minutes, sec_per_iter, fits, remaining, end, trainer.iteration + remaining)
+        trainer.info(
+            "time budget: solver.max_minutes=%g at %.2f s per iteration fits %d of the %d planned iterations "
+            "left; the learning-rate schedule is fitted to end at iteration %d instead of %d",
+            self.max_minutes,
+            sec_per_iter,
+            fits,
+            remaining,
+            end,
+            trainer.iteration + remaining,
+        )
 
     @staticmethod
     def validations_left(trainer: Trainer, it: int) -> int:
@@ -107,7 +116,7 @@ class TimeBudget(HookBase):
         if trainer.val_data is None:
             return 0
         every, ipe, count = trainer.cfg.eval.every, trainer.iters_per_epoch, 0
-        for k, length in enumerate(trainer.stage_lengths()[trainer.current.index:]):
+        for k, length in enumerate(trainer.stage_lengths()[trainer.current.index :]):
             start = it if k == 0 else 0
             ends = range(start // ipe + 1, (length - 1) // ipe + 1)  # epochs ending before the stage's last iteration
             count += sum(1 for e in ends if e % every == 0) + 1

@@ -10,6 +10,7 @@ warm-up), with the learning rate scaled linearly to a batch of 2 images (0.02 fo
 ``model.num_classes``, ``class_names`` and ``category_ids`` are always set from the training
 data's categories, whatever the file says.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -34,7 +35,9 @@ class DataConfig:
     batch_size: int = 2  # images per training step in each process (a distributed run steps on batch_size x processes)
     workers: int = 2  # DataLoader worker processes (0 = load in the training process)
     hflip: float = 0.5  # probability of a horizontal flip of a training image
-    allow_outside_root: bool = False  # let file names in the JSON be absolute or lead out of the image folder ("../x.jpg")
+    allow_outside_root: bool = (
+        False  # let file names in the JSON be absolute or lead out of the image folder ("../x.jpg")
+    )
 
 
 @dataclass
@@ -63,7 +66,12 @@ class InitConfig:
 @dataclass
 class ScheduleConfig:
     kind: str = "joint"  # "joint" (end to end) or "alternating" (RPN and frontend in turn, seed 4.3)
-    stage_epochs: tuple[int, int, int, int] = (4, 4, 2, 2)  # "alternating": epochs of RPN, frontend, RPN fine-tune, frontend fine-tune
+    stage_epochs: tuple[int, int, int, int] = (
+        4,
+        4,
+        2,
+        2,
+    )  # "alternating": epochs of RPN, frontend, RPN fine-tune, frontend fine-tune
 
 
 @dataclass
@@ -101,7 +109,9 @@ class LogConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # vertical flips, rotations, scale, crops, colour (data.augment)
+    augment: AugmentConfig = field(
+        default_factory=AugmentConfig
+    )  # vertical flips, rotations, scale, crops, colour (data.augment)
     solver: SolverConfig = field(default_factory=SolverConfig)
     init: InitConfig = field(default_factory=InitConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -114,16 +124,22 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch CPU threads (0 = torch's default); 1 avoids OpenMP slowdowns on a busy machine
     checkpoint_every_iters: int = 0  # also write last.pth every N iterations (0 = only at epoch ends)
-    checkpoint_format: str = "pth"  # pth (torch.save) or safetensors (last/best.safetensors: no pickle, loading runs no code)
+    checkpoint_format: str = (
+        "pth"  # pth (torch.save) or safetensors (last/best.safetensors: no pickle, loading runs no code)
+    )
     log_every: int = 20  # iterations averaged into one metrics.jsonl line
     progress: bool = True  # show a progress bar
-    dist_timeout_minutes: float = 10.0  # torchrun: a collective fails after this long waiting for a stopped process (Gloo's own: 30)
+    dist_timeout_minutes: float = (
+        10.0  # torchrun: a collective fails after this long waiting for a stopped process (Gloo's own: 30)
+    )
 
 
 AMP_MODES = ("", "auto", "fp32", "bf16", "fp16")
 LR_SCHEDULES = ("step", "cosine")
 SCHEDULE_KINDS = ("joint", "alternating")
-METRICS = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + ("val_loss",)
+METRICS = tuple(f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75", "APs", "APm", "APl")) + (
+    "val_loss",
+)
 
 
 def check(cfg: TrainConfig) -> TrainConfig:
@@ -152,7 +168,11 @@ def check(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("model.backbone.sync_bn=true needs trainable BatchNorm: set model.backbone.frozen_bn=false")
     if cfg.eval.metric.startswith("segm") and not cfg.model.masks:
         raise ConfigError(f"eval.metric={cfg.eval.metric} needs masks; use bbox_AP for model.masks=false")
-    for key, value in (("data.batch_size", cfg.data.batch_size), ("eval.every", cfg.eval.every), ("log_every", cfg.log_every)):
+    for key, value in (
+        ("data.batch_size", cfg.data.batch_size),
+        ("eval.every", cfg.eval.every),
+        ("log_every", cfg.log_every),
+    ):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     if cfg.schedule.kind == "joint" and cfg.solver.epochs < 1:
@@ -168,7 +188,9 @@ def check(cfg: TrainConfig) -> TrainConfig:
     if cfg.solver.lr <= 0:
         raise ConfigError(f"solver.lr must be positive, got {cfg.solver.lr}")
     if not 0.0 <= cfg.log.tb_score <= 1.0 or cfg.log.tb_images < 0:
-        raise ConfigError(f"log.tb_score must be in [0, 1] and log.tb_images >= 0, got {cfg.log.tb_score}, {cfg.log.tb_images}")
+        raise ConfigError(
+            f"log.tb_score must be in [0, 1] and log.tb_images >= 0, got {cfg.log.tb_score}, {cfg.log.tb_images}"
+        )
     return cfg
 
 

@@ -1,4 +1,5 @@
 """The datasets of a training run, as its config names them."""
+
 from __future__ import annotations
 
 import logging
@@ -21,14 +22,28 @@ def build_datasets(cfg: TrainConfig) -> tuple[CocoDataset, Dataset, Dataset | No
     d = cfg.data
     train_ann, train_images, val_ann, val_images = d.train_ann, d.train_images, d.val_ann, d.val_images
     if d.synthetic:
-        paths = ensure_dataset(d.synthetic, d.synthetic_dir, num_train=d.synthetic_train, num_val=d.synthetic_val,
-                               image_size=tuple(d.synthetic_size))
+        paths = ensure_dataset(
+            d.synthetic,
+            d.synthetic_dir,
+            num_train=d.synthetic_train,
+            num_val=d.synthetic_val,
+            image_size=tuple(d.synthetic_size),
+        )
         train_ann, train_images = str(paths["train"].ann_file), str(paths["train"].image_dir)
         val_ann, val_images = str(paths["val"].ann_file), str(paths["val"].image_dir)
     percentiles = check_percentiles(cfg.model.transform.percentiles)  # read as predict will read them
     train = CocoDataset(train_ann, train_images, allow_outside_root=d.allow_outside_root, percentiles=percentiles)
-    val = CocoDataset(val_ann, val_images, category_ids=train.category_ids, allow_outside_root=d.allow_outside_root,
-                      percentiles=percentiles) if val_ann else None
+    val = (
+        CocoDataset(
+            val_ann,
+            val_images,
+            category_ids=train.category_ids,
+            allow_outside_root=d.allow_outside_root,
+            percentiles=percentiles,
+        )
+        if val_ann
+        else None
+    )
     for dataset, n in ((train, d.max_train_images), (val, cfg.eval.max_images)):
         if dataset is not None:  # every image file now, not when its batch comes up
             dataset.validate(decode=False, first=n)

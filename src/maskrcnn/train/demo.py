@@ -19,6 +19,7 @@ The evaluated checkpoint is the trainer's ``best.pth`` (by mask AP on val; the t
 validates the last weights when it stops on its time budget). As usual for a demo with no test
 split, that choice is made on the split the AP is reported on.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,23 +27,23 @@ import io
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from pycocotools.coco import COCO
 
-from ..weights.checkpoint import load
 from ..data import ensure_dataset
 from ..data.synthetic import SplitPaths
-from ..model.mask_rcnn import MaskRCNN
+from ..evaluation.coco import coco_evaluate, coco_results, flatten_metrics
 from ..files import write_json
-from .distributed import resolve_device
-from ..evaluation.coco import coco_evaluate, flatten_metrics
-from ..evaluation.coco import coco_results
 from ..inference.options import PredictOptions
-from .trainer import NonFiniteLossError, train
+from ..model.mask_rcnn import MaskRCNN
+from ..weights.checkpoint import load
 from .config import TrainConfig, load_training_config
+from .distributed import resolve_device
+from .trainer import NonFiniteLossError, train
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,25 @@ DEMO_CONFIG = "demo_shapes"
 NUM_OVERLAYS = 8  # val images drawn into predictions/
 OVERLAY_SCORE = 0.5  # detections drawn at or above this score
 # Outputs of an earlier run in the same folder, removed so that every demo starts afresh.
-STALE = ("last.pth", "best.pth", "pretrain_body.pth", "last.safetensors", "best.safetensors", "pretrain_body.safetensors",
-         "metrics.jsonl", "metrics.png", "val_predictions.png",
-         "config.yaml", "metrics.json", "predictions")
+STALE = (
+    "last.pth",
+    "best.pth",
+    "pretrain_body.pth",
+    "last.safetensors",
+    "best.safetensors",
+    "pretrain_body.safetensors",
+    "metrics.jsonl",
+    "metrics.png",
+    "val_predictions.png",
+    "config.yaml",
+    "metrics.json",
+    "predictions",
+)
 
 
-def demo_config(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), minutes: float | None = None) -> TrainConfig:
+def demo_config(
+    out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), minutes: float | None = None
+) -> TrainConfig:
     """The built-in demo config with its run folder and dataset under ``out_dir``.
 
     ``overrides`` (``key=value``) apply on top and may move the dataset
@@ -108,8 +122,13 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), m
     clear_run(out)
 
     d = cfg.data  # the trainer calls ensure_dataset with the same arguments and reuses this
-    paths = ensure_dataset(d.synthetic, d.synthetic_dir, num_train=d.synthetic_train, num_val=d.synthetic_val,
-                           image_size=tuple(d.synthetic_size))
+    paths = ensure_dataset(
+        d.synthetic,
+        d.synthetic_dir,
+        num_train=d.synthetic_train,
+        num_val=d.synthetic_val,
+        image_size=tuple(d.synthetic_size),
+    )
     data_s = time.monotonic() - started
 
     t0 = time.monotonic()
@@ -147,10 +166,16 @@ def run_demo(out_dir: str | Path = "runs/demo", overrides: Sequence[str] = (), m
     write_json(report, out / "metrics.json", indent=1)
 
     print(metrics["summary"])
-    print(f"demo: mask AP {flat.get('segm_AP', float('nan')):.3f} (AP50 {flat.get('segm_AP50', float('nan')):.3f}), "
-          f"box AP {flat['bbox_AP']:.3f} on {d.synthetic_val} held-out images")
-    print(f"      training {train_s / 60:.1f} min ({result['iterations']} iterations, {result['stopped']}), "
-          f"total {report['total_seconds'] / 60:.1f} min")
-    print(f"      model {chosen}; metrics {out / 'metrics.json'}; plots {out / 'metrics.png'}, "
-          f"{out / 'val_predictions.png'}; overlays {out / 'predictions'}/ ({len(overlays)} images)")
+    print(
+        f"demo: mask AP {flat.get('segm_AP', float('nan')):.3f} (AP50 {flat.get('segm_AP50', float('nan')):.3f}), "
+        f"box AP {flat['bbox_AP']:.3f} on {d.synthetic_val} held-out images"
+    )
+    print(
+        f"      training {train_s / 60:.1f} min ({result['iterations']} iterations, {result['stopped']}), "
+        f"total {report['total_seconds'] / 60:.1f} min"
+    )
+    print(
+        f"      model {chosen}; metrics {out / 'metrics.json'}; plots {out / 'metrics.png'}, "
+        f"{out / 'val_predictions.png'}; overlays {out / 'predictions'}/ ({len(overlays)} images)"
+    )
     return 0

@@ -10,12 +10,14 @@ process (stop, fit the schedule, keep the best) go through the collectives below
 Outside torchrun every function here is what one process alone does: rank 0 of 1, nothing
 sent, values returned as given.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
 import os
-from typing import Any, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -60,12 +62,16 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
     if device.type == "cuda" and launched():
         if device.index is not None:
-            raise ConfigError(f"device={name} names one GPU, but under torchrun each process takes its own "
-                              "(cuda:LOCAL_RANK); use device=cuda or device=auto (CUDA_VISIBLE_DEVICES picks the GPUs)")
+            raise ConfigError(
+                f"device={name} names one GPU, but under torchrun each process takes its own "
+                "(cuda:LOCAL_RANK); use device=cuda or device=auto (CUDA_VISIBLE_DEVICES picks the GPUs)"
+            )
         local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if local >= count:
-            raise ConfigError(f"LOCAL_RANK {local} but this node has {count} CUDA device(s): "
-                              "torchrun's --nproc_per_node must not exceed the GPUs of a node")
+            raise ConfigError(
+                f"LOCAL_RANK {local} but this node has {count} CUDA device(s): "
+                "torchrun's --nproc_per_node must not exceed the GPUs of a node"
+            )
         device = torch.device("cuda", local)
     return device
 
@@ -83,8 +89,11 @@ def process_group(device: torch.device, timeout_minutes: float = 10.0) -> Iterat
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        device_id=device if device.type == "cuda" else None,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
     try:
         yield
     finally:

@@ -17,6 +17,7 @@ the epoch's line once validation filled it in, early stopping ends the stage bef
 checkpoint records where the run stands. Each hook's ``state_dict`` is saved in ``last.pth``
 under its class name (so one hook per class) and given back to ``load_state_dict`` on resume.
 """
+
 from __future__ import annotations
 
 import enum
@@ -28,7 +29,6 @@ from ..inference.results import Result
 from ..weights.checkpoint import save_checkpoint
 from . import distributed
 from .validate import validate
-
 
 # The trainer as hooks see it: ``trainer.Trainer``, not imported here, so that the policies never
 # import the loop they watch (the loop imports them). What a hook may read and set: module docstring.
@@ -166,8 +166,13 @@ class EarlyStopping(HookBase):
         if not self.triggered:
             return
         self.triggered = False
-        trainer.info("early stopping: %s did not improve for %d validations (best %.4f at epoch %d)",
-                     self.metric, self.bad_evals, self.best, self.best_epoch)
+        trainer.info(
+            "early stopping: %s did not improve for %d validations (best %.4f at epoch %d)",
+            self.metric,
+            self.bad_evals,
+            self.best,
+            self.best_epoch,
+        )
         trainer.current.over = True
         if trainer.current.index == len(trainer.stages) - 1:
             trainer.stop = trainer.stop or StopReason.EARLY_STOPPING
@@ -188,6 +193,9 @@ class PeriodicCheckpoint(HookBase):
         self.every_iters = every_iters
 
     def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
-        if (self.every_iters and trainer.iteration % self.every_iters == 0
-                and trainer.progress.batch < trainer.iters_per_epoch):  # an epoch's last step: its end writes it
+        if (
+            self.every_iters
+            and trainer.iteration % self.every_iters == 0
+            and trainer.progress.batch < trainer.iters_per_epoch
+        ):  # an epoch's last step: its end writes it
             trainer.save_last()

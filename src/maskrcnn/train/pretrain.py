@@ -14,11 +14,12 @@ their class, the "no object" class included. Here:
 
 Shape shorthand: N crops, S crop side, K foreground classes.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,9 @@ def _grow(boxes: Tensor, context: float, h: int, w: int) -> Tensor:
     """Boxes (N, 4) grown by ``context`` of their width/height on each side, clipped."""
     wh = (boxes[:, 2:] - boxes[:, :2]) * context  # (N, 2)
     grown = torch.cat([boxes[:, :2] - wh, boxes[:, 2:] + wh], 1)
-    return torch.stack([grown[:, 0].clamp(0, w), grown[:, 1].clamp(0, h), grown[:, 2].clamp(0, w), grown[:, 3].clamp(0, h)], 1)
+    return torch.stack(
+        [grown[:, 0].clamp(0, w), grown[:, 1].clamp(0, h), grown[:, 2].clamp(0, w), grown[:, 3].clamp(0, h)], 1
+    )
 
 
 def _background_box(gt: Tensor, h: int, w: int, g: torch.Generator, tries: int = 10) -> Tensor | None:
@@ -83,7 +86,9 @@ def _background_box(gt: Tensor, h: int, w: int, g: torch.Generator, tries: int =
     return None
 
 
-def extract_crops(dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, progress: bool = False) -> tuple[Tensor, Tensor]:
+def extract_crops(
+    dataset: Dataset, cfg: PretrainConfig, generator: torch.Generator, progress: bool = False
+) -> tuple[Tensor, Tensor]:
     """Object and background crops of every image of ``dataset`` (items ``(image, targets, info)``).
 
     Returns:
@@ -107,7 +112,9 @@ def extract_crops(dataset: Dataset, cfg: PretrainConfig, generator: torch.Genera
                 crops.append(_crop(image, box, cfg.crop_size))
                 labels.append(0)
     if not crops:
-        raise ValueError("pretraining found no crops: the training set has no objects and pretrain.background_per_image is 0")
+        raise ValueError(
+            "pretraining found no crops: the training set has no objects and pretrain.background_per_image is 0"
+        )
     x = (torch.stack(crops) * 255).round().clamp(0, 255).to(torch.uint8)  # (N, 3, S, S)
     y = torch.tensor(labels, dtype=torch.int64)
     objects = (y > 0).nonzero()[:, 0]
@@ -154,13 +161,21 @@ def pretrain_body(
     """
     g = torch.Generator().manual_seed(seed)
     crops, labels = extract_crops(dataset, cfg, g, progress)
-    log.info("pretraining the %s body on %d crops (%d objects, %d background) for %d epochs",
-             backbone_name, len(crops), int((labels > 0).sum()), int((labels == 0).sum()), cfg.epochs)
+    log.info(
+        "pretraining the %s body on %d crops (%d objects, %d background) for %d epochs",
+        backbone_name,
+        len(crops),
+        int((labels > 0).sum()),
+        int((labels == 0).sum()),
+        cfg.epochs,
+    )
 
     cls_body = ResNetBody(backbone_name, frozen_bn=False, bn_eps=bn_eps, trainable_layers=5)
     missing, unexpected = cls_body.load_state_dict(body.state_dict(), strict=False)
     if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
-        raise ValueError(f"body weights do not fit a {backbone_name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"body weights do not fit a {backbone_name}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model = CropClassifier(cls_body, num_classes).to(device)
     mean = torch.tensor(image_mean, device=device)[None, :, None, None]
     std = torch.tensor(image_std, device=device)[None, :, None, None]
@@ -174,7 +189,13 @@ def pretrain_body(
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(crops), generator=g)
         loss_sum, correct = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"pretrain {epoch + 1}/{cfg.epochs}", unit="it", disable=not progress, leave=False)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"pretrain {epoch + 1}/{cfg.epochs}",
+            unit="it",
+            disable=not progress,
+            leave=False,
+        )
         for b in bar:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             x = crops[idx].to(device).float().div_(255.0)  # (B, 3, S, S)
@@ -186,7 +207,9 @@ def pretrain_body(
             logits = model((x - mean) / std)
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss is {loss.item()} at epoch {epoch + 1}, step {b + 1}; lower pretrain.lr")
+                raise FloatingPointError(
+                    f"pretraining loss is {loss.item()} at epoch {epoch + 1}, step {b + 1}; lower pretrain.lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -194,8 +217,18 @@ def pretrain_body(
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == y).sum())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        summary = {"pretrain_epoch": epoch + 1, "pretrain_loss": loss_sum / len(crops), "pretrain_acc": correct / len(crops)}
-        log.info("pretrain epoch %d/%d: loss %.4f, accuracy %.3f", epoch + 1, cfg.epochs, summary["pretrain_loss"], summary["pretrain_acc"])
+        summary = {
+            "pretrain_epoch": epoch + 1,
+            "pretrain_loss": loss_sum / len(crops),
+            "pretrain_acc": correct / len(crops),
+        }
+        log.info(
+            "pretrain epoch %d/%d: loss %.4f, accuracy %.3f",
+            epoch + 1,
+            cfg.epochs,
+            summary["pretrain_loss"],
+            summary["pretrain_acc"],
+        )
         history.append(summary)
         if on_epoch is not None:
             on_epoch(summary)

@@ -13,6 +13,7 @@ first process writes and shows: on the others (``active=False``) every method do
 the trainer calls them without asking which process it is. The checkpoints are their owners':
 ``last.pth`` and ``pretrain_body.pth`` the trainer's, ``best.pth`` ``hooks.Validation``'s.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,10 +31,15 @@ from ..inference.results import Result
 from . import distributed
 from .hooks import HookBase, StopReason, Trainer
 
-
 log = logging.getLogger(__name__)
 
-_SHORT = {"loss_objectness": "obj", "loss_rpn_box_reg": "rpn_box", "loss_classifier": "cls", "loss_box_reg": "box", "loss_mask": "mask"}
+_SHORT = {
+    "loss_objectness": "obj",
+    "loss_rpn_box_reg": "rpn_box",
+    "loss_classifier": "cls",
+    "loss_box_reg": "box",
+    "loss_mask": "mask",
+}
 
 
 def info(message: str, *args: Any) -> None:
@@ -120,8 +126,14 @@ class RunOutput(HookBase):
             self.loop_start = (trainer.clock(), trainer.iteration)
         if self.bar is None:
             p = trainer.progress
-            self.bar = tqdm(total=trainer.iters_per_epoch, initial=p.batch, unit="it", disable=not self.progress,
-                            desc=f"epoch {p.epoch + 1}/{trainer.num_epochs} {trainer.current.stage.name}", dynamic_ncols=True)
+            self.bar = tqdm(
+                total=trainer.iters_per_epoch,
+                initial=p.batch,
+                unit="it",
+                disable=not self.progress,
+                desc=f"epoch {p.epoch + 1}/{trainer.num_epochs} {trainer.current.stage.name}",
+                dynamic_ncols=True,
+            )
             self.window, self.window_n, self.window_t = {}, 0, trainer.clock()
 
     def after_step(self, trainer: Trainer, losses: dict[str, float]) -> None:
@@ -135,17 +147,29 @@ class RunOutput(HookBase):
         eta_s = self.seconds_left(trainer)
         eta = time.strftime("%H:%M:%S", time.gmtime(eta_s)) if math.isfinite(eta_s) else "?"
         self.bar.update(1)
-        self.bar.set_postfix_str(f"loss {self.window['loss'] / n:.3f} ({terms}) lr {trainer.lr:.2g} run eta {eta}", refresh=False)
+        self.bar.set_postfix_str(
+            f"loss {self.window['loss'] / n:.3f} ({terms}) lr {trainer.lr:.2g} run eta {eta}", refresh=False
+        )
         if iteration % self.log_every == 0:
             now = trainer.clock()
-            self.log({"iter": iteration, "epoch": trainer.progress.epoch + 1, "stage": trainer.current.stage.name,
-                      "lr": trainer.lr, **{k: v / n for k, v in self.window.items()}, "sec_per_iter": (now - self.window_t) / n})
+            self.log(
+                {
+                    "iter": iteration,
+                    "epoch": trainer.progress.epoch + 1,
+                    "stage": trainer.current.stage.name,
+                    "lr": trainer.lr,
+                    **{k: v / n for k, v in self.window.items()},
+                    "sec_per_iter": (now - self.window_t) / n,
+                }
+            )
             self.window, self.window_n, self.window_t = {}, 0, now
 
     def seconds_left(self, trainer: Trainer) -> float:
         """Time left in the run at this process's pace so far."""
         started, first = self.loop_start
-        left = sum(trainer.stage_lengths()[trainer.current.index:]) - trainer.stage_iteration()  # in this and later stages
+        left = (
+            sum(trainer.stage_lengths()[trainer.current.index :]) - trainer.stage_iteration()
+        )  # in this and later stages
         return (trainer.clock() - started) / (trainer.iteration - first) * left
 
     def after_epoch(self, trainer: Trainer) -> None:
@@ -154,17 +178,29 @@ class RunOutput(HookBase):
         values = trainer.record.values
         values["time"] = trainer.clock() - trainer.started
         self.log(values)
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items() if k in ("train_loss", "val_loss", "bbox_AP", "segm_AP"))
+        shown = ", ".join(
+            f"{k} {v:.4f}" for k, v in values.items() if k in ("train_loss", "val_loss", "bbox_AP", "segm_AP")
+        )
         if self.active:
-            log.info("epoch %d/%d %s%s: %s", values["epoch"], trainer.num_epochs, values["stage"],
-                     " (partial)" if values.get("partial") else "", shown)
+            log.info(
+                "epoch %d/%d %s%s: %s",
+                values["epoch"],
+                trainer.num_epochs,
+                values["stage"],
+                " (partial)" if values.get("partial") else "",
+                shown,
+            )
         self.draw(trainer.record.pictures)
 
     def after_train(self, trainer: Trainer) -> None:
         self.close_bar()
         if trainer.stop in (StopReason.MAX_ITERS, StopReason.MAX_MINUTES) and self.active:
-            log.info("stopped (%s) at iteration %d; --resume continues from %s", trainer.stop.value, trainer.iteration,
-                     trainer.checkpoint("last"))
+            log.info(
+                "stopped (%s) at iteration %d; --resume continues from %s",
+                trainer.stop.value,
+                trainer.iteration,
+                trainer.checkpoint("last"),
+            )
 
     def close_bar(self) -> None:
         if self.bar is not None:

@@ -24,6 +24,7 @@ train (by name prefix, intersected with what the model config leaves trainable, 
 Each stage gets a fresh optimizer and its own learning-rate curve (warm-up, then step or cosine
 decay over the stage's epochs).
 """
+
 from __future__ import annotations
 
 import copy
@@ -108,9 +109,11 @@ def fitted_lengths(planned: list[int], stage: int, it_in_stage: int, factor: flo
     time budget: stages before ``stage`` as they were, the rest of ``stage`` (from iteration
     ``it_in_stage``, at least one more) and every later stage (at least one) scaled."""
     return [
-        n if k < stage else
-        max(it_in_stage + 1, it_in_stage + round(factor * (n - it_in_stage))) if k == stage else
-        max(1, round(factor * n))
+        n
+        if k < stage
+        else max(it_in_stage + 1, it_in_stage + round(factor * (n - it_in_stage)))
+        if k == stage
+        else max(1, round(factor * n))
         for k, n in enumerate(planned)
     ]
 

@@ -6,19 +6,21 @@ index, iterations per epoch, optimizer / loss-scaler / proposal-network states, 
 (``rng_state``), the resolved config, and under "hooks" each hook's ``state_dict()`` by class
 name (``hook_states`` reads it, also from checkpoints written before hooks).
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..weights.checkpoint import read_file
 from ..config import ConfigError
+from ..weights.checkpoint import read_file
 
 
 @dataclasses.dataclass
@@ -31,8 +33,12 @@ class Progress:
     history: list = dataclasses.field(default_factory=list)  # epoch summaries
     epoch_loss: float = 0.0  # sum of the training loss over the batches of this epoch done so far
     epoch_steps: int = 0  # those batches (a resumed epoch reports its loss over all of them)
-    stage_iters: list = dataclasses.field(default_factory=list)  # iterations of each stage, fitted to solver.max_minutes ([] = as planned)
-    fit_anchor: list = dataclasses.field(default_factory=list)  # [stage, iteration, position]: where the fitted learning-rate curve starts
+    stage_iters: list = dataclasses.field(
+        default_factory=list
+    )  # iterations of each stage, fitted to solver.max_minutes ([] = as planned)
+    fit_anchor: list = dataclasses.field(
+        default_factory=list
+    )  # [stage, iteration, position]: where the fitted learning-rate curve starts
 
     def advance(self, loss: float) -> None:
         """One training step done, with training loss ``loss``."""
@@ -54,8 +60,12 @@ def hook_states(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         "Validation": {"best_metric": state["best_metric"], "best_epoch": state["best_epoch"]},
         # bad_evals counted in the checkpoint's stage, against the run's best
-        "EarlyStopping": {"best": state["best_metric"], "best_epoch": state["best_epoch"],
-                          "bad_evals": state["bad_evals"], "stage": state["stage"]},
+        "EarlyStopping": {
+            "best": state["best_metric"],
+            "best_epoch": state["best_epoch"],
+            "bad_evals": state["bad_evals"],
+            "stage": state["stage"],
+        },
         "RunOutput": {"metrics_bytes": state["metrics_bytes"]},
     }
 
@@ -75,8 +85,10 @@ def read_train_state(out_dir: Path, resume: bool, exist_ok: bool, suffix: str = 
         return saved
     earlier = [p for p in (out_dir / "last.pth", out_dir / "last.safetensors") if p.exists()]  # either format
     if earlier and not exist_ok:
-        raise ConfigError(f"{out_dir} already holds a run ({earlier[0].name}); use --resume to continue it, "
-                          f"exist_ok=true to start it afresh, or another out_dir=...")
+        raise ConfigError(
+            f"{out_dir} already holds a run ({earlier[0].name}); use --resume to continue it, "
+            f"exist_ok=true to start it afresh, or another out_dir=..."
+        )
     return None
 
 

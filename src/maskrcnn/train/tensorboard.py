@@ -12,6 +12,7 @@ validation detections come from ``metrics["results"]`` (COCO results entries) wh
 passes them, else the hook predicts the validation images itself (one more pass). A resumed
 run drops the events logged after its checkpoint (``purge_step``), so curves do not fold back.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,9 @@ def _summary_writer(log_dir: str, purge_step: int | None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # torch raises ImportError naming tensorboard when the package is absent
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install 'maskrcnn[tensorboard]'") from None
+        raise ImportError(
+            "TensorBoard logging needs the tensorboard package: pip install 'maskrcnn[tensorboard]'"
+        ) from None
     return SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
 
@@ -59,9 +62,9 @@ class TensorBoardHook(HookBase):
         self.last_logged = it
 
     def after_validation(self, trainer: Any, metrics: dict) -> None:
-        from .datasets import coco_and_indices
-        from ..evaluation.coco import coco_evaluate
         from ..evaluation.analysis import pr_curves
+        from ..evaluation.coco import coco_evaluate
+        from .datasets import coco_and_indices
 
         it = trainer.iteration
         for name, value in metrics.items():
@@ -82,8 +85,17 @@ class TensorBoardHook(HookBase):
         for name, c in pr_curves(coco_ds.coco, entries, image_ids, iou_type=iou_types[-1]).items():
             # add_pr_curve_raw wants thresholds from high recall to low: its arrays run over
             # increasing thresholds, as ours do. True negatives do not exist in detection.
-            self.writer.add_pr_curve_raw(f"val_pr/{name}", c.tp, c.fp, np.zeros_like(c.tp), c.fn, c.precision, c.recall,
-                                         it, num_thresholds=len(c.thresholds))
+            self.writer.add_pr_curve_raw(
+                f"val_pr/{name}",
+                c.tp,
+                c.fp,
+                np.zeros_like(c.tp),
+                c.fn,
+                c.precision,
+                c.recall,
+                it,
+                num_thresholds=len(c.thresholds),
+            )
         self._images(coco_ds, image_ids[: self.num_images], entries, it)
         self.writer.flush()
         self.last_logged = it
@@ -109,8 +121,11 @@ class TensorBoardHook(HookBase):
         coco = coco_ds.coco
         names = {c: coco.cats[c].get("name", str(c)) for c in coco.getCatIds()}
         for k, image_id in enumerate(image_ids):
-            gts = [{**a, "segmentation": coco.annToRLE(a)} for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
-                   if not a.get("iscrowd", 0)]
+            gts = [
+                {**a, "segmentation": coco.annToRLE(a)}
+                for a in coco.loadAnns(coco.getAnnIds(imgIds=[image_id]))
+                if not a.get("iscrowd", 0)
+            ]
             dets = [e for e in entries if e["image_id"] == image_id and e["score"] >= self.score_thresh]
             file_name = coco.imgs[image_id]["file_name"]
             png = side_by_side(load_rgb(coco_ds.image_dir / file_name), gts, dets, names, file_name)

@@ -31,6 +31,7 @@ the CPU a resumed run ends with the same weights as an uninterrupted one, whatev
 ``data.workers``: flips draw from per-image seeds, and validation restores the RNG states it
 consumed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,8 +43,9 @@ import shlex
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -56,8 +58,14 @@ from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_g
 from ..data.augment import Augmented
 from ..data.coco import CocoDataset
 from ..model.build import build_model
+from ..weights.checkpoint import (
+    init_from_checkpoint,
+    load_backbone_weights,
+    load_state,
+    save_checkpoint,
+    with_layout_of,
+)
 from ..weights.safetensors_io import checkpoint_suffix
-from ..weights.checkpoint import init_from_checkpoint, load_backbone_weights, load_state, save_checkpoint, with_layout_of
 from . import distributed, run_output
 from .budget import FIT_AT, VAL_COST, TimeBudget  # noqa: F401 - FIT_AT, VAL_COST: still importable from here
 from .config import TrainConfig, check, load_training_config
@@ -65,7 +73,16 @@ from .datasets import build_datasets
 from .hooks import EarlyStopping, EpochRecord, HookBase, PeriodicCheckpoint, StopReason, Validation
 from .pretrain import pretrain_body
 from .run_output import RunOutput, plain
-from .schedules import LRSchedule, ProposalNet, Stage, apply_stage, build_schedule, forward_with_proposals, set_train_mode, stage_loss
+from .schedules import (
+    LRSchedule,
+    ProposalNet,
+    Stage,
+    apply_stage,
+    build_schedule,
+    forward_with_proposals,
+    set_train_mode,
+    stage_loss,
+)
 from .state import Progress, hook_states, read_train_state, rng_state, seed_everything, set_rng_state
 
 log = logging.getLogger(__name__)
@@ -135,7 +152,9 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         if cfg.model.backbone.sync_bn and distributed.launched() and device.type != "cuda":
-            raise ConfigError("model.backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)")
+            raise ConfigError(
+                "model.backbone.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU implementation)"
+            )
         self.out = Path(cfg.out_dir)
         self.suffix = checkpoint_suffix(cfg.checkpoint_format)  # .pth or .safetensors
         saved = read_train_state(self.out, resume, cfg.exist_ok, self.suffix)
@@ -159,16 +178,26 @@ class Trainer:
             if cfg.init.weights:
                 init_from_checkpoint(self.model, cfg.init.weights, cfg.model.backbone.bn_eps)
         self.model.to(self.device)
-        self.resumed = saved["train_state"] if saved is not None else None  # its optimizer is consumed when its stage starts
+        self.resumed = (
+            saved["train_state"] if saved is not None else None
+        )  # its optimizer is consumed when its stage starts
         if self.val_data is None:
             log.warning("no validation data (data.val_ann): no AP, no best.pth, no early stopping")
 
         self.stages = build_schedule(cfg.schedule.kind, cfg.solver.epochs, cfg.schedule.stage_epochs)
-        self.sampler = DistributedGroupedBatchSampler(aspect_ratio_groups(self.train_data), cfg.data.batch_size, cfg.seed,
-                                                      distributed.rank(), distributed.world_size())
+        self.sampler = DistributedGroupedBatchSampler(
+            aspect_ratio_groups(self.train_data),
+            cfg.data.batch_size,
+            cfg.seed,
+            distributed.rank(),
+            distributed.world_size(),
+        )
         self.iters_per_epoch = self.sampler.batches_per_epoch
-        self.augmented = (Augmented(self.train_data, cfg.augment, cfg.data.hflip, cfg.seed) if cfg.augment.enabled
-                          else FlipAugmented(self.train_data, cfg.data.hflip, cfg.seed))
+        self.augmented = (
+            Augmented(self.train_data, cfg.augment, cfg.data.hflip, cfg.seed)
+            if cfg.augment.enabled
+            else FlipAugmented(self.train_data, cfg.data.hflip, cfg.seed)
+        )
         self.progress = Progress()
         self.current: StageRun | None = None  # run_stage sets it
         self.lr = 0.0  # the learning rate of the step under way (or the last one)
@@ -187,8 +216,14 @@ class Trainer:
         try:
             if self.resumed is None and self.cfg.pretrain.epochs > 0:
                 self.pretrain()
-            self.info("training %s: %d stage(s), %d epochs of %d iterations, device %s", self.out, len(self.stages),
-                      self.num_epochs, self.iters_per_epoch, self.device)
+            self.info(
+                "training %s: %d stage(s), %d epochs of %d iterations, device %s",
+                self.out,
+                len(self.stages),
+                self.num_epochs,
+                self.iters_per_epoch,
+                self.device,
+            )
             with logging_redirect_tqdm(), _sigint_sets(self._on_sigint):
                 try:
                     for index in range(len(self.stages)):
@@ -220,9 +255,15 @@ class Trainer:
         cfg, progress, current, epoch = self.cfg, self.progress, self.current, self.progress.epoch
         self.sampler.set_epoch(epoch, start=progress.batch)
         self.augmented.epoch = epoch
-        loader = DataLoader(self.augmented, batch_sampler=self.sampler, collate_fn=collate,
-                            num_workers=cfg.data.workers, generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                            pin_memory=self.device.type == "cuda", worker_init_fn=_ignore_sigint)
+        loader = DataLoader(
+            self.augmented,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=cfg.data.workers,
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_ignore_sigint,
+        )
         set_train_mode(self.model)
         for images, targets, _ in loader:
             it = self.stage_iteration()
@@ -250,8 +291,14 @@ class Trainer:
         """
         progress, current = self.progress, self.current
         partial = progress.batch < self.iters_per_epoch and not current.over
-        self.record = EpochRecord({"epoch": progress.epoch + 1, "iter": progress.iteration, "stage": current.stage.name,
-                                   "train_loss": distributed.mean(progress.epoch_loss) / max(progress.epoch_steps, 1)})
+        self.record = EpochRecord(
+            {
+                "epoch": progress.epoch + 1,
+                "iter": progress.iteration,
+                "stage": current.stage.name,
+                "train_loss": distributed.mean(progress.epoch_loss) / max(progress.epoch_steps, 1),
+            }
+        )
         if partial:
             self.record.values["partial"] = True
         self.call("after_epoch")
@@ -305,8 +352,10 @@ class Trainer:
             scaler.step(optimizer)
             scaler.update()
         elif not math.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient norm at {where} (losses: {_loss_report(losses)}); no step taken, "
-                                     f"{self.checkpoint('last')} left as it was. Set solver.grad_clip or lower solver.lr")
+            raise NonFiniteLossError(
+                f"non-finite gradient norm at {where} (losses: {_loss_report(losses)}); no step taken, "
+                f"{self.checkpoint('last')} left as it was. Set solver.grad_clip or lower solver.lr"
+            )
         else:
             optimizer.step()
         values = {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
@@ -331,15 +380,28 @@ class Trainer:
                 proposal_net.load_state_dict(saved["proposal_net"])
         self.resumed = None
         if len(self.stages) > 1:
-            self.info("stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s", index + 1, len(self.stages),
-                      stage.name, stage.epochs, len(params), ", ".join(stage.losses))
+            self.info(
+                "stage %d/%d '%s': %d epochs, %d trainable tensors, losses %s",
+                index + 1,
+                len(self.stages),
+                stage.name,
+                stage.epochs,
+                len(params),
+                ", ".join(stage.losses),
+            )
         s, at = cfg.solver, self.progress.fit_anchor
-        lr_at = LRSchedule(self.iters_per_epoch, stage.epochs, s.schedule, s.milestones, s.gamma, s.warmup_iters, s.warmup_factor)
+        lr_at = LRSchedule(
+            self.iters_per_epoch, stage.epochs, s.schedule, s.milestones, s.gamma, s.warmup_iters, s.warmup_factor
+        )
         if self.progress.stage_iters:  # fitted to the time budget (also on resume)
-            lr_at = dataclasses.replace(lr_at, total=self.progress.stage_iters[index],
-                                        anchor=(at[1], at[2]) if at and at[0] == index else (0, 0.0))
-        self.current = StageRun(index, stage, self.stage_end(index) - stage.epochs, params, net, optimizer, scaler,
-                                proposal_net, lr_at)
+            lr_at = dataclasses.replace(
+                lr_at,
+                total=self.progress.stage_iters[index],
+                anchor=(at[1], at[2]) if at and at[0] == index else (0, 0.0),
+            )
+        self.current = StageRun(
+            index, stage, self.stage_end(index) - stage.epochs, params, net, optimizer, scaler, proposal_net, lr_at
+        )
 
     def restore(self, state: dict[str, Any]) -> None:
         """Where the checkpoint's run stood, every process's random streams, the hooks' states."""
@@ -348,25 +410,49 @@ class Trainer:
         if len(streams) == distributed.world_size():
             set_rng_state(streams[distributed.rank()])
         else:
-            log.warning("the checkpoint holds the random streams of %d process(es), this run has %d: sampling "
-                        "starts new streams", len(streams), distributed.world_size())
+            log.warning(
+                "the checkpoint holds the random streams of %d process(es), this run has %d: sampling "
+                "starts new streams",
+                len(streams),
+                distributed.world_size(),
+            )
             seed_everything(self.cfg.seed + distributed.rank() + self.progress.iteration)
         if state["iters_per_epoch"] != self.iters_per_epoch:
-            log.warning("an epoch had %d iterations at the checkpoint and has %d now (data, batch size or processes "
-                        "changed): the position within the epoch is approximate", state["iters_per_epoch"], self.iters_per_epoch)
+            log.warning(
+                "an epoch had %d iterations at the checkpoint and has %d now (data, batch size or processes "
+                "changed): the position within the epoch is approximate",
+                state["iters_per_epoch"],
+                self.iters_per_epoch,
+            )
         saved = hook_states(state)
         for hook in self.hooks:
             hook.load_state_dict(saved.get(type(hook).__name__, {}))
-        self.info("resuming %s at epoch %d, batch %d (iteration %d)", self.out, self.progress.epoch + 1,
-                  self.progress.batch, self.progress.iteration)
+        self.info(
+            "resuming %s at epoch %d, batch %d (iteration %d)",
+            self.out,
+            self.progress.epoch + 1,
+            self.progress.batch,
+            self.progress.iteration,
+        )
 
     def pretrain(self) -> None:
         """The body pretrained as a crop classifier (``pretrain.py``), its epochs in metrics.jsonl."""
         cfg, t = self.cfg, self.cfg.model.transform
         output = next(h for h in self.hooks if isinstance(h, RunOutput))
-        pretrain_body(self.model.backbone.body, cfg.model.backbone.name, cfg.model.backbone.bn_eps, self.train_data,
-                      cfg.model.num_classes, cfg.pretrain, t.image_mean, t.image_std, self.device, cfg.seed,
-                      output.progress, output.log)
+        pretrain_body(
+            self.model.backbone.body,
+            cfg.model.backbone.name,
+            cfg.model.backbone.bn_eps,
+            self.train_data,
+            cfg.model.num_classes,
+            cfg.pretrain,
+            t.image_mean,
+            t.image_std,
+            self.device,
+            cfg.seed,
+            output.progress,
+            output.log,
+        )
         if distributed.rank() == 0:
             save_checkpoint(self.checkpoint("pretrain_body"), self.model)
 
@@ -415,32 +501,40 @@ class Trainer:
             reports = [f"rank {r}: {text}" for r, text in enumerate(reports) if text is not None]
         last = self.checkpoint("last")
         kept = f"{last} holds the last good checkpoint" if last.exists() else "no checkpoint was written yet"
-        return NonFiniteLossError(f"non-finite loss at {where}: {'; '.join(reports)}. Training stopped; {kept}. "
-                                  "Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip")
+        return NonFiniteLossError(
+            f"non-finite loss at {where}: {'; '.join(reports)}. Training stopped; {kept}. "
+            "Lower solver.lr, lengthen solver.warmup_iters or set solver.grad_clip"
+        )
 
     def save_last(self) -> None:
         """Write last.pth with the training state and the hooks', only from finite weights."""
         current, last = self.current, self.checkpoint("last")
         assert current is not None, "save_last before the first stage started"
         if not _finite_weights(self.model):  # the same weights, so the same answer, in every process
-            raise NonFiniteLossError(f"the weights are no longer finite after iteration {self.iteration}; "
-                                     f"{last} was not overwritten. Lower solver.lr or set solver.grad_clip")
+            raise NonFiniteLossError(
+                f"the weights are no longer finite after iteration {self.iteration}; "
+                f"{last} was not overwritten. Lower solver.lr or set solver.grad_clip"
+            )
         # Every process keeps the mean loss of the epoch so far, so that the epoch a resumed run
         # finishes reports the mean over the processes (end_epoch) of all of its batches.
         self.progress.epoch_loss = distributed.mean(self.progress.epoch_loss)
         rng = distributed.all_gather(rng_state())
         if distributed.rank() == 0:
-            save_checkpoint(last, self.model, {
-                **dataclasses.asdict(self.progress),
-                "stage": current.index,
-                "iters_per_epoch": self.iters_per_epoch,
-                "optimizer": current.optimizer.state_dict(),
-                "scaler": current.scaler.state_dict() if current.scaler is not None else None,
-                "proposal_net": current.proposal_net.state_dict() if current.proposal_net is not None else None,
-                "rng": rng,  # one entry per process
-                "config": to_dict(self.cfg),
-                "hooks": {type(h).__name__: h.state_dict() for h in self.hooks},
-            })
+            save_checkpoint(
+                last,
+                self.model,
+                {
+                    **dataclasses.asdict(self.progress),
+                    "stage": current.index,
+                    "iters_per_epoch": self.iters_per_epoch,
+                    "optimizer": current.optimizer.state_dict(),
+                    "scaler": current.scaler.state_dict() if current.scaler is not None else None,
+                    "proposal_net": current.proposal_net.state_dict() if current.proposal_net is not None else None,
+                    "rng": rng,  # one entry per process
+                    "config": to_dict(self.cfg),
+                    "hooks": {type(h).__name__: h.state_dict() for h in self.hooks},
+                },
+            )
 
     def summary(self) -> dict[str, Any]:
         p, best = self.progress, next(h for h in self.hooks if isinstance(h, Validation))
@@ -489,8 +583,15 @@ def _with_precision(cfg: TrainConfig, device: torch.device) -> TrainConfig:
 
 def _with_classes(cfg: TrainConfig, data: CocoDataset) -> TrainConfig:
     """The model's class count, names and category ids, from the training data."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, num_classes=data.num_classes, class_names=tuple(data.class_names), category_ids=tuple(data.category_ids)))
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(
+            cfg.model,
+            num_classes=data.num_classes,
+            class_names=tuple(data.class_names),
+            category_ids=tuple(data.category_ids),
+        ),
+    )
 
 
 @contextlib.contextmanager
@@ -559,8 +660,13 @@ def resume_command(config_path: str, overrides: list[str]) -> str:
     if per_node == world:
         launch = ["torchrun", "--standalone", f"--nproc_per_node={per_node}"]
     else:  # on each node, with the run's rendezvous endpoint
-        launch = ["torchrun", f"--nnodes={world // per_node}", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
-                  "--rdzv-endpoint=HOST:PORT"]
+        launch = [
+            "torchrun",
+            f"--nnodes={world // per_node}",
+            f"--nproc_per_node={per_node}",
+            "--rdzv-backend=c10d",
+            "--rdzv-endpoint=HOST:PORT",
+        ]
     return shlex.join([*launch, "-m", *args])
 
 
@@ -579,13 +685,20 @@ def main(config_path: str, overrides: list[str], resume: bool = False) -> int:
         return 3
     except TrainingInterrupted as e:
         if first:
-            print(f"interrupted at iteration {e.iteration}; {e.last} holds it. Continue with:\n  "
-                  f"{resume_command(config_path, overrides)}")
+            print(
+                f"interrupted at iteration {e.iteration}; {e.last} holds it. Continue with:\n  "
+                f"{resume_command(config_path, overrides)}"
+            )
         return 130
     if first:
-        best = (f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}"
-                if result["best_metric"] is not None else "no validation")
-        print(f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
-              f"checkpoints in {result['out_dir']}/ ({Path(result['last']).name}"
-              f"{', ' + Path(result['best']).name if result['best'] else ''})")
+        best = (
+            f"{result['metric']} {result['best_metric']:.4f} at epoch {result['best_epoch']}"
+            if result["best_metric"] is not None
+            else "no validation"
+        )
+        print(
+            f"training {result['stopped']} after {result['iterations']} iterations; best {best}; "
+            f"checkpoints in {result['out_dir']}/ ({Path(result['last']).name}"
+            f"{', ' + Path(result['best']).name if result['best'] else ''})"
+        )
     return 0

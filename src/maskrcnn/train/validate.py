@@ -5,6 +5,7 @@ In a distributed run each process predicts its own contiguous share of the image
 loss sums and the COCO entries and runs COCO eval once, and every process gets its numbers
 (they decide early stopping and the best checkpoint in each).
 """
+
 from __future__ import annotations
 
 import collections
@@ -16,17 +17,17 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..data import collate
-from ..model.mask_rcnn import MaskRCNN
+from ..evaluation.coco import coco_evaluate, flatten_metrics
 from ..inference.options import PredictOptions
 from ..inference.predictor import Predictor
 from ..inference.results import Result
+from ..model.mask_rcnn import MaskRCNN
 from ..structures import Targets
 from . import distributed
+from .config import TrainConfig
 from .datasets import coco_and_indices
-from ..evaluation.coco import coco_evaluate, flatten_metrics
 from .schedules import Stage, stage_loss
 from .state import preserved_rng
-from .config import TrainConfig
 
 
 @torch.no_grad()
@@ -44,8 +45,12 @@ def validate(
         process's first ``eval.num_visualize`` images (process 0 has the set's first ones).
     """
     coco_ds, indices = coco_and_indices(dataset)
-    loader = DataLoader(Subset(coco_ds, distributed.shard(indices)), batch_size=cfg.data.batch_size, collate_fn=collate,
-                        num_workers=cfg.data.workers)
+    loader = DataLoader(
+        Subset(coco_ds, distributed.shard(indices)),
+        batch_size=cfg.data.batch_size,
+        collate_fn=collate,
+        num_workers=cfg.data.workers,
+    )
     sums: dict[str, float] = {}
     batches, entries, pictures = 0, [], []
     with preserved_rng():
@@ -54,8 +59,9 @@ def validate(
         pending: collections.deque = collections.deque()
 
         def image_batches() -> Iterator[list[Tensor]]:
-            for images, targets, infos in tqdm(loader, desc="validate", unit="batch", leave=False,
-                                               disable=not cfg.progress or distributed.rank() != 0):
+            for images, targets, infos in tqdm(
+                loader, desc="validate", unit="batch", leave=False, disable=not cfg.progress or distributed.rank() != 0
+            ):
                 pending.append((targets, infos))
                 yield images
 
@@ -88,5 +94,7 @@ def validate(
         iou_types = ("bbox", "segm") if model.config.masks else ("bbox",)
         image_ids = [coco_ds.image_ids[i] for i in indices]
         all_entries = [e for _, _, part in shares for e in part]
-        metrics.update(flatten_metrics(coco_evaluate(coco_ds.coco, all_entries, iou_types=iou_types, image_ids=image_ids)))
+        metrics.update(
+            flatten_metrics(coco_evaluate(coco_ds.coco, all_entries, iou_types=iou_types, image_ids=image_ids))
+        )
     return distributed.from_first(metrics), pictures

@@ -12,6 +12,7 @@ package reads (to predict, to resume, to start training from, ImageNet body weig
 here. Detectron2's ``.pkl`` files are plain pickles of numpy arrays, read by
 ``detectron2_compat``'s restricted unpickler (no code runs either).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,14 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import detectron2 as detectron2_compat
-from . import hub, safetensors_io
 from ..config import ConfigError, ModelConfig, apply_overrides, check_probability, from_dict, to_dict
+from ..files import atomic_write
 from ..model.build import build_model
 from ..model.fuse import fold_batchnorm
 from ..model.mask_rcnn import MaskRCNN
+from . import detectron2 as detectron2_compat
+from . import hub, safetensors_io
 from .onnx_model import OnnxModel
-from ..files import atomic_write
 from .torchvision import convert_keys, infer_config, is_torchvision_state_dict
 
 FORMAT = "maskrcnn-checkpoint/1"
@@ -43,13 +44,21 @@ FORMAT = "maskrcnn-checkpoint/1"
 # Config fields that say which layers exist and how they are wired (not their values): a run that starts from a
 # checkpoint takes them from it, so fine-tuning torchvision's v2 file needs no architecture keys.
 LAYOUT_FIELDS = (
-    ("backbone", "fpn_norm"), ("backbone", "stride_in_1x1"), ("rpn", "conv_depth"),
-    ("roi_heads", "box_head"), ("roi_heads", "box_head_norm"), ("roi_heads", "mask_head_norm"),
+    ("backbone", "fpn_norm"),
+    ("backbone", "stride_in_1x1"),
+    ("rpn", "conv_depth"),
+    ("roi_heads", "box_head"),
+    ("roi_heads", "box_head_norm"),
+    ("roi_heads", "mask_head_norm"),
 )
 
 # Layers whose shape depends on the number of classes: re-initialised when a checkpoint to
 # start from was trained on another class count ("new class heads").
-CLASS_HEADS = ("roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred.", "roi_heads.mask_predictor.mask_fcn_logits.")
+CLASS_HEADS = (
+    "roi_heads.box_predictor.cls_score.",
+    "roi_heads.box_predictor.bbox_pred.",
+    "roi_heads.mask_predictor.mask_fcn_logits.",
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +91,10 @@ def save_checkpoint(path: str | Path, model: MaskRCNN, train_state: dict[str, An
 _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
 _ONNX_FIELD_TAGS = frozenset(b"\x12\x1a\x22\x28\x32\x3a\x42\x72\x7a\x82")  # ModelProto fields 2..16
-ACCEPTED = ("a maskrcnn checkpoint or a torchvision Mask R-CNN .pth (torch.save or safetensors files), a Detectron2 model-zoo "
-            ".pkl, or (to predict and evaluate only) an ONNX file written by maskrcnn export")
+ACCEPTED = (
+    "a maskrcnn checkpoint or a torchvision Mask R-CNN .pth (torch.save or safetensors files), a Detectron2 model-zoo "
+    ".pkl, or (to predict and evaluate only) an ONNX file written by maskrcnn export"
+)
 
 
 def file_kind(path: str | Path) -> str:
@@ -115,8 +126,10 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
     kind = file_kind(path)
     if kind == "onnx":
-        raise CheckpointError(f"{path} is an ONNX model (maskrcnn export): it runs in predict and evaluate only; "
-                              "to train or export, use the PyTorch checkpoint it was exported from")
+        raise CheckpointError(
+            f"{path} is an ONNX model (maskrcnn export): it runs in predict and evaluate only; "
+            "to train or export, use the PyTorch checkpoint it was exported from"
+        )
     if kind == "pickle" or (kind == "unknown" and path.suffix == ".pkl"):
         try:
             return {"model": detectron2_compat.read_pickle(path)}
@@ -155,7 +168,11 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: 
     state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if shapes or (strict and (missing or unexpected)):
         parts = [f"checkpoint {source} does not fit the model"]
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
@@ -165,7 +182,9 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, strict: 
     # A NaN or inf weight loads fine and then silently detects nothing: refuse it by name.
     bad = [k for k in own if k in state and state[k].is_floating_point() and not torch.isfinite(state[k]).all()]
     if bad:
-        raise CheckpointError(f"checkpoint {source} has NaN or infinite values in {len(bad)} tensor(s): {_first_few(bad)}")
+        raise CheckpointError(
+            f"checkpoint {source} has NaN or infinite values in {len(bad)} tensor(s): {_first_few(bad)}"
+        )
     model.load_state_dict(state, strict=False)
 
 
@@ -212,9 +231,13 @@ def read_weights(path: str | Path) -> tuple[ModelConfig | None, dict[str, Tensor
             converted = detectron2_compat.convert_keys(state)
             return detectron2_compat.infer_config(converted, state), converted
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: not a Detectron2 Mask R-CNN FPN checkpoint this package can load: {e}") from None
+            raise CheckpointError(
+                f"{path}: not a Detectron2 Mask R-CNN FPN checkpoint this package can load: {e}"
+            ) from None
     if not is_torchvision_state_dict(state):
-        raise CheckpointError(f"{path}: neither a maskrcnn checkpoint nor a torchvision or Detectron2 Mask R-CNN state dict")
+        raise CheckpointError(
+            f"{path}: neither a maskrcnn checkpoint nor a torchvision or Detectron2 Mask R-CNN state dict"
+        )
     return None, convert_keys(state)
 
 
@@ -222,12 +245,16 @@ def check_state_dict(state: dict[Any, Any], path: str | Path) -> None:
     """A one-line CheckpointError unless ``state`` maps names (str) to tensors (or arrays)."""
     names = [k for k in state if not isinstance(k, str)]
     if names:
-        raise CheckpointError(f"{path}: expected a dict of weights keyed by name, found the key {names[0]!r} "
-                              f"({type(names[0]).__name__}; {len(names)} such keys)")
+        raise CheckpointError(
+            f"{path}: expected a dict of weights keyed by name, found the key {names[0]!r} "
+            f"({type(names[0]).__name__}; {len(names)} such keys)"
+        )
     values = [k for k, v in state.items() if not isinstance(v, (Tensor, np.ndarray))]
     if values:
-        raise CheckpointError(f"{path}: expected a dict of weight tensors, but {values[0]!r} holds a "
-                              f"{type(state[values[0]]).__name__} ({len(values)} such entries)")
+        raise CheckpointError(
+            f"{path}: expected a dict of weight tensors, but {values[0]!r} holds a "
+            f"{type(state[values[0]]).__name__} ({len(values)} such entries)"
+        )
 
 
 def torchvision_config(state: dict[str, Tensor], path: str | Path, bn_eps: float | None = None) -> ModelConfig:
@@ -236,12 +263,16 @@ def torchvision_config(state: dict[str, Tensor], path: str | Path, bn_eps: float
     try:
         return infer_config(state, bn_eps)
     except KeyError as e:
-        raise CheckpointError(f"checkpoint {path} does not fit the model (a torchvision Mask R-CNN file): "
-                              f"missing keys: {e.args[0]}") from None
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the model (a torchvision Mask R-CNN file): missing keys: {e.args[0]}"
+        ) from None
 
 
 def load(
-    path: str | Path, device: str | torch.device = "cpu", bn_eps: float | None = None, fold_bn: bool = True,
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    bn_eps: float | None = None,
+    fold_bn: bool = True,
     **overrides: Any,
 ) -> MaskRCNN | OnnxModel:
     """Load a model from our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, in eval mode; a
@@ -258,14 +289,17 @@ def load(
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
             (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
-    if bn_eps is not None and not (isinstance(bn_eps, numbers.Real) and not isinstance(bn_eps, bool)
-                                   and math.isfinite(bn_eps) and bn_eps >= 0):
+    if bn_eps is not None and not (
+        isinstance(bn_eps, numbers.Real) and not isinstance(bn_eps, bool) and math.isfinite(bn_eps) and bn_eps >= 0
+    ):
         raise ValueError(f"bn_eps must be a finite number >= 0, got {bn_eps!r}")  # -1 or NaN: no detections
     if hub.is_hub(path):  # hf://owner/name: into huggingface_hub's cache, then read as any local file
         path = hub.download(str(path))
     if Path(path).is_file() and file_kind(path) == "onnx":  # by content: an ONNX file need not end in .onnx
         if bn_eps is not None:
-            raise ValueError(f"{path}: bn_eps applies to torchvision .pth files only; an exported model's BatchNorm is in its graph")
+            raise ValueError(
+                f"{path}: bn_eps applies to torchvision .pth files only; an exported model's BatchNorm is in its graph"
+            )
         return _load_onnx(Path(path), device, overrides)
     if Path(path).suffix.lower() == ".onnx" and not Path(path).exists():
         raise CheckpointError(f"ONNX model not found: {path}")
@@ -292,8 +326,10 @@ def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]
         apply_overrides(ModelConfig(), [f"roi_heads.{k}={v}" for k, v in overrides.items()])
     fixed = sorted(set(overrides) - {"score_thresh", "mask_thresh"})
     if fixed:
-        raise CheckpointError(f"{path}: {', '.join(fixed)} cannot change in an exported model (only score_thresh "
-                              "and mask_thresh); export again from a checkpoint loaded with them")
+        raise CheckpointError(
+            f"{path}: {', '.join(fixed)} cannot change in an exported model (only score_thresh "
+            "and mask_thresh); export again from a checkpoint loaded with them"
+        )
     try:
         model = OnnxModel(path)
     except ValueError as e:
@@ -342,26 +378,40 @@ def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> li
     if config is None:
         published_eps = torchvision_config(state, path).backbone.bn_eps
         if bn_eps != published_eps:
-            log.warning("%s is a torchvision file; its COCO weights were trained with BatchNorm eps %g "
-                        "(model.backbone.bn_eps=%g reproduces its features exactly)", path, published_eps, published_eps)
+            log.warning(
+                "%s is a torchvision file; its COCO weights were trained with BatchNorm eps %g "
+                "(model.backbone.bn_eps=%g reproduces its features exactly)",
+                path,
+                published_eps,
+                published_eps,
+            )
     else:  # e.g. a Detectron2 file: the same tensors can mean another network
         own_cfg = model.config
-        differ = [f"{k}={getattr(ours, f)!r} (file: {getattr(theirs, f)!r})"
-                  for k, ours, theirs, f in (
-                      ("model.backbone.stride_in_1x1", own_cfg.backbone, config.backbone, "stride_in_1x1"),
-                      ("model.transform.bgr", own_cfg.transform, config.transform, "bgr"),
-                      ("model.transform.pixel_scale", own_cfg.transform, config.transform, "pixel_scale"),
-                      ("model.transform.image_std", own_cfg.transform, config.transform, "image_std"))
-                  if getattr(ours, f) != getattr(theirs, f)]
+        differ = [
+            f"{k}={getattr(ours, f)!r} (file: {getattr(theirs, f)!r})"
+            for k, ours, theirs, f in (
+                ("model.backbone.stride_in_1x1", own_cfg.backbone, config.backbone, "stride_in_1x1"),
+                ("model.transform.bgr", own_cfg.transform, config.transform, "bgr"),
+                ("model.transform.pixel_scale", own_cfg.transform, config.transform, "pixel_scale"),
+                ("model.transform.image_std", own_cfg.transform, config.transform, "image_std"),
+            )
+            if getattr(ours, f) != getattr(theirs, f)
+        ]
         if differ:
-            log.warning("%s was trained with other input or backbone settings than this config: %s", path, "; ".join(differ))
+            log.warning(
+                "%s was trained with other input or backbone settings than this config: %s", path, "; ".join(differ)
+            )
     own = model.state_dict()
     heads = [k for k in own if k.startswith(CLASS_HEADS)]
     reinit = []
     if any(k in state and state[k].shape != own[k].shape for k in heads):
         reinit = heads
         state.update({k: own[k] for k in heads})
-        log.info("new class heads: %s re-initialised for %d classes", ", ".join(sorted({k.rsplit(".", 1)[0] for k in heads})), model.config.num_classes)
+        log.info(
+            "new class heads: %s re-initialised for %d classes",
+            ", ".join(sorted({k.rsplit(".", 1)[0] for k in heads})),
+            model.config.num_classes,
+        )
     load_state(model, state, str(path))
     log.info("initialised from %s", path)
     return reinit
@@ -372,5 +422,9 @@ def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
     dropped. Training does this for ``model.backbone.weights`` before its first step."""
     obj = read_file(path)
     state = obj.get("model", obj) if isinstance(obj.get("model"), dict) else obj
-    state = {k.removeprefix("backbone.body."): v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    state = {
+        k.removeprefix("backbone.body."): v
+        for k, v in state.items()
+        if not k.startswith("fc.") and not k.endswith("num_batches_tracked")
+    }
     load_state(body, state, str(path))

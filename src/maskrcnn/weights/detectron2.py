@@ -21,6 +21,7 @@ in the bottleneck's 1x1 conv for the MSRA ResNets, exact anchors, RoIAlign align
 adaptive sampling, its FPN level rule, proposals ranked by logit, no box-size filter, and its
 grid-sample mask pasting.
 """
+
 from __future__ import annotations
 
 import io
@@ -60,22 +61,38 @@ _ALLOWED_GLOBALS = {
 
 # Buffers some Detectron2 versions saved: the normalisation (read into the config) and the
 # anchors (recomputed from the config).
-_IGNORED = re.compile(r"^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\.cell_anchors\.\d+)$|num_batches_tracked$")
+_IGNORED = re.compile(
+    r"^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\.cell_anchors\.\d+)$|num_batches_tracked$"
+)
 
 # (pattern of a Detectron2 key, our key); numbered stages res2..res5 are our layer1..layer4.
 _RULES: list[tuple[re.Pattern[str], Any]] = [
     (re.compile(r"^backbone\.bottom_up\.stem\.conv1\.weight$"), "backbone.body.conv1.weight"),
     (re.compile(r"^backbone\.bottom_up\.stem\.conv1\.norm\.(\w+)$"), r"backbone.body.bn1.\1"),
-    (re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight$"),
-     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),
-    (re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)$"),
-     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),
-    (re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight$"),
-     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),
-    (re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)$"),
-     lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
-    (re.compile(r"^backbone\.fpn_lateral(\d)\.(weight|bias)$"), lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.{m[2]}"),
-    (re.compile(r"^backbone\.fpn_output(\d)\.(weight|bias)$"), lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.{m[2]}"),
+    (
+        re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.weight$"),
+        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight",
+    ),
+    (
+        re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)$"),
+        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}",
+    ),
+    (
+        re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.weight$"),
+        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight",
+    ),
+    (
+        re.compile(r"^backbone\.bottom_up\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)$"),
+        lambda m: f"backbone.body.layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}",
+    ),
+    (
+        re.compile(r"^backbone\.fpn_lateral(\d)\.(weight|bias)$"),
+        lambda m: f"backbone.fpn.inner_blocks.{int(m[1]) - 2}.{m[2]}",
+    ),
+    (
+        re.compile(r"^backbone\.fpn_output(\d)\.(weight|bias)$"),
+        lambda m: f"backbone.fpn.layer_blocks.{int(m[1]) - 2}.{m[2]}",
+    ),
     (re.compile(r"^proposal_generator\.rpn_head\.conv\.(weight|bias)$"), r"rpn.head.conv.\1"),
     (re.compile(r"^proposal_generator\.rpn_head\.objectness_logits\.(weight|bias)$"), r"rpn.head.cls_logits.\1"),
     (re.compile(r"^proposal_generator\.rpn_head\.anchor_deltas\.(weight|bias)$"), r"rpn.head.bbox_pred.\1"),
@@ -128,10 +145,14 @@ def read_pickle(path: str | Path) -> dict[str, np.ndarray]:
         ) from None
     except Exception as e:  # truncated or not a pickle
         first_line = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"cannot read {path}: not a Detectron2 weight pickle ({type(e).__name__}: {first_line})") from None
+        raise ValueError(
+            f"cannot read {path}: not a Detectron2 weight pickle ({type(e).__name__}: {first_line})"
+        ) from None
     model = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(model, dict):
-        what = "a Detectron (v1) 'blobs' file" if isinstance(obj, dict) and "blobs" in obj else f"a {type(obj).__name__}"
+        what = (
+            "a Detectron (v1) 'blobs' file" if isinstance(obj, dict) and "blobs" in obj else f"a {type(obj).__name__}"
+        )
         raise ValueError(f"{path}: expected a dict with a 'model' dict of arrays (Detectron2's layout), got {what}")
     bad = [k for k, v in model.items() if not isinstance(v, np.ndarray) or v.dtype.kind not in "fiub"]
     if bad:
@@ -140,7 +161,9 @@ def read_pickle(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def is_detectron2_state_dict(state: dict[str, Any]) -> bool:
-    return any(k.startswith("backbone.bottom_up.") for k in state) and any(k.startswith("roi_heads.box_predictor.") for k in state)
+    return any(k.startswith("backbone.bottom_up.") for k in state) and any(
+        k.startswith("roi_heads.box_predictor.") for k in state
+    )
 
 
 def _background_first(name: str, value: Tensor) -> Tensor:
@@ -174,8 +197,10 @@ def convert_keys(state: dict[str, Any]) -> dict[str, Tensor]:
     bbox = out.get("roi_heads.box_predictor.bbox_pred.weight")
     cls = out.get("roi_heads.box_predictor.cls_score.weight")
     if bbox is not None and cls is not None and bbox.shape[0] != 4 * cls.shape[0]:
-        raise ValueError("class-agnostic box regression (one box per RoI) is not supported; "
-                         f"bbox_pred has {bbox.shape[0] - 4} rows for {cls.shape[0] - 1} classes")
+        raise ValueError(
+            "class-agnostic box regression (one box per RoI) is not supported; "
+            f"bbox_pred has {bbox.shape[0] - 4} rows for {cls.shape[0] - 1} classes"
+        )
     return out
 
 
@@ -199,7 +224,12 @@ def infer_config(state: dict[str, Tensor], raw: dict[str, Any] | None = None) ->
     h = cfg.roi_heads
     h.aligned, h.sampling_ratio, h.level_mapper = True, 0, "detectron2"
     h.box_min_size, h.paste = 0.0, "detectron2"
-    h.pooler_strides = (4, 8, 16, 32)  # ROIPooler's fixed 1/stride scales: a 30:1 image pooled P2 at 1/2 with torchvision's rule
+    h.pooler_strides = (
+        4,
+        8,
+        16,
+        32,
+    )  # ROIPooler's fixed 1/stride scales: a 30:1 image pooled P2 at 1/2 with torchvision's rule
     t = cfg.transform
     t.bgr, t.pixel_scale, t.resize = True, 255.0, "detectron2"
     t.min_size, t.max_size, t.size_divisible = (800,), 1333, 32

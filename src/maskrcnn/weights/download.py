@@ -5,6 +5,7 @@ the package's one atomic writer (``results.atomic_write``: a temp file in the sa
 per the umask) and is renamed into place only after its hash checks out, so the cache never
 holds a partial or corrupt file under the real name.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -140,7 +141,11 @@ def _fetch(url: str, out: IO[bytes], progress: bool, timeout: float) -> str:
             total = int(length) if length and length.isdigit() else None
             received = 0
             bar = tqdm(
-                total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=Path(url).name,
+                total=total,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=Path(url).name,
                 disable=not progress or not sys.stderr.isatty(),
             )
             with bar:

@@ -22,6 +22,7 @@ The file's metadata (``metadata_props``) carries what a runtime needs besides th
 thresholds, class names, category ids), ``maskrcnn.class_names`` (JSON list, index = label,
 0 = background), ``maskrcnn.score_thresh`` and ``maskrcnn.mask_thresh``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .checkpoint import file_kind, load
 from ..config import to_dict
+from ..files import atomic_write
 from ..model.mask_rcnn import MaskRCNN
 from ..model.transform import padded_size
-from .onnx_model import FORMAT
-from ..files import atomic_write
 from ..structures import ImageBatch
+from .checkpoint import file_kind, load
+from .onnx_model import FORMAT
 
 DEFAULT_OPSET = 17  # RoiAlign needs 16 to keep the half-pixel shift of aligned models
 MIN_OPSET = 11  # NonMaxSuppression's and RoiAlign's forms used here
@@ -84,15 +85,19 @@ def check_exportable(model: MaskRCNN, opset: int) -> None:
     if model.roi_heads.pooler != "align":
         raise ExportError(f"roi_heads.pooler={model.roi_heads.pooler!r}: only RoIAlign models export to ONNX")
     if model.roi_heads.aligned and opset < 16:
-        raise ExportError(f"--opset {opset}: this model uses aligned RoIAlign (roi_heads.aligned=true), which ONNX "
-                          "RoiAlign has only from opset 16; an older opset would export the non-aligned one")
+        raise ExportError(
+            f"--opset {opset}: this model uses aligned RoIAlign (roi_heads.aligned=true), which ONNX "
+            "RoiAlign has only from opset 16; an older opset would export the non-aligned one"
+        )
 
 
 def check_opset(opset: int) -> None:
     """ExportError unless ``opset`` is one this torch exports and this graph needs: checked
     before anything is loaded or traced (an unknown opset fails deep in the exporter)."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f"--opset {opset}: this export supports opsets {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
+        raise ExportError(
+            f"--opset {opset}: this export supports opsets {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})"
+        )
 
 
 def check_paths(weights: str | Path, out: str | Path, overwrite: bool) -> None:
@@ -106,8 +111,10 @@ def check_paths(weights: str | Path, out: str | Path, overwrite: bool) -> None:
     if Path(weights).exists() and out.samefile(weights):
         raise ExportError(f"--out {out} is the checkpoint being exported; write the ONNX file under another name")
     if not overwrite and not is_our_export(out):
-        raise ExportError(f"--out {out} exists and is not an ONNX file written by maskrcnn export; "
-                          "remove it or pass --overwrite to replace it")
+        raise ExportError(
+            f"--out {out} exists and is not an ONNX file written by maskrcnn export; "
+            "remove it or pass --overwrite to replace it"
+        )
 
 
 def is_our_export(path: Path) -> bool:
@@ -164,8 +171,15 @@ def export_model(model: MaskRCNN, out: str | Path, opset: int = DEFAULT_OPSET) -
         # The tracer warns for every Python number it sees; the graph is checked by the tests.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph, (example_image(), torch.tensor(0.0)), buffer, dynamo=False, opset_version=opset,
-            input_names=list(INPUTS), output_names=list(names), dynamic_axes=dynamic, do_constant_folding=True,
+            graph,
+            (example_image(), torch.tensor(0.0)),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(INPUTS),
+            output_names=list(names),
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
         )
     proto = onnx.load_from_string(buffer.getvalue())
     for key, value in metadata(model).items():

@@ -12,6 +12,7 @@ library's cache (``HF_HUB_CACHE``, default ``~/.cache/huggingface/hub``), which 
 per content and checks it against the Hub's ETag. ``HF_ENDPOINT`` selects another server and
 ``HF_TOKEN`` (or ``hf auth login``) gives the token for uploads and private repositories.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,7 +20,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,9 @@ def download(uri: str) -> Path:
     try:
         return Path(hub.hf_hub_download(ref.repo_id, ref.filename, revision=ref.revision))
     except errors.RepositoryNotFoundError:
-        raise ValueError(f"{uri}: no model repository {ref.repo_id} on the Hub (or it is private: set HF_TOKEN)") from None
+        raise ValueError(
+            f"{uri}: no model repository {ref.repo_id} on the Hub (or it is private: set HF_TOKEN)"
+        ) from None
     except errors.RevisionNotFoundError:
         raise ValueError(f"{uri}: repository {ref.repo_id} has no revision {ref.revision!r}") from None
     except errors.EntryNotFoundError:

@@ -11,6 +11,7 @@ metadata), boxes back to the original frame (``to_original_frame``) and mask pas
 
 Shape shorthand: N detections, M mask size, h x w resized image.
 """
+
 from __future__ import annotations
 
 import json
@@ -68,12 +69,14 @@ class OnnxModel:
         self.device = torch.device("cpu")
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def eval(self) -> "OnnxModel":
+    def eval(self) -> OnnxModel:
         return self
 
-    def train(self, mode: bool = True) -> "OnnxModel":
+    def train(self, mode: bool = True) -> OnnxModel:
         if mode:
-            raise ValueError(f"{self.path} is an exported ONNX model: it cannot be trained; train the PyTorch checkpoint")
+            raise ValueError(
+                f"{self.path} is an exported ONNX model: it cannot be trained; train the PyTorch checkpoint"
+            )
         return self
 
     def detect(self, image: Tensor, score_thresh: float) -> Detections:
@@ -97,12 +100,16 @@ class OnnxModel:
             masks=None if masks is None else torch.from_numpy(masks),
         )
 
-    def __call__(self, images: list[Tensor], targets: list[Targets] | None = None, score_thresh: float | None = None) -> ModelOutput:
+    def __call__(
+        self, images: list[Tensor], targets: list[Targets] | None = None, score_thresh: float | None = None
+    ) -> ModelOutput:
         """``MaskRCNN.forward`` in eval mode: (3, H, W) images (float 0..1 or uint8) in,
         ``ModelOutput.detections`` in each image's original frame out. Images are preprocessed
         one by one (no padding to a common size) and run one by one through the graph."""
         if targets is not None:
-            raise ValueError(f"{self.path} is an exported ONNX model: it computes no losses; validate with the PyTorch checkpoint")
+            raise ValueError(
+                f"{self.path} is an exported ONNX model: it computes no losses; validate with the PyTorch checkpoint"
+            )
         thresh = self.config.roi_heads.score_thresh if score_thresh is None else float(score_thresh)
         detections = []
         with torch.inference_mode():
@@ -121,8 +128,10 @@ def read_config(path: Path, meta: dict[str, str]) -> ModelConfig:
     """The ``ModelConfig`` an exported file carries in its metadata."""
     if meta.get("maskrcnn.format") != FORMAT:
         found = meta.get("maskrcnn.format")
-        raise ValueError(f"{path}: not an ONNX model written by maskrcnn export "
-                         f"(metadata maskrcnn.format is {found!r}, expected {FORMAT!r})")
+        raise ValueError(
+            f"{path}: not an ONNX model written by maskrcnn export "
+            f"(metadata maskrcnn.format is {found!r}, expected {FORMAT!r})"
+        )
     try:
         return from_dict(ModelConfig, json.loads(meta["maskrcnn.config"]))
     except (KeyError, json.JSONDecodeError, ConfigError) as e:

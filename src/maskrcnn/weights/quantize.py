@@ -13,6 +13,7 @@ in ``maskrcnn.int8``.
 
 What it costs and saves is measured in docs/benchmarks.md (``benchmarks/bench_onnx.py --int8``).
 """
+
 from __future__ import annotations
 
 import json
@@ -97,18 +98,26 @@ def quantize(fp32: Path, out: Path, options: Int8Options) -> Path:
         raise ImportError("INT8 export needs onnxruntime and onnx: pip install 'maskrcnn[onnx]'") from None
     paths = calibration_images(options.calib, options.max_images)
     model = OnnxModel(fp32, threads=None)  # reads the config; refuses files that are not our exports
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-               "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         # Shape inference and graph clean-up first, as ORT's quantiser asks (it quantises what
         # it can type; skip_symbolic_shape: the graph's detection count is data-dependent).
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         quantize_static(
-            str(prepared), str(quantized), _Reader(model, paths),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv"],
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            per_channel=options.per_channel, reduce_range=options.reduce_range,
+            str(prepared),
+            str(quantized),
+            _Reader(model, paths),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["Conv"],
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=options.per_channel,
+            reduce_range=options.reduce_range,
             calibrate_method=methods[options.method],
             extra_options={"CalibTensorRangeSymmetric": False},
         )
@@ -126,8 +135,9 @@ def quantize(fp32: Path, out: Path, options: Int8Options) -> Path:
     return path
 
 
-def export_int8(weights: str | Path, out: str | Path, options: Int8Options, opset: int = DEFAULT_OPSET,
-                overwrite: bool = False) -> Path:
+def export_int8(
+    weights: str | Path, out: str | Path, options: Int8Options, opset: int = DEFAULT_OPSET, overwrite: bool = False
+) -> Path:
     """``maskrcnn export --int8 --calib DIR``: our checkpoint, a torchvision .pth or a Detectron2
     .pkl to an INT8 ONNX file (the float32 export is made in a temporary folder first).
 

@@ -14,6 +14,7 @@ so other tools (the Hub's file viewer, ``safetensors.torch.load_file``) see the 
 under their usual names, and ``read`` gives back the same dict that ``torch.load`` would. A
 safetensors file without our metadata (e.g. someone's plain state dict) reads as its tensors.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ CHECKPOINT_SUFFIXES = {"pth": ".pth", "safetensors": ".safetensors"}  # checkpoi
 def checkpoint_suffix(checkpoint_format: str) -> str:
     """The file suffix of a training run's checkpoints; a one-line ValueError for an unknown format."""
     if checkpoint_format not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"checkpoint_format must be one of {', '.join(CHECKPOINT_SUFFIXES)}, got {checkpoint_format!r}")
+        raise ValueError(
+            f"checkpoint_format must be one of {', '.join(CHECKPOINT_SUFFIXES)}, got {checkpoint_format!r}"
+        )
     if checkpoint_format == "safetensors":
         try:
             import safetensors  # noqa: F401  told before training, not at the first checkpoint
@@ -105,8 +108,10 @@ def _encode(value: Any, name: str, tensors: dict[str, Tensor]) -> Any:
         return value
     if isinstance(value, float):  # json writes nan and inf as NaN and Infinity and reads them back
         return value
-    raise TypeError(f"{name or 'value'}: a {type(value).__name__} cannot be stored in a safetensors file "
-                    "(only tensors and plain values: dict, list, tuple, str, int, float, bool, None)")
+    raise TypeError(
+        f"{name or 'value'}: a {type(value).__name__} cannot be stored in a safetensors file "
+        "(only tensors and plain values: dict, list, tuple, str, int, float, bool, None)"
+    )
 
 
 def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:

@@ -4,6 +4,7 @@ config and a generated model card; ``convert`` rewrites any checkpoint as safete
 Kept apart from ``hub`` (reading ``hf://`` names) and ``safetensors_io`` (the file format) because
 both read checkpoints through ``checkpoint``, which itself reads those two.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,9 @@ from typing import Any
 import yaml
 
 from ..config import to_dict
-from .safetensors_io import save
 from .checkpoint import FORMAT, read_file, read_weights, torchvision_config
 from .hub import _REPO_ID, WEIGHTS_FILE, _first_line, _hub
+from .safetensors_io import save
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +84,22 @@ def _metrics(train_state: dict[str, Any], metrics_file: str | None) -> dict[str,
                 flat.update({f"{kind}_{k}": v for k, v in flat.pop(kind).items()})
         from_file = _ap_values(flat)
         if not from_file:
-            raise ValueError(f"--metrics {metrics_file}: no AP values in it (expected maskrcnn evaluate's metrics.json)")
+            raise ValueError(
+                f"--metrics {metrics_file}: no AP values in it (expected maskrcnn evaluate's metrics.json)"
+            )
         found.update(from_file)
     return found
 
 
 def _ap_values(metrics: dict[str, Any]) -> dict[str, float]:
     """The box and mask AP, AP50, AP75 entries of a flat metrics dict (-1, COCO's "no data", left out)."""
-    return {k: float(v) for k, v in metrics.items()
-            if k in {f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75")}
-            and isinstance(v, (int, float)) and v >= 0}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if k in {f"{t}_{s}" for t in ("bbox", "segm") for s in ("AP", "AP50", "AP75")}
+        and isinstance(v, (int, float))
+        and v >= 0
+    }
 
 
 def _training_data(weights: Path) -> dict[str, Any]:
@@ -115,22 +122,52 @@ def model_card(repo_id: str, config: dict[str, Any], data: dict[str, Any], metri
     names = list(config.get("class_names") or [])
     num = int(config.get("num_classes", len(names)))
     backbone = (config.get("backbone") or {}).get("name", "resnet50")
-    header = yaml.safe_dump({"library_name": "maskrcnn", "pipeline_tag": "image-segmentation",
-                             "tags": ["mask-rcnn", "instance-segmentation", "safetensors"]}, sort_keys=False)
-    lines = [f"---\n{header}---", f"# {repo_id}", "",
-             f"Mask R-CNN ({backbone} FPN) for instance segmentation, {num} classes.", "", "## Classes", ""]
-    lines += [f"{i}. {n or '(unnamed)'}" for i, n in enumerate(names or [""] * num, 1)] if num <= 200 else [f"{num} classes"]
+    header = yaml.safe_dump(
+        {
+            "library_name": "maskrcnn",
+            "pipeline_tag": "image-segmentation",
+            "tags": ["mask-rcnn", "instance-segmentation", "safetensors"],
+        },
+        sort_keys=False,
+    )
+    lines = [
+        f"---\n{header}---",
+        f"# {repo_id}",
+        "",
+        f"Mask R-CNN ({backbone} FPN) for instance segmentation, {num} classes.",
+        "",
+        "## Classes",
+        "",
+    ]
+    lines += (
+        [f"{i}. {n or '(unnamed)'}" for i, n in enumerate(names or [""] * num, 1)] if num <= 200 else [f"{num} classes"]
+    )
     lines += ["", "## Training data", ""]
-    lines += [f"- {k}: {v}" for k, v in data.items()] or ["Not recorded (the weights were not pushed from a training run folder)."]
+    lines += [f"- {k}: {v}" for k, v in data.items()] or [
+        "Not recorded (the weights were not pushed from a training run folder)."
+    ]
     lines += ["", "## Metrics", ""]
     if metrics:
         lines += ["| metric | value |", "|---|---|", *(f"| {k} | {100 * v:.1f} |" for k, v in sorted(metrics.items()))]
         lines += ["", "COCO AP in percent."]
     else:
         lines += ["Not recorded."]
-    lines += ["", "## Use", "", "```python", "import maskrcnn", f'model = maskrcnn.load("hf://{repo_id}")',
-              'result = model.predict("photo.jpg")', "```", "", "```bash",
-              f"maskrcnn predict photo.jpg --weights hf://{repo_id}", f"maskrcnn serve --weights hf://{repo_id}", "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import maskrcnn",
+        f'model = maskrcnn.load("hf://{repo_id}")',
+        'result = model.predict("photo.jpg")',
+        "```",
+        "",
+        "```bash",
+        f"maskrcnn predict photo.jpg --weights hf://{repo_id}",
+        f"maskrcnn serve --weights hf://{repo_id}",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -8,10 +8,11 @@ Two layouts are published: v1 (``maskrcnn_resnet50_fpn``, 2019 key names) and v2
 ``Conv2dNormActivation`` (``...N.0.weight`` for the conv, ``...N.1.*`` for its BatchNorm) and
 number the head layers, which the rules below undo.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -19,16 +20,28 @@ from ..config import ModelConfig
 
 # (pattern of a current torchvision key, our key from the match). Keys matching none are ours already.
 _CURRENT_TO_OURS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(\w+)$"), lambda m: f"backbone.fpn.{m[1]}_blocks.{m[2]}.{m[3]}"),
-    (re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.1\.(\w+)$"), lambda m: f"backbone.fpn.{m[1]}_norms.{m[2]}.{m[3]}"),
+    (
+        re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.0\.(\w+)$"),
+        lambda m: f"backbone.fpn.{m[1]}_blocks.{m[2]}.{m[3]}",
+    ),
+    (
+        re.compile(r"^backbone\.fpn\.(inner|layer)_blocks\.(\d+)\.1\.(\w+)$"),
+        lambda m: f"backbone.fpn.{m[1]}_norms.{m[2]}.{m[3]}",
+    ),
     # rpn.head.conv.K.0: the K-th 3x3 conv -> conv, conv2, conv3...
     (re.compile(r"^rpn\.head\.conv\.(\d+)\.0\.(\w+)$"), lambda m: f"rpn.head.conv{_suffix(m[1])}.{m[2]}"),
     # v2 box head: Sequential(conv block 0..3, Flatten, Linear, ReLU)
     (re.compile(r"^roi_heads\.box_head\.(\d+)\.0\.(\w+)$"), lambda m: f"roi_heads.box_head.conv{int(m[1]) + 1}.{m[2]}"),
     (re.compile(r"^roi_heads\.box_head\.(\d+)\.1\.(\w+)$"), lambda m: f"roi_heads.box_head.norm{int(m[1]) + 1}.{m[2]}"),
     (re.compile(r"^roi_heads\.box_head\.(\d+)\.(weight|bias)$"), lambda m: f"roi_heads.box_head.fc.{m[2]}"),
-    (re.compile(r"^roi_heads\.mask_head\.(\d+)\.0\.(\w+)$"), lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.{m[2]}"),
-    (re.compile(r"^roi_heads\.mask_head\.(\d+)\.1\.(\w+)$"), lambda m: f"roi_heads.mask_head.mask_norm{int(m[1]) + 1}.{m[2]}"),
+    (
+        re.compile(r"^roi_heads\.mask_head\.(\d+)\.0\.(\w+)$"),
+        lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}.{m[2]}",
+    ),
+    (
+        re.compile(r"^roi_heads\.mask_head\.(\d+)\.1\.(\w+)$"),
+        lambda m: f"roi_heads.mask_head.mask_norm{int(m[1]) + 1}.{m[2]}",
+    ),
 ]
 
 
@@ -39,22 +52,104 @@ def _suffix(index: str) -> str:
 
 # torchvision's COCO_V1 categories: slot i is COCO category id i; "N/A" marks unused ids.
 COCO_91_NAMES: tuple[str, ...] = (
-    "__background__", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "N/A", "stop sign", "parking meter", "bench", "bird",
-    "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "N/A",
-    "backpack", "umbrella", "N/A", "N/A", "handbag", "tie", "suitcase", "frisbee", "skis",
-    "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "N/A", "wine glass", "cup", "fork", "knife", "spoon", "bowl",
-    "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut",
-    "cake", "chair", "couch", "potted plant", "bed", "N/A", "dining table", "N/A", "N/A", "toilet",
-    "N/A", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
-    "toaster", "sink", "refrigerator", "N/A", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
+    "__background__",
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "N/A",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "N/A",
+    "backpack",
+    "umbrella",
+    "N/A",
+    "N/A",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "N/A",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "N/A",
+    "dining table",
+    "N/A",
+    "N/A",
+    "toilet",
+    "N/A",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "N/A",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
 )
 
 
 def is_torchvision_state_dict(state: dict[str, Tensor]) -> bool:
-    return any(k.startswith("roi_heads.box_predictor.") for k in state) and not any(k.startswith("preprocess.") for k in state)
+    return any(k.startswith("roi_heads.box_predictor.") for k in state) and not any(
+        k.startswith("preprocess.") for k in state
+    )
 
 
 def convert_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:

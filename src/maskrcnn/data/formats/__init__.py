@@ -5,6 +5,7 @@ One module per tool: ``labelme`` (LabelMe JSON folders), ``cvat`` (CVAT for imag
 with its ``data.yaml``). Readers name every shape they cannot convert and check what they write
 with ``read_coco``; writers never replace a file the user edited (``common.ExportFolder``).
 """
+
 from __future__ import annotations
 
 from .cvat import CvatWriter, cvat_to_coco
@@ -12,5 +13,13 @@ from .labelme import LabelMeWriter, labelme_to_coco
 from .labelstudio import LabelStudioWriter, labelstudio_to_coco
 from .yolo import YoloWriter, yolo_to_coco
 
-__all__ = ["CvatWriter", "LabelMeWriter", "LabelStudioWriter", "YoloWriter", "cvat_to_coco", "labelme_to_coco", "labelstudio_to_coco",
-           "yolo_to_coco"]
+__all__ = [
+    "CvatWriter",
+    "LabelMeWriter",
+    "LabelStudioWriter",
+    "YoloWriter",
+    "cvat_to_coco",
+    "labelme_to_coco",
+    "labelstudio_to_coco",
+    "yolo_to_coco",
+]

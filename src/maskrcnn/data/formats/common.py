@@ -9,6 +9,7 @@ Writers of pre-annotations share ``ExportFolder``: every file goes through ``ato
 file that is already there is replaced only if it is byte for byte what an earlier export wrote
 (a SHA-256 manifest in the folder). A file the user corrected in their tool is never replaced.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -101,8 +102,9 @@ class CocoBuilder:
     _names: dict[str, str] = field(default_factory=dict)  # file name -> where it was listed
     _ids: dict[int, _Image] = field(default_factory=dict)
 
-    def add_image(self, file_name: str, width: int | None, height: int | None, where: str,
-                  image_id: int | None = None) -> _Image:
+    def add_image(
+        self, file_name: str, width: int | None, height: int | None, where: str, image_id: int | None = None
+    ) -> _Image:
         """Register an image; ``width``/``height`` (the tool's, or None to read them) must match
         the file. ``image_id`` None: the next of 1, 2, ... Raises DatasetError."""
         file_name = Path(os.path.normpath(file_name)).as_posix()
@@ -141,12 +143,16 @@ class CocoBuilder:
     def add_mask(self, image: _Image, category: str, mask: np.ndarray, where: str) -> None:
         """One instance from an (H, W) bool mask of the whole image."""
         if mask.shape != (image.height, image.width):
-            raise DatasetError(f"{where}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.width}x{image.height}")
+            raise DatasetError(
+                f"{where}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.width}x{image.height}"
+            )
         if not mask.any():
             self.skip(where, "an empty mask")
             return
         rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-        self.instances.append((image.id, category, {"size": [image.height, image.width], "counts": rle["counts"].decode("ascii")}))
+        self.instances.append(
+            (image.id, category, {"size": [image.height, image.width], "counts": rle["counts"].decode("ascii")})
+        )
 
     def skip(self, where: str, what: str) -> None:
         """Name a shape that cannot become an instance (no area, or a kind COCO has no form for)."""
@@ -163,16 +169,25 @@ class CocoBuilder:
         annotations = []
         for image_id, category, seg in self.instances:
             im = self._ids[image_id]
-            rle = mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width)) if isinstance(seg, list) else \
-                {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+            rle = (
+                mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width))
+                if isinstance(seg, list)
+                else {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
+            )
             if not mask_util.area(rle):  # a degenerate shape, or one wholly outside its image
                 self.skip(f"{im.file_name}, {category}", "no pixel inside the image")
                 continue
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": ids[category], "iscrowd": 0,
-                "segmentation": seg, "area": float(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": ids[category],
+                    "iscrowd": 0,
+                    "segmentation": seg,
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                }
+            )
         coco = {
             "info": {"description": f"{CONVERTED}{tool} {self.source.name}"},
             "images": [vars(im) for im in self.images],
@@ -209,12 +224,16 @@ def refuse_replacing(out: Path, source: Path) -> None:
     try:
         coco = json.loads(out.read_text(encoding="utf-8"))
         info = coco.get("info", {})
-        ours = str(info.get("description", "")).startswith(CONVERTED) and info.get("content_sha256") == content_digest(coco)
+        ours = str(info.get("description", "")).startswith(CONVERTED) and info.get("content_sha256") == content_digest(
+            coco
+        )
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise ValueError(f"{out} exists and was not written by maskrcnn convert, or was changed since, so it is not "
-                         "replaced; choose another --out")
+        raise ValueError(
+            f"{out} exists and was not written by maskrcnn convert, or was changed since, so it is not "
+            "replaced; choose another --out"
+        )
 
 
 # ---- pre-annotation export --------------------------------------------------------------------
@@ -240,8 +259,10 @@ class ExportFolder:
     def check(self, paths: list[Path]) -> None:
         for p in paths:
             if (p.exists() or p.is_symlink()) and self.digests.get(self._key(p)) != _digest(p):
-                raise ValueError(f"{p} exists and is not an unchanged file of an earlier maskrcnn export (edited in "
-                                 "the annotation tool?), so it is not replaced; choose another --out folder")
+                raise ValueError(
+                    f"{p} exists and is not an unchanged file of an earlier maskrcnn export (edited in "
+                    "the annotation tool?), so it is not replaced; choose another --out folder"
+                )
 
     def write(self, path: Path, data: bytes) -> None:
         self.check([path])

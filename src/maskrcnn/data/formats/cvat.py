@@ -11,6 +11,7 @@ in row-major order as alternating run lengths, the first run of zeros. ``polylin
 
 CVAT's image ids are kept, so ids match the task's frame numbers in both directions.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,7 @@ def _mask(el: ET.Element, h: int, w: int, where: str) -> np.ndarray:
     if left < 0 or top < 0 or left + mw > w or top + mh > h:
         raise DatasetError(f"{where}: mask box {left},{top} {mw}x{mh} is outside the {w}x{h} image")
     full = np.zeros((h, w), dtype=bool)
-    full[top:top + mh, left:left + mw] = decode_cvat_rle(counts, mw, mh)
+    full[top : top + mh, left : left + mw] = decode_cvat_rle(counts, mw, mh)
     return full
 
 
@@ -84,8 +85,9 @@ def _polygon(el: ET.Element, where: str) -> list[float]:
     return ellipse(cx, cy, rx, ry, theta)
 
 
-def cvat_to_coco(xml_file: str | Path, image_dir: str | Path, out_json: str | Path,
-                 allow_outside_root: bool = False) -> dict[str, Any]:
+def cvat_to_coco(
+    xml_file: str | Path, image_dir: str | Path, out_json: str | Path, allow_outside_root: bool = False
+) -> dict[str, Any]:
     """Convert a CVAT for images 1.1 XML export to COCO JSON and write it.
 
     Args:
@@ -132,7 +134,9 @@ def cvat_to_coco(xml_file: str | Path, image_dir: str | Path, out_json: str | Pa
                 builder.skip(swhere, f"a {shape.tag} has no area")
                 continue
             if shape.tag not in ("polygon", "box", "ellipse", "mask"):
-                raise DatasetError(f"{swhere}: unknown shape; expected polygon, box, ellipse, mask or {', '.join(NO_AREA)}")
+                raise DatasetError(
+                    f"{swhere}: unknown shape; expected polygon, box, ellipse, mask or {', '.join(NO_AREA)}"
+                )
             if not label:
                 raise DatasetError(f"{swhere}: shape has no 'label'")
             if shape.tag == "mask":

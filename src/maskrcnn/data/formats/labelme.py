@@ -12,6 +12,7 @@ points). Shapes sharing a ``group_id`` and label are one instance (LabelMe's way
 object in several parts). ``point``, ``line``, ``linestrip`` and ``points`` have no area and are
 named as not converted.
 """
+
 from __future__ import annotations
 
 import base64
@@ -60,7 +61,7 @@ def _mask_shape(shape: dict[str, Any], pts: list[tuple[float, float]], h: int, w
     full = np.zeros((h, w), dtype=bool)
     ph, pw = patch.shape
     ys, xs = slice(max(y0, 0), min(y0 + ph, h)), slice(max(x0, 0), min(x0 + pw, w))
-    full[ys, xs] = patch[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+    full[ys, xs] = patch[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
     return full
 
 
@@ -79,12 +80,15 @@ def _polygon(kind: str, pts: list[tuple[float, float]], where: str) -> list[floa
         (cx, cy), (px, py) = pts
         r = math.hypot(px - cx, py - cy)
         return ellipse(cx, cy, r, r)
-    raise DatasetError(f"{where}: unsupported shape_type {kind!r}; expected polygon, rectangle, circle, mask "
-                       f"or one without area ({', '.join(NO_AREA)})")
+    raise DatasetError(
+        f"{where}: unsupported shape_type {kind!r}; expected polygon, rectangle, circle, mask "
+        f"or one without area ({', '.join(NO_AREA)})"
+    )
 
 
-def labelme_to_coco(source: str | Path, out_json: str | Path, image_dir: str | Path | None = None,
-                    allow_outside_root: bool = False) -> dict[str, Any]:
+def labelme_to_coco(
+    source: str | Path, out_json: str | Path, image_dir: str | Path | None = None, allow_outside_root: bool = False
+) -> dict[str, Any]:
     """Convert a folder of LabelMe JSON files (or one file) to COCO JSON and write it.
 
     Args:
@@ -130,7 +134,11 @@ def labelme_to_coco(source: str | Path, out_json: str | Path, image_dir: str | P
                 builder.skip(where, f"a {kind} has no area")
                 continue
             pts = _points(shape, where)
-            part = _mask_shape(shape, pts, image.height, image.width, where) if kind == "mask" else _polygon(kind, pts, where)
+            part = (
+                _mask_shape(shape, pts, image.height, image.width, where)
+                if kind == "mask"
+                else _polygon(kind, pts, where)
+            )
             if part is None:
                 builder.skip(where, f"a {kind} with {len(pts)} point(s)")
                 continue
@@ -177,12 +185,27 @@ class LabelMeWriter:
         shapes = []
         for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
             for ring in rings:
-                shapes.append({"label": label, "points": ring.round(2).tolist(), "group_id": k if len(rings) > 1 else None,
-                               "description": f"score {score:.3f}", "shape_type": "polygon", "flags": {}, "mask": None})
+                shapes.append(
+                    {
+                        "label": label,
+                        "points": ring.round(2).tolist(),
+                        "group_id": k if len(rings) > 1 else None,
+                        "description": f"score {score:.3f}",
+                        "shape_type": "polygon",
+                        "flags": {},
+                        "mask": None,
+                    }
+                )
         h, w = result.image_size
-        doc = {"version": LABELME_VERSION, "flags": {}, "shapes": shapes,
-               "imagePath": os.path.relpath(Path(path).resolve(), target.parent.resolve()),
-               "imageData": None, "imageHeight": h, "imageWidth": w}
+        doc = {
+            "version": LABELME_VERSION,
+            "flags": {},
+            "shapes": shapes,
+            "imagePath": os.path.relpath(Path(path).resolve(), target.parent.resolve()),
+            "imageData": None,
+            "imageHeight": h,
+            "imageWidth": w,
+        }
         self.folder.write(target, json.dumps(doc, indent=1).encode("utf-8"))
 
     def close(self) -> None:

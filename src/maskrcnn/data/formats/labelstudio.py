@@ -15,6 +15,7 @@ Image URLs (``/data/upload/3/8f1e2d3c-photo.jpg``, ``/data/local-files/?d=dir/ph
 path) are matched to files of the image folder by base name, without the 8-hex-digit prefix
 Label Studio puts in front of uploaded files when the name with it is not there.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,7 @@ def decode_brush(rle: list[int], height: int, width: int) -> np.ndarray:
         nonlocal pos
         if pos + n > len(bits):
             raise ValueError("the brush RLE ends early")
-        v = int(bits[pos:pos + n].astype(np.int64) @ (1 << np.arange(n - 1, -1, -1, dtype=np.int64)))
+        v = int(bits[pos : pos + n].astype(np.int64) @ (1 << np.arange(n - 1, -1, -1, dtype=np.int64)))
         pos += n
         return v
 
@@ -118,8 +119,9 @@ def _shape(kind: str, value: dict[str, Any], w: int, h: int, where: str) -> list
     return ellipse(v["x"] * sx, v["y"] * sy, v["radiusX"] * sx, v["radiusY"] * sy, theta)
 
 
-def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json: str | Path,
-                        image_key: str = "image") -> dict[str, Any]:
+def labelstudio_to_coco(
+    export_json: str | Path, image_dir: str | Path, out_json: str | Path, image_key: str = "image"
+) -> dict[str, Any]:
     """Convert a Label Studio JSON export to COCO JSON and write it.
 
     Args:
@@ -147,8 +149,9 @@ def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json
             raise DatasetError(f"{where}: a task needs a 'data' object")
         url = task["data"].get(image_key)
         if not isinstance(url, str):
-            raise DatasetError(f"{where}: data has no image URL under {image_key!r} (keys: {sorted(task['data'])}); "
-                               "set --image-key")
+            raise DatasetError(
+                f"{where}: data has no image URL under {image_key!r} (keys: {sorted(task['data'])}); set --image-key"
+            )
         done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
         if len(done) > 1:
             logger.warning("%s: %d annotations; the first is used", where, len(done))
@@ -156,8 +159,13 @@ def labelstudio_to_coco(export_json: str | Path, image_dir: str | Path, out_json
         sizes = {(r.get("original_width"), r.get("original_height")) for r in results if isinstance(r, dict)}
         w, h = sizes.pop() if len(sizes) == 1 else (None, None)
         task_id = task.get("id")
-        image = builder.add_image(_image_file(url, image_dir), w, h, f"{where} ({url})",
-                                  image_id=task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None)
+        image = builder.add_image(
+            _image_file(url, image_dir),
+            w,
+            h,
+            f"{where} ({url})",
+            image_id=task_id if isinstance(task_id, int) and not isinstance(task_id, bool) else None,
+        )
         for k, r in enumerate(results):
             rwhere = f"{where} result {k}"
             kind = r.get("type") if isinstance(r, dict) else None
@@ -214,15 +222,34 @@ class LabelStudioWriter:
         for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
             for j, ring in enumerate(rings):
                 pct = (ring / [w / 100.0, h / 100.0]).clip(0, 100)  # (K, 2) percent of width, height
-                results.append({"id": f"{image_id}_{k}_{j}", "type": "polygonlabels", "from_name": "label", "to_name": "image",
-                                "original_width": w, "original_height": h, "image_rotation": 0, "score": round(score, 4),
-                                "value": {"points": pct.round(4).tolist(), "polygonlabels": [label]}})
+                results.append(
+                    {
+                        "id": f"{image_id}_{k}_{j}",
+                        "type": "polygonlabels",
+                        "from_name": "label",
+                        "to_name": "image",
+                        "original_width": w,
+                        "original_height": h,
+                        "image_rotation": 0,
+                        "score": round(score, 4),
+                        "value": {"points": pct.round(4).tolist(), "polygonlabels": [label]},
+                    }
+                )
         relative = os.path.relpath(Path(path).resolve(), self.root)
         scores = [float(s) for s in result.scores]
-        self.tasks.append({"data": {"image": "/data/local-files/?d=" + urllib.parse.quote(Path(relative).as_posix())},
-                           "meta": {"image_id": image_id},
-                           "predictions": [{"model_version": "maskrcnn", "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
-                                            "result": results}]})
+        self.tasks.append(
+            {
+                "data": {"image": "/data/local-files/?d=" + urllib.parse.quote(Path(relative).as_posix())},
+                "meta": {"image_id": image_id},
+                "predictions": [
+                    {
+                        "model_version": "maskrcnn",
+                        "score": round(sum(scores) / len(scores), 4) if scores else 0.0,
+                        "result": results,
+                    }
+                ],
+            }
+        )
 
     def close(self) -> None:
         self.folder.write(self.folder.root / "tasks.json", json.dumps(self.tasks, indent=1).encode("utf-8"))

@@ -10,6 +10,7 @@ list, or a dict class index -> name). An image ``.../images/<rest>/x.jpg`` has i
 A line of exactly four numbers after the class is a detection box, not a mask: named as not
 converted. Class ``c`` becomes COCO category id ``c + 1``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -80,8 +81,9 @@ def _split_images(root: Path, entry: Any, where: str) -> list[Path]:
     return images
 
 
-def yolo_to_coco(data_yaml: str | Path, out_json: str | Path, split: str = "train",
-                 allow_outside_root: bool = False) -> tuple[dict[str, Any], Path]:
+def yolo_to_coco(
+    data_yaml: str | Path, out_json: str | Path, split: str = "train", allow_outside_root: bool = False
+) -> tuple[dict[str, Any], Path]:
     """Convert one split of a YOLO segmentation dataset to COCO JSON and write it.
 
     Args:
@@ -103,7 +105,9 @@ def yolo_to_coco(data_yaml: str | Path, out_json: str | Path, split: str = "trai
     names = class_names(data, str(data_yaml))
     root = data_yaml.parent / str(data.get("path") or ".")
     if split not in data or data[split] in (None, ""):
-        raise DatasetError(f"{data_yaml}: no '{split}' split (has {', '.join(k for k in ('train', 'val', 'test') if data.get(k))})")
+        raise DatasetError(
+            f"{data_yaml}: no '{split}' split (has {', '.join(k for k in ('train', 'val', 'test') if data.get(k))})"
+        )
     builder = CocoBuilder(data_yaml, root, allow_outside_root)
     for path in _split_images(root, data[split], str(data_yaml)):
         image = builder.add_image(os.path.relpath(path, root), None, None, f"{data_yaml}: {split} image {path}")
