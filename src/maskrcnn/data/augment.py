@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..structures import Targets
-from .transforms import hflip
+from .transforms import flip, hflip
 
 # Draws of a random crop that must hold at least one instance before any crop is taken: a
 # small object on a large photo is otherwise mostly missed, and an empty crop teaches little.
@@ -105,13 +105,8 @@ def _need_masks(targets: Targets, what: str) -> Tensor:
 
 
 def vflip(image: Tensor, targets: Targets) -> tuple[Tensor, Targets]:
-    """Mirror up-down: pixel row r goes to H - 1 - r, box edge y goes to H - y."""
-    height = image.shape[-2]
-    boxes = targets.boxes.clone()
-    boxes[:, 1] = height - targets.boxes[:, 3]
-    boxes[:, 3] = height - targets.boxes[:, 1]
-    masks = targets.masks.flip(-2) if targets.masks is not None else None
-    return image.flip(-2), dataclasses.replace(targets, boxes=boxes, masks=masks)
+    """Mirror up-down (``transforms.flip``): pixel row r goes to H - 1 - r, box edge y goes to H - y."""
+    return flip(image, targets, vertical=True)
 
 
 def rot90(image: Tensor, targets: Targets, k: int = 1) -> tuple[Tensor, Targets]:

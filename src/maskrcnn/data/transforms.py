@@ -35,14 +35,21 @@ class Compose:
         return f"Compose({self.transforms})"
 
 
-def hflip(image: Tensor, targets: Targets) -> tuple[Tensor, Targets]:
-    """Mirror left-right: pixel column c goes to W - 1 - c, box edge x goes to W - x."""
-    width = image.shape[-1]
+def flip(image: Tensor, targets: Targets, vertical: bool = False) -> tuple[Tensor, Targets]:
+    """Mirror left-right: pixel column c goes to W - 1 - c, box edge x goes to W - x; with
+    ``vertical``, up-down: row r goes to H - 1 - r, box edge y goes to H - y."""
+    dim, (lo, hi) = (-2, (1, 3)) if vertical else (-1, (0, 2))
+    size = image.shape[dim]
     boxes = targets.boxes.clone()
-    boxes[:, 0] = width - targets.boxes[:, 2]
-    boxes[:, 2] = width - targets.boxes[:, 0]
-    masks = targets.masks.flip(-1) if targets.masks is not None else None
-    return image.flip(-1), dataclasses.replace(targets, boxes=boxes, masks=masks)
+    boxes[:, lo] = size - targets.boxes[:, hi]
+    boxes[:, hi] = size - targets.boxes[:, lo]
+    masks = targets.masks.flip(dim) if targets.masks is not None else None
+    return image.flip(dim), dataclasses.replace(targets, boxes=boxes, masks=masks)
+
+
+def hflip(image: Tensor, targets: Targets) -> tuple[Tensor, Targets]:
+    """``flip`` left-right."""
+    return flip(image, targets)
 
 
 class RandomHorizontalFlip:

@@ -29,6 +29,7 @@ import numpy as np
 from ..files import write_json
 from .coco import image_path, read_json
 from .errors import DatasetError
+from .formats.common import number
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -54,19 +55,6 @@ def _ellipse(cx: float, cy: float, rx: float, ry: float, theta: float = 0.0) -> 
     return [float(v) for xy in zip(x, y) for v in xy]
 
 
-def _number(value: Any, key: str, where: str) -> float:
-    """A finite coordinate from a JSON number or numeric string; anything else raises."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise DatasetError(f"{where}: {key} value {value!r:.40} is not a number")
-    try:
-        number = float(value)
-    except ValueError:
-        raise DatasetError(f"{where}: {key} value {value!r:.40} is not a number") from None
-    if not math.isfinite(number):
-        raise DatasetError(f"{where}: {key} value {value!r} is not finite")
-    return number
-
-
 def _shape_to_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
     """Flat ``[x0, y0, x1, y1, ...]`` for an area shape, None for a shape without area."""
     name = shape.get("name")
@@ -88,18 +76,18 @@ def _shape_to_polygon(shape: dict[str, Any], where: str) -> list[float] | None:
         for key in need[name]:
             if not isinstance(shape[key], list):  # a string would be read character by character
                 raise DatasetError(f"{where}: polygon '{key}' must be a list of numbers, got {shape[key]!r:.40}")
-        xs = [_number(v, "all_points_x", where) for v in shape["all_points_x"]]
-        ys = [_number(v, "all_points_y", where) for v in shape["all_points_y"]]
+        xs = [_coordinate(v, "all_points_x", where) for v in shape["all_points_x"]]
+        ys = [_coordinate(v, "all_points_y", where) for v in shape["all_points_y"]]
         if len(xs) != len(ys):
             raise DatasetError(f"{where}: polygon has {len(xs)} x but {len(ys)} y coordinates")
         return [v for xy in zip(xs, ys) for v in xy]
-    v = {k: _number(shape[k], k, where) for k in need[name]}
+    v = {k: _coordinate(shape[k], k, where) for k in need[name]}
     if name == "rect":
         x, y, w, h = v["x"], v["y"], v["width"], v["height"]
         return [x, y, x + w, y, x + w, y + h, x, y + h]
     if name == "circle":
         return _ellipse(v["cx"], v["cy"], v["r"], v["r"])
-    return _ellipse(v["cx"], v["cy"], v["rx"], v["ry"], _number(shape.get("theta", 0.0), "theta", where))
+    return _ellipse(v["cx"], v["cy"], v["rx"], v["ry"], _coordinate(shape.get("theta", 0.0), "theta", where))
 
 
 def _polygon_area(poly: list[float]) -> float:
@@ -231,3 +219,8 @@ def via_to_coco(
     write_json(coco, out_json)
     logger.info("%s: %d images, %d instances -> %s", via_json, len(images), len(annotations), out_json)
     return coco
+
+
+def _coordinate(value: Any, key: str, where: str) -> float:
+    """A finite coordinate from a JSON number or numeric string; anything else raises."""
+    return number(value, where, f"{key} value")
