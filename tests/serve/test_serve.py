@@ -22,8 +22,9 @@ from pycocotools import mask as mask_util
 from scipy.ndimage import binary_fill_holes
 
 from maskrcnn.cli import main
+from maskrcnn.inference.options import PredictOptions
 from maskrcnn.serve.app import ServeOptions, create_app
-from maskrcnn.serve.worker import BatchWorker, RequestOptions
+from maskrcnn.serve.worker import BatchWorker
 from maskrcnn.weights.checkpoint import load
 
 from .helpers import RunningServer
@@ -249,9 +250,9 @@ class _GatedModel:
         self.gate = threading.Event()
         self.calls: list[tuple[int, float | None]] = []
 
-    def predict(self, images, batch_size, score_thresh, precision, tile, tile_overlap):
+    def predict(self, images, **options):  # PredictOptions' fields, as model.predict takes them
         self.gate.wait(10)
-        self.calls.append((len(images), score_thresh))
+        self.calls.append((len(images), options["score_thresh"]))
         return [f"result {int(im[0, 0, 0])}" for im in images]
 
 
@@ -262,9 +263,9 @@ def test_the_worker_skips_cancelled_jobs_and_batches_by_options():
     def image(v):
         return np.full((4, 4, 3), v, np.uint8)
 
-    first = worker.submit(image(0), RequestOptions())  # the worker takes it and waits at the gate
+    first = worker.submit(image(0), PredictOptions())  # the worker takes it and waits at the gate
     time.sleep(0.2)
-    jobs = [worker.submit(image(v), RequestOptions(score_thresh=0.5 if v % 2 else None)) for v in range(1, 6)]
+    jobs = [worker.submit(image(v), PredictOptions(score_thresh=0.5 if v % 2 else None)) for v in range(1, 6)]
     assert jobs[1].cancel()  # its client went away while it was queued
     model.gate.set()
     assert first.result(10) == "result 0"
@@ -285,10 +286,10 @@ def test_a_failing_model_answers_every_waiting_job_and_the_worker_lives():
             return ["ok"] * len(images)
 
     worker = BatchWorker(Broken(), max_batch=2)
-    failed: Future = worker.submit(np.zeros((2, 2, 3), np.uint8), RequestOptions())
+    failed: Future = worker.submit(np.zeros((2, 2, 3), np.uint8), PredictOptions())
     with pytest.raises(RuntimeError, match="out of memory"):
         failed.result(10)
-    assert worker.submit(np.zeros((2, 2, 3), np.uint8), RequestOptions()).result(10) == "ok"
+    assert worker.submit(np.zeros((2, 2, 3), np.uint8), PredictOptions()).result(10) == "ok"
     worker.close()
 
 

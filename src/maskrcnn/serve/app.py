@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from .worker import BatchWorker, RequestOptions
+from ..inference.options import PredictOptions
+from .worker import BatchWorker
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,9 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
             del body
             image = await run_in_threadpool(decode_image, data, options.max_pixels)
             del data
-            future = worker.submit(image, RequestOptions(score_thresh, tile, tile_overlap))
+            future = worker.submit(
+                image, PredictOptions(score_thresh=score_thresh, tile=tile, tile_overlap=tile_overlap)
+            )
             del image
             waiting = asyncio.wrap_future(future)
             while not (await asyncio.wait({waiting}, timeout=0.25))[0]:

@@ -10,6 +10,7 @@ whose client has gone away is cancelled in the queue and never runs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -19,24 +20,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..inference.options import PredictOptions
 from ..inference.results import Result
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RequestOptions:
-    """What one request may set; requests batch together only when these agree."""
-
-    score_thresh: float | None = None  # keep detections scoring at least this (None: the model's)
-    tile: int | None = None  # tile size in pixels for large images (None: whole image)
-    tile_overlap: float = 0.2  # fraction of a tile that neighbours share
-
-
 @dataclass
 class Job:
     image: np.ndarray  # (H, W, 3) uint8 RGB
-    options: RequestOptions
+    options: PredictOptions  # what the request set; requests batch together only when these agree
     future: Future
 
 
@@ -54,7 +47,7 @@ class BatchWorker:
         self._thread = threading.Thread(target=self._loop, name="maskrcnn-serve-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, image: np.ndarray, options: RequestOptions) -> Future:
+    def submit(self, image: np.ndarray, options: PredictOptions) -> Future:
         future: Future = Future()
         self.jobs.put(Job(image, options, future))
         return future
@@ -87,22 +80,16 @@ class BatchWorker:
                 break
             batch, stop = self._collect(first)
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]  # client gone: skipped
-            groups: dict[RequestOptions, list[Job]] = {}
+            groups: dict[PredictOptions, list[Job]] = {}
             for job in live:
                 groups.setdefault(job.options, []).append(job)
             for options, jobs in groups.items():
                 self._run(options, jobs)
 
-    def _run(self, options: RequestOptions, jobs: list[Job]) -> None:
+    def _run(self, options: PredictOptions, jobs: list[Job]) -> None:
         try:
-            results: list[Result] = self.model.predict(
-                [job.image for job in jobs],
-                batch_size=len(jobs),
-                score_thresh=options.score_thresh,
-                precision=self.precision,
-                tile=options.tile,
-                tile_overlap=options.tile_overlap,
-            )
+            run = options.replace(batch_size=len(jobs), precision=self.precision)
+            results: list[Result] = self.model.predict([job.image for job in jobs], **dataclasses.asdict(run))
         except Exception as e:  # noqa: BLE001  never let the worker die: every waiting client gets the error
             log.exception("prediction failed")
             for job in jobs:
