@@ -12,8 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/cache/huggingface
 
 WORKDIR /app
-# Dependencies first, so that a change to the code does not reinstall torch.
-COPY pyproject.toml constraints.txt README.md ./
+# torch first, in a layer of its own, so that a change to the code does not download it again.
+COPY constraints.txt ./
+RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu torch
+COPY pyproject.toml README.md ./
 COPY src ./src
 RUN pip install -c constraints.txt --extra-index-url https://download.pytorch.org/whl/cpu ".[serve,hub]" \
     && useradd --create-home --uid 10001 maskrcnn \

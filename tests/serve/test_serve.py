@@ -179,6 +179,9 @@ def _temp_files() -> set[str]:
         ("bad_threshold", 422, "score_thresh"),
         ("bad_tile", 422, "tile"),
         ("bad_flag", 422, "polygons"),  # FastAPI's own type check: one line too (a breaker found a list)
+        ("negative_image_id", 422, "image_id"),
+        ("huge_image_id", 422, "image_id"),
+        ("misspelt_option", 422, "unknown query parameter score_threshold"),
     ],
 )
 def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, words):
@@ -213,6 +216,12 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, wor
         r = _post(url, png, {"score_thresh": 1.5})
     elif case == "bad_flag":
         r = _post(url, png, {"polygons": "maybe"})
+    elif case == "negative_image_id":
+        r = _post(url, png, {"image_id": -1})
+    elif case == "huge_image_id":  # past 2**53 - 1 a JavaScript client reads another id
+        r = _post(url, png, {"image_id": 2**53})
+    elif case == "misspelt_option":
+        r = _post(url, png, {"score_threshold": 0.9})
     else:
         r = _post(url, png, {"tile": 3})
     assert r.status_code == status, r.text

@@ -136,6 +136,15 @@ async def image_bytes(request: Any, body: bytes) -> tuple[bytes, str]:
     )
 
 
+# The query parameters of POST /predict: the route's own, and filename (the raw-body upload's name).
+PREDICT_PARAMS = frozenset(
+    ("score_thresh", "tile", "tile_overlap", "polygons", "tolerance", "overlay", "image_id", "filename")
+)
+# COCO ids are non-negative; the web page and other JavaScript clients read them as doubles,
+# which hold integers exactly up to 2**53 - 1.
+MAX_IMAGE_ID = 2**53 - 1
+
+
 def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str = "") -> Any:
     """The FastAPI application serving ``model``; its worker thread starts now and stops with the app."""
     try:
@@ -211,8 +220,13 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
         polygons: bool = Query(False, description="add each mask's outline as COCO polygons"),
         tolerance: float = Query(1.0, ge=0.0, description="polygon simplification, in pixels"),
         overlay: bool = Query(False, description="add the drawn detections as a base64 PNG"),
-        image_id: int = Query(1, description="image_id of the COCO entries"),
+        image_id: int = Query(1, ge=0, le=MAX_IMAGE_ID, description="image_id of the COCO entries"),
     ) -> Any:
+        unknown = sorted(set(request.query_params) - PREDICT_PARAMS)
+        if unknown:  # a misspelt option (score_threshold=0.9) would otherwise be ignored without a word
+            raise Rejected(
+                422, f"unknown query parameter {', '.join(unknown)}: known are {', '.join(sorted(PREDICT_PARAMS))}"
+            )
         try:
             check_options(tile, tile_overlap, False)
         except ValueError as e:
