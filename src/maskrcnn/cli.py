@@ -141,9 +141,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         coco = dsb_to_coco(args.source, args.out, category_name=args.category or "nucleus")
     else:
         coco = convert_tool(args)
+    skipped = coco.get("info", {}).get("not_converted", [])
     print(
         f"{len(coco['images'])} images, {len(coco['annotations'])} instances, "
         f"{len(coco['categories'])} categories -> {args.out}"
+        + (f"; {len(skipped)} not converted (named above, all in its info.not_converted)" if skipped else "")
     )
     return 0
 
@@ -159,7 +161,7 @@ def convert_tool(args: argparse.Namespace) -> dict:
     if args.format == "cvat":
         return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root)
     if args.format == "labelstudio":
-        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key)
+        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key, args.predictions)
     coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root)
     print(f"file names are relative to {root}: train with data.train_images={root}")
     return coco
@@ -374,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--worst",
         type=non_negative_int,
         default=6,
-        help="with --out: draw this many images with the most missed or false objects (default 6)",
+        help="with --out: draw this many images with the most missed or false objects (default 6; 0: none)",
     )
     e.add_argument(
         "--skip-bad-images",
@@ -419,12 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--images",
         default=None,
-        help="via, cvat, labelstudio: folder holding the images named in the file; "
+        help="via, cvat: folder holding the images named in the file; labelstudio: the local-files "
+        "document root or a folder below it on the images' paths; "
         "labelme: folder file names are relative to (default: the LabelMe folder)",
     )
     c.add_argument("--split", default="train", help="yolo: the data.yaml split to convert (default train)")
     c.add_argument(
         "--image-key", default="image", help="labelstudio: the task data key of the image URL (default image)"
+    )
+    c.add_argument(
+        "--predictions",
+        action="store_true",
+        help="labelstudio: convert a task that has no annotation from its predictions (pre-annotations "
+        "nobody accepted); without it such tasks are named and left out",
     )
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")

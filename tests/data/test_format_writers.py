@@ -1,6 +1,7 @@
-"""Pre-annotation writers (``predict --export labelme|yolo|cvat``): the files, parsed here as
-each tool documents them and filled with pycocotools, give the predicted masks back; a file
-the user edited is never replaced."""
+"""Pre-annotation writers (``predict --export labelme|yolo|cvat|labelstudio``): the files, parsed
+here as each tool documents them and filled with matplotlib, give the predicted masks back; a
+file the user edited is never replaced. (``test_format_round_trips`` reads them back with our
+readers.)"""
 
 from __future__ import annotations
 
@@ -85,15 +86,19 @@ def test_yolo_labels_give_the_masks_back(result: Result, tmp_path: Path) -> None
     writer = YoloWriter(tmp_path / "out", tolerance=0.5)
     writer.add(1, "p1", Path(result.path), result)
     writer.close()
-    lines = (tmp_path / "out" / "yolo" / "labels" / "p1.txt").read_text().splitlines()
+    ds = tmp_path / "out" / "yolo"
+    lines = (ds / "labels" / "p1.txt").read_text().splitlines()
     polys: dict[int, list[list[float]]] = {}
     for line in lines:
         cls, *xy = line.split()
         polys.setdefault(int(cls), []).append([float(v) * (W if i % 2 == 0 else H) for i, v in enumerate(xy)])
-    assert sorted(polys) == [0, 1] and len(polys[1]) == 2  # category c -> class c - 1
+    assert sorted(polys) == [0, 1] and len(polys[1]) == 1  # category c -> class c - 1; one line per object
     masks = result.masks
-    assert iou(fill(polys[0]), masks[0]) >= 0.98 and iou(fill(polys[1]), masks[1]) >= 0.98
-    assert yaml.safe_load((tmp_path / "out" / "yolo" / "data.yaml").read_text())["names"] == {0: "leaf", 1: "bug"}
+    assert iou(fill(polys[0]), masks[0]) >= 0.98 and iou(fill(polys[1]), masks[1]) >= 0.98  # the two parts
+    data = yaml.safe_load((ds / "data.yaml").read_text())
+    assert data["names"] == {0: "leaf", 1: "bug"} and (data["train"], data["val"]) == ("images", "images")
+    assert Path(data["path"]) == ds.resolve()  # Ultralytics takes a relative path from the current folder
+    assert (ds / "images" / "p1.png").read_bytes() == Path(result.path).read_bytes()  # images/ beside labels/
 
 
 def test_cvat_xml_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
@@ -112,32 +117,48 @@ def test_cvat_xml_gives_the_masks_back(result: Result, tmp_path: Path) -> None:
         )
     masks = result.masks
     assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
+    groups = [p.get("group_id") for p in image.iterfind("polygon")]
+    assert groups == [None, "1", "1"]  # the two parts of 'bug' are one CVAT group
     coco = cvat_to_coco(tmp_path / "out" / "cvat" / "annotations.xml", tmp_path / "photos", tmp_path / "back.json")
-    assert len(coco["annotations"]) == 3  # one per polygon: CVAT has no multi-part polygons
+    assert [len(a["segmentation"]) for a in coco["annotations"]] == [1, 2]  # the group is one instance
+
+
+def test_cvat_names_are_unique_relative_paths(result: Result, tmp_path: Path) -> None:
+    """Found by review: two images of one base name in different folders had the same <image
+    name>, so CVAT (and our reader) could not tell them apart."""
+    photos = tmp_path / "photos"
+    for sub in ("a", "b/c"):
+        (photos / sub).mkdir(parents=True)
+        Image.new("RGB", (W, H)).save(photos / sub / "x.png")
+    writer = CvatWriter(tmp_path / "out")
+    for k, sub in enumerate(("a", "b/c")):
+        writer.add(k + 1, f"x_{k}", photos / sub / "x.png", result)
+    writer.close()
+    root = ET.parse(tmp_path / "out" / "cvat" / "annotations.xml").getroot()
+    assert [im.get("name") for im in root.iterfind("image")] == ["a/x.png", "b/c/x.png"]
+    coco = cvat_to_coco(tmp_path / "out" / "cvat" / "annotations.xml", photos, tmp_path / "back.json")
+    assert [im["file_name"] for im in coco["images"]] == ["a/x.png", "b/c/x.png"]
 
 
 def test_labelstudio_tasks_give_the_masks_back(result: Result, tmp_path: Path) -> None:
+    from tests.data.test_formats import brush_rle  # Label Studio's brush code, written from its spec
+
     writer = LabelStudioWriter(tmp_path / "out", document_root=tmp_path, tolerance=0.5)
     writer.add(5, "p1", Path(result.path), result)
     writer.close()
     (task,) = json.loads((tmp_path / "out" / "labelstudio" / "tasks.json").read_text())
     assert task["data"]["image"] == "/data/local-files/?d=photos/p1.png"
     (prediction,) = task["predictions"]
-    polys: dict[str, list[list[float]]] = {}
-    for r in prediction["result"]:
-        assert (r["type"], r["from_name"], r["to_name"], r["original_width"], r["original_height"]) == (
-            "polygonlabels",
-            "label",
-            "image",
-            W,
-            H,
-        )
-        (label,) = r["value"]["polygonlabels"]
-        polys.setdefault(label, []).append(
-            [v * (W if i % 2 == 0 else H) / 100 for p in r["value"]["points"] for i, v in enumerate(p)]
-        )
+    leaf, bug = prediction["result"]
+    for r in (leaf, bug):
+        assert (r["to_name"], r["original_width"], r["original_height"]) == ("image", W, H)
+    # one part: a polygon; two parts: one brush region (a Label Studio polygon has one ring)
+    assert (leaf["type"], leaf["from_name"], leaf["value"]["polygonlabels"]) == ("polygonlabels", "label", ["leaf"])
+    assert (bug["type"], bug["from_name"], bug["value"]["brushlabels"]) == ("brushlabels", "brush", ["bug"])
+    poly = [v * (W if i % 2 == 0 else H) / 100 for p in leaf["value"]["points"] for i, v in enumerate(p)]
     masks = result.masks
-    assert iou(fill(polys["leaf"]), masks[0]) >= 0.98 and iou(fill(polys["bug"]), masks[1]) >= 0.98
+    assert iou(fill([poly]), masks[0]) >= 0.98
+    assert bug["value"]["format"] == "rle" and bug["value"]["rle"] == brush_rle(masks[1])
     assert prediction["score"] == pytest.approx(0.75)
 
 
@@ -171,6 +192,7 @@ def test_predict_export_end_to_end_and_edited_files_are_kept(
     for f in (
         "labelme/p1.json",
         "yolo/labels/p1.txt",
+        "yolo/images/p1.png",
         "yolo/data.yaml",
         "cvat/annotations.xml",
         "labelstudio/tasks.json",
@@ -180,19 +202,21 @@ def test_predict_export_end_to_end_and_edited_files_are_kept(
     edited.write_text(edited.read_text().replace('"flags": {}', '"flags": {"checked": true}', 1))
     before = edited.read_text()
     assert main(args) == 2
-    assert "p1.json exists and is not an unchanged file of an earlier maskrcnn export" in capsys.readouterr().err
+    assert (
+        "p1.json exists and is not an unchanged file of an earlier maskrcnn predict --export" in capsys.readouterr().err
+    )
     assert edited.read_text() == before
 
 
 def test_a_rerun_replaces_its_own_unchanged_files(result: Result, tmp_path: Path) -> None:
     for _ in range(2):
         writer = YoloWriter(tmp_path / "out")
-        writer.check(["p1"])
+        writer.check({"p1": Path(result.path)})
         writer.add(1, "p1", Path(result.path), result)
         writer.close()
     (tmp_path / "out" / "yolo" / "data.yaml").write_text("names: [mine]\n")
     with pytest.raises(ValueError, match="data.yaml exists and is not an unchanged file"):
-        YoloWriter(tmp_path / "out").check(["p1"])
+        YoloWriter(tmp_path / "out").check({"p1": Path(result.path)})
 
 
 def test_export_without_an_image_is_a_usage_error(tiny_ckpt, tmp_path, capsys):

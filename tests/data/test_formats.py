@@ -321,6 +321,123 @@ def test_yolo_errors_name_file_and_line(tmp_path: Path) -> None:
         yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json", split="val")
 
 
+# ---- what cannot be converted is named, counted, and the conversion goes on ---------------------
+# Found by review: an unknown shape type stopped the conversion, and a YOLO label file without
+# an image was passed over in silence.
+
+
+def not_converted(source: Path, out: Path, capsys: pytest.CaptureFixture, caplog, *extra: str) -> list[str]:
+    """Run ``maskrcnn convert`` (exit 0); the output's count of things not converted must be the
+    length of the file's full list, which is returned."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["convert", *extra, "--out", str(out)]) == 0
+    listed = json.loads(out.read_text())["info"]["not_converted"]
+    assert f"; {len(listed)} not converted" in capsys.readouterr().out
+    assert f"{len(listed)} not converted (" in caplog.text  # the warning: a count per reason
+    return listed
+
+
+def test_labelme_names_shapes_it_cannot_convert(tmp_path: Path, capsys, caplog) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    tri = [[1, 1], [9, 1], [9, 9]]
+    shapes = [
+        {"label": "x", "points": tri, "shape_type": "polygon"},
+        {"label": "x", "points": tri, "shape_type": "linestrip"},
+        {"label": "x", "points": [[1, 1]], "shape_type": "point"},
+        {"label": "x", "points": tri, "shape_type": "cuboid"},  # no such LabelMe shape
+        {"label": "x", "points": tri, "shape_type": "circle"},  # a circle takes 2 points
+        {"label": "x", "points": tri, "shape_type": "polygon"},
+    ]
+    (tmp_path / "a.json").write_text(
+        json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40})
+    )
+    (tmp_path / "config.json").write_text("{}")  # another JSON in the folder
+    listed = not_converted(tmp_path, tmp_path / "out" / "t.json", capsys, caplog, "labelme", str(tmp_path))
+    assert len(json.loads((tmp_path / "out" / "t.json").read_text())["annotations"]) == 2
+    assert [x.rsplit(": ", 1)[1] for x in listed] == [
+        "a linestrip has no area",
+        "a point has no area",
+        "shape_type 'cuboid' is not one of polygon, rectangle, circle, mask, point, line, linestrip, points",
+        "a circle with a wrong number of points",
+        "not a LabelMe file (no 'shapes' and 'imagePath')",
+    ]
+    assert "a.json shape 3: shape_type 'cuboid'" in caplog.text and "config.json: not a LabelMe file" in caplog.text
+
+
+def test_cvat_names_shapes_it_cannot_convert(tmp_path: Path, capsys, caplog) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    (tmp_path / "a.xml").write_text(
+        '<annotations><image id="3" name="a.png" width="40" height="30">'
+        '<polygon label="x" points="1,1;9,1;9,9"/><points label="x" points="1,1"/>'
+        '<polyline label="x" points="1,1;5,5"/><polyline label="x" points="2,2;5,5"/>'
+        '<cuboid label="x" xtl1="1" ytl1="1"/><polygon3d label="x" points="1,1;9,1;9,9"/>'
+        '<box label="x" xtl="1" ytl="1" xbr="5" ybr="5"/></image></annotations>'
+    )
+    args = ("cvat", str(tmp_path / "a.xml"), "--images", str(tmp_path))
+    listed = not_converted(tmp_path, tmp_path / "t.json", capsys, caplog, *args)
+    assert len(json.loads((tmp_path / "t.json").read_text())["annotations"]) == 2
+    assert [x.split("<", 1)[1] for x in listed] == [
+        "points>: a points has no area",
+        "polyline>: a polyline has no area",
+        "polyline>: a polyline has no area",
+        "cuboid>: a cuboid has no area",
+        "polygon3d>: <polygon3d> is not one of polygon, box, ellipse, mask, polyline, points, cuboid, skeleton, tag",
+    ]
+    assert "a polyline has no area: 2" in caplog.text  # counted per reason
+
+
+def test_labelstudio_names_results_and_tasks_it_cannot_convert(tmp_path: Path, capsys, caplog) -> None:
+    from PIL import Image
+
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (40, 30)).save(tmp_path / f"{name}.png")
+    size = {"original_width": 40, "original_height": 30}
+    poly = {**size, "type": "polygonlabels", "value": {"points": [[5, 5], [50, 5], [50, 50]], "polygonlabels": ["x"]}}
+    keypoint = {**size, "type": "keypointlabels", "value": {"x": 5, "y": 5, "keypointlabels": ["x"]}}
+    tasks = [
+        {"id": 1, "data": {"image": "a.png"}, "annotations": [{"result": [poly, keypoint]}]},
+        {"id": 2, "data": {"image": "b.png"}, "predictions": [{"result": [poly]}]},  # nobody accepted it
+        {"id": 3, "data": {"image": "c.png"}, "annotations": [{"result": [poly], "was_cancelled": True}]},
+        {"id": 4, "data": {"image": "d.png"}, "annotations": [], "predictions": []},
+    ]
+    (tmp_path / "e.json").write_text(json.dumps(tasks))
+    args = ("labelstudio", str(tmp_path / "e.json"), "--images", str(tmp_path))
+    listed = not_converted(tmp_path, tmp_path / "t.json", capsys, caplog, *args)
+    assert [im["id"] for im in json.loads((tmp_path / "t.json").read_text())["images"]] == [1]
+    assert [x.split(": task ", 1)[1] for x in listed] == [
+        "1 result 1: a keypointlabels result is not an area",
+        "2: only predictions, no annotation (--predictions converts them)",
+        "3: every annotation was cancelled (skipped in Label Studio)",
+        "4: no annotation",
+    ]
+    listed = not_converted(tmp_path, tmp_path / "t2.json", capsys, caplog, *args, "--predictions")
+    assert [im["id"] for im in json.loads((tmp_path / "t2.json").read_text())["images"]] == [1, 2]
+    assert len(listed) == 3
+
+
+def test_yolo_names_label_files_without_an_image(tmp_path: Path, capsys, caplog) -> None:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "train" / "a.png")
+    line = "0 0.1 0.1 0.5 0.1 0.5 0.5\n"
+    for name in ("train/a.txt", "train/b.txt", "train/sub/c.txt", "val/d.txt"):  # b, c: no image
+        (tmp_path / "labels" / name).write_text(line)
+    (tmp_path / "data.yaml").write_text("train: images/train\nval: images/val\nnames: [a]\n")
+    listed = not_converted(tmp_path, tmp_path / "t.json", capsys, caplog, "yolo", str(tmp_path / "data.yaml"))
+    assert listed == [
+        f"{tmp_path / 'labels/train/b.txt'}: a label file that no train image has",
+        f"{tmp_path / 'labels/train/sub/c.txt'}: a label file that no train image has",
+    ]  # val's labels are not train's business
+
+
 # ---- checks shared by all readers, and the command line -----------------------------------------
 
 
@@ -386,7 +503,8 @@ def test_an_edited_converted_file_is_never_replaced_and_empty_shapes_are_named(t
     assert [a["bbox"] for a in written["annotations"]] == [
         [float(v) for v in mask_util.toBbox(mask_util.merge(triangle))]
     ]
-    assert caplog.text.count("no pixel inside the image") == 2
+    assert "no pixel inside the image: 2" in caplog.text  # counted, and each named by file and shape
+    assert "a.json shape 1: no pixel inside" in caplog.text and "a.json shape 2: no pixel inside" in caplog.text
     assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 0  # unchanged: replaced
     edited = json.loads(out.read_text())
     edited["categories"][0]["name"] = "renamed by hand"

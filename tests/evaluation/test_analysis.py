@@ -147,8 +147,10 @@ def test_report_pictures(tmp_path: Path) -> None:
     with Image.open(paths[1]) as im:
         assert im.width > 2 * S  # two panels side by side
     (tmp_path / "out" / "analysis" / "confusion_matrix.png").write_bytes(b"mine")
-    with pytest.raises(ValueError, match="confusion_matrix.png exists and is not an unchanged file"):
+    with pytest.raises(ValueError, match="confusion_matrix.png exists and is not an unchanged file") as refusal:
         write_report(tmp_path / "out", a, gt_coco(), DETS, tmp_path)
+    # found by review: the refusal spoke of an "export" (the pre-annotations' wording)
+    assert "earlier maskrcnn evaluate report" in str(refusal.value) and "export" not in str(refusal.value)
 
 
 def test_evaluate_cli_matrix_agrees_with_its_files(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -186,6 +188,18 @@ def test_evaluate_cli_matrix_agrees_with_its_files(tmp_path: Path, capsys: pytes
         assert matrix[k].sum() == sum(a["category_id"] == c and not a.get("iscrowd") for a in gt["annotations"])
         assert matrix[:, k].sum() == sum(e["category_id"] == c for e in results)
     assert (out / "analysis" / "confusion_matrix.png").is_file()
+
+
+def test_evaluate_worst_0_draws_no_worst_images_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Found by review: ``--worst 0`` drew nothing but said it wrote analysis/worst/."""
+    from tests.helpers import tiny_eval_set
+
+    split, weights = tiny_eval_set(tmp_path)
+    args = ["evaluate", "--weights", str(weights), "--data", str(split.ann_file), "--images", str(split.image_dir)]
+    assert main([*args, "--out", str(tmp_path / "eval"), "--quiet", "--report-score", "0.0", "--worst", "0"]) == 0
+    assert "analysis/confusion_matrix.png -> " in capsys.readouterr().out
+    assert (tmp_path / "eval" / "analysis" / "confusion_matrix.png").is_file()
+    assert not (tmp_path / "eval" / "analysis" / "worst").exists()
 
 
 def test_pr_curves_hand_computed_and_agree_with_the_operating_point() -> None:

@@ -59,6 +59,8 @@ def evaluate_files(
     """
     if not 0.0 <= report_score <= 1.0:
         raise ValueError(f"--report-score is a score in [0, 1], got {report_score}")
+    if worst < 0:
+        raise ValueError(f"--worst is a number of images (0: none), got {worst}")
     if out:  # before any work: never an input, never a user's own file, and writable
         check_evaluate_out(Path(out), [Path(data), Path(weights)])
         check_report_out(Path(out))
@@ -110,8 +112,9 @@ def evaluate_files(
     if out:
         write_coco_results(entries, Path(out) / "results.json")
         write_json(metrics, Path(out) / "metrics.json", indent=1)
-        write_report(Path(out), analysis, gt.coco, entries, Path(images), worst=worst)
-        print(f"results.json, metrics.json, analysis/confusion_matrix.png and analysis/worst/ -> {out}/")
+        drawn = len(write_report(Path(out), analysis, gt.coco, entries, Path(images), worst=worst)) - 1
+        worst_files = f" and analysis/worst/ ({drawn} images)" if drawn else ""
+        print(f"results.json, metrics.json, analysis/confusion_matrix.png{worst_files} -> {out}/")
     return metrics
 
 

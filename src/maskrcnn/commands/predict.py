@@ -133,8 +133,9 @@ def predict_files(
     video_files = [out / f"{n}{ext}" for n in names for ext in (".mp4", ".jsonl")]
     video_files += [out / f"{n}.tracks.json" for n in names] if outputs.tracking else []
     results = PredictionFiles(out).paths() if images else []
-    exporters = export_writers(outputs.export, out, [o.stem for o in overlays])
-    exported = [p for w in exporters for p in w.targets([o.stem for o in overlays])]
+    named = {o.stem: p for o, p in zip(overlays, images)}  # unique output name -> image
+    exporters = export_writers(outputs.export, out, named)
+    exported = [p for w in exporters for p in w.targets(named)]
     exported += refuse_replacing_writers_files(writers, [o.stem for o in overlays])  # type: ignore[arg-type]
     # Before any work: no output replaces an input, or a file that predict did not write.
     refuse_overwriting_inputs(paths, [*overlays, *results, *video_files, *exported])
@@ -198,9 +199,6 @@ class OutputWriter(Protocol):
     """One more output of ``predict`` per image (pre-annotations for a tool, label images,
     GeoJSON, ...), beside the COCO results files."""
 
-    def targets(self, names: list[str]) -> list[Path]:
-        """The files it will write for these image names (checked before any work)."""
-
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         """One finished image; ``name`` is its unique output stem."""
 
@@ -208,15 +206,25 @@ class OutputWriter(Protocol):
         """Whatever is written once at the end, atomically."""
 
 
-def export_writers(formats: Sequence[str], out: Path, names: list[str]) -> list[OutputWriter]:
+class Exporter(OutputWriter, Protocol):
+    """An ``--export`` writer: pre-annotations for one annotation tool (``data.formats``)."""
+
+    def targets(self, images: dict[str, Path]) -> list[Path]:
+        """The files it will write for these images (unique output name -> image file)."""
+
+    def check(self, images: dict[str, Path]) -> None:
+        """ValueError, before any work, if it would replace a file the user edited."""
+
+
+def export_writers(formats: Sequence[str], out: Path, images: dict[str, Path]) -> list[Exporter]:
     """``--export``: one pre-annotation writer per tool (``data.formats``), each checked before any
-    work not to replace a file the user edited."""
+    work not to replace a file the user edited. ``images``: unique output name -> image file."""
     from ..data.formats import CvatWriter, LabelMeWriter, LabelStudioWriter, YoloWriter
 
     kinds = {"labelme": LabelMeWriter, "yolo": YoloWriter, "cvat": CvatWriter, "labelstudio": LabelStudioWriter}
     writers = [kinds[f](out) for f in dict.fromkeys(formats)]
     for w in writers:
-        w.check(names)
+        w.check(images)
     return writers
 
 

@@ -295,7 +295,7 @@ def check_report_out(out: Path) -> None:
     unchanged (its PNGs are replaced by a rerun, a user's own files never)."""
     from ..data.formats.common import ExportFolder
 
-    folder = ExportFolder(Path(out) / "analysis")
+    folder = ExportFolder(Path(out) / "analysis", "maskrcnn evaluate report")
     if folder.root.is_dir():
         folder.check([p for p in folder.root.rglob("*") if p.is_file() and p.name != ExportFolder.MANIFEST])
 
@@ -304,11 +304,12 @@ def write_report(
     out: Path, analysis: ErrorAnalysis, coco_gt: COCO, entries: list[dict], image_dir: Path, worst: int = 6
 ) -> list[Path]:
     """``out/analysis/confusion_matrix.png`` and ``out/analysis/worst/<rank>_<name>.png`` for the
-    ``worst`` images with the most errors. Files a user changed are not replaced. Returns the paths."""
+    ``worst`` images with the most errors (0: none). Files a user changed are not replaced.
+    Returns the paths, the confusion matrix first."""
     from ..data.formats.common import ExportFolder
     from ..data.images import load_rgb
 
-    folder = ExportFolder(Path(out) / "analysis")
+    folder = ExportFolder(Path(out) / "analysis", "maskrcnn evaluate report")
     ids = analysis.worst(worst)
     pngs = {folder.root / "confusion_matrix.png": None}
     for rank, i in enumerate(ids, 1):

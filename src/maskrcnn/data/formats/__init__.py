@@ -2,8 +2,9 @@
 
 One module per tool: ``labelme`` (LabelMe JSON folders), ``cvat`` (CVAT for images 1.1 XML),
 ``labelstudio`` (Label Studio JSON export and tasks with predictions) and ``yolo`` (YOLO segmentation txt
-with its ``data.yaml``). Readers name every shape they cannot convert and check what they write
-with ``read_coco``; writers never replace a file the user edited (``common.ExportFolder``).
+with its ``data.yaml``). Readers name every thing they cannot convert and go on, and check what
+they write with ``read_coco``; writers never replace a file the user edited (``common.ExportFolder``),
+and what they write comes back through the readers as the same instances.
 """
 
 from __future__ import annotations

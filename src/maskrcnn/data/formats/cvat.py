@@ -6,8 +6,10 @@ then one ``<image id name width height>`` per image holding its shapes:
 ``<polygon label points="x0,y0;x1,y1;...">``, ``<box label xtl ytl xbr ybr rotation>`` (degrees,
 clockwise about the centre), ``<ellipse label cx cy rx ry rotation>`` and
 ``<mask label rle left top width height>``: the pixels of the box ``left, top, width x height``
-in row-major order as alternating run lengths, the first run of zeros. ``polyline``, ``points``,
-``cuboid``, ``skeleton`` and ``tag`` have no area and are named as not converted.
+in row-major order as alternating run lengths, the first run of zeros. Shapes of one label that
+share a ``group_id`` (not 0; CVAT's "Group") are one instance, the union of their parts, as
+CVAT's own COCO export makes them. ``polyline``, ``points``, ``cuboid``, ``skeleton`` and ``tag``
+have no area; they and elements of any other kind are named as not converted.
 
 CVAT's image ids are kept, so ids match the task's frame numbers in both directions.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from .common import (
+    EXPORT_TOLERANCE,
     CocoBuilder,
     ExportFolder,
     detection_rings,
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NO_AREA = ("polyline", "points", "cuboid", "skeleton", "tag")
+AREA = ("polygon", "box", "ellipse", "mask")
 
 
 def decode_cvat_rle(counts: list[int], width: int, height: int) -> np.ndarray:
@@ -127,73 +132,89 @@ def cvat_to_coco(
             raise DatasetError(f"{where}: image id must be an integer") from None
         w, h = (int(_attr(el, k, where)) for k in ("width", "height"))
         image = builder.add_image(el.attrib["name"], w, h, where, image_id=image_id)
+        groups: dict[tuple[Any, str], list[tuple[str, list[float] | np.ndarray]]] = {}
         for k, shape in enumerate(el):
             swhere = f"{where} shape {k} <{shape.tag}>"
             label = shape.attrib.get("label", "").strip()
             if shape.tag in NO_AREA:
                 builder.skip(swhere, f"a {shape.tag} has no area")
                 continue
-            if shape.tag not in ("polygon", "box", "ellipse", "mask"):
-                raise DatasetError(
-                    f"{swhere}: unknown shape; expected polygon, box, ellipse, mask or {', '.join(NO_AREA)}"
-                )
+            if shape.tag not in AREA:
+                builder.skip(swhere, f"<{shape.tag}> is not one of {', '.join(AREA + NO_AREA)}")
+                continue
             if not label:
                 raise DatasetError(f"{swhere}: shape has no 'label'")
-            if shape.tag == "mask":
-                builder.add_mask(image, label, _mask(shape, h, w, swhere), swhere)
-            else:
-                builder.add_polygons(image, label, [_polygon(shape, swhere)], swhere)
+            part = _mask(shape, h, w, swhere) if shape.tag == "mask" else _polygon(shape, swhere)
+            group = shape.attrib.get("group_id", "0").strip()
+            groups.setdefault((k if group in ("", "0") else ("g", group), label), []).append((swhere, part))
+        for (_, label), parts in groups.items():
+            builder.add_parts(image, label, [p for _, p in parts], parts[0][0])
     if not builder.images:
         raise DatasetError(f"{xml_file}: no <image> elements")
     return builder.write(out_json, "CVAT", labels)
 
 
 class CvatWriter:
-    """Predictions as ``out/cvat/annotations.xml`` (CVAT for images 1.1), one ``<polygon>`` per
-    mask part, written at ``close``. Upload it to the task made from the same images ("Upload
-    annotations", format "CVAT 1.1"); images are matched by file name, so ``name`` is the
-    image's file name. Scores are not written: an attribute the task's labels do not declare
-    would make CVAT refuse the file.
+    """Predictions as ``out/cvat/annotations.xml`` (CVAT for images 1.1), written at ``close``:
+    one ``<polygon>`` per mask part, the parts of one mask sharing a ``group_id`` (CVAT shows
+    them as a group; ``cvat_to_coco`` makes them one instance again). Upload it to the task made
+    from the same images ("Upload annotations", format "CVAT 1.1"); CVAT matches images by
+    name, and ``name`` is the image's path relative to the folder holding all the exported
+    images (its base name when they share one folder), so names are unique and the same on
+    every run over those images. Scores are not written: an attribute the task's labels do not
+    declare would make CVAT refuse the file.
 
     Args:
         out: predict's output folder.
         tolerance: polygon simplification in pixels.
     """
 
-    def __init__(self, out: Path, tolerance: float = 1.0) -> None:
-        self.folder = ExportFolder(Path(out) / "cvat")
+    def __init__(self, out: Path, tolerance: float = EXPORT_TOLERANCE) -> None:
+        self.folder = ExportFolder(Path(out) / "cvat", "maskrcnn predict --export")
         self.tolerance = tolerance
-        self.root = ET.Element("annotations")
-        ET.SubElement(self.root, "version").text = "1.1"
         self.labels: list[str] = []
-        self.count = 0
+        self.images: list[tuple[Path, ET.Element]] = []  # absolute path, <image> without its name
+        self.groups = 0
 
-    def targets(self, names: list[str]) -> list[Path]:
+    def targets(self, images: dict[str, Path]) -> list[Path]:
         return [self.folder.root / "annotations.xml"]
 
-    def check(self, names: list[str]) -> None:
-        self.folder.check(self.targets(names))
+    def check(self, images: dict[str, Path]) -> None:
+        self.folder.check(self.targets(images))
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
-        image = ET.SubElement(self.root, "image", id=str(self.count), name=Path(path).name, width=str(w), height=str(h))
-        self.count += 1
+        image = ET.Element("image", id=str(len(self.images)), name="", width=str(w), height=str(h))
         for _, label, _, rings in detection_rings(result, self.tolerance):
             if label not in self.labels:
                 self.labels.append(label)
+            group = {}
+            if len(rings) > 1:  # 0 is CVAT's "no group"
+                self.groups += 1
+                group = {"group_id": str(self.groups)}
             for ring in rings:
                 points = ";".join(f"{x:.2f},{y:.2f}" for x, y in ring)
-                ET.SubElement(image, "polygon", label=label, source="auto", occluded="0", points=points, z_order="0")
+                ET.SubElement(
+                    image, "polygon", label=label, source="auto", occluded="0", points=points, z_order="0", **group
+                )
+        self.images.append((Path(os.path.abspath(path)), image))
 
     def close(self) -> None:
-        meta = ET.Element("meta")
+        root = ET.Element("annotations")
+        ET.SubElement(root, "version").text = "1.1"
+        meta = ET.SubElement(root, "meta")
         labels = ET.SubElement(ET.SubElement(meta, "task"), "labels")
         for name in self.labels:
             label = ET.SubElement(labels, "label")
             ET.SubElement(label, "name").text = name
             ET.SubElement(label, "type").text = "polygon"
-        self.root.insert(1, meta)
-        ET.indent(self.root)
-        data = b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(self.root, encoding="unicode").encode("utf-8")
+        # Names relative to the deepest folder holding every image: base names for one folder,
+        # "a/x.jpg" and "b/x.jpg" where two folders hold an x.jpg (one <image> name each).
+        common = os.path.commonpath([p.parent for p, _ in self.images]) if self.images else ""
+        for path, image in self.images:
+            image.set("name", path.relative_to(common).as_posix())
+            root.append(image)
+        ET.indent(root)
+        data = b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode").encode("utf-8")
         self.folder.write(self.folder.root / "annotations.xml", data)
         self.folder.close()

@@ -9,8 +9,8 @@ coordinates as LabelMe draws them (the pixel-edge frame of COCO polygons).
 Shapes: ``polygon`` (3+ points); ``rectangle`` (two opposite corners); ``circle`` (centre and a
 point on the circle) as a 32-gon; ``mask`` (LabelMe 5.3+: a base64 PNG of the box given by two
 points). Shapes sharing a ``group_id`` and label are one instance (LabelMe's way of drawing an
-object in several parts). ``point``, ``line``, ``linestrip`` and ``points`` have no area and are
-named as not converted.
+object in several parts). ``point``, ``line``, ``linestrip`` and ``points`` have no area; they,
+shapes of another type and JSON files that are not LabelMe's are named as not converted.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from ..coco import read_json, segmentation_to_mask
+from ..coco import read_json
 from ..errors import DatasetError
-from .common import CocoBuilder, ExportFolder, detection_rings, ellipse, number
+from .common import EXPORT_TOLERANCE, CocoBuilder, ExportFolder, detection_rings, ellipse, number
 
 if TYPE_CHECKING:
     from ...inference.results import Result
@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 # The LabelMe file version written: 5.x reads files of any 5.x version.
 LABELME_VERSION = "5.5.0"
 NO_AREA = ("point", "line", "linestrip", "points")
+AREA = ("polygon", "rectangle", "circle", "mask")
 
 
 def _points(shape: dict[str, Any], where: str) -> list[tuple[float, float]]:
@@ -65,7 +66,7 @@ def _mask_shape(shape: dict[str, Any], pts: list[tuple[float, float]], h: int, w
     return full
 
 
-def _polygon(kind: str, pts: list[tuple[float, float]], where: str) -> list[float] | None:
+def _polygon(kind: str, pts: list[tuple[float, float]]) -> list[float] | None:
     if kind == "polygon":
         return [v for p in pts for v in p]
     if kind == "rectangle":
@@ -80,10 +81,7 @@ def _polygon(kind: str, pts: list[tuple[float, float]], where: str) -> list[floa
         (cx, cy), (px, py) = pts
         r = math.hypot(px - cx, py - cy)
         return ellipse(cx, cy, r, r)
-    raise DatasetError(
-        f"{where}: unsupported shape_type {kind!r}; expected polygon, rectangle, circle, mask "
-        f"or one without area ({', '.join(NO_AREA)})"
-    )
+    raise ValueError(f"not an area shape type: {kind}")
 
 
 def labelme_to_coco(
@@ -116,7 +114,7 @@ def labelme_to_coco(
         data = read_json(path)
         if not isinstance(data, dict) or "shapes" not in data or "imagePath" not in data:
             if source.is_dir():  # another JSON in the folder (a COCO file, a config): not LabelMe's
-                logger.warning("%s: not a LabelMe file (no 'shapes' and 'imagePath'), skipped", path)
+                builder.skip(str(path), "not a LabelMe file (no 'shapes' and 'imagePath')")
                 continue
             raise DatasetError(f"{path}: a LabelMe file needs 'shapes' and 'imagePath'")
         if not isinstance(data["imagePath"], str) or not isinstance(data["shapes"], list):
@@ -133,26 +131,18 @@ def labelme_to_coco(
             if kind in NO_AREA:
                 builder.skip(where, f"a {kind} has no area")
                 continue
+            if kind not in AREA:
+                builder.skip(where, f"shape_type {kind!r} is not one of {', '.join(AREA + NO_AREA)}")
+                continue
             pts = _points(shape, where)
-            part = (
-                _mask_shape(shape, pts, image.height, image.width, where)
-                if kind == "mask"
-                else _polygon(kind, pts, where)
-            )
+            part = _mask_shape(shape, pts, image.height, image.width, where) if kind == "mask" else _polygon(kind, pts)
             if part is None:
-                builder.skip(where, f"a {kind} with {len(pts)} point(s)")
+                builder.skip(where, f"a {kind} with a wrong number of points")
                 continue
             gid = shape.get("group_id")
             groups.setdefault((k if gid is None else ("g", gid), label), []).append((where, part))
         for (_, label), parts in groups.items():
-            where = parts[0][0]
-            if all(isinstance(p, list) for _, p in parts):
-                builder.add_polygons(image, label, [p for _, p in parts], where)  # type: ignore[misc]
-            else:  # a mask among the parts: the union of their pixels
-                mask = np.zeros((image.height, image.width), dtype=bool)
-                for _, p in parts:
-                    mask |= p if isinstance(p, np.ndarray) else segmentation_to_mask([p], image.height, image.width) > 0
-                builder.add_mask(image, label, mask, where)
+            builder.add_parts(image, label, [p for _, p in parts], parts[0][0])
     if not builder.images:
         raise DatasetError(f"no LabelMe JSON files found at {source}")
     return builder.write(out_json, "LabelMe", list(dict.fromkeys(order)))
@@ -170,15 +160,15 @@ class LabelMeWriter:
         tolerance: polygon simplification in pixels (``polygons.mask_polygons``).
     """
 
-    def __init__(self, out: Path, tolerance: float = 1.0) -> None:
-        self.folder = ExportFolder(Path(out) / "labelme")
+    def __init__(self, out: Path, tolerance: float = EXPORT_TOLERANCE) -> None:
+        self.folder = ExportFolder(Path(out) / "labelme", "maskrcnn predict --export")
         self.tolerance = tolerance
 
-    def targets(self, names: list[str]) -> list[Path]:
-        return [self.folder.root / f"{n}.json" for n in names]
+    def targets(self, images: dict[str, Path]) -> list[Path]:
+        return [self.folder.root / f"{n}.json" for n in images]
 
-    def check(self, names: list[str]) -> None:
-        self.folder.check(self.targets(names))
+    def check(self, images: dict[str, Path]) -> None:
+        self.folder.check(self.targets(images))
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         target = self.folder.root / f"{name}.json"

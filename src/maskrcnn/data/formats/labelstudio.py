@@ -2,18 +2,29 @@
 ``LabelStudioWriter`` writes predictions as tasks with pre-annotations.
 
 The export is a list of tasks ``{"id", "data": {"image": url}, "annotations": [{"result":
-[...], "was_cancelled"}]}``. Each result has a ``type``, ``original_width`` /
-``original_height`` and a ``value`` in *percent* of the image size:
+[...], "was_cancelled"}], "predictions": [{"result": [...]}]}``. Each result has a ``type``,
+``original_width`` / ``original_height`` and a ``value`` in *percent* of the image size:
 ``polygonlabels`` (``points`` [[x%, y%], ...]), ``rectanglelabels`` (``x, y, width, height,
 rotation``: degrees clockwise about the top-left corner), ``ellipselabels`` (``x, y`` centre,
 ``radiusX, radiusY, rotation``) and ``brushlabels`` (``format: "rle"``, ``rle``: Label Studio's
 own bit-packed run-length code of the RGBA pixels, see ``decode_brush``). Other result types
 (keypoints, choices, text) are named as not converted.
 
-A task's first annotation that is not cancelled is used (Label Studio keeps one per annotator).
-Image URLs (``/data/upload/3/8f1e2d3c-photo.jpg``, ``/data/local-files/?d=dir/photo.jpg``, a
-path) are matched to files of the image folder by base name, without the 8-hex-digit prefix
-Label Studio puts in front of uploaded files when the name with it is not there.
+Which results: a task's first annotation that is not cancelled (Label Studio keeps one per
+annotator): what a person submitted. ``predictions`` are pre-annotations nobody has accepted
+yet (``LabelStudioWriter`` writes them): a task that has only those is named as not converted,
+unless ``predictions=True`` (``convert labelstudio --predictions``), which takes its first
+prediction; an annotated task's predictions are never used. A task with no annotation, or only
+cancelled ("skipped") ones, is named as not converted rather than taken for an image without
+objects.
+
+Image URLs map to files under the image folder by their path: for ``/data/local-files/?d=dir/
+photo.jpg`` the ``d`` path (relative to Label Studio's local-files document root), for any
+other URL (``/data/upload/3/8f1e2d3c-photo.jpg``, ``s3://bucket/dir/photo.jpg``) or a plain
+path its path. The file name is the longest tail of that path that is a file under the image
+folder, so the folder may be the document root (``dir/photo.jpg``) or a folder below it
+(``photo.jpg``); an upload's name is also tried without the 8-hex-digit prefix Label Studio
+puts in front of uploaded files. A path with ``..`` parts is only matched below them.
 """
 
 from __future__ import annotations
@@ -28,10 +39,12 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pycocotools import mask as mask_util
 
 from ..coco import read_json
 from ..errors import DatasetError
 from .common import (
+    EXPORT_TOLERANCE,
     CocoBuilder,
     ExportFolder,
     detection_rings,
@@ -47,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 UPLOAD_PREFIX = re.compile(r"^[0-9a-f]{8}-(.+)$")
 TYPES = ("polygonlabels", "rectanglelabels", "ellipselabels", "brushlabels")
+# Bits of rle-pack's four run-length fields (thi.ng's defaults, as Label Studio writes them).
+RLE_SIZES = (3, 4, 8, 16)
 
 
 def decode_brush(rle: list[int], height: int, width: int) -> np.ndarray:
@@ -85,16 +100,37 @@ def decode_brush(rle: list[int], height: int, width: int) -> np.ndarray:
     return out.reshape(height, width, 4)[..., 3] > 0
 
 
+def encode_brush(mask: np.ndarray) -> list[int]:
+    """``decode_brush``'s code of an (H, W) bool mask: RGBA bytes 255 where drawn, 0 elsewhere
+    (as Label Studio's converter writes masks), each run one repeated-word block."""
+    flat = np.asarray(mask, dtype=bool).reshape(-1)  # (H*W,)
+    change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    bits = [f"{flat.size * 4:032b}", f"{8 - 1:05b}", "".join(f"{n - 1:04b}" for n in RLE_SIZES)]
+    for start, end in zip(np.r_[0, change], np.r_[change, flat.size]):
+        n, word = int(end - start) * 4, "11111111" if flat[start] else "00000000"  # 4 bytes a pixel
+        while n:
+            chunk = min(n, 1 << RLE_SIZES[3])
+            bits.append(f"1{3:02b}{chunk - 1:0{RLE_SIZES[3]}b}{word}")  # repeat, size field 3, length - 1, word
+            n -= chunk
+    stream = "".join(bits)
+    stream += "0" * (-len(stream) % 8)
+    return np.packbits(np.frombuffer(stream.encode("ascii"), dtype=np.uint8) - ord("0")).tolist()
+
+
 def _image_file(url: str, image_dir: Path) -> str:
-    """The file name under ``image_dir`` that a task's image URL names."""
+    """The file name under ``image_dir`` that a task's image URL names (the module docstring's rule)."""
     parsed = urllib.parse.urlparse(url)
     query = urllib.parse.parse_qs(parsed.query)
     path = query["d"][0] if "d" in query else urllib.parse.unquote(parsed.path)
-    name = PurePosixPath(path).name
-    match = UPLOAD_PREFIX.match(name)
-    if match and not (image_dir / name).exists() and (image_dir / match[1]).exists():
-        return match[1]
-    return name
+    parts = [p for p in PurePosixPath(path.replace("\\", "/")).parts if p != "/"]
+    if not parts:
+        return path
+    tails = [PurePosixPath(*parts[k:]) for k in range(len(parts)) if ".." not in parts[k:]]
+    match = UPLOAD_PREFIX.match(parts[-1])
+    for tail in [*tails, *([PurePosixPath(match[1])] if match else [])]:
+        if (image_dir / tail).is_file():
+            return tail.as_posix()
+    return parts[-1]  # not there: add_image names the missing file
 
 
 def _shape(kind: str, value: dict[str, Any], w: int, h: int, where: str) -> list[float] | np.ndarray:
@@ -120,28 +156,37 @@ def _shape(kind: str, value: dict[str, Any], w: int, h: int, where: str) -> list
 
 
 def labelstudio_to_coco(
-    export_json: str | Path, image_dir: str | Path, out_json: str | Path, image_key: str = "image"
+    export_json: str | Path,
+    image_dir: str | Path,
+    out_json: str | Path,
+    image_key: str = "image",
+    predictions: bool = False,
 ) -> dict[str, Any]:
     """Convert a Label Studio JSON export to COCO JSON and write it.
 
     Args:
-        export_json: the "JSON" export (a list of tasks).
-        image_dir: folder holding the tasks' images (matched by base name).
+        export_json: the "JSON" export, or a tasks file to import (a list of tasks).
+        image_dir: the local-files document root, or a folder below it on the images' paths
+            (the module docstring's rule).
         out_json: COCO JSON to write.
         image_key: the key of ``task["data"]`` holding the image URL (the ``<Image value="$image">``).
+        predictions: convert a task that has no annotation from its first prediction.
 
     Returns:
-        The COCO dict: Label Studio's task ids as image ids, one annotation per area result.
+        The COCO dict: Label Studio's task ids as image ids (1, 2, ... past the largest for
+        tasks without one), one annotation per area result; tasks without results to use are
+        left out and named.
 
     Raises:
-        DatasetError: not a list of tasks, a malformed result (named by task and result index),
-            a missing image, or one of another size than ``original_width`` x ``original_height``.
+        DatasetError: not a list of tasks, no task to convert, a malformed result (named by
+            task and result index), a missing image, or one of another size than
+            ``original_width`` x ``original_height``.
     """
     export_json, image_dir = Path(export_json), Path(image_dir)
     tasks = read_json(export_json)
     if not isinstance(tasks, list):
         raise DatasetError(f"{export_json}: expected the JSON export's list of tasks, got {type(tasks).__name__}")
-    builder = CocoBuilder(export_json, image_dir)  # base names only: never outside image_dir
+    builder = CocoBuilder(export_json, image_dir)  # tails without "..": never outside image_dir
     order: list[str] = []
     for n, task in enumerate(tasks):
         where = f"{export_json}: task {task.get('id', f'[{n}]') if isinstance(task, dict) else f'[{n}]'}"
@@ -152,10 +197,9 @@ def labelstudio_to_coco(
             raise DatasetError(
                 f"{where}: data has no image URL under {image_key!r} (keys: {sorted(task['data'])}); set --image-key"
             )
-        done = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
-        if len(done) > 1:
-            logger.warning("%s: %d annotations; the first is used", where, len(done))
-        results = done[0].get("result", []) if done else []
+        results = _results(task, predictions, where, builder)
+        if results is None:
+            continue
         sizes = {(r.get("original_width"), r.get("original_height")) for r in results if isinstance(r, dict)}
         w, h = sizes.pop() if len(sizes) == 1 else (None, None)
         task_id = task.get("id")
@@ -183,16 +227,41 @@ def labelstudio_to_coco(
             else:
                 builder.add_polygons(image, names[0], [part], rwhere)
     if not builder.images:
-        raise DatasetError(f"{export_json}: no tasks")
+        reasons = "; ".join(sorted({why for _, why in builder.skipped}))
+        raise DatasetError(f"{export_json}: no task to convert" + (f" ({reasons})" if reasons else ""))
     return builder.write(out_json, "Label Studio", list(dict.fromkeys(order)))
+
+
+def _results(task: dict[str, Any], predictions: bool, where: str, builder: CocoBuilder) -> list[Any] | None:
+    """The results to convert of ``task`` (the module docstring's rule), or None when it has none
+    to use (named in ``builder``)."""
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
+    done = [a for a in annotations if not a.get("was_cancelled")]
+    guesses = [p for p in task.get("predictions") or [] if isinstance(p, dict)]
+    if done:
+        if len(done) > 1:
+            logger.warning("%s: %d annotations; the first is used", where, len(done))
+        return done[0].get("result") or []
+    if guesses and predictions:
+        return guesses[0].get("result") or []
+    if guesses:
+        builder.skip(where, "only predictions, no annotation (--predictions converts them)")
+    elif annotations:
+        builder.skip(where, "every annotation was cancelled (skipped in Label Studio)")
+    else:
+        builder.skip(where, "no annotation")
+    return None
 
 
 class LabelStudioWriter:
     """Predictions as Label Studio tasks with pre-annotations, ``out/labelstudio/tasks.json``
-    (written at ``close``): one task per image, its ``predictions`` one ``polygonlabels``
-    result per mask part (points in percent of the image, the detection's score), for a
-    labelling config ``<Image name="image" value="$image"/><PolygonLabels name="label"
-    toName="image">...``. Import the file into the project ("Import", JSON).
+    (written at ``close``): one task per image, its ``predictions`` one result per detection
+    with the detection's score: a ``polygonlabels`` region (points in percent of the image,
+    holes dropped) for a mask in one part, a ``brushlabels`` region (``encode_brush``) for a
+    mask in several, since a Label Studio polygon has one ring and regions have no groups. The
+    labelling config: ``<Image name="image" value="$image"/>``, ``<PolygonLabels name="label"
+    toName="image">`` and ``<BrushLabels name="brush" toName="image">``, both with the model's
+    class names. Import the file into the project ("Import", JSON).
 
     The image URL is Label Studio's local-files URL of the image's path relative to
     ``document_root``: start Label Studio with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``
@@ -204,38 +273,41 @@ class LabelStudioWriter:
         tolerance: polygon simplification in pixels.
     """
 
-    def __init__(self, out: Path, document_root: Path | None = None, tolerance: float = 1.0) -> None:
-        self.folder = ExportFolder(Path(out) / "labelstudio")
+    def __init__(self, out: Path, document_root: Path | None = None, tolerance: float = EXPORT_TOLERANCE) -> None:
+        self.folder = ExportFolder(Path(out) / "labelstudio", "maskrcnn predict --export")
         self.root = Path(document_root or Path.cwd()).resolve()
         self.tolerance = tolerance
         self.tasks: list[dict[str, Any]] = []
+        self.outside = 0  # images outside the document root, which Label Studio will not serve
 
-    def targets(self, names: list[str]) -> list[Path]:
+    def targets(self, images: dict[str, Path]) -> list[Path]:
         return [self.folder.root / "tasks.json"]
 
-    def check(self, names: list[str]) -> None:
-        self.folder.check(self.targets(names))
+    def check(self, images: dict[str, Path]) -> None:
+        self.folder.check(self.targets(images))
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
         results = []
         for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
-            for j, ring in enumerate(rings):
-                pct = (ring / [w / 100.0, h / 100.0]).clip(0, 100)  # (K, 2) percent of width, height
-                results.append(
-                    {
-                        "id": f"{image_id}_{k}_{j}",
-                        "type": "polygonlabels",
-                        "from_name": "label",
-                        "to_name": "image",
-                        "original_width": w,
-                        "original_height": h,
-                        "image_rotation": 0,
-                        "score": round(score, 4),
-                        "value": {"points": pct.round(4).tolist(), "polygonlabels": [label]},
-                    }
-                )
+            region = {
+                "id": f"{image_id}_{k}",
+                "to_name": "image",
+                "original_width": w,
+                "original_height": h,
+                "image_rotation": 0,
+                "score": round(score, 4),
+            }
+            if len(rings) == 1:
+                pct = (rings[0] / [w / 100.0, h / 100.0]).clip(0, 100)  # (K, 2) percent of width, height
+                value = {"points": pct.round(4).tolist(), "polygonlabels": [label]}
+                results.append({**region, "type": "polygonlabels", "from_name": "label", "value": value})
+            elif rings:
+                mask = mask_util.decode(result.rles[k]).astype(bool)  # type: ignore[index]  # (h, w); rings imply masks
+                value = {"format": "rle", "rle": encode_brush(mask), "brushlabels": [label]}
+                results.append({**region, "type": "brushlabels", "from_name": "brush", "value": value})
         relative = os.path.relpath(Path(path).resolve(), self.root)
+        self.outside += relative.startswith("..")
         scores = [float(s) for s in result.scores]
         self.tasks.append(
             {
@@ -252,5 +324,13 @@ class LabelStudioWriter:
         )
 
     def close(self) -> None:
+        if self.outside:
+            logger.warning(
+                "%d image(s) lie outside %s, the folder their local-files URLs are relative to: Label Studio "
+                "serves only files below its LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; run predict from a "
+                "folder that holds the images",
+                self.outside,
+                self.root,
+            )
         self.folder.write(self.folder.root / "tasks.json", json.dumps(self.tasks, indent=1).encode("utf-8"))
         self.folder.close()

@@ -8,7 +8,9 @@ list, or a dict class index -> name). An image ``.../images/<rest>/x.jpg`` has i
 ``.../labels/<rest>/x.txt`` (no file: no objects), one object a line:
 ``class x0 y0 x1 y1 ...``, a polygon in coordinates normalised by the image width and height.
 A line of exactly four numbers after the class is a detection box, not a mask: named as not
-converted. Class ``c`` becomes COCO category id ``c + 1``.
+converted, as is a label file in a split folder's label folder that no image of the split has. Class
+``c`` becomes COCO category id ``c + 1``. One line is one instance: a mask in several parts is
+one polygon whose parts are joined by paths there and back (Ultralytics' ``merge_multi_segment``).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..errors import DatasetError
-from .common import CocoBuilder, ExportFolder, detection_rings, number
+from .common import EXPORT_TOLERANCE, CocoBuilder, ExportFolder, detection_rings, number
 
 if TYPE_CHECKING:
     from ...inference.results import Result
@@ -81,6 +85,15 @@ def _split_images(root: Path, entry: Any, where: str) -> list[Path]:
     return images
 
 
+def _orphan_labels(root: Path, entry: Any, images: list[Path]) -> list[Path]:
+    """Label files of the split that no image of it has, under the label folder of each of its
+    image folders. (The images of a ``.txt`` list often share their folders with other splits,
+    whose labels are no orphans: those folders are not searched.)"""
+    folders = [root / str(e) for e in (entry if isinstance(entry, list) else [entry])]
+    found = {t for f in folders if f.is_dir() for t in label_path(f / "x").parent.rglob("*.txt")}
+    return sorted(found - {label_path(p) for p in images})
+
+
 def yolo_to_coco(
     data_yaml: str | Path, out_json: str | Path, split: str = "train", allow_outside_root: bool = False
 ) -> tuple[dict[str, Any], Path]:
@@ -109,7 +122,10 @@ def yolo_to_coco(
             f"{data_yaml}: no '{split}' split (has {', '.join(k for k in ('train', 'val', 'test') if data.get(k))})"
         )
     builder = CocoBuilder(data_yaml, root, allow_outside_root)
-    for path in _split_images(root, data[split], str(data_yaml)):
+    images = _split_images(root, data[split], str(data_yaml))
+    for orphan in _orphan_labels(root, data[split], images):
+        builder.skip(str(orphan), f"a label file that no {split} image has")
+    for path in images:
         image = builder.add_image(os.path.relpath(path, root), None, None, f"{data_yaml}: {split} image {path}")
         labels = label_path(path)
         if not labels.is_file():
@@ -138,12 +154,28 @@ def yolo_to_coco(
     return builder.write(out_json, "YOLO", names), root
 
 
+def bridged(rings: list[np.ndarray]) -> np.ndarray:
+    """One (K, 2) polygon of a mask's rings: each later ring joined to the first at their closest
+    vertices by a path there and back, which adds no area (YOLO has one polygon per object)."""
+    base, joins = rings[0], {}
+    for ring in rings[1:]:
+        d = ((base[:, None, :] - ring[None, :, :]) ** 2).sum(axis=2)  # (K0, Kr) squared distances
+        i, j = np.unravel_index(int(d.argmin()), d.shape)
+        loop = np.roll(ring, -int(j), axis=0)  # starts at its vertex closest to the first ring
+        joins.setdefault(int(i), []).append(np.vstack([loop, loop[:1], base[i : i + 1]]))
+    return np.vstack([part for i, v in enumerate(base) for part in (v[None], *joins.get(i, []))])
+
+
 class YoloWriter:
-    """Predictions as YOLO segmentation labels ``out/yolo/labels/<name>.txt`` (one line per mask
-    part: ``class x0 y0 ...`` normalised) and, at ``close``, ``out/yolo/data.yaml`` naming the
-    classes. A detection of COCO category id ``c`` gets class ``c - 1`` (the reverse of
-    ``yolo_to_coco``). Copy the label files beside the images' ``images/`` folder as ``labels/``
-    for a YOLO tool to show them.
+    """Predictions as a YOLO segmentation dataset ``out/yolo/`` that Ultralytics and
+    ``yolo_to_coco`` read: ``images/<name><suffix>``, a copy of each image (YOLO tools find an
+    image's labels by replacing ``images`` in its path with ``labels``, so the labels cannot
+    sit beside the user's own images without writing into their folders);
+    ``labels/<name>.txt``, one line per detection, ``class x0 y0 ...`` normalised (a mask in
+    several parts ``bridged``); and, at ``close``, ``data.yaml`` with ``path`` (absolute:
+    Ultralytics takes a relative one from the current folder), ``train`` and ``val`` (both
+    ``images``) and ``names``. A detection of COCO category id ``c`` gets class ``c - 1`` (the
+    reverse of ``yolo_to_coco``).
 
     Args:
         out: predict's output folder.
@@ -151,16 +183,22 @@ class YoloWriter:
         tolerance: polygon simplification in pixels.
     """
 
-    def __init__(self, out: Path, names: list[str] | None = None, tolerance: float = 1.0) -> None:
-        self.folder = ExportFolder(Path(out) / "yolo")
+    def __init__(self, out: Path, names: list[str] | None = None, tolerance: float = EXPORT_TOLERANCE) -> None:
+        self.folder = ExportFolder(Path(out) / "yolo", "maskrcnn predict --export")
         self.names: dict[int, str] = dict(enumerate(names or []))
         self.tolerance = tolerance
+        self.copied = 0
 
-    def targets(self, names: list[str]) -> list[Path]:
-        return [*(self.folder.root / "labels" / f"{n}.txt" for n in names), self.folder.root / "data.yaml"]
+    def targets(self, images: dict[str, Path]) -> list[Path]:
+        root = self.folder.root
+        return [
+            *(root / "images" / f"{n}{Path(p).suffix}" for n, p in images.items()),
+            *(root / "labels" / f"{n}.txt" for n in images),
+            root / "data.yaml",
+        ]
 
-    def check(self, names: list[str]) -> None:
-        self.folder.check(self.targets(names))
+    def check(self, images: dict[str, Path]) -> None:
+        self.folder.check(self.targets(images))
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
@@ -168,9 +206,11 @@ class YoloWriter:
         for category, (_, label, _, rings) in zip(result.category_ids, detection_rings(result, self.tolerance)):
             cls = int(category) - 1
             self.names.setdefault(cls, label)
-            for ring in rings:
-                xy = ring / [w, h]  # (K, 2) normalised
+            if rings:
+                xy = bridged(rings) / [w, h]  # (K, 2) normalised
                 lines.append(" ".join([str(cls), *(f"{v:.6f}" for v in xy.clip(0, 1).ravel())]))
+        self.folder.write(self.folder.root / "images" / f"{name}{Path(path).suffix}", Path(path).read_bytes())
+        self.copied += 1
         self.folder.write(self.folder.root / "labels" / f"{name}.txt", "".join(f"{s}\n" for s in lines).encode())
 
     def close(self) -> None:
@@ -178,6 +218,13 @@ class YoloWriter:
 
         count = max(self.names, default=-1) + 1
         names = {c: self.names.get(c, f"class_{c}") for c in range(count)}
-        text = yaml.safe_dump({"path": ".", "names": names, "nc": count}, sort_keys=False)
-        self.folder.write(self.folder.root / "data.yaml", text.encode())
+        data = {
+            "path": str(self.folder.root.resolve()),
+            "train": "images",
+            "val": "images",
+            "names": names,
+            "nc": count,
+        }
+        self.folder.write(self.folder.root / "data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
         self.folder.close()
+        logger.info("copied %d image(s) into %s, beside their labels", self.copied, self.folder.root / "images")
