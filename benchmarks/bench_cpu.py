@@ -5,7 +5,7 @@ package from ``src``):
 
     PYTHONPATH=src:/work/d2src /work/venv-ref/bin/python benchmarks/bench_cpu.py \\
         [--pairs 7] [--threads 2] [--images A.png B.png] [--tv-weights W.pth] [--d2-weights W.pkl] \\
-        [--only tv|d2] [--no-fold] [--profile] [--json OUT.json]
+        [--only tv|d2] [--no-fold] [--runtime pytorch|onnxruntime|openvino] [--profile] [--json OUT.json]
 
 Two comparisons, each on the same weights in the reference's own layout:
   ours vs torchvision: ``maskrcnn.load(W.pth).predict(image)`` (resize, network, masks pasted
@@ -102,8 +102,18 @@ def detectron2_runner(weights: Path) -> Callable[[np.ndarray], int]:
     return run
 
 
-def ours_runner(weights: Path, fold_bn: bool) -> Callable[[np.ndarray], int]:
-    model = maskrcnn.load(weights, fold_bn=fold_bn)
+def ours_runner(weights: Path, fold_bn: bool, runtime: str = "pytorch") -> Callable[[np.ndarray], int]:
+    """Our ``predict`` with the PyTorch model, or with its export run by ONNX Runtime or OpenVINO."""
+    if runtime == "pytorch":
+        model = maskrcnn.load(weights, fold_bn=fold_bn)
+    else:
+        import tempfile
+
+        from maskrcnn.weights.export import export
+
+        folder = Path(tempfile.mkdtemp(prefix="bench-cpu-"))  # left for the OS: the runtime maps its files
+        suffix = ".onnx" if runtime == "onnxruntime" else ".xml"
+        model = maskrcnn.load(export(weights, folder / f"model{suffix}"))
 
     def run(rgb: np.ndarray) -> int:
         return len(model.predict(rgb, keep_images=False))
@@ -163,6 +173,12 @@ def main() -> int:
     p.add_argument("--d2-weights", type=Path, default=None, help="Detectron2-layout R50-FPN .pkl")
     p.add_argument("--only", choices=("tv", "d2"), default=None)
     p.add_argument("--no-fold", action="store_true", help="our model without BatchNorm folding")
+    p.add_argument(
+        "--runtime",
+        choices=("pytorch", "onnxruntime", "openvino"),
+        default="pytorch",
+        help="run ours as the PyTorch model or as its export (maskrcnn export: .onnx, or .xml for OpenVINO)",
+    )
     p.add_argument("--profile", action="store_true", help="also profile one predict of ours")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -175,17 +191,18 @@ def main() -> int:
         "torch": torch.__version__,
         "images": args.images,
         "fold_bn": not args.no_fold,
+        "runtime": args.runtime,
         "load_before": os.getloadavg()[0],
     }
     print(
         f"CPU: {info['cpu']} ({info['capability']} kernels), {args.threads} threads, torch {torch.__version__}; "
-        f"{len(images)} images per run, BatchNorm {'folded' if not args.no_fold else 'not folded'}",
+        f"{len(images)} images per run, ours on {args.runtime}, BatchNorm {'folded' if not args.no_fold else 'not folded'}",
         flush=True,
     )
     results = []
     if args.only in (None, "tv"):
         weights = args.tv_weights or cached("tv_parity_r50*.pth", "torchvision-layout parity checkpoint")
-        ours = ours_runner(weights, not args.no_fold)
+        ours = ours_runner(weights, not args.no_fold, args.runtime)
         if args.profile:
             print(profile(ours, images[0]))
         print(f"ours vs torchvision ({weights.name}):", flush=True)
@@ -195,7 +212,11 @@ def main() -> int:
         print(f"ours vs Detectron2 ({weights.name}):", flush=True)
         results.append(
             compare(
-                "detectron2", ours_runner(weights, not args.no_fold), detectron2_runner(weights), images, args.pairs
+                "detectron2",
+                ours_runner(weights, not args.no_fold, args.runtime),
+                detectron2_runner(weights),
+                images,
+                args.pairs,
             )
         )
     info["load_after"] = os.getloadavg()[0]

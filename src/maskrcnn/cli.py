@@ -189,11 +189,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         if not (args.int8 and args.calib):
             raise ValueError("--int8 and --calib DIR go together: INT8 export calibrates on the images of DIR")
+        if Path(args.out).suffix.lower() == ".xml":
+            raise ValueError("--int8 writes an ONNX file (ONNX Runtime's quantisation): name --out model.onnx")
         options = Int8Options(Path(args.calib), args.calib_images)
         path = export_int8(args.weights, args.out, options, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
     else:
         path = export(args.weights, args.out, args.opset or DEFAULT_OPSET, overwrite=args.overwrite)
-    print(f"{path} ({path.stat().st_size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
+    files = [path, path.with_suffix(".bin")] if path.suffix.lower() == ".xml" else [path]  # an IR's weights: the .bin
+    size = sum(f.stat().st_size for f in files)
+    print(f"{path} ({size / 1e6:.0f} MB): run it with maskrcnn predict --weights {path} ...")
     return 0
 
 
@@ -445,11 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_convert)
 
-    x = sub.add_parser("export", help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime")
+    x = sub.add_parser(
+        "export",
+        help="write a model as one ONNX file (boxes, scores, labels, masks) for ONNX Runtime, or as OpenVINO IR (.xml)",
+    )
     x.add_argument(
         "--weights", required=True, help="our checkpoint, a torchvision Mask R-CNN .pth or a Detectron2 .pkl"
     )
-    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument(
+        "--out", required=True, help="the .onnx file to write, or model.xml for OpenVINO (model.bin beside it)"
+    )
     x.add_argument(
         "--opset",
         type=positive_int,

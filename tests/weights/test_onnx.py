@@ -329,7 +329,7 @@ def test_load_refuses_other_onnx_files_and_fixed_settings(tmp_path, tv_onnx):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
     )
     onnx.save(helper.make_model(graph), tmp_path / "other.onnx")
-    with pytest.raises(CheckpointError, match="other.onnx: not an ONNX model written by maskrcnn export"):
+    with pytest.raises(CheckpointError, match="other.onnx: not a model written by maskrcnn export"):
         maskrcnn.load(tmp_path / "other.onnx")
     with pytest.raises(CheckpointError, match="nms_thresh cannot change in an exported model"):
         maskrcnn.load(tv_onnx, nms_thresh=0.6)
@@ -378,7 +378,7 @@ def test_export_errors_are_one_line(tiny_files, tmp_path, capsys):
     for argv, message in (
         (["--weights", str(ckpt), "--opset", "99"], "--opset 99: this export supports opsets 11 to 20"),
         (["--weights", str(ckpt), "--opset", "5"], "--opset 5: this export supports opsets 11 to 20"),
-        (["--weights", str(onnx_file)], "is already an ONNX model; export from the PyTorch checkpoint"),
+        (["--weights", str(onnx_file)], "is already an exported model; export from the PyTorch checkpoint"),
     ):
         assert main(["export", *argv, "--out", str(tmp_path / "x.onnx")]) == 2
         captured = capsys.readouterr()
@@ -396,7 +396,7 @@ def test_an_onnx_file_is_recognised_whatever_its_name(tiny_files, tmp_path):
     renamed = shutil.copy(tiny_files[1], tmp_path / "model.pth")
     assert isinstance(maskrcnn.load(renamed), maskrcnn.OnnxModel)
     for path in (renamed, tiny_files[1]):
-        with pytest.raises(CheckpointError, match="is an ONNX model .*predict and evaluate only.*PyTorch checkpoint"):
+        with pytest.raises(CheckpointError, match="is an ONNX model .*predict, evaluate and serve only.*PyTorch checkpoint"):
             read_weights(path)
         with pytest.raises(CheckpointError, match="is an ONNX model"):
             init_from_checkpoint(maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)), path, 0.0)

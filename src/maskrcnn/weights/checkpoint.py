@@ -37,6 +37,7 @@ from ..model.mask_rcnn import MaskRCNN
 from . import detectron2 as detectron2_compat
 from . import hub, safetensors_io
 from .onnx_model import OnnxModel
+from .openvino_model import OpenVinoModel, is_ir
 from .torchvision import convert_keys, infer_config, is_torchvision_state_dict
 
 FORMAT = "maskrcnn-checkpoint/1"
@@ -99,7 +100,8 @@ ACCEPTED = (
 
 def file_kind(path: str | Path) -> str:
     """What a model file is, by its first bytes, whatever its name: ``"torch"`` (a ``torch.save``
-    file), ``"safetensors"``, ``"pickle"`` (a plain pickle, as Detectron2's ``.pkl``), ``"onnx"`` or ``"unknown"``."""
+    file), ``"safetensors"``, ``"pickle"`` (a plain pickle, as Detectron2's ``.pkl``), ``"onnx"``, ``"openvino"`` (an IR's
+    .xml) or ``"unknown"``."""
     with open(path, "rb") as f:
         head = f.read(16)
         size = os.fstat(f.fileno()).st_size
@@ -111,6 +113,8 @@ def file_kind(path: str | Path) -> str:
         return "pickle"
     if len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F and head[2] in _ONNX_FIELD_TAGS:
         return "onnx"
+    if head.lstrip().startswith(b"<") and is_ir(path):
+        return "openvino"
     return "unknown"
 
 
@@ -125,10 +129,10 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     kind = file_kind(path)
-    if kind == "onnx":
+    if kind in ("onnx", "openvino"):
         raise CheckpointError(
-            f"{path} is an ONNX model (maskrcnn export): it runs in predict and evaluate only; "
-            "to train or export, use the PyTorch checkpoint it was exported from"
+            f"{path} is an {'ONNX' if kind == 'onnx' else 'OpenVINO'} model (maskrcnn export): it runs in predict, "
+            "evaluate and serve only; to train or export, use the PyTorch checkpoint it was exported from"
         )
     if kind == "pickle" or (kind == "unknown" and path.suffix == ".pkl"):
         try:
@@ -276,8 +280,8 @@ def load(
     **overrides: Any,
 ) -> MaskRCNN | OnnxModel:
     """Load a model from our checkpoint, a torchvision or a Detectron2 Mask R-CNN file, in eval mode; a
-    ``.onnx`` file from ``maskrcnn export`` gives an ``OnnxModel`` (ONNX Runtime, CPU) that
-    predicts the same way.
+    ``.onnx`` file from ``maskrcnn export`` gives an ``OnnxModel`` (ONNX Runtime, CPU) and an
+    OpenVINO ``.xml`` from it an ``OpenVinoModel``, each predicting the same way.
 
     Args:
         path: checkpoint file, or ``hf://owner/name[@revision][/file]`` on the Hugging Face Hub.
@@ -297,12 +301,13 @@ def load(
         raise ValueError(f"bn_eps must be a finite number >= 0, got {bn_eps!r}")  # -1 or NaN: no detections
     if hub.is_hub(path):  # hf://owner/name: into huggingface_hub's cache, then read as any local file
         path = hub.download(str(path))
-    if Path(path).is_file() and file_kind(path) == "onnx":  # by content: an ONNX file need not end in .onnx
+    kind = file_kind(path) if Path(path).is_file() else "unknown"
+    if kind in ("onnx", "openvino"):  # by content: an ONNX file need not end in .onnx
         if bn_eps is not None:
             raise ValueError(
                 f"{path}: bn_eps applies to torchvision .pth files only; an exported model's BatchNorm is in its graph"
             )
-        return _load_onnx(Path(path), device, overrides)
+        return _load_exported(Path(path), device, overrides, OnnxModel if kind == "onnx" else OpenVinoModel)
     if Path(path).suffix.lower() == ".onnx" and not Path(path).exists():
         raise CheckpointError(f"ONNX model not found: {path}")
     device = check_device(device)
@@ -319,11 +324,12 @@ def load(
     return model.to(device).eval()
 
 
-def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]) -> OnnxModel:
-    if not path.is_file():
-        raise CheckpointError(f"ONNX model not found: {path}")
+def _load_exported(
+    path: Path, device: str | torch.device, overrides: dict[str, Any], runtime: type[OnnxModel]
+) -> OnnxModel:
+    """An ONNX file (ONNX Runtime) or an OpenVINO IR (OpenVINO) of ``maskrcnn export``."""
     if check_device(device).type != "cpu":
-        raise ValueError(f"{path}: ONNX models run on the CPU (onnxruntime's CPU provider), not {device}")
+        raise ValueError(f"{path}: exported models run on the CPU (ONNX Runtime's or OpenVINO's), not {device}")
     if overrides:  # an unknown key is told as one (with suggestions), not as one that cannot change
         apply_overrides(ModelConfig(), [f"roi_heads.{k}={v}" for k, v in overrides.items()])
     fixed = sorted(set(overrides) - {"score_thresh", "mask_thresh"})
@@ -333,7 +339,7 @@ def _load_onnx(path: Path, device: str | torch.device, overrides: dict[str, Any]
             "and mask_thresh); export again from a checkpoint loaded with them"
         )
     try:
-        model = OnnxModel(path)
+        model = runtime(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
     model.config = with_head_overrides(model.config, overrides)

@@ -1,4 +1,5 @@
-"""``maskrcnn export``: a model to one ONNX file that ``maskrcnn.load`` and ONNX Runtime run.
+"""``maskrcnn export``: a model to one ONNX file that ``maskrcnn.load`` and ONNX Runtime run,
+or (``--out model.xml``) that graph in OpenVINO's IR (``weights.openvino_model``).
 
 The graph is ``MaskRCNN.detect`` on one image, traced (``torch.onnx.export(dynamo=False)``):
 
@@ -29,6 +30,7 @@ import copy
 import io
 import json
 import logging
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -43,6 +45,8 @@ from ..model.transform import padded_size
 from ..structures import ImageBatch
 from .checkpoint import file_kind, load
 from .onnx_model import FORMAT
+from .openvino_model import SUFFIX as IR_SUFFIX
+from .openvino_model import ir_metadata, is_ir, weights_file, write_ir
 
 DEFAULT_OPSET = 17  # RoiAlign needs 16 to keep the half-pixel shift of aligned models
 MIN_OPSET = 11  # NonMaxSuppression's and RoiAlign's forms used here
@@ -104,21 +108,29 @@ def check_paths(weights: str | Path, out: str | Path, overwrite: bool) -> None:
     """ExportError unless ``out`` may be written: never the input file, and an existing file only
     with ``overwrite`` or when it is an earlier ``maskrcnn export`` output."""
     out = Path(out)
-    if not out.exists():
-        return
-    if out.is_dir():
-        raise ExportError(f"--out {out} is a folder; name the .onnx file to write")
-    if Path(weights).exists() and out.samefile(weights):
-        raise ExportError(f"--out {out} is the checkpoint being exported; write the ONNX file under another name")
-    if not overwrite and not is_our_export(out):
-        raise ExportError(
-            f"--out {out} exists and is not an ONNX file written by maskrcnn export; "
-            "remove it or pass --overwrite to replace it"
-        )
+    ir = out.suffix.lower() == IR_SUFFIX
+    # An IR is two files: the .bin beside the .xml is replaced too.
+    for path in (out, weights_file(out)) if ir else (out,):
+        if not path.exists():
+            continue
+        if path.is_dir():
+            raise ExportError(f"--out {path} is a folder; name the .onnx or .xml file to write")
+        if Path(weights).exists() and path.samefile(weights):
+            raise ExportError(f"--out {path} is the checkpoint being exported; write the export under another name")
+        if not overwrite and not is_our_export(out):
+            raise ExportError(
+                f"--out {path} exists and is not {'part of an OpenVINO model' if ir else 'an ONNX file'} "
+                "written by maskrcnn export; remove it or pass --overwrite to replace it"
+            )
 
 
 def is_our_export(path: Path) -> bool:
-    """Whether ``path`` is an ONNX file with our ``maskrcnn.format`` metadata (weights not read)."""
+    """Whether ``path`` is an ONNX file, or an OpenVINO IR's .xml, with our ``maskrcnn.format``
+    metadata (weights not read)."""
+    if not path.is_file():
+        return False
+    if is_ir(path):
+        return ir_metadata(path).get("maskrcnn.format") == FORMAT
     if file_kind(path) != "onnx":
         return False
     import onnx
@@ -192,7 +204,8 @@ def export_model(model: MaskRCNN, out: str | Path, opset: int = DEFAULT_OPSET) -
 
 
 def export(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, overwrite: bool = False) -> Path:
-    """``maskrcnn export``: our checkpoint, a torchvision .pth or a Detectron2 model-zoo .pkl to ONNX.
+    """``maskrcnn export``: our checkpoint, a torchvision .pth or a Detectron2 model-zoo .pkl to ONNX,
+    or to OpenVINO's IR when ``out`` ends in ``.xml`` (``model.xml`` and ``model.bin``).
 
     ``out`` is written atomically (temp file, then rename). It is never ``weights`` itself, and
     an existing file is replaced only if it is an earlier export or ``overwrite`` is set.
@@ -202,9 +215,15 @@ def export(weights: str | Path, out: str | Path, opset: int = DEFAULT_OPSET, ove
         CheckpointError: ``weights`` cannot be read.
     """
     check_opset(opset)
-    if Path(weights).is_file() and file_kind(weights) == "onnx":
-        raise ExportError(f"{weights} is already an ONNX model; export from the PyTorch checkpoint it came from")
+    if Path(weights).is_file() and file_kind(weights) in ("onnx", "openvino"):
+        raise ExportError(f"{weights} is already an exported model; export from the PyTorch checkpoint it came from")
     check_paths(weights, out, overwrite)
     # Frozen BatchNorms folded into their convolutions: the graph holds one conv where it held a
     # conv, a multiply and an add (what the CI run of ci3 tested, and what INT8 quantises).
-    return export_model(load(weights, device="cpu", fold_bn=True), out, opset)
+    model = load(weights, device="cpu", fold_bn=True)
+    if Path(out).suffix.lower() != IR_SUFFIX:
+        return export_model(model, out, opset)
+    with tempfile.TemporaryDirectory() as tmp:  # the ONNX graph, then OpenVINO's conversion of it
+        path = write_ir(export_model(model, Path(tmp) / "model.onnx", opset), Path(out))
+    log.info("converted to OpenVINO IR: %s and %s", path, weights_file(path))
+    return path

@@ -91,7 +91,7 @@ class OnnxModel:
             masks (N, M, M) probabilities (None for a model without a mask head).
         """
         feed = {"image": image[None].float().contiguous().numpy(), "score_thresh": np.asarray(score_thresh, np.float32)}
-        out = dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        out = self.run_graph(feed)
         masks = out.get("masks")
         return Detections(
             boxes=torch.from_numpy(out["boxes"]),
@@ -99,6 +99,10 @@ class OnnxModel:
             labels=torch.from_numpy(out["labels"]).to(torch.int64),
             masks=None if masks is None else torch.from_numpy(masks),
         )
+
+    def run_graph(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's outputs by name for the inputs ``feed`` (another runtime replaces only this)."""
+        return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
 
     def __call__(
         self, images: list[Tensor], targets: list[Targets] | None = None, score_thresh: float | None = None
@@ -129,7 +133,7 @@ def read_config(path: Path, meta: dict[str, str]) -> ModelConfig:
     if meta.get("maskrcnn.format") != FORMAT:
         found = meta.get("maskrcnn.format")
         raise ValueError(
-            f"{path}: not an ONNX model written by maskrcnn export "
+            f"{path}: not a model written by maskrcnn export "
             f"(metadata maskrcnn.format is {found!r}, expected {FORMAT!r})"
         )
     try:
