@@ -396,7 +396,9 @@ def test_an_onnx_file_is_recognised_whatever_its_name(tiny_files, tmp_path):
     renamed = shutil.copy(tiny_files[1], tmp_path / "model.pth")
     assert isinstance(maskrcnn.load(renamed), maskrcnn.OnnxModel)
     for path in (renamed, tiny_files[1]):
-        with pytest.raises(CheckpointError, match="is an ONNX model .*predict, evaluate and serve only.*PyTorch checkpoint"):
+        with pytest.raises(
+            CheckpointError, match="is an ONNX model .*predict, evaluate and serve only.*PyTorch checkpoint"
+        ):
             read_weights(path)
         with pytest.raises(CheckpointError, match="is an ONNX model"):
             init_from_checkpoint(maskrcnn.build_model(apply_overrides(ModelConfig(), TINY)), path, 0.0)
@@ -407,7 +409,7 @@ def test_reduced_precision_with_an_onnx_model_is_refused(tiny_files, tmp_path, c
     model = maskrcnn.load(tiny_files[1])
     image = np.zeros((40, 40, 3), np.uint8)
     for precision in ("bf16", "fp16"):
-        with pytest.raises(ValueError, match=f"precision {precision}: an ONNX model runs in float32"):
+        with pytest.raises(ValueError, match=f"precision {precision}: an exported model runs in float32"):
             model.predict(image, precision=precision)
     assert model.predict(image, precision="auto").error is None
     Image.fromarray(image).save(tmp_path / "x.png")
@@ -427,7 +429,7 @@ def test_reduced_precision_with_an_onnx_model_is_refused(tiny_files, tmp_path, c
         )
         == 2
     )
-    assert "an ONNX model runs in float32" in capsys.readouterr().err
+    assert "an exported model runs in float32" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key,value", [("score_thresh", 2), ("score_thresh", float("nan")), ("mask_thresh", 1.5)])

@@ -113,6 +113,25 @@ def test_export_refuses_what_it_must_not_write(tiny_ckpt, ir, tmp_path, capsys):
     assert "--int8 writes an ONNX file" in capsys.readouterr().err
 
 
+def test_a_foreign_bin_beside_an_earlier_export_is_refused(tiny_ckpt, ir, tmp_path, capsys):
+    """The .xml being ours does not make the .bin ours: its size must be what the graph reads
+    (a tester's ``cp model.xml m2.xml; echo foreign > m2.bin`` was replaced)."""
+    shutil.copy(ir, tmp_path / "m2.xml")
+    (tmp_path / "m2.bin").write_text("foreign\n")
+    assert main(["export", "--weights", str(tiny_ckpt), "--out", str(tmp_path / "m2.xml")]) == 2
+    assert "m2.bin exists and is not part of an OpenVINO model" in capsys.readouterr().err
+    assert (tmp_path / "m2.bin").read_text() == "foreign\n"
+
+
+def test_a_missing_or_wrong_bin_is_named(ir, tmp_path):
+    shutil.copy(ir, tmp_path / "lone.xml")
+    with pytest.raises(CheckpointError, match="lone.xml: its weights lone.bin are not beside it"):
+        maskrcnn.load(tmp_path / "lone.xml")
+    (tmp_path / "lone.bin").write_bytes(ir.with_suffix(".bin").read_bytes()[:1000])  # truncated
+    with pytest.raises(CheckpointError, match="lone.bin holds 1,000 bytes, the graph reads"):
+        maskrcnn.load(tmp_path / "lone.xml")
+
+
 def test_an_earlier_export_is_replaced_and_found_by_content(tiny_ckpt, ir, tmp_path):
     """Replacing the parity model's IR with a tiny model's: both files change, nothing else is left."""
     for part in ("tv.xml", "tv.bin"):

@@ -85,7 +85,7 @@ def model_precision(model: MaskRCNN | OnnxModel, precision: str) -> str:
     if isinstance(model, OnnxModel):
         if precision in ("bf16", "fp16"):
             raise ValueError(
-                f"precision {precision}: an ONNX model runs in float32 on ONNX Runtime; "
+                f"precision {precision}: an exported model runs in float32 (ONNX Runtime, OpenVINO); "
                 "bf16 and fp16 apply to PyTorch checkpoints (use fp32 or auto)"
             )
         if precision not in ("auto", "fp32", ""):

@@ -46,7 +46,7 @@ from ..structures import ImageBatch
 from .checkpoint import file_kind, load
 from .onnx_model import FORMAT
 from .openvino_model import SUFFIX as IR_SUFFIX
-from .openvino_model import ir_metadata, is_ir, weights_file, write_ir
+from .openvino_model import ir_metadata, is_ir, weights_file, weights_size, write_ir
 
 DEFAULT_OPSET = 17  # RoiAlign needs 16 to keep the half-pixel shift of aligned models
 MIN_OPSET = 11  # NonMaxSuppression's and RoiAlign's forms used here
@@ -117,7 +117,8 @@ def check_paths(weights: str | Path, out: str | Path, overwrite: bool) -> None:
             raise ExportError(f"--out {path} is a folder; name the .onnx or .xml file to write")
         if Path(weights).exists() and path.samefile(weights):
             raise ExportError(f"--out {path} is the checkpoint being exported; write the export under another name")
-        if not overwrite and not is_our_export(out):
+        ours = is_our_export(out) and (path == out or weights_size(out) == path.stat().st_size)
+        if not overwrite and not ours:
             raise ExportError(
                 f"--out {path} exists and is not {'part of an OpenVINO model' if ir else 'an ONNX file'} "
                 "written by maskrcnn export; remove it or pass --overwrite to replace it"

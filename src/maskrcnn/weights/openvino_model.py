@@ -65,6 +65,30 @@ def weights_file(xml: str | Path) -> Path:
     return Path(xml).with_suffix(".bin")
 
 
+def weights_size(xml: str | Path) -> int | None:
+    """The byte count the graph ``xml`` reads from its .bin (the end of its last constant), or
+    None if the XML cannot be parsed."""
+    try:
+        root = ElementTree.parse(xml).getroot()
+    except ElementTree.ParseError:
+        return None
+    ends = [int(d.get("offset", 0)) + int(d.get("size", 0)) for d in root.iter("data") if d.get("offset") is not None]
+    return max(ends, default=0)
+
+
+def check_weights(xml: Path) -> None:
+    """ValueError unless the .bin beside ``xml`` is there and of the size the graph reads."""
+    bin_path = weights_file(xml)
+    if not bin_path.is_file():
+        raise ValueError(f"{xml}: its weights {bin_path.name} are not beside it (an IR is the .xml and its .bin)")
+    expected = weights_size(xml)
+    if expected is not None and bin_path.stat().st_size != expected:
+        raise ValueError(
+            f"{xml}: {bin_path.name} holds {bin_path.stat().st_size:,} bytes, the graph reads {expected:,}: "
+            "not this graph's weights (a truncated copy, or another model's)"
+        )
+
+
 class OpenVinoModel(OnnxModel):
     """An exported model in OpenVINO's IR, compiled for the CPU.
 
@@ -81,6 +105,7 @@ class OpenVinoModel(OnnxModel):
         ov = _openvino()
         self.path = Path(path)
         core = ov.Core()
+        check_weights(self.path)
         try:
             graph = core.read_model(str(self.path))
         except Exception as e:  # noqa: BLE001  OpenVINO raises its own types for bad files
