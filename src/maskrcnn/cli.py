@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,20 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
 
 
@@ -220,6 +235,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             max_batch=args.max_batch,
             max_upload_mb=args.max_upload_mb,
+            read_timeout_s=args.read_timeout,
             max_pixels=args.max_pixels,
             max_queue=args.max_queue,
             precision=args.precision,
@@ -497,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="HTTP API and web page: POST /predict, GET /health, GET /model, / in a browser")
     s.add_argument("--weights", required=True, help="model file, or hf://owner/name on the Hugging Face Hub")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--max-batch", type=positive_int, default=4, help="requests run together at most (default 4)")
     s.add_argument(
@@ -506,7 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=16,
         help="requests read and held at once (default 16); later ones wait, unread",
     )
-    s.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload accepted, in MB (default 20)")
+    s.add_argument(
+        "--max-upload-mb", type=positive_float, default=20.0, help="largest upload accepted, in MB (default 20)"
+    )
+    s.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=30.0,
+        help="seconds an upload may send nothing before it is dropped (408; default 30)",
+    )
     s.add_argument(
         "--max-pixels",
         type=positive_int,

@@ -31,13 +31,20 @@ from .helpers import RunningServer
 
 MAX_UPLOAD_MB = 0.5
 MAX_PIXELS = 200_000
+READ_TIMEOUT_S = 2.0
 
 
 @pytest.fixture(scope="module")
 def server(tiny_ckpt):  # noqa: F811
     app = create_app(
         load(tiny_ckpt),
-        ServeOptions(max_batch=4, max_wait_ms=20, max_upload_mb=MAX_UPLOAD_MB, max_pixels=MAX_PIXELS),
+        ServeOptions(
+            max_batch=4,
+            max_wait_ms=20,
+            max_upload_mb=MAX_UPLOAD_MB,
+            max_pixels=MAX_PIXELS,
+            read_timeout_s=READ_TIMEOUT_S,
+        ),
         weights="tiny.pth",
     )
     with RunningServer(app) as url:
@@ -182,6 +189,10 @@ def _temp_files() -> set[str]:
         ("negative_image_id", 422, "image_id"),
         ("huge_image_id", 422, "image_id"),
         ("misspelt_option", 422, "unknown query parameter score_threshold"),
+        ("repeated_option", 422, "query parameter score_thresh given more than once"),
+        ("option_as_form_field", 422, "form field score_thresh: send options as query parameters"),
+        ("overlap_without_tile", 422, "tile_overlap applies with tile"),
+        ("tolerance_without_polygons", 422, "tolerance applies with polygons"),
     ],
 )
 def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, words):
@@ -222,6 +233,14 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, wor
         r = _post(url, png, {"image_id": 2**53})
     elif case == "misspelt_option":
         r = _post(url, png, {"score_threshold": 0.9})
+    elif case == "repeated_option":  # which of the two would count is a guess
+        r = _post(url, png, [("score_thresh", 0.5), ("score_thresh", 0.9)])
+    elif case == "option_as_form_field":  # was ignored: the default threshold applied
+        r = requests.post(f"{url}/predict", files={"image": ("a.png", png)}, data={"score_thresh": "0.9"}, timeout=60)
+    elif case == "overlap_without_tile":
+        r = _post(url, png, {"tile_overlap": 0.5})
+    elif case == "tolerance_without_polygons":
+        r = _post(url, png, {"tolerance": 2})
     else:
         r = _post(url, png, {"tile": 3})
     assert r.status_code == status, r.text
@@ -229,6 +248,34 @@ def test_bad_uploads_get_a_clear_4xx_and_leave_nothing(server, case, status, wor
     assert isinstance(detail, str) and "\n" not in detail and words in detail, detail
     assert worker.images == done_before and worker.pending() == 0
     assert _temp_files() == before
+
+
+def test_stalled_uploads_are_dropped_and_the_server_goes_on(server):
+    """More stalled clients than the server holds at once (max_queue, 16) froze it for every
+    later request (a tester's 18 connections, 150 s): each is now answered 408 after
+    read_timeout_s without a byte, and a normal request is answered after them."""
+    import socket
+
+    url, worker = server
+    host, port = url.removeprefix("http://").split(":")
+    socks = []
+    for _ in range(18):
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+            + b"\x89PNG" * 25
+        )
+        socks.append(sock)
+    started = time.monotonic()
+    r = _post(url, _png(60, 80))  # waits behind the stalled ones until they time out
+    assert r.status_code == 200, r.text
+    assert time.monotonic() - started < 4 * READ_TIMEOUT_S + 10
+    answers = []
+    for sock in socks:
+        answers.append(sock.recv(4096).split(b"\r\n", 1)[0])
+        sock.close()
+    assert all(a.endswith(b"408 Request Timeout") for a in answers), answers
+    assert worker.pending() == 0
 
 
 def test_a_client_that_disconnects_mid_upload_leaves_nothing_and_the_server_goes_on(server):

@@ -47,6 +47,9 @@ class ServeOptions:
     max_wait_ms: float = 5.0  # how long the worker waits for more requests to join a batch
     max_queue: int = 16  # requests read, decoded and queued at once; later ones wait their turn unread
     max_upload_mb: float = 20.0  # largest request body, in MB (10^6 bytes)
+    # An upload that sends nothing for this long is dropped (408): a stalled client would
+    # otherwise hold one of the max_queue places for ever, and max_queue of them the server.
+    read_timeout_s: float = 30.0
     max_pixels: int = 40_000_000  # largest image, in pixels (a 40 MP image decodes to 120 MB)
     precision: str = "fp32"  # as for predict: fp32, auto, bf16, fp16
 
@@ -94,13 +97,21 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = saved
 
 
-async def read_body(request: Any, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes ``limit`` bytes or says it will."""
+async def read_body(request: Any, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes or says it will, and
+    dropped (408) when the client sends nothing for ``timeout_s`` seconds."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise Rejected(413, f"upload of {int(declared):,} bytes is over this server's limit of {limit:,}")
     chunks, size = [], 0
-    async for chunk in request.stream():  # ClientDisconnect when the client goes away mid-upload
+    stream = request.stream().__aiter__()  # ClientDisconnect when the client goes away mid-upload
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise Rejected(408, f"the upload sent nothing for {timeout_s:g} s; send the whole image at once") from None
         size += len(chunk)
         if size > limit:
             raise Rejected(413, f"upload is over this server's limit of {limit:,} bytes")
@@ -126,6 +137,11 @@ async def image_bytes(request: Any, body: bytes) -> tuple[bytes, str]:
             files = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
             if not files:
                 raise Rejected(400, "the form holds no file: send the image as a file field (e.g. -F image=@photo.jpg)")
+            fields = sorted({k for k, v in form.multi_items() if not isinstance(v, UploadFile)})
+            if fields:  # e.g. -F score_thresh=0.9: options are query parameters, and would be ignored here
+                raise Rejected(
+                    422, f"form field {', '.join(fields)}: send options as query parameters (/predict?score_thresh=0.5)"
+                )
             return await files[0].read(), files[0].filename or "upload"
         finally:
             await form.close()
@@ -222,18 +238,28 @@ def create_app(model: Any, options: ServeOptions = ServeOptions(), weights: str 
         overlay: bool = Query(False, description="add the drawn detections as a base64 PNG"),
         image_id: int = Query(1, ge=0, le=MAX_IMAGE_ID, description="image_id of the COCO entries"),
     ) -> Any:
+        repeated = sorted({k for k in request.query_params.keys() if len(request.query_params.getlist(k)) > 1})
+        if repeated:  # which one counts would be a guess
+            raise Rejected(422, f"query parameter {', '.join(repeated)} given more than once")
         unknown = sorted(set(request.query_params) - PREDICT_PARAMS)
         if unknown:  # a misspelt option (score_threshold=0.9) would otherwise be ignored without a word
             raise Rejected(
                 422, f"unknown query parameter {', '.join(unknown)}: known are {', '.join(sorted(PREDICT_PARAMS))}"
             )
+        pointless = [
+            f"{name} applies with {needs}"
+            for name, needs, given in (("tile_overlap", "tile", tile is not None), ("tolerance", "polygons", polygons))
+            if name in request.query_params and not given
+        ]
+        if pointless:  # the caller expects an effect it would not get
+            raise Rejected(422, "; ".join(pointless))
         try:
             check_options(tile, tile_overlap, False)
         except ValueError as e:
             raise Rejected(422, str(e)) from None
         async with admitted:  # the requests past this point bound the memory: their uploads and images
             try:
-                body = await read_body(request, limit)
+                body = await read_body(request, limit, options.read_timeout_s)
             except ClientDisconnect:
                 log.info("client went away during the upload; nothing kept")
                 return Response(status_code=400)  # nobody reads it
