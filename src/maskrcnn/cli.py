@@ -114,6 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out=args.out,
         device=args.device,
         skip_bad_images=args.skip_bad_images,
+        check_names=not args.ignore_class_names,
         allow_outside_root=args.allow_outside_root,
         report_score=args.report_score,
         worst=args.worst,
@@ -382,6 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="COCO instances JSON")
     e.add_argument("--images", required=True, help="folder with the JSON's images")
     e.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    e.add_argument(
+        "--ignore-class-names",
+        action="store_true",
+        help="evaluate even where a category id names another class in --data than in the model",
+    )
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=positive_int, default=1)
     add_tile_options(e)

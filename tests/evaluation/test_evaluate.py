@@ -58,7 +58,7 @@ def _gt_dict() -> dict:
         )
     return {
         "images": [{"id": i, "height": h, "width": w, "file_name": f"{i}.png"} for i, (h, w) in SIZES.items()],
-        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}],
+        "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}, {"id": 3, "name": "triangle"}],
         "annotations": annotations,
     }
 
@@ -118,8 +118,8 @@ def test_perfect_detections_give_ap_one(gt_path) -> None:
     for iou_type in ("bbox", "segm"):
         m = metrics[iou_type]
         assert m["AP"] == pytest.approx(1.0) and m["AP50"] == pytest.approx(1.0) and m["AP75"] == pytest.approx(1.0)
-        assert m["per_class"]["cat"] == pytest.approx(1.0) and m["per_class"]["dog"] == pytest.approx(1.0)
-        assert math.isnan(m["per_class"]["bird"])  # no ground truth
+        assert m["per_class"]["circle"] == pytest.approx(1.0) and m["per_class"]["square"] == pytest.approx(1.0)
+        assert math.isnan(m["per_class"]["triangle"])  # no ground truth
     assert "IoU metric: bbox" in metrics["summary"] and "IoU metric: segm" in metrics["summary"]
     assert "Average Precision" in metrics["summary"] and "Loading" not in metrics["summary"]
 
@@ -137,7 +137,7 @@ def test_identical_to_pycocotools(gt_path, drop_category, capsys) -> None:
         precision = ref.eval["precision"]
         for k, cat_id in enumerate(ref.params.catIds):
             p = precision[:, :, k, 0, 2]
-            name = {1: "cat", 2: "dog", 3: "bird"}[cat_id]
+            name = {1: "circle", 2: "square", 3: "triangle"}[cat_id]
             got = metrics[iou_type]["per_class"][name]
             if (p > -1).any():
                 assert got == float(np.mean(p[p > -1]))
@@ -145,8 +145,8 @@ def test_identical_to_pycocotools(gt_path, drop_category, capsys) -> None:
                 assert math.isnan(got)
         assert 0.0 < metrics[iou_type]["AP"] < 1.0
     if drop_category == 2:  # every dog missed
-        assert metrics["bbox"]["per_class"]["dog"] == 0.0 and metrics["segm"]["per_class"]["dog"] == 0.0
-        assert metrics["bbox"]["per_class"]["cat"] > 0.0
+        assert metrics["bbox"]["per_class"]["square"] == 0.0 and metrics["segm"]["per_class"]["square"] == 0.0
+        assert metrics["bbox"]["per_class"]["circle"] > 0.0
 
 
 def test_empty_results_give_zero(gt_path, tmp_path) -> None:
@@ -155,8 +155,8 @@ def test_empty_results_give_zero(gt_path, tmp_path) -> None:
         for iou_type in ("bbox", "segm"):
             m = metrics[iou_type]
             assert m["AP"] == 0.0 and m["AP50"] == 0.0 and m["AR100"] == 0.0
-            assert m["per_class"]["cat"] == 0.0 and m["per_class"]["dog"] == 0.0
-            assert math.isnan(m["per_class"]["bird"])
+            assert m["per_class"]["circle"] == 0.0 and m["per_class"]["square"] == 0.0
+            assert math.isnan(m["per_class"]["triangle"])
 
 
 def test_results_file_and_image_subset(gt_path, tmp_path) -> None:
@@ -183,7 +183,7 @@ def test_format_and_flatten(gt_path) -> None:
     metrics = coco_evaluate(gt_path, _detections(_load(gt_path), drop_category=2))
     table = format_metrics(metrics, per_class=True)
     assert table.splitlines()[0].split() == list(STAT_NAMES)
-    assert "bbox" in table and "segm" in table and "dog" in table
+    assert "bbox" in table and "segm" in table and "square" in table
     flat = flatten_metrics(metrics)
     assert flat["bbox_AP"] == metrics["bbox"]["AP"] and flat["segm_ARl"] == metrics["segm"]["ARl"]
     assert not any("per_class" in k or "summary" in k for k in flat)
@@ -391,7 +391,7 @@ def test_a_model_that_predicts_none_of_the_categories_is_an_error(
     """The tiny model predicts ids 1..3; a ground truth using ids 7 and 8 could only score AP 0."""
     gt, images = eval_set
     data = json.loads(gt.read_text())
-    data["categories"] = [{"id": 7, "name": "cat"}, {"id": 8, "name": "dog"}]
+    data["categories"] = [{"id": 7, "name": "circle"}, {"id": 8, "name": "square"}]
     for a in data["annotations"]:
         a["category_id"] += 6
     gt.write_text(json.dumps(data))
@@ -426,5 +426,21 @@ def test_a_dropped_degenerate_box_is_not_scored_as_ground_truth(tmp_path, caplog
         metrics = coco_evaluate(source, perfect)
         for iou_type in ("bbox", "segm"):
             assert metrics[iou_type]["AP"] == pytest.approx(1.0), (source, iou_type)
-            assert metrics[iou_type]["per_class"]["cat"] == pytest.approx(1.0)
+            assert metrics[iou_type]["per_class"]["circle"] == pytest.approx(1.0)
     assert "dropped 1 degenerate annotation" in caplog.text
+
+
+def test_categories_named_otherwise_than_the_model_are_an_error(tiny_ckpt, eval_set, perfect_model, tmp_path, capsys):
+    """COCO AP pairs classes by id: a file whose id 2 is "triangle" for a model whose 2 is "square"
+    (a round trip through a tool that numbers classes by first appearance) scored each class on
+    another's objects, reported as a plain bad AP. Names are compared without case."""
+    gt, images = eval_set
+    data = json.loads(gt.read_text())
+    data["categories"] = [{"id": 1, "name": "Circle"}, {"id": 2, "name": "triangle"}, {"id": 3, "name": "square"}]
+    gt.write_text(json.dumps(data))
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "category 2 is 'triangle' there but 'square' to the model (and 1 more)" in err, err
+    assert "--classes circle,square,triangle" in err and len(err.strip().splitlines()) == 1
+    assert not perfect_model  # refused before any inference
+    assert _evaluate(tiny_ckpt, gt, images, tmp_path / "out", "--ignore-class-names") == 0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import ModelConfig
 from ..data.coco import CocoDataset, describe_problems
 from ..data.errors import DatasetError
 from ..evaluation.analysis import analyse, check_report_out, write_report
@@ -39,6 +40,7 @@ def evaluate_files(
     out: str | None = None,
     device: str = "cpu",
     skip_bad_images: bool = False,
+    check_names: bool = True,
     allow_outside_root: bool = False,
     report_score: float = 0.5,
     worst: int = 6,
@@ -55,7 +57,8 @@ def evaluate_files(
 
     Raises:
         DatasetError: bad ground truth or images (nothing evaluated), or no category the
-            model predicts; ValueError: an ``out`` that would replace an input or a user's file.
+            model predicts, or a category id naming another class than in the model (unless
+            ``check_names`` is False); ValueError: an ``out`` that would replace an input or a user's file.
     """
     if not 0.0 <= report_score <= 1.0:
         raise ValueError(f"--report-score is a score in [0, 1], got {report_score}")
@@ -80,6 +83,8 @@ def evaluate_files(
             f"{data}: none of its category ids {sorted(gt_ids)[:10]} is one the model predicts "
             f"{sorted(model_ids)[:10]}; every AP would be 0"
         )
+    if check_names:
+        check_class_names(data, gt.file.categories, model.config)
     skipped: list[int] = []
     keep = [i for i in gt.image_ids if i not in bad]
     entries = coco_results(
@@ -116,6 +121,27 @@ def evaluate_files(
         worst_files = f" and analysis/worst/ ({drawn} images)" if drawn else ""
         print(f"results.json, metrics.json, analysis/confusion_matrix.png{worst_files} -> {out}/")
     return metrics
+
+
+def check_class_names(data: str | Path, categories: dict[int, str], config: ModelConfig) -> None:
+    """DatasetError when a category id names one class in ``data`` and another in the model:
+    COCO evaluation pairs classes by id, so the AP would score one class's detections against
+    another's objects and look like a bad model (a round trip through a tool that numbers
+    classes by first appearance did this). Names the model does not know ("") are not compared."""
+    model_names = dict(zip(config.label_categories()[1:], config.label_names()[1:]))
+    differ = [
+        (cid, name, model_names[cid])
+        for cid, name in sorted(categories.items())
+        if model_names.get(cid) and model_names[cid].strip().lower() != name.strip().lower()
+    ]
+    if differ:
+        cid, name, theirs = differ[0]
+        more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+        order = ",".join(n for n in config.label_names()[1:])
+        raise DatasetError(
+            f"{data}: category {cid} is {name!r} there but {theirs!r} to the model{more}; AP pairs classes by id, so "
+            f"it would score the wrong class: number the categories as the model does (maskrcnn convert ... --classes {order})"
+        )
 
 
 def check_evaluate_out(out: Path, inputs: list[Path]) -> None:
