@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from ..errors import DatasetError
 from ..images import image_size
 
 if TYPE_CHECKING:
+    from ...config import ModelConfig
     from ...inference.results import Result
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,37 @@ SHOWN_SKIPPED = 10
 EXPORT_TOLERANCE = 0.25
 # How converted COCO files begin their description: such a file may be replaced by a new conversion.
 CONVERTED = "converted from "
+# The file beside a LabelMe or Label Studio export that names the model's classes, one a line.
+CLASSES_FILE = "classes.txt"
+# Lines of LabelMe's own ``labels.txt`` (its ``--labels`` file) that name no class.
+NOT_CLASSES = ("__ignore__", "_background_")
+
+
+def read_classes(spec: str | Path) -> list[str]:
+    """``--classes``: a text file of one class name a line (blank lines and LabelMe's
+    ``__ignore__`` / ``_background_`` lines left out), or names separated by commas. The
+    category ids are 1..K in this order. ValueError when it names no class or one twice."""
+    path = Path(spec)
+    if path.is_file():
+        names = [n.strip() for n in path.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n and n not in NOT_CLASSES]
+    else:
+        names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--classes {spec}: names no class (a file of one name a line, or 'a,b,c')")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--classes {spec}: names {', '.join(twice)} more than once")
+    return names
+
+
+def class_list(config: ModelConfig) -> list[str]:
+    """The model's classes by category id: entry ``c - 1`` names category id ``c``, for every id
+    1..the largest (``class_<label>`` for an unnamed label, ``class_<c>`` for an id no label
+    has). What the exports carry, so that ``convert --classes`` numbers them as the model does."""
+    categories = config.label_categories()[1:]
+    names = {c: n or f"class_{k + 1}" for k, (c, n) in enumerate(zip(categories, config.label_names()[1:]))}
+    return [names.get(c, f"class_{c}") for c in range(1, max(categories, default=0) + 1)]
 
 
 def number(value: Any, where: str, what: str = "coordinate") -> float:
@@ -178,16 +211,29 @@ class CocoBuilder:
         warning counts, so it names no particular file or shape."""
         self.skipped.append((where, why))
 
-    def write(self, out_json: str | Path, tool: str, category_order: list[str] | None = None) -> dict[str, Any]:
-        """Write the COCO JSON (categories in ``category_order``, then any other name sorted; ids
-        1..K) and read it back with ``read_coco``. Returns the dict written."""
+    def write(
+        self,
+        out_json: str | Path,
+        tool: str,
+        classes: Sequence[str] | None = None,
+        declared: Sequence[str] = (),
+        seen: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Write the COCO JSON and read it back with ``read_coco``. Returns the dict written.
+
+        Categories, ids 1..K: ``classes`` (``--classes``) exactly, in its order, an instance of
+        any other label named as not converted; else the file's own class list ``declared``
+        (CVAT ``<labels>``, YOLO ``names``), every one kept, then the other labels of converted
+        instances in ``seen`` order (first appearance), then sorted; a label that only shapes
+        that were not converted carry is no category.
+        """
         out_json = Path(out_json)
         refuse_replacing(out_json, self.source)
-        names = list(dict.fromkeys(category_order or []))
-        names += sorted({c for _, c, _, _ in self.instances} - set(names))
-        ids = {name: k + 1 for k, name in enumerate(names)}
         annotations = []
         for image_id, category, seg, where in self.instances:
+            if classes is not None and category not in classes:
+                self.skip(where, f"label {category!r} is not in --classes")
+                continue
             im = self._ids[image_id]
             rle = (
                 mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width))
@@ -201,13 +247,21 @@ class CocoBuilder:
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": ids[category],
+                    "category_id": category,  # its name until the ids are known
                     "iscrowd": 0,
                     "segmentation": seg,
                     "area": float(mask_util.area(rle)),
                     "bbox": [float(v) for v in mask_util.toBbox(rle)],
                 }
             )
+        if classes is not None:
+            names = list(classes)
+        else:
+            used = {a["category_id"] for a in annotations}
+            names = list(dict.fromkeys([*declared, *(n for n in seen if n in used), *sorted(used)]))
+        ids = {name: k + 1 for k, name in enumerate(names)}
+        for a in annotations:
+            a["category_id"] = ids[a["category_id"]]
         coco = {
             "info": {"description": f"{CONVERTED}{tool} {self.source.name}"},
             "images": [vars(im) for im in self.images],
@@ -307,6 +361,12 @@ class ExportFolder:
 
     def _key(self, path: Path) -> str:
         return Path(os.path.relpath(path, self.root)).as_posix()
+
+
+def write_classes(folder: ExportFolder, names: Sequence[str]) -> None:
+    """``folder/classes.txt``: ``names`` (once each, in order), one a line."""
+    text = "".join(f"{n}\n" for n in dict.fromkeys(names))
+    folder.write(folder.root / CLASSES_FILE, text.encode("utf-8"))
 
 
 def _digest(path: Path) -> str | None:
