@@ -137,6 +137,32 @@ def test_labelme_shapes_hand_computed(tmp_path: Path, caplog: pytest.LogCaptureF
     assert "shape 5: a point has no area" in caplog.text
 
 
+def test_polygons_outside_the_image_are_cut_at_its_edges(tmp_path: Path) -> None:
+    """Found by a tester: vertices outside were pushed to the edge, which changes the shape (this
+    triangle kept 1142 px). Cut by y = 0 and x = 128 it is (112.5, 0), (128, 24.8), (128, 60),
+    (90, 60), (97.5, 0): the trapezoid of sides 15 and 60, height 60 (2250 px) less the right
+    triangle of legs 22 and 35.2 (387.2 px) = 1862.8 px."""
+    from PIL import Image
+
+    from maskrcnn.data.formats.common import clip_polygon
+
+    clipped = clip_polygon(np.array([[100.0, -20], [150, 60], [90, 60]]), 128.0, 128.0)
+    x, y = clipped[:, 0], clipped[:, 1]
+    assert 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) == pytest.approx(1862.8)
+    assert len(clip_polygon(np.array([[200.0, 0], [300, 0], [250, 50]]), 128.0, 128.0)) < 3  # wholly outside
+    Image.new("RGB", (128, 128)).save(tmp_path / "a.png")
+    shapes = [
+        {"label": "t", "points": [[100, -20], [150, 60], [90, 60]], "shape_type": "polygon"},
+        {"label": "t", "points": [[200, 0], [300, 0], [250, 50]], "shape_type": "polygon"},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png"}))
+    coco = labelme_to_coco(tmp_path / "a.json", tmp_path / "out.json")
+    (a,) = coco["annotations"]
+    assert abs(a["area"] - 1862.8) < 20  # rasterised: pixels whose centres lie inside, give or take the edges
+    assert a["bbox"] == [90, 0, 38, 60]
+    assert coco["info"]["not_converted"] == [f"{tmp_path / 'a.json'} shape 1: no pixel inside the image"]
+
+
 # ---- CVAT ---------------------------------------------------------------------------------------
 
 

@@ -115,6 +115,31 @@ def rotated_rect(x1: float, y1: float, x2: float, y2: float, theta: float = 0.0,
     return [float(v) for v in corners.ravel()]
 
 
+def clip_polygon(xy: np.ndarray, width: float, height: float) -> np.ndarray:
+    """The part of polygon ``xy`` ((K, 2) x, y) inside the image ``0..width`` x ``0..height``:
+    Sutherland-Hodgman against the four edges, exact for a rectangle. (Pushing each vertex
+    outside to the edge instead changes the shape: a triangle with one corner 20 px above a
+    128 x 128 image kept 1142 of its 1863 px inside.) Returns (M, 2), M < 3 when nothing is
+    inside; a concave polygon cut in two comes back joined along the edge (no area there)."""
+    for axis, bound, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
+        if len(xy) == 0:
+            break
+        inside = xy[:, axis] <= bound if keep_below else xy[:, axis] >= bound
+        prev, prev_in = xy[-1], inside[-1]
+        out = []
+        for cur, cur_in in zip(xy, inside):
+            if cur_in != prev_in:  # the edge prev -> cur crosses the line: add the crossing
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                point = prev + t * (cur - prev)
+                point[axis] = bound
+                out.append(point)
+            if cur_in:
+                out.append(cur)
+            prev, prev_in = cur, cur_in
+        xy = np.array(out, dtype=np.float64).reshape(-1, 2)
+    return xy
+
+
 @dataclass
 class _Image:
     id: int
@@ -174,12 +199,18 @@ class CocoBuilder:
             if len(poly) < 6 or len(poly) % 2:
                 self.skip(where, "a polygon of fewer than 3 points")
                 continue
-            bounded = [min(max(v, 0.0), float(image.width if i % 2 == 0 else image.height)) for i, v in enumerate(poly)]
-            if any(abs(a - b) > EDGE_TOLERANCE for a, b in zip(bounded, poly)):
+            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)  # (K, 2)
+            size = np.array([image.width, image.height], dtype=np.float64)
+            if ((xy < -EDGE_TOLERANCE) | (xy > size + EDGE_TOLERANCE)).any():
                 self.clipped += 1
-            kept.append(bounded)
+                xy = clip_polygon(xy, float(image.width), float(image.height))
+                if len(xy) < 3:  # wholly outside
+                    continue
+            kept.append([float(v) for v in xy.ravel()])
         if kept:
             self.instances.append((image.id, category, kept, where))
+        elif polygons:
+            self.skip(where, "no pixel inside the image")
 
     def add_parts(self, image: _Image, category: str, parts: list[list[float] | np.ndarray], where: str) -> None:
         """One instance drawn in several parts (a tool's group): flat polygons, or (H, W) bool
