@@ -2,9 +2,9 @@
 
 Reads the "balloon-style" export (an object of entries ``{filename, size, regions,
 file_attributes}``, ``regions`` a list or, in VIA 1.x, an object) or a full VIA project file
-(entries under ``_via_img_metadata``). Region shapes: ``polygon`` is copied unchanged (cut at the
-image's edges where it crosses them, ``clip_polygon``); ``rect``, ``circle`` and ``ellipse`` become polygons; ``point`` and
-``polyline`` (no area) are skipped with a warning.
+(entries under ``_via_img_metadata``). Region shapes: ``polygon`` is copied unchanged (cut at
+the image's edges where it crosses them, ``clip_polygon``); ``rect``, ``circle`` and ``ellipse``
+become polygons; ``point`` and ``polyline`` (no area) are skipped with a warning.
 
 Polygon ``area`` is the exact polygon area (shoelace formula) and ``bbox`` the vertices'
 extent, which is what tools that copy VIA polygons into COCO write; pycocotools' rasterised
