@@ -6,6 +6,7 @@ readers.)"""
 from __future__ import annotations
 
 import json
+import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -301,3 +302,35 @@ def test_convert_classes_spec_names_labels_outside_it(result: Result, tmp_path: 
         assert skipped in coco["info"]["not_converted"]
     assert main([*args, "--classes", "bug,bug", "--out", str(tmp_path / "x.json")]) == 2
     assert "names bug more than once" in capsys.readouterr().err
+
+
+def test_a_rerun_on_fewer_images_removes_the_earlier_files_unless_edited(
+    result: Result, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a tester: predicting A/*.png, then A/one.png into the same --out left the first
+    run's files of the other images, so converting the folder back mixed the two runs."""
+    out, path = tmp_path / "out", Path(result.path)
+
+    def run(names: list[str]) -> None:
+        for writer in (LabelMeWriter(out), YoloWriter(out)):
+            writer.check({n: path for n in names})
+            for k, name in enumerate(names):
+                writer.add(k + 1, name, path, result)
+            writer.close()
+
+    run(["p1", "p2", "p3"])
+    stale = [out / "labelme" / "p2.json", out / "yolo" / "labels" / "p2.txt", out / "yolo" / "images" / "p2.png"]
+    assert all(p.is_file() for p in stale)
+    edited = out / "labelme" / "p3.json"
+    edited.write_text(edited.read_text().replace('"flags": {}', '"flags": {"checked": true}', 1))
+    with caplog.at_level(logging.WARNING):
+        run(["p1"])
+    assert not any(p.exists() for p in stale)  # unchanged since the first run: removed
+    assert not (out / "yolo" / "labels" / "p3.txt").exists()
+    assert edited.is_file() and "checked" in edited.read_text()  # edited: kept, and named
+    assert "kept 1 file(s) of an earlier maskrcnn predict --export" in caplog.text and "p3.json" in caplog.text
+    assert sorted(p.name for p in (out / "labelme").glob("p*.json")) == ["p1.json", "p3.json"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(["p1"])  # said again on every rerun while it is there
+    assert "p3.json" in caplog.text and edited.is_file()

@@ -356,7 +356,10 @@ class ExportFolder:
     manifest of what it wrote.
 
     ``check`` refuses (ValueError) to replace a file that the manifest does not vouch for;
-    ``write`` writes atomically and records the digest; ``close`` saves the manifest.
+    ``write`` writes atomically and records the digest; ``close`` saves the manifest and, with
+    ``remove_stale``, removes the files of an earlier run that this one did not write (a rerun on
+    fewer images must not leave the others' pre-annotations to be converted with its own), but
+    only those still as written: an edited one is kept and named in a warning.
 
     Args:
         root: the folder.
@@ -373,6 +376,7 @@ class ExportFolder:
             self.digests: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError):
             self.digests = {}
+        self.written: set[str] = set()
 
     def check(self, paths: list[Path]) -> None:
         for p in paths:
@@ -386,8 +390,27 @@ class ExportFolder:
         self.check([path])
         atomic_write(path, lambda f: f.write(data))
         self.digests[self._key(path)] = hashlib.sha256(data).hexdigest()
+        self.written.add(self._key(path))
 
-    def close(self) -> None:
+    def close(self, remove_stale: bool = False) -> None:
+        edited = []
+        for key in sorted(set(self.digests) - self.written) if remove_stale else []:
+            path = self.root / key
+            if _digest(path) == self.digests[key]:
+                path.unlink()
+            elif path.exists():
+                edited.append(key)
+                continue  # still vouched for as it was written: a later run warns again
+            del self.digests[key]
+        if edited:
+            logger.warning(
+                "%s: kept %d file(s) of an earlier %s that this run did not write, since they were edited: "
+                "%s; they are not this run's predictions (delete or move them before converting the folder)",
+                self.root,
+                len(edited),
+                self.made_by,
+                ", ".join(edited),
+            )
         write_json(self.digests, self.root / self.MANIFEST, indent=1)
 
     def _key(self, path: Path) -> str:

@@ -227,4 +227,4 @@ class CvatWriter:
         ET.indent(root)
         data = b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode").encode("utf-8")
         self.folder.write(self.folder.root / "annotations.xml", data)
-        self.folder.close()
+        self.folder.close(remove_stale=True)

@@ -223,4 +223,4 @@ class LabelMeWriter:
 
     def close(self) -> None:
         write_classes(self.folder, [*self.classes, *self.seen])
-        self.folder.close()
+        self.folder.close(remove_stale=True)

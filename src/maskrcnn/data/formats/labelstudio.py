@@ -352,4 +352,4 @@ class LabelStudioWriter:
             )
         self.folder.write(self.folder.root / "tasks.json", json.dumps(self.tasks, indent=1).encode("utf-8"))
         write_classes(self.folder, [*self.classes, *self.seen])
-        self.folder.close()
+        self.folder.close(remove_stale=True)

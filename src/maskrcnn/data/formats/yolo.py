@@ -236,5 +236,5 @@ class YoloWriter:
             "nc": len(names),
         }
         self.folder.write(self.folder.root / "data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
-        self.folder.close()
+        self.folder.close(remove_stale=True)
         logger.info("copied %d image(s) into %s, beside their labels", self.copied, self.folder.root / "images")
