@@ -299,7 +299,7 @@ def test_convert_classes_spec_names_labels_outside_it(result: Result, tmp_path: 
         assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "bug"), (2, "moth")]
         assert [a["category_id"] for a in coco["annotations"]] == [1]
         skipped = f"{tmp_path / 'pred' / 'labelme' / 'p1.json'} shape 0: label 'leaf' is not in --classes"
-        assert skipped in coco["info"]["not_converted"]
+        assert coco["info"]["not_converted"] == [skipped]  # and not the export's manifest: found by a tester
     assert main([*args, "--classes", "bug,bug", "--out", str(tmp_path / "x.json")]) == 2
     assert "names bug more than once" in capsys.readouterr().err
 
@@ -334,3 +334,14 @@ def test_a_rerun_on_fewer_images_removes_the_earlier_files_unless_edited(
     with caplog.at_level(logging.WARNING):
         run(["p1"])  # said again on every rerun while it is there
     assert "p3.json" in caplog.text and edited.is_file()
+
+
+def test_cvat_export_keeps_predicts_image_ids(result: Result, tmp_path: Path) -> None:
+    """Found by a tester: predict's image id 1 came back as 0 through CVAT."""
+    writer = CvatWriter(tmp_path / "out")
+    writer.add(7, "p1", Path(result.path), result)
+    writer.close()
+    xml = tmp_path / "out" / "cvat" / "annotations.xml"
+    assert [im.get("id") for im in ET.parse(xml).getroot().iterfind("image")] == ["7"]
+    coco = cvat_to_coco(xml, tmp_path / "photos", tmp_path / "back.json")
+    assert [im["id"] for im in coco["images"]] == [7] and {a["image_id"] for a in coco["annotations"]} == {7}

@@ -167,7 +167,8 @@ class CvatWriter:
     from the same images ("Upload annotations", format "CVAT 1.1"); CVAT matches images by
     name, and ``name`` is the image's path relative to the folder holding all the exported
     images (its base name when they share one folder), so names are unique and the same on
-    every run over those images. Scores are not written: an attribute the task's labels do not
+    every run over those images; image ids are predict's (``predictions.json``), which
+    ``cvat_to_coco`` keeps. Scores are not written: an attribute the task's labels do not
     declare would make CVAT refuse the file. ``<labels>`` lists every class of the model in
     category id order, so ``convert cvat`` numbers them back as the model does.
 
@@ -194,7 +195,7 @@ class CvatWriter:
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
-        image = ET.Element("image", id=str(len(self.images)), name="", width=str(w), height=str(h))
+        image = ET.Element("image", id=str(image_id), name="", width=str(w), height=str(h))  # predict's id
         for _, label, _, rings in detection_rings(result, self.tolerance):
             if label not in self.labels:
                 self.labels.append(label)

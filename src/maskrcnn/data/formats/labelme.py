@@ -10,7 +10,8 @@ Shapes: ``polygon`` (3+ points); ``rectangle`` (two opposite corners); ``circle`
 point on the circle) as a 32-gon; ``mask`` (LabelMe 5.3+: a base64 PNG of the box given by two
 points). Shapes sharing a ``group_id`` and label are one instance (LabelMe's way of drawing an
 object in several parts). ``point``, ``line``, ``linestrip`` and ``points`` have no area; they,
-shapes of another type and JSON files that are not LabelMe's are named as not converted.
+shapes of another type and JSON files that are not LabelMe's are named as not converted (the
+``.maskrcnn-export.json`` manifest of ``predict --export`` is passed over).
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def labelme_to_coco(
             image missing or of another size than ``imageWidth`` x ``imageHeight``.
     """
     source = Path(source)
-    files = sorted(source.rglob("*.json")) if source.is_dir() else [source]
+    files = (
+        sorted(p for p in source.rglob("*.json") if p.name != ExportFolder.MANIFEST) if source.is_dir() else [source]
+    )
     if not files or not source.exists():
         raise DatasetError(f"no LabelMe JSON files found at {source}")
     root = Path(image_dir) if image_dir is not None else (source if source.is_dir() else source.parent)

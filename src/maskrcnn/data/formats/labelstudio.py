@@ -8,7 +8,7 @@ The export is a list of tasks ``{"id", "data": {"image": url}, "annotations": [{
 rotation``: degrees clockwise about the top-left corner), ``ellipselabels`` (``x, y`` centre,
 ``radiusX, radiusY, rotation``) and ``brushlabels`` (``format: "rle"``, ``rle``: Label Studio's
 own bit-packed run-length code of the RGBA pixels, see ``decode_brush``). Other result types
-(keypoints, choices, text) are named as not converted.
+(keypoints, choices, text) and a region with several labels are named as not converted.
 
 Which results: a task's first annotation that is not cancelled (Label Studio keeps one per
 annotator): what a person submitted. ``predictions`` are pre-annotations nobody has accepted
@@ -224,8 +224,11 @@ def labelstudio_to_coco(
                 continue
             value = r.get("value")
             names = value.get(kind) if isinstance(value, dict) else None
-            if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
-                raise DatasetError(f"{rwhere}: value.{kind} must name exactly one label, got {names!r:.60}")
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise DatasetError(f"{rwhere}: value.{kind} must be a list of label names, got {names!r:.60}")
+            if len(names) > 1:  # an instance has one category
+                builder.skip(rwhere, f"{len(names)} labels on one region (ambiguous)")
+                continue
             order.append(names[0])
             part = _shape(kind, value, image.width, image.height, rwhere)
             if isinstance(part, np.ndarray):

@@ -56,6 +56,8 @@ def class_names(data: dict[str, Any], where: str) -> list[str]:
         names = [names[k] for k in range(len(names))]
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{where}: 'names' must be a non-empty list or dict")
+    if data.get("nc") is not None and data["nc"] != len(names):
+        raise DatasetError(f"{where}: nc is {data['nc']!r} but names has {len(names)} class(es)")
     return [str(n) for n in names]
 
 
