@@ -169,16 +169,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def convert_tool(args: argparse.Namespace) -> dict:
     """``convert labelme|cvat|labelstudio|yolo``: the annotation tools' readers (``data.formats``)."""
     from .data import formats
+    from .data.formats.common import read_classes
 
     if args.format in ("cvat", "labelstudio") and not args.images:
         raise ValueError(f"convert {args.format} needs --images (the folder of the export's images)")
+    classes = read_classes(args.classes) if args.classes else None
     if args.format == "labelme":
-        return formats.labelme_to_coco(args.source, args.out, args.images, args.allow_outside_root)
+        return formats.labelme_to_coco(args.source, args.out, args.images, args.allow_outside_root, classes)
     if args.format == "cvat":
-        return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root)
+        return formats.cvat_to_coco(args.source, args.images, args.out, args.allow_outside_root, classes)
     if args.format == "labelstudio":
-        return formats.labelstudio_to_coco(args.source, args.images, args.out, args.image_key, args.predictions)
-    coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root)
+        return formats.labelstudio_to_coco(
+            args.source, args.images, args.out, args.image_key, args.predictions, classes
+        )
+    coco, root = formats.yolo_to_coco(args.source, args.out, args.split, args.allow_outside_root, classes)
     print(f"file names are relative to {root}: train with data.train_images={root}")
     return coco
 
@@ -460,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="labelstudio: convert a task that has no annotation from its predictions (pre-annotations "
         "nobody accepted); without it such tasks are named and left out",
+    )
+    c.add_argument(
+        "--classes",
+        default=None,
+        help="labelme, cvat, labelstudio, yolo: the classes, category ids 1.. in this order: 'a,b,c' or a file "
+        "of one name a line (predict --export writes <tool>/classes.txt); a shape of another label is named "
+        "as not converted. Default: LabelMe, Label Studio the labels in order of first appearance; CVAT the "
+        "file's <labels>; YOLO its names",
     )
     c.add_argument("--prefix", default=None, help="via: prefix added to the file names inside the VIA file")
     c.add_argument("--category", default=None, help="category name (via: object, dsb: nucleus)")

@@ -6,6 +6,7 @@ readers.)"""
 from __future__ import annotations
 
 import json
+import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -238,3 +239,109 @@ def test_export_without_an_image_is_a_usage_error(tiny_ckpt, tmp_path, capsys):
         )
     assert exit_.value.code == 2 and "--export apply to images" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+CLASSES = ["leaf", "bug", "moth"]  # the model's classes by category id; only 'bug' (2) is detected
+
+
+def export_all(result: Result, out: Path) -> None:
+    for writer in (
+        LabelMeWriter(out, classes=CLASSES),
+        YoloWriter(out, classes=CLASSES),
+        CvatWriter(out, classes=CLASSES),
+        LabelStudioWriter(out, document_root=out.parent, classes=CLASSES),
+    ):
+        writer.add(1, "p1", Path(result.path), result)
+        writer.close()
+
+
+def test_exports_carry_every_class_and_come_back_with_the_model_ids(result: Result, tmp_path: Path) -> None:
+    """Found by a tester: classes came back numbered by first appearance (the model's 2 became 1),
+    data.yaml named only the classes detected ({} with no detection, which convert refused)."""
+    out, photos = tmp_path / "pred", Path(result.path).parent
+    export_all(result[1:], out)  # 'bug' only
+    assert yaml.safe_load((out / "yolo" / "data.yaml").read_text())["names"] == dict(enumerate(CLASSES))
+    root = ET.parse(out / "cvat" / "annotations.xml").getroot()
+    assert [n.text for n in root.iterfind("meta/task/labels/label/name")] == CLASSES
+    for tool in ("labelme", "labelstudio"):
+        assert (out / tool / "classes.txt").read_text().splitlines() == CLASSES
+    back = {
+        "labelme": ["labelme", str(out / "labelme"), "--images", str(tmp_path), "--classes", str(out / "labelme" / "classes.txt")],
+        "cvat": ["cvat", str(out / "cvat" / "annotations.xml"), "--images", str(photos)],
+        "yolo": ["yolo", str(out / "yolo" / "data.yaml")],
+        "labelstudio": ["labelstudio", str(out / "labelstudio" / "tasks.json"), "--images", str(tmp_path),
+                        "--predictions", "--classes", str(out / "labelstudio" / "classes.txt")],
+    }  # fmt: skip
+    for tool, args in back.items():
+        assert main(["convert", *args, "--out", str(tmp_path / f"{tool}.json")]) == 0
+        coco = json.loads((tmp_path / f"{tool}.json").read_text())
+        assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "leaf"), (2, "bug"), (3, "moth")], tool
+        assert [a["category_id"] for a in coco["annotations"]] == [2], tool
+
+
+def test_an_export_without_detections_names_every_class(result: Result, tmp_path: Path) -> None:
+    export_all(result[:0], tmp_path / "pred")
+    assert yaml.safe_load((tmp_path / "pred" / "yolo" / "data.yaml").read_text())["names"] == dict(enumerate(CLASSES))
+    out = tmp_path / "t.json"
+    assert main(["convert", "yolo", str(tmp_path / "pred" / "yolo" / "data.yaml"), "--out", str(out)]) == 0
+    assert [c["name"] for c in json.loads(out.read_text())["categories"]] == CLASSES
+
+
+def test_convert_classes_spec_names_labels_outside_it(result: Result, tmp_path: Path, capsys) -> None:
+    export_all(result, tmp_path / "pred")  # leaf and bug
+    labels = tmp_path / "labels.txt"
+    labels.write_text("__ignore__\n_background_\nbug\n\nmoth\n")  # LabelMe's own --labels file
+    for spec in ("bug,moth", str(labels)):
+        out = tmp_path / f"t{len(spec)}.json"
+        args = ["convert", "labelme", str(tmp_path / "pred" / "labelme"), "--images", str(tmp_path)]
+        assert main([*args, "--classes", spec, "--out", str(out)]) == 0
+        coco = json.loads(out.read_text())
+        assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "bug"), (2, "moth")]
+        assert [a["category_id"] for a in coco["annotations"]] == [1]
+        skipped = f"{tmp_path / 'pred' / 'labelme' / 'p1.json'} shape 0: label 'leaf' is not in --classes"
+        assert coco["info"]["not_converted"] == [skipped]  # and not the export's manifest: found by a tester
+    assert main([*args, "--classes", "bug,bug", "--out", str(tmp_path / "x.json")]) == 2
+    assert "names bug more than once" in capsys.readouterr().err
+
+
+def test_a_rerun_on_fewer_images_removes_the_earlier_files_unless_edited(
+    result: Result, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a tester: predicting A/*.png, then A/one.png into the same --out left the first
+    run's files of the other images, so converting the folder back mixed the two runs."""
+    out, path = tmp_path / "out", Path(result.path)
+
+    def run(names: list[str]) -> None:
+        for writer in (LabelMeWriter(out), YoloWriter(out)):
+            writer.check({n: path for n in names})
+            for k, name in enumerate(names):
+                writer.add(k + 1, name, path, result)
+            writer.close()
+
+    run(["p1", "p2", "p3"])
+    stale = [out / "labelme" / "p2.json", out / "yolo" / "labels" / "p2.txt", out / "yolo" / "images" / "p2.png"]
+    assert all(p.is_file() for p in stale)
+    edited = out / "labelme" / "p3.json"
+    edited.write_text(edited.read_text().replace('"flags": {}', '"flags": {"checked": true}', 1))
+    with caplog.at_level(logging.WARNING):
+        run(["p1"])
+    assert not any(p.exists() for p in stale)  # unchanged since the first run: removed
+    assert not (out / "yolo" / "labels" / "p3.txt").exists()
+    assert edited.is_file() and "checked" in edited.read_text()  # edited: kept, and named
+    assert "kept 1 file(s) of an earlier maskrcnn predict --export" in caplog.text and "p3.json" in caplog.text
+    assert sorted(p.name for p in (out / "labelme").glob("p*.json")) == ["p1.json", "p3.json"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run(["p1"])  # said again on every rerun while it is there
+    assert "p3.json" in caplog.text and edited.is_file()
+
+
+def test_cvat_export_keeps_predicts_image_ids(result: Result, tmp_path: Path) -> None:
+    """Found by a tester: predict's image id 1 came back as 0 through CVAT."""
+    writer = CvatWriter(tmp_path / "out")
+    writer.add(7, "p1", Path(result.path), result)
+    writer.close()
+    xml = tmp_path / "out" / "cvat" / "annotations.xml"
+    assert [im.get("id") for im in ET.parse(xml).getroot().iterfind("image")] == ["7"]
+    coco = cvat_to_coco(xml, tmp_path / "photos", tmp_path / "back.json")
+    assert [im["id"] for im in coco["images"]] == [7] and {a["image_id"] for a in coco["annotations"]} == {7}

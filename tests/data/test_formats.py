@@ -130,11 +130,38 @@ def test_labelme_shapes_hand_computed(tmp_path: Path, caplog: pytest.LogCaptureF
     cats = {c["id"]: c["name"] for c in coco["categories"]}
     by = {cats[a["category_id"]]: a for a in coco["annotations"]}
     assert list(by) == ["box", "disc", "blob", "two"]
+    assert list(cats.values()) == ["box", "disc", "blob", "two"]  # not 'tip', a point: found by a tester
     assert by["box"]["bbox"] == [10, 5, 20, 15] and by["box"]["area"] == 300
     assert abs(by["disc"]["area"] - np.pi * 25) < 6  # a 32-gon of radius 5
     assert by["blob"]["bbox"] == [5, 8, 3, 2] and by["blob"]["area"] == 6  # the PNG placed at (3, 7)
     assert len(by["two"]["segmentation"]) == 2  # one instance in two parts
     assert "shape 5: a point has no area" in caplog.text
+
+
+def test_polygons_outside_the_image_are_cut_at_its_edges(tmp_path: Path) -> None:
+    """Found by a tester: vertices outside were pushed to the edge, which changes the shape (this
+    triangle kept 1142 px). Cut by y = 0 and x = 128 it is (112.5, 0), (128, 24.8), (128, 60),
+    (90, 60), (97.5, 0): the trapezoid of sides 15 and 60, height 60 (2250 px) less the right
+    triangle of legs 22 and 35.2 (387.2 px) = 1862.8 px."""
+    from PIL import Image
+
+    from maskrcnn.data.formats.common import clip_polygon
+
+    clipped = clip_polygon(np.array([[100.0, -20], [150, 60], [90, 60]]), 128.0, 128.0)
+    x, y = clipped[:, 0], clipped[:, 1]
+    assert 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) == pytest.approx(1862.8)
+    assert len(clip_polygon(np.array([[200.0, 0], [300, 0], [250, 50]]), 128.0, 128.0)) < 3  # wholly outside
+    Image.new("RGB", (128, 128)).save(tmp_path / "a.png")
+    shapes = [
+        {"label": "t", "points": [[100, -20], [150, 60], [90, 60]], "shape_type": "polygon"},
+        {"label": "t", "points": [[200, 0], [300, 0], [250, 50]], "shape_type": "polygon"},
+    ]
+    (tmp_path / "a.json").write_text(json.dumps({"shapes": shapes, "imagePath": "a.png"}))
+    coco = labelme_to_coco(tmp_path / "a.json", tmp_path / "out.json")
+    (a,) = coco["annotations"]
+    assert abs(a["area"] - 1862.8) < 20  # rasterised: pixels whose centres lie inside, give or take the edges
+    assert a["bbox"] == [90, 0, 38, 60]
+    assert coco["info"]["not_converted"] == [f"{tmp_path / 'a.json'} shape 1: no pixel inside the image"]
 
 
 # ---- CVAT ---------------------------------------------------------------------------------------
@@ -319,6 +346,9 @@ def test_yolo_errors_name_file_and_line(tmp_path: Path) -> None:
         yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json")
     with pytest.raises(DatasetError, match="no 'val' split"):
         yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json", split="val")
+    (tmp_path / "data.yaml").write_text("train: images\nnc: 5\nnames: [a]\n")  # found by a tester: accepted
+    with pytest.raises(DatasetError, match=r"data.yaml: nc is 5 but names has 1 class\(es\)$"):
+        yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json")
 
 
 # ---- what cannot be converted is named, counted, and the conversion goes on ---------------------
@@ -399,8 +429,9 @@ def test_labelstudio_names_results_and_tasks_it_cannot_convert(tmp_path: Path, c
     size = {"original_width": 40, "original_height": 30}
     poly = {**size, "type": "polygonlabels", "value": {"points": [[5, 5], [50, 5], [50, 50]], "polygonlabels": ["x"]}}
     keypoint = {**size, "type": "keypointlabels", "value": {"x": 5, "y": 5, "keypointlabels": ["x"]}}
+    both = {**poly, "value": {**poly["value"], "polygonlabels": ["x", "big y"]}}  # found by a tester: stopped all
     tasks = [
-        {"id": 1, "data": {"image": "a.png"}, "annotations": [{"result": [poly, keypoint]}]},
+        {"id": 1, "data": {"image": "a.png"}, "annotations": [{"result": [poly, keypoint, both]}]},
         {"id": 2, "data": {"image": "b.png"}, "predictions": [{"result": [poly]}]},  # nobody accepted it
         {"id": 3, "data": {"image": "c.png"}, "annotations": [{"result": [poly], "was_cancelled": True}]},
         {"id": 4, "data": {"image": "d.png"}, "annotations": [], "predictions": []},
@@ -411,13 +442,14 @@ def test_labelstudio_names_results_and_tasks_it_cannot_convert(tmp_path: Path, c
     assert [im["id"] for im in json.loads((tmp_path / "t.json").read_text())["images"]] == [1]
     assert [x.split(": task ", 1)[1] for x in listed] == [
         "1 result 1: a keypointlabels result is not an area",
+        "1 result 2: 2 labels on one region (ambiguous)",
         "2: only predictions, no annotation (--predictions converts them)",
         "3: every annotation was cancelled (skipped in Label Studio)",
         "4: no annotation",
     ]
     listed = not_converted(tmp_path, tmp_path / "t2.json", capsys, caplog, *args, "--predictions")
     assert [im["id"] for im in json.loads((tmp_path / "t2.json").read_text())["images"]] == [1, 2]
-    assert len(listed) == 3
+    assert len(listed) == 4
 
 
 def test_yolo_names_label_files_without_an_image(tmp_path: Path, capsys, caplog) -> None:

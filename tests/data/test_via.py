@@ -72,7 +72,8 @@ def test_conversion_by_hand(via_file: Path, tmp_path: Path) -> None:
     assert tri["area"] == 8 and tri["bbox"] == [10, 2, 4, 4]
     assert circle["area"] == pytest.approx(np.pi * 16, rel=0.02)  # 32-gon inscribed in r = 4
     assert circle["bbox"] == pytest.approx([6, 6, 8, 8], abs=0.1)
-    assert clipped["segmentation"] == [[0, 0, 5, 0, 5, 30]]
+    # cut at x = 0 (where the edge to (-1, 0) crosses it, y = 31 / 6) and at y = 30, not pushed to the edges
+    assert clipped["segmentation"] == [pytest.approx([5 - 6 / 31, 30, 0, 31 / 6, 0, 0, 5, 0, 5, 30])]
     # It loads back; the rectangle's mask has the 20 pixels counted by hand.
     ds = CocoDataset(tmp_path / "out" / "coco.json", tmp_path / "img")
     _, t, _ = ds[0]

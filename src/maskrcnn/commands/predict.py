@@ -148,6 +148,11 @@ def predict_files(
         with_input_size(model, input_size)
     if exporters and not model.config.masks:
         raise ValueError("--export writes mask polygons, and this model predicts boxes only")
+    if exporters:
+        from ..data.formats.common import class_list
+
+        for exporter in exporters:  # every class of the model, detected or not: ids come back unchanged
+            exporter.classes = class_list(model.config)
     predictor = Predictor(model, options)
     summary = PredictSummary(failed=failed)
     for source, name in zip(sources, names):
@@ -208,6 +213,8 @@ class OutputWriter(Protocol):
 
 class Exporter(OutputWriter, Protocol):
     """An ``--export`` writer: pre-annotations for one annotation tool (``data.formats``)."""
+
+    classes: list[str]  # the model's class names by category id (``formats.common.class_list``)
 
     def targets(self, images: dict[str, Path]) -> list[Path]:
         """The files it will write for these images (unique output name -> image file)."""

@@ -2,9 +2,9 @@
 
 Reads the "balloon-style" export (an object of entries ``{filename, size, regions,
 file_attributes}``, ``regions`` a list or, in VIA 1.x, an object) or a full VIA project file
-(entries under ``_via_img_metadata``). Region shapes: ``polygon`` is copied unchanged (vertices
-clipped to the image); ``rect``, ``circle`` and ``ellipse`` become polygons; ``point`` and
-``polyline`` (no area) are skipped with a warning.
+(entries under ``_via_img_metadata``). Region shapes: ``polygon`` is copied unchanged (cut at
+the image's edges where it crosses them, ``clip_polygon``); ``rect``, ``circle`` and ``ellipse``
+become polygons; ``point`` and ``polyline`` (no area) are skipped with a warning.
 
 Polygon ``area`` is the exact polygon area (shoelace formula) and ``bbox`` the vertices'
 extent, which is what tools that copy VIA polygons into COCO write; pycocotools' rasterised
@@ -29,7 +29,7 @@ import numpy as np
 from ..files import write_json
 from .coco import image_path, read_json
 from .errors import DatasetError
-from .formats.common import number
+from .formats.common import clip_polygon, number
 from .images import image_size
 
 logger = logging.getLogger(__name__)
@@ -186,8 +186,14 @@ def via_to_coco(
             if len(poly) < 6:
                 logger.warning("%s: skipping a polygon with %d point(s)", rwhere, len(poly) // 2)
                 continue
-            bounded = [min(max(v, 0.0), float(w if i % 2 == 0 else h)) for i, v in enumerate(poly)]
-            clipped += bounded != poly
+            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)  # (K, 2)
+            if ((xy < 0) | (xy > [w, h])).any():
+                clipped += 1
+                xy = clip_polygon(xy, float(w), float(h))
+                if len(xy) < 3:
+                    logger.warning("%s: skipping a polygon wholly outside its image", rwhere)
+                    continue
+            bounded = [float(v) for v in xy.ravel()]
             name = category_name if category_attribute is None else _category_name(region, category_attribute, rwhere)
             records.append((image_id, rwhere, bounded, name))
     if clipped:

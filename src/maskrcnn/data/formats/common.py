@@ -20,6 +20,7 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ from ..errors import DatasetError
 from ..images import image_size
 
 if TYPE_CHECKING:
+    from ...config import ModelConfig
     from ...inference.results import Result
 
 logger = logging.getLogger(__name__)
@@ -48,6 +50,37 @@ SHOWN_SKIPPED = 10
 EXPORT_TOLERANCE = 0.25
 # How converted COCO files begin their description: such a file may be replaced by a new conversion.
 CONVERTED = "converted from "
+# The file beside a LabelMe or Label Studio export that names the model's classes, one a line.
+CLASSES_FILE = "classes.txt"
+# Lines of LabelMe's own ``labels.txt`` (its ``--labels`` file) that name no class.
+NOT_CLASSES = ("__ignore__", "_background_")
+
+
+def read_classes(spec: str | Path) -> list[str]:
+    """``--classes``: a text file of one class name a line (blank lines and LabelMe's
+    ``__ignore__`` / ``_background_`` lines left out), or names separated by commas. The
+    category ids are 1..K in this order. ValueError when it names no class or one twice."""
+    path = Path(spec)
+    if path.is_file():
+        names = [n.strip() for n in path.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n and n not in NOT_CLASSES]
+    else:
+        names = [n.strip() for n in str(spec).split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--classes {spec}: names no class (a file of one name a line, or 'a,b,c')")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--classes {spec}: names {', '.join(twice)} more than once")
+    return names
+
+
+def class_list(config: ModelConfig) -> list[str]:
+    """The model's classes by category id: entry ``c - 1`` names category id ``c``, for every id
+    1..the largest (``class_<label>`` for an unnamed label, ``class_<c>`` for an id no label
+    has). What the exports carry, so that ``convert --classes`` numbers them as the model does."""
+    categories = config.label_categories()[1:]
+    names = {c: n or f"class_{k + 1}" for k, (c, n) in enumerate(zip(categories, config.label_names()[1:]))}
+    return [names.get(c, f"class_{c}") for c in range(1, max(categories, default=0) + 1)]
 
 
 def number(value: Any, where: str, what: str = "coordinate") -> float:
@@ -80,6 +113,31 @@ def rotated_rect(x1: float, y1: float, x2: float, y2: float, theta: float = 0.0,
         c, s = math.cos(theta), math.sin(theta)
         corners = (corners - origin) @ np.array([[c, s], [-s, c]]) + origin
     return [float(v) for v in corners.ravel()]
+
+
+def clip_polygon(xy: np.ndarray, width: float, height: float) -> np.ndarray:
+    """The part of polygon ``xy`` ((K, 2) x, y) inside the image ``0..width`` x ``0..height``:
+    Sutherland-Hodgman against the four edges, exact for a rectangle. (Pushing each vertex
+    outside to the edge instead changes the shape: a triangle with one corner 20 px above a
+    128 x 128 image kept 1142 of its 1863 px inside.) Returns (M, 2), M < 3 when nothing is
+    inside; a concave polygon cut in two comes back joined along the edge (no area there)."""
+    for axis, bound, keep_below in ((0, 0.0, False), (0, width, True), (1, 0.0, False), (1, height, True)):
+        if len(xy) == 0:
+            break
+        inside = xy[:, axis] <= bound if keep_below else xy[:, axis] >= bound
+        prev, prev_in = xy[-1], inside[-1]
+        out = []
+        for cur, cur_in in zip(xy, inside):
+            if cur_in != prev_in:  # the edge prev -> cur crosses the line: add the crossing
+                t = (bound - prev[axis]) / (cur[axis] - prev[axis])
+                point = prev + t * (cur - prev)
+                point[axis] = bound
+                out.append(point)
+            if cur_in:
+                out.append(cur)
+            prev, prev_in = cur, cur_in
+        xy = np.array(out, dtype=np.float64).reshape(-1, 2)
+    return xy
 
 
 @dataclass
@@ -141,12 +199,18 @@ class CocoBuilder:
             if len(poly) < 6 or len(poly) % 2:
                 self.skip(where, "a polygon of fewer than 3 points")
                 continue
-            bounded = [min(max(v, 0.0), float(image.width if i % 2 == 0 else image.height)) for i, v in enumerate(poly)]
-            if any(abs(a - b) > EDGE_TOLERANCE for a, b in zip(bounded, poly)):
+            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)  # (K, 2)
+            size = np.array([image.width, image.height], dtype=np.float64)
+            if ((xy < -EDGE_TOLERANCE) | (xy > size + EDGE_TOLERANCE)).any():
                 self.clipped += 1
-            kept.append(bounded)
+                xy = clip_polygon(xy, float(image.width), float(image.height))
+                if len(xy) < 3:  # wholly outside
+                    continue
+            kept.append([float(v) for v in xy.ravel()])
         if kept:
             self.instances.append((image.id, category, kept, where))
+        elif polygons:
+            self.skip(where, "no pixel inside the image")
 
     def add_parts(self, image: _Image, category: str, parts: list[list[float] | np.ndarray], where: str) -> None:
         """One instance drawn in several parts (a tool's group): flat polygons, or (H, W) bool
@@ -178,16 +242,29 @@ class CocoBuilder:
         warning counts, so it names no particular file or shape."""
         self.skipped.append((where, why))
 
-    def write(self, out_json: str | Path, tool: str, category_order: list[str] | None = None) -> dict[str, Any]:
-        """Write the COCO JSON (categories in ``category_order``, then any other name sorted; ids
-        1..K) and read it back with ``read_coco``. Returns the dict written."""
+    def write(
+        self,
+        out_json: str | Path,
+        tool: str,
+        classes: Sequence[str] | None = None,
+        declared: Sequence[str] = (),
+        seen: Sequence[str] = (),
+    ) -> dict[str, Any]:
+        """Write the COCO JSON and read it back with ``read_coco``. Returns the dict written.
+
+        Categories, ids 1..K: ``classes`` (``--classes``) exactly, in its order, an instance of
+        any other label named as not converted; else the file's own class list ``declared``
+        (CVAT ``<labels>``, YOLO ``names``), every one kept, then the other labels of converted
+        instances in ``seen`` order (first appearance), then sorted; a label that only shapes
+        that were not converted carry is no category.
+        """
         out_json = Path(out_json)
         refuse_replacing(out_json, self.source)
-        names = list(dict.fromkeys(category_order or []))
-        names += sorted({c for _, c, _, _ in self.instances} - set(names))
-        ids = {name: k + 1 for k, name in enumerate(names)}
         annotations = []
         for image_id, category, seg, where in self.instances:
+            if classes is not None and category not in classes:
+                self.skip(where, f"label {category!r} is not in --classes")
+                continue
             im = self._ids[image_id]
             rle = (
                 mask_util.merge(mask_util.frPyObjects(seg, im.height, im.width))
@@ -201,13 +278,21 @@ class CocoBuilder:
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
-                    "category_id": ids[category],
+                    "category_id": category,  # its name until the ids are known
                     "iscrowd": 0,
                     "segmentation": seg,
                     "area": float(mask_util.area(rle)),
                     "bbox": [float(v) for v in mask_util.toBbox(rle)],
                 }
             )
+        if classes is not None:
+            names = list(classes)
+        else:
+            used = {a["category_id"] for a in annotations}
+            names = list(dict.fromkeys([*declared, *(n for n in seen if n in used), *sorted(used)]))
+        ids = {name: k + 1 for k, name in enumerate(names)}
+        for a in annotations:
+            a["category_id"] = ids[a["category_id"]]
         coco = {
             "info": {"description": f"{CONVERTED}{tool} {self.source.name}"},
             "images": [vars(im) for im in self.images],
@@ -271,7 +356,10 @@ class ExportFolder:
     manifest of what it wrote.
 
     ``check`` refuses (ValueError) to replace a file that the manifest does not vouch for;
-    ``write`` writes atomically and records the digest; ``close`` saves the manifest.
+    ``write`` writes atomically and records the digest; ``close`` saves the manifest and, with
+    ``remove_stale``, removes the files of an earlier run that this one did not write (a rerun on
+    fewer images must not leave the others' pre-annotations to be converted with its own), but
+    only those still as written: an edited one is kept and named in a warning.
 
     Args:
         root: the folder.
@@ -288,6 +376,7 @@ class ExportFolder:
             self.digests: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, ValueError):
             self.digests = {}
+        self.written: set[str] = set()
 
     def check(self, paths: list[Path]) -> None:
         for p in paths:
@@ -301,12 +390,37 @@ class ExportFolder:
         self.check([path])
         atomic_write(path, lambda f: f.write(data))
         self.digests[self._key(path)] = hashlib.sha256(data).hexdigest()
+        self.written.add(self._key(path))
 
-    def close(self) -> None:
+    def close(self, remove_stale: bool = False) -> None:
+        edited = []
+        for key in sorted(set(self.digests) - self.written) if remove_stale else []:
+            path = self.root / key
+            if _digest(path) == self.digests[key]:
+                path.unlink()
+            elif path.exists():
+                edited.append(key)
+                continue  # still vouched for as it was written: a later run warns again
+            del self.digests[key]
+        if edited:
+            logger.warning(
+                "%s: kept %d file(s) of an earlier %s that this run did not write, since they were edited: "
+                "%s; they are not this run's predictions (delete or move them before converting the folder)",
+                self.root,
+                len(edited),
+                self.made_by,
+                ", ".join(edited),
+            )
         write_json(self.digests, self.root / self.MANIFEST, indent=1)
 
     def _key(self, path: Path) -> str:
         return Path(os.path.relpath(path, self.root)).as_posix()
+
+
+def write_classes(folder: ExportFolder, names: Sequence[str]) -> None:
+    """``folder/classes.txt``: ``names`` (once each, in order), one a line."""
+    text = "".join(f"{n}\n" for n in dict.fromkeys(names))
+    folder.write(folder.root / CLASSES_FILE, text.encode("utf-8"))
 
 
 def _digest(path: Path) -> str | None:

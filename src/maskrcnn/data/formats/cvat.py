@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -91,7 +92,11 @@ def _polygon(el: ET.Element, where: str) -> list[float]:
 
 
 def cvat_to_coco(
-    xml_file: str | Path, image_dir: str | Path, out_json: str | Path, allow_outside_root: bool = False
+    xml_file: str | Path,
+    image_dir: str | Path,
+    out_json: str | Path,
+    allow_outside_root: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert a CVAT for images 1.1 XML export to COCO JSON and write it.
 
@@ -100,10 +105,11 @@ def cvat_to_coco(
         image_dir: folder holding the images under the names in the file.
         out_json: COCO JSON to write.
         allow_outside_root: accept names that are absolute or lead out of ``image_dir``.
+        classes: the class names, category ids 1.. in this order (``--classes``); an instance of
+            another label is named as not converted. None: the file's label list, in its order (then any other label, sorted).
 
     Returns:
-        The COCO dict: CVAT's image ids, one annotation per area shape, categories in the
-        order of the file's label list (then any other label, sorted).
+        The COCO dict: CVAT's image ids, one annotation per area shape (or group).
 
     Raises:
         DatasetError: unparsable XML, a malformed shape (named by image and shape index), a
@@ -151,7 +157,7 @@ def cvat_to_coco(
             builder.add_parts(image, label, [p for _, p in parts], parts[0][0])
     if not builder.images:
         raise DatasetError(f"{xml_file}: no <image> elements")
-    return builder.write(out_json, "CVAT", labels)
+    return builder.write(out_json, "CVAT", classes, declared=labels)
 
 
 class CvatWriter:
@@ -161,18 +167,23 @@ class CvatWriter:
     from the same images ("Upload annotations", format "CVAT 1.1"); CVAT matches images by
     name, and ``name`` is the image's path relative to the folder holding all the exported
     images (its base name when they share one folder), so names are unique and the same on
-    every run over those images. Scores are not written: an attribute the task's labels do not
-    declare would make CVAT refuse the file.
+    every run over those images; image ids are predict's (``predictions.json``), which
+    ``cvat_to_coco`` keeps. Scores are not written: an attribute the task's labels do not
+    declare would make CVAT refuse the file. ``<labels>`` lists every class of the model in
+    category id order, so ``convert cvat`` numbers them back as the model does.
 
     Args:
         out: predict's output folder.
+        classes: the model's class names by category id (``common.class_list``), all written
+            whether detected or not, so ``convert`` numbers them back as the model does.
         tolerance: polygon simplification in pixels.
     """
 
-    def __init__(self, out: Path, tolerance: float = EXPORT_TOLERANCE) -> None:
+    def __init__(self, out: Path, classes: Sequence[str] = (), tolerance: float = EXPORT_TOLERANCE) -> None:
         self.folder = ExportFolder(Path(out) / "cvat", "maskrcnn predict --export")
+        self.classes = list(classes)
         self.tolerance = tolerance
-        self.labels: list[str] = []
+        self.labels: list[str] = []  # labels detected, for those that ``classes`` lacks
         self.images: list[tuple[Path, ET.Element]] = []  # absolute path, <image> without its name
         self.groups = 0
 
@@ -184,7 +195,7 @@ class CvatWriter:
 
     def add(self, image_id: int, name: str, path: Path, result: Result) -> None:
         h, w = result.image_size
-        image = ET.Element("image", id=str(len(self.images)), name="", width=str(w), height=str(h))
+        image = ET.Element("image", id=str(image_id), name="", width=str(w), height=str(h))  # predict's id
         for _, label, _, rings in detection_rings(result, self.tolerance):
             if label not in self.labels:
                 self.labels.append(label)
@@ -204,7 +215,7 @@ class CvatWriter:
         ET.SubElement(root, "version").text = "1.1"
         meta = ET.SubElement(root, "meta")
         labels = ET.SubElement(ET.SubElement(meta, "task"), "labels")
-        for name in self.labels:
+        for name in dict.fromkeys([*self.classes, *self.labels]):
             label = ET.SubElement(labels, "label")
             ET.SubElement(label, "name").text = name
             ET.SubElement(label, "type").text = "polygon"
@@ -217,4 +228,4 @@ class CvatWriter:
         ET.indent(root)
         data = b'<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode").encode("utf-8")
         self.folder.write(self.folder.root / "annotations.xml", data)
-        self.folder.close()
+        self.folder.close(remove_stale=True)

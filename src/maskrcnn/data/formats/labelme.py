@@ -10,7 +10,8 @@ Shapes: ``polygon`` (3+ points); ``rectangle`` (two opposite corners); ``circle`
 point on the circle) as a 32-gon; ``mask`` (LabelMe 5.3+: a base64 PNG of the box given by two
 points). Shapes sharing a ``group_id`` and label are one instance (LabelMe's way of drawing an
 object in several parts). ``point``, ``line``, ``linestrip`` and ``points`` have no area; they,
-shapes of another type and JSON files that are not LabelMe's are named as not converted.
+shapes of another type and JSON files that are not LabelMe's are named as not converted (the
+``.maskrcnn-export.json`` manifest of ``predict --export`` is passed over).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +31,16 @@ from PIL import Image
 
 from ..coco import read_json
 from ..errors import DatasetError
-from .common import EXPORT_TOLERANCE, CocoBuilder, ExportFolder, detection_rings, ellipse, number
+from .common import (
+    CLASSES_FILE,
+    EXPORT_TOLERANCE,
+    CocoBuilder,
+    ExportFolder,
+    detection_rings,
+    ellipse,
+    number,
+    write_classes,
+)
 
 if TYPE_CHECKING:
     from ...inference.results import Result
@@ -85,7 +96,11 @@ def _polygon(kind: str, pts: list[tuple[float, float]]) -> list[float] | None:
 
 
 def labelme_to_coco(
-    source: str | Path, out_json: str | Path, image_dir: str | Path | None = None, allow_outside_root: bool = False
+    source: str | Path,
+    out_json: str | Path,
+    image_dir: str | Path | None = None,
+    allow_outside_root: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert a folder of LabelMe JSON files (or one file) to COCO JSON and write it.
 
@@ -94,17 +109,20 @@ def labelme_to_coco(
         out_json: COCO JSON to write.
         image_dir: folder COCO ``file_name`` is relative to (default: the source folder).
         allow_outside_root: accept images that lie outside ``image_dir``.
+        classes: the class names, category ids 1.. in this order (``--classes``); an instance of
+            another label is named as not converted. None: the labels of converted shapes, in order of first appearance.
 
     Returns:
-        The COCO dict: image ids 1.. in file-name order, one annotation per shape (or group),
-        categories the labels in order of first appearance.
+        The COCO dict: image ids 1.. in file-name order, one annotation per shape (or group).
 
     Raises:
         DatasetError: unreadable JSON, a malformed shape (named by file and shape index), an
             image missing or of another size than ``imageWidth`` x ``imageHeight``.
     """
     source = Path(source)
-    files = sorted(source.rglob("*.json")) if source.is_dir() else [source]
+    files = (
+        sorted(p for p in source.rglob("*.json") if p.name != ExportFolder.MANIFEST) if source.is_dir() else [source]
+    )
     if not files or not source.exists():
         raise DatasetError(f"no LabelMe JSON files found at {source}")
     root = Path(image_dir) if image_dir is not None else (source if source.is_dir() else source.parent)
@@ -145,27 +163,34 @@ def labelme_to_coco(
             builder.add_parts(image, label, [p for _, p in parts], parts[0][0])
     if not builder.images:
         raise DatasetError(f"no LabelMe JSON files found at {source}")
-    return builder.write(out_json, "LabelMe", list(dict.fromkeys(order)))
+    return builder.write(out_json, "LabelMe", classes, seen=order)
 
 
 class LabelMeWriter:
     """Predictions as LabelMe files ``out/labelme/<name>.json``, one polygon shape per part of
     each mask (parts of one detection share a ``group_id``), the score in ``description``.
 
+    At ``close``, ``out/labelme/classes.txt``: the class names, one a line in category id order
+    (LabelMe's ``--labels`` file; ``convert labelme --classes`` numbers the classes by it).
+
     Open the folder in LabelMe (``labelme out/labelme``): ``imagePath`` points back at the image,
     relative to the JSON file. Holes in masks are not kept (LabelMe polygons have none).
 
     Args:
         out: predict's output folder.
+        classes: the model's class names by category id (``common.class_list``), all written
+            whether detected or not, so ``convert`` numbers them back as the model does.
         tolerance: polygon simplification in pixels (``polygons.mask_polygons``).
     """
 
-    def __init__(self, out: Path, tolerance: float = EXPORT_TOLERANCE) -> None:
+    def __init__(self, out: Path, classes: Sequence[str] = (), tolerance: float = EXPORT_TOLERANCE) -> None:
         self.folder = ExportFolder(Path(out) / "labelme", "maskrcnn predict --export")
+        self.classes = list(classes)
+        self.seen: list[str] = []  # labels detected, for those that ``classes`` lacks
         self.tolerance = tolerance
 
     def targets(self, images: dict[str, Path]) -> list[Path]:
-        return [self.folder.root / f"{n}.json" for n in images]
+        return [*(self.folder.root / f"{n}.json" for n in images), self.folder.root / CLASSES_FILE]
 
     def check(self, images: dict[str, Path]) -> None:
         self.folder.check(self.targets(images))
@@ -174,6 +199,7 @@ class LabelMeWriter:
         target = self.folder.root / f"{name}.json"
         shapes = []
         for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
+            self.seen.append(label)
             for ring in rings:
                 shapes.append(
                     {
@@ -199,4 +225,5 @@ class LabelMeWriter:
         self.folder.write(target, json.dumps(doc, indent=1).encode("utf-8"))
 
     def close(self) -> None:
-        self.folder.close()
+        write_classes(self.folder, [*self.classes, *self.seen])
+        self.folder.close(remove_stale=True)

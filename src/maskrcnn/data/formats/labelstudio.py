@@ -8,7 +8,7 @@ The export is a list of tasks ``{"id", "data": {"image": url}, "annotations": [{
 rotation``: degrees clockwise about the top-left corner), ``ellipselabels`` (``x, y`` centre,
 ``radiusX, radiusY, rotation``) and ``brushlabels`` (``format: "rle"``, ``rle``: Label Studio's
 own bit-packed run-length code of the RGBA pixels, see ``decode_brush``). Other result types
-(keypoints, choices, text) are named as not converted.
+(keypoints, choices, text) and a region with several labels are named as not converted.
 
 Which results: a task's first annotation that is not cancelled (Label Studio keeps one per
 annotator): what a person submitted. ``predictions`` are pre-annotations nobody has accepted
@@ -35,6 +35,7 @@ import math
 import os
 import re
 import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,7 @@ from pycocotools import mask as mask_util
 from ..coco import read_json
 from ..errors import DatasetError
 from .common import (
+    CLASSES_FILE,
     EXPORT_TOLERANCE,
     CocoBuilder,
     ExportFolder,
@@ -51,6 +53,7 @@ from .common import (
     ellipse,
     number,
     rotated_rect,
+    write_classes,
 )
 
 if TYPE_CHECKING:
@@ -161,6 +164,7 @@ def labelstudio_to_coco(
     out_json: str | Path,
     image_key: str = "image",
     predictions: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert a Label Studio JSON export to COCO JSON and write it.
 
@@ -171,6 +175,8 @@ def labelstudio_to_coco(
         out_json: COCO JSON to write.
         image_key: the key of ``task["data"]`` holding the image URL (the ``<Image value="$image">``).
         predictions: convert a task that has no annotation from its first prediction.
+        classes: the class names, category ids 1.. in this order (``--classes``); an instance of
+            another label is named as not converted. None: the labels of converted results, in order of first appearance.
 
     Returns:
         The COCO dict: Label Studio's task ids as image ids (1, 2, ... past the largest for
@@ -218,8 +224,11 @@ def labelstudio_to_coco(
                 continue
             value = r.get("value")
             names = value.get(kind) if isinstance(value, dict) else None
-            if not isinstance(names, list) or len(names) != 1 or not isinstance(names[0], str):
-                raise DatasetError(f"{rwhere}: value.{kind} must name exactly one label, got {names!r:.60}")
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise DatasetError(f"{rwhere}: value.{kind} must be a list of label names, got {names!r:.60}")
+            if len(names) > 1:  # an instance has one category
+                builder.skip(rwhere, f"{len(names)} labels on one region (ambiguous)")
+                continue
             order.append(names[0])
             part = _shape(kind, value, image.width, image.height, rwhere)
             if isinstance(part, np.ndarray):
@@ -229,7 +238,7 @@ def labelstudio_to_coco(
     if not builder.images:
         reasons = "; ".join(sorted({why for _, why in builder.skipped}))
         raise DatasetError(f"{export_json}: no task to convert" + (f" ({reasons})" if reasons else ""))
-    return builder.write(out_json, "Label Studio", list(dict.fromkeys(order)))
+    return builder.write(out_json, "Label Studio", classes, seen=order)
 
 
 def _results(task: dict[str, Any], predictions: bool, where: str, builder: CocoBuilder) -> list[Any] | None:
@@ -261,7 +270,8 @@ class LabelStudioWriter:
     mask in several, since a Label Studio polygon has one ring and regions have no groups. The
     labelling config: ``<Image name="image" value="$image"/>``, ``<PolygonLabels name="label"
     toName="image">`` and ``<BrushLabels name="brush" toName="image">``, both with the model's
-    class names. Import the file into the project ("Import", JSON).
+    class names. Import the file into the project ("Import", JSON). Beside it ``classes.txt``, the
+    model's class names one a line in category id order (``convert labelstudio --classes``).
 
     The image URL is Label Studio's local-files URL of the image's path relative to
     ``document_root``: start Label Studio with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true``
@@ -270,18 +280,28 @@ class LabelStudioWriter:
     Args:
         out: predict's output folder.
         document_root: the folder image paths are made relative to (default: the current one).
+        classes: the model's class names by category id (``common.class_list``), all written
+            whether detected or not, so ``convert`` numbers them back as the model does.
         tolerance: polygon simplification in pixels.
     """
 
-    def __init__(self, out: Path, document_root: Path | None = None, tolerance: float = EXPORT_TOLERANCE) -> None:
+    def __init__(
+        self,
+        out: Path,
+        document_root: Path | None = None,
+        classes: Sequence[str] = (),
+        tolerance: float = EXPORT_TOLERANCE,
+    ) -> None:
         self.folder = ExportFolder(Path(out) / "labelstudio", "maskrcnn predict --export")
+        self.classes = list(classes)
+        self.seen: list[str] = []  # labels detected, for those that ``classes`` lacks
         self.root = Path(document_root or Path.cwd()).resolve()
         self.tolerance = tolerance
         self.tasks: list[dict[str, Any]] = []
         self.outside = 0  # images outside the document root, which Label Studio will not serve
 
     def targets(self, images: dict[str, Path]) -> list[Path]:
-        return [self.folder.root / "tasks.json"]
+        return [self.folder.root / "tasks.json", self.folder.root / CLASSES_FILE]
 
     def check(self, images: dict[str, Path]) -> None:
         self.folder.check(self.targets(images))
@@ -290,6 +310,7 @@ class LabelStudioWriter:
         h, w = result.image_size
         results = []
         for k, (_, label, score, rings) in enumerate(detection_rings(result, self.tolerance)):
+            self.seen.append(label)
             region = {
                 "id": f"{image_id}_{k}",
                 "to_name": "image",
@@ -333,4 +354,5 @@ class LabelStudioWriter:
                 self.root,
             )
         self.folder.write(self.folder.root / "tasks.json", json.dumps(self.tasks, indent=1).encode("utf-8"))
-        self.folder.close()
+        write_classes(self.folder, [*self.classes, *self.seen])
+        self.folder.close(remove_stale=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,8 @@ def class_names(data: dict[str, Any], where: str) -> list[str]:
         names = [names[k] for k in range(len(names))]
     if not isinstance(names, list) or not names:
         raise DatasetError(f"{where}: 'names' must be a non-empty list or dict")
+    if data.get("nc") is not None and data["nc"] != len(names):
+        raise DatasetError(f"{where}: nc is {data['nc']!r} but names has {len(names)} class(es)")
     return [str(n) for n in names]
 
 
@@ -95,7 +98,11 @@ def _orphan_labels(root: Path, entry: Any, images: list[Path]) -> list[Path]:
 
 
 def yolo_to_coco(
-    data_yaml: str | Path, out_json: str | Path, split: str = "train", allow_outside_root: bool = False
+    data_yaml: str | Path,
+    out_json: str | Path,
+    split: str = "train",
+    allow_outside_root: bool = False,
+    classes: Sequence[str] | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Convert one split of a YOLO segmentation dataset to COCO JSON and write it.
 
@@ -104,6 +111,8 @@ def yolo_to_coco(
         out_json: COCO JSON to write.
         split: ``train``, ``val`` or ``test`` (a key of the YAML).
         allow_outside_root: accept images listed outside the dataset root.
+        classes: the class names, category ids 1.. in this order (``--classes``); an instance of
+            another label is named as not converted. None: ``names``, in class index order.
 
     Returns:
         The COCO dict (image ids 1.. in the split's order, ``file_name`` relative to the root,
@@ -151,7 +160,7 @@ def yolo_to_coco(
             builder.add_polygons(image, names[cls], [poly], where)
     if not builder.images:
         raise DatasetError(f"{data_yaml}: the {split} split holds no images")
-    return builder.write(out_json, "YOLO", names), root
+    return builder.write(out_json, "YOLO", classes, declared=names), root
 
 
 def bridged(rings: list[np.ndarray]) -> np.ndarray:
@@ -179,13 +188,16 @@ class YoloWriter:
 
     Args:
         out: predict's output folder.
-        names: class names by class index (default: those seen in the predictions, ``class_<c>`` for gaps).
+        classes: the model's class names by category id (``common.class_list``), class index
+            ``c`` naming category ``c + 1``: all in ``names`` whether detected or not (default:
+            the names of those detected, ``class_<c>`` for gaps).
         tolerance: polygon simplification in pixels.
     """
 
-    def __init__(self, out: Path, names: list[str] | None = None, tolerance: float = EXPORT_TOLERANCE) -> None:
+    def __init__(self, out: Path, classes: Sequence[str] = (), tolerance: float = EXPORT_TOLERANCE) -> None:
         self.folder = ExportFolder(Path(out) / "yolo", "maskrcnn predict --export")
-        self.names: dict[int, str] = dict(enumerate(names or []))
+        self.classes = list(classes)
+        self.names: dict[int, str] = {}  # class index -> name, of those detected
         self.tolerance = tolerance
         self.copied = 0
 
@@ -216,15 +228,15 @@ class YoloWriter:
     def close(self) -> None:
         import yaml
 
-        count = max(self.names, default=-1) + 1
-        names = {c: self.names.get(c, f"class_{c}") for c in range(count)}
+        names = {**self.names, **dict(enumerate(self.classes))}
+        names = {c: names.get(c, f"class_{c}") for c in range(max(names, default=-1) + 1)}
         data = {
             "path": str(self.folder.root.resolve()),
             "train": "images",
             "val": "images",
             "names": names,
-            "nc": count,
+            "nc": len(names),
         }
         self.folder.write(self.folder.root / "data.yaml", yaml.safe_dump(data, sort_keys=False).encode())
-        self.folder.close()
+        self.folder.close(remove_stale=True)
         logger.info("copied %d image(s) into %s, beside their labels", self.copied, self.folder.root / "images")
