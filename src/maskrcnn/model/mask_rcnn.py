@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..structures import Detections, ImageBatch, ModelOutput, Targets
 from .backbone import ResNetBody
 from .fpn import FPN
+from .layout import conv_layout
 from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 from .transform import Preprocessor, to_original_frame
@@ -48,8 +49,7 @@ class Backbone(nn.Module):
         self.out_channels = fpn.out_channels
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        # NHWC convolutions are ~25% faster than NCHW with oneDNN on CPU (measured on R50-FPN).
-        return self.fpn(self.body(x.contiguous(memory_format=torch.channels_last)))
+        return self.fpn(self.body(conv_layout(x)))  # NHWC where oneDNN is faster with it
 
 
 class MaskRCNN(nn.Module):
