@@ -312,6 +312,7 @@ def test_ctrl_c_saves_the_current_iteration_and_resume_continues_exactly(shapes,
     }  # 2 iterations per epoch
     train(tiny_train_config(shapes, tmp_path / "full", **common))
     cut = tiny_train_config(shapes, tmp_path / "cut", **common)
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN when started under nohup
     with monkeypatch.context() as m:
         _ctrl_c_at(m, 3, how)
         with pytest.raises(TrainingInterrupted) as err:
@@ -319,7 +320,7 @@ def test_ctrl_c_saves_the_current_iteration_and_resume_continues_exactly(shapes,
     assert err.value.iteration == saved_at
     state = read_file(tmp_path / "cut" / "last.pth")["train_state"]
     assert state["iteration"] == saved_at and (state["epoch"], state["batch"]) == (1, saved_at - 2)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the trainer's handler is gone
+    assert signal.getsignal(signal.SIGINT) is before  # the trainer's handler is gone, the caller's is back
 
     resumed = train(cut, resume=True)
     assert resumed["stopped"] == "completed" and resumed["iterations"] == 4
