@@ -2,12 +2,10 @@
 
     python benchmarks/bench_openvino.py [--weights W.pth] [--onnx model.onnx] [--image IMG] [--runs 7] [--threads N]
 
-Measures whether OpenVINO earns a backend (issue 22). OpenVINO reads the ``maskrcnn export`` file
-itself; everything around the graph (resizing, boxes back to the image, mask pasting) is the
-package's own, as for ONNX Runtime (``OnnxModel``). OpenVINO runs in float32
-(``INFERENCE_PRECISION_HINT``): on CPUs with bf16 its default is bf16, which would not give the
-same detections. Prints the three medians of interleaved runs and how far OpenVINO's detections
-are from ONNX Runtime's. Needs ``pip install openvino onnx`` (a reference tool, not a dependency).
+The same checkpoint as PyTorch, as its ``maskrcnn export`` ONNX file in ONNX Runtime and as its
+``--out model.xml`` export in OpenVINO (``OpenVinoModel``, float32), through the same predict.
+Prints the three medians of interleaved runs and how far OpenVINO's detections are from ONNX
+Runtime's. Needs ``pip install 'maskrcnn[openvino]'``.
 """
 
 from __future__ import annotations
@@ -26,42 +24,12 @@ import torch
 import maskrcnn
 from maskrcnn.data.images import load_rgb
 from maskrcnn.weights.export import export
-from maskrcnn.weights.onnx_model import OnnxModel, read_config
+from maskrcnn.weights.onnx_model import OnnxModel
+from maskrcnn.weights.openvino_model import OpenVinoModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import FIXTURE, parity_checkpoint  # noqa: E402
 from bench_onnx import cpu_model, timed  # noqa: E402
-
-
-class OpenVinoModel(OnnxModel):
-    """``OnnxModel`` with OpenVINO's compiled model in place of the ONNX Runtime session."""
-
-    def __init__(self, path: Path, threads: int, precision: str = "f32") -> None:
-        import onnx
-        import openvino as ov
-
-        self.path = Path(path)
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        self.config = read_config(self.path, meta)
-        from maskrcnn.model.build import build_preprocessor
-
-        self.preprocess = build_preprocessor(self.config.transform).eval()
-        self.device = torch.device("cpu")
-        core = ov.Core()
-        self.compiled = core.compile_model(
-            core.read_model(str(path)),
-            "CPU",
-            {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"},
-        )
-        self.request = self.compiled.create_infer_request()
-        # The ONNX file's output names (OpenVINO may list an inner tensor's name first).
-        self.outputs = [
-            n for o in self.compiled.outputs for n in o.get_names() if n in ("boxes", "scores", "labels", "masks")
-        ]
-
-    def run_graph(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        res = self.request.infer(feed)
-        return {name: np.array(res[self.compiled.output(name)]) for name in self.outputs}
 
 
 def agreement(a: Any, b: Any, box_tol: float = 0.05, score_tol: float = 1e-3) -> str:
@@ -97,8 +65,8 @@ def main() -> int:
         onnx_path = Path(args.onnx) if args.onnx else export(weights, Path(tmp) / "model.onnx")
         models = {
             "pytorch": maskrcnn.load(weights),
-            "onnxruntime": maskrcnn.OnnxModel(onnx_path, threads=threads),
-            "openvino": OpenVinoModel(onnx_path, threads),
+            "onnxruntime": OnnxModel(onnx_path, threads=threads),
+            "openvino": OpenVinoModel(export(weights, Path(tmp) / "model.xml"), threads=threads),  # maskrcnn export
         }
         image = load_rgb(args.image)
         ort_result = models["onnxruntime"].predict(image, keep_images=False)

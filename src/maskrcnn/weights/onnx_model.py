@@ -54,8 +54,16 @@ class OnnxModel:
     training = False  # inference only: the graph computes no losses
 
     def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None) -> None:
-        ort = _runtime()
         self.path = Path(path)
+        metadata = self.open_graph(threads)
+        self.config = config or read_config(self.path, metadata)
+        self.preprocess = build_preprocessor(self.config.transform).eval()
+        self.device = torch.device("cpu")
+
+    def open_graph(self, threads: int | None) -> dict[str, str]:
+        """Open ``self.path`` in the runtime and set ``self.outputs``; returns the file's
+        ``maskrcnn.*`` metadata (another runtime replaces this and ``run_graph`` only)."""
+        ort = _runtime()
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
@@ -64,10 +72,8 @@ class OnnxModel:
         except Exception as e:  # noqa: BLE001  onnxruntime raises its own types for bad files
             first_line = (str(e).strip().splitlines() or [""])[0]
             raise ValueError(f"cannot read ONNX model {self.path}: {first_line}") from None
-        self.config = config or read_config(self.path, self.session.get_modelmeta().custom_metadata_map)
-        self.preprocess = build_preprocessor(self.config.transform).eval()
-        self.device = torch.device("cpu")
         self.outputs = [o.name for o in self.session.get_outputs()]
+        return self.session.get_modelmeta().custom_metadata_map
 
     def eval(self) -> OnnxModel:
         return self

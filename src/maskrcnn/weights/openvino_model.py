@@ -23,11 +23,8 @@ from typing import Any
 from xml.etree import ElementTree
 
 import numpy as np
-import torch
 
-from ..config import ModelConfig
-from ..model.build import build_preprocessor
-from .onnx_model import OnnxModel, read_config
+from .onnx_model import OnnxModel
 
 SUFFIX = ".xml"  # the graph; the weights are the .bin beside it
 _HEAD_BYTES = 512  # an IR's <net> element is within its first lines
@@ -101,19 +98,15 @@ class OpenVinoModel(OnnxModel):
         ValueError: the file is not an IR written by ``maskrcnn export``.
     """
 
-    def __init__(self, path: str | Path, config: ModelConfig | None = None, threads: int | None = None) -> None:
+    def open_graph(self, threads: int | None) -> dict[str, str]:
         ov = _openvino()
-        self.path = Path(path)
-        core = ov.Core()
         check_weights(self.path)
+        core = ov.Core()
         try:
             graph = core.read_model(str(self.path))
         except Exception as e:  # noqa: BLE001  OpenVINO raises its own types for bad files
             first_line = (str(e).strip().splitlines() or [""])[0]
             raise ValueError(f"cannot read OpenVINO model {self.path}: {first_line}") from None
-        self.config = config or read_config(self.path, ir_metadata(self.path))
-        self.preprocess = build_preprocessor(self.config.transform).eval()
-        self.device = torch.device("cpu")
         settings: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads is not None:
             settings["INFERENCE_NUM_THREADS"] = threads
@@ -122,6 +115,7 @@ class OpenVinoModel(OnnxModel):
         # The ONNX output names (OpenVINO may list an inner tensor's name of the same output first).
         wanted = {"boxes", "scores", "labels", "masks"}
         self.outputs = [name for out in self.compiled.outputs for name in out.get_names() if name in wanted]
+        return ir_metadata(self.path)
 
     def run_graph(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         found = self.request.infer(feed)
