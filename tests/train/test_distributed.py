@@ -11,6 +11,7 @@ keeps only the ground-truth boxes themselves as positives, and BatchNorm is froz
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import socket
@@ -22,10 +23,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from PIL import Image
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 import maskrcnn
 from maskrcnn.config import ConfigError, ModelConfig, from_dict, to_dict
@@ -276,12 +279,20 @@ def _nan_in_process_1(rank: int, port: int, cfg: TrainConfig, out: str) -> None:
         return result
 
     MaskRCNN.forward = poisoned
+    destroy, alive = dist.destroy_process_group, []
+
+    def counting_destroy(*args, **kwargs):  # the DDP wrappers still alive as the group is left
+        alive.append(sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        return destroy(*args, **kwargs)
+
+    dist.destroy_process_group = counting_destroy
     try:
         train(cfg)
         message = "no error"
     except NonFiniteLossError as e:
         message = str(e)
     Path(out, f"rank{rank}.txt").write_text(message)
+    Path(out, f"alive{rank}.txt").write_text(str(alive))
 
 
 def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
@@ -302,6 +313,9 @@ def test_a_nan_in_one_process_stops_every_process_with_the_message(tmp_path):
         "non-finite loss at iteration 2" in messages[0] and "rank 1: " in messages[0] and "loss_mask=nan" in messages[0]
     )
     assert "rank 0:" not in messages[0]
+    # The error's traceback must not keep DDP (and its reducer) past the process group: that
+    # once aborted a process at exit in CI.
+    assert [(tmp_path / f"alive{r}.txt").read_text() for r in range(2)] == ["[0]", "[0]"]
     assert read_file(tmp_path / "run" / "last.pth")["train_state"]["iteration"] == 1  # the last good state
 
 

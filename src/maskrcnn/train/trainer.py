@@ -43,6 +43,7 @@ import shlex
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -647,7 +648,15 @@ def train(cfg: TrainConfig, resume: bool = False, hooks: Sequence[HookBase] = ()
     cfg = check(cfg)
     device = distributed.resolve_device(cfg.device)
     with distributed.process_group(device, cfg.dist_timeout_minutes):
-        return Trainer(cfg, resume, device, hooks).run()
+        try:
+            return Trainer(cfg, resume, device, hooks).run()
+        except BaseException as e:
+            # The traceback's frames hold the trainer and its DistributedDataParallel. Left so,
+            # the reducer outlives the process group it is leaving, and Gloo can abort the
+            # process at exit (a SIGABRT after a NaN stop, seen once in CI). Clearing the
+            # frames' locals frees both before the group goes.
+            traceback.clear_frames(e.__traceback__)
+            raise
 
 
 def resume_command(config_path: str, overrides: list[str]) -> str:
