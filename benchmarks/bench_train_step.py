@@ -23,6 +23,7 @@ import torch
 import maskrcnn
 from maskrcnn import precision
 from maskrcnn.config import ModelConfig, apply_overrides
+from maskrcnn.model.fuse import fold_batchnorm
 from maskrcnn.structures import Targets
 
 
@@ -95,6 +96,7 @@ def main() -> int:
     torch.manual_seed(0)
     cfg = apply_overrides(ModelConfig(), [f"transform.min_size=[{args.size}]", f"transform.max_size={args.size}"])
     model = maskrcnn.build_model(cfg).train()
+    fold_batchnorm(model)  # as the trainer does
     params = [q for q in model.parameters() if q.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9, weight_decay=1e-4)
     images, targets = make_batch(args.images, args.size)

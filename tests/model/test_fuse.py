@@ -1,6 +1,6 @@
 """BatchNorm folding (``maskrcnn.model.fuse``): the folded network against the unfolded one in
-float64, for every kind of pair the package builds; training, gradients and checkpoints as
-without folding."""
+float64, for every kind of pair the package builds; gradients through folded frozen norms
+against float64; trainable norms' training and checkpoints as without folding."""
 
 from __future__ import annotations
 
@@ -129,9 +129,43 @@ def test_state_dict_is_unchanged_and_a_saved_checkpoint_holds_the_norms(tmp_path
     assert {k for k in loaded.state_dict()} == set(before)
 
 
-def test_training_and_eval_with_autograd_run_unfolded_bit_for_bit():
-    """Train mode, and eval mode with autograd on (a validation loss), compute exactly what the
-    unfolded model computes, gradients included."""
+def test_frozen_norms_train_folded_with_the_gradients_of_the_unfolded_network():
+    """Frozen BatchNorms fold in training too (the trainer folds): loss and every trainable
+    parameter's gradient against the unfolded network in float64, and the trainable convs
+    compute ``W s`` from the live weight (an optimiser step is seen without a cache miss)."""
+    model = build([]).train()
+    reference = copy.deepcopy(model).double()
+    assert fold_batchnorm(model) == 20
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(4))
+    got = sum(f.square().mean() for f in features(model, x))
+    want = sum(f.square().mean() for f in features(reference, x.double()))
+    got.backward()
+    want.backward()
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+    pairs = [(n, p, dict(reference.named_parameters())[n]) for n, p in model.named_parameters() if p.requires_grad]
+    assert len(pairs) > 10
+    for name, p, r in pairs:
+        if r.grad is None:  # not on the path to the features (the heads)
+            assert p.grad is None, name
+            continue
+        scale = r.grad.abs().max().item()
+        assert (p.grad.double() - r.grad).abs().max().item() <= 1e-4 * scale, name
+    convs = [m for m in model.modules() if isinstance(m, FoldedConv2d)]
+    kinds = {m.weight.requires_grad: m._fold_cache[0][0] for m in convs}
+    assert kinds == {True: "affine", False: "folded"}  # trainable: W s per call; frozen stem/layer1: cached
+
+    conv = model.backbone.body.layer4[0].conv1
+    before = conv._fold_cache
+    with torch.no_grad():
+        conv.weight.mul_(2.0)  # as an optimiser step changes it in place
+    doubled = sum(f.square().mean() for f in features(model, x))
+    assert conv._fold_cache is before  # the affine terms are kept ...
+    assert not torch.isclose(doubled, got)  # ... and the new weight is used
+
+
+def test_trainable_norms_in_training_and_eval_with_autograd_run_unfolded_bit_for_bit():
+    """With trainable BatchNorms, train mode and eval mode with autograd on (a validation loss)
+    compute exactly what the unfolded model computes, gradients and statistics included."""
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     for train in (True, False):
         plain, folded = build([], frozen=False), build([], frozen=False)

@@ -9,12 +9,21 @@ map, 0.46 s of a 4.8 s ``predict`` on a Zen 3 at 2 threads; folded, they cost no
 ``fold_batchnorm(model)`` marks every (convolution, frozen BatchNorm) pair of a model in place
 (``batchnorm=True``: trainable ``nn.BatchNorm2d`` pairs too, with their running statistics). It
 changes neither the parameters nor the module tree: ``state_dict`` keeps every BatchNorm
-buffer (a checkpoint saved afterwards is the same file) and training is unaffected. A marked
-pair runs folded only while both modules are in eval mode and autograd is off (``predict``,
-``evaluate``, ``export``); otherwise it runs as before, so gradients and training-mode
-BatchNorm statistics are exactly those of the unfolded model. The folded weights are computed
-once and kept until any of the pair's tensors changes (an optimiser step, ``load_state_dict``,
-``.to()``): each tensor's version counter and storage are part of the cache key.
+buffer (a checkpoint saved afterwards is the same file).
+
+When a pair runs folded:
+- a frozen BatchNorm always, training included: its scale and shift never train, so the
+  folded weight ``W s`` is a function of the trainable ``W`` alone. With autograd on it is
+  computed in each call from ``W`` (a weight-sized multiply), and the gradient reaches ``W``
+  through it; the two feature-map-sized passes of the norm and their backward go. On an R50-FPN
+  training step at 800 px that is 8% of the step (``docs/benchmarks.md``). The trainer folds.
+- a trainable ``nn.BatchNorm2d`` only while both modules are in eval mode and autograd is off
+  (``predict``, ``evaluate``, ``export``); otherwise it runs as before, so its gradients and
+  training-mode statistics are exactly those of the unfolded model.
+
+Without autograd the folded weights are computed once and kept until any of the pair's tensors
+changes (an optimiser step, ``load_state_dict``, ``.to()``): each tensor's version counter and
+storage are part of the cache key.
 
 Rounding: ``(W s) * z`` and ``(W * z) s`` differ by float32 rounding only (about 1e-6 of a
 feature's scale); the parity tests against torchvision and Detectron2 hold with the frozen
@@ -56,13 +65,31 @@ class FoldedConv2d(nn.Conv2d):
     _fold_cache: tuple[tuple, Tensor, Tensor] | None
 
     def folds(self) -> bool:
-        """True when this call runs folded: both modules in eval mode, no autograd."""
+        """True when this call runs folded: a frozen norm always; a trainable one in eval mode
+        (both modules) without autograd."""
+        if isinstance(self._fold_norm, FrozenBatchNorm2d):
+            return True
         return not self.training and not self._fold_norm.training and not torch.is_grad_enabled()
+
+    def _key(self, kind: str, tensors: list[Tensor | None]) -> tuple:
+        """What the cached tensors were computed from: each tensor's storage, version and dtype."""
+        return (kind, self._fold_norm.eps, *((t.data_ptr(), t._version, t.dtype) for t in tensors if t is not None))
 
     def _folded(self) -> tuple[Tensor, Tensor]:
         norm = self._fold_norm
-        tensors = [self.weight, self.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var]
-        key = (norm.eps, *((t.data_ptr(), t._version, t.dtype) for t in tensors if t is not None))
+        trains = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (self.weight, self.bias))
+        if trains:  # W s from this call's W, so that the gradient reaches W; only s and t are kept
+            key = (
+                *self._key("affine", [norm.weight, norm.bias, norm.running_mean, norm.running_var]),
+                self.weight.dtype,
+            )
+            if self._fold_cache is None or self._fold_cache[0] != key:
+                scale, shift = _affine(norm)
+                self._fold_cache = (key, scale.to(self.weight.dtype), shift.to(self.weight.dtype))
+            scale, shift = self._fold_cache[1], self._fold_cache[2]
+            weight = self.weight * scale[:, None, None, None]  # (O, I/g, kh, kw)
+            return weight, shift if self.bias is None else shift + self.bias * scale
+        key = self._key("folded", [self.weight, self.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var])
         if self._fold_cache is None or self._fold_cache[0] != key:
             scale, shift = _affine(norm)
             weight = (self.weight.double() * scale[:, None, None, None]).to(self.weight.dtype)  # (O, I/g, kh, kw)

@@ -59,6 +59,7 @@ from ..data import DistributedGroupedBatchSampler, FlipAugmented, aspect_ratio_g
 from ..data.augment import Augmented
 from ..data.coco import CocoDataset
 from ..model.build import build_model
+from ..model.fuse import fold_batchnorm
 from ..weights.checkpoint import (
     init_from_checkpoint,
     load_backbone_weights,
@@ -168,6 +169,9 @@ class Trainer:
         if cfg.init.weights:  # its layers decide the layout (e.g. torchvision v2's BatchNorm heads)
             self.cfg = cfg = dataclasses.replace(cfg, model=with_layout_of(cfg.model, cfg.init.weights))
         self.model = build_model(cfg.model)
+        # Frozen BatchNorms run inside their convolutions' weights (model/fuse.py): the same
+        # gradients up to rounding, two feature-map passes fewer per norm and step.
+        fold_batchnorm(self.model)
         if distributed.world_size() > 1:  # the same initial weights, then each process samples from its own streams
             seed_everything(cfg.seed + distributed.rank())
         self.base_trainable = {n for n, p in self.model.named_parameters() if p.requires_grad}
