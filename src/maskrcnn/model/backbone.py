@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .layout import Conv2d
+
 
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm with fixed statistics and affine parameters: y = x * scale + shift.
@@ -52,7 +54,7 @@ def _shortcut(in_ch: int, out_ch: int, stride: int, norm) -> nn.Sequential | Non
     """1x1 projection of the residual when the block changes shape; identity (None) otherwise."""
     if stride == 1 and in_ch == out_ch:
         return None
-    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
+    return nn.Sequential(Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
 
 
 class BasicBlock(nn.Module):
@@ -63,9 +65,9 @@ class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, width: int, stride: int, norm, groups: int = 1, base_width: int = 64) -> None:  # type: ignore[no-untyped-def]
         super().__init__()
         out_ch = width * self.expansion
-        self.conv1 = nn.Conv2d(in_ch, width, 3, stride, 1, bias=False)
+        self.conv1 = Conv2d(in_ch, width, 3, stride, 1, bias=False)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.conv2 = Conv2d(width, width, 3, 1, 1, bias=False)
         self.bn2 = norm(width)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm)
@@ -101,11 +103,11 @@ class Bottleneck(nn.Module):
         width = int(planes * (base_width / 64.0)) * groups
         out_ch = planes * self.expansion
         stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
-        self.conv1 = nn.Conv2d(in_ch, width, 1, stride_1x1, bias=False)
+        self.conv1 = Conv2d(in_ch, width, 1, stride_1x1, bias=False)
         self.bn1 = norm(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride_3x3, 1, groups=groups, bias=False)
+        self.conv2 = Conv2d(width, width, 3, stride_3x3, 1, groups=groups, bias=False)
         self.bn2 = norm(width)
-        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.conv3 = Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = norm(out_ch)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = _shortcut(in_ch, out_ch, stride, norm)
@@ -166,7 +168,7 @@ class ResNetBody(nn.Module):
             raise ValueError(f"stride_in_1x1 applies to bottleneck ResNets only, not {name}")
         extra = {"stride_in_1x1": True} if stride_in_1x1 else {}
         norm = _norm(frozen_bn, bn_eps)
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.conv1 = Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)

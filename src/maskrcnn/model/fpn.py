@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layout import Conv2d
+
 
 class FPN(nn.Module):
     """Args:
@@ -25,9 +27,9 @@ class FPN(nn.Module):
         super().__init__()
         # Names as in torchvision's 2019 checkpoints: inner = lateral 1x1, layer = output 3x3.
         bias = not batchnorm
-        self.inner_blocks = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=bias) for c in in_channels)
+        self.inner_blocks = nn.ModuleList(Conv2d(c, out_channels, 1, bias=bias) for c in in_channels)
         self.layer_blocks = nn.ModuleList(
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels
+            Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels
         )
         self.inner_norms = self.layer_norms = None
         if batchnorm:

@@ -33,10 +33,10 @@ BatchNorms folded, on the AVX-512 and the AVX2 kernels.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import FrozenBatchNorm2d
+from .layout import Conv2d, conv2d
 
 # Which child holds the norm that directly follows a conv child, by the names this package
 # gives them (ResNet blocks: conv1/bn1; torchvision v2 heads: conv1/norm1, mask_fcn1/mask_norm1;
@@ -54,8 +54,8 @@ def _affine(norm: nn.Module) -> tuple[Tensor, Tensor]:
     return scale, bias - mean * scale
 
 
-class FoldedConv2d(nn.Conv2d):
-    """A ``nn.Conv2d`` that applies the BatchNorm after it itself when folding applies.
+class FoldedConv2d(Conv2d):
+    """A ``Conv2d`` that applies the BatchNorm after it itself when folding applies.
 
     Same parameters and state-dict keys as the convolution it was; ``_fold_norm`` is a plain
     reference (not a submodule) to the norm, which stays where it was in the module tree.
@@ -101,7 +101,7 @@ class FoldedConv2d(nn.Conv2d):
         if not self.folds():
             return super().forward(x)
         weight, bias = self._folded()
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
@@ -130,7 +130,7 @@ def conv_norm_pairs(model: nn.Module, batchnorm: bool = False) -> list[tuple[str
     pairs: list[tuple[str, nn.Conv2d, nn.Module]] = []
 
     def add(name: str, conv: nn.Module | None, norm: nn.Module | None) -> None:
-        if type(conv) is nn.Conv2d and _foldable(norm, batchnorm):
+        if type(conv) is Conv2d and _foldable(norm, batchnorm):
             pairs.append((name, conv, norm))  # type: ignore[arg-type]
 
     for prefix, parent in model.named_modules():

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layout import Conv2d
+
 
 class MaskHead(nn.Module):
     """Stack of 3x3 conv (+ optional BatchNorm) + ReLU layers (four of 256 channels in the paper).
@@ -29,7 +31,7 @@ class MaskHead(nn.Module):
         self.num_layers = len(layers)
         self.batchnorm = batchnorm
         for i, out in enumerate(layers, 1):
-            conv = nn.Conv2d(in_channels, out, 3, padding=dilation, dilation=dilation, bias=not batchnorm)
+            conv = Conv2d(in_channels, out, 3, padding=dilation, dilation=dilation, bias=not batchnorm)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
@@ -55,7 +57,7 @@ class MaskPredictor(nn.Module):
     def __init__(self, in_channels: int, hidden: int, num_slots: int) -> None:
         super().__init__()
         self.conv5_mask = nn.ConvTranspose2d(in_channels, hidden, 2, 2, 0)
-        self.mask_fcn_logits = nn.Conv2d(hidden, num_slots, 1)
+        self.mask_fcn_logits = Conv2d(hidden, num_slots, 1)
         for layer in (self.conv5_mask, self.mask_fcn_logits):
             nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(layer.bias)

@@ -17,7 +17,7 @@ from ..ops.boxes import clip_boxes, remove_small_boxes
 from ..ops.nms import batched_nms
 from ..ops.poolers import multiscale_roi_align
 from ..structures import Detections, Targets
-from .layout import conv_layout
+from .layout import Conv2d, conv_layout
 from .losses import fast_rcnn_losses, mask_loss, mask_targets
 from .mask_head import MaskHead, MaskPredictor, select_class_masks
 from .matcher import sample_rois
@@ -56,7 +56,7 @@ class ConvFCBoxHead(nn.Module):
         super().__init__()
         self.num_convs = len(conv_channels)
         for i, out in enumerate(conv_channels, 1):
-            conv = nn.Conv2d(in_channels, out, 3, padding=1, bias=not batchnorm)
+            conv = Conv2d(in_channels, out, 3, padding=1, bias=not batchnorm)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)

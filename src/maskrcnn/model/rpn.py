@@ -16,6 +16,7 @@ from ..ops.boxes import clip_boxes, remove_small_boxes
 from ..ops.nms import batched_nms
 from ..structures import ImageBatch, Targets
 from .anchors import AnchorGenerator
+from .layout import Conv2d
 from .losses import rpn_losses
 from .matcher import label_anchors, sample_balanced
 
@@ -33,9 +34,9 @@ class RPNHead(nn.Module):
             raise ValueError(f"the RPN head needs at least one 3x3 conv, got conv_depth={conv_depth}")
         self.conv_names = ["conv"] + [f"conv{i}" for i in range(2, conv_depth + 1)]
         for name in self.conv_names:
-            self.add_module(name, nn.Conv2d(channels, channels, 3, padding=1))
-        self.cls_logits = nn.Conv2d(channels, num_anchors * logits_per_anchor, 1)
-        self.bbox_pred = nn.Conv2d(channels, num_anchors * 4, 1)
+            self.add_module(name, Conv2d(channels, channels, 3, padding=1))
+        self.cls_logits = Conv2d(channels, num_anchors * logits_per_anchor, 1)
+        self.bbox_pred = Conv2d(channels, num_anchors * 4, 1)
         for layer in self.modules():
             if isinstance(layer, nn.Conv2d):
                 nn.init.normal_(layer.weight, std=0.01)
