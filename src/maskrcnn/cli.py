@@ -53,6 +53,8 @@ def options_from_args(args: argparse.Namespace) -> PredictOptions:
     (``main`` prints it, exit 2)."""
     from .inference.options import PredictOptions
 
+    if getattr(args, "tile_overlap", None) is not None and getattr(args, "tile", None) is None:
+        args.parser.error("--tile-overlap needs --tile")
     fields = {
         k: getattr(args, k)
         for k in ("score_thresh", "batch_size", "max_pixels", "precision", "tile", "tile_overlap", "tile_whole")
@@ -284,8 +286,8 @@ def add_tile_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tile-overlap",
         type=tile_overlap,
-        default=0.2,
-        help="fraction of a tile that neighbours share, at most 0.75 (default 0.2)",
+        default=None,  # None: not given (alone it would be ignored, so it is refused); 0.2 then
+        help="with --tile, the fraction of a tile that neighbours share, at most 0.75 (default 0.2)",
     )
     p.add_argument(
         "--tile-whole",

@@ -355,12 +355,13 @@ def test_a_tiled_run_decodes_a_tiff_past_pillows_own_limit(tmp_path):
 
 
 def test_tiling_options_that_would_be_ignored_or_run_thousands_of_tiles_are_refused(tiny_ckpt, tmp_path, capsys):
-    """Was: --tile-whole without --tile, or on a video, ignored without a word; --tile 100
+    """Was: --tile-whole or --tile-overlap without --tile, or --tile-whole on a video, ignored without a word; --tile 100
     --tile-overlap 0.99 planned 13,728 tiles (a 1-px step) for a 242 x 195 image."""
     Image.fromarray(np.zeros((195, 242, 3), np.uint8)).save(tmp_path / "a.png")
     (tmp_path / "clip.mp4").write_bytes(b"refused before it is opened")
     cases = [
         ([tmp_path / "a.png", "--tile-whole"], "--tile-whole needs --tile"),
+        ([tmp_path / "a.png", "--tile-overlap", "0.5"], "--tile-overlap needs --tile"),  # was ignored
         ([tmp_path / "a.png", "--tile", "100", "--tile-overlap", "0.99"], "[0, 0.75]"),
         ([tmp_path / "clip.mp4", "--tile", "64", "--tile-whole"], "--tile-whole applies to images only"),
         # round 2: --tile 1 planned 24,165 one-pixel tiles for a 179 x 135 image and ran for minutes, silently

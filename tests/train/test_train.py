@@ -518,6 +518,40 @@ def test_init_from_a_checkpoint_with_other_classes_renews_the_class_heads(tmp_pa
     assert torch.equal(same.roi_heads.box_predictor.cls_score.weight, source.roi_heads.box_predictor.cls_score.weight)
 
 
+def test_init_follows_class_names_into_the_class_heads(tmp_path):
+    """A file that names its classes gives each class of the new model its own rows, found by
+    name (a subset, reordered); a file with other names of the same count gives nothing."""
+    torch.manual_seed(0)
+    source = maskrcnn.build_model(
+        dataclasses.replace(tiny_model_config(num_classes=3), class_names=("cat", "dog", "bird"))
+    )
+    save_checkpoint(tmp_path / "pets.pth", source)
+    src = source.state_dict()
+
+    target = maskrcnn.build_model(dataclasses.replace(tiny_model_config(num_classes=2), class_names=("bird", "cat")))
+    assert init_from_checkpoint(target, tmp_path / "pets.pth", 1e-5) == []
+    got = target.state_dict()
+    rows = [0, 3, 1]  # background, bird, cat in the file's labels
+    for name, block in (
+        ("box_predictor.cls_score", 1),
+        ("box_predictor.bbox_pred", 4),
+        ("mask_predictor.mask_fcn_logits", 1),
+    ):
+        for part in ("weight", "bias"):
+            key = f"roi_heads.{name}.{part}"
+            want = torch.cat([src[key][r * block : (r + 1) * block] for r in rows])
+            assert torch.equal(got[key], want), key
+
+    other = maskrcnn.build_model(
+        dataclasses.replace(tiny_model_config(num_classes=3), class_names=("car", "bus", "bike"))
+    )
+    fresh = {k: v.clone() for k, v in other.state_dict().items()}
+    reinit = init_from_checkpoint(other, tmp_path / "pets.pth", 1e-5)
+    assert len(reinit) == 6  # 3 layers, weight and bias: cat's scores must not become car's
+    assert all(torch.equal(other.state_dict()[k], fresh[k]) for k in reinit)
+    assert torch.equal(other.state_dict()["roi_heads.box_head.fc6.weight"], src["roi_heads.box_head.fc6.weight"])
+
+
 # ---------------------------------------------------------------------------------------
 # Configuration
 

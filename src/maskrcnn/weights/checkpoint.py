@@ -379,8 +379,11 @@ def with_layout_of(config: ModelConfig, path: str | Path) -> ModelConfig:
 def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> list[str]:
     """Load our or a torchvision checkpoint into ``model`` to start training from it.
 
-    Class-specific layers (``CLASS_HEADS``) whose shape differs (another class count) keep
-    their fresh initialisation. Returns the names of those re-initialised tensors.
+    Class-specific layers (``CLASS_HEADS``): where the file names classes and every class of
+    ``model`` is among them, each class takes the file's rows of its name (fine-tuning COCO
+    weights on "person, car" keeps what they know of people and cars; a reordered class list
+    is followed). Otherwise, where the file names other classes or has another class count,
+    they keep their fresh initialisation. Returns the names of those re-initialised tensors.
     """
     config, state = read_weights(path)
     if config is None:
@@ -411,18 +414,66 @@ def init_from_checkpoint(model: MaskRCNN, path: str | Path, bn_eps: float) -> li
             )
     own = model.state_dict()
     heads = [k for k in own if k.startswith(CLASS_HEADS)]
-    reinit = []
-    if any(k in state and state[k].shape != own[k].shape for k in heads):
+    file_names = list((config or torchvision_config(state, path)).class_names)
+    own_names = list(model.config.class_names)
+    rows = _class_rows(own_names, file_names, model.config.num_classes)
+    taken = _take_class_rows(state, own, heads, rows, len(file_names) + 1) if rows is not None else None
+    reinit: list[str] = []
+    if taken is not None and rows != list(range(len(file_names) + 1)):
+        state.update(taken)
+        log.info(
+            "class heads taken from %s's classes by name (%s)",
+            path,
+            ", ".join(f"{n}: {file_names[r - 1]!r}" for n, r in zip(model.config.class_names, rows[1:])),
+        )
+    elif any(k in state and state[k].shape != own[k].shape for k in heads) or (
+        taken is None and _named(file_names) and _named(own_names)
+    ):
         reinit = heads
         state.update({k: own[k] for k in heads})
         log.info(
-            "new class heads: %s re-initialised for %d classes",
+            "new class heads: %s re-initialised for %d classes (%s)",
             ", ".join(sorted({k.rsplit(".", 1)[0] for k in heads})),
             model.config.num_classes,
+            "the file's classes do not include them all by name" if _named(file_names) else "another class count",
         )
     load_state(model, state, str(path))
     log.info("initialised from %s", path)
     return reinit
+
+
+def _named(names: list[str]) -> bool:
+    return any(names)
+
+
+def _class_rows(own: list[str], theirs: list[str], num_classes: int) -> list[int] | None:
+    """For each label 0..num_classes of the model, the file's label with the same class name
+    (0 for background); None when a class is unnamed on either side or missing in the file, or
+    a name is not unique there."""
+    if len(own) != num_classes or not all(own) or not _named(theirs):
+        return None
+    index = {n: i + 1 for i, n in enumerate(theirs) if n and theirs.count(n) == 1}
+    if not all(n in index for n in own):
+        return None
+    return [0, *(index[n] for n in own)]
+
+
+def _take_class_rows(
+    state: dict[str, Tensor], own: dict[str, Tensor], heads: list[str], rows: list[int], file_slots: int
+) -> dict[str, Tensor] | None:
+    """The class heads' tensors with the file's rows ``rows`` (first dim: ``file_slots`` blocks,
+    one per label: a score, a bias, 4 box deltas or a mask's logits); None when a tensor is
+    missing or not laid out per class as the model's is."""
+    taken = {}
+    for k in heads:
+        t = state.get(k)
+        if t is None or t.shape[0] % file_slots or t.shape[1:] != own[k].shape[1:]:
+            return None
+        per_class = t.reshape(file_slots, t.shape[0] // file_slots, *t.shape[1:])  # (slots, block, ...)
+        if per_class[0].numel() * len(rows) != own[k].numel():
+            return None
+        taken[k] = per_class[rows].reshape(own[k].shape).clone()
+    return taken
 
 
 def load_backbone_weights(body: nn.Module, path: str | Path) -> None:
