@@ -122,7 +122,7 @@ def test_state_dict_is_unchanged_and_a_saved_checkpoint_holds_the_norms(tmp_path
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
     save_checkpoint(tmp_path / "m.pth", model)
-    loaded = maskrcnn.load(tmp_path / "m.pth")  # folds again
+    loaded = maskrcnn.load(tmp_path / "m.pth", fold_bn=True)  # folds again
     saved = torch.load(tmp_path / "m.pth", weights_only=True)["model"]
     assert "backbone.body.bn1.running_var" in saved
     assert all(torch.equal(saved[k], before[k]) for k in before)

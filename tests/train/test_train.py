@@ -551,6 +551,18 @@ def test_init_follows_class_names_into_the_class_heads(tmp_path):
     assert all(torch.equal(other.state_dict()[k], fresh[k]) for k in reinit)
     assert torch.equal(other.state_dict()["roi_heads.box_head.fc6.weight"], src["roi_heads.box_head.fc6.weight"])
 
+    # a repeated or empty name is ambiguous only between lists that differ: the same list loads as it is
+    for names in (("cat", "cat", "bird"), ("cat", "", "bird")):
+        twin = dataclasses.replace(tiny_model_config(num_classes=3), class_names=names)
+        save_checkpoint(tmp_path / "twin.pth", maskrcnn.build_model(twin))
+        again = maskrcnn.build_model(twin)
+        assert init_from_checkpoint(again, tmp_path / "twin.pth", 1e-5) == [], names
+        saved = read_file(tmp_path / "twin.pth")["model"]
+        assert torch.equal(
+            again.state_dict()["roi_heads.box_predictor.cls_score.weight"],
+            saved["roi_heads.box_predictor.cls_score.weight"],
+        )
+
 
 # ---------------------------------------------------------------------------------------
 # Configuration

@@ -22,8 +22,10 @@ When a pair runs folded:
   training-mode statistics are exactly those of the unfolded model.
 
 Without autograd the folded weights are computed once and kept until any of the pair's tensors
-changes (an optimiser step, ``load_state_dict``, ``.to()``): each tensor's version counter and
-storage are part of the cache key.
+changes (an optimiser step, ``load_state_dict``, ``.to()``, an in-place op under
+``torch.no_grad()``): each tensor's version counter and storage are part of the cache key.
+A change written through ``.data`` is not seen (``.data`` has a version counter of its own):
+change folded weights in place under ``torch.no_grad()`` instead.
 
 Rounding: ``(W s) * z`` and ``(W * z) s`` differ by float32 rounding only (about 1e-6 of a
 feature's scale); the parity tests against torchvision and Detectron2 hold with the frozen
@@ -159,7 +161,7 @@ def fold_batchnorm(model: nn.Module, batchnorm: bool = False) -> int:
     """Mark every conv + frozen BatchNorm pair of ``model`` (in place) to run folded at inference;
     with ``batchnorm``, the conv + ``nn.BatchNorm2d`` pairs too.
 
-    ``maskrcnn.load`` folds the frozen ones only: folding torchvision v2's FPN and head
+    ``maskrcnn.load(fold_bn=True)``, ``export`` and the trainer fold the frozen ones only: folding torchvision v2's FPN and head
     BatchNorms as well moved one mask of its parity fixture to IoU 0.968 with torchvision's on
     the AVX2 kernels (test_parity_v2 asks 0.98; it holds with the frozen ones folded).
     Idempotent; the model's parameters, buffers and ``state_dict`` are unchanged. Returns the

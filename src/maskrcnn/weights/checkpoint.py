@@ -288,8 +288,9 @@ def load(
         device: where to put the model (an ONNX model runs on the CPU).
         bn_eps: BatchNorm epsilon for torchvision files (default: as torchvision loads its
             published COCO weights, 0.0 for v1 and 1e-5 for v2).
-        fold_bn: run each frozen BatchNorm folded into the convolution before it whenever the
-            model is in eval mode without autograd (``model.fuse``; the weights stay as read):
+        fold_bn: run each frozen BatchNorm folded into the convolution before it
+            (``model.fuse``; the weights stay as read, and training through it gets the same
+            gradients to rounding; weights edited through ``.data`` are not seen):
             11 % faster at 2 threads. Off by default: folded, one torchvision parity case
             (mask logits of a batch on the AVX2 kernels) moves past its 1e-2 tolerance.
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
@@ -448,8 +449,11 @@ def _named(names: list[str]) -> bool:
 
 def _class_rows(own: list[str], theirs: list[str], num_classes: int) -> list[int] | None:
     """For each label 0..num_classes of the model, the file's label with the same class name
-    (0 for background); None when a class is unnamed on either side or missing in the file, or
-    a name is not unique there."""
+    (0 for background); the same list maps row for row (even with repeated or empty names).
+    Otherwise None when a class is unnamed on either side or missing in the file, or a name is
+    not unique there."""
+    if own == theirs and len(own) == num_classes:  # the same list: row for row, whatever its names
+        return list(range(num_classes + 1))
     if len(own) != num_classes or not all(own) or not _named(theirs):
         return None
     index = {n: i + 1 for i, n in enumerate(theirs) if n and theirs.count(n) == 1}
