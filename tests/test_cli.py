@@ -227,10 +227,16 @@ def test_results_are_written_as_they_come_and_kept_on_ctrl_c(tiny_ckpt, images, 
 
     monkeypatch.setattr(predictor, "as_rgb", interrupted_on_the_third)
     out = tmp_path / "out"
-    assert _predict(tiny_ckpt, images / "a.png", images / "b.jpg", images / "sub" / "a.png", "--out", out) == 130
+    args = ("--out", out, "--labels", "--export", "cvat", "--export", "yolo")
+    assert _predict(tiny_ckpt, images / "a.png", images / "b.jpg", images / "sub" / "a.png", *args) == 130
     assert "interrupted" in capsys.readouterr().err
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [Path(r["file_name"]).name for r in records] == ["a.png", "b.jpg"]
+    # the files written once at the end are written for the images done (measurements.csv was lost)
+    table = (out / "measurements.csv").read_text().splitlines()
+    assert len(table) == 1 + sum(r["detections"] for r in records) and table[0].startswith("image_id,")
+    assert (out / "cvat" / "annotations.xml").read_text().count("<image ") == 2
+    assert (out / "yolo" / "data.yaml").exists()
     entries = json.loads((out / "predictions.json").read_text())
     assert (
         entries == [e for r in records for e in r["results"]]

@@ -181,18 +181,20 @@ def _predict_images(
     table = predictor.model.config.label_categories()
     files = PredictionFiles(out)
     with files, tqdm(total=len(paths), desc="predict", unit="img", disable=quiet) as bar:
-        for i, result in enumerate(predictor.stream(paths)):
-            bar.update(1)
-            if result.error is not None:  # logged as it happened; listed again at the end
-                summary.failed.append(result.error)
-                continue
-            image_id = ids[i] if ids[i] is not None else first_free + i
-            result.save(overlays[i])
-            files.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+        try:
+            for i, result in enumerate(predictor.stream(paths)):
+                bar.update(1)
+                if result.error is not None:  # logged as it happened; listed again at the end
+                    summary.failed.append(result.error)
+                    continue
+                image_id = ids[i] if ids[i] is not None else first_free + i
+                result.save(overlays[i])
+                files.add(image_id, str(paths[i]), result, result.to_coco(image_id, table))
+                for writer in writers:
+                    writer.add(image_id, overlays[i].stem, paths[i], result)
+        finally:  # Ctrl-C or a crash too: the once-at-end files cover the images done, as the results do
             for writer in writers:
-                writer.add(image_id, overlays[i].stem, paths[i], result)
-        for writer in writers:
-            writer.close()
+                writer.close()
     summary.images, summary.detections = files.images, files.detections
     print(
         f"{files.images} images, {files.detections} detections -> {out}/ "
