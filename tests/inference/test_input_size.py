@@ -54,6 +54,23 @@ def test_a_tiny_input_size_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):  # 
         == 2
     )
     assert capsys.readouterr().err.startswith("error: the input size must be")
+    # too large: refused after loading, before any image is read (was an out-of-memory death)
+    code = main(
+        [
+            "predict",
+            "--weights",
+            str(tiny_ckpt),
+            str(tmp_path / "a.png"),
+            "--out",
+            str(tmp_path / "o"),
+            "--input-size",
+            "100000",
+            "--quiet",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: the input size must be at most 4096") and "--tile" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "predictions.jsonl").exists()
 
 
 def test_predict_input_size_reaches_the_network(tiny_ckpt, tmp_path, monkeypatch, capsys):  # noqa: F811
