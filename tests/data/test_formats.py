@@ -535,8 +535,11 @@ def test_an_edited_converted_file_is_never_replaced_and_empty_shapes_are_named(t
     assert [a["bbox"] for a in written["annotations"]] == [
         [float(v) for v in mask_util.toBbox(mask_util.merge(triangle))]
     ]
-    assert "no pixel inside the image: 2" in caplog.text  # counted, and each named by file and shape
-    assert "a.json shape 1: no pixel inside" in caplog.text and "a.json shape 2: no pixel inside" in caplog.text
+    # counted by reason, and each named by file and shape (a degenerate shape was once "not inside the image")
+    assert (
+        "no area (no pixel centre inside the shape): 1" in caplog.text and "no pixel inside the image: 1" in caplog.text
+    )
+    assert "a.json shape 1: no area" in caplog.text and "a.json shape 2: no pixel inside" in caplog.text
     assert main(["convert", "labelme", str(tmp_path / "a.json"), "--out", str(out)]) == 0  # unchanged: replaced
     edited = json.loads(out.read_text())
     edited["categories"][0]["name"] = "renamed by hand"

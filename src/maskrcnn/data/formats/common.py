@@ -271,8 +271,8 @@ class CocoBuilder:
                 if isinstance(seg, list)
                 else {"size": seg["size"], "counts": seg["counts"].encode("ascii")}
             )
-            if not mask_util.area(rle):  # a degenerate shape, or one wholly outside its image
-                self.skip(where, "no pixel inside the image")
+            if not mask_util.area(rle):  # a degenerate shape (a zero-radius circle), or one too thin for a pixel
+                self.skip(where, "no area (no pixel centre inside the shape)")
                 continue
             annotations.append(
                 {
