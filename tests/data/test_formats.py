@@ -137,6 +137,14 @@ def test_labelme_shapes_hand_computed(tmp_path: Path, caplog: pytest.LogCaptureF
     assert len(by["two"]["segmentation"]) == 2  # one instance in two parts
     assert "shape 5: a point has no area" in caplog.text
 
+    # a PNG of another size than its points' box: LabelMe itself cannot paste it (was accepted)
+    shapes[2]["points"] = [[3, 7], [9, 10]]
+    (tmp_path / "a.json").write_text(
+        json.dumps({"shapes": shapes, "imagePath": "a.png", "imageHeight": 30, "imageWidth": 40})
+    )
+    with pytest.raises(DatasetError, match=r"shape 2: the mask PNG is 6x4 but its points span 7x4 pixels"):
+        labelme_to_coco(tmp_path / "a.json", tmp_path / "out2.json")
+
 
 def test_polygons_outside_the_image_are_cut_at_its_edges(tmp_path: Path) -> None:
     """Found by a tester: vertices outside were pushed to the edge, which changes the shape (this

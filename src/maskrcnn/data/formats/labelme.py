@@ -70,8 +70,14 @@ def _mask_shape(shape: dict[str, Any], pts: list[tuple[float, float]], h: int, w
     except (ValueError, OSError) as e:
         raise DatasetError(f"{where}: cannot decode the mask PNG: {e}") from None
     x0, y0 = (math.floor(min(p[i] for p in pts)) for i in (0, 1))
-    full = np.zeros((h, w), dtype=bool)
+    x1, y1 = (math.floor(max(p[i] for p in pts)) for i in (0, 1))
     ph, pw = patch.shape
+    if (pw, ph) != (x1 - x0 + 1, y1 - y0 + 1):  # LabelMe fills mask[y0 : y1 + 1, x0 : x1 + 1] with it
+        raise DatasetError(
+            f"{where}: the mask PNG is {pw}x{ph} but its points span {x1 - x0 + 1}x{y1 - y0 + 1} pixels "
+            f"(({x0}, {y0}) to ({x1}, {y1}), both included)"
+        )
+    full = np.zeros((h, w), dtype=bool)
     ys, xs = slice(max(y0, 0), min(y0 + ph, h)), slice(max(x0, 0), min(x0 + pw, w))
     full[ys, xs] = patch[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
     return full
