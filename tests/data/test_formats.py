@@ -354,6 +354,16 @@ def test_yolo_errors_name_file_and_line(tmp_path: Path) -> None:
         yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json")
     with pytest.raises(DatasetError, match="no 'val' split"):
         yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json", split="val")
+    (tmp_path / "data.yaml").write_text("train: images\nnames: [a, b]\n")
+    (tmp_path / "labels" / "a.txt").write_text(
+        "0 0.1 0.1 0.5 0.1 0.5 0.5\n1 1 1 5 1 5 6\n"
+    )  # pixels: found by a tester
+    with pytest.raises(DatasetError, match=r"a.txt line 2: coordinate 6 is above 1: YOLO coordinates are fractions"):
+        yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json")
+    (tmp_path / "labels" / "a.txt").write_text(
+        "0 0.1 0.1 1.004 0.1 1.004 0.5\n"
+    )  # rounding above 1: taken, cut at the edge
+    assert len(yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json")[0]["annotations"]) == 1
     (tmp_path / "data.yaml").write_text("train: images\nnc: 5\nnames: [a]\n")  # found by a tester: accepted
     with pytest.raises(DatasetError, match=r"data.yaml: nc is 5 but names has 1 class\(es\)$"):
         yolo_to_coco(tmp_path / "data.yaml", tmp_path / "out.json")

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm"}
+_SLACK = 0.01  # above 1 by rounding in other tools' output (ultralytics refuses anything above 1)
 
 
 def read_data_yaml(path: Path) -> dict[str, Any]:
@@ -156,6 +157,11 @@ def yolo_to_coco(
                 continue
             if len(coords) % 2:
                 raise DatasetError(f"{where}: {len(coords)} coordinates, not x y pairs")
+            if max(coords) > 1 + _SLACK:  # scaled by the image size, it would land far outside and be cut away
+                raise DatasetError(
+                    f"{where}: coordinate {max(coords):g} is above 1: YOLO coordinates are fractions of "
+                    "the image's width and height; pixel coordinates must be divided by them"
+                )
             poly = [v * (image.width if i % 2 == 0 else image.height) for i, v in enumerate(coords)]
             builder.add_polygons(image, names[cls], [poly], where)
     if not builder.images:
