@@ -73,9 +73,17 @@ def run_cases(model: MaskRCNN, folder: Path) -> dict[str, dict[str, Any]]:
                 else None
             )
             dets = model.roi_heads.detect(feats[:-1], proposals, batch.image_sizes)
+            # The mask head at torchvision's own boxes and labels too: its arithmetic alone, within
+            # 1e-3. At our boxes (within 0.05 px of torchvision's) RoIAlign samples elsewhere and
+            # the logits move by up to the fixture's 1e-2 for that reason.
             mask_logits = model.roi_heads.mask_logits(feats[:-1], [d.boxes for d in dets], batch.image_sizes)
             labels = torch.cat([d.labels for d in dets])
             own_logits = mask_logits[torch.arange(len(labels), device=device), labels].split([len(d) for d in dets])
+            tv_boxes = [torch.from_numpy(ref[f"dets_boxes_{i}"]).to(device) for i in range(len(images))]
+            tv_labels = torch.cat([torch.from_numpy(ref[f"dets_labels_{i}"]) for i in range(len(images))]).long()
+            at_tv = model.roi_heads.mask_logits(feats[:-1], tv_boxes, batch.image_sizes)
+            at_tv = at_tv[torch.arange(len(tv_labels), device=device), tv_labels.to(device)]
+            logits_at_tv_boxes = at_tv.split([len(b) for b in tv_boxes])
             final = to_original_frame(dets, batch)  # the same last step as model(images)
             masks_json = json.loads((folder / f"{name}_masks.json").read_text())
             out[name] = dict(
@@ -86,6 +94,7 @@ def run_cases(model: MaskRCNN, folder: Path) -> dict[str, dict[str, Any]]:
                 head_on_tv=to_cpu(head_on_tv),
                 dets=to_cpu(dets),
                 own_logits=to_cpu(own_logits),
+                logits_at_tv_boxes=to_cpu(logits_at_tv_boxes),
                 final=to_cpu(final),
                 masks_json=masks_json,
                 n=len(images),
@@ -187,8 +196,9 @@ def check_detections(r: dict[str, Any], stage: str) -> None:
         assert np.abs(ours.boxes[fwd[m]].numpy() - ref["boxes"][m].numpy()).max() <= 0.05
         assert np.abs(ours.scores[fwd[m]].numpy() - ref["scores"][m].numpy()).max() <= 1e-3
         if stage == "dets":
-            ref_logits = r["ref"][f"dets_mask_logits_{i}"]
-            assert np.abs(r["own_logits"][i][fwd[m]].numpy() - ref_logits[m]).max() <= 1e-2
+            ref_logits = r["ref"][f"dets_mask_logits_{i}"]  # (N, 28, 28) at torchvision's boxes
+            assert np.abs(r["own_logits"][i][fwd[m]].numpy() - ref_logits[m]).max() <= 1e-2  # the fixture's rule
+            assert np.abs(r["logits_at_tv_boxes"][i].numpy() - ref_logits).max() <= 1e-3
             continue
         ref_masks = mask_util.decode(r["masks_json"][i]).transpose(2, 0, 1).astype(bool)
         size = ref_masks.shape[1:]
