@@ -33,43 +33,19 @@ def test_images_are_resized_to_the_new_short_side_with_the_long_side_capped_alik
     assert tuple(batch.image_sizes[0]) == pytest.approx(expected, abs=1)
 
 
-def test_a_tiny_input_size_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):  # noqa: F811
+def test_an_input_size_out_of_range_is_a_one_line_error(tiny_ckpt, tmp_path, capsys):  # noqa: F811
     with pytest.raises(ValueError, match="at least 32"):
         with_input_size(tiny_model(), 16)
+    with pytest.raises(ValueError, match="at most 4096"):
+        with_input_size(tiny_model(), 4097)
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "a.png")
-    assert (
-        main(
-            [
-                "predict",
-                "--weights",
-                str(tiny_ckpt),
-                str(tmp_path / "a.png"),
-                "--out",
-                str(tmp_path / "o"),
-                "--input-size",
-                "8",
-                "--quiet",
-            ]
-        )
-        == 2
-    )
-    assert capsys.readouterr().err.startswith("error: the input size must be")
-    # too large: refused after loading, before any image is read (was an out-of-memory death)
-    code = main(
-        [
-            "predict",
-            "--weights",
-            str(tiny_ckpt),
-            str(tmp_path / "a.png"),
-            "--out",
-            str(tmp_path / "o"),
-            "--input-size",
-            "100000",
-            "--quiet",
-        ]
-    )
+    args = ["predict", "--weights", str(tiny_ckpt), str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main([*args, "--input-size", "8"]) == 2
+    assert capsys.readouterr().err.startswith("error: the input size must be an integer of at least 32")
+    # too large: refused after loading, before any image is read (100000 was an out-of-memory death)
+    assert main([*args, "--input-size", "100000"]) == 2
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: the input size must be at most 4096") and "--tile" in err
+    assert err.startswith("error: the input size must be at most 4096") and "--tile" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "o" / "predictions.jsonl").exists()
 
 
