@@ -190,9 +190,13 @@ def convert_tool(args: argparse.Namespace) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .train import distributed
     from .train.trainer import main as train_main
 
-    return train_main(args.config, args.overrides, resume=args.resume)
+    code = train_main(args.config, args.overrides, resume=args.resume)
+    if distributed.launched():  # torchrun: without the teardown that can abort a finished run
+        distributed.exit_process(code)
+    return code
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
