@@ -76,3 +76,104 @@ def test_conv2d_takes_the_nchw_weight_gradient_only_where_it_pays(monkeypatch):
         assert not _picked(big, 3)
     with torch.autocast("cpu", torch.bfloat16):
         assert not _picked(big, 3)
+
+
+# --- the heads' 3x3 convolutions at inference: NNPACK's Winograd algorithm --------------------
+
+needs_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="NNPACK needs AVX2")
+
+
+def _ran_nnpack(run) -> bool:  # type: ignore[no-untyped-def]
+    """Whether ``run()`` called NNPACK's convolution, by torch's profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return any(e.key == "aten::_nnpack_spatial_convolution" for e in prof.key_averages())
+
+
+@needs_nnpack
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 32, 200, 272), (2, 16, 37, 30), (3, 8, 1, 1), (1, 8, 2, 3), (1, 8, 1, 61), (1, 8, 61, 1), (100, 16, 14, 14)],
+    ids=lambda s: "x".join(map(str, s)),
+)
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
+def test_winograd_convolution_is_the_convolution(shape, has_bias):
+    """Against float64, on maps tiny to 1:61 and 61:1, odd and even, one image to 100 RoIs:
+    within 2e-5 of the output's scale (NNPACK's rounding; measured 0.7e-5 to 1.1e-5 for 64 to
+    256 channels at 100x136 and 200x272, where oneDNN's is 3e-7), and in NCHW."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).relu()  # post-ReLU features
+    w = torch.randn(24, shape[1], 3, 3, generator=gen, dtype=torch.float64) * (2 / (9 * shape[1])) ** 0.5
+    b = torch.randn(24, generator=gen, dtype=torch.float64) if has_bias else None
+    want = F.conv2d(x, w, b, padding=1)
+    xf = x.float().contiguous(memory_format=torch.channels_last)  # as the FPN gives it
+    bf = None if b is None else b.float()
+    with torch.no_grad():
+        assert _ran_nnpack(lambda: layout.conv2d(xf, w.float(), bf, (1, 1), (1, 1), (1, 1), 1, winograd=True))
+        got = layout.conv2d(xf, w.float(), bf, (1, 1), (1, 1), (1, 1), 1, winograd=True)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+
+
+@needs_nnpack
+def test_winograd_runs_only_where_it_applies():
+    """Inference on float32 with ``winograd``: NNPACK; a gradient, autocast, another dtype, a
+    stride, a dilation, groups, a 1x1 kernel, an empty batch, or no ``winograd``: oneDNN."""
+    x = torch.randn(2, 8, 20, 20)
+    w = torch.randn(8, 8, 3, 3)
+
+    def conv(x=x, w=w, stride=1, dilation=1, groups=1, winograd=True):  # type: ignore[no-untyped-def]
+        return lambda: layout.conv2d(x, w, None, (stride,) * 2, (dilation,) * 2, (dilation,) * 2, groups, winograd)
+
+    with torch.no_grad():
+        assert _ran_nnpack(conv())
+        assert not _ran_nnpack(conv(winograd=False))
+        assert not _ran_nnpack(conv(stride=2))
+        assert not _ran_nnpack(conv(dilation=2))
+        assert not _ran_nnpack(conv(w=torch.randn(8, 2, 3, 3), groups=4))
+        assert not _ran_nnpack(conv(w=torch.randn(8, 8, 1, 1)))
+        assert not _ran_nnpack(conv(x=x.double(), w=w.double()))
+        assert conv(x=x[:0])().shape == (0, 8, 20, 20)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not _ran_nnpack(conv())
+    assert _ran_nnpack(conv())  # autograd on, but nothing requires a gradient
+    assert not _ran_nnpack(conv(w=w.clone().requires_grad_()))  # training
+
+
+@needs_nnpack
+def test_winograd_gives_way_when_nnpacks_pool_no_longer_fits(monkeypatch):
+    """NNPACK's thread pool is sized at its first call: after ``set_num_threads`` changes the
+    count, and in a forked child (where the pool has lost its threads), oneDNN runs instead."""
+    monkeypatch.setattr(layout, "_nnpack_pool", None)
+    x, w = torch.randn(1, 8, 20, 20), torch.randn(8, 8, 3, 3)
+
+    def conv():  # type: ignore[no-untyped-def]
+        return layout.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, winograd=True)
+
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        assert _ran_nnpack(conv)
+        try:
+            torch.set_num_threads(threads + 1)
+            assert not _ran_nnpack(conv)
+        finally:
+            torch.set_num_threads(threads)
+        assert _ran_nnpack(conv)
+        monkeypatch.setattr(layout.os, "getpid", lambda: -1)  # as a forked child sees it
+        assert not _ran_nnpack(conv)
+
+
+@needs_nnpack
+def test_heads_run_winograd_and_the_body_does_not():
+    """Which convolutions of an R50-FPN run NNPACK: the FPN outputs', the RPN's and the mask
+    head's 3x3; none of the ResNet body's (its depth compounds NNPACK's rounding)."""
+    from maskrcnn.config import ModelConfig
+    from maskrcnn.model.build import build_model
+
+    model = build_model(ModelConfig()).eval()
+    winograd = sorted(n for n, m in model.named_modules() if getattr(m, "winograd", False))
+    assert winograd == sorted(
+        [f"backbone.fpn.layer_blocks.{i}" for i in range(4)]
+        + ["rpn.head.conv"]
+        + [f"roi_heads.mask_head.mask_fcn{i}" for i in range(1, 5)]
+    )

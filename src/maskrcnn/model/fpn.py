@@ -29,7 +29,7 @@ class FPN(nn.Module):
         bias = not batchnorm
         self.inner_blocks = nn.ModuleList(Conv2d(c, out_channels, 1, bias=bias) for c in in_channels)
         self.layer_blocks = nn.ModuleList(
-            Conv2d(out_channels, out_channels, 3, padding=1, bias=bias) for _ in in_channels
+            Conv2d(out_channels, out_channels, 3, padding=1, bias=bias, winograd=True) for _ in in_channels
         )
         self.inner_norms = self.layer_norms = None
         if batchnorm:

@@ -103,7 +103,7 @@ class FoldedConv2d(Conv2d):
         if not self.folds():
             return super().forward(x)
         weight, bias = self._folded()
-        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        return conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups, self.winograd)
 
 
 class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):

@@ -112,8 +112,10 @@ class MaskRCNN(nn.Module):
             proposals, rpn_losses = self.rpn(batch, features, targets)
         else:
             proposals, rpn_losses = propose(batch), {}
-        # P6 only serves the RPN's largest anchors; the heads pool from P2..P5.
-        detections, head_losses = self.roi_heads(features[:-1], proposals, batch.image_sizes, targets, score_thresh)
+        # P6 only serves the RPN's largest anchors; the heads pool from P2..P5, channels-last
+        # (RoIAlign gathers rows of (H*W, C) tables; NNPACK gave the FPN's outputs in NCHW).
+        pooled = [conv_layout(f) for f in features[:-1]]
+        detections, head_losses = self.roi_heads(pooled, proposals, batch.image_sizes, targets, score_thresh)
         return detections, {**rpn_losses, **head_losses}
 
     @property

@@ -19,7 +19,7 @@ from ..ops.poolers import multiscale_roi_align
 from ..structures import Detections, Targets
 from .layout import Conv2d, conv_layout
 from .losses import fast_rcnn_losses, mask_loss, mask_targets
-from .mask_head import MaskHead, MaskPredictor, select_class_masks
+from .mask_head import MaskHead, MaskPredictor
 from .matcher import sample_rois
 
 
@@ -171,12 +171,19 @@ class RoIHeads(nn.Module):
         x = self.box_head(self.pool(features, boxes, image_sizes, self.box_roi_size))
         return self.box_predictor(x)
 
-    def mask_logits(self, features: list[Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]) -> Tensor:
-        """Mask logits (R, K+1, M, M) for RoIs ``boxes``."""
+    def mask_logits(
+        self,
+        features: list[Tensor],
+        boxes: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Mask logits (R, K+1, M, M) for RoIs ``boxes``; given ``labels`` (R,), only each RoI's
+        own class, (R, M, M)."""
         assert self.mask_head is not None and self.mask_predictor is not None
         x = self.pool(features, boxes, image_sizes, self.mask_roi_size)
-        x = self.mask_head(conv_layout(x))  # NHWC where oneDNN is faster with it, like the backbone
-        return self.mask_predictor(x)
+        x = self.mask_head(conv_layout(x, winograd=True))  # the layout its convolutions run fastest in
+        return self.mask_predictor(x, labels)
 
     def forward(
         self,
@@ -212,9 +219,10 @@ class RoIHeads(nn.Module):
         class_logits, box_deltas = self.box_outputs(features, proposals, image_sizes)
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes, score_thresh)
         if self.has_mask:
-            logits = self.mask_logits(features, [d.boxes for d in detections], image_sizes)
             labels = torch.cat([d.labels for d in detections])
-            probs = select_class_masks(logits, labels).sigmoid()  # (R, M, M)
+            probs = self.mask_logits(
+                features, [d.boxes for d in detections], image_sizes, labels
+            ).sigmoid()  # (R, M, M)
             # shape[0], not len(): traced for export, a count must stay a tensor, not an int.
             for d, p in zip(detections, probs.split([d.boxes.shape[0] for d in detections])):
                 d.masks = p

@@ -34,7 +34,7 @@ class RPNHead(nn.Module):
             raise ValueError(f"the RPN head needs at least one 3x3 conv, got conv_depth={conv_depth}")
         self.conv_names = ["conv"] + [f"conv{i}" for i in range(2, conv_depth + 1)]
         for name in self.conv_names:
-            self.add_module(name, Conv2d(channels, channels, 3, padding=1))
+            self.add_module(name, Conv2d(channels, channels, 3, padding=1, winograd=True))
         self.cls_logits = Conv2d(channels, num_anchors * logits_per_anchor, 1)
         self.bbox_pred = Conv2d(channels, num_anchors * 4, 1)
         for layer in self.modules():
@@ -48,7 +48,7 @@ class RPNHead(nn.Module):
         for f in features:
             t = f
             for name in self.conv_names:
-                t = F.relu(getattr(self, name)(t))
+                t = F.relu_(getattr(self, name)(t))  # in place: the conv's output is not needed again
             logits.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return logits, deltas
