@@ -153,15 +153,21 @@ def compare(name: str, ours: Callable, ref: Callable, images: list[np.ndarray], 
     return out
 
 
-def profile(run: Callable[[np.ndarray], int], image: np.ndarray, rows: int = 15) -> str:
-    """torch.profiler's table of one call, by self CPU time."""
+def profile(run: Callable[[np.ndarray], int], image: np.ndarray, rows: int = 25) -> str:
+    """torch.profiler's table of one call, by self CPU time, one row per op and input shapes."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     run(image)
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         run(image)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    ops = prof.key_averages(group_by_input_shape=True)
+    lines = [
+        f"{e.self_cpu_time_total / 1000:8.1f} ms {e.count:4d}x  {e.key:36s} {str(e.input_shapes)[:100]}"
+        for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:rows]
+    ]
+    total = sum(e.self_cpu_time_total for e in ops) / 1000
+    return "\n".join(["self CPU time of one predict, by op and input shapes:", *lines, f"total {total:.0f} ms"])
 
 
 def main() -> int:

@@ -290,10 +290,11 @@ def load(
             published COCO weights, 0.0 for v1 and 1e-5 for v2).
         fold_bn: run each frozen BatchNorm folded into the convolution before it
             (``model.fuse``; the weights stay as read, and training through it gets the same
-            gradients to rounding; weights edited through ``.data`` are not seen): 11 % faster
-            at 2 threads. Off by default: folded, the mask logits of one torchvision parity
-            batch on the AVX2 kernels are 0.0117 from torchvision's at our boxes, past the
-            fixture's 1e-2 (at torchvision's boxes the mask head is within 2e-4 either way).
+            gradients to rounding; weights edited through ``.data`` are not seen): 0.56x
+            torchvision's time at 2 threads instead of 0.65x. Off by default: folded, the mask
+            logits of one torchvision parity batch on the AVX2 kernels are 0.0117 from
+            torchvision's at our boxes, past the fixture's 1e-2 (at torchvision's boxes the
+            mask head is within 2e-4 either way).
         **overrides: ``RoIHeadsConfig`` fields to change at inference, e.g. ``score_thresh``
             (for an ONNX model only ``score_thresh`` and ``mask_thresh``: the rest is in its graph).
     """
