@@ -93,7 +93,17 @@ def _ran_nnpack(run) -> bool:  # type: ignore[no-untyped-def]
 @needs_nnpack
 @pytest.mark.parametrize(
     "shape",
-    [(1, 32, 200, 272), (2, 16, 37, 30), (3, 8, 1, 1), (1, 8, 2, 3), (1, 8, 1, 61), (1, 8, 61, 1), (100, 16, 14, 14)],
+    [
+        (1, 32, 200, 272),
+        (2, 16, 37, 30),
+        (3, 8, 1, 1),
+        (1, 8, 2, 3),
+        (1, 8, 1, 61),
+        (1, 8, 61, 1),
+        (6, 8, 40, 9),
+        (100, 16, 14, 14),
+        (7, 16, 13, 17),
+    ],
     ids=lambda s: "x".join(map(str, s)),
 )
 @pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no-bias"])
@@ -134,6 +144,12 @@ def test_winograd_runs_only_where_it_applies():
         assert not _ran_nnpack(conv(w=torch.randn(8, 8, 1, 1)))
         assert not _ran_nnpack(conv(x=x.double(), w=w.double()))
         assert conv(x=x[:0])().shape == (0, 8, 20, 20)
+        # images one by one (NNPACK's batch algorithm is slower for them), RoI stacks at once
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            conv()()  # 2 maps of 20x20
+            conv(x=torch.randn(8, 8, 14, 14))()  # 8 RoIs of 14x14
+        calls = [e.count for e in prof.key_averages() if e.key == "aten::_nnpack_spatial_convolution"]
+        assert calls == [3]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not _ran_nnpack(conv())
     assert _ran_nnpack(conv())  # autograd on, but nothing requires a gradient

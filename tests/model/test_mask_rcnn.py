@@ -182,3 +182,22 @@ def test_pooling_scales_do_not_depend_on_the_image_height(layout):
         thin = model.roi_heads.pool(feats, boxes, [(44, 1333)], 7)
         tall = model.roi_heads.pool(feats, boxes, [(800, 1333)], 7)  # the same maps; an ordinary height
     torch.testing.assert_close(thin, tall, rtol=0, atol=0)
+
+
+def test_mask_predictor_for_own_classes_equals_the_all_class_output_selected():
+    """``predict`` computes each RoI's own class logits only: they must be the all-class
+    output's rows of those classes (float64 reference), for any labels and RoI count."""
+    from maskrcnn.model.mask_head import MaskPredictor, select_class_masks
+
+    gen = torch.Generator().manual_seed(3)
+    predictor = MaskPredictor(16, 16, 7).double().eval()
+    for p in predictor.parameters():
+        torch.nn.init.normal_(p, generator=gen)
+    for rois in (0, 1, 5):
+        x = torch.randn(rois, 16, 14, 14, generator=gen, dtype=torch.float64)
+        labels = torch.randint(0, 7, (rois,), generator=gen)
+        with torch.no_grad():
+            want = select_class_masks(predictor(x), labels)
+            got = predictor(x, labels)
+        assert got.shape == (rois, 28, 28)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

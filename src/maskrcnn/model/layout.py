@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 _LARGE_MAP = 32 * 32  # output positions from which the NCHW weight gradient pays for its copies
+_SMALL_MAP = 16 * 16  # positions up to which NNPACK's batch algorithm is the faster for RoI stacks
 
 
 @functools.cache
@@ -114,8 +115,7 @@ def conv2d(
         and groups == 1
         and winograd_applies(x, weight)
     ):
-        # (N, C, H, W) -> (N, O, H', W') NCHW; the weight is (O, C, 3, 3) NCHW already
-        return torch._nnpack_spatial_convolution(x.contiguous(), weight.contiguous(), bias, list(padding))
+        return _winograd(x.contiguous(), weight.contiguous(), bias, list(padding))
     if (
         weight.shape[-2:] == (1, 1)
         and tuple(stride) == (1, 1)
@@ -138,6 +138,18 @@ def conv2d(
     ):
         return _NchwWeightGradConv.apply(x, weight, bias, stride, padding, dilation, groups)
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, padding: list[int]) -> Tensor:
+    """NNPACK's convolution, (N, C, H, W) -> (N, O, H', W') NCHW, image by image unless ``x`` is
+    a stack of many small RoIs. For more than one image NNPACK takes its batch algorithm,
+    which is slower for every map but RoI stacks: 996 against 278 ms image by image for two
+    200x272 maps, 18 against 7 ms for two of 13x17; 67 against 330 ms for 100 RoIs of 14x14,
+    18 against 26 ms for 8 of them."""
+    n, _, h, w = x.shape
+    if n == 1 or (n > 4 and h * w <= _SMALL_MAP):
+        return torch._nnpack_spatial_convolution(x, weight, bias, padding)
+    return torch.cat([torch._nnpack_spatial_convolution(x[i : i + 1], weight, bias, padding) for i in range(n)])
 
 
 def _pointwise_nchw(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
