@@ -7,8 +7,9 @@ OpenVINO's converter puts it, so ``ovc model.onnx`` of our export loads as well)
 give the same detections). ``maskrcnn.load("model.xml")`` gives an ``OpenVinoModel``, which is an
 ``OnnxModel`` with OpenVINO in place of the ONNX Runtime session: the same resizing, boxes back to
 the image and mask pasting around the graph, so ``predict``, ``evaluate`` and ``serve`` take it
-unchanged. On a 2-core AMD EPYC (Zen 4) it predicted an 800 px photo in 0.88x ONNX Runtime's and
-0.76x our PyTorch's time (``benchmarks/bench_openvino.py``; docs/benchmarks.md).
+unchanged. On a 2-core AMD EPYC (Zen 4) it predicted an 800 px photo in 0.92x ONNX Runtime's
+time, and since PyTorch's heads run NNPACK (round 6) in 1.04x our PyTorch's
+(``benchmarks/bench_openvino.py``; docs/benchmarks.md).
 
 OpenVINO computes in float32 here (``INFERENCE_PRECISION_HINT``): its CPU default on processors
 with bf16 is bf16, which moves scores by more than the parity tolerance.
