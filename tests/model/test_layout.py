@@ -193,3 +193,20 @@ def test_heads_run_winograd_and_the_body_does_not():
         + ["rpn.head.conv"]
         + [f"roi_heads.mask_head.mask_fcn{i}" for i in range(1, 5)]
     )
+
+
+@needs_nnpack
+def test_forward_mode_derivatives_pass_through_the_oneDNN_path():
+    """``torch.func.jvp`` / forward AD at inference: NNPACK and the 1x1 product have no forward
+    derivative, so dual tensors take F.conv2d; the tangent of a convolution without bias is the
+    convolution of the tangent."""
+    from torch.autograd import forward_ad as fwAD
+
+    gen = torch.Generator().manual_seed(5)
+    x, v = torch.randn(2, 8, 12, 9, generator=gen), torch.randn(2, 8, 12, 9, generator=gen)
+    for k in (3, 1):
+        w = torch.randn(6, 8, k, k, generator=gen)
+        with torch.no_grad(), fwAD.dual_level():
+            y = layout.conv2d(fwAD.make_dual(x, v), w, None, (1, 1), (k // 2,) * 2, (1, 1), 1, winograd=True)
+            tangent = fwAD.unpack_dual(y).tangent
+        torch.testing.assert_close(tangent, F.conv2d(v, w, padding=k // 2), rtol=1e-4, atol=1e-5)

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 _LARGE_MAP = 32 * 32  # output positions from which the NCHW weight gradient pays for its copies
@@ -78,6 +79,8 @@ def _cpu_inference(x: Tensor, weight: Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()  # ONNX export: the graph takes the standard Conv
         and not torch.compiler.is_compiling()
+        and forward_ad.unpack_dual(x).tangent is None  # forward-mode AD (torch.func.jvp): neither
+        and forward_ad.unpack_dual(weight).tangent is None  # fast path has a forward derivative
     )
 
 
