@@ -16,18 +16,18 @@ Inference in the heads: the 3x3 convolutions of the FPN outputs, the RPN and the
 (``Conv2d(..., winograd=True)``) run NNPACK's Winograd convolution, which ships inside torch's
 CPU build (AVX2 and up). For 256 channels it is 1.8x to 2.8x as fast as oneDNN's direct
 convolution: 128 ms against 306 ms at 200x272 (the P2 level of an 800 px image; 116 against
-325 ms on the AVX2 kernels), 54 against 96 ms for 100 RoIs of 14x14, on a 2-core Zen 4. Its rounding is larger, about 1e-5
-of a layer's output scale against 3e-7: harmless in the heads, one to four convolutions deep,
-but compounded through the 50-layer ResNet body it moved mask logits 0.015 from torchvision's
-(past the parity fixture's 1e-2), so the body stays on oneDNN. NNPACK takes NCHW and returns
-it; ``conv_layout(x, winograd=True)`` gives the heads that layout.
+325 ms on the AVX2 kernels), 54 against 96 ms for 100 RoIs of 14x14, on a 2-core Zen 4. Its
+rounding is larger, about 1e-5 of a layer's output scale against 3e-7: harmless in the heads,
+one to four convolutions deep, but compounded through the 50-layer ResNet body it moved mask
+logits 0.015 from torchvision's (past the parity fixture's 1e-2), so the body stays on oneDNN.
+NNPACK takes NCHW and returns it; ``conv_layout(x, winograd=True)`` gives the heads that layout.
 
 NNPACK makes its thread pool once, at its first convolution, with ``torch.get_num_threads()``
 threads: a later ``torch.set_num_threads(1)`` would still get 2 threads, and a process forked
 afterwards inherits the pool without its threads (measured: one thread, half the speed). So a
 convolution runs NNPACK only in the process and at the thread count of that first call, and
-oneDNN otherwise.
-Training (autograd on), autocast and other dtypes always run oneDNN.
+oneDNN otherwise. Training (autograd on), forward-mode AD, autocast, other dtypes and a graph
+being traced or compiled always run oneDNN.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def winograd_applies(x: Tensor, weight: Tensor) -> bool:
 def conv_layout(x: Tensor, winograd: bool = False) -> Tensor:
     """``x`` (N, C, H, W) in the layout its next convolutions run fastest in: channels-last for
     oneDNN, NCHW where ``winograd`` convolutions will run NNPACK."""
-    if winograd and winograd_applies(x, x):
+    if winograd and winograd_applies(x, x):  # x stands in for the weight: the same dtype checks
         return x.contiguous()
     return x.contiguous(memory_format=torch.channels_last)
 

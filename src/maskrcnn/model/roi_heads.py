@@ -220,9 +220,8 @@ class RoIHeads(nn.Module):
         detections = self.postprocess(class_logits, box_deltas, proposals, image_sizes, score_thresh)
         if self.has_mask:
             labels = torch.cat([d.labels for d in detections])
-            probs = self.mask_logits(
-                features, [d.boxes for d in detections], image_sizes, labels
-            ).sigmoid()  # (R, M, M)
+            logits = self.mask_logits(features, [d.boxes for d in detections], image_sizes, labels)  # (R, M, M)
+            probs = logits.sigmoid()
             # shape[0], not len(): traced for export, a count must stay a tensor, not an int.
             for d, p in zip(detections, probs.split([d.boxes.shape[0] for d in detections])):
                 d.masks = p
