@@ -61,6 +61,68 @@ def test_frozen_batchnorm_equals_batchnorm_in_eval():
     torch.testing.assert_close(frozen(conv(x)), ref)
 
 
+def _frozen_pair(channels: int) -> tuple[FrozenBatchNorm2d, FrozenBatchNorm2d]:
+    torch.manual_seed(1)
+    stats = {
+        "weight": torch.rand(channels) + 0.5,
+        "bias": torch.randn(channels),
+        "running_mean": torch.randn(channels),
+        "running_var": torch.rand(channels) + 0.5,
+    }
+    pair = FrozenBatchNorm2d(channels), FrozenBatchNorm2d(channels, inplace=True)
+    for bn in pair:
+        bn.load_state_dict(stats)
+    return pair
+
+
+def test_inplace_frozen_batchnorm_rounds_as_the_out_of_place_form_and_writes_its_input():
+    plain, inplace = _frozen_pair(16)
+    # Channels-last and NCHW, an odd grid: bit-identical, not merely close (parity margins).
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        x = torch.randn(2, 16, 13, 7).contiguous(memory_format=fmt)
+        expected = plain(x)
+        with torch.no_grad():
+            y = x.clone(memory_format=torch.preserve_format)
+            out = inplace(y)
+        assert out.data_ptr() == y.data_ptr()
+        assert torch.equal(out, expected)
+    # float64 reference of the formula itself.
+    x = torch.randn(1, 16, 5, 5)
+    w, b, m, v = (getattr(plain, k).double()[None, :, None, None] for k in ("weight", "bias", "running_mean", "running_var"))
+    ref = (x.double() - m) / (v + plain.eps).sqrt() * w + b
+    torch.testing.assert_close(inplace(x.clone()).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_inplace_frozen_batchnorm_leaves_a_map_autograd_needs():
+    plain, inplace = _frozen_pair(4)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    h = x * 2  # a non-leaf map with a graph behind it
+    before = h.detach().clone()
+    out = inplace(h)
+    assert torch.equal(h.detach(), before) and out.data_ptr() != h.data_ptr()
+    out.sum().backward()
+    scale = plain.weight * (plain.running_var + plain.eps).rsqrt()
+    torch.testing.assert_close(x.grad, 2 * scale[None, :, None, None].expand_as(x))
+
+
+def test_body_with_inplace_norms_gives_the_same_maps_bit_for_bit():
+    torch.manual_seed(2)
+    body = ResNetBody("resnet50", trainable_layers=5).eval()
+    norms = [m for m in body.modules() if isinstance(m, FrozenBatchNorm2d)]
+    assert norms and all(m.inplace for m in norms)  # the body builds them in place
+    for m in norms:
+        m.running_var.uniform_(0.5, 2)
+        m.running_mean.uniform_(-0.1, 0.1)
+    x = torch.randn(1, 3, 70, 45)
+    with torch.no_grad():
+        fast = body(x)
+        for m in norms:
+            m.inplace = False
+        slow = body(x)
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+
+
 def test_fpn_levels_and_top_down_sum():
     fpn = FPN([4, 8], out_channels=6)
     c2, c3 = torch.randn(1, 4, 8, 8), torch.randn(1, 8, 4, 4)

@@ -22,11 +22,16 @@ class FrozenBatchNorm2d(nn.Module):
     Detection batches (1-2 images per GPU in the paper, 2 on a CPU here) are too small for
     BatchNorm statistics, so the ImageNet ones are kept. ``eps`` matters for parity:
     torchvision's 2019 COCO weights were trained with eps = 0.
+
+    ``inplace`` writes the result into ``x`` when no autograd graph needs ``x`` (inference, frozen
+    stages): the same two roundings, but no fresh map. A fresh 56 MB map at C2 costs page faults
+    that made the out-of-place form 10x slower than the arithmetic (35 against 3 ms, Zen 4).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, eps: float = 1e-5, inplace: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.inplace = inplace
         self.register_buffer("weight", torch.ones(num_features))
         self.register_buffer("bias", torch.zeros(num_features))
         self.register_buffer("running_mean", torch.zeros(num_features))
@@ -40,14 +45,18 @@ class FrozenBatchNorm2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
+        scale, shift = scale[None, :, None, None], shift[None, :, None, None]
+        if self.inplace and not (torch.is_grad_enabled() and x.requires_grad) and not torch.jit.is_tracing():
+            return x.mul_(scale).add_(shift)  # not addcmul: its fused multiply-add rounds once
+        return x * scale + shift
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", inplace=True" if self.inplace else "")
 
 
 def _norm(frozen: bool, eps: float):  # type: ignore[no-untyped-def]
-    return (lambda c: FrozenBatchNorm2d(c, eps)) if frozen else (lambda c: nn.BatchNorm2d(c, eps=eps))
+    # Every norm of the body follows a convolution whose output nothing else reads.
+    return (lambda c: FrozenBatchNorm2d(c, eps, inplace=True)) if frozen else (lambda c: nn.BatchNorm2d(c, eps=eps))
 
 
 def _shortcut(in_ch: int, out_ch: int, stride: int, norm) -> nn.Sequential | None:  # type: ignore[no-untyped-def]
@@ -76,7 +85,8 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: out is this block's own map
+        return self.relu(out)
 
 
 class Bottleneck(nn.Module):
@@ -117,7 +127,8 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out += identity  # in place, as torchvision: out is this block's own map
+        return self.relu(out)
 
 
 @dataclass(frozen=True)
