@@ -105,7 +105,10 @@ def test_inplace_frozen_batchnorm_leaves_a_map_autograd_needs():
     torch.testing.assert_close(x.grad, 2 * scale[None, :, None, None].expand_as(x))
 
 
-def test_body_with_inplace_norms_gives_the_same_maps_bit_for_bit():
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_body_with_inplace_norms_gives_the_same_maps_bit_for_bit(autocast):
+    # Under autocast a bf16 conv output times a float32 scale is float32: writing it into the
+    # bf16 map would round the whole residual stream to bf16 (found by review).
     torch.manual_seed(2)
     body = ResNetBody("resnet50", trainable_layers=5).eval()
     norms = [m for m in body.modules() if isinstance(m, FrozenBatchNorm2d)]
@@ -114,12 +117,13 @@ def test_body_with_inplace_norms_gives_the_same_maps_bit_for_bit():
         m.running_var.uniform_(0.5, 2)
         m.running_mean.uniform_(-0.1, 0.1)
     x = torch.randn(1, 3, 70, 45)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         fast = body(x)
         for m in norms:
             m.inplace = False
         slow = body(x)
     for f, s in zip(fast, slow):
+        assert f.dtype == s.dtype == torch.float32
         assert torch.equal(f, s)
 
 
