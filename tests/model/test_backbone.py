@@ -88,7 +88,9 @@ def test_inplace_frozen_batchnorm_rounds_as_the_out_of_place_form_and_writes_its
         assert torch.equal(out, expected)
     # float64 reference of the formula itself.
     x = torch.randn(1, 16, 5, 5)
-    w, b, m, v = (getattr(plain, k).double()[None, :, None, None] for k in ("weight", "bias", "running_mean", "running_var"))
+    w, b, m, v = (
+        getattr(plain, k).double()[None, :, None, None] for k in ("weight", "bias", "running_mean", "running_var")
+    )
     ref = (x.double() - m) / (v + plain.eps).sqrt() * w + b
     torch.testing.assert_close(inplace(x.clone()).double(), ref, atol=1e-5, rtol=1e-5)
 
