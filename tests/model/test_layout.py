@@ -45,9 +45,9 @@ def test_nchw_weight_gradient_is_the_convolutions_gradient(case, input_grad):
         x32,
         w64.float(),
         None if b64 is None else b64.float(),
-        lambda x, w, b: layout._NchwWeightGradConv.apply(x, w, b, (s, s), (p, p), (d, d), g),
+        lambda x, w, b: layout._TrainConv.apply(x, w, b, (s, s), (p, p), (d, d), g, False, True),
     )
-    assert got[0].grad_fn is not None and "NchwWeightGrad" in type(got[0].grad_fn).__name__
+    assert got[0].grad_fn is not None and "TrainConv" in type(got[0].grad_fn).__name__
     assert got[1] is None if not input_grad else got[1].is_contiguous(memory_format=torch.channels_last)
     for name, a, b in zip(["output", "input grad", "weight grad", "bias grad"], got, want):
         assert (a is None) == (b is None), name
@@ -58,7 +58,7 @@ def test_nchw_weight_gradient_is_the_convolutions_gradient(case, input_grad):
 def _picked(x: torch.Tensor, kernel: int, stride: int = 1) -> bool:
     w = torch.randn(4, x.shape[1], kernel, kernel, requires_grad=True)
     y = layout.conv2d(x, w, None, (stride, stride), (kernel // 2,) * 2, (1, 1), 1)
-    return "NchwWeightGrad" in type(y.grad_fn).__name__
+    return "TrainConv" in type(y.grad_fn).__name__
 
 
 def test_conv2d_takes_the_nchw_weight_gradient_only_where_it_pays(monkeypatch):
@@ -153,7 +153,45 @@ def test_winograd_runs_only_where_it_applies():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not _ran_nnpack(conv())
     assert _ran_nnpack(conv())  # autograd on, but nothing requires a gradient
-    assert not _ran_nnpack(conv(w=w.clone().requires_grad_()))  # training
+    assert _ran_nnpack(conv(w=w.clone().requires_grad_()))  # training: the forward pass too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _ran_nnpack(conv(w=w.clone().requires_grad_()))
+
+
+@needs_nnpack
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
+@pytest.mark.parametrize(
+    "shape", [(2, 16, 37, 30), (12, 16, 14, 14), (1, 8, 1, 61)], ids=lambda s: "x".join(map(str, s))
+)
+def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch, avx512, shape):
+    """In training the forward pass runs NNPACK, in the input's layout; the gradients are the
+    convolution's (float64), for either weight-gradient route."""
+    monkeypatch.setattr(layout, "_avx512_kernels", lambda: avx512)
+    gen = torch.Generator().manual_seed(sum(shape))
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64).relu()
+    w64 = torch.randn(24, shape[1], 3, 3, generator=gen, dtype=torch.float64) * (2 / (9 * shape[1])) ** 0.5
+    b64 = torch.randn(24, generator=gen, dtype=torch.float64)
+    up = torch.randn(shape[0], 24, *shape[2:], generator=gen, dtype=torch.float64)
+
+    def step(x, w, b, conv):  # type: ignore[no-untyped-def]
+        x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+        y = conv(x, w, b)
+        y.backward(up.to(y.dtype).contiguous(memory_format=torch.channels_last))
+        return y, [x.grad, w.grad, b.grad]
+
+    want, want_grads = step(x64, w64, b64, lambda x, w, b: F.conv2d(x, w, b, padding=1))
+    x32 = x64.float().contiguous(memory_format=torch.channels_last)
+
+    def ours(x, w, b):  # type: ignore[no-untyped-def]
+        return layout.conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, winograd=True)
+
+    assert _ran_nnpack(lambda: step(x32, w64.float(), b64.float(), ours))
+    got, got_grads = step(x32, w64.float(), b64.float(), ours)
+    assert "TrainConv" in type(got.grad_fn).__name__
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
+    for name, a, b in zip(["input", "weight", "bias"], got_grads, want_grads):
+        assert (a.double() - b).abs().max().item() <= 1e-5 * b.abs().max().item(), name
 
 
 @needs_nnpack
