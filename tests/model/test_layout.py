@@ -83,11 +83,15 @@ def test_conv2d_takes_the_nchw_weight_gradient_only_where_it_pays(monkeypatch):
 needs_nnpack = pytest.mark.skipif(not torch.backends.nnpack.is_available(), reason="NNPACK needs AVX2")
 
 
-def _ran_nnpack(run) -> bool:  # type: ignore[no-untyped-def]
-    """Whether ``run()`` called NNPACK's convolution, by torch's profiler."""
+def _nnpack_calls(run) -> int:  # type: ignore[no-untyped-def]
+    """How many times ``run()`` called NNPACK's convolution, by torch's profiler."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run()
-    return any(e.key == "aten::_nnpack_spatial_convolution" for e in prof.key_averages())
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_nnpack_spatial_convolution")
+
+
+def _ran_nnpack(run) -> bool:  # type: ignore[no-untyped-def]
+    return _nnpack_calls(run) > 0
 
 
 @needs_nnpack
@@ -164,8 +168,8 @@ def test_winograd_runs_only_where_it_applies():
     "shape", [(2, 16, 37, 30), (12, 16, 14, 14), (1, 8, 1, 61)], ids=lambda s: "x".join(map(str, s))
 )
 def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch, avx512, shape):
-    """In training the forward pass runs NNPACK, in the input's layout; the gradients are the
-    convolution's (float64), for either weight-gradient route."""
+    """In training the forward pass and the input gradient run NNPACK, in the input's layout;
+    output and gradients are the convolution's (float64), for either weight-gradient route."""
     monkeypatch.setattr(layout, "_avx512_kernels", lambda: avx512)
     gen = torch.Generator().manual_seed(sum(shape))
     x64 = torch.randn(shape, generator=gen, dtype=torch.float64).relu()
@@ -185,7 +189,9 @@ def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch,
     def ours(x, w, b):  # type: ignore[no-untyped-def]
         return layout.conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, winograd=True)
 
-    assert _ran_nnpack(lambda: step(x32, w64.float(), b64.float(), ours))
+    forward_calls = _nnpack_calls(lambda: ours(x32, w64.float(), b64.float()))
+    assert forward_calls > 0
+    assert _nnpack_calls(lambda: step(x32, w64.float(), b64.float(), ours)) == 2 * forward_calls  # input grad too
     got, got_grads = step(x32, w64.float(), b64.float(), ours)
     assert "TrainConv" in type(got.grad_fn).__name__
     assert got.is_contiguous(memory_format=torch.channels_last)
