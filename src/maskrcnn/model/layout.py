@@ -104,7 +104,13 @@ def winograd_applies(x: Tensor, weight: Tensor) -> bool:
 
 def _winograd_trains(x: Tensor, weight: Tensor) -> bool:
     """True when such a convolution in a training step runs its forward pass on NNPACK."""
-    return _cpu_float32(x, weight) and _needs_grad(x, weight) and _nnpack() and _nnpack_pool_fits()
+    return (
+        _cpu_float32(x, weight)
+        and _needs_grad(x, weight)
+        and not torch._C._are_functorch_transforms_active()  # torch.func cannot see into _TrainConv
+        and _nnpack()
+        and _nnpack_pool_fits()
+    )
 
 
 def conv_layout(x: Tensor, winograd: bool = False) -> Tensor:
