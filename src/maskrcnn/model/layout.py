@@ -29,10 +29,11 @@ convolution runs NNPACK only in the process and at the thread count of that firs
 oneDNN otherwise. Forward-mode AD, autocast, other dtypes and a graph being traced or compiled
 always run oneDNN.
 
-In a training step the heads' 3x3 convolutions run their forward pass on NNPACK as well (NCHW
-copies in and out: 314 against 439 ms for two 200x200 maps, 86 against 122 ms for 128 RoIs);
-their gradients are oneDNN's, so training sees only NNPACK's rounding of the activations. The
-R50-FPN step at 800 px on the AVX2 kernels went from 0.78-0.81 to 0.73 of torchvision's.
+In a training step the heads' 3x3 convolutions run their forward pass and their input gradient
+on NNPACK as well (NCHW copies in and out: forward 314 against 439 ms for two 200x200 maps, 86
+against 122 ms for 128 RoIs; input gradient 294 against 458 ms); the weight gradients are
+oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of torchvision's on the AVX2
+kernels, from 0.74 to 0.72 on AVX-512.
 """
 
 from __future__ import annotations
