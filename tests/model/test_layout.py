@@ -157,20 +157,17 @@ def test_winograd_runs_only_where_it_applies():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not _ran_nnpack(conv())
     assert _ran_nnpack(conv())  # autograd on, but nothing requires a gradient
-    assert _ran_nnpack(conv(w=w.clone().requires_grad_()))  # training: the forward pass too
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not _ran_nnpack(conv(w=w.clone().requires_grad_()))
 
 
 @needs_nnpack
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
 @pytest.mark.parametrize(
     "shape", [(2, 16, 37, 30), (12, 16, 14, 14), (1, 8, 1, 61)], ids=lambda s: "x".join(map(str, s))
 )
-def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch, avx512, shape):
-    """In training the forward pass and the input gradient run NNPACK, in the input's layout;
-    output and gradients are the convolution's (float64), for either weight-gradient route."""
-    monkeypatch.setattr(layout, "_avx512_kernels", lambda: avx512)
+def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch, shape):
+    """On the AVX2 kernels a training step's forward pass and input gradient run NNPACK, in the
+    input's layout; output and gradients are the convolution's (float64), with the NCHW weight
+    gradient (the first shape) and without it (RoI stacks, a 1x61 map)."""
+    monkeypatch.setattr(layout, "_avx512_kernels", lambda: False)
     gen = torch.Generator().manual_seed(sum(shape))
     x64 = torch.randn(shape, generator=gen, dtype=torch.float64).relu()
     w64 = torch.randn(24, shape[1], 3, 3, generator=gen, dtype=torch.float64) * (2 / (9 * shape[1])) ** 0.5
@@ -189,7 +186,7 @@ def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch,
     def ours(x, w, b):  # type: ignore[no-untyped-def]
         return layout.conv2d(x, w, b, (1, 1), (1, 1), (1, 1), 1, winograd=True)
 
-    forward_calls = _nnpack_calls(lambda: ours(x32, w64.float(), b64.float()))
+    forward_calls = _nnpack_calls(lambda: ours(x32, w64.float().requires_grad_(), b64.float()))
     assert forward_calls > 0
     assert _nnpack_calls(lambda: step(x32, w64.float(), b64.float(), ours)) == 2 * forward_calls  # input grad too
     got, got_grads = step(x32, w64.float(), b64.float(), ours)
@@ -198,6 +195,41 @@ def test_winograd_training_step_is_the_convolution_and_its_gradient(monkeypatch,
     assert (got.double() - want).abs().max().item() <= 2e-5 * want.abs().max().item()
     for name, a, b in zip(["input", "weight", "bias"], got_grads, want_grads):
         assert (a.double() - b).abs().max().item() <= 1e-5 * b.abs().max().item(), name
+
+
+@needs_nnpack
+def test_winograd_training_takes_onednn_where_nnpack_was_not_measured_to_pay(monkeypatch):
+    x = torch.randn(2, 8, 40, 40).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+
+    def conv():  # type: ignore[no-untyped-def]
+        return layout.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, winograd=True)
+
+    monkeypatch.setattr(layout, "_avx512_kernels", lambda: True)
+    assert not _ran_nnpack(conv)  # AVX-512: little gain for more memory and rounding
+    monkeypatch.setattr(layout, "_avx512_kernels", lambda: False)
+    assert _ran_nnpack(conv)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _ran_nnpack(conv)
+
+
+def test_train_conv_has_a_second_derivative(monkeypatch):
+    """``create_graph`` (gradient penalties, Hessian-vector products) takes oneDNN's
+    differentiable backward: the double backward equals the plain convolution's."""
+    monkeypatch.setattr(layout, "_avx512_kernels", lambda: False)
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, 6, 33, 33, generator=gen).contiguous(memory_format=torch.channels_last)
+    w0 = torch.randn(6, 6, 3, 3, generator=gen) * 0.2
+
+    def penalty(conv):  # type: ignore[no-untyped-def]
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(conv(x, w).square().sum(), x, create_graph=True)
+        gx.square().sum().backward()
+        return w.grad
+
+    want = penalty(lambda x, w: F.conv2d(x, w, None, 1, 1))
+    got = penalty(lambda x, w: layout.conv2d(x, w, None, (1, 1), (1, 1), (1, 1), 1, winograd=True))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 @needs_nnpack

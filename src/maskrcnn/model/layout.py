@@ -29,11 +29,13 @@ convolution runs NNPACK only in the process and at the thread count of that firs
 oneDNN otherwise. Forward-mode AD, autocast, other dtypes and a graph being traced or compiled
 always run oneDNN.
 
-In a training step the heads' 3x3 convolutions run their forward pass and their input gradient
-on NNPACK as well (NCHW copies in and out: forward 314 against 439 ms for two 200x200 maps, 86
+In a training step on the AVX2 kernels the heads' 3x3 convolutions run their forward pass and
+their input gradient on NNPACK as well (NCHW copies in and out: forward 314 against 439 ms for two 200x200 maps, 86
 against 122 ms for 128 RoIs; input gradient 294 against 458 ms); the weight gradients are
-oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of torchvision's on the AVX2
-kernels, from 0.74 to 0.72 on AVX-512.
+oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of torchvision's. On AVX-512
+it gained little (0.74 to 0.72, and nothing measurable at 384 px) for 11% more memory and
+NNPACK's rounding in the gradients (worst parameter 2.4e-3 from float64 against 6.8e-4), so
+there the step stays oneDNN's. A second derivative (``create_graph``) takes oneDNN's backward.
 """
 
 from __future__ import annotations
@@ -46,7 +48,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 _LARGE_MAP = 32 * 32  # output positions from which the NCHW weight gradient pays for its copies
 _SMALL_MAP = 16 * 16  # positions up to which NNPACK's batch algorithm is the faster for RoI stacks
@@ -106,7 +107,8 @@ def winograd_applies(x: Tensor, weight: Tensor) -> bool:
 def _winograd_trains(x: Tensor, weight: Tensor) -> bool:
     """True when such a convolution in a training step runs its forward pass on NNPACK."""
     return (
-        _cpu_float32(x, weight)
+        not _avx512_kernels()  # measured to pay on the AVX2 kernels only (module docstring)
+        and _cpu_float32(x, weight)
         and _needs_grad(x, weight)
         and not torch._C._are_functorch_transforms_active()  # torch.func cannot see into _TrainConv
         and _nnpack()
@@ -145,7 +147,7 @@ def conv2d(
         if winograd_applies(x, weight):
             return _winograd(x.contiguous(), weight.contiguous(), bias, list(padding))
         if _winograd_trains(x, weight) and max(padding) <= 2:  # the input gradient's padding is 2 - p
-            nchw_grad = not _avx512_kernels() and x.shape[-2] * x.shape[-1] >= _LARGE_MAP
+            nchw_grad = x.shape[-2] * x.shape[-1] >= _LARGE_MAP
             return _TrainConv.apply(x, weight, bias, stride, padding, dilation, groups, True, nchw_grad)
     if (
         weight.shape[-2:] == (1, 1)
@@ -214,12 +216,18 @@ class _TrainConv(torch.autograd.Function):
         return y.contiguous(memory_format=torch.channels_last) if _channels_last(x) else y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):  # type: ignore[no-untyped-def]
         x, weight = ctx.saved_tensors
         stride, padding, dilation, groups, has_bias, nchw_weight_grad, winograd = ctx.args
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         want_b = has_bias and want_b
+        if torch.is_grad_enabled():  # create_graph: oneDNN's backward, which is differentiable
+            sizes = [weight.shape[0]] if has_bias else None
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad, x, weight, sizes, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+                [want_x, want_w, want_b],
+            )  # fmt: skip
+            return grad_x, grad_w, grad_b, None, None, None, None, None, None
         nchw_weight_grad = nchw_weight_grad and want_w
         # The input gradient of a 3x3, stride 1 convolution is the convolution of the output
         # gradient with the flipped, transposed kernel: NNPACK again, from the NCHW copy that
