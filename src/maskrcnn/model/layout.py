@@ -30,9 +30,9 @@ oneDNN otherwise. Forward-mode AD, autocast, other dtypes and a graph being trac
 always run oneDNN.
 
 In a training step on the AVX2 kernels the heads' 3x3 convolutions run their forward pass and
-their input gradient on NNPACK as well (NCHW copies in and out: forward 314 against 439 ms for two 200x200 maps, 86
-against 122 ms for 128 RoIs; input gradient 294 against 458 ms); the weight gradients are
-oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of torchvision's. On AVX-512
+their input gradient on NNPACK as well (NCHW copies in and out: forward 332 against 448 ms for
+two 200x200 maps, 96 against 137 ms for 128 RoIs; input gradient 294 against 458 ms); the
+weight gradients are oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of torchvision's. On AVX-512
 it gained little (0.74 to 0.72, and nothing measurable at 384 px) for 11% more memory and
 NNPACK's rounding in the gradients (worst parameter 2.4e-3 from float64 against 6.8e-4), so
 there the step stays oneDNN's. A second derivative (``create_graph``) takes oneDNN's backward.
