@@ -32,10 +32,10 @@ always run oneDNN.
 In a training step on the AVX2 kernels the heads' 3x3 convolutions run their forward pass and
 their input gradient on NNPACK as well (NCHW copies in and out: forward 332 against 448 ms for
 two 200x200 maps, 96 against 137 ms for 128 RoIs; input gradient 294 against 458 ms); the
-weight gradients are oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of torchvision's. On AVX-512
-it gained little (0.74 to 0.72, and nothing measurable at 384 px) for 11% more memory and
-NNPACK's rounding in the gradients (worst parameter 2.4e-3 from float64 against 6.8e-4), so
-there the step stays oneDNN's. A second derivative (``create_graph``) takes oneDNN's backward.
+weight gradients are oneDNN's. The R50-FPN step at 800 px went from 0.78-0.81 to 0.70 of
+torchvision's. On AVX-512 it gained little (0.74 to 0.72, and nothing measurable at 384 px)
+for 11% more memory and NNPACK's rounding in the gradients (worst parameter 2.4e-3 from float64
+against 6.8e-4), so there the step stays oneDNN's. A second derivative (``create_graph``) takes oneDNN's backward.
 """
 
 from __future__ import annotations
@@ -221,13 +221,6 @@ class _TrainConv(torch.autograd.Function):
         stride, padding, dilation, groups, has_bias, nchw_weight_grad, winograd = ctx.args
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
         want_b = has_bias and want_b
-        if torch.is_grad_enabled():  # create_graph: oneDNN's backward, which is differentiable
-            sizes = [weight.shape[0]] if has_bias else None
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, weight, sizes, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-                [want_x, want_w, want_b],
-            )  # fmt: skip
-            return grad_x, grad_w, grad_b, None, None, None, None, None, None
         nchw_weight_grad = nchw_weight_grad and want_w
         # The input gradient of a 3x3, stride 1 convolution is the convolution of the output
         # gradient with the flipped, transposed kernel: NNPACK again, from the NCHW copy that
@@ -240,7 +233,8 @@ class _TrainConv(torch.autograd.Function):
                 g, inp, w, sizes, list(stride), list(padding), list(dilation), False, [0, 0], groups, mask
             )
 
-        if not (nnpack_x or nchw_weight_grad):
+        # create_graph (grad mode on here) takes oneDNN's backward, which is differentiable.
+        if torch.is_grad_enabled() or not (nnpack_x or nchw_weight_grad):
             grad_x, grad_w, grad_b = backward(grad, x, weight, [want_x, want_w, want_b])
             return grad_x, grad_w, grad_b, None, None, None, None, None, None
         grad_nchw = grad.contiguous()
